@@ -1,0 +1,226 @@
+"""
+The routes: C{/health}, C{/health/ready}, C{/health/live} and
+C{/api/<service>/...}.  They are thin: the work lives in the broker.
+
+L{GatewayRoot} stands in front of the Klein routes and gives every request
+its id, its JSON access line and the body-size check.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from txgateway import errors
+from txgateway.broker import ServiceBroker
+from txgateway.config import GatewayConfig
+from txgateway.context import RequestContext, client_address, request_id_for
+from txgateway.errors import ErrorKind, GatewayError, error_body
+from txgateway.paths import UnsafePath, split_api_path
+from txgateway.ratelimit.interface import IRateLimitStore
+
+__all__ = ["Gateway", "GatewayRoot", "GatewayRoutes", "write_error"]
+
+
+class Gateway:
+    """
+    The running gateway as the routes see it.
+
+    @ivar accepting: L{False} once shutdown has begun (C{/health/ready}
+        answers 503).
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        clock: IReactorTime,
+        broker: ServiceBroker,
+        store: IRateLimitStore | None,
+        log: Any,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.broker = broker
+        self.store = store
+        self.log = log
+        self.started_at = clock.seconds()
+        self.accepting = True
+
+    def health(self) -> dict:
+        """What C{GET /health} answers."""
+        services = {}
+        degraded = False
+        for name, route in sorted(self.broker.routes.items()):
+            status = route.breaker.status()
+            degraded = degraded or status.state != "closed"
+            services[name] = {
+                "url": route.config.url,
+                "circuit": status.state,
+                "consecutive_failures": status.consecutive_failures,
+                "trial_in_s": None if status.trial_in is None else round(status.trial_in, 3),
+            }
+        body: dict[str, Any] = {
+            "status": "ok" if not degraded else "degraded",
+            "uptime_s": round(self.clock.seconds() - self.started_at, 3),
+            "services": services,
+        }
+        if self.store is not None:
+            body["ratelimit"] = self.store.description
+            degraded = degraded or not body["ratelimit"].get("healthy", True)
+            body["status"] = "ok" if not degraded else "degraded"
+        if not self.accepting:
+            body["status"] = "shutting_down"
+        return body
+
+
+def write_error(
+    request: IRequest, kind: ErrorKind, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """Set the status and headers of an error answer and return its JSON body."""
+    ctx: RequestContext | None = getattr(request, "context", None)
+    request_id = ctx.request_id if ctx is not None else request_id_for(None)
+    if ctx is not None:
+        ctx.outcome = kind.type
+    request.setResponseCode(kind.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    for name, value in headers:
+        request.setHeader(name, value)
+    body = error_body(kind, message, request_id)
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    encoded = json.dumps(body).encode("utf-8")
+    request.setHeader(b"Content-Length", b"%d" % len(encoded))
+    return encoded
+
+
+class GatewayRoutes:
+    """The Klein routes of one gateway."""
+
+    app = Klein()
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    @app.route("/health/live", methods=["GET", "HEAD"])
+    def live(self, request: IRequest) -> bytes:
+        return _json(request, {"status": "alive"})
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def ready(self, request: IRequest) -> bytes:
+        if self.gateway.accepting:
+            return _json(request, {"status": "ready"})
+        return _json(request, {"status": "shutting_down"}, 503)
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: IRequest) -> bytes:
+        return _json(request, self.gateway.health())
+
+    @app.route("/api/", branch=True)
+    def api(self, request: IRequest) -> Deferred:
+        return Deferred.fromCoroutine(self._api(request))
+
+    async def _api(self, request: IRequest) -> bytes | None:
+        ctx: RequestContext = request.context
+        try:
+            service, rest = split_api_path(request.path)
+        except UnsafePath as error:
+            return write_error(request, errors.NOT_FOUND, str(error))
+        if service not in self.gateway.broker.routes:
+            return write_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
+        ctx.service = service
+        request.setHeader(b"X-Gateway-Service", service.encode("ascii"))
+        query = request.uri.partition(b"?")[2]
+        try:
+            await self.gateway.broker.proxy(request, ctx, rest, query)
+        except GatewayError as error:
+            return write_error(request, error.kind, error.message, error.headers)
+        return None
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return write_error(request, errors.NOT_FOUND, "nothing is served at this path")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = failure.value.valid_methods or []
+        return write_error(
+            request,
+            errors.METHOD_NOT_ALLOWED,
+            f"{request.method.decode('ascii', 'replace')} is not allowed here",
+            [(b"Allow", ", ".join(allowed).encode("ascii"))],
+        )
+
+    @app.handle_errors
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes | None:
+        ctx: RequestContext | None = getattr(request, "context", None)
+        log = ctx.log if ctx is not None else self.gateway.log
+        log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+        if request.startedWriting:
+            # Part of an answer is out: the only honest end is a broken one.
+            request.channel.transport.abortConnection()
+            return None
+        return write_error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
+
+
+class GatewayRoot(Resource):
+    """
+    The site's root: gives each request its context (id, client, clock
+    time, bound logger), the C{X-Request-ID} response header and a JSON
+    access line when it ends, refuses an oversized body, then hands the
+    request to the routes.
+    """
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self._gateway = gateway
+        self._routes = GatewayRoutes(gateway).app.resource()
+
+    def render(self, request: IRequest) -> Any:
+        gateway = self._gateway
+        request_id = request_id_for(request.requestHeaders.getRawHeaders(b"x-request-id", [None])[0])
+        client = client_address(request, gateway.config.ratelimit.trusted_proxies)
+        ctx = RequestContext(
+            request_id=request_id,
+            client=client,
+            started_at=gateway.clock.seconds(),
+            log=gateway.log.bind(request_id=request_id),
+        )
+        request.context = ctx
+        request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
+        request.notifyFinish().addBoth(self._completed, request, ctx)
+        if getattr(request, "body_too_large", False):
+            limit = gateway.config.gateway.max_body_size
+            return write_error(request, errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
+        return self._routes.render(request)
+
+    def _completed(self, result: object, request: IRequest, ctx: RequestContext) -> None:
+        disconnected = isinstance(result, Failure)
+        duration_ms = (self._gateway.clock.seconds() - ctx.started_at) * 1000.0
+        ctx.log.info(
+            "request_completed" if not disconnected else "client_disconnected",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("latin-1"),
+            service=ctx.service,
+            status=499 if disconnected and ctx.outcome is None else request.code,
+            duration_ms=round(duration_ms, 3),
+            client=ctx.client,
+            attempts=ctx.attempts,
+            outcome=ctx.outcome,
+            bytes_sent=request.sentLength,
+        )

@@ -1,0 +1,268 @@
+"""
+One request's journey to a backend: the rate limit, the breaker, the
+attempts with their timeouts, the backoff between them on the injected
+clock, and the relay of the answer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Mapping
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.web.iweb import IAgent, IRequest, IResponse
+
+from txgateway import errors
+from txgateway.breaker import OPEN, Admission, CircuitBreaker
+from txgateway.config import ServiceConfig
+from txgateway.context import RequestContext
+from txgateway.errors import GatewayError
+from txgateway.paths import UnsafePath, upstream_url
+from txgateway.ratelimit.bucket import Decision
+from txgateway.ratelimit.limiter import RateLimiter
+from txgateway.retry import (
+    RETRY_AFTER_STATUSES,
+    RETRYABLE_STATUSES,
+    RetryPolicy,
+    is_breaker_failure,
+    parse_retry_after,
+)
+from txgateway.upstream import (
+    BodyRelay,
+    BytesProducer,
+    StreamBroken,
+    StreamIdle,
+    copy_response_headers,
+    discard_body,
+    request_headers_for_upstream,
+)
+
+__all__ = ["ServiceBroker", "ServiceRoute"]
+
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@attrs.define
+class ServiceRoute:
+    """Everything the broker needs about one service."""
+
+    config: ServiceConfig
+    agent: IAgent
+    breaker: CircuitBreaker
+
+    @property
+    def policy(self) -> RetryPolicy:
+        c = self.config
+        return RetryPolicy(c.retries, c.retry_delay, c.retry_multiplier, c.retry_max_delay, c.retry_jitter)
+
+
+@attrs.frozen
+class _Failed:
+    """An attempt that got no usable answer."""
+
+    kind: errors.ErrorKind
+    reason: str
+
+
+def _rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"RateLimit-Limit", b"%d" % decision.limit),
+        (b"RateLimit-Remaining", b"%d" % decision.remaining),
+        (b"RateLimit-Reset", b"%d" % decision.reset),
+    ]
+
+
+class ServiceBroker:
+    """
+    Sends requests to the services' backends and relays their answers.
+
+    @param clock: the time source for timeouts, backoff and idle timers.
+    @param routes: the services by name.
+    @param limiter: the rate limiter, or L{None} for none.
+    @param rng: the randomness behind retry jitter.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        routes: Mapping[str, ServiceRoute],
+        limiter: RateLimiter | None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._clock = clock
+        self.routes = dict(routes)
+        self._limiter = limiter
+        self._rng = rng or random.Random()
+
+    def proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> Deferred[None]:
+        """
+        Answer C{request} from its service's backend: write the status,
+        headers and streamed body, or raise L{GatewayError}.
+        """
+        return Deferred.fromCoroutine(self._proxy(request, ctx, rest, query))
+
+    async def _proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
+        route = self.routes.get(ctx.service or "")
+        if route is None:
+            raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
+        try:
+            url = upstream_url(route.config.url, rest, query)
+        except UnsafePath as error:
+            raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
+
+        if self._limiter is not None:
+            decision = await self._limiter.take(request, ctx.client, route.config)
+            for name, value in _rate_limit_headers(decision):
+                request.setHeader(name, value)
+            if not decision.allowed:
+                ctx.log.info("rate_limited", service=route.config.name, retry_after=decision.retry_after)
+                raise GatewayError(
+                    errors.RATE_LIMITED,
+                    f"too many requests; retry in {decision.retry_after} s",
+                    headers=((b"Retry-After", b"%d" % decision.retry_after),),
+                )
+
+        request.content.seek(0)
+        body = request.content.read()
+        headers = request_headers_for_upstream(request, ctx.request_id, ctx.client)
+        response, admission = await self._attempts(request.method, url, headers, body, route, ctx)
+        await self._relay(request, response, admission, route, ctx)
+
+    async def _attempts(
+        self, method: bytes, url: bytes, headers, body: bytes, route: ServiceRoute, ctx: RequestContext
+    ) -> tuple[IResponse, Admission]:
+        """
+        Try the backend until an answer is final, the retries are spent, the
+        deadline passes or the breaker opens.
+        """
+        config, breaker, policy = route.config, route.breaker, route.policy
+        deadline_at = self._clock.seconds() + config.deadline
+        producer_needed = bool(body) or method in _BODY_METHODS
+        while True:
+            admission = breaker.admit(ctx.request_id)
+            if not admission.allowed:
+                raise _circuit_open(config.name, admission.retry_after)
+            ctx.attempts += 1
+            left = deadline_at - self._clock.seconds()
+            timeout = min(config.timeout, left)
+            attempt = route.agent.request(
+                method, url, headers.copy(), BytesProducer(body) if producer_needed else None
+            )
+            attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
+            try:
+                response = await attempt
+            except CancelledError:
+                breaker.abandoned(admission)
+                raise
+            except TimeoutError:
+                deadline_hit = timeout < config.timeout
+                outcome = _Failed(
+                    errors.UPSTREAM_TIMEOUT,
+                    "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
+                )
+                breaker.failed(admission, "timeout")
+                if deadline_hit:
+                    self._log_attempt(ctx, config.name, outcome.reason, final=True)
+                    raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
+            except Exception as error:
+                outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
+                breaker.failed(admission, outcome.reason)
+            else:
+                if is_breaker_failure(response.code):
+                    breaker.failed(admission, f"status {response.code}")
+                else:
+                    breaker.succeeded(admission)
+                if response.code not in RETRYABLE_STATUSES:
+                    return response, admission
+                outcome = response
+
+            # The attempt failed or got a retryable answer: another one?
+            delay = self._delay_before_retry(outcome, policy, ctx.attempts)
+            final = (
+                delay is None
+                or not policy.attempts_left(ctx.attempts)
+                or self._clock.seconds() + delay >= deadline_at
+            )
+            reason = outcome.reason if isinstance(outcome, _Failed) else f"status {outcome.code}"
+            self._log_attempt(ctx, config.name, reason, final=final, delay=delay)
+            if final:
+                if isinstance(outcome, _Failed):
+                    raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
+                return outcome, admission
+            if not isinstance(outcome, _Failed):
+                discard_body(outcome)
+            status = breaker.status()
+            if status.state == OPEN:
+                raise _circuit_open(config.name, max(1, math.ceil(status.trial_in or 0)))
+            await deferLater(self._clock, delay)
+
+    def _delay_before_retry(self, outcome, policy: RetryPolicy, attempts: int) -> float | None:
+        """
+        The backoff before the next attempt, or L{None} when the backend's own
+        C{Retry-After} asks for longer than C{retry_max_delay}.
+        """
+        if not isinstance(outcome, _Failed) and outcome.code in RETRY_AFTER_STATUSES:
+            asked = parse_retry_after(
+                outcome.headers.getRawHeaders(b"retry-after", [None])[0], self._clock.seconds()
+            )
+            if asked is not None:
+                return asked if asked <= policy.max_delay else None
+        return policy.delay_before_retry(attempts - 1, self._rng)
+
+    def _log_attempt(self, ctx: RequestContext, service: str, reason: str, final: bool, delay=None) -> None:
+        if final:
+            ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=False)
+        else:
+            ctx.log.warning(
+                "attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=True,
+                retry_in_s=round(delay, 3),
+            )
+
+    async def _relay(
+        self, request: IRequest, response: IResponse, admission: Admission, route: ServiceRoute, ctx: RequestContext
+    ) -> None:
+        """Stream the backend's answer to the client as it arrives."""
+        copy_response_headers(response, request)
+        elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
+        request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
+        request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        relay = BodyRelay(request, self._clock, route.config.idle_timeout)
+        response.deliverBody(relay)
+        try:
+            await relay.done
+        except (StreamIdle, StreamBroken) as error:
+            # Bytes already reached the client: no retry, no error body. The
+            # client sees its connection end without a complete answer.
+            route.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
+            ctx.outcome = "stream_idle" if isinstance(error, StreamIdle) else "stream_broken"
+            ctx.log.warning(
+                "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
+            )
+            transport = getattr(request, "channel", None) and request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+
+def _timed_out(result: object, timeout: float) -> None:
+    # Whatever the agent's cancellation failed with, the cause was the timeout.
+    raise TimeoutError(timeout, "attempt")
+
+
+def _circuit_open(service: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        errors.CIRCUIT_OPEN,
+        f"service {service!r} is failing; the circuit is open, retry in {retry_after} s",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
+def _describe(error: Exception) -> str:
+    """A short reason for a failed connection, without a traceback."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(reason.getErrorMessage() for reason in reasons)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -1,0 +1,414 @@
+"""
+gateway.ini and the environment, turned into one frozen configuration value.
+
+Every key is an attrs field carrying its own parser (L{_key}); adding a key
+is one line in the class of its section.  A problem anywhere becomes a
+L{ConfigError} whose message names where the value came from (the file or
+the environment variable), the section and the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = [
+    "ConfigError",
+    "GatewayConfig",
+    "GatewaySettings",
+    "LoggingConfig",
+    "RateLimitConfig",
+    "ServiceConfig",
+    "DEFAULT_INI",
+    "load_config",
+    "parse_config",
+]
+
+#: The configuration the daemon runs on when no --config is given; the sample
+#: gateway.ini at the top of the repository says the same.
+DEFAULT_INI = """\
+[gateway]
+listen = tcp:3000
+max_body_size = 10485760
+
+[logging]
+level = info
+file = logs/combined.log
+
+[ratelimit]
+backend = memory
+requests = 100
+window = 60
+key = ip
+
+[service:ai]
+url = http://localhost:8000
+
+[service:data]
+url = http://localhost:8001
+
+[service:rag]
+url = http://localhost:8002
+"""
+
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; the message is one line naming the
+    origin (file or environment variable), the section and the key.
+    """
+
+
+# -- value parsers: each takes the raw string and returns a value or raises
+# -- ValueError with a message that says what was expected.
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
+
+
+def _non_negative_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise ValueError(f"expected a number of seconds of 0 or more, got {raw!r}")
+    return value
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"expected a whole number of at least {minimum}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float, maximum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+        if not (minimum <= value <= maximum):
+            raise ValueError(
+                f"expected a number from {minimum:g} to {maximum:g}, got {raw!r}"
+            )
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _http_url(raw: str) -> str:
+    value = raw.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as error:
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r} ({error})") from None
+    if not value.isascii():
+        raise ValueError(f"expected an ASCII URL (punycode for international names), got {raw!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"expected a URL without query, fragment or credentials, got {raw!r}")
+    return value.rstrip("/")
+
+
+def _redis_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"expected a redis://host:port/db URL, got {raw!r}")
+    try:
+        parts.port  # noqa: B018
+        if parts.path.strip("/"):
+            int(parts.path.strip("/"))
+    except ValueError:
+        raise ValueError(f"expected a redis://host:port/db URL, got {raw!r}") from None
+    return value
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _listen(raw: str) -> str:
+    value = raw.strip()
+    if not value or ":" not in value:
+        raise ValueError(f"expected a Twisted server endpoint such as tcp:3000, got {raw!r}")
+    return value
+
+
+def _rate_key(raw: str) -> str:
+    value = raw.strip()
+    if value in ("ip",):
+        return value
+    if value.lower().startswith("header:"):
+        name = value[len("header:"):].strip()
+        if re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            return "header:" + name
+    raise ValueError(f"expected ip or header:<Name>, got {raw!r}")
+
+
+def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"expected IP addresses or networks, got {item!r}") from None
+    return tuple(networks)
+
+
+def _key(parse: Callable[[str], Any], default: Any = attrs.NOTHING) -> Any:
+    """
+    Declare one gateway.ini key: an attrs field whose metadata holds the
+    parser for its raw string.
+    """
+    return attrs.field(default=default, metadata={"parse": parse})
+
+
+# -- the configuration value
+
+
+@attrs.frozen
+class GatewaySettings:
+    """The C{[gateway]} section."""
+
+    listen: str = _key(_listen, "tcp:3000")
+    max_body_size: int = _key(_integer(1), 10 * 1024 * 1024)
+    deadline: float = _key(_seconds, 120.0)
+
+
+@attrs.frozen
+class LoggingConfig:
+    """The C{[logging]} section."""
+
+    level: str = _key(_choice("debug", "info", "warning", "error", "critical"), "info")
+    file: str = _key(_text, "logs/combined.log")
+
+
+@attrs.frozen
+class RateLimitConfig:
+    """The C{[ratelimit]} section: the default bucket for every client key."""
+
+    backend: str = _key(_choice("memory", "redis"), "memory")
+    requests: int = _key(_integer(1), 100)
+    window: float = _key(_seconds, 60.0)
+    key: str = _key(_rate_key, "ip")
+    redis_url: str = _key(_redis_url, "redis://127.0.0.1:6379/0")
+    redis_timeout: float = _key(_seconds, 0.5)
+    redis_retry_interval: float = _key(_seconds, 5.0)
+    trusted_proxies: tuple = _key(_networks, ())
+
+
+@attrs.frozen
+class ServiceConfig:
+    """One C{[service:NAME]} section: a backend served under C{/api/NAME/}."""
+
+    name: str
+    url: str = _key(_http_url)
+    deadline: float = _key(_seconds)
+    timeout: float = _key(_seconds, 30.0)
+    idle_timeout: float = _key(_seconds, 60.0)
+    retries: int = _key(_integer(0), 3)
+    retry_delay: float = _key(_non_negative_seconds, 1.0)
+    retry_multiplier: float = _key(_number(1.0, 100.0), 2.0)
+    retry_max_delay: float = _key(_non_negative_seconds, 30.0)
+    retry_jitter: float = _key(_number(0.0, 1.0), 0.0)
+    breaker_threshold: int = _key(_integer(1), 5)
+    breaker_cooldown: float = _key(_seconds, 60.0)
+    ratelimit_requests: int | None = _key(_integer(1), None)
+    ratelimit_window: float | None = _key(_seconds, None)
+
+
+@attrs.frozen
+class GatewayConfig:
+    """The whole configuration: a value, replaced whole on reload."""
+
+    gateway: GatewaySettings
+    logging: LoggingConfig
+    ratelimit: RateLimitConfig
+    services: Mapping[str, ServiceConfig]
+    source: str = "<embedded defaults>"
+
+
+# -- parsing
+
+
+@attrs.frozen
+class _Raw:
+    """One raw value and where it came from, for error messages."""
+
+    value: str
+    origin: str
+
+
+def _build(cls: type, origin: str, section: str, raw: dict[str, _Raw], **given: Any) -> Any:
+    """
+    Make an instance of the frozen section class C{cls} from raw strings,
+    rejecting unknown keys and naming the section and key of any bad value.
+    """
+    keys = {field.name: field for field in attrs.fields(cls) if "parse" in field.metadata}
+    for key in raw:
+        if key not in keys:
+            known = ", ".join(sorted(keys))
+            raise ConfigError(f"{raw[key].origin}: [{section}] {key}: unknown key (known keys: {known})")
+    values = dict(given)
+    for name, field in keys.items():
+        if name in raw:
+            try:
+                values[name] = field.metadata["parse"](raw[name].value)
+            except ValueError as error:
+                raise ConfigError(f"{raw[name].origin}: [{section}] {name}: {error}") from None
+        elif field.default is attrs.NOTHING and name not in values:
+            raise ConfigError(f"{origin}: [{section}] {name}: missing (this key is required)")
+    return cls(**values)
+
+
+def _env_name(service: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", service).upper() + "_SERVICE_URL"
+
+
+def _environment_overrides(
+    sections: dict[str, dict[str, _Raw]], environ: Mapping[str, str]
+) -> None:
+    """Apply the seed-compatible environment variables onto the raw sections."""
+
+    def put(section: str, key: str, value: str, variable: str) -> None:
+        sections.setdefault(section, {})[key] = _Raw(value, f"environment variable {variable}")
+
+    if "PORT" in environ:
+        port = environ["PORT"].strip()
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"environment variable PORT: expected a TCP port number, got {port!r}")
+        current = sections.get("gateway", {}).get("listen")
+        listen = f"tcp:{port}"
+        if current is not None and current.value.strip().startswith("tcp:"):
+            # Keep the options (interface=..., backlog=...) of the configured endpoint.
+            fields = current.value.strip().split(":")
+            options = [f for f in fields[2:] if "=" in f]
+            listen = ":".join(["tcp", port, *options])
+        put("gateway", "listen", listen, "PORT")
+    if "LOG_LEVEL" in environ:
+        put("logging", "level", environ["LOG_LEVEL"], "LOG_LEVEL")
+    if "RATE_LIMIT_MAX_REQUESTS" in environ:
+        put("ratelimit", "requests", environ["RATE_LIMIT_MAX_REQUESTS"], "RATE_LIMIT_MAX_REQUESTS")
+    if "RATE_LIMIT_WINDOW_MS" in environ:
+        raw = environ["RATE_LIMIT_WINDOW_MS"].strip()
+        try:
+            seconds = repr(float(raw) / 1000.0)
+        except ValueError:
+            raise ConfigError(
+                f"environment variable RATE_LIMIT_WINDOW_MS: expected milliseconds, got {raw!r}"
+            ) from None
+        put("ratelimit", "window", seconds, "RATE_LIMIT_WINDOW_MS")
+    for section in list(sections):
+        if section.startswith("service:"):
+            variable = _env_name(section[len("service:"):])
+            if variable in environ:
+                put(section, "url", environ[variable], variable)
+
+
+def parse_config(
+    text: str, origin: str = "gateway.ini", environ: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """
+    Parse gateway.ini text, apply environment overrides and return the frozen
+    configuration, or raise L{ConfigError}.
+    """
+    # No DEFAULT section magic: a [DEFAULT] section is an unknown section.
+    parser = configparser.ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        strict=True,
+        default_section="\x00no default section",
+        empty_lines_in_values=False,
+    )
+    try:
+        parser.read_string(text, source=origin)
+    except configparser.Error as error:
+        message = " ".join(str(error).split())
+        raise ConfigError(f"{origin}: {message}") from None
+
+    sections: dict[str, dict[str, _Raw]] = {}
+    for section in parser.sections():
+        if section not in ("gateway", "logging", "ratelimit") and not section.startswith("service:"):
+            raise ConfigError(
+                f"{origin}: [{section}]: unknown section "
+                "(known: gateway, logging, ratelimit, service:NAME)"
+            )
+        if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
+            raise ConfigError(
+                f"{origin}: [{section}]: a service name is 1 to 64 letters, digits, '-' or '_'"
+            )
+        sections[section] = {
+            key: _Raw(value, origin) for key, value in parser.items(section, raw=True)
+        }
+
+    _environment_overrides(sections, os.environ if environ is None else environ)
+
+    gateway = _build(GatewaySettings, origin, "gateway", sections.get("gateway", {}))
+    services = {}
+    for section, raw in sections.items():
+        if section.startswith("service:"):
+            name = section[len("service:"):]
+            services[name] = _build(
+                ServiceConfig, origin, section, raw, name=name, deadline=gateway.deadline
+            )
+    if not services:
+        raise ConfigError(f"{origin}: no [service:NAME] section: nothing to route to")
+    return GatewayConfig(
+        gateway=gateway,
+        logging=_build(LoggingConfig, origin, "logging", sections.get("logging", {})),
+        ratelimit=_build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {})),
+        services=services,
+        source=origin,
+    )
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """
+    Read the file at C{path} (or the embedded defaults when C{path} is
+    L{None}) and return the configuration, or raise L{ConfigError}.
+    """
+    if path is None:
+        return parse_config(DEFAULT_INI, "<embedded defaults>", environ)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"{path}: cannot read the configuration: {reason}") from None
+    return parse_config(text, path, environ)

@@ -1,0 +1,82 @@
+"""
+Who is asking: the request id, the client's address, and the per-request
+context that every log line and header about the request draws from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from typing import Any, Sequence
+
+import attrs
+from twisted.web.iweb import IRequest
+
+__all__ = ["RequestContext", "client_address", "request_id_for"]
+
+_SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def request_id_for(sent: bytes | None) -> str:
+    """
+    The id a request goes by: the client's C{X-Request-ID} when it is short
+    and safe (letters, digits, C{-_.:}, at most 128), else a new UUID, so it
+    can never inject a header or a log field.
+    """
+    if sent is not None and _SAFE_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return str(uuid.uuid4())
+
+
+def _is_trusted(address: str, trusted: Sequence[_Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
+
+
+def client_address(request: IRequest, trusted_proxies: Sequence[_Network] = ()) -> str:
+    """
+    The client's address: the socket peer, unless the peer is one of the
+    C{trusted_proxies}, in which case the nearest address in
+    C{X-Forwarded-For} that is not itself a trusted proxy.
+    """
+    peer = request.getClientAddress()
+    address = getattr(peer, "host", None) or "unknown"
+    if not trusted_proxies or not _is_trusted(address, trusted_proxies):
+        return address
+    hops = []
+    for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", []):
+        hops.extend(part.strip() for part in value.decode("latin-1").split(","))
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            # A forged or broken entry: stop trusting the chain here.
+            return address
+        if not _is_trusted(hop, trusted_proxies):
+            return hop
+        address = hop
+    return address
+
+
+@attrs.define
+class RequestContext:
+    """
+    What the gateway knows about one request while it is in flight.
+
+    @ivar started_at: the injected clock's time when the request arrived.
+    @ivar log: a structlog logger bound to the request id.
+    """
+
+    request_id: str
+    client: str
+    started_at: float
+    log: Any
+    service: str | None = None
+    attempts: int = 0
+    outcome: str | None = None

@@ -1,0 +1,80 @@
+"""
+The one JSON error shape every client sees:
+
+    {"error": {"type": "...", "message": "...", "request_id": "..."}}
+
+Each kind of failure has a stable C{type} and its status code here, and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+
+__all__ = ["ErrorKind", "GatewayError", "error_body", "KINDS"]
+
+
+@attrs.frozen
+class ErrorKind:
+    """A stable error C{type} with the HTTP status that goes with it."""
+
+    type: str
+    status: int
+
+
+BAD_REQUEST = ErrorKind("bad_request", 400)
+UNAUTHORIZED = ErrorKind("unauthorized", 401)
+NOT_FOUND = ErrorKind("not_found", 404)
+UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
+METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
+BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
+RATE_LIMITED = ErrorKind("rate_limited", 429)
+INTERNAL_ERROR = ErrorKind("internal_error", 500)
+UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
+CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
+SHUTTING_DOWN = ErrorKind("shutting_down", 503)
+UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
+
+KINDS = {
+    kind.type: kind
+    for kind in (
+        BAD_REQUEST,
+        UNAUTHORIZED,
+        NOT_FOUND,
+        UNKNOWN_SERVICE,
+        METHOD_NOT_ALLOWED,
+        BODY_TOO_LARGE,
+        RATE_LIMITED,
+        INTERNAL_ERROR,
+        UPSTREAM_UNAVAILABLE,
+        CIRCUIT_OPEN,
+        SHUTTING_DOWN,
+        UPSTREAM_TIMEOUT,
+    )
+}
+
+
+class GatewayError(Exception):
+    """
+    A failure to answer with the error shape: raise it anywhere below a
+    route, and the route turns it into the response.
+
+    @ivar headers: extra response headers, such as C{Retry-After}.
+    """
+
+    def __init__(
+        self, kind: ErrorKind, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        super().__init__(kind, message)
+        self.kind = kind
+        self.message = message
+        self.headers = headers
+
+
+def error_body(kind: ErrorKind, message: str, request_id: str) -> bytes:
+    """The JSON bytes of the error shape."""
+    return json.dumps(
+        {"error": {"type": kind.type, "message": message, "request_id": request_id}}
+    ).encode("utf-8")

@@ -1,0 +1,78 @@
+"""
+Where a client path goes: C{/api/<service>/<rest>} becomes the service's
+base URL with C{<rest>} appended, and never anything outside that base.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+__all__ = ["UnsafePath", "split_api_path", "upstream_url"]
+
+_API_PREFIX = b"/api/"
+# What a path may hold before decoding: RFC 3986 pchar, '/' and '%'.
+_PATH_BYTES = re.compile(rb"^[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
+_QUERY_BYTES = re.compile(rb"^[\x21-\x7e]*$")
+_SLASHES = re.compile(rb"/{2,}")
+_MAX_DECODING_ROUNDS = 4
+
+
+class UnsafePath(ValueError):
+    """The request path could reach outside its service, or is malformed."""
+
+
+def split_api_path(path: bytes) -> tuple[str, bytes]:
+    """
+    Split a raw request path C{/api/NAME/rest} into C{("NAME", b"/rest")}.
+
+    @raise UnsafePath: the path does not start with C{/api/NAME}.
+    """
+    if not path.startswith(_API_PREFIX):
+        raise UnsafePath("the path does not start with /api/")
+    name, slash, rest = path[len(_API_PREFIX):].partition(b"/")
+    if not name:
+        raise UnsafePath("the path names no service")
+    try:
+        service = name.decode("ascii")
+    except UnicodeDecodeError:
+        raise UnsafePath("the service name is not ASCII") from None
+    return service, slash + rest
+
+
+def _fully_decoded(raw: bytes) -> bytes:
+    """Percent-decode until nothing changes, so double encoding hides nothing."""
+    for _ in range(_MAX_DECODING_ROUNDS):
+        decoded = unquote_to_bytes(raw)
+        if decoded == raw:
+            return decoded
+        raw = decoded
+    raise UnsafePath("the path is percent-encoded too many times")
+
+
+def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
+    """
+    Join a service's base URL and the raw rest of a client path.
+
+    The rest is forwarded as the client encoded it, with runs of slashes
+    folded into one; it is refused when any spelling of it (percent-encoded
+    once or many times, with '/' or '\\' as separator) holds a '.' or '..'
+    segment, a control character, or bytes outside the URL alphabet.
+
+    @raise UnsafePath: the rest of the path could not be forwarded safely.
+    """
+    if not _PATH_BYTES.match(rest):
+        raise UnsafePath("the path holds characters that must be percent-encoded")
+    if not _QUERY_BYTES.match(query):
+        raise UnsafePath("the query holds characters that must be percent-encoded")
+    decoded = _fully_decoded(rest)
+    if re.search(rb"[\x00-\x1f\x7f]", decoded):
+        raise UnsafePath("the path holds control characters")
+    for segment in re.split(rb"[/\\]", decoded):
+        if segment in (b".", b".."):
+            raise UnsafePath("the path holds a '.' or '..' segment")
+    rest = _SLASHES.sub(b"/", rest)
+    url = base_url.encode("ascii") + rest
+    if query:
+        url += b"?" + query
+    return url

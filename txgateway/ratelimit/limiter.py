@@ -1,0 +1,60 @@
+"""Which bucket a request draws from: the client key and the bucket family."""
+
+from __future__ import annotations
+
+import hashlib
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import IRequest
+
+from txgateway.config import RateLimitConfig, ServiceConfig
+from txgateway.ratelimit.bucket import BucketSpec, Decision
+from txgateway.ratelimit.interface import IRateLimitStore
+
+__all__ = ["RateLimiter", "DEFAULT_FAMILY"]
+
+DEFAULT_FAMILY = "default"
+
+
+@attrs.frozen
+class RateLimiter:
+    """
+    Decides, for one request, which bucket it takes a token from, and asks
+    the store for it.
+
+    @ivar key_rule: C{"ip"} or C{"header:<Name>"} (falling back to the
+        client address when the header is missing).
+    """
+
+    store: IRateLimitStore
+    default: BucketSpec
+    key_rule: str = "ip"
+
+    @classmethod
+    def from_config(cls, config: RateLimitConfig, store: IRateLimitStore) -> "RateLimiter":
+        """The limiter that C{[ratelimit]} describes, on C{store}."""
+        return cls(store, BucketSpec(DEFAULT_FAMILY, config.requests, config.window), config.key)
+
+    def spec_for(self, service: ServiceConfig) -> BucketSpec:
+        """A service with its own C{ratelimit_*} keys has its own buckets."""
+        if service.ratelimit_requests is None and service.ratelimit_window is None:
+            return self.default
+        return BucketSpec(
+            "service:" + service.name,
+            service.ratelimit_requests or self.default.capacity,
+            service.ratelimit_window or self.default.window,
+        )
+
+    def key_for(self, request: IRequest, client: str) -> str:
+        """The client key: the address, or the configured header's value."""
+        if self.key_rule.startswith("header:"):
+            value = request.getHeader(self.key_rule[len("header:"):])
+            if value:
+                # Hashed: API keys must not sit in memory or Redis in the clear.
+                return "h:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return "ip:" + client
+
+    def take(self, request: IRequest, client: str, service: ServiceConfig) -> Deferred[Decision]:
+        """Take one token for this request from the store."""
+        return self.store.take(self.key_for(request, client), self.spec_for(service))
