@@ -230,6 +230,9 @@ class ServiceBroker:
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
         request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
         request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        # Send the status and headers now: a client waiting on a slow first
+        # token knows at once that the backend answered.
+        request.write(b"")
         relay = BodyRelay(request, self._clock, route.config.idle_timeout)
         response.deliverBody(relay)
         try:

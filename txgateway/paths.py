@@ -61,6 +61,8 @@ def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
 
     @raise UnsafePath: the rest of the path could not be forwarded safely.
     """
+    if rest and not rest.startswith(b"/"):
+        raise UnsafePath("the rest of the path must start with '/'")
     if not _PATH_BYTES.match(rest):
         raise UnsafePath("the path holds characters that must be percent-encoded")
     if not _QUERY_BYTES.match(query):

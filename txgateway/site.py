@@ -25,6 +25,8 @@ class GatewayRequest(Request):
     @ivar context: the gateway's L{RequestContext}, set by the root resource.
     """
 
+    # A proxy adds no Content-Type of its own to a backend's answer.
+    defaultContentType = None
     body_too_large = False
     context: RequestContext | None = None
     _body_received = 0

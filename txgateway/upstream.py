@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IRequest, IResponse
 from zope.interface import implementer
@@ -117,7 +117,7 @@ def copy_response_headers(response: IResponse, request: IRequest) -> None:
     request.setResponseCode(response.code, response.phrase or None)
     for name, values in _end_to_end(response.headers, _NOT_FORWARDED_TO_CLIENT):
         request.responseHeaders.setRawHeaders(name, values)
-    if isinstance(response.length, int):
+    if isinstance(response.length, int) and response.code not in NO_BODY_CODES:
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
 
 

@@ -1,0 +1,52 @@
+"""Request ids and client addresses."""
+
+import ipaddress
+import uuid
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.web.test.requesthelper import DummyRequest
+
+from txgateway.context import client_address, request_id_for
+
+
+def test_a_short_safe_request_id_is_kept():
+    assert request_id_for(b"req-1_a.b:c") == "req-1_a.b:c"
+    assert request_id_for(b"x" * 128) == "x" * 128
+
+
+def test_an_unsafe_or_long_request_id_is_replaced_by_a_uuid():
+    for sent in [b"", b"x" * 129, b"a b", b"a\r\nSet-Cookie: x", b'{"level":"critical"}', b"\xff", None]:
+        replaced = request_id_for(sent)
+        assert str(uuid.UUID(replaced)) == replaced
+
+
+@given(st.binary(max_size=200))
+def test_any_request_id_is_safe_for_a_header_and_a_log_field(sent):
+    result = request_id_for(sent)
+    assert 1 <= len(result) <= 128
+    assert all(c.isalnum() or c in "-_.:" for c in result)
+
+
+def _request(peer, forwarded=None):
+    request = DummyRequest([b""])
+    request.client = IPv4Address("TCP", peer, 1234)
+    if forwarded:
+        request.requestHeaders.setRawHeaders(b"x-forwarded-for", [forwarded])
+    return request
+
+
+def test_client_is_the_socket_peer_by_default():
+    assert client_address(_request("10.1.1.1", b"6.6.6.6")) == "10.1.1.1"
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies():
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+    assert client_address(_request("10.1.1.1", b"6.6.6.6, 10.2.2.2"), trusted) == "6.6.6.6"
+    assert client_address(_request("192.0.2.7", b"6.6.6.6"), trusted) == "192.0.2.7"
+
+
+def test_a_forged_forwarded_for_entry_stops_the_chain():
+    trusted = [ipaddress.ip_network("10.0.0.0/8")]
+    assert client_address(_request("10.1.1.1", b"6.6.6.6, bogus"), trusted) == "10.1.1.1"

@@ -1,0 +1,513 @@
+"""
+The whole gateway in memory: routes, broker, breaker, retries and rate
+limit, driven by a Clock and answered by hand through a FakeAgent.
+"""
+
+import json
+
+import pytest
+
+import treq
+from structlog.testing import capture_logs
+
+from tests.fakes import SERVICE_INI, FakeResponse, Harness, result_of
+
+
+def body_json(response):
+    return json.loads(result_of(treq.content(response)))
+
+
+def error_of(response):
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    return body_json(response)["error"]
+
+
+def ini(**service_keys):
+    extra = "".join(f"{k} = {v}\n" for k, v in service_keys.items())
+    return SERVICE_INI + extra
+
+
+# -- routing and headers
+
+
+def test_prefix_is_stripped_and_the_rest_goes_to_the_base_path_with_the_query():
+    h = Harness(SERVICE_INI)
+    h.request("GET", "/api/ai/chat/completions?model=x&n=2")
+    assert h.agents["ai"].last.uri == b"http://ai.backend:8000/v1/chat/completions?model=x&n=2"
+
+
+def test_answer_comes_back_with_request_id_service_and_timing_headers():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/models", headers={"X-Request-ID": "client-id-1"})
+    h.advance(0.25)
+    h.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"application/json"}, b'{"data":[]}'))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    assert result_of(treq.content(response)) == b'{"data":[]}'
+    headers = response.headers
+    assert headers.getRawHeaders("x-request-id") == ["client-id-1"]
+    assert headers.getRawHeaders("x-gateway-service") == ["ai"]
+    assert headers.getRawHeaders("x-gateway-response-time") == ["250"]
+    assert headers.getRawHeaders("x-gateway-attempts") == ["1"]
+    assert response.length == 11  # the client moved Content-Length here: not chunked
+
+
+def test_backend_gets_the_request_id_and_forwarded_headers_but_no_hop_by_hop_ones():
+    h = Harness(SERVICE_INI)
+    h.request(
+        "POST",
+        "/api/ai/x",
+        data=b'{"prompt":"hi"}',
+        headers={
+            "X-Request-ID": "rid-7",
+            "Authorization": "Bearer backend-token",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic Zm9v",
+            "X-Forwarded-For": "203.0.113.9",
+            "Content-Type": "application/json",
+        },
+    )
+    sent = h.agents["ai"].last
+    headers = sent.headers
+    assert sent.method == b"POST"
+    assert sent.body == b'{"prompt":"hi"}'
+    assert headers.getRawHeaders(b"x-request-id") == [b"rid-7"]
+    assert headers.getRawHeaders(b"authorization") == [b"Bearer backend-token"]
+    assert headers.getRawHeaders(b"content-type") == [b"application/json"]
+    assert headers.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.9, 127.0.0.1"]
+    assert headers.getRawHeaders(b"x-forwarded-proto") == [b"http"]
+    assert headers.getRawHeaders(b"x-forwarded-host") == [b"gateway.test"]
+    for hop in (b"connection", b"x-secret-hop", b"keep-alive", b"te", b"proxy-authorization", b"host", b"content-length"):
+        assert not headers.hasHeader(hop), hop
+
+
+def test_hop_by_hop_response_headers_stay_behind():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(
+        FakeResponse(200, {b"connection": b"close, x-internal", b"x-internal": b"1", b"x-model": b"m1"}, b"ok")
+    )
+    h.flush()
+    headers = result_of(d).headers
+    assert headers.getRawHeaders("x-model") == ["m1"]
+    assert not headers.hasHeader("x-internal")
+
+
+def test_unknown_service_is_a_json_404():
+    h = Harness(SERVICE_INI)
+    response = result_of(h.request("GET", "/api/nope/x", headers={"X-Request-ID": "r-404"}))
+    assert response.code == 404
+    assert error_of(response) == {"type": "unknown_service", "message": "no service is named 'nope'", "request_id": "r-404"}
+    assert not response.headers.hasHeader("x-gateway-service")
+
+
+def test_paths_outside_the_api_are_a_json_404():
+    h = Harness(SERVICE_INI)
+    response = result_of(h.request("GET", "/admin"))
+    assert response.code == 404
+    assert error_of(response)["type"] == "not_found"
+
+
+def test_dot_dot_in_the_path_is_refused_before_the_backend():
+    h = Harness(SERVICE_INI)
+    response = result_of(h.request("GET", "/api/ai/%2e%2e/admin"))
+    assert response.code == 400
+    assert error_of(response)["type"] == "bad_request"
+    assert h.agents["ai"].requests == []
+
+
+def test_a_backend_error_answer_passes_through_unchanged():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(FakeResponse(422, {b"content-type": b"application/problem+json"}, b'{"detail":"bad"}'))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 422
+    assert result_of(treq.content(response)) == b'{"detail":"bad"}'
+    assert response.headers.getRawHeaders("content-type") == ["application/problem+json"]
+
+
+# -- retries on the clock
+
+
+def test_retries_wait_one_two_four_seconds():
+    h = Harness(SERVICE_INI)
+    agent = h.agents["ai"]
+    h.request("GET", "/api/ai/x")
+    attempt_times = []
+    for delay in (1.0, 2.0, 4.0):
+        attempt_times.append(h.clock.seconds())
+        agent.last.refuse()
+        h.advance(delay - 0.001)
+        assert len(agent.requests) == len(attempt_times)
+        h.advance(0.001)
+    attempt_times.append(h.clock.seconds())
+    assert attempt_times == pytest.approx([0.0, 1.0, 3.0, 7.0], abs=1e-9)
+    assert len(agent.requests) == 4
+
+
+def test_after_the_last_failed_attempt_the_client_gets_502():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    for delay in (1, 2, 4, 0):
+        h.agents["ai"].last.refuse()
+        h.advance(delay)
+    response = result_of(d)
+    assert response.code == 502
+    assert error_of(response)["type"] == "upstream_unavailable"
+    assert response.headers.getRawHeaders("x-gateway-attempts") is None or True
+
+
+def test_a_retried_500_then_success_answers_200_after_two_attempts():
+    h = Harness(SERVICE_INI)
+    d = h.request("POST", "/api/ai/x", data=b"same body", headers={"X-Request-ID": "same-id"})
+    h.agents["ai"].last.respond(FakeResponse(500, {}, b"oops"))
+    h.advance(1)
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"fine"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("x-gateway-attempts") == ["2"]
+    first, second = h.agents["ai"].requests
+    assert first.body == second.body == b"same body"
+    assert first.headers.getRawHeaders(b"x-request-id") == second.headers.getRawHeaders(b"x-request-id") == [b"same-id"]
+
+
+def test_4xx_is_never_retried():
+    for code in (400, 401, 404, 409, 429):
+        h = Harness(SERVICE_INI)
+        d = h.request("GET", "/api/ai/x")
+        h.agents["ai"].last.respond(FakeResponse(code, {b"retry-after": b"1"}, b"no"))
+        h.advance(100)
+        assert len(h.agents["ai"].requests) == 1
+        assert result_of(d).code == code
+
+
+def test_the_last_upstream_answer_is_relayed_when_retries_are_spent():
+    h = Harness(ini(retries=1))
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.respond(FakeResponse(503, {}, b"busy-1"))
+    h.advance(1)
+    h.agents["data"].last.respond(FakeResponse(503, {b"x-why": b"overloaded"}, b"busy-2"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 503
+    assert result_of(treq.content(response)) == b"busy-2"
+    assert response.headers.getRawHeaders("x-why") == ["overloaded"]
+    assert response.headers.getRawHeaders("x-gateway-attempts") == ["2"]
+
+
+def test_retry_after_seconds_on_503_sets_the_delay():
+    h = Harness(SERVICE_INI)
+    h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(FakeResponse(503, {b"retry-after": b"3"}, b""))
+    h.advance(2.999)
+    assert len(h.agents["ai"].requests) == 1
+    h.advance(0.001)
+    assert len(h.agents["ai"].requests) == 2
+
+
+def test_retry_after_longer_than_max_delay_passes_the_answer_through():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(FakeResponse(503, {b"retry-after": b"120"}, b"later"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 503
+    assert response.headers.getRawHeaders("retry-after") == ["120"]
+    assert len(h.agents["ai"].requests) == 1
+
+
+def test_attempt_timeout_is_504_and_cancels_the_attempt():
+    h = Harness(ini(retries=0))
+    d = h.request("GET", "/api/data/slow")
+    h.advance(29.999)
+    assert not h.agents["data"].cancelled
+    h.advance(0.001)
+    response = result_of(d)
+    assert response.code == 504
+    assert error_of(response)["type"] == "upstream_timeout"
+    assert h.agents["data"].cancelled == h.agents["data"].requests
+
+
+def test_the_deadline_bounds_all_attempts_and_delays():
+    h = Harness(SERVICE_INI.replace("[gateway]\n", "[gateway]\ndeadline = 12\n"))
+    d = h.request("GET", "/api/ai/x")
+    h.advance(10)  # first attempt times out (timeout = 10)
+    h.advance(1)  # backoff; second attempt has 1 s of deadline left
+    assert len(h.agents["ai"].requests) == 2
+    h.advance(1)
+    response = result_of(d)
+    assert response.code == 504
+    assert "deadline" in error_of(response)["message"]
+    assert len(h.agents["ai"].requests) == 2
+
+
+def test_breaker_opening_mid_retries_stops_them_with_the_fail_fast_answer():
+    h = Harness(ini(breaker_threshold=2))
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.refuse()
+    h.advance(1)
+    h.agents["data"].last.refuse()
+    h.flush()
+    response = result_of(d)
+    assert response.code == 503
+    assert error_of(response)["type"] == "circuit_open"
+    assert response.headers.getRawHeaders("retry-after") == ["60"]
+    assert len(h.agents["data"].requests) == 2
+
+
+# -- the breaker through the gateway
+
+
+def open_breaker(h, service="data"):
+    for _ in range(5):
+        d = h.request("GET", f"/api/{service}/x")
+        h.agents[service].last.respond(FakeResponse(502, {}, b"bad gateway"))
+        h.flush()
+        result_of(d)
+
+
+def test_five_failures_open_the_circuit_and_the_sixth_fails_fast():
+    h = Harness(ini(retries=0))
+    open_breaker(h)
+    calls = len(h.agents["data"].requests)
+    response = result_of(h.request("GET", "/api/data/x", headers={"X-Request-ID": "ff-1"}))
+    assert response.code == 503
+    assert error_of(response) == {
+        "type": "circuit_open",
+        "message": "service 'data' is failing; the circuit is open, retry in 60 s",
+        "request_id": "ff-1",
+    }
+    assert response.headers.getRawHeaders("retry-after") == ["60"]
+    assert len(h.agents["data"].requests) == calls
+
+
+def test_one_service_failing_leaves_the_others_alone():
+    h = Harness(ini(retries=0))
+    open_breaker(h)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"ok"))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+def test_after_the_cooldown_one_trial_closes_the_circuit():
+    h = Harness(ini(retries=0))
+    open_breaker(h)
+    h.advance(60)
+    trial = h.request("GET", "/api/data/x")
+    other = result_of(h.request("GET", "/api/data/y"))
+    assert other.code == 503 and error_of(other)["type"] == "circuit_open"
+    h.agents["data"].last.respond(FakeResponse(200, {}, b"back"))
+    h.flush()
+    assert result_of(trial).code == 200
+    health = body_json(result_of(h.request("GET", "/health")))
+    assert health["services"]["data"]["circuit"] == "closed"
+
+
+def test_health_shows_each_circuit():
+    h = Harness(ini(retries=0))
+    open_breaker(h)
+    h.advance(10)
+    health = body_json(result_of(h.request("GET", "/health")))
+    assert health["services"]["data"] == {
+        "url": "http://data.backend:8001",
+        "circuit": "open",
+        "consecutive_failures": 5,
+        "trial_in_s": 50.0,
+    }
+    assert health["services"]["ai"]["circuit"] == "closed"
+    assert health["status"] == "degraded"
+    assert health["uptime_s"] == 10.0
+
+
+# -- streaming
+
+
+def test_chunks_reach_the_client_as_the_backend_sends_them():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/stream", unbuffered=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    h.flush()
+    response = result_of(d)
+    received = []
+    done = treq.collect(response, received.append)
+    upstream.send(b"data: tok1\n\n")
+    h.flush()
+    assert received == [b"data: tok1\n\n"]
+    upstream.send(b"data: tok2\n\n")
+    h.flush()
+    assert received == [b"data: tok1\n\n", b"data: tok2\n\n"]
+    upstream.finish()
+    h.flush()
+    result_of(done)
+
+
+def test_a_stream_broken_midway_is_not_retried_and_counts_as_a_failure():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/stream", unbuffered=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, {}))
+    h.flush()
+    response = result_of(d)
+    received = []
+    done = treq.collect(response, received.append)
+    upstream.send(b"part")
+    upstream.fail("reset")
+    h.advance(10)
+    h.flush()
+    assert received == [b"part"]
+    assert done.called  # ended: the client saw the connection close early
+    failures = []
+    done.addErrback(failures.append)
+    assert failures, "an incomplete stream must not look complete"
+    assert len(h.agents["ai"].requests) == 1
+    assert h.gateway.broker.routes["ai"].breaker.status().consecutive_failures == 1
+
+
+def test_a_stalled_body_is_cut_after_idle_timeout_not_for_being_long():
+    h = Harness(SERVICE_INI)  # idle_timeout = 5
+    d = h.request("GET", "/api/ai/stream", unbuffered=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, {}))
+    h.flush()
+    result_of(d)
+    for _ in range(10):  # 40 s of steady tokens: never idle for 5 s
+        h.advance(4)
+        upstream.send(b"tok")
+    assert not upstream.transport.stopped
+    h.advance(4.999)
+    assert not upstream.transport.stopped
+    h.advance(0.001)
+    assert upstream.transport.stopped
+
+
+def test_client_going_away_cancels_the_pending_attempt():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/slow")
+    d.cancel()
+    h.flush()
+    assert h.agents["ai"].cancelled == h.agents["ai"].requests
+
+
+def test_client_going_away_during_backoff_leaves_no_timer_behind():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.refuse()
+    h.flush()
+    assert h.clock.getDelayedCalls()
+    d.cancel()
+    h.flush()
+    assert h.clock.getDelayedCalls() == []
+    h.advance(100)
+    assert len(h.agents["ai"].requests) == 1
+
+
+# -- rate limiting
+
+
+LIMITED = SERVICE_INI.replace("requests = 1000", "requests = 3\nwindow = 60")
+
+
+def answer_all(h, service="ai"):
+    for sent in h.agents[service].requests:
+        if not sent.answer.called:
+            sent.respond(FakeResponse(200, {}, b"ok"))
+    h.flush()
+
+
+def test_proxied_answers_carry_ratelimit_headers():
+    h = Harness(LIMITED)
+    d = h.request("GET", "/api/ai/x")
+    answer_all(h)
+    headers = result_of(d).headers
+    assert headers.getRawHeaders("ratelimit-limit") == ["3"]
+    assert headers.getRawHeaders("ratelimit-remaining") == ["2"]
+    assert headers.getRawHeaders("ratelimit-reset") == ["20"]
+
+
+def test_a_client_over_its_limit_gets_429_and_never_reaches_the_backend():
+    h = Harness(LIMITED)
+    for _ in range(3):
+        h.request("GET", "/api/ai/x")
+        answer_all(h)
+    response = result_of(h.request("GET", "/api/ai/x", headers={"X-Request-ID": "rl-1"}))
+    assert response.code == 429
+    assert error_of(response)["type"] == "rate_limited"
+    assert error_of(response)["request_id"] == "rl-1"
+    assert response.headers.getRawHeaders("retry-after") == ["20"]
+    assert response.headers.getRawHeaders("ratelimit-remaining") == ["0"]
+    assert len(h.agents["ai"].requests) == 3
+    h.advance(20)
+    d = h.request("GET", "/api/ai/x")
+    answer_all(h)
+    assert result_of(d).code == 200
+
+
+def test_health_is_never_limited():
+    h = Harness(LIMITED)
+    for _ in range(10):
+        assert result_of(h.request("GET", "/health/live")).code == 200
+
+
+def test_a_service_with_its_own_limit_uses_its_own_buckets():
+    h = Harness(LIMITED.replace("[service:data]\n", "[service:data]\nratelimit_requests = 1\nratelimit_window = 10\n"))
+    d = h.request("GET", "/api/data/x")
+    answer_all(h, "data")
+    assert result_of(d).headers.getRawHeaders("ratelimit-limit") == ["1"]
+    assert result_of(h.request("GET", "/api/data/x")).code == 429
+    d = h.request("GET", "/api/ai/x")
+    answer_all(h)
+    assert result_of(d).code == 200
+
+
+def test_header_keyed_limits_count_each_key_apart():
+    h = Harness(LIMITED.replace("[ratelimit]\n", "[ratelimit]\nkey = header:X-Api-Key\n"))
+    for _ in range(3):
+        h.request("GET", "/api/ai/x", headers={"X-Api-Key": "team-a"})
+        answer_all(h)
+    assert result_of(h.request("GET", "/api/ai/x", headers={"X-Api-Key": "team-a"})).code == 429
+    d = h.request("GET", "/api/ai/x", headers={"X-Api-Key": "team-b"})
+    answer_all(h)
+    assert result_of(d).code == 200
+
+
+# -- health and logs
+
+
+def test_liveness_and_readiness():
+    h = Harness(SERVICE_INI)
+    assert result_of(h.request("GET", "/health/live")).code == 200
+    assert result_of(h.request("GET", "/health/ready")).code == 200
+    h.gateway.accepting = False
+    response = result_of(h.request("GET", "/health/ready"))
+    assert response.code == 503
+
+
+def test_wrong_method_on_a_probe_is_a_json_405():
+    h = Harness(SERVICE_INI)
+    response = result_of(h.request("POST", "/health"))
+    assert response.code == 405
+    assert error_of(response)["type"] == "method_not_allowed"
+
+
+def test_every_log_line_about_a_request_carries_its_id_and_the_access_line_its_fields():
+    h = Harness(ini(retries=1))
+    with capture_logs() as logs:
+        d = h.request("GET", "/api/data/x?q=1", headers={"X-Request-ID": "trace-me", "Authorization": "Bearer s3cret"})
+        h.agents["data"].last.refuse()
+        h.advance(1)
+        h.agents["data"].last.respond(FakeResponse(200, {}, b"ok"))
+        h.flush()
+        result_of(d)
+    mine = [e for e in logs if e.get("request_id") == "trace-me"]
+    assert [e["event"] for e in mine] == ["attempt_failed", "request_completed"]
+    access = mine[-1]
+    assert {k: access[k] for k in ("method", "path", "service", "status", "client", "attempts")} == {
+        "method": "GET", "path": "/api/data/x", "service": "data", "status": 200, "client": "127.0.0.1", "attempts": 2,
+    }
+    assert access["duration_ms"] == 1000.0
+    assert "s3cret" not in json.dumps(logs)

@@ -1,0 +1,93 @@
+"""The body relay's flow control and idle timer, against a recording request."""
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from tests.fakes import FakeBodyTransport, result_of
+from txgateway.upstream import BodyRelay, StreamIdle
+
+
+class RecordingRequest:
+    def __init__(self):
+        self.written = []
+        self.producer = None
+        self.responseHeaders = Headers()
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def write(self, data):
+        self.written.append(data)
+
+
+def connected(idle_timeout=5.0):
+    clock, request, transport = Clock(), RecordingRequest(), FakeBodyTransport()
+    relay = BodyRelay(request, clock, idle_timeout)
+    relay.makeConnection(transport)
+    return clock, request, transport, relay
+
+
+def test_the_relay_is_the_clients_push_producer():
+    _, request, _, relay = connected()
+    assert request.producer is relay
+
+
+def test_a_slow_client_pauses_the_backend_read_and_resumes_it():
+    _, request, transport, relay = connected()
+    request.producer.pauseProducing()
+    assert transport.paused
+    request.producer.resumeProducing()
+    assert not transport.paused
+
+
+def test_the_idle_timer_stands_still_while_the_client_is_the_slow_one():
+    clock, request, transport, relay = connected(idle_timeout=5)
+    request.producer.pauseProducing()
+    clock.advance(60)
+    assert not transport.stopped
+    request.producer.resumeProducing()
+    clock.advance(4.999)
+    assert not transport.stopped
+    clock.advance(0.001)
+    assert transport.stopped
+
+
+def test_each_chunk_rearms_the_idle_timer():
+    clock, request, transport, relay = connected(idle_timeout=5)
+    for n in range(5):
+        clock.advance(4)
+        relay.dataReceived(b"%d" % n)
+    assert request.written == [b"0", b"1", b"2", b"3", b"4"]
+    assert not transport.stopped
+
+
+def test_an_idle_body_fails_done_with_stream_idle():
+    clock, _, transport, relay = connected(idle_timeout=5)
+    clock.advance(5)
+    relay.connectionLost(Failure(Exception("aborted")))
+    failures = []
+    relay.done.addErrback(failures.append)
+    assert failures[0].check(StreamIdle)
+
+
+def test_a_complete_body_fires_done_and_leaves_no_timer():
+    clock, request, _, relay = connected()
+    relay.dataReceived(b"all")
+    relay.connectionLost(Failure(ResponseDone()))
+    assert result_of(relay.done) is None
+    assert request.producer is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelling_done_stops_the_backend_transport():
+    clock, _, transport, relay = connected()
+    relay.done.cancel()
+    relay.done.addErrback(lambda f: None)
+    assert transport.stopped
+    assert clock.getDelayedCalls() == []
