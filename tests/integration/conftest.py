@@ -1,0 +1,208 @@
+"""
+Real processes on real loopback sockets: the test backend
+(tests/backends.py), the gateway daemon started with twistd from the
+installed package, and a raw HTTP client.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def installed_package_is_this_tree():
+    """The daemon runs from the installed package: it must be this tree's code."""
+    installed = subprocess.run(
+        [sys.executable, "-c", "import txgateway, os; print(os.path.dirname(txgateway.__file__))"],
+        cwd="/", capture_output=True, text=True,
+    ).stdout.strip()
+    if not installed:
+        pytest.exit("txgateway is not installed: run `pip install '.[test]'` (see README.rst)", returncode=3)
+    stale = []
+    for path in (REPO / "txgateway").rglob("*.py"):
+        twin = Path(installed) / path.relative_to(REPO / "txgateway")
+        if not twin.exists() or not filecmp.cmp(path, twin, shallow=False):
+            stale.append(str(path.relative_to(REPO)))
+    if stale:
+        pytest.exit(
+            f"the installed txgateway ({installed}) differs from this tree ({', '.join(stale[:5])}): "
+            "run `pip install '.[test]'` again (see README.rst)",
+            returncode=3,
+        )
+
+
+class Process:
+    """A child process whose output is read line by line."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, text=True, bufsize=1,
+        )
+        self.lines: list[str] = []
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line and self.proc.poll() is not None:
+                    break
+                self.lines.append(line)
+                if predicate(line):
+                    return line
+            elif self.proc.poll() is not None:
+                break
+        raise AssertionError(f"{self.argv[:3]} did not say what was expected; output:\n" + "".join(self.lines))
+
+    def drain(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0)
+            if not ready:
+                return
+            line = self.proc.stdout.readline()
+            if not line:
+                return
+            self.lines.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        rest = self.proc.stdout.read()
+        if rest:
+            self.lines.extend(rest.splitlines(keepends=True))
+        return code
+
+
+class Backend:
+    def __init__(self, tmp: Path) -> None:
+        self.process = Process([sys.executable, str(REPO / "tests" / "backends.py"), "0"], tmp)
+        line = self.process.wait_for(lambda l: l.startswith("listening"))
+        self.port = int(line.split()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def calls(self) -> dict:
+        return request(self.port, "GET", "/calls").json()
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory):
+    server = Backend(tmp_path_factory.mktemp("backend"))
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture
+def fresh_backend(tmp_path):
+    """A backend of one test's own, for counting its calls."""
+    server = Backend(tmp_path)
+    yield server
+    server.process.stop()
+
+
+class Gateway:
+    """The daemon, run as users run it: twistd -n txgateway --config FILE."""
+
+    def __init__(self, workdir: Path, ini: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.config = workdir / "gateway.ini"
+        self.config.write_text(textwrap.dedent(ini).replace("{port}", str(self.port)))
+        self.log_file = workdir / "logs" / "combined.log"
+        self.process = Process([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(self.config)], workdir, env)
+        self.process.wait_for(lambda l: '"gateway_started"' in l)
+        wait_until(lambda: request(self.port, "GET", "/health/live").status == 200)
+
+    def request(self, method: str, path: str, **kwargs) -> "Answer":
+        return request(self.port, method, path, **kwargs)
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def stop(self) -> int:
+        return self.process.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """Start gateways with configurations of the test's own; all are stopped after it."""
+    started: list[Gateway] = []
+
+    def start(ini: str, env: dict | None = None) -> Gateway:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        gateway = Gateway(workdir, ini, env)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+class Answer:
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> dict:
+        assert self.headers["Content-Type"] == "application/json", self.headers
+        return self.json()["error"]
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> Answer:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        chunked = body is not None and not isinstance(body, (bytes, str))
+        connection.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+        response = connection.getresponse()
+        return Answer(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError as error:
+            last_error = error
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s ({last_error})")
