@@ -17,10 +17,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import errors
-from txgateway.broker import ServiceBroker
+from txgateway.broker import AnswerCutShort, ServiceBroker
 from txgateway.config import GatewayConfig
 from txgateway.context import RequestContext, client_address, request_id_for
 from txgateway.errors import ErrorKind, GatewayError, error_body
@@ -107,6 +108,22 @@ def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
     return encoded
 
 
+class _LeftUnfinished(Resource):
+    """
+    What a route returns when the answer must stay unfinished (its
+    connection is closing): Klein then does not finish it, so the client
+    never gets the end of a chunked body that was cut short.
+    """
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> int:
+        return NOT_DONE_YET
+
+
+_LEFT_UNFINISHED = _LeftUnfinished()
+
+
 class GatewayRoutes:
     """The Klein routes of one gateway."""
 
@@ -148,6 +165,8 @@ class GatewayRoutes:
             await self.gateway.broker.proxy(request, ctx, rest, query)
         except GatewayError as error:
             return write_error(request, error.kind, error.message, error.headers)
+        except AnswerCutShort:
+            return _LEFT_UNFINISHED
         return None
 
     @app.handle_errors(NotFound)
@@ -171,8 +190,8 @@ class GatewayRoutes:
         log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
         if request.startedWriting:
             # Part of an answer is out: the only honest end is a broken one.
-            request.channel.transport.abortConnection()
-            return None
+            request.loseConnection()
+            return _LEFT_UNFINISHED
         return write_error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
 
 
@@ -210,14 +229,16 @@ class GatewayRoot(Resource):
         return self._routes.render(request)
 
     def _completed(self, result: object, request: IRequest, ctx: RequestContext) -> None:
-        disconnected = isinstance(result, Failure)
+        aborted = isinstance(result, Failure)
+        if aborted and ctx.outcome is None:
+            ctx.outcome = "client_disconnected"
         duration_ms = (self._gateway.clock.seconds() - ctx.started_at) * 1000.0
         ctx.log.info(
-            "request_completed" if not disconnected else "client_disconnected",
+            "request_completed" if not aborted else "request_aborted",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("latin-1"),
             service=ctx.service,
-            status=499 if disconnected and ctx.outcome is None else request.code,
+            status=499 if ctx.outcome == "client_disconnected" else request.code,
             duration_ms=round(duration_ms, 3),
             client=ctx.client,
             attempts=ctx.attempts,

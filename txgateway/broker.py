@@ -41,9 +41,16 @@ from txgateway.upstream import (
     request_headers_for_upstream,
 )
 
-__all__ = ["ServiceBroker", "ServiceRoute"]
+__all__ = ["AnswerCutShort", "ServiceBroker", "ServiceRoute"]
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class AnswerCutShort(Exception):
+    """
+    The answer was partly sent and then ended without its end; the client
+    connection is closing.  Nothing more may be written to the request.
+    """
 
 
 @attrs.define
@@ -239,15 +246,15 @@ class ServiceBroker:
             await relay.done
         except (StreamIdle, StreamBroken) as error:
             # Bytes already reached the client: no retry, no error body. The
-            # client sees its connection end without a complete answer.
+            # connection is closed without the end of the answer, so the
+            # client sees a truncated body, never a complete-looking one.
             route.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
             ctx.outcome = "stream_idle" if isinstance(error, StreamIdle) else "stream_broken"
             ctx.log.warning(
                 "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
             )
-            transport = getattr(request, "channel", None) and request.channel.transport
-            if transport is not None:
-                transport.abortConnection()
+            request.loseConnection()
+            raise AnswerCutShort(ctx.outcome) from None
 
 
 def _timed_out(result: object, timeout: float) -> None:
