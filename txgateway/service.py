@@ -82,10 +82,20 @@ class GatewayService(MultiService):
         configure_logging(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway")
         self._pools: list[HTTPConnectionPool] = []
-        store = MemoryRateLimitStore(reactor)
+        store = self._rate_limit_store(config)
         self.gateway = build_gateway(config, reactor, self._agent_for, store, self.log)
         self.site = build_site(self.gateway)
         strports.service(config.gateway.listen, self.site, reactor=reactor).setServiceParent(self)
+
+    def _rate_limit_store(self, config: GatewayConfig) -> IRateLimitStore:
+        settings = config.ratelimit
+        if settings.backend == "redis":
+            from txgateway.ratelimit.redis import connect_redis
+
+            return connect_redis(
+                settings.redis_url, self._reactor, settings.redis_timeout, settings.redis_retry_interval, self.log
+            )
+        return MemoryRateLimitStore(self._reactor)
 
     def _agent_for(self, service: ServiceConfig) -> IAgent:
         pool = HTTPConnectionPool(self._reactor, persistent=True)

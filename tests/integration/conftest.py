@@ -10,12 +10,13 @@ import filecmp
 import http.client
 import json
 import os
-import select
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def installed_package_is_this_tree():
 
 
 class Process:
-    """A child process whose output is read line by line."""
+    """A child process whose output a thread reads line by line."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict | None = None) -> None:
         self.argv = argv
@@ -63,31 +64,27 @@ class Process:
             env={**os.environ, **(env or {})}, text=True, bufsize=1,
         )
         self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
 
     def wait_for(self, predicate, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line and self.proc.poll() is not None:
-                    break
-                self.lines.append(line)
-                if predicate(line):
-                    return line
-            elif self.proc.poll() is not None:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
                 break
-        raise AssertionError(f"{self.argv[:3]} did not say what was expected; output:\n" + "".join(self.lines))
-
-    def drain(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0)
-            if not ready:
-                return
-            line = self.proc.stdout.readline()
-            if not line:
-                return
+            if line is None:
+                break
             self.lines.append(line)
+            if predicate(line):
+                return line
+        raise AssertionError(f"{self.argv[:3]} did not say what was expected; output:\n" + "".join(self.lines))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
@@ -97,9 +94,14 @@ class Process:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        rest = self.proc.stdout.read()
-        if rest:
-            self.lines.extend(rest.splitlines(keepends=True))
+        while True:
+            try:
+                line = self._queue.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
         return code
 
 

@@ -13,7 +13,7 @@ import math
 
 import attrs
 
-__all__ = ["BucketSpec", "Decision", "take_token"]
+__all__ = ["BucketSpec", "Decision", "decision_after", "take_token"]
 
 
 @attrs.frozen
@@ -67,15 +67,20 @@ def take_token(spec: BucketSpec, tokens: float, updated_at: float, now: float) -
     allowed = tokens >= 1.0
     if allowed:
         tokens -= 1.0
-        retry_after = 0
-    else:
-        retry_after = max(1, math.ceil((1.0 - tokens) / rate))
-    reset = max(0, math.ceil((spec.capacity - tokens) / rate))
-    decision = Decision(
+    return decision_after(spec, allowed, tokens), tokens
+
+
+def decision_after(spec: BucketSpec, allowed: bool, tokens: float) -> Decision:
+    """
+    The decision (and its header values) once a request was allowed or
+    refused and C{tokens} are left in the bucket.
+    """
+    rate = spec.refill_per_second
+    retry_after = 0 if allowed else max(1, math.ceil((1.0 - tokens) / rate))
+    return Decision(
         allowed=allowed,
         limit=spec.capacity,
         remaining=int(math.floor(tokens)),
         retry_after=retry_after,
-        reset=reset,
+        reset=max(0, math.ceil((spec.capacity - tokens) / rate)),
     )
-    return decision, tokens

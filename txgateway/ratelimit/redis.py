@@ -1,0 +1,205 @@
+"""
+Token buckets in Redis, shared by every gateway that points at the same
+Redis: one atomic Lua script per decision (refill and take in one round
+trip), loaded once and called by its SHA.
+
+Redis must never take the gateway down: every call has a timeout on the
+injected clock, and a failure opens a breaker of the store's own, during
+which decisions come from local in-memory buckets and Redis is not asked.
+After C{retry_interval} one request tries Redis again; its success brings
+the shared buckets back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from txgateway.breaker import CircuitBreaker
+from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
+from txgateway.ratelimit.interface import IRateLimitStore
+from txgateway.ratelimit.memory import MemoryRateLimitStore
+
+__all__ = ["RedisRateLimitStore", "TOKEN_BUCKET_LUA", "connect_redis"]
+
+#: KEYS[1] the bucket; ARGV capacity, window (s), now (s, the gateway's
+#: clock).  Returns {allowed (0/1), tokens left (as a string: Redis would
+#: truncate a Lua float reply to an integer)}.  The same arithmetic as
+#: L{txgateway.ratelimit.bucket.take_token}.
+TOKEN_BUCKET_LUA = """\
+local capacity = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = capacity
+  ts = now
+end
+local elapsed = now - ts
+if elapsed < 0 then
+  -- another gateway's clock is ahead of ours: refill nothing, move nothing back
+  elapsed = 0
+  now = ts
+end
+tokens = math.min(capacity, tokens + elapsed * capacity / window)
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
+return {allowed, string.format('%.17g', tokens)}
+"""
+
+TOKEN_BUCKET_SHA = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
+
+KEY_PREFIX = "txgateway:ratelimit:"
+
+
+class RedisCommands(Protocol):
+    """The two txredisapi calls the store makes."""
+
+    def script_load(self, script: str) -> Deferred: ...
+
+    def evalsha(self, sha1_hash: str, keys: list, args: list) -> Deferred: ...
+
+
+class _DebugOnly:
+    """Hands the store breaker's transition lines to debug: the store logs its own."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log.debug(event, **fields)
+
+
+@implementer(IRateLimitStore)
+class RedisRateLimitStore:
+    """
+    Buckets in Redis, with local buckets standing in while Redis is away.
+
+    @param redis: a txredisapi connection (pool), or anything with its
+        C{script_load} and C{evalsha}.
+    @param timeout: seconds each Redis call may take.
+    @param retry_interval: seconds Redis is left alone after a failure.
+    """
+
+    def __init__(
+        self,
+        redis: RedisCommands,
+        clock: IReactorTime,
+        timeout: float,
+        retry_interval: float,
+        log: Any,
+        disconnect: Any = None,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout = timeout
+        self._log = log
+        self._disconnect = disconnect
+        self._local = MemoryRateLimitStore(clock)
+        self._breaker = CircuitBreaker("ratelimit-redis", clock, 1, retry_interval, _DebugOnly(log))
+        self._script_loaded = False
+        self._serving_locally = False
+
+    @property
+    def healthy(self) -> bool:
+        """Whether decisions come from Redis (the breaker is closed)."""
+        return self._breaker.status().state == "closed"
+
+    @property
+    def description(self) -> dict:
+        return {
+            "backend": "redis",
+            "healthy": self.healthy,
+            "serving_from": "memory" if self._serving_locally else "redis",
+        }
+
+    def take(self, key: str, spec: BucketSpec) -> Deferred[Decision]:
+        return Deferred.fromCoroutine(self._take(key, spec))
+
+    async def _take(self, key: str, spec: BucketSpec) -> Decision:
+        admission = self._breaker.admit(key)
+        if not admission.allowed:
+            return self._local.decide(key, spec)
+        try:
+            decision = await self._decide_in_redis(key, spec)
+        except Exception as error:
+            self._breaker.failed(admission, _describe(error))
+            if not self._serving_locally:
+                self._serving_locally = True
+                self._log.warning("ratelimit_redis_unavailable", reason=_describe(error), serving_from="memory")
+            return self._local.decide(key, spec)
+        self._breaker.succeeded(admission)
+        if self._serving_locally:
+            self._serving_locally = False
+            self._log.warning("ratelimit_redis_recovered", serving_from="redis")
+        return decision
+
+    async def _decide_in_redis(self, key: str, spec: BucketSpec) -> Decision:
+        keys = [f"{KEY_PREFIX}{spec.name}:{key}"]
+        args = [spec.capacity, repr(float(spec.window)), repr(float(self._clock.seconds()))]
+        if not self._script_loaded:
+            await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
+            self._script_loaded = True
+        try:
+            allowed, tokens = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
+        except Exception as error:
+            if "NOSCRIPT" not in str(error) and type(error).__name__ != "ScriptDoesNotExist":
+                raise
+            # Redis restarted and forgot the script: load it again, once.
+            await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
+            allowed, tokens = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
+        return decision_after(spec, bool(int(allowed)), float(tokens))
+
+    def _call(self, d: Deferred) -> Deferred:
+        return d.addTimeout(self._timeout, self._clock)
+
+    def close(self) -> Deferred[None]:
+        self._breaker.stop()
+        if self._disconnect is not None:
+            return Deferred.fromCoroutine(self._close())
+        return self._local.close()
+
+    async def _close(self) -> None:
+        await self._disconnect()
+        await self._local.close()
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def connect_redis(url: str, clock: IReactorTime, timeout: float, retry_interval: float, log: Any) -> RedisRateLimitStore:
+    """
+    A store on a lazy txredisapi pool for C{redis://[:password@]host:port/db}.
+    txredisapi uses the global reactor for its connections; the store's own
+    timing stays on C{clock}.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    import txredisapi  # imports the global reactor: only when Redis is configured
+
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    pool = txredisapi.lazyConnectionPool(
+        host=parts.hostname,
+        port=parts.port or 6379,
+        dbid=db,
+        poolsize=4,
+        reconnect=True,
+        password=unquote(parts.password) if parts.password else None,
+        username=unquote(parts.username) if parts.username else None,
+        connectTimeout=timeout,
+        convertNumbers=True,
+    )
+    return RedisRateLimitStore(pool, clock, timeout, retry_interval, log, disconnect=pool.disconnect)
