@@ -25,7 +25,6 @@ class ErrorKind:
 
 
 BAD_REQUEST = ErrorKind("bad_request", 400)
-UNAUTHORIZED = ErrorKind("unauthorized", 401)
 NOT_FOUND = ErrorKind("not_found", 404)
 UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
@@ -34,14 +33,12 @@ RATE_LIMITED = ErrorKind("rate_limited", 429)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
-SHUTTING_DOWN = ErrorKind("shutting_down", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
 
 KINDS = {
     kind.type: kind
     for kind in (
         BAD_REQUEST,
-        UNAUTHORIZED,
         NOT_FOUND,
         UNKNOWN_SERVICE,
         METHOD_NOT_ALLOWED,
@@ -50,7 +47,6 @@ KINDS = {
         INTERNAL_ERROR,
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
-        SHUTTING_DOWN,
         UPSTREAM_TIMEOUT,
     )
 }
