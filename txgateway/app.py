@@ -164,6 +164,9 @@ class GatewayRoutes:
         try:
             await self.gateway.broker.proxy(request, ctx, rest, query)
         except GatewayError as error:
+            elapsed_ms = (self.gateway.clock.seconds() - ctx.started_at) * 1000.0
+            request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
+            request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
             return write_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
             return _LEFT_UNFINISHED
