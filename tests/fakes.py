@@ -10,11 +10,11 @@ import random
 
 import attrs
 import structlog
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse, UNKNOWN_LENGTH
 from treq.testing import StubTreq
@@ -120,7 +120,13 @@ class FakeAgent:
 
             bodyProducer.startProducing(Consumer())
             body = b"".join(chunks)
-        sent = SentRequest(method, uri, headers, body, Deferred(lambda d: self.cancelled.append(sent)))
+        def cancel(d: Deferred) -> None:
+            # Like twisted.web.client.Agent: a cancelled request fails with
+            # ResponseNeverReceived wrapping the CancelledError.
+            self.cancelled.append(sent)
+            d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+
+        sent = SentRequest(method, uri, headers, body, Deferred(cancel))
         self.requests.append(sent)
         return sent.answer
 

@@ -387,12 +387,16 @@ def test_a_stalled_body_is_cut_after_idle_timeout_not_for_being_long():
     assert upstream.transport.stopped
 
 
-def test_client_going_away_cancels_the_pending_attempt():
+def test_client_going_away_cancels_the_pending_attempt_and_nothing_is_retried():
     h = Harness(SERVICE_INI)
     d = h.request("GET", "/api/ai/slow")
     d.cancel()
     h.flush()
     assert h.agents["ai"].cancelled == h.agents["ai"].requests
+    h.advance(100)
+    assert len(h.agents["ai"].requests) == 1
+    assert h.clock.getDelayedCalls() == []
+    assert h.gateway.broker.routes["ai"].breaker.status().consecutive_failures == 0
 
 
 def test_client_going_away_during_backoff_leaves_no_timer_behind():

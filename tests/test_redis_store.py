@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import structlog
 from structlog.testing import capture_logs
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from tests.fakes import result_of
@@ -139,4 +139,15 @@ def test_close_leaves_no_timer_behind():
     result_of(store.take("ip:a", SPEC))
     assert clock.getDelayedCalls()
     result_of(store.close())
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_client_leaving_while_redis_is_asked_is_no_verdict_on_redis():
+    clock, redis, store = make()
+    result_of(store.take("ip:a", SPEC))
+    redis.mode = "hang"
+    d = store.take("ip:a", SPEC)
+    d.cancel()
+    d.addErrback(lambda failure: failure.trap(CancelledError))
+    assert store.healthy
     assert clock.getDelayedCalls() == []

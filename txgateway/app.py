@@ -226,15 +226,16 @@ class GatewayRoot(Resource):
         request.context = ctx
         request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
         request.notifyFinish().addBoth(self._completed, request, ctx)
-        if getattr(request, "body_too_large", False):
-            limit = gateway.config.gateway.max_body_size
-            return write_error(request, errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
         return self._routes.render(request)
 
     def _completed(self, result: object, request: IRequest, ctx: RequestContext) -> None:
+        # Runs before Klein cancels the route (it registered first), so the
+        # broker can tell a client that left from a failing backend.
         aborted = isinstance(result, Failure)
-        if aborted and ctx.outcome is None:
-            ctx.outcome = "client_disconnected"
+        if aborted:
+            ctx.client_gone = True
+            if ctx.outcome is None:
+                ctx.outcome = "client_disconnected"
         duration_ms = (self._gateway.clock.seconds() - ctx.started_at) * 1000.0
         ctx.log.info(
             "request_completed" if not aborted else "request_aborted",

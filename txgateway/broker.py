@@ -162,22 +162,26 @@ class ServiceBroker:
             attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
             try:
                 response = await attempt
-            except CancelledError:
-                breaker.abandoned(admission)
-                raise
-            except TimeoutError:
-                deadline_hit = timeout < config.timeout
-                outcome = _Failed(
-                    errors.UPSTREAM_TIMEOUT,
-                    "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
-                )
-                breaker.failed(admission, "timeout")
-                if deadline_hit:
-                    self._log_attempt(ctx, config.name, outcome.reason, final=True)
-                    raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
             except Exception as error:
-                outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
-                breaker.failed(admission, outcome.reason)
+                if ctx.client_gone or isinstance(error, CancelledError):
+                    # The client left: the agent reports its cancellation in
+                    # its own words (ResponseNeverReceived); it is no failure
+                    # of the backend and nothing to retry.
+                    breaker.abandoned(admission)
+                    raise CancelledError() from None
+                if isinstance(error, TimeoutError):
+                    deadline_hit = timeout < config.timeout
+                    outcome = _Failed(
+                        errors.UPSTREAM_TIMEOUT,
+                        "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
+                    )
+                    breaker.failed(admission, "timeout")
+                    if deadline_hit:
+                        self._log_attempt(ctx, config.name, outcome.reason, final=True)
+                        raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
+                else:
+                    outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
+                    breaker.failed(admission, outcome.reason)
             else:
                 if is_breaker_failure(response.code):
                     breaker.failed(admission, f"status {response.code}")

@@ -209,6 +209,8 @@ class GatewaySettings:
     listen: str = _key(_listen, "tcp:3000")
     max_body_size: int = _key(_integer(1), 10 * 1024 * 1024)
     deadline: float = _key(_seconds, 120.0)
+    header_timeout: float = _key(_seconds, 10.0)
+    client_idle_timeout: float = _key(_seconds, 60.0)
 
 
 @attrs.frozen

@@ -80,3 +80,4 @@ class RequestContext:
     service: str | None = None
     attempts: int = 0
     outcome: str | None = None
+    client_gone: bool = False

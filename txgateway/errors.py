@@ -28,8 +28,10 @@ BAD_REQUEST = ErrorKind("bad_request", 400)
 NOT_FOUND = ErrorKind("not_found", 404)
 UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
+REQUEST_TIMEOUT = ErrorKind("request_timeout", 408)
 BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
 RATE_LIMITED = ErrorKind("rate_limited", 429)
+HEADER_TOO_LARGE = ErrorKind("header_too_large", 431)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
@@ -42,7 +44,9 @@ KINDS = {
         NOT_FOUND,
         UNKNOWN_SERVICE,
         METHOD_NOT_ALLOWED,
+        REQUEST_TIMEOUT,
         BODY_TOO_LARGE,
+        HEADER_TOO_LARGE,
         RATE_LIMITED,
         INTERNAL_ERROR,
         UPSTREAM_UNAVAILABLE,

@@ -63,9 +63,17 @@ def build_gateway(
     return Gateway(config, clock, broker, store, log)
 
 
-def build_site(gateway: Gateway) -> GatewaySite:
-    """The HTTP site serving C{gateway}."""
-    return GatewaySite(GatewayRoot(gateway), gateway.config.gateway.max_body_size)
+def build_site(gateway: Gateway, reactor: Any = None) -> GatewaySite:
+    """The HTTP site serving C{gateway}; its connection timers run on C{reactor}."""
+    settings = gateway.config.gateway
+    return GatewaySite(
+        GatewayRoot(gateway),
+        max_body_size=settings.max_body_size,
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.client_idle_timeout,
+        log=gateway.log,
+        reactor=reactor,
+    )
 
 
 class GatewayService(MultiService):
@@ -75,16 +83,21 @@ class GatewayService(MultiService):
     connections and timers.
     """
 
-    def __init__(self, config: GatewayConfig, reactor: Any, stdout: IO[str] | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, reactor: Any, stdout: IO[str] | None = None, clock: IReactorTime | None = None
+    ) -> None:
         super().__init__()
         self._reactor = reactor
+        # The gateway's own timers (timeouts, backoff, breakers, buckets) run
+        # on clock; connections and the site's timers on the reactor.
+        self._clock = reactor if clock is None else clock
         self.sink = open_sink(config.logging.file, sys.stdout if stdout is None else stdout)
         configure_logging(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway")
         self._pools: list[HTTPConnectionPool] = []
         store = self._rate_limit_store(config)
-        self.gateway = build_gateway(config, reactor, self._agent_for, store, self.log)
-        self.site = build_site(self.gateway)
+        self.gateway = build_gateway(config, self._clock, self._agent_for, store, self.log)
+        self.site = build_site(self.gateway, reactor)
         strports.service(config.gateway.listen, self.site, reactor=reactor).setServiceParent(self)
 
     def _rate_limit_store(self, config: GatewayConfig) -> IRateLimitStore:
@@ -93,9 +106,9 @@ class GatewayService(MultiService):
             from txgateway.ratelimit.redis import connect_redis
 
             return connect_redis(
-                settings.redis_url, self._reactor, settings.redis_timeout, settings.redis_retry_interval, self.log
+                settings.redis_url, self._clock, settings.redis_timeout, settings.redis_retry_interval, self.log
             )
-        return MemoryRateLimitStore(self._reactor)
+        return MemoryRateLimitStore(self._clock)
 
     def _agent_for(self, service: ServiceConfig) -> IAgent:
         pool = HTTPConnectionPool(self._reactor, persistent=True)

@@ -1,57 +1,166 @@
 """
-The HTTP server side: a request that enforces the body size limit while
-the body arrives, and a site that does not write Twisted's own access log
-(the gateway writes its JSON one).
+The HTTP server side, hardened: a channel that answers malformed, oversized
+and too-slow requests with the JSON error shape before any route sees them,
+a request that refuses an oversized body while it arrives (it is never
+spooled), and a site that leaves access logging to the gateway's JSON lines.
 """
 
 from __future__ import annotations
 
-from io import BytesIO
+from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from txgateway.context import RequestContext
+from txgateway import errors
+from txgateway.context import RequestContext, request_id_for
+from txgateway.errors import ErrorKind, error_body
 
-__all__ = ["GatewayRequest", "GatewaySite"]
+__all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite"]
+
+_ABSOLUTE_FORM = (b"http://", b"https://")
 
 
 class GatewayRequest(Request):
     """
-    A request whose body is refused (dropped as it arrives, never spooled)
-    once it exceeds the site's C{max_body_size}.
+    A request that refuses its body once it exceeds the site's
+    C{max_body_size}, and routes an absolute-form target
+    (C{GET http://host/path}) by its path alone: the host it names is never
+    contacted.
 
-    @ivar body_too_large: set when the body was refused.
     @ivar context: the gateway's L{RequestContext}, set by the root resource.
     """
 
     # A proxy adds no Content-Type of its own to a backend's answer.
     defaultContentType = None
-    body_too_large = False
     context: RequestContext | None = None
     _body_received = 0
 
-    def _max_body_size(self) -> int:
-        site = getattr(self.channel, "site", None)
-        return getattr(site, "max_body_size", 10 * 1024 * 1024)
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._max_body_size():
-            self.body_too_large = True
-            self.content = BytesIO()
-            return
-        super().gotLength(length)
-
     def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
+        channel = self.channel
+        if getattr(channel, "refused", False):
             return
         self._body_received += len(data)
-        if self._body_received > self._max_body_size():
-            self.body_too_large = True
-            self.content.close()
-            self.content = BytesIO()
+        if self._body_received > channel.site.max_body_size:
+            channel.refuse(
+                errors.BODY_TOO_LARGE,
+                f"the request body is larger than {channel.site.max_body_size} bytes",
+                self,
+            )
             return
         super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self.path.startswith(_ABSOLUTE_FORM):
+            # RFC 9112 3.2.2: accept the absolute form, route by the path.
+            after_scheme = self.uri.split(b"://", 1)[1]
+            slash = after_scheme.find(b"/")
+            self.uri = after_scheme[slash:] if slash >= 0 else b"/"
+            self.path = self.uri.split(b"?", 1)[0]
+        super().process()
+
+
+class GatewayChannel(HTTPChannel):
+    """
+    An HTTP/1.1 channel whose every refusal is the gateway's JSON error
+    shape (Twisted's own is a bare C{400 Bad Request}), with a deadline for
+    the request line and headers so that slow-header clients cannot hold a
+    connection by trickling bytes.
+
+    @ivar refused: set once the channel answered with an error and is
+        closing; nothing more it receives is processed.
+    """
+
+    refused = False
+    _header_timer: IDelayedCall | None = None
+    _reading_headers = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self._reading_headers and self._header_timer is None:
+            self._header_timer = self.callLater(self.site.header_timeout, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.refused:
+            super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._reading_headers = False
+        self._cancel_header_timer()
+        limit = self.site.max_body_size
+        if self.length is not None and self.length > limit:
+            # Refused before the body arrives: it is never read, let alone spooled.
+            self.refuse(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes", self.requests[-1])
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self.refused:
+            super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        super().requestDone(request)
+        self._reading_headers = True
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(errors.HEADER_TOO_LARGE, "a request line or header is too long")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's hook for every malformed request (bad request line or
+        # header, Content-Length with Transfer-Encoding, too many headers).
+        self.refuse(errors.BAD_REQUEST, "the request is malformed (request line, headers or framing)")
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self.refuse(
+            errors.REQUEST_TIMEOUT, f"the request headers did not arrive within {self.site.header_timeout:g} s"
+        )
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+
+    def refuse(self, kind: ErrorKind, message: str, request: Request | None = None) -> None:
+        """
+        Answer with the JSON error shape straight on the wire and close: for
+        refusals that happen before (or instead of) a route.
+        """
+        if self.refused:
+            return
+        self.refused = True
+        self._cancel_header_timer()
+        self.setTimeout(None)
+        sent_id = request.requestHeaders.getRawHeaders(b"x-request-id", [None])[0] if request else None
+        request_id = request_id_for(sent_id)
+        body = error_body(kind, message, request_id)
+        head = b"HTTP/1.1 %d %s\r\n" % (kind.status, RESPONSES.get(kind.status, b"Error"))
+        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        head += b"Connection: close\r\nX-Request-ID: %s\r\n\r\n" % request_id.encode("ascii")
+        self.transport.write(head + body)
+        peer = self.transport.getPeer()
+        self.site.event_log.info(
+            "request_refused",
+            request_id=request_id,
+            status=kind.status,
+            outcome=kind.type,
+            reason=message,
+            method=request.method.decode("ascii", "replace") if request is not None and request.method else None,
+            client=getattr(peer, "host", None),
+        )
+        self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_header_timer()
+        super().connectionLost(reason)
 
 
 class GatewaySite(Site):
@@ -59,14 +168,28 @@ class GatewaySite(Site):
     The gateway's L{Site}.
 
     @ivar max_body_size: the largest request body accepted, in bytes.
+    @ivar header_timeout: seconds a client has to send its request line and
+        headers once it started.
+    @ivar event_log: the structlog logger for refusals made before any route.
     """
 
+    protocol = GatewayChannel
     requestFactory = GatewayRequest
     noisy = False
 
-    def __init__(self, resource: IResource, max_body_size: int, **kwargs) -> None:
-        super().__init__(resource, **kwargs)
+    def __init__(
+        self,
+        resource: IResource,
+        max_body_size: int,
+        header_timeout: float,
+        idle_timeout: float,
+        log: Any,
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.max_body_size = max_body_size
+        self.header_timeout = header_timeout
+        self.event_log = log
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Request) -> None:  # type: ignore[override]
         """The gateway writes its own JSON access line per request."""

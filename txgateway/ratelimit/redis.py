@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -133,6 +133,10 @@ class RedisRateLimitStore:
             return self._local.decide(key, spec)
         try:
             decision = await self._decide_in_redis(key, spec)
+        except CancelledError:
+            # The client left while Redis was asked: no verdict on Redis.
+            self._breaker.abandoned(admission)
+            raise
         except Exception as error:
             self._breaker.failed(admission, _describe(error))
             if not self._serving_locally:

@@ -1,0 +1,174 @@
+"""
+The server side byte by byte: the gateway's site on a StringTransport and a
+Clock, fed raw requests, hostile ones included.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from tests.fakes import SERVICE_INI, Harness
+from txgateway.service import build_site
+
+
+class Connection:
+    def __init__(self, ini: str = SERVICE_INI) -> None:
+        self.harness = Harness(ini)
+        self.clock = self.harness.clock
+        self.site = build_site(self.harness.gateway, self.clock)
+        self.channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5555))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 5555))
+        self.channel.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.channel.dataReceived(data)
+        return self.transport.value()
+
+    @property
+    def closing(self) -> bool:
+        return self.transport.disconnecting
+
+    def answer(self) -> tuple[int, dict, bytes]:
+        raw = self.transport.value()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.decode().lower(): v.decode() for k, v in (line.split(b": ", 1) for line in lines[1:])}
+        return status, headers, body
+
+
+def json_error(connection: Connection, status: int) -> dict:
+    code, headers, body = connection.answer()
+    assert code == status
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["request_id"] == headers["x-request-id"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HELLO\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+        b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(raw):
+    connection = Connection()
+    connection.send(raw)
+    assert json_error(connection, 400)["type"] == "bad_request"
+    assert connection.closing
+    assert connection.harness.agents["ai"].requests == []
+
+
+def test_an_overlong_header_line_gets_a_json_431():
+    connection = Connection()
+    connection.send(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    assert json_error(connection, 431)["type"] == "header_too_large"
+    assert connection.closing
+
+
+def test_too_many_header_bytes_in_all_get_a_json_error():
+    connection = Connection()
+    headers = b"".join(b"X-H%d: %s\r\n" % (n, b"v" * 1000) for n in range(20))
+    connection.send(b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert json_error(connection, 400)["type"] == "bad_request"
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_arrives():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nX-Request-ID: big-1\r\nContent-Length: 101\r\n\r\n")
+    error = json_error(connection, 413)
+    assert error == {"type": "body_too_large", "message": "the request body is larger than 100 bytes", "request_id": "big-1"}
+    assert connection.closing
+    connection.send(b"x" * 101)
+    assert connection.harness.agents["ai"].requests == []
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    connection.send(b"64\r\n" + b"x" * 100 + b"\r\n")
+    assert connection.transport.value() == b""
+    connection.send(b"1\r\nx\r\n0\r\n\r\n")
+    assert json_error(connection, 413)["type"] == "body_too_large"
+    assert connection.harness.agents["ai"].requests == []
+    assert connection.transport.value().count(b"HTTP/1.1") == 1
+
+
+def test_an_expect_continue_request_over_the_limit_gets_413_not_100():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n")
+    assert connection.transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in connection.transport.value()
+
+
+def test_headers_trickled_slower_than_header_timeout_get_408():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nheader_timeout = 10\n"))
+    connection.send(b"GET /health HTTP/1.1\r\n")
+    for _ in range(9):
+        connection.clock.advance(1)
+        connection.send(b"X-Slow: 1\r\n")
+    assert connection.transport.value() == b""
+    connection.clock.advance(1)
+    assert json_error(connection, 408)["type"] == "request_timeout"
+    assert connection.closing
+
+
+def test_an_idle_connection_is_closed_after_client_idle_timeout():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nclient_idle_timeout = 30\n"))
+    connection.clock.advance(29.9)
+    assert not connection.closing
+    connection.clock.advance(0.1)
+    assert connection.closing
+
+
+def test_a_keep_alive_connection_serves_the_next_request_after_the_header_deadline_was_met():
+    connection = Connection()
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.transport.value().startswith(b"HTTP/1.1 200 ")
+    connection.transport.clear()
+    connection.clock.advance(25)  # idle between requests: not the header deadline
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+def test_an_absolute_form_target_is_routed_by_its_path_and_never_to_its_host():
+    connection = Connection()
+    connection.send(b"GET http://evil.example/api/ai/models?x=1 HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert connection.harness.agents["ai"].last.uri == b"http://ai.backend:8000/v1/models?x=1"
+
+
+def test_an_injected_request_id_is_replaced():
+    connection = Connection()
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\"b,c: d\r\n\r\n")
+    status, headers, _ = connection.answer()
+    assert status == 200
+    assert len(headers["x-request-id"]) == 36
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_no_bytes_crash_the_channel(data):
+    connection = Connection()
+    connection.send(data)
+    if connection.closing:
+        connection.channel.connectionLost(Failure(ConnectionDone()))
+    connection.clock.advance(100)
+    out = connection.transport.value()
+    assert out == b"" or out.startswith(b"HTTP/1.")
