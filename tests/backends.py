@@ -10,6 +10,7 @@ paths (under any prefix, so that a service base path can be tested):
     .../sse?n=5&interval=0.2 a server-sent-event token stream
     .../status/CODE          that status (query retry_after=N sets Retry-After)
     .../flaky/KEY?fail=N     500 (or code=...) N times for KEY, then 200
+    .../slow?delay=1         answers "slow answer" after the delay
     .../hang                 never answers
     .../stall                headers and one chunk, then silence
     .../reset                headers and one chunk, then a reset connection
@@ -85,6 +86,10 @@ class Backend(Resource):
             if FLAKY[key] <= int(query.get("fail", 2)):
                 return _json(request, {"attempt": FLAKY[key], "ok": False}, int(query.get("code", 500)))
             return _json(request, {"attempt": FLAKY[key], "ok": True})
+        if path.endswith("/slow"):
+            call = reactor.callLater(float(query.get("delay", 1)), lambda: (request.write(b"slow answer"), request.finish()))
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            return server.NOT_DONE_YET
         if path.endswith("/hang"):
             _counted_disconnect(request)
             return server.NOT_DONE_YET

@@ -70,7 +70,7 @@ def test_embedded_defaults_match_the_sample_gateway_ini():
         ("[gateway]\nmax_body_size = -1\n" + MINIMAL, "test.ini: [gateway] max_body_size: expected a whole number of at least 1"),
         ("[logging]\nlevel = loud\n" + MINIMAL, "test.ini: [logging] level: expected one of debug, info"),
         ("[ratelimit]\nbackend = etcd\n" + MINIMAL, "test.ini: [ratelimit] backend: expected one of memory, redis"),
-        ("[ratelimit]\nkey = cookie\n" + MINIMAL, "test.ini: [ratelimit] key: expected ip or header:<Name>"),
+        ("[ratelimit]\nkey = cookie\n" + MINIMAL, "test.ini: [ratelimit] key: expected ip, api_key or header:<Name>"),
         ("[gatway]\nlisten = tcp:1\n" + MINIMAL, "test.ini: [gatway]: unknown section"),
         ("[service:a/b]\nurl = http://x\n", "test.ini: [service:a/b]: a service name is"),
         ("[gateway]\nlisten = tcp:1\n", "test.ini: no [service:NAME] section"),

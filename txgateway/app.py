@@ -1,9 +1,9 @@
 """
-The routes: C{/health}, C{/health/ready}, C{/health/live} and
-C{/api/<service>/...}.  They are thin: the work lives in the broker.
+The routes: C{/health}, C{/health/ready}, C{/health/live}, C{/metrics}
+and C{/api/<service>/...}.  They are thin: the work lives in the broker.
 
 L{GatewayRoot} stands in front of the Klein routes and gives every request
-its id, its JSON access line and the body-size check.
+its id, its trace context and its JSON access line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from typing import Any, Iterable
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -21,22 +21,27 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import errors
+from txgateway.auth import Authenticator
 from txgateway.broker import AnswerCutShort, ServiceBroker
 from txgateway.config import GatewayConfig
 from txgateway.context import RequestContext, client_address, request_id_for
 from txgateway.errors import ErrorKind, GatewayError, error_body
+from txgateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from txgateway.paths import UnsafePath, split_api_path
 from txgateway.ratelimit.interface import IRateLimitStore
+from txgateway.tracing import trace_context_for
 
 __all__ = ["Gateway", "GatewayRoot", "GatewayRoutes", "write_error"]
 
 
 class Gateway:
     """
-    The running gateway as the routes see it.
+    One configuration of the running gateway, as the routes see it; a
+    reload builds a new one and in-flight requests finish on the old.
 
     @ivar accepting: L{False} once shutdown has begun (C{/health/ready}
         answers 503).
+    @ivar started_at: when the daemon started (kept across reloads).
     """
 
     def __init__(
@@ -46,14 +51,29 @@ class Gateway:
         broker: ServiceBroker,
         store: IRateLimitStore | None,
         log: Any,
+        metrics: GatewayMetrics | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.broker = broker
         self.store = store
         self.log = log
-        self.started_at = clock.seconds()
+        self.metrics = metrics or GatewayMetrics()
+        self.authenticator = Authenticator(config.auth.keys)
+        self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
+
+    def circuits(self) -> list[tuple[str, str]]:
+        """Each service's circuit state, for metrics."""
+        return [(name, route.breaker.status().state) for name, route in sorted(self.broker.routes.items())]
+
+    def store_health(self) -> tuple[str, bool] | None:
+        """The rate-limit store's backend and health, for metrics."""
+        if self.store is None:
+            return None
+        description = self.store.description
+        return description["backend"], bool(description.get("healthy", True))
 
     def health(self) -> dict:
         """What C{GET /health} answers."""
@@ -69,14 +89,15 @@ class Gateway:
                 "trial_in_s": None if status.trial_in is None else round(status.trial_in, 3),
             }
         body: dict[str, Any] = {
-            "status": "ok" if not degraded else "degraded",
+            "status": "ok",
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
             "services": services,
         }
         if self.store is not None:
             body["ratelimit"] = self.store.description
             degraded = degraded or not body["ratelimit"].get("healthy", True)
-            body["status"] = "ok" if not degraded else "degraded"
+        if degraded:
+            body["status"] = "degraded"
         if not self.accepting:
             body["status"] = "shutting_down"
         return body
@@ -146,12 +167,31 @@ class GatewayRoutes:
     def health(self, request: IRequest) -> bytes:
         return _json(request, self.gateway.health())
 
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> bytes:
+        body = self.gateway.metrics.exposition()
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
     @app.route("/api/", branch=True)
     def api(self, request: IRequest) -> Deferred:
         return Deferred.fromCoroutine(self._api(request))
 
     async def _api(self, request: IRequest) -> bytes | None:
         ctx: RequestContext = request.context
+        authenticator = self.gateway.authenticator
+        if authenticator.enabled:
+            # Before the service lookup: a caller without a key learns nothing.
+            ctx.caller = authenticator.caller(request)
+            if ctx.caller is None:
+                return write_error(
+                    request,
+                    errors.UNAUTHORIZED,
+                    "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>",
+                    [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
+                )
+            ctx.log = ctx.log.bind(api_key_name=ctx.caller.name)
         try:
             service, rest = split_api_path(request.path)
         except UnsafePath as error:
@@ -200,35 +240,52 @@ class GatewayRoutes:
 
 class GatewayRoot(Resource):
     """
-    The site's root: gives each request its context (id, client, clock
-    time, bound logger), the C{X-Request-ID} response header and a JSON
-    access line when it ends, refuses an oversized body, then hands the
-    request to the routes.
+    The site's root: gives each request its context (id, trace, client,
+    clock time, bound logger), the C{X-Request-ID} response header, a JSON
+    access line and its metrics when it ends, then hands it to the routes of
+    the current gateway.  It also counts requests in flight, for draining.
     """
 
     isLeaf = True
 
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
-        self._gateway = gateway
-        self._routes = GatewayRoutes(gateway).app.resource()
+        self.in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
+        self.use(gateway)
+
+    def use(self, gateway: Gateway) -> None:
+        """Serve new requests from C{gateway}; requests in flight keep theirs."""
+        gateway.metrics.watch(gateway.circuits, gateway.store_health)
+        self._current = (gateway, GatewayRoutes(gateway).app.resource())
+
+    @property
+    def gateway(self) -> Gateway:
+        """The gateway new requests are served from."""
+        return self._current[0]
 
     def render(self, request: IRequest) -> Any:
-        gateway = self._gateway
+        gateway, routes = self._current
         request_id = request_id_for(request.requestHeaders.getRawHeaders(b"x-request-id", [None])[0])
-        client = client_address(request, gateway.config.ratelimit.trusted_proxies)
+        trace = trace_context_for(
+            request.requestHeaders.getRawHeaders(b"traceparent", [None])[0],
+            request.requestHeaders.getRawHeaders(b"tracestate", [None])[0],
+        )
         ctx = RequestContext(
             request_id=request_id,
-            client=client,
+            client=client_address(request, gateway.config.ratelimit.trusted_proxies),
             started_at=gateway.clock.seconds(),
-            log=gateway.log.bind(request_id=request_id),
+            log=gateway.log.bind(request_id=request_id, trace_id=trace.trace_id),
+            trace=trace,
         )
         request.context = ctx
         request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
-        request.notifyFinish().addBoth(self._completed, request, ctx)
-        return self._routes.render(request)
+        self.in_flight += 1
+        gateway.metrics.in_flight.inc()
+        request.notifyFinish().addBoth(self._completed, request, ctx, gateway)
+        return routes.render(request)
 
-    def _completed(self, result: object, request: IRequest, ctx: RequestContext) -> None:
+    def _completed(self, result: object, request: IRequest, ctx: RequestContext, gateway: Gateway) -> None:
         # Runs before Klein cancels the route (it registered first), so the
         # broker can tell a client that left from a failing backend.
         aborted = isinstance(result, Failure)
@@ -236,16 +293,33 @@ class GatewayRoot(Resource):
             ctx.client_gone = True
             if ctx.outcome is None:
                 ctx.outcome = "client_disconnected"
-        duration_ms = (self._gateway.clock.seconds() - ctx.started_at) * 1000.0
+        seconds = gateway.clock.seconds() - ctx.started_at
+        status = 499 if ctx.outcome == "client_disconnected" else request.code
+        method = request.method.decode("ascii", "replace")
         ctx.log.info(
             "request_completed" if not aborted else "request_aborted",
-            method=request.method.decode("ascii", "replace"),
+            method=method,
             path=request.path.decode("latin-1"),
             service=ctx.service,
-            status=499 if ctx.outcome == "client_disconnected" else request.code,
-            duration_ms=round(duration_ms, 3),
+            status=status,
+            duration_ms=round(seconds * 1000.0, 3),
             client=ctx.client,
             attempts=ctx.attempts,
             outcome=ctx.outcome,
             bytes_sent=request.sentLength,
         )
+        gateway.metrics.observe_request(ctx.service, method, status, seconds)
+        gateway.metrics.in_flight.dec()
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def wait_until_idle(self) -> Deferred[None]:
+        """A Deferred that fires once no request is in flight."""
+        if self.in_flight == 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter

@@ -16,7 +16,7 @@ L{CircuitBreaker.abandoned}.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import attrs
 from automat import TypeMachineBuilder
@@ -93,9 +93,12 @@ class _BreakerCore:
     threshold: int
     cooldown: float
     log: Any
+    on_transition: Callable[[str, str, str], None] | None = None
     consecutive_failures: int = 0
 
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
+        if self.on_transition is not None:
+            self.on_transition(self.service, from_state, to_state)
         self.log.warning(
             "circuit_transition",
             service=self.service,
@@ -261,12 +264,19 @@ class CircuitBreaker:
     @param threshold: consecutive failures that open the circuit.
     @param cooldown: seconds the circuit stays open before one trial.
     @param log: a structlog logger for the transitions.
+    @param on_transition: called with (service, from, to) on each transition.
     """
 
     def __init__(
-        self, service: str, clock: IReactorTime, threshold: int, cooldown: float, log: Any
+        self,
+        service: str,
+        clock: IReactorTime,
+        threshold: int,
+        cooldown: float,
+        log: Any,
+        on_transition: Callable[[str, str, str], None] | None = None,
     ) -> None:
-        self._core = _BreakerCore(service, clock, threshold, cooldown, log)
+        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition)
         self._machine = _BreakerMachine(self._core)
 
     def admit(self, request_id: str) -> Admission:
@@ -299,3 +309,8 @@ class CircuitBreaker:
     def stop(self) -> None:
         """Cancel the pending cooldown timer, if any: the breaker is discarded."""
         self._machine.stop()
+
+    def retune(self, threshold: int, cooldown: float) -> None:
+        """New settings from a reload; the state and the count are kept."""
+        self._core.threshold = threshold
+        self._core.cooldown = cooldown

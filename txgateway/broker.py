@@ -21,6 +21,7 @@ from txgateway.breaker import OPEN, Admission, CircuitBreaker
 from txgateway.config import ServiceConfig
 from txgateway.context import RequestContext
 from txgateway.errors import GatewayError
+from txgateway.metrics import GatewayMetrics
 from txgateway.paths import UnsafePath, upstream_url
 from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
@@ -99,11 +100,13 @@ class ServiceBroker:
         routes: Mapping[str, ServiceRoute],
         limiter: RateLimiter | None,
         rng: random.Random | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._clock = clock
         self.routes = dict(routes)
         self._limiter = limiter
         self._rng = rng or random.Random()
+        self._metrics = metrics or GatewayMetrics()
 
     def proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> Deferred[None]:
         """
@@ -122,10 +125,12 @@ class ServiceBroker:
             raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
 
         if self._limiter is not None:
-            decision = await self._limiter.take(request, ctx.client, route.config)
+            caller = ctx.caller.name if ctx.caller is not None else None
+            decision = await self._limiter.take(request, ctx.client, route.config, caller)
             for name, value in _rate_limit_headers(decision):
                 request.setHeader(name, value)
             if not decision.allowed:
+                self._metrics.rate_limited.labels(route.config.name).inc()
                 ctx.log.info("rate_limited", service=route.config.name, retry_after=decision.retry_after)
                 raise GatewayError(
                     errors.RATE_LIMITED,
@@ -135,7 +140,10 @@ class ServiceBroker:
 
         request.content.seek(0)
         body = request.content.read()
-        headers = request_headers_for_upstream(request, ctx.request_id, ctx.client)
+        # The gateway's own API key stays here unless the service asks for it.
+        withheld = (ctx.caller.header,) if ctx.caller is not None and not route.config.forward_api_key else ()
+        trace = ctx.trace.headers() if ctx.trace is not None else ()
+        headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
         response, admission = await self._attempts(request.method, url, headers, body, route, ctx)
         await self._relay(request, response, admission, route, ctx)
 
@@ -160,10 +168,12 @@ class ServiceBroker:
                 method, url, headers.copy(), BytesProducer(body) if producer_needed else None
             )
             attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
+            sent_at = self._clock.seconds()
             try:
                 response = await attempt
             except Exception as error:
                 if ctx.client_gone or isinstance(error, CancelledError):
+                    self._count_attempt(config.name, "abandoned")
                     # The client left: the agent reports its cancellation in
                     # its own words (ResponseNeverReceived); it is no failure
                     # of the backend and nothing to retry.
@@ -176,17 +186,22 @@ class ServiceBroker:
                         "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
                     )
                     breaker.failed(admission, "timeout")
+                    self._count_attempt(config.name, "timeout")
                     if deadline_hit:
                         self._log_attempt(ctx, config.name, outcome.reason, final=True)
                         raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
                 else:
                     outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
                     breaker.failed(admission, outcome.reason)
+                    self._count_attempt(config.name, "connection_error")
             else:
+                self._metrics.upstream_duration.labels(config.name).observe(self._clock.seconds() - sent_at)
                 if is_breaker_failure(response.code):
                     breaker.failed(admission, f"status {response.code}")
+                    self._count_attempt(config.name, "http_5xx")
                 else:
                     breaker.succeeded(admission)
+                    self._count_attempt(config.name, "answered")
                 if response.code not in RETRYABLE_STATUSES:
                     return response, admission
                 outcome = response
@@ -209,7 +224,11 @@ class ServiceBroker:
             status = breaker.status()
             if status.state == OPEN:
                 raise _circuit_open(config.name, max(1, math.ceil(status.trial_in or 0)))
+            self._metrics.retries.labels(config.name).inc()
             await deferLater(self._clock, delay)
+
+    def _count_attempt(self, service: str, outcome: str) -> None:
+        self._metrics.upstream_attempts.labels(service, outcome).inc()
 
     def _delay_before_retry(self, outcome, policy: RetryPolicy, attempts: int) -> float | None:
         """

@@ -18,7 +18,10 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from txgateway.auth import ApiKey
+
 __all__ = [
+    "AuthConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
@@ -172,13 +175,29 @@ def _listen(raw: str) -> str:
 
 def _rate_key(raw: str) -> str:
     value = raw.strip()
-    if value in ("ip",):
+    if value in ("ip", "api_key"):
         return value
     if value.lower().startswith("header:"):
         name = value[len("header:"):].strip()
         if re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
             return "header:" + name
-    raise ValueError(f"expected ip or header:<Name>, got {raw!r}")
+    raise ValueError(f"expected ip, api_key or header:<Name>, got {raw!r}")
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _api_keys(raw: str) -> tuple[ApiKey, ...]:
+    keys = []
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        keys.append(ApiKey.parse(entry))
+    return tuple(keys)
 
 
 def _networks(raw: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -211,6 +230,7 @@ class GatewaySettings:
     deadline: float = _key(_seconds, 120.0)
     header_timeout: float = _key(_seconds, 10.0)
     client_idle_timeout: float = _key(_seconds, 60.0)
+    drain_timeout: float = _key(_non_negative_seconds, 30.0)
 
 
 @attrs.frozen
@@ -236,6 +256,21 @@ class RateLimitConfig:
 
 
 @attrs.frozen
+class AuthConfig:
+    """
+    The C{[auth]} section: API keys for C{/api/*}.  C{keys} holds the keys of
+    both C{keys} and C{keys_file}, as digests.
+    """
+
+    keys: tuple = _key(_api_keys, ())
+    keys_file: str = _key(_text, "")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@attrs.frozen
 class ServiceConfig:
     """One C{[service:NAME]} section: a backend served under C{/api/NAME/}."""
 
@@ -253,6 +288,7 @@ class ServiceConfig:
     breaker_cooldown: float = _key(_seconds, 60.0)
     ratelimit_requests: int | None = _key(_integer(1), None)
     ratelimit_window: float | None = _key(_seconds, None)
+    forward_api_key: bool = _key(_boolean, False)
 
 
 @attrs.frozen
@@ -263,6 +299,7 @@ class GatewayConfig:
     logging: LoggingConfig
     ratelimit: RateLimitConfig
     services: Mapping[str, ServiceConfig]
+    auth: AuthConfig = AuthConfig()
     source: str = "<embedded defaults>"
 
 
@@ -366,10 +403,10 @@ def parse_config(
 
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        if section not in ("gateway", "logging", "ratelimit") and not section.startswith("service:"):
+        if section not in ("gateway", "logging", "ratelimit", "auth") and not section.startswith("service:"):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section "
-                "(known: gateway, logging, ratelimit, service:NAME)"
+                "(known: gateway, logging, ratelimit, auth, service:NAME)"
             )
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
             raise ConfigError(
@@ -391,13 +428,44 @@ def parse_config(
             )
     if not services:
         raise ConfigError(f"{origin}: no [service:NAME] section: nothing to route to")
+    auth = _build(AuthConfig, origin, "auth", sections.get("auth", {}))
+    if auth.keys_file:
+        auth = attrs.evolve(auth, keys=auth.keys + _read_keys_file(auth.keys_file, origin))
+    names = [key.name for key in auth.keys]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ConfigError(f"{origin}: [auth] keys: the key name {duplicated[0]!r} is given twice")
+    ratelimit = _build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {}))
+    if ratelimit.key == "api_key" and not auth.enabled:
+        raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
     return GatewayConfig(
         gateway=gateway,
         logging=_build(LoggingConfig, origin, "logging", sections.get("logging", {})),
-        ratelimit=_build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {})),
+        ratelimit=ratelimit,
         services=services,
+        auth=auth,
         source=origin,
     )
+
+
+def _read_keys_file(path: str, origin: str) -> tuple[ApiKey, ...]:
+    """The keys of a keys file: one C{name:secret} (or C{name:sha256:<hex>}) a line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"{origin}: [auth] keys_file: cannot read {path}: {reason}") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            keys.append(ApiKey.parse(line))
+        except ValueError as error:
+            raise ConfigError(f"{origin}: [auth] keys_file: {path} line {number}: {error}") from None
+    return tuple(keys)
 
 
 def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> GatewayConfig:

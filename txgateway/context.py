@@ -81,3 +81,5 @@ class RequestContext:
     attempts: int = 0
     outcome: str | None = None
     client_gone: bool = False
+    trace: Any = None
+    caller: Any = None

@@ -25,6 +25,7 @@ class ErrorKind:
 
 
 BAD_REQUEST = ErrorKind("bad_request", 400)
+UNAUTHORIZED = ErrorKind("unauthorized", 401)
 NOT_FOUND = ErrorKind("not_found", 404)
 UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
@@ -41,6 +42,7 @@ KINDS = {
     kind.type: kind
     for kind in (
         BAD_REQUEST,
+        UNAUTHORIZED,
         NOT_FOUND,
         UNKNOWN_SERVICE,
         METHOD_NOT_ALLOWED,

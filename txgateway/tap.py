@@ -50,7 +50,7 @@ def makeService(options: Options):
             f"not a usable endpoint ({type(error).__name__}: {error})"
         ) from None
     try:
-        return GatewayService(config, reactor)
+        return GatewayService(config, reactor, config_path=options["config"])
     except OSError as error:
         raise SystemExit(
             f"txgateway: configuration error: {config.source}: [logging] file: "

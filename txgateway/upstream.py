@@ -81,16 +81,24 @@ def _end_to_end(headers: Headers, excluded: frozenset[bytes]) -> Iterable[tuple[
 
 
 def request_headers_for_upstream(
-    request: IRequest, request_id: str, client_address: str, extra: Iterable[tuple[bytes, bytes]] = ()
+    request: IRequest,
+    request_id: str,
+    client_address: str,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+    withheld: Iterable[bytes] = (),
 ) -> Headers:
     """
-    The headers a backend gets: the client's end-to-end headers, the
-    request id, and the C{X-Forwarded-*} trio.  The backend's own C{Host}
-    comes from its URL (the agent writes it).
+    The headers a backend gets: the client's end-to-end headers (less the
+    C{withheld} ones), the request id, the C{X-Forwarded-*} trio and the
+    C{extra} ones (trace context).  The backend's own C{Host} comes from its
+    URL (the agent writes it).
     """
     incoming = request.requestHeaders
     outgoing = Headers()
-    for name, values in _end_to_end(incoming, _NOT_FORWARDED_TO_UPSTREAM):
+    extra = list(extra)
+    excluded = _NOT_FORWARDED_TO_UPSTREAM | {name.lower() for name in withheld}
+    excluded |= {name.lower() for name, _ in extra}
+    for name, values in _end_to_end(incoming, excluded):
         if name.lower() == b"x-forwarded-for":
             continue
         outgoing.setRawHeaders(name, values)

@@ -23,8 +23,9 @@ class RateLimiter:
     Decides, for one request, which bucket it takes a token from, and asks
     the store for it.
 
-    @ivar key_rule: C{"ip"} or C{"header:<Name>"} (falling back to the
-        client address when the header is missing).
+    @ivar key_rule: C{"ip"}, C{"api_key"} (the caller's key name) or
+        C{"header:<Name>"} (falling back to the client address when the
+        header or key is missing).
     """
 
     store: IRateLimitStore
@@ -46,8 +47,10 @@ class RateLimiter:
             service.ratelimit_window or self.default.window,
         )
 
-    def key_for(self, request: IRequest, client: str) -> str:
-        """The client key: the address, or the configured header's value."""
+    def key_for(self, request: IRequest, client: str, caller: str | None = None) -> str:
+        """The client key: the address, the API key's name, or the configured header's value."""
+        if self.key_rule == "api_key" and caller is not None:
+            return "k:" + caller
         if self.key_rule.startswith("header:"):
             value = request.getHeader(self.key_rule[len("header:"):])
             if value:
@@ -55,6 +58,8 @@ class RateLimiter:
                 return "h:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         return "ip:" + client
 
-    def take(self, request: IRequest, client: str, service: ServiceConfig) -> Deferred[Decision]:
+    def take(
+        self, request: IRequest, client: str, service: ServiceConfig, caller: str | None = None
+    ) -> Deferred[Decision]:
         """Take one token for this request from the store."""
-        return self.store.take(self.key_for(request, client), self.spec_for(service))
+        return self.store.take(self.key_for(request, client, caller), self.spec_for(service))

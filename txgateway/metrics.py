@@ -1,0 +1,114 @@
+"""
+Prometheus metrics, all named C{txgateway_*}, in a registry of the
+gateway's own (so that tests and several gateways in one process do not
+share counters).  Circuit states and the rate-limit store's health are read
+when scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+#: The classic text format, which every Prometheus scrapes (the names here
+#: need none of the newer format's escaping).
+CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
+
+__all__ = ["GatewayMetrics", "CONTENT_TYPE_LATEST", "status_class"]
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_CIRCUIT_STATES = ("closed", "open", "half_open")
+
+
+def status_class(status: int) -> str:
+    """C{"2xx"} for 204, C{"5xx"} for 502; C{"499"} stays itself (the client left)."""
+    return "499" if status == 499 else f"{status // 100}xx"
+
+
+def method_label(method: str) -> str:
+    """The method, or C{"other"}: a client cannot grow the label set."""
+    return method if method in _KNOWN_METHODS else "other"
+
+
+class _ScrapeTimeCollector:
+    """Gauges computed when scraped, from the current gateway."""
+
+    def __init__(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
+        self._circuits = circuits
+        self._store_health = store_health
+
+    def collect(self):
+        state = GaugeMetricFamily(
+            "txgateway_circuit_state",
+            "1 for each service's current circuit state (closed, open, half_open), 0 for the others.",
+            labels=["service", "state"],
+        )
+        for service, current in self._circuits():
+            for name in _CIRCUIT_STATES:
+                state.add_metric([service, name], 1.0 if name == current else 0.0)
+        yield state
+        health = self._store_health()
+        if health is not None:
+            backend, healthy = health
+            store = GaugeMetricFamily(
+                "txgateway_ratelimit_store_healthy",
+                "1 while the rate-limit store answers (Redis reachable, or memory), 0 while falling back.",
+                labels=["backend"],
+            )
+            store.add_metric([backend], 1.0 if healthy else 0.0)
+            yield store
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, and the text that C{/metrics} serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "txgateway_requests", "Requests answered, by service, method and status class.",
+            ["service", "method", "status_class"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "txgateway_request_duration_seconds", "Whole request time in the gateway, by service.",
+            ["service"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "txgateway_upstream_duration_seconds", "Time from sending an attempt to its response headers, by service.",
+            ["service"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_attempts = Counter(
+            "txgateway_upstream_attempts", "Attempts sent to backends, by service and outcome "
+            "(answered, http_5xx, timeout, connection_error, abandoned).",
+            ["service", "outcome"], registry=r,
+        )
+        self.retries = Counter("txgateway_retries", "Retries scheduled, by service.", ["service"], registry=r)
+        self.circuit_transitions = Counter(
+            "txgateway_circuit_transitions", "Circuit breaker transitions, by service, from and to state.",
+            ["service", "from_state", "to_state"], registry=r,
+        )
+        self.rate_limited = Counter(
+            "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
+        )
+        self.in_flight = Gauge("txgateway_in_flight_requests", "Requests being handled now.", registry=r)
+        self._sources: list = []
+
+    def watch(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
+        """Report circuit states and store health from these callables (the current gateway's)."""
+        first = not self._sources
+        self._sources[:] = [circuits, store_health]
+        if first:
+            self.registry.register(_ScrapeTimeCollector(lambda: self._sources[0](), lambda: self._sources[1]()))
+
+    def observe_request(self, service: str | None, method: str, status: int, seconds: float) -> None:
+        """Count one finished request."""
+        label = service or "none"
+        self.requests.labels(label, method_label(method), status_class(status)).inc()
+        self.request_duration.labels(label).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)
