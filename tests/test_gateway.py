@@ -517,3 +517,20 @@ def test_every_log_line_about_a_request_carries_its_id_and_the_access_line_its_f
     }
     assert access["duration_ms"] == 1000.0
     assert "s3cret" not in json.dumps(logs)
+
+
+def test_a_gateway_bug_is_a_json_500_without_a_traceback():
+    h = Harness(SERVICE_INI)
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug with a secret in its message")
+
+    h.gateway.broker.proxy = broken
+    with capture_logs() as logs:
+        response = result_of(h.request("GET", "/api/ai/x", headers={"X-Request-ID": "bug-1"}))
+    assert response.code == 500
+    assert error_of(response) == {
+        "type": "internal_error", "message": "the gateway failed to handle this request", "request_id": "bug-1",
+    }
+    assert any(e["event"] == "unhandled_error" and e["request_id"] == "bug-1" for e in logs)
+    assert result_of(h.request("GET", "/health/live")).code == 200

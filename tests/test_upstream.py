@@ -30,6 +30,7 @@ def connected(idle_timeout=5.0):
     clock, request, transport = Clock(), RecordingRequest(), FakeBodyTransport()
     relay = BodyRelay(request, clock, idle_timeout)
     relay.makeConnection(transport)
+    relay.watch_idle()
     return clock, request, transport, relay
 
 
@@ -91,3 +92,14 @@ def test_cancelling_done_stops_the_backend_transport():
     relay.done.addErrback(lambda f: None)
     assert transport.stopped
     assert clock.getDelayedCalls() == []
+
+
+def test_a_body_complete_before_watching_needs_no_timer():
+    clock, request, transport = Clock(), RecordingRequest(), FakeBodyTransport()
+    relay = BodyRelay(request, clock, 5.0)
+    relay.makeConnection(transport)
+    relay.dataReceived(b"small")
+    relay.connectionLost(Failure(ResponseDone()))
+    relay.watch_idle()
+    assert clock.getDelayedCalls() == []
+    assert result_of(relay.done) is None

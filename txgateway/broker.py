@@ -14,7 +14,7 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.web.iweb import IAgent, IRequest, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IRequest, IResponse
 
 from txgateway import errors
 from txgateway.breaker import OPEN, Admission, CircuitBreaker
@@ -108,14 +108,12 @@ class ServiceBroker:
         self._rng = rng or random.Random()
         self._metrics = metrics or GatewayMetrics()
 
-    def proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> Deferred[None]:
+    async def proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
         """
         Answer C{request} from its service's backend: write the status,
-        headers and streamed body, or raise L{GatewayError}.
+        headers and streamed body, or raise L{GatewayError} (nothing was
+        written yet) or L{AnswerCutShort} (the answer broke midway).
         """
-        return Deferred.fromCoroutine(self._proxy(request, ctx, rest, query))
-
-    async def _proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
         route = self.routes.get(ctx.service or "")
         if route is None:
             raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
@@ -260,11 +258,13 @@ class ServiceBroker:
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
         request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
         request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
-        # Send the status and headers now: a client waiting on a slow first
-        # token knows at once that the backend answered.
-        request.write(b"")
+        if response.length is UNKNOWN_LENGTH:
+            # A stream: send the status and headers now, so that a client
+            # waiting on a slow first token knows the backend answered.
+            request.write(b"")
         relay = BodyRelay(request, self._clock, route.config.idle_timeout)
         response.deliverBody(relay)
+        relay.watch_idle()
         try:
             await relay.done
         except (StreamIdle, StreamBroken) as error:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from typing import IO, Any, Iterable
 
@@ -81,8 +82,16 @@ def open_sink(path: str, stdout: IO[str] | None) -> JsonLineSink:
     return JsonLineSink(streams)
 
 
+_second_cache: list = [None, ""]
+
+
 def _timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds; the part up to the second is computed once a second."""
+    now = time.time()
+    whole = int(now)
+    if _second_cache[0] != whole:
+        _second_cache[:] = [whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second_cache[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 def _add_timestamp(logger: Any, method: str, event: dict) -> dict:
@@ -94,7 +103,6 @@ def configure_logging(sink: JsonLineSink, level: str = "info", cache: bool = Tru
     """Point structlog at C{sink}, dropping events below C{level}."""
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _add_timestamp,
             structlog.processors.format_exc_info,

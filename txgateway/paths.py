@@ -15,6 +15,8 @@ _API_PREFIX = b"/api/"
 _PATH_BYTES = re.compile(rb"^[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*$")
 _QUERY_BYTES = re.compile(rb"^[\x21-\x7e]*$")
 _SLASHES = re.compile(rb"/{2,}")
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_SEPARATORS = re.compile(rb"[/\\]")
 _MAX_DECODING_ROUNDS = 4
 
 
@@ -67,13 +69,18 @@ def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
         raise UnsafePath("the path holds characters that must be percent-encoded")
     if not _QUERY_BYTES.match(query):
         raise UnsafePath("the query holds characters that must be percent-encoded")
-    decoded = _fully_decoded(rest)
-    if re.search(rb"[\x00-\x1f\x7f]", decoded):
-        raise UnsafePath("the path holds control characters")
-    for segment in re.split(rb"[/\\]", decoded):
-        if segment in (b".", b".."):
-            raise UnsafePath("the path holds a '.' or '..' segment")
-    rest = _SLASHES.sub(b"/", rest)
+    if b"%" in rest:
+        decoded = _fully_decoded(rest)
+        if _CONTROL.search(decoded):
+            raise UnsafePath("the path holds control characters")
+    else:
+        decoded = rest  # the alphabet check above already excluded control bytes
+    if b"." in decoded:
+        for segment in _SEPARATORS.split(decoded):
+            if segment in (b".", b".."):
+                raise UnsafePath("the path holds a '.' or '..' segment")
+    if b"//" in rest:
+        rest = _SLASHES.sub(b"/", rest)
     url = base_url.encode("ascii") + rest
     if query:
         url += b"?" + query

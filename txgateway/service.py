@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from txgateway.app import Gateway, GatewayRoot
@@ -32,6 +32,7 @@ from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
 from txgateway.site import GatewaySite
+from txgateway.upstream import pooled_agent
 
 __all__ = ["GatewayService", "build_gateway", "build_routes", "build_site"]
 
@@ -133,7 +134,7 @@ class GatewayService(MultiService):
         self._config_path = config_path
         self.sink = open_sink(config.logging.file, self._stdout)
         configure_logging(self.sink, config.logging.level)
-        self.log = structlog.get_logger("txgateway")
+        self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
         self._pools: dict[str, HTTPConnectionPool] = {}
         self._stopping = False
         store = self._rate_limit_store(config)
@@ -157,7 +158,7 @@ class GatewayService(MultiService):
         pool.maxPersistentPerHost = POOL_IDLE_CONNECTIONS
         pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
         self._pools[service.url] = pool
-        return Agent(self._reactor, pool=pool)
+        return pooled_agent(self._reactor, pool)
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -214,7 +215,7 @@ class GatewayService(MultiService):
                 return False
             old_sink, self.sink = self.sink, sink
             configure_logging(self.sink, config.logging.level)
-            self.log = structlog.get_logger("txgateway")
+            self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
             old_sink.close()
         store = old.store
         if config.ratelimit != old.config.ratelimit:

@@ -67,4 +67,5 @@ def trace_context_for(traceparent: bytes | None, tracestate: bytes | None = None
                 if state and (len(state) > _TRACESTATE_MAX or not state.isascii()):
                     state = None
                 return TraceContext(trace_id.decode(), _new_span_id(), flags.decode(), state or None, True)
-    return TraceContext(secrets.token_hex(16), _new_span_id(), "01")
+    fresh = secrets.token_hex(24)
+    return TraceContext(fresh[:32], fresh[32:] if fresh[32:] != "0" * 16 else _new_span_id(), "01")

@@ -12,13 +12,16 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IRequest, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequest, IResponse
 from zope.interface import implementer
 
 __all__ = [
+    "pooled_agent",
     "BytesProducer",
     "BodyRelay",
     "StreamIdle",
@@ -52,6 +55,40 @@ _NOT_FORWARDED_TO_UPSTREAM = _HOP_BY_HOP | {
 }
 #: Response headers the gateway writes itself for the client.
 _NOT_FORWARDED_TO_CLIENT = _HOP_BY_HOP | {b"content-length"}
+
+
+@implementer(IAgentEndpointFactory)
+class _ReusedEndpoints:
+    """
+    One endpoint per backend address, made once: Agent's own factory builds
+    (and IDNA-encodes) a new endpoint for every request, pooled or not.
+    """
+
+    def __init__(self, reactor, tls_policy) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._endpoints: dict = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if uri.scheme not in (b"http", b"https"):
+                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+def pooled_agent(reactor, pool: HTTPConnectionPool) -> IAgent:
+    """
+    The agent a service's requests go through: keep-alive connections from
+    C{pool}, certificates checked like a browser would for https backends,
+    no cookies, no redirects, no decompression: bytes pass through.
+    """
+    return Agent.usingEndpointFactory(reactor, _ReusedEndpoints(reactor, BrowserLikePolicyForHTTPS()), pool=pool)
 
 
 class StreamIdle(Exception):
@@ -188,13 +225,22 @@ class BodyRelay(Protocol):
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._watching = False
         self._idled = False
         self.bytes_relayed = 0
         self.done: Deferred[None] = Deferred(self._cancel)
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
-        self._arm_idle_timer()
+
+    def watch_idle(self) -> None:
+        """
+        Start the idle timer, unless the body is already complete: a small
+        answer usually arrives with its headers, and needs no timer at all.
+        """
+        if not self.done.called:
+            self._watching = True
+            self._arm_idle_timer()
 
     # IPushProducer, toward the client: pass flow control to the backend.
 
@@ -204,7 +250,8 @@ class BodyRelay(Protocol):
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
-        self._arm_idle_timer()
+        if self._watching:
+            self._arm_idle_timer()
 
     def stopProducing(self) -> None:
         self._disarm_idle_timer()
@@ -213,7 +260,8 @@ class BodyRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.bytes_relayed += len(data)
         self._request.write(data)
-        self._arm_idle_timer()
+        if self._watching:
+            self._arm_idle_timer()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disarm_idle_timer()

