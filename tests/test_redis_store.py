@@ -37,7 +37,7 @@ class ScriptedRedis:
         left = self.tokens.get(keys[0], float(args[0]))
         allowed = left >= 1
         self.tokens[keys[0]] = left - 1 if allowed else left
-        return self._answer([1 if allowed else 0, repr(self.tokens[keys[0]])])
+        return self._answer(f"{1 if allowed else 0} {self.tokens[keys[0]]!r}")
 
     def _answer(self, value) -> Deferred:
         if self.mode == "hang":

@@ -1,5 +1,6 @@
 """The body relay's flow control and idle timer, against a recording request."""
 
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -103,3 +104,14 @@ def test_a_body_complete_before_watching_needs_no_timer():
     relay.watch_idle()
     assert clock.getDelayedCalls() == []
     assert result_of(relay.done) is None
+
+
+def test_the_client_leaving_mid_answer_is_a_cancellation_not_a_broken_stream():
+    _, request, transport, relay = connected()
+    relay.dataReceived(b"part")
+    request.producer.stopProducing()  # the client's connection is gone
+    assert transport.stopped
+    relay.connectionLost(Failure(Exception("aborted by us")))
+    failures = []
+    relay.done.addErrback(failures.append)
+    assert failures[0].check(CancelledError)

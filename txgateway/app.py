@@ -12,7 +12,7 @@ import json
 from typing import Any, Iterable
 
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -140,7 +140,7 @@ def _write_answer(answer: bytes | Resource | None, request: IRequest) -> None:
 
 def _handle_failure(failure: Failure, request: IRequest, routes: "GatewayRoutes") -> None:
     ctx: RequestContext = request.context
-    if ctx.client_gone or request.finished:
+    if ctx.client_gone or request.finished or failure.check(CancelledError):
         return  # the client left: the cancellation ends here
     _write_answer(routes.unexpected(request, failure), request)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import attrs
 from twisted.web.iweb import IRequest
@@ -17,7 +17,7 @@ __all__ = ["RequestContext", "client_address", "request_id_for"]
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 def request_id_for(sent: bytes | None) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -216,8 +216,9 @@ class BodyRelay(Protocol):
     slow one.
 
     C{done} fires with L{None} when the body is complete, or fails with
-    L{StreamIdle} or L{StreamBroken}; cancelling it stops the backend
-    transport (the client went away).
+    L{StreamIdle} or L{StreamBroken} (the backend's doing) or
+    L{CancelledError} (the client went away); cancelling it stops the
+    backend transport.
     """
 
     def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float) -> None:
@@ -227,6 +228,7 @@ class BodyRelay(Protocol):
         self._idle_call: IDelayedCall | None = None
         self._watching = False
         self._idled = False
+        self._client_left = False
         self.bytes_relayed = 0
         self.done: Deferred[None] = Deferred(self._cancel)
 
@@ -254,6 +256,8 @@ class BodyRelay(Protocol):
             self._arm_idle_timer()
 
     def stopProducing(self) -> None:
+        # Only the client side calls this: its connection is gone.
+        self._client_left = True
         self._disarm_idle_timer()
         self.transport.stopProducing()
 
@@ -270,6 +274,9 @@ class BodyRelay(Protocol):
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
+        elif self._client_left:
+            # Not the backend's fault: the client went away mid-answer.
+            self.done.errback(CancelledError())
         elif self._idled:
             self.done.errback(StreamIdle(f"no data for {self._idle_timeout:g} s"))
         else:

@@ -177,6 +177,10 @@ def test_a_client_leaving_mid_stream_releases_the_backend_connection(start_gatew
         received += chunk
     sock.close()
     wait_until(lambda: fresh_backend.calls()["disconnects"] == 1)
+    # A client leaving is no failure of the backend.
+    assert gateway.request("GET", "/health").json()["services"]["data"]["consecutive_failures"] == 0
+    wait_until(lambda: any(e.get("outcome") == "client_disconnected" for e in gateway.log_lines()))
+    assert not any(e.get("event") in ("stream_failed", "unhandled_error") for e in gateway.log_lines())
 
 
 def test_openai_client_plain_and_streamed_chat_completion(gateway):
