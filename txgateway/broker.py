@@ -193,7 +193,7 @@ class ServiceBroker:
                     breaker.failed(admission, outcome.reason)
                     self._count_attempt(config.name, "connection_error")
             else:
-                self._metrics.upstream_duration.labels(config.name).observe(self._clock.seconds() - sent_at)
+                self._metrics.observe_upstream_time(config.name, self._clock.seconds() - sent_at)
                 if is_breaker_failure(response.code):
                     breaker.failed(admission, f"status {response.code}")
                     self._count_attempt(config.name, "http_5xx")
@@ -226,7 +226,7 @@ class ServiceBroker:
             await deferLater(self._clock, delay)
 
     def _count_attempt(self, service: str, outcome: str) -> None:
-        self._metrics.upstream_attempts.labels(service, outcome).inc()
+        self._metrics.observe_attempt(service, outcome)
 
     def _delay_before_retry(self, outcome, policy: RetryPolicy, attempts: int) -> float | None:
         """

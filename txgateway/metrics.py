@@ -95,6 +95,7 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge("txgateway_in_flight_requests", "Requests being handled now.", registry=r)
         self._sources: list = []
+        self._children: dict = {}
 
     def watch(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
         """Report circuit states and store health from these callables (the current gateway's)."""
@@ -106,8 +107,24 @@ class GatewayMetrics:
     def observe_request(self, service: str | None, method: str, status: int, seconds: float) -> None:
         """Count one finished request."""
         label = service or "none"
-        self.requests.labels(label, method_label(method), status_class(status)).inc()
-        self.request_duration.labels(label).observe(seconds)
+        self._child(self.requests, label, method_label(method), status_class(status)).inc()
+        self._child(self.request_duration, label).observe(seconds)
+
+    def observe_attempt(self, service: str, outcome: str) -> None:
+        """Count one upstream attempt by its outcome."""
+        self._child(self.upstream_attempts, service, outcome).inc()
+
+    def observe_upstream_time(self, service: str, seconds: float) -> None:
+        """Time one attempt took until the backend's headers."""
+        self._child(self.upstream_duration, service).observe(seconds)
+
+    def _child(self, metric, *labels: str):
+        # labels() validates and locks on every call: once per label set is enough.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

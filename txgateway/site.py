@@ -80,9 +80,15 @@ class GatewayChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        if self._reading_headers and self._header_timer is None:
-            self._header_timer = self.callLater(self.site.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
+        # Headers that arrive whole in one read (nearly all) need no timer;
+        # the deadline starts with the first read that leaves them partial.
+        if self._reading_headers and self._header_timer is None and not self.refused and self._partial_request():
+            self._header_timer = self.callLater(self.site.header_timeout, self._headers_too_slow)
+
+    def _partial_request(self) -> bool:
+        """Whether part of a request's line or headers is waiting for more bytes."""
+        return bool(self._buffer) or self._receivedHeaderSize > 0
 
     def lineReceived(self, line: bytes) -> None:
         if not self.refused:
