@@ -162,7 +162,11 @@ _LEFT_UNFINISHED = _LeftUnfinished()
 
 
 class GatewayRoutes:
-    """The Klein routes of one gateway."""
+    """
+    The Klein routes of one gateway (probes, metrics, JSON 404/405/500),
+    and L{api_request}, the handler of C{/api/} that L{GatewayRoot} calls
+    without URL matching.
+    """
 
     app = Klein()
 

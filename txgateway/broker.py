@@ -11,7 +11,7 @@ import random
 from typing import Mapping
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IRequest, IResponse
@@ -54,18 +54,19 @@ class AnswerCutShort(Exception):
     """
 
 
+def _policy_of(route: "ServiceRoute") -> RetryPolicy:
+    c = route.config
+    return RetryPolicy(c.retries, c.retry_delay, c.retry_multiplier, c.retry_max_delay, c.retry_jitter)
+
+
 @attrs.define
 class ServiceRoute:
-    """Everything the broker needs about one service."""
+    """Everything the broker needs about one service; the retry policy is made once, from the config."""
 
     config: ServiceConfig
     agent: IAgent
     breaker: CircuitBreaker
-
-    @property
-    def policy(self) -> RetryPolicy:
-        c = self.config
-        return RetryPolicy(c.retries, c.retry_delay, c.retry_multiplier, c.retry_max_delay, c.retry_jitter)
+    policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
 
 
 @attrs.frozen

@@ -13,6 +13,9 @@ from typing import Any, Sequence, Union
 import attrs
 from twisted.web.iweb import IRequest
 
+from txgateway.auth import Caller
+from txgateway.tracing import TraceContext
+
 __all__ = ["RequestContext", "client_address", "request_id_for"]
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
@@ -81,5 +84,5 @@ class RequestContext:
     attempts: int = 0
     outcome: str | None = None
     client_gone: bool = False
-    trace: Any = None
-    caller: Any = None
+    trace: TraceContext | None = None
+    caller: Caller | None = None

@@ -86,7 +86,11 @@ _second_cache: list = [None, ""]
 
 
 def _timestamp() -> str:
-    """ISO 8601 UTC with milliseconds; the part up to the second is computed once a second."""
+    """
+    ISO 8601 UTC with milliseconds; the part up to the second is computed
+    once a second.  Wall-clock time on purpose: log lines are read against
+    other systems' clocks, and no behaviour depends on it.
+    """
     now = time.time()
     whole = int(now)
     if _second_cache[0] != whole:

@@ -9,7 +9,6 @@ import http.client
 import json
 import socket
 import subprocess
-import sys
 import time
 
 import pytest

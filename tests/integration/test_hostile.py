@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import free_port, wait_until
+from tests.integration.conftest import free_port
 from tests.integration.test_daemon import ini_for
 
 pytestmark = pytest.mark.integration

@@ -41,7 +41,9 @@ def test_sigterm_lets_a_slow_request_finish_then_exits_cleanly(start_gateway, ba
     gateway = start_gateway(ini_for(backend.url))
     keep_alive = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     keep_alive.request("GET", "/health/ready")
-    assert keep_alive.getresponse().read() and True
+    first = keep_alive.getresponse()
+    assert first.status == 200
+    first.read()
     thread, result = in_thread(lambda: gateway.request("GET", "/api/data/slow?delay=1.5"))
     time.sleep(0.4)
     gateway.process.proc.send_signal(signal.SIGTERM)

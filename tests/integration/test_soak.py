@@ -165,10 +165,11 @@ ratelimit_window = 3600
         assert sum(outcomes["cancelled"].values()) > 0
         assert fds_after - fds_before <= 8, (fds_before, fds_after)
         assert rss_after - rss_before < 25, (rss_before, rss_after)
-        in_flight = service.gateway  # every request answered: no timers of ours pending
+        # Every request answered: no timer of the gateway's is left pending.
         assert clock.getDelayedCalls() == [], clock.getDelayedCalls()
+        assert service.root.in_flight == 0
         assert backend.calls()["disconnects"] >= sum(outcomes["cancelled"].values())
-        assert in_flight.broker.routes["data"].breaker.status().state == "closed"
+        assert service.gateway.broker.routes["data"].breaker.status().state == "closed"
     finally:
         await pool.closeCachedConnections()
         await service.stopService()
