@@ -163,9 +163,9 @@ class ServiceBroker:
             ctx.attempts += 1
             left = deadline_at - self._clock.seconds()
             timeout = min(config.timeout, left)
-            attempt = route.agent.request(
-                method, url, headers.copy(), BytesProducer(body) if producer_needed else None
-            )
+            # The agent copies the headers before it adds Host: every attempt
+            # may share them.
+            attempt = route.agent.request(method, url, headers, BytesProducer(body) if producer_needed else None)
             attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
             sent_at = self._clock.seconds()
             try:

@@ -259,3 +259,12 @@ def test_a_slow_client_slows_the_backend_read_and_memory_stays_flat(gateway):
     sock.close()
     assert received > size  # headers and the whole body
     assert during - before < 30, (before, during)
+
+
+def test_an_unwritable_log_file_fails_at_start_with_one_line(tmp_path):
+    config = tmp_path / "gateway.ini"
+    config.write_text("[logging]\nfile = /proc/no-such-dir/combined.log\n[service:ai]\nurl = http://127.0.0.1:1\n")
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "[logging] file" in lines[0] and "/proc/no-such-dir" in lines[0]
