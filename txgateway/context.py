@@ -11,6 +11,7 @@ import uuid
 from typing import Any, Sequence, Union
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 from txgateway.auth import Caller
@@ -86,3 +87,4 @@ class RequestContext:
     client_gone: bool = False
     trace: TraceContext | None = None
     caller: Caller | None = None
+    handling: Deferred | None = None

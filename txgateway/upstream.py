@@ -232,16 +232,15 @@ class BodyRelay(Protocol):
         self.bytes_relayed = 0
         self.done: Deferred[None] = Deferred(self._cancel)
 
-    def connectionMade(self) -> None:
-        self._request.registerProducer(self, True)
-
     def watch_idle(self) -> None:
         """
-        Start the idle timer, unless the body is already complete: a small
-        answer usually arrives with its headers, and needs no timer at all.
+        Become the client's producer and start the idle timer, unless the
+        body is already complete: a small answer usually arrives with its
+        headers and needs neither.
         """
         if not self.done.called:
             self._watching = True
+            self._request.registerProducer(self, True)
             self._arm_idle_timer()
 
     # IPushProducer, toward the client: pass flow control to the backend.
@@ -269,7 +268,8 @@ class BodyRelay(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._disarm_idle_timer()
-        self._request.unregisterProducer()
+        if self._watching:
+            self._request.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
