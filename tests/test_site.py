@@ -19,13 +19,22 @@ from tests.fakes import SERVICE_INI, Harness
 from txgateway.service import build_site
 
 
+class HalfClosableTransport(StringTransport):
+    """A StringTransport that, like TCP, can close its writing side only."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
 class Connection:
     def __init__(self, ini: str = SERVICE_INI) -> None:
         self.harness = Harness(ini)
         self.clock = self.harness.clock
         self.site = build_site(self.harness.gateway, self.clock)
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5555))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 5555))
+        self.transport = HalfClosableTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 5555))
         self.channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> bytes:
@@ -34,7 +43,8 @@ class Connection:
 
     @property
     def closing(self) -> bool:
-        return self.transport.disconnecting
+        """The gateway is done answering: its side is closed or closing."""
+        return self.transport.write_closed or self.transport.disconnecting
 
     def answer(self) -> tuple[int, dict, bytes]:
         raw = self.transport.value()
@@ -168,7 +178,35 @@ def test_no_bytes_crash_the_channel(data):
     connection = Connection()
     connection.send(data)
     if connection.closing:
+        connection.clock.advance(30)
         connection.channel.connectionLost(Failure(ConnectionDone()))
     connection.clock.advance(100)
     out = connection.transport.value()
     assert out == b"" or out.startswith(b"HTTP/1.")
+
+
+def test_after_a_refusal_the_rest_of_the_body_is_read_and_dropped_until_the_client_stops():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+    assert connection.transport.write_closed and not connection.transport.disconnecting
+    answered = connection.transport.value()
+    for _ in range(10):  # the client goes on sending its body for 15 s
+        connection.clock.advance(1.5)
+        connection.send(b"x" * 10000)
+    assert connection.transport.value() == answered  # nothing more is said
+    assert not connection.transport.disconnecting
+    connection.clock.advance(2)  # silent for LINGER_IDLE: now it closes
+    assert connection.transport.disconnecting
+
+
+def test_lingering_ends_after_linger_total_whatever_the_client_does():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+    for _ in range(29):
+        connection.clock.advance(1)
+        connection.send(b"x" * 1000)
+    assert not connection.transport.disconnecting
+    connection.clock.advance(1)
+    assert connection.transport.disconnecting
+    connection.channel.connectionLost(Failure(ConnectionDone()))
+    assert [call for call in connection.clock.getDelayedCalls() if call.active() and "linger" in repr(call.func)] == []

@@ -21,6 +21,11 @@ from txgateway.errors import ErrorKind, error_body
 __all__ = ["GatewayChannel", "GatewayRequest", "GatewaySite"]
 
 _ABSOLUTE_FORM = (b"http://", b"https://")
+#: After a refusal, how long to keep reading (and dropping) what the client
+#: still sends: at most LINGER_TOTAL seconds, or until it is silent for
+#: LINGER_IDLE seconds.
+LINGER_TOTAL = 30.0
+LINGER_IDLE = 2.0
 
 
 class GatewayRequest(Request):
@@ -75,10 +80,15 @@ class GatewayChannel(HTTPChannel):
 
     refused = False
     _header_timer: IDelayedCall | None = None
+    _linger_ends: IDelayedCall | None = None
+    _linger_idle: IDelayedCall | None = None
     _reading_headers = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
+            # Lingering after a refusal: drop it, and wait a while longer.
+            if self._linger_idle is not None and self._linger_idle.active():
+                self._linger_idle.reset(LINGER_IDLE)
             return
         super().dataReceived(data)
         # Headers that arrive whole in one read (nearly all) need no timer;
@@ -152,6 +162,7 @@ class GatewayChannel(HTTPChannel):
         head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         head += b"Connection: close\r\nX-Request-ID: %s\r\n\r\n" % request_id.encode("ascii")
         self.transport.write(head + body)
+        self._linger()
         peer = self.transport.getPeer()
         self.site.event_log.info(
             "request_refused",
@@ -162,10 +173,36 @@ class GatewayChannel(HTTPChannel):
             method=request.method.decode("ascii", "replace") if request is not None and request.method else None,
             client=getattr(peer, "host", None),
         )
-        self.loseConnection()
+
+    def _linger(self) -> None:
+        """
+        Close after a refusal the way clients can read it: send the answer and
+        a FIN, then read and drop what the client still sends (the rest of
+        its body) until it stops for L{LINGER_IDLE} seconds or
+        L{LINGER_TOTAL} seconds pass.  Closing at once would reset the
+        connection under a client still writing, and it would never see the
+        answer.
+        """
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.loseConnection()
+            return
+        half_close()
+        self._linger_ends = self.callLater(LINGER_TOTAL, self._end_linger)
+        self._linger_idle = self.callLater(LINGER_IDLE, self._end_linger)
+
+    def _end_linger(self) -> None:
+        for call in (self._linger_ends, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._linger_ends = self._linger_idle = None
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_header_timer()
+        for call in (self._linger_ends, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
         super().connectionLost(reason)
 
 

@@ -5,6 +5,7 @@ real bytes on real sockets; after each, the daemon still serves.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
@@ -230,4 +231,20 @@ def test_a_client_leaving_an_endless_body_releases_the_backend_at_once(raw_backe
         received += len(sock.recv(65536))
     sock.close()
     assert raw.released.wait(5), "the backend connection was not released"
+    still_serves(gateway)
+
+
+@pytest.mark.parametrize("size", [3_000_000, 30_000_000])
+def test_a_client_uploading_too_much_reads_its_413_and_no_broken_pipe(gateway, size):
+    # The gateway answers before the body is in, then reads and drops the rest
+    # (a lingering close), so a client that sends its whole body first still
+    # gets to read the answer instead of a reset connection.
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    connection.request("POST", "/api/data/echo", body=b"y" * size)
+    response = connection.getresponse()
+    assert response.status == 413
+    assert response.getheader("Connection") == "close"
+    assert json.loads(response.read())["error"]["type"] == "body_too_large"
+    connection.close()
+    assert gateway.backend.calls()["count"] == 0
     still_serves(gateway)
