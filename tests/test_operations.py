@@ -288,3 +288,15 @@ def test_a_reload_retires_what_the_new_config_dropped(tmp_path):
     path.write_text(RELOADABLE.split("[service:data]")[0])
     assert service.reload()
     assert all(not call.func.__qualname__.startswith("_BreakerInputs") for call in reactor.getDelayedCalls() if call.active())
+
+
+def test_a_reload_that_changes_the_rate_limit_gets_a_new_store_and_keeps_unchanged_ones(tmp_path):
+    service, reactor, path = make_service(tmp_path, RELOADABLE + "[ratelimit]\nrequests = 5\n")
+    first_store = service.gateway.store
+    path.write_text(RELOADABLE + "[ratelimit]\nrequests = 5\n[service:rag]\nurl = http://rag:1\n")
+    assert service.reload()
+    assert service.gateway.store is first_store  # [ratelimit] unchanged: the buckets go on
+    path.write_text(RELOADABLE + "[ratelimit]\nrequests = 7\n")
+    assert service.reload()
+    assert service.gateway.store is not first_store
+    assert service.gateway.broker._limiter.default.capacity == 7
