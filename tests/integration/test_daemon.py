@@ -194,17 +194,25 @@ def test_openai_client_plain_and_streamed_chat_completion(gateway):
     assert pieces == ["Hello", " from", " the", " test", " backend."]
 
 
+def start_and_fail(config) -> subprocess.CompletedProcess:
+    """Run the daemon on a config that must stop it at start."""
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(config)],
+        capture_output=True, text=True, cwd=config.parent, timeout=30,
+    )
+
+
 def test_a_broken_config_fails_at_start_with_one_line(tmp_path):
     config = tmp_path / "gateway.ini"
     config.write_text("[service:ai]\nurl = http://127.0.0.1:1\ntimeout = soon\n")
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    result = start_and_fail(config)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [f"txgateway: configuration error: {config}: [service:ai] timeout: expected a number of seconds, got 'soon'"]
 
 
 def test_a_missing_config_file_fails_at_start(tmp_path):
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(tmp_path / "nope.ini")], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    result = start_and_fail(tmp_path / "nope.ini")
     assert result.returncode == 1
     assert "nope.ini: cannot read the configuration" in result.stderr
 
@@ -212,7 +220,7 @@ def test_a_missing_config_file_fails_at_start(tmp_path):
 def test_a_bad_listen_endpoint_fails_at_start(tmp_path):
     config = tmp_path / "gateway.ini"
     config.write_text("[gateway]\nlisten = tcpx:3000\n[service:ai]\nurl = http://127.0.0.1:1\n")
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    result = start_and_fail(config)
     assert result.returncode == 1
     assert "[gateway] listen" in result.stderr
 
@@ -264,7 +272,7 @@ def test_a_slow_client_slows_the_backend_read_and_memory_stays_flat(gateway):
 def test_an_unwritable_log_file_fails_at_start_with_one_line(tmp_path):
     config = tmp_path / "gateway.ini"
     config.write_text("[logging]\nfile = /proc/no-such-dir/combined.log\n[service:ai]\nurl = http://127.0.0.1:1\n")
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(config)], capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    result = start_and_fail(config)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "[logging] file" in lines[0] and "/proc/no-such-dir" in lines[0]
