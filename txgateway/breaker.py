@@ -94,12 +94,13 @@ class _BreakerCore:
     cooldown: float
     log: Any
     on_transition: Callable[[str, str, str], None] | None = None
+    transition_level: str = "warning"
     consecutive_failures: int = 0
 
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
         if self.on_transition is not None:
             self.on_transition(self.service, from_state, to_state)
-        self.log.warning(
+        getattr(self.log, self.transition_level)(
             "circuit_transition",
             service=self.service,
             **{"from": from_state, "to": to_state},
@@ -265,6 +266,7 @@ class CircuitBreaker:
     @param cooldown: seconds the circuit stays open before one trial.
     @param log: a structlog logger for the transitions.
     @param on_transition: called with (service, from, to) on each transition.
+    @param transition_level: the log level of transition lines.
     """
 
     def __init__(
@@ -275,8 +277,9 @@ class CircuitBreaker:
         cooldown: float,
         log: Any,
         on_transition: Callable[[str, str, str], None] | None = None,
+        transition_level: str = "warning",
     ) -> None:
-        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition)
+        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition, transition_level)
         self._machine = _BreakerMachine(self._core)
 
     def admit(self, request_id: str) -> Admission:

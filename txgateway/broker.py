@@ -243,13 +243,8 @@ class ServiceBroker:
         return policy.delay_before_retry(attempts - 1, self._rng)
 
     def _log_attempt(self, ctx: RequestContext, service: str, reason: str, final: bool, delay=None) -> None:
-        if final:
-            ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=False)
-        else:
-            ctx.log.warning(
-                "attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=True,
-                retry_in_s=round(delay, 3),
-            )
+        retry = {} if final else {"retry_in_s": round(delay, 3)}
+        ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=not final, **retry)
 
     async def _relay(
         self, request: IRequest, response: IResponse, admission: Admission, route: ServiceRoute, ctx: RequestContext

@@ -34,11 +34,14 @@ def method_label(method: str) -> str:
 
 
 class _ScrapeTimeCollector:
-    """Gauges computed when scraped, from the current gateway."""
+    """
+    Gauges computed when scraped, from whatever C{circuits} and
+    C{store_health} are set to (the current gateway's, after a reload too).
+    """
 
-    def __init__(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
-        self._circuits = circuits
-        self._store_health = store_health
+    def __init__(self) -> None:
+        self.circuits: Callable[[], Iterable[tuple[str, str]]] = list
+        self.store_health: Callable[[], tuple[str, bool] | None] = lambda: None
 
     def collect(self):
         state = GaugeMetricFamily(
@@ -46,11 +49,11 @@ class _ScrapeTimeCollector:
             "1 for each service's current circuit state (closed, open, half_open), 0 for the others.",
             labels=["service", "state"],
         )
-        for service, current in self._circuits():
+        for service, current in self.circuits():
             for name in _CIRCUIT_STATES:
                 state.add_metric([service, name], 1.0 if name == current else 0.0)
         yield state
-        health = self._store_health()
+        health = self.store_health()
         if health is not None:
             backend, healthy = health
             store = GaugeMetricFamily(
@@ -94,15 +97,14 @@ class GatewayMetrics:
             "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
         )
         self.in_flight = Gauge("txgateway_in_flight_requests", "Requests being handled now.", registry=r)
-        self._sources: list = []
+        self._scraped = _ScrapeTimeCollector()
+        r.register(self._scraped)
         self._children: dict = {}
 
     def watch(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
         """Report circuit states and store health from these callables (the current gateway's)."""
-        first = not self._sources
-        self._sources[:] = [circuits, store_health]
-        if first:
-            self.registry.register(_ScrapeTimeCollector(lambda: self._sources[0](), lambda: self._sources[1]()))
+        self._scraped.circuits = circuits
+        self._scraped.store_health = store_health
 
     def observe_request(self, service: str | None, method: str, status: int, seconds: float) -> None:
         """Count one finished request."""

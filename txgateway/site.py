@@ -28,6 +28,11 @@ LINGER_TOTAL = 30.0
 LINGER_IDLE = 2.0
 
 
+def _cancel(call: IDelayedCall | None) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
 class GatewayRequest(Request):
     """
     A request that refuses its body once it exceeds the site's
@@ -45,7 +50,7 @@ class GatewayRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         channel = self.channel
-        if getattr(channel, "refused", False):
+        if channel.refused:
             return
         self._body_received += len(data)
         if self._body_received > channel.site.max_body_size:
@@ -141,8 +146,7 @@ class GatewayChannel(HTTPChannel):
         )
 
     def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None and self._header_timer.active():
-            self._header_timer.cancel()
+        _cancel(self._header_timer)
         self._header_timer = None
 
     def refuse(self, kind: ErrorKind, message: str, request: Request | None = None) -> None:
@@ -192,17 +196,17 @@ class GatewayChannel(HTTPChannel):
         self._linger_idle = self.callLater(LINGER_IDLE, self._end_linger)
 
     def _end_linger(self) -> None:
-        for call in (self._linger_ends, self._linger_idle):
-            if call is not None and call.active():
-                call.cancel()
-        self._linger_ends = self._linger_idle = None
+        self._cancel_linger_timers()
         self.transport.loseConnection()
+
+    def _cancel_linger_timers(self) -> None:
+        _cancel(self._linger_ends)
+        _cancel(self._linger_idle)
+        self._linger_ends = self._linger_idle = None
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_header_timer()
-        for call in (self._linger_ends, self._linger_idle):
-            if call is not None and call.active():
-                call.cancel()
+        self._cancel_linger_timers()
         super().connectionLost(reason)
 
 

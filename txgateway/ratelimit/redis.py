@@ -72,16 +72,6 @@ class RedisCommands(Protocol):
     def evalsha(self, sha1_hash: str, keys: list, args: list) -> Deferred: ...
 
 
-class _DebugOnly:
-    """Hands the store breaker's transition lines to debug: the store logs its own."""
-
-    def __init__(self, log: Any) -> None:
-        self._log = log
-
-    def warning(self, event: str, **fields: Any) -> None:
-        self._log.debug(event, **fields)
-
-
 @implementer(IRateLimitStore)
 class RedisRateLimitStore:
     """
@@ -108,7 +98,8 @@ class RedisRateLimitStore:
         self._log = log
         self._disconnect = disconnect
         self._local = MemoryRateLimitStore(clock)
-        self._breaker = CircuitBreaker("ratelimit-redis", clock, 1, retry_interval, _DebugOnly(log))
+        # Its transitions are debug lines: the store logs the change itself, once.
+        self._breaker = CircuitBreaker("ratelimit-redis", clock, 1, retry_interval, log, transition_level="debug")
         self._script_loaded = False
         self._serving_locally = False
 
@@ -159,7 +150,7 @@ class RedisRateLimitStore:
         try:
             reply = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
         except Exception as error:
-            if "NOSCRIPT" not in str(error) and type(error).__name__ != "ScriptDoesNotExist":
+            if not _forgot_the_script(error):
                 raise
             # Redis restarted and forgot the script: load it again, once.
             await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
@@ -179,6 +170,14 @@ class RedisRateLimitStore:
     async def _close(self) -> None:
         await self._disconnect()
         await self._local.close()
+
+
+def _forgot_the_script(error: Exception) -> bool:
+    """
+    Redis answered NOSCRIPT (it restarted and lost its script cache);
+    txredisapi names that ScriptDoesNotExist, a raw client says NOSCRIPT.
+    """
+    return type(error).__name__ == "ScriptDoesNotExist" or str(error).startswith("NOSCRIPT")
 
 
 def _describe(error: Exception) -> str:
