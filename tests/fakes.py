@@ -6,28 +6,36 @@ Integration tests use real sockets instead.
 
 from __future__ import annotations
 
+import json
 import random
+from urllib.parse import urlsplit
 
 import attrs
 import structlog
-from twisted.internet.defer import CancelledError, Deferred
+from treq.client import HTTPClient
+from treq.testing import _SynchronousProducer
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.test import iosim
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse, UNKNOWN_LENGTH
-from treq.testing import StubTreq
 from zope.interface import implementer
 
-from txgateway.app import GatewayRoot
+from txgateway.app import GatewayFront
+from txgateway.client import IUpstream, StreamEnded
 from txgateway.config import parse_config
+from txgateway.logs import AccessLog
+from txgateway.metrics import GatewayMetrics
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.service import build_gateway
+from txgateway.service import build_gateway, build_server_factory
 
 
 class FakeBodyTransport:
-    """The push producer a response body protocol is connected to."""
+    """The flow control of a fake response's body: records what the relay asks."""
 
     def __init__(self) -> None:
         self.paused = False
@@ -43,46 +51,49 @@ class FakeBodyTransport:
         self.stopped = True
 
 
-@implementer(IResponse)
 class FakeResponse:
     """
     A backend response; the test feeds its body with L{send}, L{finish}
     and L{fail} once the gateway has asked for it.
     """
 
-    version = (b"HTTP", 1, 1)
-    previousResponse = None
-    request = None
-
     def __init__(self, code: int = 200, headers: dict | None = None, body: bytes | None = None) -> None:
         self.code = code
-        self.phrase = b"Fine" if code < 400 else b"Trouble"
-        self.headers = Headers({k: [v] for k, v in (headers or {}).items()})
-        self.length = len(body) if body is not None else UNKNOWN_LENGTH
+        self.reason = b"Fine" if code < 400 else b"Trouble"
+        self.headers = list((headers or {}).items())
+        self.length = len(body) if body is not None else None
         self._body = body
-        self.protocol = None
+        self.consumer = None
         self.transport = FakeBodyTransport()
+        self.discarded = False
 
-    def deliverBody(self, protocol) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def deliver_body(self, consumer) -> None:
+        self.consumer = consumer
+        consumer.body_started(self.transport)
         if self._body is not None and not self.transport.stopped:
             self.send(self._body)
             self.finish()
         elif self.transport.stopped:
-            protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("stopped"))])))
+            consumer.body_ended(StreamEnded("stopped"))
+
+    def discard(self) -> None:
+        self.discarded = True
+        self.transport.stopped = True
 
     def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
+        self.consumer.body_received(data)
 
     def finish(self) -> None:
-        self.protocol.connectionLost(Failure(ResponseDone()))
+        self.consumer.body_ended(None)
 
     def fail(self, reason: str = "connection reset") -> None:
-        self.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception(reason))])))
-
-    def setPreviousResponse(self, response) -> None:
-        pass
+        self.consumer.body_ended(StreamEnded(reason))
 
 
 @attrs.define
@@ -90,7 +101,7 @@ class SentRequest:
     method: bytes
     uri: bytes
     headers: Headers
-    body: bytes | None
+    body: bytes
     answer: Deferred
 
     def respond(self, response: FakeResponse) -> FakeResponse:
@@ -101,73 +112,138 @@ class SentRequest:
         self.answer.errback(ConnectionRefusedError("refused"))
 
 
-@implementer(IAgent)
-class FakeAgent:
-    """An agent that records every request and lets the test answer it."""
+@implementer(IUpstream)
+class FakeUpstream:
+    """An upstream that records every request and lets the test answer it."""
 
-    def __init__(self) -> None:
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.base_path = parts.path.rstrip("/").encode("ascii")
+        self._origin = f"{parts.scheme}://{parts.netloc}".encode("ascii")
         self.requests: list[SentRequest] = []
         self.cancelled: list[SentRequest] = []
+        self.closed = False
 
-    def request(self, method, uri, headers=None, bodyProducer=None):
-        body = None
-        if bodyProducer is not None:
-            chunks = []
+    def request(self, method: bytes, target: bytes, headers: list, body: bytes) -> Deferred:
+        assert isinstance(method, bytes) and isinstance(target, bytes) and target.startswith(b"/")
+        assert all(isinstance(n, bytes) and isinstance(v, bytes) for n, v in headers)
+        recorded = Headers()
+        for name, value in headers:
+            recorded.addRawHeader(name, value)
 
-            class Consumer:
-                def write(self, data):
-                    chunks.append(data)
-
-            bodyProducer.startProducing(Consumer())
-            body = b"".join(chunks)
         def cancel(d: Deferred) -> None:
-            # Like twisted.web.client.Agent: a cancelled request fails with
-            # ResponseNeverReceived wrapping the CancelledError.
+            # Like the real client: the Deferred fails with CancelledError.
             self.cancelled.append(sent)
-            d.errback(ResponseNeverReceived([Failure(CancelledError())]))
 
-        sent = SentRequest(method, uri, headers, body, Deferred(cancel))
+        sent = SentRequest(method, self._origin + target, recorded, body, Deferred(cancel))
         self.requests.append(sent)
         return sent.answer
+
+    def close(self) -> Deferred:
+        self.closed = True
+        return Deferred.fromCoroutine(_nothing())
 
     @property
     def last(self) -> SentRequest:
         return self.requests[-1]
 
 
+async def _nothing() -> None:
+    return None
+
+
+class DataPlaneAgent:
+    """
+    An C{IAgent} whose every connection is an in-memory pipe (C{iosim}) to
+    a protocol of the gateway's own data plane: the production server side,
+    driven by a real twisted.web client.
+    """
+
+    def __init__(self, server_factory, peer: str = "127.0.0.1") -> None:
+        self._reactor = MemoryReactorClock()
+        self._agent = Agent(self._reactor)
+        self._server_factory = server_factory
+        self._peer = peer
+        self._pumps: set = set()
+        self.server_protocols: list = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        answer = self._agent.request(method, uri, headers, bodyProducer)
+        host, port, factory, timeout, bind = self._reactor.tcpClients[-1]
+        server_address = IPv4Address("TCP", "127.0.0.1", port)
+        client_address = IPv4Address("TCP", self._peer, 31337)
+        server = self._server_factory.buildProtocol(client_address)
+        self.server_protocols.append(server)
+        server_transport = iosim.FakeTransport(server, isServer=True, hostAddress=server_address, peerAddress=client_address)
+        client = factory.buildProtocol(None)
+        client_transport = iosim.FakeTransport(client, isServer=False, hostAddress=client_address, peerAddress=server_address)
+        self._pumps.add(iosim.connect(server, server_transport, client, client_transport))
+        return answer
+
+    def flush(self) -> None:
+        pumps, self._pumps = self._pumps, set()
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self._pumps.add(pump)
+
+
+class ListSink:
+    """A log sink that keeps each line as a decoded object."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def msg(self, line: str) -> None:
+        self.lines.append(json.loads(line))
+
+
 class Harness:
     """
-    A whole gateway in memory: a L{Clock}, one L{FakeAgent} per service,
-    the in-memory rate limit store, and a treq client talking to it.
+    A whole gateway in memory: a L{Clock}, one L{FakeUpstream} per service,
+    the in-memory rate limit store, the production data plane, and a treq
+    client talking to it over in-memory connections.
     """
 
     def __init__(self, ini: str, environ: dict | None = None) -> None:
         self.config = parse_config(ini, "test.ini", environ or {})
         self.clock = Clock()
-        self.agents: dict[str, FakeAgent] = {}
+        self.agents: dict[str, FakeUpstream] = {}
         self.store = MemoryRateLimitStore(self.clock)
         self.log = structlog.get_logger("test")
+        self.access = ListSink()
         self.gateway = build_gateway(
-            self.config, self.clock, self._agent_for, self.store, self.log, random.Random(7)
+            self.config,
+            self.clock,
+            self._upstream_for,
+            self.store,
+            self.log,
+            GatewayMetrics(),
+            AccessLog(self.access),
+            random.Random(7),
         )
-        self.client = StubTreq(GatewayRoot(self.gateway))
+        self.front = GatewayFront(self.gateway)
+        self.server_factory = build_server_factory(self.front, self.clock)
+        self.agent = DataPlaneAgent(self.server_factory)
+        self.client = HTTPClient(self.agent, data_to_body_producer=_SynchronousProducer)
 
-    def _agent_for(self, service) -> FakeAgent:
-        agent = self.agents[service.name] = FakeAgent()
-        return agent
+    def _upstream_for(self, service) -> FakeUpstream:
+        upstream = self.agents[service.name] = FakeUpstream(service.url)
+        return upstream
 
     def request(self, method: str, path: str, **kwargs) -> Deferred:
         """Start a request; the returned Deferred fires once it is answered."""
         d = self.client.request(method, "http://gateway.test" + path, **kwargs)
-        self.client.flush()
+        self.flush()
         return d
 
     def flush(self) -> None:
-        self.client.flush()
+        self.agent.flush()
 
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
-        self.client.flush()
+        self.flush()
 
 
 def result_of(d: Deferred):

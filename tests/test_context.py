@@ -5,10 +5,8 @@ import uuid
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.web.test.requesthelper import DummyRequest
-
 from txgateway.context import client_address, request_id_for
+from txgateway.server import IncomingRequest
 
 
 def test_a_short_safe_request_id_is_kept():
@@ -30,11 +28,8 @@ def test_any_request_id_is_safe_for_a_header_and_a_log_field(sent):
 
 
 def _request(peer, forwarded=None):
-    request = DummyRequest([b""])
-    request.client = IPv4Address("TCP", peer, 1234)
-    if forwarded:
-        request.requestHeaders.setRawHeaders(b"x-forwarded-for", [forwarded])
-    return request
+    headers = [(b"X-Forwarded-For", forwarded)] if forwarded else []
+    return IncomingRequest(None, b"GET", b"/", headers, client_host=peer)
 
 
 def test_client_is_the_socket_peer_by_default():

@@ -510,13 +510,16 @@ def test_every_log_line_about_a_request_carries_its_id_and_the_access_line_its_f
         h.flush()
         result_of(d)
     mine = [e for e in logs if e.get("request_id") == "trace-me"]
-    assert [e["event"] for e in mine] == ["attempt_failed", "request_completed"]
-    access = mine[-1]
+    assert [e["event"] for e in mine] == ["attempt_failed"]
+    [access] = h.access.lines
+    assert list(access)[:3] == ["timestamp", "level", "event"]
+    assert access["event"] == "request_completed" and access["request_id"] == "trace-me"
+    assert access["trace_id"] == mine[0]["trace_id"]
     assert {k: access[k] for k in ("method", "path", "service", "status", "client", "attempts")} == {
         "method": "GET", "path": "/api/data/x", "service": "data", "status": 200, "client": "127.0.0.1", "attempts": 2,
     }
     assert access["duration_ms"] == 1000.0
-    assert "s3cret" not in json.dumps(logs)
+    assert "s3cret" not in json.dumps(logs) + json.dumps(h.access.lines)
 
 
 def test_a_gateway_bug_is_a_json_500_without_a_traceback():

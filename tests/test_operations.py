@@ -88,9 +88,9 @@ def test_rate_limited_requests_are_counted():
     assert samples(h)[("txgateway_rate_limited_total", (("service", "ai"),))] == 1
 
 
-def test_unknown_methods_do_not_grow_the_label_set():
+def test_unusual_methods_do_not_grow_the_label_set():
     h = Harness(SERVICE_INI)
-    result_of(h.request("BREW", "/api/nope/x"))
+    result_of(h.request("PROPFIND", "/api/nope/x"))
     assert samples(h)[("txgateway_requests_total", (("method", "other"), ("service", "none"), ("status_class", "4xx")))] == 1
 
 
@@ -171,9 +171,9 @@ def test_a_good_key_in_either_header_is_let_through_and_kept_from_the_backend(he
         assert result_of(d).code == 200
     sent = h.agents["ai"].last.headers
     assert not sent.hasHeader(b"authorization") and not sent.hasHeader(b"x-api-key")
-    completed = [e for e in logs if e["event"] == "request_completed"][0]
+    [completed] = [e for e in h.access.lines if e["event"] == "request_completed"]
     assert completed["api_key_name"] == "team-a"
-    assert "alpha-secret" not in json.dumps(logs)
+    assert "alpha-secret" not in json.dumps(logs) + json.dumps(h.access.lines)
 
 
 def test_a_hashed_key_works():
@@ -261,7 +261,7 @@ def test_a_valid_reload_swaps_the_config_and_keeps_breakers_of_unchanged_service
     path.write_text(RELOADABLE.replace("http://data.backend:8001", "http://data2.backend:8001") + "[service:rag]\nurl = http://rag:1\n")
     assert service.reload() is True
     new = service.gateway
-    assert service.root.gateway is new
+    assert service.front.gateway is new
     assert set(new.broker.routes) == {"ai", "data", "rag"}
     assert new.broker.routes["ai"].breaker is old.broker.routes["ai"].breaker
     assert new.broker.routes["ai"].breaker.status().state == "open"
@@ -275,7 +275,7 @@ def test_a_broken_file_on_reload_is_rejected_and_the_old_config_keeps_running(tm
     path.write_text(RELOADABLE.replace("breaker_threshold = 1", "breaker_threshold = many", 1))
     with capture_logs() as logs:
         assert service.reload() is False
-    assert service.gateway is old and service.root.gateway is old
+    assert service.gateway is old and service.front.gateway is old
     rejected = [e for e in logs if e["event"] == "config_reload_rejected"]
     assert "[service:ai] breaker_threshold" in rejected[0]["reason"]
 
@@ -284,6 +284,7 @@ def test_a_reload_retires_what_the_new_config_dropped(tmp_path):
     service, reactor, path = make_service(tmp_path, RELOADABLE)
     dropped = service.gateway.broker.routes["data"].breaker
     dropped.failed(dropped.admit("r"), "boom")
+    service.sink.flush()  # the transition's log line waits for its batch otherwise
     cooldown = [call for call in reactor.getDelayedCalls() if call.active()]
     assert len(cooldown) == 1  # the open circuit's timer, nothing else
     path.write_text(RELOADABLE.split("[service:data]")[0])

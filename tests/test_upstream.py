@@ -2,25 +2,21 @@
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 
 from tests.fakes import FakeBodyTransport, result_of
-from txgateway.upstream import BodyRelay, StreamIdle
+from txgateway.client import StreamEnded
+from txgateway.upstream import BodyRelay, StreamBroken, StreamIdle
 
 
 class RecordingRequest:
     def __init__(self):
         self.written = []
         self.producer = None
-        self.responseHeaders = Headers()
 
-    def registerProducer(self, producer, streaming):
-        assert streaming
+    def register_producer(self, producer):
         self.producer = producer
 
-    def unregisterProducer(self):
+    def unregister_producer(self):
         self.producer = None
 
     def write(self, data):
@@ -30,7 +26,7 @@ class RecordingRequest:
 def connected(idle_timeout=5.0):
     clock, request, transport = Clock(), RecordingRequest(), FakeBodyTransport()
     relay = BodyRelay(request, clock, idle_timeout)
-    relay.makeConnection(transport)
+    relay.body_started(transport)
     relay.watch_idle()
     return clock, request, transport, relay
 
@@ -64,7 +60,7 @@ def test_each_chunk_rearms_the_idle_timer():
     clock, request, transport, relay = connected(idle_timeout=5)
     for n in range(5):
         clock.advance(4)
-        relay.dataReceived(b"%d" % n)
+        relay.body_received(b"%d" % n)
     assert request.written == [b"0", b"1", b"2", b"3", b"4"]
     assert not transport.stopped
 
@@ -72,7 +68,7 @@ def test_each_chunk_rearms_the_idle_timer():
 def test_an_idle_body_fails_done_with_stream_idle():
     clock, _, transport, relay = connected(idle_timeout=5)
     clock.advance(5)
-    relay.connectionLost(Failure(Exception("aborted")))
+    relay.body_ended(StreamEnded("aborted"))
     failures = []
     relay.done.addErrback(failures.append)
     assert failures[0].check(StreamIdle)
@@ -80,8 +76,8 @@ def test_an_idle_body_fails_done_with_stream_idle():
 
 def test_a_complete_body_fires_done_and_leaves_no_timer():
     clock, request, _, relay = connected()
-    relay.dataReceived(b"all")
-    relay.connectionLost(Failure(ResponseDone()))
+    relay.body_received(b"all")
+    relay.body_ended(None)
     assert result_of(relay.done) is None
     assert request.producer is None
     assert clock.getDelayedCalls() == []
@@ -98,9 +94,9 @@ def test_cancelling_done_stops_the_backend_transport():
 def test_a_body_complete_before_watching_needs_no_timer():
     clock, request, transport = Clock(), RecordingRequest(), FakeBodyTransport()
     relay = BodyRelay(request, clock, 5.0)
-    relay.makeConnection(transport)
-    relay.dataReceived(b"small")
-    relay.connectionLost(Failure(ResponseDone()))
+    relay.body_started(transport)
+    relay.body_received(b"small")
+    relay.body_ended(None)
     relay.watch_idle()
     assert clock.getDelayedCalls() == []
     assert result_of(relay.done) is None
@@ -108,10 +104,20 @@ def test_a_body_complete_before_watching_needs_no_timer():
 
 def test_the_client_leaving_mid_answer_is_a_cancellation_not_a_broken_stream():
     _, request, transport, relay = connected()
-    relay.dataReceived(b"part")
+    relay.body_received(b"part")
     request.producer.stopProducing()  # the client's connection is gone
     assert transport.stopped
-    relay.connectionLost(Failure(Exception("aborted by us")))
+    relay.body_ended(StreamEnded("aborted by us"))
     failures = []
     relay.done.addErrback(failures.append)
     assert failures[0].check(CancelledError)
+
+
+def test_a_body_that_breaks_fails_done_with_stream_broken():
+    _, _, _, relay = connected()
+    relay.body_received(b"part")
+    relay.body_ended(StreamEnded("the connection was lost mid-answer"))
+    failures = []
+    relay.done.addErrback(failures.append)
+    assert failures[0].check(StreamBroken)
+    assert "lost mid-answer" in failures[0].getErrorMessage()

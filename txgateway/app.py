@@ -2,22 +2,28 @@
 The routes: C{/health}, C{/health/ready}, C{/health/live}, C{/metrics}
 and C{/api/<service>/...}.  They are thin: the work lives in the broker.
 
-L{GatewayRoot} stands in front of the Klein routes and gives every request
-its id, its trace context and its JSON access line.
+L{GatewayFront} receives every complete request from the data plane
+(L{txgateway.server}), gives it its id, trace context and JSON access
+line, and sends C{/api/} to the broker without URL matching (the hot
+path) and everything else to the Klein routes through L{AdminBridge}.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Iterable
 
+import httptools
 from klein import Klein
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import errors
@@ -26,12 +32,14 @@ from txgateway.broker import AnswerCutShort, ServiceBroker
 from txgateway.config import GatewayConfig
 from txgateway.context import RequestContext, client_address, request_id_for
 from txgateway.errors import ErrorKind, GatewayError, error_body
+from txgateway.logs import AccessLog
 from txgateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from txgateway.paths import UnsafePath, split_api_path
 from txgateway.ratelimit.interface import IRateLimitStore
+from txgateway.server import IncomingRequest
 from txgateway.tracing import trace_context_for
 
-__all__ = ["Gateway", "GatewayRoot", "GatewayRoutes", "write_error"]
+__all__ = ["AdminBridge", "Gateway", "GatewayFront", "GatewayRoutes", "answer_error", "write_error"]
 
 
 class Gateway:
@@ -51,7 +59,8 @@ class Gateway:
         broker: ServiceBroker,
         store: IRateLimitStore | None,
         log: Any,
-        metrics: GatewayMetrics | None = None,
+        metrics: GatewayMetrics,
+        access_log: AccessLog,
         started_at: float | None = None,
     ) -> None:
         self.config = config
@@ -59,7 +68,8 @@ class Gateway:
         self.broker = broker
         self.store = store
         self.log = log
-        self.metrics = metrics or GatewayMetrics()
+        self.metrics = metrics
+        self.access_log = access_log
         self.authenticator = Authenticator(config.auth.keys)
         self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
@@ -106,7 +116,10 @@ class Gateway:
 def write_error(
     request: IRequest, kind: ErrorKind, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
 ) -> bytes:
-    """Set the status and headers of an error answer and return its JSON body."""
+    """
+    For the Klein routes (a twisted.web request): set the status and
+    headers of an error answer and return its JSON body.
+    """
     ctx: RequestContext | None = getattr(request, "context", None)
     request_id = ctx.request_id if ctx is not None else request_id_for(None)
     if ctx is not None:
@@ -120,6 +133,16 @@ def write_error(
     return body
 
 
+def answer_error(
+    request: IncomingRequest, kind: ErrorKind, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """For the data plane: answer C{request} with the JSON error shape."""
+    ctx: RequestContext = request.context
+    ctx.outcome = kind.type
+    body = error_body(kind, message, ctx.request_id)
+    request.respond(kind.status, body, [(b"Content-Type", b"application/json"), *headers])
+
+
 def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
@@ -129,36 +152,22 @@ def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
     return encoded
 
 
-def _write_answer(answer: bytes | Resource | None, request: IRequest) -> None:
-    ctx: RequestContext = request.context
-    if answer is _LEFT_UNFINISHED or ctx.client_gone or request.finished:
-        return
-    if answer:
-        request.write(answer)
-    request.finish()
+def _api_done(result: None, request: IncomingRequest) -> None:
+    if not request.gone and request.started:
+        request.finish()
 
 
-def _handle_failure(failure: Failure, request: IRequest, routes: "GatewayRoutes") -> None:
+def _api_failed(failure: Failure, request: IncomingRequest, gateway: "Gateway") -> None:
     ctx: RequestContext = request.context
-    if ctx.client_gone or request.finished or failure.check(CancelledError):
+    if ctx.client_gone or request.gone or request.finished or failure.check(CancelledError):
         return  # the client left: the cancellation ends here
-    _write_answer(routes.unexpected(request, failure), request)
-
-
-class _LeftUnfinished(Resource):
-    """
-    What a route returns when the answer must stay unfinished (its
-    connection is closing): Klein then does not finish it, so the client
-    never gets the end of a chunked body that was cut short.
-    """
-
-    isLeaf = True
-
-    def render(self, request: IRequest) -> int:
-        return NOT_DONE_YET
-
-
-_LEFT_UNFINISHED = _LeftUnfinished()
+    ctx.log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+    if request.started:
+        # Part of an answer may be out: the only honest end is a broken one.
+        ctx.outcome = errors.INTERNAL_ERROR.type
+        request.abort()
+        return
+    answer_error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
 
 
 class GatewayRoutes:
@@ -194,9 +203,9 @@ class GatewayRoutes:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
-    async def api_request(self, request: IRequest) -> bytes | Resource | None:
+    async def api_request(self, request: IncomingRequest) -> None:
         """
-        Answer a C{/api/<service>/...} request (L{GatewayRoot} sends them
+        Answer a C{/api/<service>/...} request (L{GatewayFront} sends them
         here directly): its API key, its service, then the broker.
         """
         ctx: RequestContext = request.context
@@ -205,32 +214,33 @@ class GatewayRoutes:
             # Before the service lookup: a caller without a key learns nothing.
             ctx.caller = authenticator.caller(request)
             if ctx.caller is None:
-                return write_error(
+                answer_error(
                     request,
                     errors.UNAUTHORIZED,
                     "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>",
                     [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
                 )
-            ctx.log = ctx.log.bind(api_key_name=ctx.caller.name)
+                return
+            ctx.bind(api_key_name=ctx.caller.name)
         try:
             service, rest = split_api_path(request.path)
         except UnsafePath as error:
-            return write_error(request, errors.NOT_FOUND, str(error))
+            answer_error(request, errors.NOT_FOUND, str(error))
+            return
         if service not in self.gateway.broker.routes:
-            return write_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
+            answer_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
+            return
         ctx.service = service
-        request.setHeader(b"X-Gateway-Service", service.encode("ascii"))
-        query = request.uri.partition(b"?")[2]
+        request.set_header(b"X-Gateway-Service", service.encode("ascii"))
         try:
-            await self.gateway.broker.proxy(request, ctx, rest, query)
+            await self.gateway.broker.proxy(request, ctx, rest, request.query)
         except GatewayError as error:
             elapsed_ms = (self.gateway.clock.seconds() - ctx.started_at) * 1000.0
-            request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-            request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
-            return write_error(request, error.kind, error.message, error.headers)
+            request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
+            request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+            answer_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
-            return _LEFT_UNFINISHED
-        return None
+            pass
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -247,29 +257,24 @@ class GatewayRoutes:
         )
 
     @app.handle_errors
-    def unexpected(self, request: IRequest, failure: Failure) -> bytes | None:
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         ctx: RequestContext | None = getattr(request, "context", None)
         log = ctx.log if ctx is not None else self.gateway.log
         log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
-        if request.startedWriting:
-            # Part of an answer is out: the only honest end is a broken one.
-            request.loseConnection()
-            return _LEFT_UNFINISHED
         return write_error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
 
 
-class GatewayRoot(Resource):
+class GatewayFront:
     """
-    The site's root: gives each request its context (id, trace, client,
-    clock time, bound logger), the C{X-Request-ID} response header, a JSON
-    access line and its metrics when it ends, then hands it to the routes of
-    the current gateway.  It also counts requests in flight, for draining.
+    What the data plane hands every complete request to: it gives the
+    request its context (id, trace, client, clock time), the
+    C{X-Request-ID} answer header, a JSON access line and its metrics when
+    it ends, then serves C{/api/} through the broker and everything else
+    through the Klein routes.  It also counts requests in flight, for
+    draining.
     """
-
-    isLeaf = True
 
     def __init__(self, gateway: Gateway) -> None:
-        super().__init__()
         self.in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
         self.use(gateway)
@@ -278,53 +283,44 @@ class GatewayRoot(Resource):
         """Serve new requests from C{gateway}; requests in flight keep theirs."""
         gateway.metrics.watch(gateway.circuits, gateway.store_health)
         routes = GatewayRoutes(gateway)
-        self._current = (gateway, routes, routes.app.resource())
+        ended = functools.partial(self._ended, gateway)
+        self._current = (gateway, routes, AdminBridge(routes.app.resource(), gateway.clock), ended)
 
     @property
     def gateway(self) -> Gateway:
         """The gateway new requests are served from."""
         return self._current[0]
 
-    def render(self, request: IRequest) -> Any:
-        gateway, routes, klein = self._current
-        request_id = request_id_for(request.requestHeaders.getRawHeaders(b"x-request-id", [None])[0])
-        trace = trace_context_for(
-            request.requestHeaders.getRawHeaders(b"traceparent", [None])[0],
-            request.requestHeaders.getRawHeaders(b"tracestate", [None])[0],
-        )
+    def handle(self, request: IncomingRequest) -> None:
+        """Serve one complete request (called by the data plane)."""
+        gateway, routes, admin, ended = self._current
+        request_id = request_id_for(request.header(b"x-request-id"))
+        trace = trace_context_for(request.header(b"traceparent"), request.header(b"tracestate"))
         ctx = RequestContext(
             request_id=request_id,
             client=client_address(request, gateway.config.ratelimit.trusted_proxies),
             started_at=gateway.clock.seconds(),
-            log=gateway.log.bind(request_id=request_id, trace_id=trace.trace_id),
+            base_log=gateway.log,
             trace=trace,
         )
         request.context = ctx
-        request.setHeader(b"X-Request-ID", request_id.encode("ascii"))
+        request.on_end = ended
+        request.set_header(b"X-Request-ID", request_id.encode("ascii"))
         self.in_flight += 1
         gateway.metrics.in_flight.inc()
-        request.notifyFinish().addBoth(self._completed, request, ctx, gateway)
         if request.path.startswith(b"/api/"):
-            return self._serve_api(request, routes)
-        return klein.render(request)
+            handled = Deferred.fromCoroutine(routes.api_request(request))
+            if not handled.called:
+                ctx.handling = handled
+            handled.addCallbacks(_api_done, _api_failed, callbackArgs=(request,), errbackArgs=(request, gateway))
+        else:
+            admin.serve(request)
 
-    def _serve_api(self, request: IRequest, routes: "GatewayRoutes") -> int:
-        """
-        The proxy's hot path, served without Klein's URL matching (a third
-        of the CPU time per proxied request, measured): the same handler,
-        the same cancellation when the client leaves (L{_completed} cancels
-        it), the same answers.
-        """
-        handled = Deferred.fromCoroutine(routes.api_request(request))
-        request.context.handling = handled
-        handled.addCallbacks(_write_answer, _handle_failure, callbackArgs=(request,), errbackArgs=(request, routes))
-        return NOT_DONE_YET
-
-    def _completed(self, result: object, request: IRequest, ctx: RequestContext, gateway: Gateway) -> None:
-        # Runs before Klein cancels the route (it registered first), so the
-        # broker can tell a client that left from a failing backend.
-        aborted = isinstance(result, Failure)
+    def _ended(self, gateway: Gateway, request: IncomingRequest, aborted: bool) -> None:
+        ctx: RequestContext = request.context
         if aborted:
+            # First, so that the broker can tell a client that left from a
+            # failing backend when its work is cancelled.
             ctx.client_gone = True
             if ctx.outcome is None:
                 ctx.outcome = "client_disconnected"
@@ -333,22 +329,19 @@ class GatewayRoot(Resource):
         seconds = gateway.clock.seconds() - ctx.started_at
         status = 499 if ctx.outcome == "client_disconnected" else request.code
         method = request.method.decode("ascii", "replace")
-        ctx.log.info(
-            "request_completed" if not aborted else "request_aborted",
+        gateway.access_log.request(
+            "request_aborted" if aborted else "request_completed",
+            ctx,
             method=method,
             path=request.path.decode("latin-1"),
-            service=ctx.service,
             status=status,
             duration_ms=round(seconds * 1000.0, 3),
-            client=ctx.client,
-            attempts=ctx.attempts,
-            outcome=ctx.outcome,
-            bytes_sent=request.sentLength,
+            bytes_sent=request.bytes_sent,
         )
         gateway.metrics.observe_request(ctx.service, method, status, seconds)
         gateway.metrics.in_flight.dec()
         self.in_flight -= 1
-        if self.in_flight == 0:
+        if self.in_flight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -360,3 +353,127 @@ class GatewayRoot(Resource):
         waiter: Deferred[None] = Deferred()
         self._idle_waiters.append(waiter)
         return waiter
+
+
+# -- the Klein routes, served in memory
+
+
+class _AdminRequest(Request):
+    """A twisted.web request that carries the gateway's context for the routes."""
+
+    # The routes set their own Content-Type.
+    defaultContentType = None
+
+    def __init__(self, channel: Any, queued: bool = False) -> None:
+        super().__init__(channel, queued)
+        self.context = channel.site.pending_context
+
+
+class _AdminSite(Site):
+    requestFactory = _AdminRequest
+    pending_context: RequestContext | None = None
+    noisy = False
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """The front writes the access line."""
+
+
+#: Request headers that describe the client connection, not the request.
+_NOT_BRIDGED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect", b"keep-alive", b"upgrade"})
+#: Answer headers the data plane writes itself (or, for Server, not at all).
+_NOT_RELAYED = frozenset({b"content-length", b"transfer-encoding", b"connection", b"server"})
+
+
+class _AnswerReader:
+    """Parses what twisted.web wrote into the client's answer."""
+
+    def __init__(self, request: IncomingRequest, done: Any) -> None:
+        self._request = request
+        self._done = done
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+        self.finished = False
+
+    def feed(self, data: bytes) -> None:
+        if not self.finished:
+            self._parser.feed_data(data)
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        length = None
+        headers = []
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower not in _NOT_RELAYED:
+                headers.append((name, value))
+        request = self._request
+        request.start(self._parser.get_status_code(), self._reason, headers, length)
+        if request.method == b"HEAD":
+            self.on_message_complete()  # no body follows, whatever Content-Length says
+
+    def on_body(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def on_message_complete(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._request.finish()
+            self._done()
+
+
+class _AnswerTransport(StringTransport):
+    """The in-memory transport a twisted.web channel writes its answer to."""
+
+    def __init__(self, reader: _AnswerReader, peer: str) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", peer, 0))
+        self._reader = reader
+
+    def write(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
+        self._reader.feed(b"".join(seq))
+
+
+class AdminBridge:
+    """
+    Serves the admin routes (probes, C{/metrics}, the JSON 404/405) with
+    Klein, through twisted.web in memory: the request is written to an
+    C{HTTPChannel} on an in-memory transport, and the answer that channel
+    writes is parsed back (httptools) into the client's answer, which the
+    data plane frames.  These requests are rare and small; the proxy's hot
+    path never comes here.
+    """
+
+    def __init__(self, resource: Any, clock: IReactorTime) -> None:
+        self._site = _AdminSite(resource, reactor=clock)
+        self._site.timeOut = None
+
+    def serve(self, request: IncomingRequest) -> None:
+        """Answer C{request} from the Klein routes."""
+        channel = self._site.buildProtocol(None)
+
+        def done() -> None:
+            channel.connectionLost(Failure(ConnectionDone()))
+
+        reader = _AnswerReader(request, done)
+        channel.makeConnection(_AnswerTransport(reader, request.client_host))
+        lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.path + (b"?" + request.query if request.query else b""))]
+        for name, value in request.headers:
+            if name.lower() not in _NOT_BRIDGED:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(request.body))
+        lines.append(request.body)
+        self._site.pending_context = request.context
+        try:
+            channel.dataReceived(b"".join(lines))
+        finally:
+            self._site.pending_context = None

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 
 import attrs
-from twisted.web.iweb import IRequest
+from typing import Any
 
 __all__ = ["ApiKey", "Authenticator", "Caller"]
 
@@ -79,12 +79,12 @@ class Authenticator:
                 found = key.name
         return found
 
-    def caller(self, request: IRequest) -> Caller | None:
-        """The caller whose key the request carries, or L{None}."""
+    def caller(self, request: Any) -> Caller | None:
+        """The caller whose key the request (an L{IncomingRequest}) carries, or L{None}."""
         candidates = []
-        for value in request.requestHeaders.getRawHeaders(b"x-api-key", [])[:1]:
+        for value in request.header_values(b"x-api-key")[:1]:
             candidates.append((value.strip(), b"x-api-key"))
-        for value in request.requestHeaders.getRawHeaders(b"authorization", [])[:1]:
+        for value in request.header_values(b"authorization")[:1]:
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 candidates.append((token.strip(), b"authorization"))

@@ -14,15 +14,15 @@ import attrs
 from twisted.internet.defer import CancelledError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IRequest, IResponse
 
 from txgateway import errors
 from txgateway.breaker import OPEN, Admission, CircuitBreaker
+from txgateway.client import IUpstream, UpstreamResponse
 from txgateway.config import ServiceConfig
 from txgateway.context import RequestContext
 from txgateway.errors import GatewayError
 from txgateway.metrics import GatewayMetrics
-from txgateway.paths import UnsafePath, upstream_url
+from txgateway.paths import UnsafePath, upstream_target
 from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.retry import (
@@ -32,20 +32,16 @@ from txgateway.retry import (
     is_breaker_failure,
     parse_retry_after,
 )
+from txgateway.server import IncomingRequest
 from txgateway.upstream import (
     BodyRelay,
-    BytesProducer,
     StreamBroken,
     StreamIdle,
-    copy_response_headers,
-    discard_body,
     request_headers_for_upstream,
+    response_headers_for_client,
 )
 
 __all__ = ["AnswerCutShort", "ServiceBroker", "ServiceRoute"]
-
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-
 
 class AnswerCutShort(Exception):
     """
@@ -64,7 +60,7 @@ class ServiceRoute:
     """Everything the broker needs about one service; the retry policy is made once, from the config."""
 
     config: ServiceConfig
-    agent: IAgent
+    upstream: IUpstream
     breaker: CircuitBreaker
     policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
 
@@ -92,6 +88,7 @@ class ServiceBroker:
     @param clock: the time source for timeouts, backoff and idle timers.
     @param routes: the services by name.
     @param limiter: the rate limiter, or L{None} for none.
+    @param metrics: where attempts, retries and limits are counted.
     @param rng: the randomness behind retry jitter.
     """
 
@@ -100,16 +97,16 @@ class ServiceBroker:
         clock: IReactorTime,
         routes: Mapping[str, ServiceRoute],
         limiter: RateLimiter | None,
+        metrics: GatewayMetrics,
         rng: random.Random | None = None,
-        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._clock = clock
         self.routes = dict(routes)
         self._limiter = limiter
+        self._metrics = metrics
         self._rng = rng or random.Random()
-        self._metrics = metrics or GatewayMetrics()
 
-    async def proxy(self, request: IRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
+    async def proxy(self, request: IncomingRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
         """
         Answer C{request} from its service's backend: write the status,
         headers and streamed body, or raise L{GatewayError} (nothing was
@@ -119,7 +116,7 @@ class ServiceBroker:
         if route is None:
             raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
         try:
-            url = upstream_url(route.config.url, rest, query)
+            target = upstream_target(route.upstream.base_path, rest, query)
         except UnsafePath as error:
             raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
 
@@ -127,7 +124,7 @@ class ServiceBroker:
             caller = ctx.caller.name if ctx.caller is not None else None
             decision = await self._limiter.take(request, ctx.client, route.config, caller)
             for name, value in _rate_limit_headers(decision):
-                request.setHeader(name, value)
+                request.set_header(name, value)
             if not decision.allowed:
                 self._metrics.rate_limited.labels(route.config.name).inc()
                 ctx.log.info("rate_limited", service=route.config.name, retry_after=decision.retry_after)
@@ -137,25 +134,22 @@ class ServiceBroker:
                     headers=((b"Retry-After", b"%d" % decision.retry_after),),
                 )
 
-        request.content.seek(0)
-        body = request.content.read()
         # The gateway's own API key stays here unless the service asks for it.
         withheld = (ctx.caller.header,) if ctx.caller is not None and not route.config.forward_api_key else ()
         trace = ctx.trace.headers() if ctx.trace is not None else ()
         headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
-        response, admission = await self._attempts(request.method, url, headers, body, route, ctx)
+        response, admission = await self._attempts(request.method, target, headers, request.body, route, ctx)
         await self._relay(request, response, admission, route, ctx)
 
     async def _attempts(
-        self, method: bytes, url: bytes, headers, body: bytes, route: ServiceRoute, ctx: RequestContext
-    ) -> tuple[IResponse, Admission]:
+        self, method: bytes, target: bytes, headers: list, body: bytes, route: ServiceRoute, ctx: RequestContext
+    ) -> tuple[UpstreamResponse, Admission]:
         """
         Try the backend until an answer is final, the retries are spent, the
         deadline passes or the breaker opens.
         """
         config, breaker, policy = route.config, route.breaker, route.policy
         deadline_at = self._clock.seconds() + config.deadline
-        producer_needed = bool(body) or method in _BODY_METHODS
         while True:
             admission = breaker.admit(ctx.request_id)
             if not admission.allowed:
@@ -163,9 +157,7 @@ class ServiceBroker:
             ctx.attempts += 1
             left = deadline_at - self._clock.seconds()
             timeout = min(config.timeout, left)
-            # The agent copies the headers before it adds Host: every attempt
-            # may share them.
-            attempt = route.agent.request(method, url, headers, BytesProducer(body) if producer_needed else None)
+            attempt = route.upstream.request(method, target, headers, body)
             attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
             sent_at = self._clock.seconds()
             try:
@@ -173,9 +165,9 @@ class ServiceBroker:
             except Exception as error:
                 if ctx.client_gone or isinstance(error, CancelledError):
                     self._count_attempt(config.name, "abandoned")
-                    # The client left: the agent reports its cancellation in
-                    # its own words (ResponseNeverReceived); it is no failure
-                    # of the backend and nothing to retry.
+                    # The client left: whatever the upstream reports of its
+                    # cancellation, it is no failure of the backend and
+                    # nothing to retry.
                     breaker.abandoned(admission)
                     raise CancelledError() from None
                 if isinstance(error, TimeoutError):
@@ -219,7 +211,7 @@ class ServiceBroker:
                     raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
                 return outcome, admission
             if not isinstance(outcome, _Failed):
-                discard_body(outcome)
+                outcome.discard()
             status = breaker.status()
             if status.state == OPEN:
                 raise _circuit_open(config.name, max(1, math.ceil(status.trial_in or 0)))
@@ -235,9 +227,7 @@ class ServiceBroker:
         C{Retry-After} asks for longer than C{retry_max_delay}.
         """
         if not isinstance(outcome, _Failed) and outcome.code in RETRY_AFTER_STATUSES:
-            asked = parse_retry_after(
-                outcome.headers.getRawHeaders(b"retry-after", [None])[0], self._clock.seconds()
-            )
+            asked = parse_retry_after(outcome.header(b"retry-after"), self._clock.seconds())
             if asked is not None:
                 return asked if asked <= policy.max_delay else None
         return policy.delay_before_retry(attempts - 1, self._rng)
@@ -247,19 +237,24 @@ class ServiceBroker:
         ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=not final, **retry)
 
     async def _relay(
-        self, request: IRequest, response: IResponse, admission: Admission, route: ServiceRoute, ctx: RequestContext
+        self,
+        request: IncomingRequest,
+        response: UpstreamResponse,
+        admission: Admission,
+        route: ServiceRoute,
+        ctx: RequestContext,
     ) -> None:
         """Stream the backend's answer to the client as it arrives."""
-        copy_response_headers(response, request)
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
-        request.setHeader(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-        request.setHeader(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
-        if response.length is UNKNOWN_LENGTH:
+        request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
+        request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        request.start(response.code, response.reason, response_headers_for_client(response), response.length)
+        if response.length is None:
             # A stream: send the status and headers now, so that a client
             # waiting on a slow first token knows the backend answered.
-            request.write(b"")
+            request.send_head()
         relay = BodyRelay(request, self._clock, route.config.idle_timeout)
-        response.deliverBody(relay)
+        response.deliver_body(relay)
         relay.watch_idle()
         try:
             await relay.done
@@ -272,7 +267,7 @@ class ServiceBroker:
             ctx.log.warning(
                 "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
             )
-            request.loseConnection()
+            request.abort()
             raise AnswerCutShort(ctx.outcome) from None
 
 

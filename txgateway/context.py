@@ -12,7 +12,6 @@ from typing import Any, Sequence, Union
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.web.iweb import IRequest
 
 from txgateway.auth import Caller
 from txgateway.tracing import TraceContext
@@ -43,18 +42,17 @@ def _is_trusted(address: str, trusted: Sequence[_Network]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def client_address(request: IRequest, trusted_proxies: Sequence[_Network] = ()) -> str:
+def client_address(request: Any, trusted_proxies: Sequence[_Network] = ()) -> str:
     """
     The client's address: the socket peer, unless the peer is one of the
     C{trusted_proxies}, in which case the nearest address in
     C{X-Forwarded-For} that is not itself a trusted proxy.
     """
-    peer = request.getClientAddress()
-    address = getattr(peer, "host", None) or "unknown"
+    address = request.client_host
     if not trusted_proxies or not _is_trusted(address, trusted_proxies):
         return address
     hops = []
-    for value in request.requestHeaders.getRawHeaders(b"x-forwarded-for", []):
+    for value in request.header_values(b"x-forwarded-for"):
         hops.extend(part.strip() for part in value.decode("latin-1").split(","))
     for hop in reversed(hops):
         try:
@@ -74,13 +72,15 @@ class RequestContext:
     What the gateway knows about one request while it is in flight.
 
     @ivar started_at: the injected clock's time when the request arrived.
-    @ivar log: a structlog logger bound to the request id.
+    @ivar base_log: the gateway's structlog logger; L{log} binds it to the
+        request id (and trace id) on first use, as most requests log
+        nothing but their access line.
     """
 
     request_id: str
     client: str
     started_at: float
-    log: Any
+    base_log: Any
     service: str | None = None
     attempts: int = 0
     outcome: str | None = None
@@ -88,3 +88,16 @@ class RequestContext:
     trace: TraceContext | None = None
     caller: Caller | None = None
     handling: Deferred | None = None
+    _bound_log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger bound to this request's ids."""
+        if self._bound_log is None:
+            trace_id = self.trace.trace_id if self.trace is not None else None
+            self._bound_log = self.base_log.bind(request_id=self.request_id, trace_id=trace_id)
+        return self._bound_log
+
+    def bind(self, **values: Any) -> None:
+        """Add C{values} to every later line of this request's log."""
+        self._bound_log = self.log.bind(**values)

@@ -34,6 +34,7 @@ BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
 RATE_LIMITED = ErrorKind("rate_limited", 429)
 HEADER_TOO_LARGE = ErrorKind("header_too_large", 431)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
+NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
@@ -51,6 +52,7 @@ KINDS = {
         HEADER_TOO_LARGE,
         RATE_LIMITED,
         INTERNAL_ERROR,
+        NOT_IMPLEMENTED,
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
         UPSTREAM_TIMEOUT,

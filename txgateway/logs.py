@@ -1,9 +1,16 @@
 """
 JSON lines: one object per line, to the configured file and to stdout.
 
-structlog renders the gateway's own events; Twisted's events (listening,
-shutting down, unhandled errors) are rendered by L{TwistedJsonObserver} in
-the same shape, so that every line of the daemon's output is JSON.
+structlog renders the gateway's own events; the access line of each
+request is rendered by L{AccessLog} directly (it is on every request's
+path: one C{json.dumps}, no processor chain); Twisted's events
+(listening, shutting down, unhandled errors) are rendered by
+L{TwistedJsonObserver} in the same shape, so that every line of the
+daemon's output is JSON.
+
+Lines are written in batches: the sink keeps what it is given and writes it
+out at most L{FLUSH_INTERVAL} seconds later (on the injected clock), when
+L{MAX_BUFFERED} lines wait, at stop, and at once for Twisted's own events.
 """
 
 from __future__ import annotations
@@ -17,10 +24,16 @@ from datetime import datetime, timezone
 from typing import IO, Any, Iterable
 
 import structlog
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
-__all__ = ["JsonLineSink", "TwistedJsonObserver", "configure_logging", "open_sink"]
+__all__ = ["AccessLog", "JsonLineSink", "TwistedJsonObserver", "configure_logging", "open_sink"]
+
+#: Longest wait, in seconds, before a logged line is written out.
+FLUSH_INTERVAL = 0.1
+#: Lines kept before they are written out whatever the time.
+MAX_BUFFERED = 512
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -40,35 +53,56 @@ _TWISTED_LEVELS = {
 
 class JsonLineSink:
     """
-    Writes finished lines to several streams, flushing each line so that
-    C{grep} sees a request as soon as it is logged.  It is also the
+    Writes finished lines to several streams, in batches (see the module
+    docstring), or each at once when it has no clock.  It is also the
     structlog "logger" at the end of the processor chain.
     """
 
-    def __init__(self, streams: Iterable[IO[str]]) -> None:
+    def __init__(self, streams: Iterable[IO[str]], clock: IReactorTime | None = None) -> None:
         self._streams = list(streams)
+        self._clock = clock
+        self._buffer: list[str] = []
+        self._timer: IDelayedCall | None = None
 
     def msg(self, line: str) -> None:
+        buffer = self._buffer
+        buffer.append(line)
+        if self._clock is None or len(buffer) >= MAX_BUFFERED:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(FLUSH_INTERVAL, self.flush)
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+    def flush(self) -> None:
+        """Write out every waiting line now."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if not self._buffer:
+            return
+        text = "\n".join(self._buffer) + "\n"
+        self._buffer = []
         for stream in self._streams:
             try:
-                stream.write(line + "\n")
+                stream.write(text)
                 stream.flush()
             except (OSError, ValueError):
                 # A closed stdout or a full disk must not take requests down.
                 pass
 
-    debug = info = warning = warn = error = critical = exception = log = msg
-
     def close(self) -> None:
+        self.flush()
         for stream in self._streams:
             if stream not in (sys.__stdout__, sys.__stderr__):
                 stream.close()
 
 
-def open_sink(path: str, stdout: IO[str] | None) -> JsonLineSink:
+def open_sink(path: str, stdout: IO[str] | None, clock: IReactorTime | None = None) -> JsonLineSink:
     """
     The sink for the C{[logging]} section: the file at C{path} (its
-    directory created; empty for none) and C{stdout}.
+    directory created; empty for none) and C{stdout}, batched on C{clock}.
 
     @raise OSError: the file cannot be opened.
     """
@@ -79,7 +113,7 @@ def open_sink(path: str, stdout: IO[str] | None) -> JsonLineSink:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         streams.append(open(path, "a", encoding="utf-8"))
-    return JsonLineSink(streams)
+    return JsonLineSink(streams, clock)
 
 
 _second_cache: list = [None, ""]
@@ -147,3 +181,38 @@ class TwistedJsonObserver:
         if failure is not None:
             line["exception"] = failure.getTraceback()
         self._sink.msg(json.dumps(line, default=str))
+        # Rare, and some come after the reactor stopped: never left waiting.
+        self._sink.flush()
+
+
+class AccessLog:
+    """
+    The one JSON line per request, written straight to a sink: timestamp,
+    level and event first, then the request's ids and what happened.
+    Dropped when the configured level is above C{info}.
+    """
+
+    def __init__(self, sink: Any, level: str = "info") -> None:
+        self._sink = sink
+        self.enabled = _LEVELS[level] <= logging.INFO
+
+    def request(self, event: str, ctx: Any, **fields: Any) -> None:
+        """Write the access line of the request whose context is C{ctx}."""
+        if not self.enabled:
+            return
+        line = {
+            "timestamp": _timestamp(),
+            "level": "info",
+            "event": event,
+            "request_id": ctx.request_id,
+            "trace_id": ctx.trace.trace_id if ctx.trace is not None else None,
+        }
+        if ctx.caller is not None:
+            line["api_key_name"] = ctx.caller.name
+        line.update(fields)
+        line["service"] = ctx.service
+        line["client"] = ctx.client
+        line["attempts"] = ctx.attempts
+        line["outcome"] = ctx.outcome
+        self._sink.msg(json.dumps(line, default=str))
+

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["UnsafePath", "split_api_path", "upstream_url"]
+__all__ = ["UnsafePath", "split_api_path", "upstream_target", "upstream_url"]
 
 _API_PREFIX = b"/api/"
 # What a path may hold before decoding: RFC 3986 pchar, '/' and '%'.
@@ -54,7 +54,18 @@ def _fully_decoded(raw: bytes) -> bytes:
 
 def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
     """
-    Join a service's base URL and the raw rest of a client path.
+    Join a service's base URL and the raw rest of a client path (see
+    L{upstream_target}).
+
+    @raise UnsafePath: the rest of the path could not be forwarded safely.
+    """
+    return upstream_target(base_url.encode("ascii"), rest, query)
+
+
+def upstream_target(base: bytes, rest: bytes, query: bytes = b"") -> bytes:
+    """
+    Join a service's base (its URL, or the path of it that the backend sees)
+    and the raw rest of a client path.
 
     The rest is forwarded as the client encoded it, with runs of slashes
     folded into one; it is refused when any spelling of it (percent-encoded
@@ -81,7 +92,9 @@ def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
                 raise UnsafePath("the path holds a '.' or '..' segment")
     if b"//" in rest:
         rest = _SLASHES.sub(b"/", rest)
-    url = base_url.encode("ascii") + rest
+    url = base + rest
     if query:
         url += b"?" + query
+    if not url.startswith(b"/") and b"://" not in url[:8]:
+        url = b"/" + url  # a bare base path: the origin-form target needs its slash
     return url

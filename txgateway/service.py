@@ -1,8 +1,9 @@
 """
 Putting a gateway together: L{build_gateway} from parts (what tests use,
-with a L{Clock} and in-memory agents), and L{GatewayService}, the twistd
-service that builds those parts from a real reactor, drains on stop and
-reloads gateway.ini on SIGHUP.
+with a L{Clock} and in-memory upstreams), L{build_server_factory} (the data
+plane's listener), and L{GatewayService}, the twistd service that builds
+those parts from a real reactor, drains on stop and reloads gateway.ini on
+SIGHUP.
 """
 
 from __future__ import annotations
@@ -19,22 +20,20 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.iweb import IAgent
 
-from txgateway.app import Gateway, GatewayRoot
+from txgateway.app import Gateway, GatewayFront
 from txgateway.breaker import CircuitBreaker
 from txgateway.broker import ServiceBroker, ServiceRoute
+from txgateway.client import IUpstream, UpstreamEndpoint
 from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
-from txgateway.logs import TwistedJsonObserver, configure_logging, open_sink
+from txgateway.logs import AccessLog, TwistedJsonObserver, configure_logging, open_sink
 from txgateway.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.site import GatewaySite
-from txgateway.upstream import pooled_agent
+from txgateway.server import HTTPServerFactory
 
-__all__ = ["GatewayService", "build_gateway", "build_routes", "build_site"]
+__all__ = ["GatewayService", "build_gateway", "build_routes", "build_server_factory"]
 
 #: Idle keep-alive connections kept per backend host (not a concurrency cap).
 POOL_IDLE_CONNECTIONS = 64
@@ -45,14 +44,15 @@ POOL_IDLE_SECONDS = 60
 def build_routes(
     config: GatewayConfig,
     clock: IReactorTime,
-    agent_for: Callable[[ServiceConfig], IAgent],
+    upstream_for: Callable[[ServiceConfig], IUpstream],
     log: Any,
     metrics: GatewayMetrics,
     previous: Mapping[str, ServiceRoute] | None = None,
 ) -> dict[str, ServiceRoute]:
     """
-    One route (breaker and agent) per service.  A service whose URL is the
-    same as in C{previous} keeps its breaker, with its state, and its agent.
+    One route (breaker and upstream) per service.  A service whose URL is
+    the same as in C{previous} keeps its breaker, with its state, and its
+    upstream with its connections.
     """
 
     def transitioned(service: str, from_state: str, to_state: str) -> None:
@@ -63,23 +63,24 @@ def build_routes(
         kept = (previous or {}).get(name)
         if kept is not None and kept.config.url == service.url:
             kept.breaker.retune(service.breaker_threshold, service.breaker_cooldown)
-            routes[name] = ServiceRoute(config=service, agent=kept.agent, breaker=kept.breaker)
+            routes[name] = ServiceRoute(config=service, upstream=kept.upstream, breaker=kept.breaker)
         else:
             breaker = CircuitBreaker(
                 name, clock, service.breaker_threshold, service.breaker_cooldown, log, transitioned
             )
-            routes[name] = ServiceRoute(config=service, agent=agent_for(service), breaker=breaker)
+            routes[name] = ServiceRoute(config=service, upstream=upstream_for(service), breaker=breaker)
     return routes
 
 
 def build_gateway(
     config: GatewayConfig,
     clock: IReactorTime,
-    agent_for: Callable[[ServiceConfig], IAgent],
+    upstream_for: Callable[[ServiceConfig], IUpstream],
     store: IRateLimitStore | None,
     log: Any,
+    metrics: GatewayMetrics,
+    access_log: AccessLog,
     rng: random.Random | None = None,
-    metrics: GatewayMetrics | None = None,
     previous: Gateway | None = None,
 ) -> Gateway:
     """
@@ -87,24 +88,25 @@ def build_gateway(
     limiter on C{store}.  With C{previous} (a reload), unchanged services
     keep their breakers and connections, and the uptime goes on.
     """
-    metrics = metrics or (previous.metrics if previous is not None else GatewayMetrics())
-    routes = build_routes(config, clock, agent_for, log, metrics, previous.broker.routes if previous else None)
+    routes = build_routes(config, clock, upstream_for, log, metrics, previous.broker.routes if previous else None)
     limiter = RateLimiter.from_config(config.ratelimit, store) if store is not None else None
-    broker = ServiceBroker(clock, routes, limiter, rng, metrics)
+    broker = ServiceBroker(clock, routes, limiter, metrics, rng)
     started_at = previous.started_at if previous is not None else None
-    return Gateway(config, clock, broker, store, log, metrics, started_at)
+    return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
 
 
-def build_site(gateway: Gateway, reactor: Any = None) -> GatewaySite:
-    """The HTTP site serving C{gateway}; its connection timers run on C{reactor}."""
+def build_server_factory(front: GatewayFront, clock: IReactorTime) -> HTTPServerFactory:
+    """The data plane's listener serving C{front}; its connection timers run on C{clock}."""
+    gateway = front.gateway
     settings = gateway.config.gateway
-    return GatewaySite(
-        GatewayRoot(gateway),
+    return HTTPServerFactory(
+        front,
+        clock,
+        gateway.log,
         max_body_size=settings.max_body_size,
         header_timeout=settings.header_timeout,
         idle_timeout=settings.client_idle_timeout,
-        log=gateway.log,
-        reactor=reactor,
+        secure=settings.listen.startswith("ssl:"),
     )
 
 
@@ -132,16 +134,19 @@ class GatewayService(MultiService):
         self._clock = reactor if clock is None else clock
         self._stdout = sys.stdout if stdout is None else stdout
         self._config_path = config_path
-        self.sink = open_sink(config.logging.file, self._stdout)
+        self.sink = open_sink(config.logging.file, self._stdout, self._clock)
         configure_logging(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
-        self._pools: dict[str, HTTPConnectionPool] = {}
+        self.metrics = GatewayMetrics()
+        self._upstreams: list[UpstreamEndpoint] = []
         self._stopping = False
         store = self._rate_limit_store(config)
-        self.gateway = build_gateway(config, self._clock, self._agent_for, store, self.log)
-        self.site = build_site(self.gateway, reactor)
-        self.root: GatewayRoot = self.site.resource
-        strports.service(config.gateway.listen, self.site, reactor=reactor).setServiceParent(self)
+        self.gateway = build_gateway(
+            config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level)
+        )
+        self.front = GatewayFront(self.gateway)
+        self.server_factory = build_server_factory(self.front, reactor)
+        strports.service(config.gateway.listen, self.server_factory, reactor=reactor).setServiceParent(self)
 
     def _rate_limit_store(self, config: GatewayConfig) -> IRateLimitStore:
         settings = config.ratelimit
@@ -153,12 +158,12 @@ class GatewayService(MultiService):
             )
         return MemoryRateLimitStore(self._clock)
 
-    def _agent_for(self, service: ServiceConfig) -> IAgent:
-        pool = HTTPConnectionPool(self._reactor, persistent=True)
-        pool.maxPersistentPerHost = POOL_IDLE_CONNECTIONS
-        pool.cachedConnectionTimeout = POOL_IDLE_SECONDS
-        self._pools[service.url] = pool
-        return pooled_agent(self._reactor, pool)
+    def _upstream_for(self, service: ServiceConfig) -> IUpstream:
+        # One pool per service, even for services sharing a URL: each is
+        # closed when its own service goes.
+        upstream = UpstreamEndpoint(service.url, self._reactor, max_idle=POOL_IDLE_CONNECTIONS, idle_seconds=POOL_IDLE_SECONDS)
+        self._upstreams.append(upstream)
+        return upstream
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -214,18 +219,29 @@ class GatewayService(MultiService):
                 self.log.error("config_reload_rejected", reason=f"[logging] file: {error}")
                 return False
             old_sink, self.sink = self.sink, sink
+            sink._clock = self._clock
             configure_logging(self.sink, config.logging.level)
             self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
             old_sink.close()
         store = old.store
         if config.ratelimit != old.config.ratelimit:
             store = self._rate_limit_store(config)
-        gateway = build_gateway(config, self._clock, self._agent_for, store, self.log, previous=old)
+        gateway = build_gateway(
+            config,
+            self._clock,
+            self._upstream_for,
+            store,
+            self.log,
+            self.metrics,
+            AccessLog(self.sink, config.logging.level),
+            previous=old,
+        )
         gateway.accepting = old.accepting
-        self.site.max_body_size = config.gateway.max_body_size
-        self.site.header_timeout = config.gateway.header_timeout
-        self.site.timeOut = config.gateway.client_idle_timeout
-        self.root.use(gateway)
+        self.server_factory.max_body_size = config.gateway.max_body_size
+        self.server_factory.header_timeout = config.gateway.header_timeout
+        self.server_factory.idle_timeout = config.gateway.client_idle_timeout
+        self.server_factory.log = self.log
+        self.front.use(gateway)
         self.gateway = gateway
         self._retire(old, gateway)
         changed = sorted(
@@ -242,10 +258,11 @@ class GatewayService(MultiService):
         for route in old.broker.routes.values():
             if id(route.breaker) not in kept_breakers:
                 route.breaker.stop()
-        used_urls = {route.config.url for route in new.broker.routes.values()}
-        for url in [url for url in self._pools if url not in used_urls]:
+        used = {id(route.upstream) for route in new.broker.routes.values()}
+        for upstream in [upstream for upstream in self._upstreams if id(upstream) not in used]:
             # Only idle connections close; requests in flight finish first.
-            self._pools.pop(url).closeCachedConnections()
+            self._upstreams.remove(upstream)
+            upstream.close()
         if old.store is not None and old.store is not new.store:
             old.store.close()
 
@@ -254,7 +271,7 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred:
         self._stopping = True
         self.gateway.accepting = False
-        self.log.info("gateway_stopping", in_flight=self.root.in_flight)
+        self.log.info("gateway_stopping", in_flight=self.front.in_flight)
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -262,21 +279,33 @@ class GatewayService(MultiService):
         await self._drain(self.gateway.config.gateway.drain_timeout)
         for route in self.gateway.broker.routes.values():
             route.breaker.stop()
-        await DeferredList([pool.closeCachedConnections() for pool in self._pools.values()])
+        await DeferredList([upstream.close() for upstream in self._upstreams])
         if self.gateway.store is not None:
             await self.gateway.store.close()
         self.log.info("gateway_stopped")
+        self.sink.flush()
 
     async def _drain(self, timeout: float) -> None:
-        """Wait for the requests in flight, for C{timeout} seconds at most."""
-        if self.root.in_flight == 0:
-            return
-        self.log.info("gateway_draining", in_flight=self.root.in_flight, drain_timeout=timeout)
-        idle = self.root.wait_until_idle()
-        idle.addTimeout(timeout, self._clock)
+        """
+        Wait for the requests in flight, for C{timeout} seconds at most, then
+        close the client connections once what was written to them is out
+        (the reactor stops right after: an answer still in a buffer would be
+        lost).
+        """
+        started = self._clock.seconds()
+        if self.front.in_flight:
+            self.log.info("gateway_draining", in_flight=self.front.in_flight, drain_timeout=timeout)
+            idle = self.front.wait_until_idle()
+            idle.addTimeout(timeout, self._clock)
+            try:
+                await idle
+            except Exception:
+                self.log.warning("gateway_drain_timeout", cut=self.front.in_flight, drain_timeout=timeout)
+            else:
+                self.log.info("gateway_drained")
+        closed = self.server_factory.close_connections()
+        closed.addTimeout(max(0.1, timeout - (self._clock.seconds() - started)), self._clock)
         try:
-            await idle
+            await closed
         except Exception:
-            self.log.warning("gateway_drain_timeout", cut=self.root.in_flight, drain_timeout=timeout)
-        else:
-            self.log.info("gateway_drained")
+            self.server_factory.abort_connections()

@@ -1,34 +1,32 @@
 """
-The wire toward a backend: which headers cross the gateway in each
-direction, the request body producer, and the relay that streams a
-backend's answer to the client as it arrives.
+The wire toward a backend, as the broker sees it: which headers cross the
+gateway in each direction, and the relay that streams a backend's answer
+to the client as it arrives, with backpressure and an idle timer.
+
+The broker talks to an L{IUpstream} (L{txgateway.client}) directly, not to
+twisted.web's C{Agent} through treq: a transparent proxy must not have a
+cookie jar, a redirect follower or a decompressor between the client and
+the backend; bytes pass through unchanged.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequest, IResponse
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
+from txgateway.client import BodyControl, IBodyConsumer, UpstreamResponse
+from txgateway.server import IncomingRequest
+
 __all__ = [
-    "pooled_agent",
-    "BytesProducer",
     "BodyRelay",
     "StreamIdle",
     "StreamBroken",
+    "end_to_end",
     "request_headers_for_upstream",
-    "copy_response_headers",
-    "discard_body",
+    "response_headers_for_client",
 ]
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and those a proxy sets itself.
@@ -52,43 +50,12 @@ _NOT_FORWARDED_TO_UPSTREAM = _HOP_BY_HOP | {
     b"x-request-id",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-forwarded-for",
+    # The gateway answered 100-continue itself and sends the body whole.
+    b"expect",
 }
 #: Response headers the gateway writes itself for the client.
 _NOT_FORWARDED_TO_CLIENT = _HOP_BY_HOP | {b"content-length"}
-
-
-@implementer(IAgentEndpointFactory)
-class _ReusedEndpoints:
-    """
-    One endpoint per backend address, made once: Agent's own factory builds
-    (and IDNA-encodes) a new endpoint for every request, pooled or not.
-    """
-
-    def __init__(self, reactor, tls_policy) -> None:
-        self._reactor = reactor
-        self._tls_policy = tls_policy
-        self._endpoints: dict = {}
-
-    def endpointForURI(self, uri):
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
-def pooled_agent(reactor, pool: HTTPConnectionPool) -> IAgent:
-    """
-    The agent a service's requests go through: keep-alive connections from
-    C{pool}, certificates checked like a browser would for https backends,
-    no cookies, no redirects, no decompression: bytes pass through.
-    """
-    return Agent.usingEndpointFactory(reactor, _ReusedEndpoints(reactor, BrowserLikePolicyForHTTPS()), pool=pool)
 
 
 class StreamIdle(Exception):
@@ -99,10 +66,10 @@ class StreamBroken(Exception):
     """The backend's body ended before it was complete."""
 
 
-def _connection_named(headers: Headers) -> frozenset[bytes]:
+def _connection_named(values: list[bytes]) -> frozenset[bytes]:
     """Header names listed in C{Connection}: hop-by-hop for this message."""
     named = set()
-    for value in headers.getRawHeaders(b"connection", []):
+    for value in values:
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
@@ -110,105 +77,53 @@ def _connection_named(headers: Headers) -> frozenset[bytes]:
     return frozenset(named)
 
 
-def _end_to_end(headers: Headers, excluded: frozenset[bytes]) -> Iterable[tuple[bytes, list[bytes]]]:
-    excluded = excluded | _connection_named(headers)
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() not in excluded:
-            yield name, values
+def end_to_end(headers: list[tuple[bytes, bytes]], excluded: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """C{headers} less the hop-by-hop ones, those named in C{Connection}, and C{excluded}."""
+    connection = [value for name, value in headers if name.lower() == b"connection"]
+    if connection:
+        excluded = excluded | _connection_named(connection)
+    return [(name, value) for name, value in headers if name.lower() not in excluded]
 
 
 def request_headers_for_upstream(
-    request: IRequest,
+    request: IncomingRequest,
     request_id: str,
     client_address: str,
     extra: Iterable[tuple[bytes, bytes]] = (),
     withheld: Iterable[bytes] = (),
-) -> Headers:
+) -> list[tuple[bytes, bytes]]:
     """
     The headers a backend gets: the client's end-to-end headers (less the
     C{withheld} ones), the request id, the C{X-Forwarded-*} trio and the
-    C{extra} ones (trace context).  The backend's own C{Host} comes from its
-    URL (the agent writes it).
+    C{extra} ones (trace context).  The backend's own C{Host} and the
+    C{Content-Length} are written by the upstream client.
     """
-    incoming = request.requestHeaders
-    outgoing = Headers()
     extra = list(extra)
-    excluded = _NOT_FORWARDED_TO_UPSTREAM | {name.lower() for name in withheld}
-    excluded |= {name.lower() for name, _ in extra}
-    for name, values in _end_to_end(incoming, excluded):
-        if name.lower() == b"x-forwarded-for":
-            continue
-        outgoing.setRawHeaders(name, values)
-    forwarded_for = incoming.getRawHeaders(b"x-forwarded-for", [])
-    outgoing.setRawHeaders(
-        b"x-forwarded-for", [b", ".join([*forwarded_for, client_address.encode("ascii")])]
-    )
-    outgoing.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-    host = incoming.getRawHeaders(b"host", [None])[0]
+    excluded = _NOT_FORWARDED_TO_UPSTREAM
+    if withheld or extra:
+        excluded = excluded | {name.lower() for name in withheld} | {name.lower() for name, _ in extra}
+    outgoing = end_to_end(request.headers, excluded)
+    forwarded_for = request.header_values(b"x-forwarded-for")
+    outgoing.append((b"X-Forwarded-For", b", ".join([*forwarded_for, client_address.encode("ascii")])))
+    outgoing.append((b"X-Forwarded-Proto", b"https" if request.secure else b"http"))
+    host = request.header(b"host")
     if host is not None:
-        outgoing.setRawHeaders(b"x-forwarded-host", [host])
-    outgoing.setRawHeaders(b"x-request-id", [request_id.encode("ascii")])
-    for name, value in extra:
-        outgoing.setRawHeaders(name, [value])
+        outgoing.append((b"X-Forwarded-Host", host))
+    outgoing.append((b"X-Request-ID", request_id.encode("ascii")))
+    outgoing.extend(extra)
     return outgoing
 
 
-def copy_response_headers(response: IResponse, request: IRequest) -> None:
+def response_headers_for_client(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
     """
-    Put a backend's status and end-to-end headers on the client response.
-    Twisted's client moves C{Content-Length} into C{response.length}; it is
-    set again here, or every answer would go out chunked.
+    A backend's end-to-end answer headers; the framing ones
+    (C{Content-Length}, C{Transfer-Encoding}) are the gateway's to write.
     """
-    request.setResponseCode(response.code, response.phrase or None)
-    for name, values in _end_to_end(response.headers, _NOT_FORWARDED_TO_CLIENT):
-        request.responseHeaders.setRawHeaders(name, values)
-    if isinstance(response.length, int) and response.code not in NO_BODY_CODES:
-        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+    return end_to_end(response.headers, _NOT_FORWARDED_TO_CLIENT)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body already in memory (bounded by C{max_body_size}), written
-    at once, so that every attempt can replay it.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        if self._body:
-            consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _Discard(Protocol):
-    def makeConnection(self, transport) -> None:  # type: ignore[override]
-        # Closing the connection is cheaper than reading an error body of
-        # unknown size that nobody will see.
-        transport.stopProducing()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        pass
-
-
-def discard_body(response: IResponse) -> None:
-    """Drop a response that will not be relayed, closing its connection."""
-    response.deliverBody(_Discard())
-
-
-@implementer(IPushProducer)
-class BodyRelay(Protocol):
+@implementer(IPushProducer, IBodyConsumer)
+class BodyRelay:
     """
     Streams a backend's body to the client chunk by chunk, registered as the
     client's push producer (a slow client pauses the backend read), with an
@@ -218,14 +133,15 @@ class BodyRelay(Protocol):
     C{done} fires with L{None} when the body is complete, or fails with
     L{StreamIdle} or L{StreamBroken} (the backend's doing) or
     L{CancelledError} (the client went away); cancelling it stops the
-    backend transport.
+    backend's delivery.
     """
 
-    def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(self, request: IncomingRequest, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._control: BodyControl | None = None
         self._watching = False
         self._idled = False
         self._client_left = False
@@ -240,39 +156,28 @@ class BodyRelay(Protocol):
         """
         if not self.done.called:
             self._watching = True
-            self._request.registerProducer(self, True)
+            self._request.register_producer(self)
             self._arm_idle_timer()
 
-    # IPushProducer, toward the client: pass flow control to the backend.
+    # IBodyConsumer, from the backend
 
-    def pauseProducing(self) -> None:
-        self._disarm_idle_timer()
-        self.transport.pauseProducing()
+    def body_started(self, control: BodyControl) -> None:
+        self._control = control
 
-    def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
-        if self._watching:
-            self._arm_idle_timer()
-
-    def stopProducing(self) -> None:
-        # Only the client side calls this: its connection is gone.
-        self._client_left = True
-        self._disarm_idle_timer()
-        self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
+    def body_received(self, data: bytes) -> None:
         self.bytes_relayed += len(data)
         self._request.write(data)
         if self._watching:
             self._arm_idle_timer()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def body_ended(self, error: Exception | None) -> None:
         self._disarm_idle_timer()
         if self._watching:
-            self._request.unregisterProducer()
+            self._watching = False
+            self._request.unregister_producer()
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if error is None:
             self.done.callback(None)
         elif self._client_left:
             # Not the backend's fault: the client went away mid-answer.
@@ -280,7 +185,24 @@ class BodyRelay(Protocol):
         elif self._idled:
             self.done.errback(StreamIdle(f"no data for {self._idle_timeout:g} s"))
         else:
-            self.done.errback(StreamBroken(reason.getErrorMessage()))
+            self.done.errback(StreamBroken(str(error)))
+
+    # IPushProducer, toward the client: pass flow control to the backend
+
+    def pauseProducing(self) -> None:
+        self._disarm_idle_timer()
+        self._control.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._control.resumeProducing()
+        if self._watching:
+            self._arm_idle_timer()
+
+    def stopProducing(self) -> None:
+        # Only the client side calls this: its connection is gone.
+        self._client_left = True
+        self._disarm_idle_timer()
+        self._control.stopProducing()
 
     def _arm_idle_timer(self) -> None:
         if self._idle_call is not None and self._idle_call.active():
@@ -296,9 +218,9 @@ class BodyRelay(Protocol):
     def _went_idle(self) -> None:
         self._idle_call = None
         self._idled = True
-        self.transport.stopProducing()
+        self._control.stopProducing()
 
     def _cancel(self, done: Deferred[None]) -> None:
         self._disarm_idle_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self._control is not None:
+            self._control.stopProducing()

@@ -148,7 +148,32 @@ class Gateway:
         return request(self.port, method, path, **kwargs)
 
     def log_lines(self) -> list[dict]:
-        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+        """The log file's lines so far (a line still being written is left out)."""
+        text = self.log_file.read_text() if self.log_file.exists() else ""
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines()]
+
+    def logged(self, event: str, timeout: float = 10.0, **fields) -> list[dict]:
+        """
+        The lines of C{event} (with these C{fields}) once one was written:
+        the daemon writes its log in batches, at most 0.1 s late.
+        """
+        def found() -> list[dict]:
+            return [
+                e for e in self.log_lines()
+                if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+            ]
+
+        wait_until(lambda: bool(found()), timeout)
+        return found()
+
+    def story(self, request_id: str) -> list[dict]:
+        """Every line about one request, once its access line was written."""
+        wait_until(lambda: any(
+            e.get("request_id") == request_id and e.get("event") in ("request_completed", "request_aborted")
+            for e in self.log_lines()
+        ))
+        return [e for e in self.log_lines() if e.get("request_id") == request_id]
 
     def stop(self) -> int:
         return self.process.stop()

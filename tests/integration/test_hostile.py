@@ -116,6 +116,7 @@ def test_a_request_id_cannot_inject_a_header_or_a_log_field(gateway):
     code, headers, body = parse(raw)
     assert code == 200
     assert len(headers["x-request-id"]) == 36
+    assert gateway.story(headers["x-request-id"])
     for line in gateway.log_lines():
         assert line.get("level") != "critical"
 
@@ -209,7 +210,7 @@ def test_a_backend_speaking_garbage_is_a_502(raw_backend_gateway):
     assert answer.status == 502
     assert answer.error["type"] == "upstream_unavailable"
     assert raw.accepted == 2  # retried once, like any failed attempt
-    story = [e for e in gateway.log_lines() if e.get("request_id") == answer.headers["X-Request-ID"]]
+    story = gateway.story(answer.headers["X-Request-ID"])
     assert story[-1]["status"] == 502
     still_serves(gateway)
 

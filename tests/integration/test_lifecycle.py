@@ -94,7 +94,7 @@ def test_sighup_with_a_changed_file_applies_it(start_gateway, backend):
     gateway.config.write_text(gateway.config.read_text() + f"[service:extra]\nurl = {backend.url}\n")
     gateway.process.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: gateway.request("GET", "/api/extra/echo").status == 200)
-    reloaded = [e for e in gateway.log_lines() if e.get("event") == "config_reloaded"]
+    reloaded = gateway.logged("config_reloaded")
     assert reloaded and reloaded[0]["services_changed"] == ["extra"]
     assert "extra" in gateway.request("GET", "/health").json()["services"]
 

@@ -28,7 +28,7 @@ def test_api_keys_trace_context_and_metrics(gateway):
     assert "authorization" not in echoed
     assert echoed["traceparent"][0].startswith(f"00-{TRACE}-")
     assert not echoed["traceparent"][0].startswith(f"00-{TRACE}-b7ad6b7169203331")
-    lines = [e for e in gateway.log_lines() if e.get("request_id") == "ops-1"]
+    lines = gateway.story("ops-1")
     assert lines and all(e["trace_id"] == TRACE and e["api_key_name"] == "ops" for e in lines)
     assert "ops-secret-1" not in gateway.log_file.read_text()
 

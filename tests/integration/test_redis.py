@@ -129,6 +129,7 @@ def test_redis_going_away_and_coming_back(start_gateway, backend, redis_server):
     redis_server.start()
     wait_until(lambda: gateway.request("GET", "/api/data/echo").status == 200
                and gateway.request("GET", "/health").json()["ratelimit"]["healthy"], timeout=20)
+    gateway.logged("ratelimit_redis_recovered")
     events = [e["event"] for e in gateway.log_lines() if e.get("event", "").startswith("ratelimit_redis")]
     assert events == ["ratelimit_redis_unavailable", "ratelimit_redis_recovered"]
 

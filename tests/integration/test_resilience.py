@@ -52,7 +52,7 @@ def test_a_backend_that_always_fails_opens_the_circuit_and_then_fails_fast(start
     assert health["services"]["data"]["circuit"] == "open"
     assert health["services"]["ai"]["circuit"] == "closed"  # the same backend, another service
     assert gateway.request("GET", "/api/ai/echo").status == 200
-    transitions = [e for e in gateway.log_lines() if e.get("event") == "circuit_transition"]
+    transitions = gateway.logged("circuit_transition")
     assert [(e["service"], e["from"], e["to"]) for e in transitions] == [("data", "closed", "open")]
     assert transitions[0]["request_id"]
 
@@ -72,7 +72,7 @@ def test_refused_connections_are_retried_then_answered_502(start_gateway, backen
     answer = gateway.request("GET", "/api/down/x")
     assert answer.status == 502
     assert answer.error["type"] == "upstream_unavailable"
-    story = [e for e in gateway.log_lines() if e.get("request_id") == answer.headers["X-Request-ID"]]
+    story = gateway.story(answer.headers["X-Request-ID"])
     assert [e.get("attempt") for e in story if e["event"] == "attempt_failed"] == [1, 2, 3, 4]
 
 

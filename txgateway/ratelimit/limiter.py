@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import attrs
+from typing import Any
+
 from twisted.internet.defer import Deferred
-from twisted.web.iweb import IRequest
 
 from txgateway.config import RateLimitConfig, ServiceConfig
 from txgateway.ratelimit.bucket import BucketSpec, Decision
@@ -47,19 +48,19 @@ class RateLimiter:
             service.ratelimit_window or self.default.window,
         )
 
-    def key_for(self, request: IRequest, client: str, caller: str | None = None) -> str:
+    def key_for(self, request: Any, client: str, caller: str | None = None) -> str:
         """The client key: the address, the API key's name, or the configured header's value."""
         if self.key_rule == "api_key" and caller is not None:
             return "k:" + caller
         if self.key_rule.startswith("header:"):
-            value = request.getHeader(self.key_rule[len("header:"):])
+            value = request.header(self.key_rule[len("header:"):].lower().encode("ascii"))
             if value:
                 # Hashed: API keys must not sit in memory or Redis in the clear.
-                return "h:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+                return "h:" + hashlib.sha256(value).hexdigest()[:32]
         return "ip:" + client
 
     def take(
-        self, request: IRequest, client: str, service: ServiceConfig, caller: str | None = None
+        self, request: Any, client: str, service: ServiceConfig, caller: str | None = None
     ) -> Deferred[Decision]:
         """Take one token for this request from the store."""
         return self.store.take(self.key_for(request, client, caller), self.spec_for(service))

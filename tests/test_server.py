@@ -1,6 +1,6 @@
 """
-The server side byte by byte: the gateway's site on a StringTransport and a
-Clock, fed raw requests, hostile ones included.
+The data plane's server side byte by byte: the production protocol on a
+StringTransport and a Clock, fed raw requests, hostile ones included.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from tests.fakes import SERVICE_INI, Harness
-from txgateway.service import build_site
 
 
 class HalfClosableTransport(StringTransport):
@@ -32,8 +31,7 @@ class Connection:
     def __init__(self, ini: str = SERVICE_INI) -> None:
         self.harness = Harness(ini)
         self.clock = self.harness.clock
-        self.site = build_site(self.harness.gateway, self.clock)
-        self.channel = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5555))
+        self.channel = self.harness.server_factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 5555))
         self.transport = HalfClosableTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 5555))
         self.channel.makeConnection(self.transport)
 
@@ -210,3 +208,11 @@ def test_lingering_ends_after_linger_total_whatever_the_client_does():
     assert connection.transport.disconnecting
     connection.channel.connectionLost(Failure(ConnectionDone()))
     assert [call for call in connection.clock.getDelayedCalls() if call.active() and "linger" in repr(call.func)] == []
+
+
+def test_a_method_the_parser_does_not_know_gets_a_json_501():
+    connection = Connection()
+    connection.send(b"BREW /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert json_error(connection, 501)["type"] == "not_implemented"
+    assert connection.closing
+    assert connection.harness.agents["ai"].requests == []
