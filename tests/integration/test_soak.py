@@ -73,6 +73,10 @@ MIX = [
 ]
 
 
+def hang_calls(calls: dict) -> int:
+    return sum(count for path, count in calls["by_path"].items() if path.endswith("/hang"))
+
+
 def pick(rng: random.Random) -> str:
     return rng.choices([name for name, _ in MIX], [weight for _, weight in MIX])[0]
 
@@ -112,6 +116,24 @@ ratelimit_window = 3600
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(42)
     outcomes: dict[str, dict[int, int]] = {}
+    calls_before = backend.calls()
+    hangs = {"issued": 0, "seen_before": hang_calls(calls_before)}
+
+    async def backend_saw_every_hang() -> None:
+        """
+        Until every /hang request issued so far reached the backend: a
+        cancellation is only meaningful (and only counted by the backend as
+        a disconnect) once its request got there.  A fixed timer instead
+        sometimes cancelled this client's own connection attempt
+        (ConnectingCancelledError) or a request still inside the gateway.
+        """
+        deadline = reactor.seconds() + 20
+        while True:
+            calls = await treq.json_content(await client.get(backend.url + "/calls"))
+            if hang_calls(calls) - hangs["seen_before"] >= hangs["issued"]:
+                return
+            assert reactor.seconds() < deadline, "hang requests did not reach the backend within 20 s"
+            await deferLater(reactor, 0.01, lambda: None)
 
     async def one(kind: str) -> None:
         if kind == "healthy":
@@ -128,7 +150,9 @@ ratelimit_window = 3600
             d = client.get(base + "/api/data/%2e%2e/x")
         else:  # cancelled: the client gives up while the backend hangs
             d = client.get(base + "/api/data/hang")
-            reactor.callLater(0.02, d.cancel)
+            hangs["issued"] += 1
+            await backend_saw_every_hang()
+            d.cancel()
             try:
                 await d
             except (defer.CancelledError, ResponseNeverReceived):
@@ -167,8 +191,12 @@ ratelimit_window = 3600
         assert rss_after - rss_before < 25, (rss_before, rss_after)
         # Every request answered: no timer of the gateway's is left pending.
         assert clock.getDelayedCalls() == [], clock.getDelayedCalls()
-        assert service.root.in_flight == 0
-        assert backend.calls()["disconnects"] >= sum(outcomes["cancelled"].values())
+        assert service.front.in_flight == 0
+        cancelled = sum(outcomes["cancelled"].values())
+        deadline = reactor.seconds() + 20
+        while (await treq.json_content(await client.get(backend.url + "/calls")))["disconnects"] - calls_before["disconnects"] < cancelled:
+            assert reactor.seconds() < deadline, "the backend did not see every cancelled request go"
+            await deferLater(reactor, 0.05, lambda: None)
         assert service.gateway.broker.routes["data"].breaker.status().state == "closed"
     finally:
         await pool.closeCachedConnections()
