@@ -15,8 +15,9 @@ It also drives bench/bare_agent_proxy.py, a pooled Agent proxy with no
 features, to show what Twisted's HTTP client and server cost on their own.
 
 Each proxy is driven one at a time with `wrk -t1`, interleaved and repeated
-(the medians are reported): req/s at 32 connections, and p50/p99 latency at
-one connection.  Then: the open circuit's fail-fast latency, the SSE first
+(the medians are reported): req/s at 32 connections, the proxy process's
+CPU time (utime + stime from /proc) per request in that run, and p50/p99
+latency at one connection.  Then: the open circuit's fail-fast latency, the SSE first
 byte's delay, the Redis limiter's cost, and the gateway's memory.  Exit
 status 1 when the gateway answered anything but 2xx where it should not.
 """
@@ -114,6 +115,8 @@ def wrk(url: str, connections: int, duration: float) -> dict:
     if rps is None:
         raise SystemExit(f"bench: wrk against {url} failed:\n{output}{run.stderr}")
     result = {"rps": float(rps.group(1))}
+    total = re.search(r"(\d+) requests in", output)
+    result["requests"] = int(total.group(1)) if total else 0
     for percent in ("50", "99"):
         result[f"p{percent}"] = _seconds(re.search(rf"^\s+{percent}%\s+(\S+)", output, re.M).group(1))
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
@@ -191,6 +194,19 @@ def gateway_ini(tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ra
 
 def start_gateway(processes: Processes, twistd: str, ini: Path, port: int, env: dict | None = None) -> subprocess.Popen:
     return processes.start([twistd, "-n", "--pidfile=", "txgateway", "--config", str(ini)], port, env=env, cwd=str(ini.parent))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of the process and its children (nginx's worker)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            total += sum(cpu_seconds(int(child)) for child in children.read().split())
+    except OSError:
+        pass
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -279,15 +295,19 @@ def main() -> int:
         processes.start([sys.executable, str(HERE / "upstream.py"), str(sse_port)], sse_port)
 
         targets: dict[str, str] = {"direct": f"http://127.0.0.1:{upstream}/"}
+        pids: dict[str, int] = {"direct": processes.started[0].pid}
         gateway_port = free_port()
         gateway = start_gateway(processes, twistd, gateway_ini(tmp, gateway_port, upstream, sse_port), gateway_port,
                                 env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
         targets["txgateway"] = f"http://127.0.0.1:{gateway_port}/api/bench/"
+        pids["txgateway"] = gateway.pid
         rp_port = free_port()
-        processes.start([sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port)
+        pids["twisted ReverseProxyResource"] = processes.start(
+            [sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port).pid
         targets["twisted ReverseProxyResource"] = f"http://127.0.0.1:{rp_port}/"
         bare_port = free_port()
-        processes.start([sys.executable, str(HERE / "bare_agent_proxy.py"), str(bare_port), str(upstream)], bare_port)
+        pids["bare Agent proxy (no features)"] = processes.start(
+            [sys.executable, str(HERE / "bare_agent_proxy.py"), str(bare_port), str(upstream)], bare_port).pid
         targets["bare Agent proxy (no features)"] = f"http://127.0.0.1:{bare_port}/"
         if shutil.which("nginx"):
             port = free_port()
@@ -297,7 +317,7 @@ def main() -> int:
                     listen 127.0.0.1:{port};
                     location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
                 }}""")
-            processes.start(["nginx", "-c", str(conf)], port)
+            pids["nginx proxy"] = processes.start(["nginx", "-c", str(conf)], port).pid
             targets["nginx proxy"] = f"http://127.0.0.1:{port}/"
         if shutil.which("haproxy"):
             port = free_port()
@@ -317,14 +337,15 @@ def main() -> int:
                 backend b
                     server s1 127.0.0.1:{upstream}
             """))
-            processes.start(["haproxy", "-f", str(conf)], port)
+            pids["haproxy (1 thread)"] = processes.start(["haproxy", "-f", str(conf)], port).pid
             targets["haproxy (1 thread)"] = f"http://127.0.0.1:{port}/"
         redis_port = redis_server(processes, tmp)
         if redis_port is not None:
             redis_gw_port = free_port()
             ini = gateway_ini(tmp, redis_gw_port, upstream, sse_port, name="gw-redis",
                               extra_ratelimit=f"backend = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
-            start_gateway(processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
+            pids["txgateway + Redis limiter"] = start_gateway(
+                processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
             targets["txgateway + Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
 
         if args.only:
@@ -334,11 +355,14 @@ def main() -> int:
             wrk(url, 32, min(2.0, args.duration))
         rss_idle = rss_mb(gateway.pid)
 
-        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": []} for name in targets}
+        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": []} for name in targets}
         gateway_bad = 0
         for round_number in range(args.repeat):
             for name, url in targets.items():
+                cpu_before = cpu_seconds(pids[name])
                 many = wrk(url, 32, args.duration)
+                cpu_used = cpu_seconds(pids[name]) - cpu_before
+                runs[name]["cpu_us"].append(cpu_used / max(1, many["requests"]) * 1e6)
                 one = wrk(url, 1, args.duration)
                 runs[name]["rps"].append(many["rps"])
                 runs[name]["p50"].append(one["p50"])
@@ -362,13 +386,15 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
           f"{platform.python_version()} (bench), gateway on {args.gateway_python}; upstream: {upstream_kind}")
     print(f"wrk -t1, {args.duration:g} s a run, {args.repeat} interleaved rounds, medians\n")
-    header = f"{'proxy':32} {'req/s @32':>10} {'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'x ReverseProxy':>15} {'x direct':>9}"
+    base_cpu = medians["twisted ReverseProxyResource"]["cpu_us"]
+    header = (f"{'proxy':32} {'req/s @32':>10} {'x RPR':>6} {'CPU/req':>9} {'x RPR CPU':>9} "
+              f"{'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'x direct':>9}")
     print(header)
     print("-" * len(header))
     for name, m in medians.items():
         added = "" if name == "direct" else f"{(m['p50'] - direct['p50']) * 1e6:7.0f} us"
-        print(f"{name:32} {m['rps']:10.0f} {m['p50'] * 1e6:6.0f} us {m['p99'] * 1e6:6.0f} us {added:>10} "
-              f"{m['rps'] / base_rp:15.2f} {m['rps'] / direct['rps']:9.2f}")
+        print(f"{name:32} {m['rps']:10.0f} {m['rps'] / base_rp:6.2f} {m['cpu_us']:6.0f} us {m['cpu_us'] / base_cpu:9.2f} "
+              f"{m['p50'] * 1e6:6.0f} us {m['p99'] * 1e6:6.0f} us {added:>10} {m['rps'] / direct['rps']:9.2f}")
     print()
     print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
     print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "

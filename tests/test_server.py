@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from tests.fakes import SERVICE_INI, Harness
+from tests.fakes import SERVICE_INI, FakeResponse, Harness
 
 
 class HalfClosableTransport(StringTransport):
@@ -216,3 +216,196 @@ def test_a_method_the_parser_does_not_know_gets_a_json_501():
     assert json_error(connection, 501)["type"] == "not_implemented"
     assert connection.closing
     assert connection.harness.agents["ai"].requests == []
+
+
+# -- the protocol's framing and order
+
+
+def answers(raw: bytes) -> list[tuple[int, dict, bytes]]:
+    """Every answer on the wire, in order (bodies by Content-Length or chunked)."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.decode().lower(): v.decode() for k, v in (line.split(b": ", 1) for line in lines[1:])}
+        if "content-length" in headers:
+            size = int(headers["content-length"])
+            body, raw = rest[:size], rest[size:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    raw = rest[2:]
+                    break
+                body += rest[:size]
+                rest = rest[size + 2:]
+        else:
+            body, raw = rest, b""
+        found.append((status, headers, body))
+    return found
+
+
+def test_pipelined_requests_are_answered_in_order():
+    connection = Connection()
+    connection.send(
+        b"GET /api/ai/first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/ai/third HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    upstream = connection.harness.agents["ai"]
+    assert [r.uri for r in upstream.requests] == [b"http://ai.backend:8000/v1/first"]  # one at a time
+    assert connection.transport.value() == b""
+    upstream.last.respond(FakeResponse(200, {}, b"one"))
+    assert [r.uri.rsplit(b"/", 1)[1] for r in upstream.requests] == [b"first", b"third"]
+    upstream.last.respond(FakeResponse(201, {}, b"three"))
+    got = answers(connection.transport.value())
+    assert [(status, body) for status, _, body in got] == [(200, b"one"), (200, b'{"status": "alive"}'), (201, b"three")]
+    assert not connection.closing
+
+
+REQUEST = b"POST /api/ai/x?q=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: split-1\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("split", range(1, len(REQUEST)))
+def test_a_request_split_at_any_byte_is_the_same_request(split):
+    connection = Connection()
+    connection.send(REQUEST[:split])
+    connection.send(REQUEST[split:])
+    sent = connection.harness.agents["ai"].last
+    assert (sent.method, sent.uri, sent.body) == (b"POST", b"http://ai.backend:8000/v1/x?q=1", b"hello")
+    assert sent.headers.getRawHeaders(b"x-request-id") == [b"split-1"]
+
+
+def test_a_chunked_body_with_extensions_and_trailers_arrives_whole():
+    connection = Connection()
+    connection.send(
+        b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    sent = connection.harness.agents["ai"].last
+    assert sent.body == b"hello world"
+    assert not sent.headers.hasHeader(b"x-trailer")
+    assert not sent.headers.hasHeader(b"transfer-encoding")
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body():
+    connection = Connection()
+    connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    assert connection.transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    connection.send(b"ok")
+    sent = connection.harness.agents["ai"].last
+    assert sent.body == b"ok"
+    assert not sent.headers.hasHeader(b"expect")
+
+
+def test_an_answer_to_head_has_headers_only_with_the_backends_length():
+    connection = Connection()
+    connection.send(b"HEAD /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    connection.harness.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/plain"}, b""))
+    raw = connection.transport.value()
+    assert raw.endswith(b"\r\n\r\n")
+    assert b"Content-Length: 0\r\n" in raw
+    connection.transport.clear()
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # the connection goes on
+    assert connection.transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_stream_to_an_http10_client_ends_with_the_connection():
+    connection = Connection()
+    connection.send(b"GET /api/ai/stream HTTP/1.0\r\nHost: x\r\n\r\n")
+    response = connection.harness.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    response.send(b"data: 1\n\n")
+    response.finish()
+    raw = connection.transport.value()
+    assert b"Transfer-Encoding" not in raw and b"Connection: close\r\n" in raw
+    assert raw.endswith(b"\r\n\r\ndata: 1\n\n")
+    assert connection.transport.disconnecting
+
+
+def test_a_stream_to_an_http11_client_is_chunked_and_the_connection_stays():
+    connection = Connection()
+    connection.send(b"GET /api/ai/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = connection.harness.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    assert connection.transport.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n")  # the head at once
+    response.send(b"data: 1\n\n")
+    response.finish()
+    [(status, headers, body)] = answers(connection.transport.value())
+    assert body == b"data: 1\n\n"
+    assert not connection.closing
+
+
+def test_connection_close_from_the_client_closes_after_the_answer():
+    connection = Connection()
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"Connection: close\r\n" in connection.transport.value()
+    assert connection.transport.disconnecting
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closes():
+    connection = Connection()
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nfollowing bytes")
+    assert connection.transport.value().startswith(b"HTTP/1.1 200 ")
+    assert connection.transport.disconnecting
+
+
+def test_a_refused_pipelined_request_is_answered_after_the_ones_before_it():
+    connection = Connection()
+    connection.send(b"GET /api/ai/first HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nBad Header\r\n\r\n")
+    assert connection.transport.value() == b""
+    connection.harness.agents["ai"].last.respond(FakeResponse(200, {}, b"one"))
+    got = answers(connection.transport.value())
+    assert [status for status, _, _ in got] == [200, 400]
+    assert json.loads(got[1][2])["error"]["type"] == "bad_request"
+    assert connection.closing
+
+
+def test_a_long_pipeline_pauses_reading_until_it_shortens():
+    connection = Connection()
+    connection.send(b"GET /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n" * 12)
+    assert connection.transport.producerState == "paused"
+    upstream = connection.harness.agents["ai"]
+    while connection.transport.producerState == "paused":
+        upstream.last.respond(FakeResponse(200, {}, b"ok"))
+    assert len(upstream.requests) < 12
+
+
+def test_an_answer_in_progress_is_not_idleness():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nclient_idle_timeout = 30\n"))
+    connection.send(b"GET /api/ai/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    connection.clock.advance(9)  # the backend takes its time (its timeout is 10 s)
+    assert not connection.closing
+    connection.harness.agents["ai"].last.respond(FakeResponse(200, {}, b"late"))
+    connection.clock.advance(29.9)
+    assert not connection.closing
+    connection.clock.advance(0.2)
+    assert connection.closing
+
+
+def test_every_status_the_gateway_writes_has_its_reason_phrase():
+    connection = Connection(SERVICE_INI.replace("requests = 1000", "requests = 1"))
+    connection.send(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    connection.send(b"GET /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    connection.harness.agents["ai"].last.respond(FakeResponse(200, {}, b"ok"))
+    connection.transport.clear()
+    connection.send(b"GET /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert connection.transport.value().startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+
+
+def test_pipelined_requests_before_an_upgrade_are_all_answered_then_it_closes():
+    connection = Connection()
+    connection.send(
+        b"GET /api/ai/first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /api/ai/second HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+    )
+    upstream = connection.harness.agents["ai"]
+    upstream.last.respond(FakeResponse(200, {}, b"one"))
+    assert not connection.closing
+    upstream.last.respond(FakeResponse(200, {}, b"two"))
+    got = answers(connection.transport.value())
+    assert [body for _, _, body in got] == [b"one", b"two", b'{"status": "alive"}']
+    assert got[-1][1]["connection"] == "close"
+    assert connection.transport.disconnecting

@@ -307,7 +307,7 @@ class GatewayFront:
         request.on_end = ended
         request.set_header(b"X-Request-ID", request_id.encode("ascii"))
         self.in_flight += 1
-        gateway.metrics.in_flight.inc()
+        gateway.metrics.request_started()
         if request.path.startswith(b"/api/"):
             handled = Deferred.fromCoroutine(routes.api_request(request))
             if not handled.called:
@@ -339,7 +339,6 @@ class GatewayFront:
             bytes_sent=request.bytes_sent,
         )
         gateway.metrics.observe_request(ctx.service, method, status, seconds)
-        gateway.metrics.in_flight.dec()
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []

@@ -11,7 +11,7 @@ import random
 from typing import Mapping
 
 import attrs
-from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
@@ -122,7 +122,8 @@ class ServiceBroker:
 
         if self._limiter is not None:
             caller = ctx.caller.name if ctx.caller is not None else None
-            decision = await self._limiter.take(request, ctx.client, route.config, caller)
+            decided = self._limiter.take(request, ctx.client, route.config, caller)
+            decision = (await decided) if isinstance(decided, Deferred) else decided
             for name, value in _rate_limit_headers(decision):
                 request.set_header(name, value)
             if not decision.allowed:
@@ -249,13 +250,14 @@ class ServiceBroker:
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
         request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
         request.start(response.code, response.reason, response_headers_for_client(response), response.length)
-        if response.length is None:
-            # A stream: send the status and headers now, so that a client
-            # waiting on a slow first token knows the backend answered.
-            request.send_head()
         relay = BodyRelay(request, self._clock, route.config.idle_timeout)
         response.deliver_body(relay)
-        relay.watch_idle()
+        if not relay.done.called:
+            if response.length is None:
+                # A stream: send the status and headers now, so that a client
+                # waiting on a slow first token knows the backend answered.
+                request.send_head()
+            relay.watch_idle()
         try:
             await relay.done
         except (StreamIdle, StreamBroken) as error:

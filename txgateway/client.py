@@ -31,6 +31,8 @@ from twisted.internet.interfaces import IDelayedCall, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Attribute, Interface, implementer
 
+from txgateway._eager import writer_for
+
 __all__ = [
     "IBodyConsumer",
     "IUpstream",
@@ -255,6 +257,7 @@ class _UpstreamConnection(Protocol):
         self._endpoint = endpoint
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: _Exchange | None = None
+        self._response: UpstreamResponse | None = None
         self._reused = False
         self._received = False
         self._interim = False
@@ -270,6 +273,9 @@ class _UpstreamConnection(Protocol):
         self.idle_since = 0.0
         self.lost = False
 
+    def connectionMade(self) -> None:
+        self._write = writer_for(self.transport)
+
     def send(self, exchange: _Exchange, reused: bool) -> None:
         """Write C{exchange}'s request on this connection."""
         self._exchange = exchange
@@ -283,7 +289,7 @@ class _UpstreamConnection(Protocol):
         if self._fresh_parser_needed:
             self._parser = httptools.HttpResponseParser(self)
             self._fresh_parser_needed = False
-        self.transport.write(exchange.request_bytes)
+        self._write(exchange.request_bytes)
 
     def dataReceived(self, data: bytes) -> None:
         exchange = self._exchange
@@ -301,21 +307,29 @@ class _UpstreamConnection(Protocol):
             self.drop_after_exchange = True
             self.transport.abortConnection()
             message = f"the backend's answer is malformed: {error}"
-            if self._in_headers:
+            response, self._response = self._response, None
+            if response is None and not exchange.answered.called:
                 self._fail(exchange, UpstreamProtocolError(message))
             else:
                 self._exchange = None
                 exchange.body_end(StreamEnded(message))
+                if response is not None:
+                    exchange.answered.callback(response)
             return
         self.feeding = False
+        # The answer is told once the whole read is parsed: a body that came
+        # with its headers is then delivered whole, with its end.
+        response, self._response = self._response, None
         if self._complete and self._exchange is exchange:
             self._exchange = None
             exchange.connection = None
-            # Back to the pool before the body's end is told: whoever the
-            # answer's end sets going may reuse this connection.
+            # Back to the pool before the end is told: whoever the answer's
+            # end sets going may reuse this connection.
             self._endpoint.release(self)
             exchange.body_end(None)
-        elif exchange._discarding and not self._complete and self._exchange is exchange:
+        if response is not None:
+            exchange.answered.callback(response)
+        if exchange._discarding and not self._complete and self._exchange is exchange:
             self.drop_after_exchange = True
             self.transport.abortConnection()
 
@@ -360,7 +374,7 @@ class _UpstreamConnection(Protocol):
             # the next exchange gets a new parser.
             self._complete = True
             self._fresh_parser_needed = True
-        exchange.answered.callback(response)
+        self._response = response
 
     def on_body(self, data: bytes) -> None:
         exchange = self._exchange

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import uuid
 from typing import Any, Sequence, Union
 
 import attrs
 from twisted.internet.defer import Deferred
 
 from txgateway.auth import Caller
+from txgateway.ids import uuid4_string
 from txgateway.tracing import TraceContext
 
 __all__ = ["RequestContext", "client_address", "request_id_for"]
@@ -31,7 +31,7 @@ def request_id_for(sent: bytes | None) -> str:
     """
     if sent is not None and _SAFE_ID.fullmatch(sent):
         return sent.decode("ascii")
-    return str(uuid.uuid4())
+    return uuid4_string()
 
 
 def _is_trusted(address: str, trusted: Sequence[_Network]) -> bool:

@@ -185,6 +185,10 @@ class TwistedJsonObserver:
         self._sink.flush()
 
 
+#: One encoder for every access line (json.dumps with an argument builds a new one per call).
+_ENCODE = json.JSONEncoder(default=str).encode
+
+
 class AccessLog:
     """
     The one JSON line per request, written straight to a sink: timestamp,
@@ -214,5 +218,5 @@ class AccessLog:
         line["client"] = ctx.client
         line["attempts"] = ctx.attempts
         line["outcome"] = ctx.outcome
-        self._sink.msg(json.dumps(line, default=str))
+        self._sink.msg(_ENCODE(line))
 

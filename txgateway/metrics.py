@@ -7,16 +7,17 @@ when scraped, so they are never stale.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 #: The classic text format, which every Prometheus scrapes (the names here
 #: need none of the newer format's escaping).
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
-__all__ = ["GatewayMetrics", "CONTENT_TYPE_LATEST", "status_class"]
+__all__ = ["GatewayMetrics", "CONTENT_TYPE_LATEST", "method_label", "status_class"]
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -65,29 +66,74 @@ class _ScrapeTimeCollector:
             yield store
 
 
+class _RequestCounts:
+    """
+    The per-request series as plain numbers, turned into metric families
+    when scraped: a request costs a few dictionary updates, not the
+    locks and label checks of C{prometheus_client}'s children (measured at
+    a twentieth of a proxied request's CPU time).
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.attempts: dict[tuple[str, str], int] = {}
+        self.request_seconds: dict[str, list] = {}
+        self.upstream_seconds: dict[str, list] = {}
+        self.in_flight = 0
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "txgateway_requests", "Requests answered, by service, method and status class.",
+            labels=["service", "method", "status_class"],
+        )
+        for labels, count in sorted(self.requests.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        yield _histogram("txgateway_request_duration_seconds", "Whole request time in the gateway, by service.",
+                         self.request_seconds)
+        yield _histogram("txgateway_upstream_duration_seconds",
+                         "Time from sending an attempt to its response headers, by service.", self.upstream_seconds)
+        attempts = CounterMetricFamily(
+            "txgateway_upstream_attempts", "Attempts sent to backends, by service and outcome "
+            "(answered, http_5xx, timeout, connection_error, abandoned).",
+            labels=["service", "outcome"],
+        )
+        for labels, count in sorted(self.attempts.items()):
+            attempts.add_metric(list(labels), count)
+        yield attempts
+        yield GaugeMetricFamily("txgateway_in_flight_requests", "Requests being handled now.", value=self.in_flight)
+
+
+def _histogram(name: str, documentation: str, by_service: dict[str, list]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["service"])
+    for service, (counts, total) in sorted(by_service.items()):
+        cumulative, running = [], 0
+        for bound, count in zip(_BUCKET_NAMES, counts):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric([service], cumulative, total)
+    return family
+
+
+def _observe(by_service: dict[str, list], service: str, seconds: float) -> None:
+    entry = by_service.get(service)
+    if entry is None:
+        entry = by_service[service] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+    entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+    entry[1] += seconds
+
+
+_BUCKET_NAMES = [repr(float(bound)) for bound in _LATENCY_BUCKETS] + ["+Inf"]
+
+
 class GatewayMetrics:
     """Every metric the gateway exports, and the text that C{/metrics} serves."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "txgateway_requests", "Requests answered, by service, method and status class.",
-            ["service", "method", "status_class"], registry=r,
-        )
-        self.request_duration = Histogram(
-            "txgateway_request_duration_seconds", "Whole request time in the gateway, by service.",
-            ["service"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "txgateway_upstream_duration_seconds", "Time from sending an attempt to its response headers, by service.",
-            ["service"], buckets=_LATENCY_BUCKETS, registry=r,
-        )
-        self.upstream_attempts = Counter(
-            "txgateway_upstream_attempts", "Attempts sent to backends, by service and outcome "
-            "(answered, http_5xx, timeout, connection_error, abandoned).",
-            ["service", "outcome"], registry=r,
-        )
+        self._counts = _RequestCounts()
+        r.register(self._counts)
         self.retries = Counter("txgateway_retries", "Retries scheduled, by service.", ["service"], registry=r)
         self.circuit_transitions = Counter(
             "txgateway_circuit_transitions", "Circuit breaker transitions, by service, from and to state.",
@@ -96,37 +142,36 @@ class GatewayMetrics:
         self.rate_limited = Counter(
             "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
         )
-        self.in_flight = Gauge("txgateway_in_flight_requests", "Requests being handled now.", registry=r)
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
-        self._children: dict = {}
 
     def watch(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
         """Report circuit states and store health from these callables (the current gateway's)."""
         self._scraped.circuits = circuits
         self._scraped.store_health = store_health
 
+    def request_started(self) -> None:
+        """One more request in flight."""
+        self._counts.in_flight += 1
+
     def observe_request(self, service: str | None, method: str, status: int, seconds: float) -> None:
-        """Count one finished request."""
+        """Count one finished request (and one fewer in flight)."""
+        counts = self._counts
+        counts.in_flight -= 1
         label = service or "none"
-        self._child(self.requests, label, method_label(method), status_class(status)).inc()
-        self._child(self.request_duration, label).observe(seconds)
+        key = (label, method_label(method), status_class(status))
+        counts.requests[key] = counts.requests.get(key, 0) + 1
+        _observe(counts.request_seconds, label, seconds)
 
     def observe_attempt(self, service: str, outcome: str) -> None:
         """Count one upstream attempt by its outcome."""
-        self._child(self.upstream_attempts, service, outcome).inc()
+        attempts = self._counts.attempts
+        key = (service, outcome)
+        attempts[key] = attempts.get(key, 0) + 1
 
     def observe_upstream_time(self, service: str, seconds: float) -> None:
         """Time one attempt took until the backend's headers."""
-        self._child(self.upstream_duration, service).observe(seconds)
-
-    def _child(self, metric, *labels: str):
-        # labels() validates and locks on every call: once per label set is enough.
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        _observe(self._counts.upstream_seconds, service, seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Factory, Protocol
 
 from txgateway import errors
+from txgateway._eager import writer_for
 from txgateway.context import request_id_for
 from txgateway.errors import ErrorKind, error_body
 
@@ -183,7 +184,7 @@ class IncomingRequest:
         self.bytes_sent = 0
         self.gone = False
         self.finished = False
-        self._own: list[tuple[bytes, bytes]] = []
+        self._own: dict[bytes, tuple[bytes, bytes]] = {}
         self._head: bytes | None = None
         self._chunked = False
         self._bodiless = False
@@ -220,9 +221,7 @@ class IncomingRequest:
         C{X-Gateway-*}, C{RateLimit-*}); it replaces one of the same name,
         the backend's included.
         """
-        lower = name.lower()
-        self._own = [(n, v) for n, v in self._own if n.lower() != lower]
-        self._own.append((name, value))
+        self._own[name.lower()] = (name, value)
 
     def start(
         self,
@@ -243,17 +242,17 @@ class IncomingRequest:
             raise RuntimeError("the answer was already started")
         channel = self._channel
         self.code = code
-        own_names = {name.lower() for name, _ in self._own}
+        own = self._own
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason or reason_phrase(code))]
         has_date = False
         for name, value in headers:
             lower = name.lower()
-            if lower in own_names:
+            if lower in own:
                 continue
             if lower == b"date":
                 has_date = True
             lines.append(b"%s: %s\r\n" % (name, value))
-        for name, value in self._own:
+        for name, value in own.values():
             lines.append(b"%s: %s\r\n" % (name, value))
         if not has_date and channel is not None:
             lines.append(b"Date: %s\r\n" % channel.date.value())
@@ -280,7 +279,7 @@ class IncomingRequest:
         """Send the status line and headers now (a stream's first token may be slow)."""
         if self._head is not None and not self.gone:
             head, self._head = self._head, None
-            self._channel.transport.write(head)
+            self._channel.write(head)
 
     def write(self, data: bytes) -> None:
         """Write body bytes (dropped once the client is gone)."""
@@ -295,7 +294,7 @@ class IncomingRequest:
         if self._head is not None:
             data = self._head + data
             self._head = None
-        self._channel.transport.write(data)
+        self._channel.write(data)
 
     def finish(self) -> None:
         """The answer is complete; the connection serves the next request, or closes."""
@@ -307,7 +306,7 @@ class IncomingRequest:
             tail = self._head + tail
             self._head = None
         if tail:
-            self._channel.transport.write(tail)
+            self._channel.write(tail)
         self._channel.answer_done(self)
 
     def respond(self, code: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -395,6 +394,7 @@ class HTTPServerProtocol(Protocol):
     # -- connection
 
     def connectionMade(self) -> None:
+        self.write = writer_for(self.transport)
         self.factory.connections.add(self)
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", None) or "unknown"
@@ -499,7 +499,7 @@ class HTTPServerProtocol(Protocol):
             for name, value in reading.headers:
                 if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
                     if self._parser.get_http_version() == "1.1":
-                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:
         reading = self._reading
@@ -573,9 +573,9 @@ class HTTPServerProtocol(Protocol):
             self._closing = True
             self.transport.loseConnection()
             return
-        for request in (self._current, *self._queue):
-            if request._head is None and not request.started:
-                request.keep_alive = False
+        last = self._queue[-1] if self._queue else self._current
+        if not last.started:
+            last.keep_alive = False  # its answer says Connection: close
 
     def abort_answer(self, request: IncomingRequest) -> None:
         """Close at once, the answer unfinished (see L{IncomingRequest.abort})."""
@@ -584,11 +584,14 @@ class HTTPServerProtocol(Protocol):
         self.transport.loseConnection()
 
     def _closing_after_current(self) -> None:
-        # Keep the requests already complete; read nothing more.
-        for request in self._queue:
-            request.keep_alive = False
-        if self._current is not None:
-            self._current.keep_alive = False
+        # Answer the requests already complete, then close; read nothing more.
+        last = self._queue[-1] if self._queue else self._current
+        if last is not None:
+            last.keep_alive = False
+        else:
+            self._closing = True
+            self.transport.loseConnection()
+            return
         if not self._reading_paused:
             self._reading_paused = True
             self.transport.pauseProducing()

@@ -7,9 +7,10 @@ trace starts.  Every attempt carries the same trace context.
 from __future__ import annotations
 
 import re
-import secrets
 
 import attrs
+
+from txgateway.ids import random_hex
 
 __all__ = ["TraceContext", "trace_context_for"]
 
@@ -46,7 +47,7 @@ class TraceContext:
 
 
 def _new_span_id() -> str:
-    span = secrets.token_hex(8)
+    span = random_hex(8)
     return span if span != "0" * 16 else _new_span_id()
 
 
@@ -67,5 +68,5 @@ def trace_context_for(traceparent: bytes | None, tracestate: bytes | None = None
                 if state and (len(state) > _TRACESTATE_MAX or not state.isascii()):
                     state = None
                 return TraceContext(trace_id.decode(), _new_span_id(), flags.decode(), state or None, True)
-    fresh = secrets.token_hex(24)
+    fresh = random_hex(24)
     return TraceContext(fresh[:32], fresh[32:] if fresh[32:] != "0" * 16 else _new_span_id(), "01")

@@ -61,6 +61,6 @@ class RateLimiter:
 
     def take(
         self, request: Any, client: str, service: ServiceConfig, caller: str | None = None
-    ) -> Deferred[Decision]:
-        """Take one token for this request from the store."""
+    ) -> Decision | Deferred[Decision]:
+        """Take one token for this request from the store (see L{IRateLimitStore.take})."""
         return self.store.take(self.key_for(request, client, caller), self.spec_for(service))

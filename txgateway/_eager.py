@@ -1,0 +1,55 @@
+"""
+Eager writes: bytes for a TCP connection whose outgoing buffer is empty go
+to the socket at once, instead of waiting in Twisted's buffer for the
+reactor's next write event.
+
+Twisted's C{write} always buffers and registers the socket for writing,
+and unregisters it once the buffer is empty: two C{epoll_ctl} calls and a
+reactor turn per answer, measured at about a fifth of the gateway's CPU
+time per proxied request.  Sending at once when nothing is waiting keeps
+the bytes in order (nothing is ahead of them), and whatever the socket
+does not take goes through Twisted's own C{write}, as do all writes to
+transports this module does not know (TLS, in-memory test transports), and
+every write once Twisted's buffer is not empty.
+
+This reads three attributes of C{twisted.internet.abstract.FileDescriptor}
+that are not public (C{dataBuffer}, C{offset}, C{_tempDataBuffer}); when a
+Twisted release renames them, L{writer_for} falls back to C{transport.write}
+(slower, never wrong), and C{tests/test_eager.py} fails to say so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import tcp
+
+__all__ = ["writer_for"]
+
+_BUFFER_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataBuffer", "socket", "connected", "disconnecting")
+
+
+def writer_for(transport: Any) -> Callable[[bytes], None]:
+    """A C{write(data)} for C{transport}: eager when it is a plain TCP connection."""
+    if not isinstance(transport, tcp.Connection) or not all(hasattr(transport, a) for a in _BUFFER_ATTRIBUTES):
+        return transport.write
+    send = transport.socket.send
+    buffered = transport.write
+
+    def write(data: bytes) -> None:
+        if (
+            transport.connected
+            and not transport.disconnecting
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) <= transport.offset
+        ):
+            try:
+                sent = send(data)
+            except OSError:
+                sent = 0  # full, or broken: Twisted's own write finds out and reports
+            if sent == len(data):
+                return
+            data = data[sent:]
+        buffered(data)
+
+    return write

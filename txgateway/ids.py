@@ -1,0 +1,41 @@
+"""
+Random ids (request ids, trace and span ids) from the operating system's
+CSPRNG, read in blocks: one C{os.urandom} call serves a few hundred
+requests instead of two calls each (C{uuid4} and C{secrets} measured at
+about a twentieth of the CPU time of a proxied request).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["random_hex", "uuid4_string"]
+
+_BLOCK = 8192
+_pool = {"bytes": b"", "offset": 0, "pid": -1}
+
+
+def _take(count: int) -> bytes:
+    pool = _pool
+    offset = pool["offset"]
+    if offset + count > len(pool["bytes"]) or pool["pid"] != os.getpid():
+        # A forked child must never repeat its parent's ids.
+        pool["bytes"] = os.urandom(_BLOCK)
+        pool["pid"] = os.getpid()
+        offset = 0
+    pool["offset"] = offset + count
+    return pool["bytes"][offset : offset + count]
+
+
+def random_hex(count: int) -> str:
+    """C{count} random bytes as lower-case hex."""
+    return _take(count).hex()
+
+
+def uuid4_string() -> str:
+    """A random (version 4, RFC 4122 variant) UUID in its 36-character form."""
+    raw = bytearray(_take(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
