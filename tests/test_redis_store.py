@@ -34,10 +34,13 @@ class ScriptedRedis:
         self.calls.append((sha, tuple(keys), tuple(args)))
         if self.forgot_script:
             return fail(Exception("NOSCRIPT No matching script. Please use EVAL."))
-        left = self.tokens.get(keys[0], float(args[0]))
-        allowed = left >= 1
-        self.tokens[keys[0]] = left - 1 if allowed else left
-        return self._answer(f"{1 if allowed else 0} {self.tokens[keys[0]]!r}")
+        answers = []
+        for n, key in enumerate(keys):
+            left = self.tokens.get(key, float(args[1 + 2 * n]))
+            allowed = left >= 1
+            self.tokens[key] = left - 1 if allowed else left
+            answers.append(f"{1 if allowed else 0} {self.tokens[key]!r}")
+        return self._answer(" ".join(answers))
 
     def _answer(self, value) -> Deferred:
         if self.mode == "hang":
@@ -62,7 +65,7 @@ def test_the_script_is_loaded_once_and_called_by_sha():
     assert redis.loads == [TOKEN_BUCKET_LUA]
     assert [c[0] for c in redis.calls] == [TOKEN_BUCKET_SHA] * 3
     assert redis.calls[0][1] == ("txgateway:ratelimit:default:ip:a",)
-    assert redis.calls[0][2][:2] == (2, "60.0")
+    assert redis.calls[0][2][1:] == (2, "60.0")
 
 
 def test_decisions_come_from_redis_while_it_answers():
@@ -151,3 +154,34 @@ def test_a_client_leaving_while_redis_is_asked_is_no_verdict_on_redis():
     d.addErrback(lambda failure: failure.trap(CancelledError))
     assert store.healthy
     assert clock.getDelayedCalls() == []
+
+
+def test_takes_that_arrive_while_redis_is_asked_go_together_in_the_next_call():
+    _, redis, store = make()
+    result_of(store.take("ip:a", SPEC))  # loads the script
+    redis.mode = "hang"
+    first = store.take("ip:a", SPEC)
+    waiting = [store.take("ip:b", SPEC), store.take("ip:a", SPEC), store.take("ip:c", SPEC)]
+    assert len(redis.calls) == 2  # the three wait for the call in flight
+    redis.pending[0].callback("1 0.0")
+    assert result_of(first).allowed
+    assert len(redis.calls) == 3  # then go in one call, in their order
+    assert redis.calls[-1][1] == (
+        "txgateway:ratelimit:default:ip:b", "txgateway:ratelimit:default:ip:a", "txgateway:ratelimit:default:ip:c",
+    )
+    redis.pending[1].callback("1 1.0 0 0.0 1 1.0")
+    assert [result_of(d).allowed for d in waiting] == [True, False, True]
+
+
+def test_one_client_leaving_a_batch_leaves_the_others_their_answer():
+    _, redis, store = make()
+    result_of(store.take("ip:a", SPEC))
+    redis.mode = "hang"
+    store.take("ip:a", SPEC)
+    mine, theirs = store.take("ip:b", SPEC), store.take("ip:c", SPEC)
+    redis.pending[0].callback("1 0.0")
+    mine.cancel()
+    mine.addErrback(lambda failure: failure.trap(CancelledError))
+    assert not redis.pending[1].called  # the batch still asks for the other client
+    redis.pending[1].callback("1 1.0 1 1.0")
+    assert result_of(theirs).allowed

@@ -138,3 +138,28 @@ def test_a_gateway_whose_redis_never_was_serves_from_memory(start_gateway, backe
     gateway = start_gateway(redis_ini(backend.url, f"redis://127.0.0.1:{free_port()}/0", requests=3))
     statuses = [gateway.request("GET", "/api/data/echo", timeout=5).status for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_script_run_over_many_buckets_decides_each_in_turn(redis_server):
+    import txredisapi
+
+    from txgateway.ratelimit.redis import TOKEN_BUCKET_LUA
+
+    connection = await txredisapi.Connection("127.0.0.1", redis_server.port, reconnect=False)
+    try:
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        reference = MemoryRateLimitStore(clock)
+        spec = BucketSpec("batch-test", capacity=2, window=10.0)
+        keys = ["a", "a", "b", "a", "b", "b"]
+        reply = await connection.eval(
+            TOKEN_BUCKET_LUA,
+            [f"txgateway:ratelimit:batch-test:{key}" for key in keys],
+            [repr(float(clock.seconds()))] + [spec.capacity, repr(spec.window)] * len(keys),
+        )
+        words = (reply.decode() if isinstance(reply, bytes) else str(reply)).split()
+        assert [w == "1" for w in words[0::2]] == [reference.decide(key, spec).allowed for key in keys]
+        assert [w == "1" for w in words[0::2]] == [True, True, True, False, True, False]
+    finally:
+        await connection.disconnect()

@@ -1,7 +1,13 @@
 """
 Token buckets in Redis, shared by every gateway that points at the same
-Redis: one atomic Lua script per decision (refill and take in one round
-trip), loaded once and called by its SHA.
+Redis: one atomic Lua script (refill and take in one round trip), loaded
+once and called by its SHA.
+
+Decisions are batched without any timer: a take goes to Redis at once when
+no call is in flight; takes that arrive while one is go together in the
+next call, one script run over all their buckets, in order.  An idle
+gateway waits for nothing; a busy one pays Redis's round trip and the
+client library's per-call cost once per batch instead of once per request.
 
 Redis must never take the gateway down: every call has a timeout on the
 injected clock, and a failure opens a breaker of the store's own, during
@@ -17,6 +23,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.breaker import CircuitBreaker
@@ -26,37 +33,42 @@ from txgateway.ratelimit.memory import MemoryRateLimitStore
 
 __all__ = ["RedisRateLimitStore", "TOKEN_BUCKET_LUA", "connect_redis"]
 
-#: KEYS[1] the bucket; ARGV capacity, window (s), now (s, the gateway's
-#: clock).  Returns "ALLOWED TOKENS" (0 or 1, and the tokens left) as one
-#: string: Redis would truncate a Lua float to an integer, and one bulk
-#: reply is the cheapest to parse.  The same arithmetic as
-#: L{txgateway.ratelimit.bucket.take_token}.
+#: KEYS the buckets, one per take (a key may repeat: each takes in turn);
+#: ARGV now (s, the gateway's clock), then capacity and window (s) for each
+#: key.  Returns "ALLOWED TOKENS ALLOWED TOKENS ..." (0 or 1, and the tokens
+#: left, per key) as one string: Redis would truncate a Lua float to an
+#: integer, and one bulk reply is the cheapest to parse.  The same
+#: arithmetic as L{txgateway.ratelimit.bucket.take_token}.
 TOKEN_BUCKET_LUA = """\
-local capacity = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = capacity
-  ts = now
+local answers = {}
+for i, key in ipairs(KEYS) do
+  local capacity = tonumber(ARGV[2 * i])
+  local window = tonumber(ARGV[2 * i + 1])
+  local now = tonumber(ARGV[1])
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if tokens == nil or ts == nil then
+    tokens = capacity
+    ts = now
+  end
+  local elapsed = now - ts
+  if elapsed < 0 then
+    -- another gateway's clock is ahead of ours: refill nothing, move nothing back
+    elapsed = 0
+    now = ts
+  end
+  tokens = math.min(capacity, tokens + elapsed * capacity / window)
+  local allowed = 0
+  if tokens >= 1 then
+    tokens = tokens - 1
+    allowed = 1
+  end
+  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', now))
+  redis.call('PEXPIRE', key, math.ceil(window * 1000))
+  answers[i] = allowed .. ' ' .. string.format('%.17g', tokens)
 end
-local elapsed = now - ts
-if elapsed < 0 then
-  -- another gateway's clock is ahead of ours: refill nothing, move nothing back
-  elapsed = 0
-  now = ts
-end
-tokens = math.min(capacity, tokens + elapsed * capacity / window)
-local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'ts', string.format('%.17g', now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000))
-return allowed .. ' ' .. string.format('%.17g', tokens)
+return table.concat(answers, ' ')
 """
 
 TOKEN_BUCKET_SHA = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
@@ -102,6 +114,8 @@ class RedisRateLimitStore:
         self._breaker = CircuitBreaker("ratelimit-redis", clock, 1, retry_interval, log, transition_level="debug")
         self._script_loaded = False
         self._serving_locally = False
+        self._waiting: list[_Take] = []
+        self._asking: Deferred | None = None
 
     @property
     def healthy(self) -> bool:
@@ -117,33 +131,67 @@ class RedisRateLimitStore:
         }
 
     def take(self, key: str, spec: BucketSpec) -> Deferred[Decision]:
-        return Deferred.fromCoroutine(self._take(key, spec))
+        wanted = _Take(key, spec)
+        wanted.decided = Deferred(wanted.cancelled)
+        self._waiting.append(wanted)
+        if self._asking is None:
+            self._ask()
+        return wanted.decided
 
-    async def _take(self, key: str, spec: BucketSpec) -> Decision:
-        admission = self._breaker.admit(key)
-        if not admission.allowed:
-            return self._local.decide(key, spec)
-        try:
-            decision = await self._decide_in_redis(key, spec)
-        except CancelledError:
-            # The client left while Redis was asked: no verdict on Redis.
-            self._breaker.abandoned(admission)
-            raise
-        except Exception as error:
-            self._breaker.failed(admission, _describe(error))
-            if not self._serving_locally:
-                self._serving_locally = True
-                self._log.warning("ratelimit_redis_unavailable", reason=_describe(error), serving_from="memory")
-            return self._local.decide(key, spec)
-        self._breaker.succeeded(admission)
-        if self._serving_locally:
-            self._serving_locally = False
-            self._log.warning("ratelimit_redis_recovered", serving_from="redis")
-        return decision
+    def _ask(self) -> None:
+        """Send every waiting take to Redis in one call (or decide locally while Redis is away)."""
+        while self._waiting and self._asking is None:
+            batch = [wanted for wanted in self._waiting if not wanted.decided.called]
+            self._waiting = []
+            if not batch:
+                return
+            admission = self._breaker.admit(batch[0].key)
+            if not admission.allowed:
+                self._decide_locally(batch)
+                continue
+            asking = Deferred.fromCoroutine(self._decide_in_redis(batch))
+            if asking.called:
+                asking.addBoth(self._answered, batch, admission)
+                continue
+            self._asking = asking
+            for wanted in batch:
+                wanted.batch = (asking, batch)
+            asking.addBoth(self._answered, batch, admission)
 
-    async def _decide_in_redis(self, key: str, spec: BucketSpec) -> Decision:
-        keys = [f"{KEY_PREFIX}{spec.name}:{key}"]
-        args = [spec.capacity, repr(float(spec.window)), repr(float(self._clock.seconds()))]
+    def _answered(self, result: Any, batch: list["_Take"], admission: Any) -> None:
+        self._asking = None
+        if isinstance(result, Failure):
+            if result.check(CancelledError):
+                # Every client of the batch left while Redis was asked: no verdict on Redis.
+                self._breaker.abandoned(admission)
+            else:
+                error = result.value
+                self._breaker.failed(admission, _describe(error))
+                if not self._serving_locally:
+                    self._serving_locally = True
+                    self._log.warning("ratelimit_redis_unavailable", reason=_describe(error), serving_from="memory")
+                self._decide_locally(batch)
+        else:
+            self._breaker.succeeded(admission)
+            if self._serving_locally:
+                self._serving_locally = False
+                self._log.warning("ratelimit_redis_recovered", serving_from="redis")
+            for wanted, decision in zip(batch, result):
+                if not wanted.decided.called:
+                    wanted.decided.callback(decision)
+        if self._waiting:
+            self._ask()
+
+    def _decide_locally(self, batch: list["_Take"]) -> None:
+        for wanted in batch:
+            if not wanted.decided.called:
+                wanted.decided.callback(self._local.decide(wanted.key, wanted.spec))
+
+    async def _decide_in_redis(self, batch: list["_Take"]) -> list[Decision]:
+        keys = [f"{KEY_PREFIX}{wanted.spec.name}:{wanted.key}" for wanted in batch]
+        args: list = [repr(float(self._clock.seconds()))]
+        for wanted in batch:
+            args += [wanted.spec.capacity, repr(float(wanted.spec.window))]
         if not self._script_loaded:
             await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
             self._script_loaded = True
@@ -155,8 +203,11 @@ class RedisRateLimitStore:
             # Redis restarted and forgot the script: load it again, once.
             await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
             reply = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
-        allowed, tokens = (reply.decode() if isinstance(reply, bytes) else str(reply)).split()
-        return decision_after(spec, allowed == "1", float(tokens))
+        words = (reply.decode() if isinstance(reply, bytes) else str(reply)).split()
+        return [
+            decision_after(wanted.spec, allowed == "1", float(tokens))
+            for wanted, allowed, tokens in zip(batch, words[0::2], words[1::2])
+        ]
 
     def _call(self, d: Deferred) -> Deferred:
         return d.addTimeout(self._timeout, self._clock)
@@ -170,6 +221,25 @@ class RedisRateLimitStore:
     async def _close(self) -> None:
         await self._disconnect()
         await self._local.close()
+
+
+class _Take:
+    """One request's take, waiting for its batch's answer."""
+
+    __slots__ = ("key", "spec", "decided", "batch")
+
+    def __init__(self, key: str, spec: BucketSpec) -> None:
+        self.key = key
+        self.spec = spec
+        self.decided: Deferred[Decision] = Deferred()
+        self.batch: tuple[Deferred, list[_Take]] | None = None
+
+    def cancelled(self, decided: Deferred) -> None:
+        # When every take of a batch in flight is cancelled, the call is too.
+        if self.batch is not None:
+            asking, batch = self.batch
+            if all(other is self or other.decided.called for other in batch):
+                asking.cancel()
 
 
 def _forgot_the_script(error: Exception) -> bool:
