@@ -448,3 +448,40 @@ def test_no_bytes_from_a_backend_raise_out_of_the_client(data, then_lose):
         outcome[0].deliver_body(Body())
     elif outcome:
         assert outcome[0].check(UpstreamProtocolError, UpstreamConnectionLost)
+
+
+def test_an_exchange_leaves_no_reference_cycle_behind():
+    import gc
+
+    from twisted.internet.task import Clock
+
+    from txgateway.upstream import BodyRelay
+
+    class Request:
+        def write(self, data): pass
+        def register_producer(self, producer): pass
+        def unregister_producer(self): pass
+
+    backend = Backend()
+
+    def one():
+        d = get(backend)
+        if not backend.transports:
+            backend.accept()
+        backend.answer(0, OK)
+        relay = BodyRelay(Request(), Clock(), 5.0)
+        result_of(d).deliver_body(relay)
+        assert result_of(relay.done) is None
+
+    one()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            one()
+        gc.collect()
+        ours = [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("txgateway")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []

@@ -19,7 +19,9 @@ connection when no byte of the answer had arrived.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -172,12 +174,15 @@ class _Exchange:
         "_early_end",
         "_discarding",
         "_pending_connect",
+        "__weakref__",
     )
 
-    def __init__(self, request_bytes: bytes, answered: Deferred, head_only: bool) -> None:
+    def __init__(self, request_bytes: bytes, head_only: bool) -> None:
         self.request_bytes = request_bytes
         self.head_only = head_only
-        self.answered = answered
+        # The canceller holds the exchange weakly: no reference cycle for the
+        # garbage collector to find on every request.
+        self.answered: Deferred = Deferred(functools.partial(_cancel_exchange, weakref.ref(self)))
         self.connection: _UpstreamConnection | None = None
         self.retried = False
         self.cancelled = False
@@ -204,8 +209,9 @@ class _Exchange:
         if self.ended:
             return
         self.ended = True
-        if self._consumer is not None:
-            self._consumer.body_ended(error)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.body_ended(error)
         elif not self._discarding:
             self._early_end = error if error is not None else None
             if self._early_end is None:
@@ -221,6 +227,7 @@ class _Exchange:
             consumer.body_received(data)
         if self._early_end is not False:
             end, self._early_end = self._early_end, False
+            self._consumer = None
             consumer.body_ended(None if end is True else end)
 
     def discard(self) -> None:
@@ -248,6 +255,12 @@ class _Exchange:
         if connection is not None and connection.transport is not None:
             connection.drop_after_exchange = True
             connection.transport.abortConnection()
+
+
+def _cancel_exchange(exchange: "weakref.ref[_Exchange]", answered: Deferred) -> None:
+    alive = exchange()
+    if alive is not None:
+        alive.cancel(answered)
 
 
 class _UpstreamConnection(Protocol):
@@ -518,8 +531,8 @@ class UpstreamEndpoint:
         lines.append(b"\r\n")
         if body:
             lines.append(body)
-        answered: Deferred = Deferred(lambda d: exchange.cancel(d))
-        exchange = _Exchange(b"".join(lines), answered, head_only=method == b"HEAD")
+        exchange = _Exchange(b"".join(lines), head_only=method == b"HEAD")
+        answered = exchange.answered
         connection = self._take_idle()
         if connection is not None:
             connection.send(exchange, reused=True)

@@ -11,6 +11,8 @@ the backend; bytes pass through unchanged.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -146,7 +148,8 @@ class BodyRelay:
         self._idled = False
         self._client_left = False
         self.bytes_relayed = 0
-        self.done: Deferred[None] = Deferred(self._cancel)
+        # Held weakly by the canceller: no reference cycle per request.
+        self.done: Deferred[None] = Deferred(functools.partial(_cancel_relay, weakref.ref(self)))
 
     def watch_idle(self) -> None:
         """
@@ -220,7 +223,14 @@ class BodyRelay:
         self._idled = True
         self._control.stopProducing()
 
-    def _cancel(self, done: Deferred[None]) -> None:
+    def cancel(self) -> None:
+        """Stop the backend's delivery (the relay's C{done} was cancelled)."""
         self._disarm_idle_timer()
         if self._control is not None:
             self._control.stopProducing()
+
+
+def _cancel_relay(relay: "weakref.ref[BodyRelay]", done: Deferred[None]) -> None:
+    alive = relay()
+    if alive is not None:
+        alive.cancel()
