@@ -8,9 +8,13 @@ path: one C{json.dumps}, no processor chain); Twisted's events
 L{TwistedJsonObserver} in the same shape, so that every line of the
 daemon's output is JSON.
 
-Lines are written in batches: the sink keeps what it is given and writes it
-out at most L{FLUSH_INTERVAL} seconds later (on the injected clock), when
+Lines are written in batches: the sink keeps what it is given and hands it
+on at most L{FLUSH_INTERVAL} seconds later (on the injected clock), when
 L{MAX_BUFFERED} lines wait, at stop, and at once for Twisted's own events.
+A writer thread does the writing, so that a slow disk or a stalled stdout
+pipe never stalls the reactor; when it falls L{MAX_PENDING_BATCHES} behind,
+the reactor writes itself (slower, nothing lost).  L{JsonLineSink.sync}
+waits until everything handed on is written (at stop).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from typing import IO, Any, Iterable
@@ -34,6 +40,8 @@ __all__ = ["AccessLog", "JsonLineSink", "TwistedJsonObserver", "configure_loggin
 FLUSH_INTERVAL = 0.1
 #: Lines kept before they are written out whatever the time.
 MAX_BUFFERED = 512
+#: Batches the writer thread may be behind before the reactor writes itself.
+MAX_PENDING_BATCHES = 64
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -53,9 +61,9 @@ _TWISTED_LEVELS = {
 
 class JsonLineSink:
     """
-    Writes finished lines to several streams, in batches (see the module
-    docstring), or each at once when it has no clock.  It is also the
-    structlog "logger" at the end of the processor chain.
+    Writes finished lines to several streams: batched and through a writer
+    thread when it has a clock (the daemon), each at once when it has none.
+    It is also the structlog "logger" at the end of the processor chain.
     """
 
     def __init__(self, streams: Iterable[IO[str]], clock: IReactorTime | None = None) -> None:
@@ -63,6 +71,8 @@ class JsonLineSink:
         self._clock = clock
         self._buffer: list[str] = []
         self._timer: IDelayedCall | None = None
+        self._batches: queue.Queue[str | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
 
     def msg(self, line: str) -> None:
         buffer = self._buffer
@@ -75,7 +85,7 @@ class JsonLineSink:
     debug = info = warning = warn = error = critical = exception = log = msg
 
     def flush(self) -> None:
-        """Write out every waiting line now."""
+        """Hand every waiting line on to be written now."""
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
@@ -84,6 +94,33 @@ class JsonLineSink:
             return
         text = "\n".join(self._buffer) + "\n"
         self._buffer = []
+        if self._clock is None or self._batches.qsize() >= MAX_PENDING_BATCHES:
+            self.sync()
+            self._write(text)
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_batches, name="txgateway-log-writer", daemon=True)
+            self._writer.start()
+        self._batches.put(text)
+
+    def sync(self) -> None:
+        """Write out everything logged so far before returning (blocks)."""
+        if self._buffer:
+            self.flush()
+        if self._writer is not None:
+            self._batches.join()
+
+    def _write_batches(self) -> None:
+        while True:
+            text = self._batches.get()
+            try:
+                if text is None:
+                    return
+                self._write(text)
+            finally:
+                self._batches.task_done()
+
+    def _write(self, text: str) -> None:
         for stream in self._streams:
             try:
                 stream.write(text)
@@ -93,7 +130,11 @@ class JsonLineSink:
                 pass
 
     def close(self) -> None:
-        self.flush()
+        self.sync()
+        if self._writer is not None:
+            self._batches.put(None)
+            self._writer.join(5)
+            self._writer = None
         for stream in self._streams:
             if stream not in (sys.__stdout__, sys.__stderr__):
                 stream.close()
@@ -181,8 +222,8 @@ class TwistedJsonObserver:
         if failure is not None:
             line["exception"] = failure.getTraceback()
         self._sink.msg(json.dumps(line, default=str))
-        # Rare, and some come after the reactor stopped: never left waiting.
-        self._sink.flush()
+        # Rare, and some come after the reactor stopped: written before returning.
+        self._sink.sync()
 
 
 #: One encoder for every access line (json.dumps with an argument builds a new one per call).

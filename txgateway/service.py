@@ -220,12 +220,11 @@ class GatewayService(MultiService):
             )
         if config.logging != old.config.logging:
             try:
-                sink = open_sink(config.logging.file, self._stdout)
+                sink = open_sink(config.logging.file, self._stdout, self._clock)
             except OSError as error:
                 self.log.error("config_reload_rejected", reason=f"[logging] file: {error}")
                 return False
             old_sink, self.sink = self.sink, sink
-            sink._clock = self._clock
             configure_logging(self.sink, config.logging.level)
             self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
             old_sink.close()
@@ -289,7 +288,7 @@ class GatewayService(MultiService):
         if self.gateway.store is not None:
             await self.gateway.store.close()
         self.log.info("gateway_stopped")
-        self.sink.flush()
+        self.sink.sync()
 
     async def _drain(self, timeout: float) -> None:
         """
