@@ -229,7 +229,7 @@ def fail_fast(port: int, duration: float) -> dict:
     return wrk(f"http://127.0.0.1:{port}/api/dead/x", 1, duration)
 
 
-def sse_first_byte(port: int, path: str, count: int = 60) -> list[float]:
+def sse_first_byte(port: int, path: str, count: int = 200) -> list[float]:
     """Delay between the upstream writing an event and this client reading it."""
     delays = []
     for _ in range(count):

@@ -252,12 +252,13 @@ class ServiceBroker:
         request.start(response.code, response.reason, response_headers_for_client(response), response.length)
         relay = BodyRelay(request, self._clock, route.config.idle_timeout)
         response.deliver_body(relay)
-        if not relay.done.called:
-            if response.length is None:
-                # A stream: send the status and headers now, so that a client
-                # waiting on a slow first token knows the backend answered.
-                request.send_head()
-            relay.watch_idle()
+        if relay.done.called and relay.complete:
+            return  # the whole body came with the headers (most small answers)
+        if response.length is None:
+            # A stream: send the status and headers now, so that a client
+            # waiting on a slow first token knows the backend answered.
+            request.send_head()
+        relay.watch_idle()
         try:
             await relay.done
         except (StreamIdle, StreamBroken) as error:

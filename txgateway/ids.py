@@ -12,16 +12,24 @@ import os
 __all__ = ["random_hex", "uuid4_string"]
 
 _BLOCK = 8192
-_pool = {"bytes": b"", "offset": 0, "pid": -1}
+_pool = {"bytes": b"", "offset": 0}
+
+
+def _forget() -> None:
+    # A forked child must never repeat its parent's ids.
+    _pool["bytes"] = b""
+    _pool["offset"] = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget)
 
 
 def _take(count: int) -> bytes:
     pool = _pool
     offset = pool["offset"]
-    if offset + count > len(pool["bytes"]) or pool["pid"] != os.getpid():
-        # A forked child must never repeat its parent's ids.
+    if offset + count > len(pool["bytes"]):
         pool["bytes"] = os.urandom(_BLOCK)
-        pool["pid"] = os.getpid()
         offset = 0
     pool["offset"] = offset + count
     return pool["bytes"][offset : offset + count]

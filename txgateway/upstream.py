@@ -132,7 +132,8 @@ class BodyRelay:
     idle timer between chunks that stands still while the client is the
     slow one.
 
-    C{done} fires with L{None} when the body is complete, or fails with
+    C{done} fires with L{None} when the body is complete (C{complete} is
+    then set), or fails with
     L{StreamIdle} or L{StreamBroken} (the backend's doing) or
     L{CancelledError} (the client went away); cancelling it stops the
     backend's delivery.
@@ -147,6 +148,7 @@ class BodyRelay:
         self._watching = False
         self._idled = False
         self._client_left = False
+        self.complete = False
         self.bytes_relayed = 0
         # Held weakly by the canceller: no reference cycle per request.
         self.done: Deferred[None] = Deferred(functools.partial(_cancel_relay, weakref.ref(self)))
@@ -181,6 +183,7 @@ class BodyRelay:
         if self.done.called:
             return
         if error is None:
+            self.complete = True
             self.done.callback(None)
         elif self._client_left:
             # Not the backend's fault: the client went away mid-answer.
