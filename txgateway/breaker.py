@@ -290,8 +290,11 @@ class CircuitBreaker:
         """The admitted attempt got an answer that is not a failure (including 4xx)."""
         if admission.trial:
             self._machine.trial_succeeded(admission.request_id)
-        else:
+        elif self._core.consecutive_failures:
             self._machine.succeeded(admission.request_id)
+        # else: an ordinary success with no failure counted changes nothing in
+        # any state of the table (closed resets a zero count; open and
+        # half_open ignore it): the machine is not asked, on every request.
 
     def failed(self, admission: Admission, reason: str) -> None:
         """The admitted attempt failed: connection, timeout, 5xx, or a broken stream."""
