@@ -246,6 +246,27 @@ class Harness:
         self.flush()
 
 
+def cyclic_garbage_of(run) -> list[str]:
+    """
+    The txgateway objects that only the garbage collector frees after
+    C{run()} (once to warm up, then five times): the types of those in
+    reference cycles, or reachable only from one.
+    """
+    import gc
+
+    run()
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(5):
+            run()
+        gc.collect()
+        return [type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("txgateway")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
 def result_of(d: Deferred):
     """The result of a Deferred that has already fired (unit tests never wait)."""
     results = []
