@@ -6,6 +6,7 @@ StringTransport and a Clock, fed raw requests, hostile ones included.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -409,3 +410,62 @@ def test_pipelined_requests_before_an_upgrade_are_all_answered_then_it_closes():
     assert [body for _, _, body in got] == [b"one", b"two", b'{"status": "alive"}']
     assert got[-1][1]["connection"] == "close"
     assert connection.transport.disconnecting
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from([b"", b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"]))
+def test_every_answer_to_hostile_bytes_is_http_and_every_refusal_the_json_shape(data, before):
+    connection = Connection()
+    connection.send(before + data)
+    connection.clock.advance(100)
+    out = connection.transport.value()
+    if not out:
+        return
+    assert out.startswith(b"HTTP/1.1 ")
+    for status, headers, body in answers(out):
+        if status >= 400:
+            assert headers["content-type"] == "application/json"
+            error = json.loads(body)["error"]
+            assert error["request_id"] == headers["x-request-id"]
+            assert set(error) == {"type", "message", "request_id"}
+
+
+PIPELINE = (
+    b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3;e=1\r\nabc\r\n0\r\nT: 1\r\n\r\n"
+    b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(PIPELINE)), max_size=10))
+def test_a_pipeline_split_anywhere_gets_the_same_answers_in_order(cuts):
+    connection = Connection()
+    position = 0
+    for cut in sorted(set(cuts)):
+        connection.send(PIPELINE[position:cut])
+        position = cut
+    connection.send(PIPELINE[position:])
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", connection.transport.value())
+    assert statuses == [b"200", b"405", b"200", b"404"]  # HEAD's answer has no body
+
+
+@pytest.mark.parametrize("raw", [b"HEAD /health/live HTTP/1.1\r\nHost: x\r\n\r\n", PIPELINE])
+def test_admin_answers_leave_twisted_web_no_error_to_log(raw):
+    from twisted.logger import globalLogPublisher
+
+    failures = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        connection = Connection()
+        connection.send(raw)
+        assert connection.transport.value().startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []

@@ -366,11 +366,13 @@ class _AdminRequest(Request):
     def __init__(self, channel: Any, queued: bool = False) -> None:
         super().__init__(channel, queued)
         self.context = channel.site.pending_context
+        channel.site.made = self
 
 
 class _AdminSite(Site):
     requestFactory = _AdminRequest
     pending_context: RequestContext | None = None
+    made: _AdminRequest | None = None
     noisy = False
 
     def log(self, request: Request) -> None:  # type: ignore[override]
@@ -386,9 +388,8 @@ _NOT_RELAYED = frozenset({b"content-length", b"transfer-encoding", b"connection"
 class _AnswerReader:
     """Parses what twisted.web wrote into the client's answer."""
 
-    def __init__(self, request: IncomingRequest, done: Any) -> None:
+    def __init__(self, request: IncomingRequest) -> None:
         self._request = request
-        self._done = done
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
@@ -425,7 +426,6 @@ class _AnswerReader:
         if not self.finished:
             self.finished = True
             self._request.finish()
-            self._done()
 
 
 class _AnswerTransport(StringTransport):
@@ -459,11 +459,7 @@ class AdminBridge:
     def serve(self, request: IncomingRequest) -> None:
         """Answer C{request} from the Klein routes."""
         channel = self._site.buildProtocol(None)
-
-        def done() -> None:
-            channel.connectionLost(Failure(ConnectionDone()))
-
-        reader = _AnswerReader(request, done)
+        reader = _AnswerReader(request)
         channel.makeConnection(_AnswerTransport(reader, request.client_host))
         lines = [b"%s %s HTTP/1.1\r\n" % (request.method, request.path + (b"?" + request.query if request.query else b""))]
         for name, value in request.headers:
@@ -476,3 +472,14 @@ class AdminBridge:
             channel.dataReceived(b"".join(lines))
         finally:
             self._site.pending_context = None
+            made, self._site.made = self._site.made, None
+
+        def release(result: object = None) -> None:
+            # Once twisted.web is done with its request (after Klein's own
+            # finish, which comes after the answer was written): not sooner.
+            channel.connectionLost(Failure(ConnectionDone()))
+
+        if made is None or made.finished:
+            release()
+        else:
+            made.notifyFinish().addBoth(release)

@@ -507,7 +507,6 @@ class UpstreamEndpoint:
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
         self._idle: list[_UpstreamConnection] = []
-        self._open: set[_UpstreamConnection] = set()
         self._factory = _ConnectionFactory(self)
         self._addresses: list | None = None
         self._resolved_at = 0.0
@@ -581,7 +580,6 @@ class UpstreamEndpoint:
 
     def forget(self, connection: _UpstreamConnection) -> None:
         """The connection is gone."""
-        self._open.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
 
@@ -592,7 +590,6 @@ class UpstreamEndpoint:
 
         def connected(connection: _UpstreamConnection) -> None:
             exchange._pending_connect = None
-            self._open.add(connection)
             if exchange.cancelled:
                 connection.transport.loseConnection()
                 return
