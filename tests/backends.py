@@ -1,7 +1,7 @@
 """
 A real backend for integration tests, run as its own process:
 
-    python tests/backends.py PORT
+    python tests/backends.py PORT [CERT KEY]
 
 It listens on 127.0.0.1:PORT and prints "listening PORT" once ready.  Its
 paths (under any prefix, so that a service base path can be tested):
@@ -166,7 +166,13 @@ class Backend(Resource):
 
 def main() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
-    listening = reactor.listenTCP(port, server.Site(Backend()), interface="127.0.0.1")
+    if len(sys.argv) > 3:  # python tests/backends.py PORT CERT KEY: over TLS
+        from twisted.internet import ssl
+
+        context = ssl.DefaultOpenSSLContextFactory(sys.argv[3], sys.argv[2])
+        listening = reactor.listenSSL(port, server.Site(Backend()), context, interface="127.0.0.1")
+    else:
+        listening = reactor.listenTCP(port, server.Site(Backend()), interface="127.0.0.1")
     print(f"listening {listening.getHost().port}", flush=True)
     reactor.run()
 

@@ -142,7 +142,10 @@ class Gateway:
         self.log_file = workdir / "logs" / "combined.log"
         self.process = Process([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(self.config)], workdir, env)
         self.process.wait_for(lambda l: '"gateway_started"' in l)
-        wait_until(lambda: request(self.port, "GET", "/health/live").status == 200)
+        if "listen = ssl:" in self.config.read_text():
+            wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() is None)
+        else:
+            wait_until(lambda: request(self.port, "GET", "/health/live").status == 200)
 
     def request(self, method: str, path: str, **kwargs) -> "Answer":
         return request(self.port, method, path, **kwargs)
