@@ -150,10 +150,10 @@ def nginx_conf(tmp: Path, name: str, body: str) -> Path:
     return path
 
 
-def start_upstream(processes: Processes, tmp: Path) -> tuple[int, str]:
+def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> tuple[int, str]:
     port = free_port()
     if shutil.which("nginx"):
-        conf = nginx_conf(tmp, "upstream", f"""
+        conf = nginx_conf(tmp, name, f"""
             server {{
                 listen 127.0.0.1:{port};
                 keepalive_requests 1000000;
@@ -165,7 +165,9 @@ def start_upstream(processes: Processes, tmp: Path) -> tuple[int, str]:
     return port, "Twisted (bench/upstream.py)"
 
 
-def gateway_ini(tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw") -> Path:
+def gateway_ini(
+    tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None
+) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
     path.write_text("\n".join([
@@ -180,6 +182,7 @@ def gateway_ini(tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ra
         extra_ratelimit,
         "[service:bench]",
         f"url = http://127.0.0.1:{upstream}",
+        *(["[service:two]", f"url = http://127.0.0.1:{upstream}, http://127.0.0.1:{second}"] if second else []),
         "[service:sse]",
         f"url = http://127.0.0.1:{sse_upstream}",
         "[service:dead]",
@@ -291,16 +294,19 @@ def main() -> int:
     processes = Processes(tmp)
     try:
         upstream, upstream_kind = start_upstream(processes, tmp)
+        second_upstream, _ = start_upstream(processes, tmp, "upstream2")
         sse_port = free_port()
         processes.start([sys.executable, str(HERE / "upstream.py"), str(sse_port)], sse_port)
 
         targets: dict[str, str] = {"direct": f"http://127.0.0.1:{upstream}/"}
         pids: dict[str, int] = {"direct": processes.started[0].pid}
         gateway_port = free_port()
-        gateway = start_gateway(processes, twistd, gateway_ini(tmp, gateway_port, upstream, sse_port), gateway_port,
+        gateway = start_gateway(processes, twistd, gateway_ini(tmp, gateway_port, upstream, sse_port, second=second_upstream), gateway_port,
                                 env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
         targets["txgateway"] = f"http://127.0.0.1:{gateway_port}/api/bench/"
         pids["txgateway"] = gateway.pid
+        targets["txgateway (two endpoints)"] = f"http://127.0.0.1:{gateway_port}/api/two/"
+        pids["txgateway (two endpoints)"] = gateway.pid
         rp_port = free_port()
         pids["twisted ReverseProxyResource"] = processes.start(
             [sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port).pid
@@ -399,6 +405,9 @@ def main() -> int:
     print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
     print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "
           f"through txgateway p50 {percentile(gateway_sse, 0.5) * 1e3:.2f} ms, p99 {percentile(gateway_sse, 0.99) * 1e3:.2f} ms")
+    if "txgateway (two endpoints)" in medians and "txgateway" in medians:
+        ratio = medians["txgateway (two endpoints)"]["rps"] / medians["txgateway"]["rps"]
+        print(f"balancing over two endpoints keeps {ratio * 100:.0f}% of one endpoint's throughput")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -1,7 +1,7 @@
 """
 A real backend for integration tests, run as its own process:
 
-    python tests/backends.py PORT [CERT KEY]
+    python tests/backends.py PORT [CERT KEY]      (BACKEND_DELAY=0.2: every answer that late)
 
 It listens on 127.0.0.1:PORT and prints "listening PORT" once ready.  Its
 paths (under any prefix, so that a service base path can be tested):
@@ -23,6 +23,7 @@ paths (under any prefix, so that a service base path can be tested):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -52,10 +53,28 @@ def _counted_disconnect(request) -> None:
     request.notifyFinish().addErrback(lost)
 
 
+DELAY = float(os.environ.get("BACKEND_DELAY", "0"))
+
+
 class Backend(Resource):
     isLeaf = True
 
     def render(self, request):
+        if DELAY and not request.path.endswith(b"/calls"):
+            # A slow instance: every answer (but /calls) waits BACKEND_DELAY seconds.
+            def answer():
+                if not request._disconnected:
+                    body = self._render(request)
+                    if body is not server.NOT_DONE_YET:
+                        request.write(body)
+                        request.finish()
+
+            call = reactor.callLater(DELAY, answer)
+            request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
+            return server.NOT_DONE_YET
+        return self._render(request)
+
+    def _render(self, request):
         path = request.path.decode()
         if path.endswith("/calls"):
             return _json(request, CALLS)

@@ -210,6 +210,7 @@ class Harness:
         self.config = parse_config(ini, "test.ini", environ or {})
         self.clock = Clock()
         self.agents: dict[str, FakeUpstream] = {}
+        self.endpoints: dict[str, FakeUpstream] = {}
         self.store = MemoryRateLimitStore(self.clock)
         self.log = structlog.get_logger("test")
         self.access = ListSink()
@@ -228,8 +229,9 @@ class Harness:
         self.agent = DataPlaneAgent(self.server_factory)
         self.client = HTTPClient(self.agent, data_to_body_producer=_SynchronousProducer)
 
-    def _upstream_for(self, service) -> FakeUpstream:
-        upstream = self.agents[service.name] = FakeUpstream(service.url)
+    def _upstream_for(self, service, url: str) -> FakeUpstream:
+        upstream = self.endpoints[url] = FakeUpstream(url)
+        self.agents.setdefault(service.name, upstream)  # a service's first endpoint
         return upstream
 
     def request(self, method: str, path: str, **kwargs) -> Deferred:

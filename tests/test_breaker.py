@@ -178,3 +178,20 @@ def test_threshold_and_cooldown_are_configurable():
     assert breaker.status().state == "open"
     clock.advance(5)
     assert breaker.status().state == "half_open"
+
+
+def test_the_cheap_state_follows_every_transition():
+    from twisted.internet.task import Clock
+    import structlog
+
+    from txgateway.breaker import CircuitBreaker
+
+    clock = Clock()
+    breaker = CircuitBreaker("s", clock, 1, 10, structlog.get_logger())
+    assert breaker.state == breaker.status().state == "closed"
+    breaker.failed(breaker.admit("r1"), "boom")
+    assert breaker.state == breaker.status().state == "open"
+    clock.advance(10)
+    assert breaker.state == breaker.status().state == "half_open"
+    breaker.succeeded(breaker.admit("r2"))
+    assert breaker.state == breaker.status().state == "closed"

@@ -151,3 +151,23 @@ def test_no_value_of_a_known_key_raises_anything_but_config_error(key, value):
         parse_config(f"[service:ai]\nurl = http://x\n{key} = {value}\n", "fuzz.ini", environ={})
     except ConfigError as error:
         assert "[service:ai]" in str(error) or "fuzz.ini" in str(error)
+
+
+def test_a_service_url_may_list_several_endpoints():
+    from txgateway.config import parse_config
+
+    config = parse_config("[service:s]\nurl = http://a:1/v1/ ,https://b:2\nbalance = round_robin\n", "t.ini", environ={})
+    service = config.services["s"]
+    assert service.endpoint_urls == ("http://a:1/v1", "https://b:2")
+    assert service.balance == "round_robin"
+
+
+@pytest.mark.parametrize(
+    "value, complaint",
+    [("http://a:1,", "separated by commas"), ("http://a:1, ftp://b", "expected an http://"), ("http://a:1, http://a:1", "given twice")],
+)
+def test_a_bad_endpoint_list_is_named(value, complaint):
+    from txgateway.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=rf"t.ini: \[service:s\] url: .*{complaint}"):
+        parse_config(f"[service:s]\nurl = {value}\n", "t.ini", environ={})

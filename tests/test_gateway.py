@@ -322,6 +322,9 @@ def test_health_shows_each_circuit():
         "circuit": "open",
         "consecutive_failures": 5,
         "trial_in_s": 50.0,
+        "endpoints": [
+            {"url": "http://data.backend:8001", "circuit": "open", "consecutive_failures": 5, "trial_in_s": 50.0, "in_flight": 0},
+        ],
     }
     assert health["services"]["ai"]["circuit"] == "closed"
     assert health["status"] == "degraded"
@@ -550,3 +553,82 @@ def test_a_proxied_request_leaves_no_reference_cycle_behind():
 
     # Cycles cost a collection every few dozen requests and long pauses (measured).
     assert cyclic_garbage_of(one) == []
+
+
+# -- several endpoints per service
+
+TWO = SERVICE_INI.replace("url = http://data.backend:8001", "url = http://data-a:8001, http://data-b:8001\nbalance = ordered")
+
+
+def test_a_service_with_two_urls_sends_to_its_first_endpoint_when_ordered():
+    h = Harness(TWO)
+    d = h.request("GET", "/api/data/x")
+    assert [r.uri for r in h.endpoints["http://data-a:8001"].requests] == [b"http://data-a:8001/x"]
+    h.endpoints["http://data-a:8001"].last.respond(FakeResponse(200, {}, b"a"))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+def test_a_retry_goes_to_another_endpoint_than_the_one_that_failed():
+    h = Harness(TWO)
+    d = h.request("GET", "/api/data/x")
+    h.endpoints["http://data-a:8001"].last.refuse()
+    h.advance(1)
+    assert len(h.endpoints["http://data-b:8001"].requests) == 1
+    h.endpoints["http://data-b:8001"].last.respond(FakeResponse(200, {}, b"b"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200 and response.headers.getRawHeaders("x-gateway-attempts") == ["2"]
+
+
+def test_each_endpoint_has_its_own_breaker_and_the_service_fails_fast_only_when_none_admits():
+    h = Harness(TWO.replace("balance = ordered", "balance = ordered\nretries = 0\nbreaker_threshold = 1\nbreaker_cooldown = 30"))
+    a, b = h.endpoints["http://data-a:8001"], h.endpoints["http://data-b:8001"]
+    d = h.request("GET", "/api/data/x")
+    a.last.refuse()
+    h.flush()
+    assert result_of(d).code == 502  # no retries: a's breaker is open now
+    d = h.request("GET", "/api/data/x")
+    assert len(a.requests) == 1 and len(b.requests) == 1  # b takes the traffic
+    b.last.respond(FakeResponse(200, {}, b"b"))
+    h.flush()
+    assert result_of(d).code == 200
+    health = body_json(result_of(h.request("GET", "/health")))["services"]["data"]
+    assert health["url"] == "http://data-a:8001, http://data-b:8001"
+    assert health["circuit"] == "closed"  # one endpoint closed: the service serves
+    assert [(e["url"], e["circuit"]) for e in health["endpoints"]] == [("http://data-a:8001", "open"), ("http://data-b:8001", "closed")]
+    h.advance(10)
+    d = h.request("GET", "/api/data/x")
+    b.last.refuse()
+    h.flush()
+    answer = result_of(d)
+    assert answer.code == 502
+    answer = result_of(h.request("GET", "/api/data/x"))
+    assert answer.code == 503 and error_of(answer)["type"] == "circuit_open"
+    assert answer.headers.getRawHeaders("retry-after") == ["20"]  # a's trial is the soonest
+    health = body_json(result_of(h.request("GET", "/health")))["services"]["data"]
+    assert (health["circuit"], health["trial_in_s"]) == ("open", 20.0)
+
+
+def test_requests_in_flight_are_shown_per_endpoint():
+    h = Harness(TWO)
+    h.request("GET", "/api/data/x")
+    endpoints = body_json(result_of(h.request("GET", "/health")))["services"]["data"]["endpoints"]
+    assert [e["in_flight"] for e in endpoints] == [1, 0]
+    h.endpoints["http://data-a:8001"].last.respond(FakeResponse(200, {}, b"a"))
+    h.flush()
+    endpoints = body_json(result_of(h.request("GET", "/health")))["services"]["data"]["endpoints"]
+    assert [e["in_flight"] for e in endpoints] == [0, 0]
+
+
+def test_a_reload_keeps_the_endpoints_whose_url_stayed():
+    from txgateway.config import parse_config
+    from txgateway.metrics import GatewayMetrics
+    from txgateway.service import build_routes
+
+    h = Harness(TWO)
+    before = h.gateway.broker.routes["data"]
+    config = parse_config(TWO.replace("http://data-a:8001, http://data-b:8001", "http://data-b:8001, http://data-c:8001"), "t", {})
+    after = build_routes(config, h.clock, h._upstream_for, h.log, GatewayMetrics(), h.gateway.broker.routes)["data"]
+    assert after.endpoints[0] is before.endpoints[1]
+    assert after.endpoints[1].url == "http://data-c:8001"

@@ -57,11 +57,12 @@ def test_requests_durations_attempts_and_retries_are_counted():
     result_of(d)
     found = samples(h)
     assert found[("txgateway_requests_total", (("method", "POST"), ("service", "ai"), ("status_class", "2xx")))] == 1
-    assert found[("txgateway_upstream_attempts_total", (("outcome", "http_5xx"), ("service", "ai")))] == 1
-    assert found[("txgateway_upstream_attempts_total", (("outcome", "answered"), ("service", "ai")))] == 1
+    ai = ("endpoint", "http://ai.backend:8000/v1")
+    assert found[("txgateway_upstream_attempts_total", (ai, ("outcome", "http_5xx"), ("service", "ai")))] == 1
+    assert found[("txgateway_upstream_attempts_total", (ai, ("outcome", "answered"), ("service", "ai")))] == 1
     assert found[("txgateway_retries_total", (("service", "ai"),))] == 1
     assert found[("txgateway_request_duration_seconds_sum", (("service", "ai"),))] == 1.5
-    assert found[("txgateway_upstream_duration_seconds_sum", (("service", "ai"),))] == 0.5
+    assert found[("txgateway_upstream_duration_seconds_sum", (ai, ("service", "ai")))] == 0.5
     assert found[("txgateway_in_flight_requests", ())] == 1  # the /metrics request itself
 
 
@@ -72,10 +73,11 @@ def test_circuit_state_and_transitions_are_exported():
         answer(h, "data", 500)
         result_of(d)
     found = samples(h)
-    assert found[("txgateway_circuit_state", (("service", "data"), ("state", "open")))] == 1
-    assert found[("txgateway_circuit_state", (("service", "data"), ("state", "closed")))] == 0
-    assert found[("txgateway_circuit_state", (("service", "ai"), ("state", "closed")))] == 1
-    assert found[("txgateway_circuit_transitions_total", (("from_state", "closed"), ("service", "data"), ("to_state", "open")))] == 1
+    data, ai = ("endpoint", "http://data.backend:8001"), ("endpoint", "http://ai.backend:8000/v1")
+    assert found[("txgateway_circuit_state", (data, ("service", "data"), ("state", "open")))] == 1
+    assert found[("txgateway_circuit_state", (data, ("service", "data"), ("state", "closed")))] == 0
+    assert found[("txgateway_circuit_state", (ai, ("service", "ai"), ("state", "closed")))] == 1
+    assert found[("txgateway_circuit_transitions_total", (data, ("from_state", "closed"), ("service", "data"), ("to_state", "open")))] == 1
     assert found[("txgateway_ratelimit_store_healthy", (("backend", "memory"),))] == 1
 
 

@@ -74,9 +74,13 @@ class Gateway:
         self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
 
-    def circuits(self) -> list[tuple[str, str]]:
-        """Each service's circuit state, for metrics."""
-        return [(name, route.breaker.status().state) for name, route in sorted(self.broker.routes.items())]
+    def circuits(self) -> list[tuple[str, str, str]]:
+        """Each endpoint's circuit state (service, endpoint, state), for metrics."""
+        return [
+            (name, endpoint.url, endpoint.breaker.status().state)
+            for name, route in sorted(self.broker.routes.items())
+            for endpoint in route.endpoints
+        ]
 
     def store_health(self) -> tuple[str, bool] | None:
         """The rate-limit store's backend and health, for metrics."""
@@ -90,14 +94,18 @@ class Gateway:
         services = {}
         degraded = False
         for name, route in sorted(self.broker.routes.items()):
-            status = route.breaker.status()
-            degraded = degraded or status.state != "closed"
-            services[name] = {
-                "url": route.config.url,
-                "circuit": status.state,
-                "consecutive_failures": status.consecutive_failures,
-                "trial_in_s": None if status.trial_in is None else round(status.trial_in, 3),
-            }
+            endpoints = []
+            for endpoint in route.endpoints:
+                status = endpoint.breaker.status()
+                degraded = degraded or status.state != "closed"
+                endpoints.append({
+                    "url": endpoint.url,
+                    "circuit": status.state,
+                    "consecutive_failures": status.consecutive_failures,
+                    "trial_in_s": None if status.trial_in is None else round(status.trial_in, 3),
+                    "in_flight": endpoint.in_flight,
+                })
+            services[name] = {"url": route.config.url, **_service_circuit(endpoints), "endpoints": endpoints}
         body: dict[str, Any] = {
             "status": "ok",
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
@@ -111,6 +119,24 @@ class Gateway:
         if not self.accepting:
             body["status"] = "shutting_down"
         return body
+
+
+def _service_circuit(endpoints: list[dict]) -> dict:
+    """
+    A service's circuit from its endpoints': closed if any endpoint is
+    closed, else half_open if any is, else open; the failures and trial
+    time are those of the endpoints in that state (the fewest, the soonest).
+    """
+    for state in ("closed", "half_open", "open"):
+        same = [endpoint for endpoint in endpoints if endpoint["circuit"] == state]
+        if same:
+            trials = [endpoint["trial_in_s"] for endpoint in same if endpoint["trial_in_s"] is not None]
+            return {
+                "circuit": state,
+                "consecutive_failures": min(endpoint["consecutive_failures"] for endpoint in same),
+                "trial_in_s": min(trials) if trials else None,
+            }
+    raise ValueError("a service without endpoints")
 
 
 def write_error(

@@ -95,14 +95,19 @@ class _BreakerCore:
     log: Any
     on_transition: Callable[[str, str, str], None] | None = None
     transition_level: str = "warning"
+    endpoint: str | None = None
     consecutive_failures: int = 0
+    state: str = CLOSED
 
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
+        self.state = to_state
         if self.on_transition is not None:
             self.on_transition(self.service, from_state, to_state)
+        where = {} if self.endpoint is None else {"endpoint": self.endpoint}
         getattr(self.log, self.transition_level)(
             "circuit_transition",
             service=self.service,
+            **where,
             **{"from": from_state, "to": to_state},
             reason=reason,
             request_id=request_id,
@@ -267,6 +272,8 @@ class CircuitBreaker:
     @param log: a structlog logger for the transitions.
     @param on_transition: called with (service, from, to) on each transition.
     @param transition_level: the log level of transition lines.
+    @param endpoint: the endpoint's URL, for the transition lines of a
+        service's endpoint.
     """
 
     def __init__(
@@ -278,8 +285,9 @@ class CircuitBreaker:
         log: Any,
         on_transition: Callable[[str, str, str], None] | None = None,
         transition_level: str = "warning",
+        endpoint: str | None = None,
     ) -> None:
-        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition, transition_level)
+        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition, transition_level, endpoint)
         self._machine = _BreakerMachine(self._core)
 
     def admit(self, request_id: str) -> Admission:
@@ -311,6 +319,11 @@ class CircuitBreaker:
     def status(self) -> BreakerStatus:
         """The state, the consecutive failures, and when a trial becomes possible."""
         return self._machine.status()
+
+    @property
+    def state(self) -> str:
+        """The current state's name, as the table's transitions left it (cheap: no machine call)."""
+        return self._core.state
 
     def stop(self) -> None:
         """Cancel the pending cooldown timer, if any: the breaker is discarded."""

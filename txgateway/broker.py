@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from txgateway import errors
+from txgateway.balance import Balancer, decayed
 from txgateway.breaker import OPEN, Admission, CircuitBreaker
 from txgateway.client import IUpstream, UpstreamResponse
 from txgateway.config import ServiceConfig
@@ -41,7 +42,7 @@ from txgateway.upstream import (
     response_headers_for_client,
 )
 
-__all__ = ["AnswerCutShort", "ServiceBroker", "ServiceRoute"]
+__all__ = ["AnswerCutShort", "Endpoint", "ServiceBroker", "ServiceRoute"]
 
 class AnswerCutShort(Exception):
     """
@@ -55,14 +56,81 @@ def _policy_of(route: "ServiceRoute") -> RetryPolicy:
     return RetryPolicy(c.retries, c.retry_delay, c.retry_multiplier, c.retry_max_delay, c.retry_jitter)
 
 
-@attrs.define
-class ServiceRoute:
-    """Everything the broker needs about one service; the retry policy is made once, from the config."""
+@attrs.define(eq=False)
+class Endpoint:
+    """
+    One backend instance of a service: its URL, its connections, its
+    breaker, and what balancing reads (requests in flight, the decayed time
+    to headers).
+    """
 
-    config: ServiceConfig
+    url: str
     upstream: IUpstream
     breaker: CircuitBreaker
+    in_flight: int = 0
+    ttfb: float | None = None
+
+    def may_admit(self) -> bool:
+        """Whether the breaker may let an attempt through (closed, or a trial may be free)."""
+        return self.breaker.state != OPEN
+
+    def trial_in(self) -> float:
+        """Seconds until the breaker allows a trial (0 when it may admit now)."""
+        status = self.breaker.status()
+        return (status.trial_in or 0.0) if status.state == OPEN else 0.0
+
+
+def _balancer_of(route: "ServiceRoute") -> Balancer:
+    return Balancer(route.config.balance)
+
+
+@attrs.define
+class ServiceRoute:
+    """
+    Everything the broker needs about one service: its endpoints in config
+    order; the retry policy and the balancer are made once, from the config.
+    """
+
+    config: ServiceConfig
+    endpoints: list[Endpoint]
     policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
+    balancer: Balancer = attrs.field(default=attrs.Factory(_balancer_of, takes_self=True))
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The first endpoint's breaker (a service's only one, when it has one URL)."""
+        return self.endpoints[0].breaker
+
+    @property
+    def upstream(self) -> IUpstream:
+        """The first endpoint's upstream (a service's only one, when it has one URL)."""
+        return self.endpoints[0].upstream
+
+    def choose(self, request_id: str, avoid: Endpoint | None) -> tuple[Endpoint | None, Admission | None]:
+        """
+        The endpoint an attempt goes to, with its breaker's admission; not
+        C{avoid} (the one that just failed) while another admits.  L{None}
+        when no endpoint admits.
+        """
+        endpoints = self.endpoints
+        if len(endpoints) == 1:
+            admission = endpoints[0].breaker.admit(request_id)
+            return (endpoints[0], admission) if admission.allowed else (None, admission)
+        for endpoint in self.balancer.order(endpoints, avoid):
+            admission = endpoint.breaker.admit(request_id)
+            if admission.allowed:
+                return endpoint, admission
+        return None, None
+
+    def retry_after(self, refused: Admission | None) -> int:
+        """Whole seconds until the soonest trial of any endpoint."""
+        if refused is not None and len(self.endpoints) == 1:
+            return refused.retry_after
+        return max(1, math.ceil(min(endpoint.trial_in() for endpoint in self.endpoints)))
+
+    def any_may_admit(self) -> bool:
+        """Whether some endpoint's breaker may let an attempt through."""
+        return any(endpoint.may_admit() for endpoint in self.endpoints)
 
 
 @attrs.frozen
@@ -116,7 +184,7 @@ class ServiceBroker:
         if route is None:
             raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
         try:
-            target = upstream_target(route.upstream.base_path, rest, query)
+            upstream_target(b"", rest, query)  # refused here, before any limit or attempt
         except UnsafePath as error:
             raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
 
@@ -139,33 +207,52 @@ class ServiceBroker:
         withheld = (ctx.caller.header,) if ctx.caller is not None and not route.config.forward_api_key else ()
         trace = ctx.trace.headers() if ctx.trace is not None else ()
         headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
-        response, admission = await self._attempts(request.method, target, headers, request.body, route, ctx)
-        await self._relay(request, response, admission, route, ctx)
+        response, admission, endpoint = await self._attempts(request.method, rest, query, headers, request.body, route, ctx)
+        try:
+            await self._relay(request, response, admission, endpoint, route, ctx)
+        finally:
+            endpoint.in_flight -= 1
 
     async def _attempts(
-        self, method: bytes, target: bytes, headers: list, body: bytes, route: ServiceRoute, ctx: RequestContext
-    ) -> tuple[UpstreamResponse, Admission]:
+        self,
+        method: bytes,
+        rest: bytes,
+        query: bytes,
+        headers: list,
+        body: bytes,
+        route: ServiceRoute,
+        ctx: RequestContext,
+    ) -> tuple[UpstreamResponse, Admission, Endpoint]:
         """
-        Try the backend until an answer is final, the retries are spent, the
-        deadline passes or the breaker opens.
+        Try the service's endpoints until an answer is final, the retries
+        are spent, the deadline passes or no endpoint's breaker admits.  A
+        retry goes to another endpoint than the one that just failed while
+        another admits.  The endpoint returned counts the request in flight
+        until the caller is done with it.
         """
-        config, breaker, policy = route.config, route.breaker, route.policy
+        config, policy = route.config, route.policy
         deadline_at = self._clock.seconds() + config.deadline
+        failed_on: Endpoint | None = None
         while True:
-            admission = breaker.admit(ctx.request_id)
-            if not admission.allowed:
-                raise _circuit_open(config.name, admission.retry_after)
+            endpoint, admission = route.choose(ctx.request_id, failed_on)
+            if endpoint is None:
+                raise _circuit_open(config.name, route.retry_after(admission))
+            breaker = endpoint.breaker
             ctx.attempts += 1
             left = deadline_at - self._clock.seconds()
             timeout = min(config.timeout, left)
-            attempt = route.upstream.request(method, target, headers, body)
+            target = upstream_target(endpoint.upstream.base_path, rest, query)
+            attempt = endpoint.upstream.request(method, target, headers, body)
             attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
             sent_at = self._clock.seconds()
+            endpoint.in_flight += 1
             try:
                 response = await attempt
             except Exception as error:
+                endpoint.in_flight -= 1
+                failed_on = endpoint
                 if ctx.client_gone or isinstance(error, CancelledError):
-                    self._count_attempt(config.name, "abandoned")
+                    self._count_attempt(config.name, endpoint, "abandoned")
                     # The client left: whatever the upstream reports of its
                     # cancellation, it is no failure of the backend and
                     # nothing to retry.
@@ -178,25 +265,28 @@ class ServiceBroker:
                         "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
                     )
                     breaker.failed(admission, "timeout")
-                    self._count_attempt(config.name, "timeout")
+                    self._count_attempt(config.name, endpoint, "timeout")
                     if deadline_hit:
                         self._log_attempt(ctx, config.name, outcome.reason, final=True)
                         raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
                 else:
                     outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
                     breaker.failed(admission, outcome.reason)
-                    self._count_attempt(config.name, "connection_error")
+                    self._count_attempt(config.name, endpoint, "connection_error")
             else:
-                self._metrics.observe_upstream_time(config.name, self._clock.seconds() - sent_at)
+                took = self._clock.seconds() - sent_at
+                endpoint.ttfb = decayed(endpoint.ttfb, took)
+                self._metrics.observe_upstream_time(config.name, endpoint.url, took)
                 if is_breaker_failure(response.code):
                     breaker.failed(admission, f"status {response.code}")
-                    self._count_attempt(config.name, "http_5xx")
+                    self._count_attempt(config.name, endpoint, "http_5xx")
                 else:
                     breaker.succeeded(admission)
-                    self._count_attempt(config.name, "answered")
+                    self._count_attempt(config.name, endpoint, "answered")
                 if response.code not in RETRYABLE_STATUSES:
-                    return response, admission
+                    return response, admission, endpoint
                 outcome = response
+                failed_on = endpoint
 
             # The attempt failed or got a retryable answer: another one?
             delay = self._delay_before_retry(outcome, policy, ctx.attempts)
@@ -210,17 +300,17 @@ class ServiceBroker:
             if final:
                 if isinstance(outcome, _Failed):
                     raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
-                return outcome, admission
+                return outcome, admission, endpoint
             if not isinstance(outcome, _Failed):
+                endpoint.in_flight -= 1
                 outcome.discard()
-            status = breaker.status()
-            if status.state == OPEN:
-                raise _circuit_open(config.name, max(1, math.ceil(status.trial_in or 0)))
+            if not route.any_may_admit():
+                raise _circuit_open(config.name, route.retry_after(None))
             self._metrics.retries.labels(config.name).inc()
             await deferLater(self._clock, delay)
 
-    def _count_attempt(self, service: str, outcome: str) -> None:
-        self._metrics.observe_attempt(service, outcome)
+    def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
+        self._metrics.observe_attempt(service, endpoint.url, outcome)
 
     def _delay_before_retry(self, outcome, policy: RetryPolicy, attempts: int) -> float | None:
         """
@@ -242,6 +332,7 @@ class ServiceBroker:
         request: IncomingRequest,
         response: UpstreamResponse,
         admission: Admission,
+        endpoint: Endpoint,
         route: ServiceRoute,
         ctx: RequestContext,
     ) -> None:
@@ -265,7 +356,7 @@ class ServiceBroker:
             # Bytes already reached the client: no retry, no error body. The
             # connection is closed without the end of the answer, so the
             # client sees a truncated body, never a complete-looking one.
-            route.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
+            endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
             ctx.outcome = "stream_idle" if isinstance(error, StreamIdle) else "stream_broken"
             ctx.log.warning(
                 "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from txgateway.auth import ApiKey
+from txgateway.balance import BALANCE_MODES
 
 __all__ = [
     "AuthConfig",
@@ -148,6 +149,17 @@ def _http_url(raw: str) -> str:
     return value.rstrip("/")
 
 
+def _http_urls(raw: str) -> str:
+    """One base URL, or several (a service's endpoints) separated by commas."""
+    urls = [part.strip() for part in raw.split(",")]
+    if not all(urls):
+        raise ValueError(f"expected http:// or https:// URLs separated by commas, got {raw!r}")
+    checked = [_http_url(url) for url in urls]
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"a URL is given twice in {raw!r}")
+    return ", ".join(checked)
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     parts = urlsplit(value)
@@ -275,8 +287,9 @@ class ServiceConfig:
     """One C{[service:NAME]} section: a backend served under C{/api/NAME/}."""
 
     name: str
-    url: str = _key(_http_url)
+    url: str = _key(_http_urls)
     deadline: float = _key(_seconds)
+    balance: str = _key(_choice(*BALANCE_MODES), "least_requests")
     timeout: float = _key(_seconds, 30.0)
     idle_timeout: float = _key(_seconds, 60.0)
     retries: int = _key(_integer(0), 3)
@@ -289,6 +302,11 @@ class ServiceConfig:
     ratelimit_requests: int | None = _key(_integer(1), None)
     ratelimit_window: float | None = _key(_seconds, None)
     forward_api_key: bool = _key(_boolean, False)
+
+    @property
+    def endpoint_urls(self) -> tuple[str, ...]:
+        """The service's endpoints: the base URLs of C{url}, in order."""
+        return tuple(self.url.split(", "))
 
 
 @attrs.frozen

@@ -41,18 +41,18 @@ class _ScrapeTimeCollector:
     """
 
     def __init__(self) -> None:
-        self.circuits: Callable[[], Iterable[tuple[str, str]]] = list
+        self.circuits: Callable[[], Iterable[tuple[str, str, str]]] = list
         self.store_health: Callable[[], tuple[str, bool] | None] = lambda: None
 
     def collect(self):
         state = GaugeMetricFamily(
             "txgateway_circuit_state",
-            "1 for each service's current circuit state (closed, open, half_open), 0 for the others.",
-            labels=["service", "state"],
+            "1 for each endpoint's current circuit state (closed, open, half_open), 0 for the others.",
+            labels=["service", "endpoint", "state"],
         )
-        for service, current in self.circuits():
+        for service, endpoint, current in self.circuits():
             for name in _CIRCUIT_STATES:
-                state.add_metric([service, name], 1.0 if name == current else 0.0)
+                state.add_metric([service, endpoint, name], 1.0 if name == current else 0.0)
         yield state
         health = self.store_health()
         if health is not None:
@@ -76,9 +76,9 @@ class _RequestCounts:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = {}
-        self.attempts: dict[tuple[str, str], int] = {}
-        self.request_seconds: dict[str, list] = {}
-        self.upstream_seconds: dict[str, list] = {}
+        self.attempts: dict[tuple[str, str, str], int] = {}
+        self.request_seconds: dict[tuple[str, ...], list] = {}
+        self.upstream_seconds: dict[tuple[str, ...], list] = {}
         self.in_flight = 0
 
     def collect(self):
@@ -90,13 +90,14 @@ class _RequestCounts:
             requests.add_metric(list(labels), count)
         yield requests
         yield _histogram("txgateway_request_duration_seconds", "Whole request time in the gateway, by service.",
-                         self.request_seconds)
+                         ["service"], self.request_seconds)
         yield _histogram("txgateway_upstream_duration_seconds",
-                         "Time from sending an attempt to its response headers, by service.", self.upstream_seconds)
+                         "Time from sending an attempt to its response headers, by service and endpoint.",
+                         ["service", "endpoint"], self.upstream_seconds)
         attempts = CounterMetricFamily(
-            "txgateway_upstream_attempts", "Attempts sent to backends, by service and outcome "
+            "txgateway_upstream_attempts", "Attempts sent to backends, by service, endpoint and outcome "
             "(answered, http_5xx, timeout, connection_error, abandoned).",
-            labels=["service", "outcome"],
+            labels=["service", "endpoint", "outcome"],
         )
         for labels, count in sorted(self.attempts.items()):
             attempts.add_metric(list(labels), count)
@@ -104,21 +105,21 @@ class _RequestCounts:
         yield GaugeMetricFamily("txgateway_in_flight_requests", "Requests being handled now.", value=self.in_flight)
 
 
-def _histogram(name: str, documentation: str, by_service: dict[str, list]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=["service"])
-    for service, (counts, total) in sorted(by_service.items()):
+def _histogram(name: str, documentation: str, labels: list[str], by_labels: dict[tuple[str, ...], list]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for values, (counts, total) in sorted(by_labels.items()):
         cumulative, running = [], 0
         for bound, count in zip(_BUCKET_NAMES, counts):
             running += count
             cumulative.append((bound, running))
-        family.add_metric([service], cumulative, total)
+        family.add_metric(list(values), cumulative, total)
     return family
 
 
-def _observe(by_service: dict[str, list], service: str, seconds: float) -> None:
-    entry = by_service.get(service)
+def _observe(by_labels: dict[tuple[str, ...], list], labels: tuple[str, ...], seconds: float) -> None:
+    entry = by_labels.get(labels)
     if entry is None:
-        entry = by_service[service] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
+        entry = by_labels[labels] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
     entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
     entry[1] += seconds
 
@@ -136,8 +137,8 @@ class GatewayMetrics:
         r.register(self._counts)
         self.retries = Counter("txgateway_retries", "Retries scheduled, by service.", ["service"], registry=r)
         self.circuit_transitions = Counter(
-            "txgateway_circuit_transitions", "Circuit breaker transitions, by service, from and to state.",
-            ["service", "from_state", "to_state"], registry=r,
+            "txgateway_circuit_transitions", "Circuit breaker transitions, by service, endpoint, from and to state.",
+            ["service", "endpoint", "from_state", "to_state"], registry=r,
         )
         self.rate_limited = Counter(
             "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
@@ -145,7 +146,7 @@ class GatewayMetrics:
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 
-    def watch(self, circuits: Callable[[], Iterable[tuple[str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
+    def watch(self, circuits: Callable[[], Iterable[tuple[str, str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
         """Report circuit states and store health from these callables (the current gateway's)."""
         self._scraped.circuits = circuits
         self._scraped.store_health = store_health
@@ -161,17 +162,17 @@ class GatewayMetrics:
         label = service or "none"
         key = (label, method_label(method), status_class(status))
         counts.requests[key] = counts.requests.get(key, 0) + 1
-        _observe(counts.request_seconds, label, seconds)
+        _observe(counts.request_seconds, (label,), seconds)
 
-    def observe_attempt(self, service: str, outcome: str) -> None:
+    def observe_attempt(self, service: str, endpoint: str, outcome: str) -> None:
         """Count one upstream attempt by its outcome."""
         attempts = self._counts.attempts
-        key = (service, outcome)
+        key = (service, endpoint, outcome)
         attempts[key] = attempts.get(key, 0) + 1
 
-    def observe_upstream_time(self, service: str, seconds: float) -> None:
+    def observe_upstream_time(self, service: str, endpoint: str, seconds: float) -> None:
         """Time one attempt took until the backend's headers."""
-        _observe(self._counts.upstream_seconds, service, seconds)
+        _observe(self._counts.upstream_seconds, (service, endpoint), seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

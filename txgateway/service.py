@@ -8,6 +8,7 @@ SIGHUP.
 
 from __future__ import annotations
 
+import functools
 import gc
 import random
 import signal
@@ -24,7 +25,7 @@ from twisted.python.components import Componentized
 
 from txgateway.app import Gateway, GatewayFront
 from txgateway.breaker import CircuitBreaker
-from txgateway.broker import ServiceBroker, ServiceRoute
+from txgateway.broker import Endpoint, ServiceBroker, ServiceRoute
 from txgateway.client import IUpstream, UpstreamEndpoint
 from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
 from txgateway.logs import AccessLog, TwistedJsonObserver, configure_logging, open_sink
@@ -45,32 +46,44 @@ POOL_IDLE_SECONDS = 60
 def build_routes(
     config: GatewayConfig,
     clock: IReactorTime,
-    upstream_for: Callable[[ServiceConfig], IUpstream],
+    upstream_for: Callable[[ServiceConfig, str], IUpstream],
     log: Any,
     metrics: GatewayMetrics,
     previous: Mapping[str, ServiceRoute] | None = None,
 ) -> dict[str, ServiceRoute]:
     """
-    One route (breaker and upstream) per service.  A service whose URL is
-    the same as in C{previous} keeps its breaker, with its state, and its
-    upstream with its connections.
+    One route per service, with an endpoint (breaker and upstream) per URL
+    of its C{url}.  An endpoint whose service and URL were in C{previous}
+    keeps its breaker, with its state, and its upstream with its
+    connections.
     """
-
-    def transitioned(service: str, from_state: str, to_state: str) -> None:
-        metrics.circuit_transitions.labels(service, from_state, to_state).inc()
-
     routes = {}
     for name, service in config.services.items():
-        kept = (previous or {}).get(name)
-        if kept is not None and kept.config.url == service.url:
-            kept.breaker.retune(service.breaker_threshold, service.breaker_cooldown)
-            routes[name] = ServiceRoute(config=service, upstream=kept.upstream, breaker=kept.breaker)
-        else:
-            breaker = CircuitBreaker(
-                name, clock, service.breaker_threshold, service.breaker_cooldown, log, transitioned
-            )
-            routes[name] = ServiceRoute(config=service, upstream=upstream_for(service), breaker=breaker)
+        before = (previous or {}).get(name)
+        kept = {endpoint.url: endpoint for endpoint in before.endpoints} if before is not None else {}
+        endpoints = []
+        for url in service.endpoint_urls:
+            endpoint = kept.get(url)
+            if endpoint is not None:
+                endpoint.breaker.retune(service.breaker_threshold, service.breaker_cooldown)
+            else:
+                breaker = CircuitBreaker(
+                    name,
+                    clock,
+                    service.breaker_threshold,
+                    service.breaker_cooldown,
+                    log,
+                    functools.partial(_transitioned, metrics, url),
+                    endpoint=url if len(service.endpoint_urls) > 1 else None,
+                )
+                endpoint = Endpoint(url, upstream_for(service, url), breaker)
+            endpoints.append(endpoint)
+        routes[name] = ServiceRoute(config=service, endpoints=endpoints)
     return routes
+
+
+def _transitioned(metrics: GatewayMetrics, endpoint: str, service: str, from_state: str, to_state: str) -> None:
+    metrics.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
 
 
 def build_gateway(
@@ -159,10 +172,10 @@ class GatewayService(MultiService):
             )
         return MemoryRateLimitStore(self._clock)
 
-    def _upstream_for(self, service: ServiceConfig) -> IUpstream:
-        # One pool per service, even for services sharing a URL: each is
-        # closed when its own service goes.
-        upstream = UpstreamEndpoint(service.url, self._reactor, max_idle=POOL_IDLE_CONNECTIONS, idle_seconds=POOL_IDLE_SECONDS)
+    def _upstream_for(self, service: ServiceConfig, url: str) -> IUpstream:
+        # One pool per endpoint of a service, even for services sharing a
+        # URL: each is closed when its own endpoint goes.
+        upstream = UpstreamEndpoint(url, self._reactor, max_idle=POOL_IDLE_CONNECTIONS, idle_seconds=POOL_IDLE_SECONDS)
         self._upstreams.append(upstream)
         return upstream
 
@@ -260,11 +273,12 @@ class GatewayService(MultiService):
 
     def _retire(self, old: Gateway, new: Gateway) -> None:
         """Release what the old configuration had and the new one does not use."""
-        kept_breakers = {id(route.breaker) for route in new.broker.routes.values()}
+        kept = {id(endpoint) for route in new.broker.routes.values() for endpoint in route.endpoints}
         for route in old.broker.routes.values():
-            if id(route.breaker) not in kept_breakers:
-                route.breaker.stop()
-        used = {id(route.upstream) for route in new.broker.routes.values()}
+            for endpoint in route.endpoints:
+                if id(endpoint) not in kept:
+                    endpoint.breaker.stop()
+        used = {id(endpoint.upstream) for route in new.broker.routes.values() for endpoint in route.endpoints}
         for upstream in [upstream for upstream in self._upstreams if id(upstream) not in used]:
             # Only idle connections close; requests in flight finish first.
             self._upstreams.remove(upstream)
@@ -284,7 +298,8 @@ class GatewayService(MultiService):
         await super().stopService()  # the listener stops accepting
         await self._drain(self.gateway.config.gateway.drain_timeout)
         for route in self.gateway.broker.routes.values():
-            route.breaker.stop()
+            for endpoint in route.endpoints:
+                endpoint.breaker.stop()
         await DeferredList([upstream.close() for upstream in self._upstreams])
         if self.gateway.store is not None:
             await self.gateway.store.close()

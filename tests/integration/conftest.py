@@ -106,8 +106,8 @@ class Process:
 
 
 class Backend:
-    def __init__(self, tmp: Path) -> None:
-        self.process = Process([sys.executable, str(REPO / "tests" / "backends.py"), "0"], tmp)
+    def __init__(self, tmp: Path, env: dict | None = None) -> None:
+        self.process = Process([sys.executable, str(REPO / "tests" / "backends.py"), "0"], tmp, env)
         line = self.process.wait_for(lambda l: l.startswith("listening"))
         self.port = int(line.split()[1])
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,0 +1,59 @@
+"""Several endpoints per service, through the running daemon, in front of real backend processes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.integration.conftest import Backend, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def service_ini(urls: str, **keys) -> str:
+    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return (
+        "[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n"
+        "[logging]\nfile = logs/combined.log\n"
+        "[ratelimit]\nrequests = 100000\n"
+        f"[service:pool]\nurl = {urls}\nretry_delay = 0.05\ntimeout = 5\n{extra}"
+    )
+
+
+def test_every_request_is_answered_while_one_of_two_endpoints_refuses(start_gateway, fresh_backend):
+    refusing = f"http://127.0.0.1:{free_port()}"
+    gateway = start_gateway(service_ini(f"{refusing}, {fresh_backend.url}", balance="round_robin"))
+    statuses = [gateway.request("GET", f"/api/pool/echo/{n}").status for n in range(40)]
+    assert statuses == [200] * 40
+    health = gateway.request("GET", "/health").json()["services"]["pool"]
+    assert health["circuit"] == "closed"
+    by_url = {e["url"]: e for e in health["endpoints"]}
+    assert by_url[refusing]["circuit"] == "open"  # five refusals opened it; no request saw them
+    assert by_url[fresh_backend.url]["circuit"] == "closed"
+    assert fresh_backend.calls()["count"] == 40
+
+
+def test_least_requests_sends_most_requests_to_the_faster_endpoint(start_gateway, fresh_backend, tmp_path):
+    slow = Backend(tmp_path, env={"BACKEND_DELAY": "0.25"})
+    try:
+        gateway = start_gateway(service_ini(f"{slow.url}, {fresh_backend.url}"))
+        errors = []
+
+        def client() -> None:
+            for n in range(8):
+                status = gateway.request("GET", f"/api/pool/echo/{n}").status
+                if status != 200:
+                    errors.append(status)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        fast_calls, slow_calls = fresh_backend.calls()["count"], slow.calls()["count"]
+        assert fast_calls + slow_calls == 64
+        assert fast_calls > 3 * slow_calls, (fast_calls, slow_calls)
+    finally:
+        slow.process.stop()
