@@ -171,3 +171,14 @@ def test_a_bad_endpoint_list_is_named(value, complaint):
 
     with pytest.raises(ConfigError, match=rf"t.ini: \[service:s\] url: .*{complaint}"):
         parse_config(f"[service:s]\nurl = {value}\n", "t.ini", environ={})
+
+
+@pytest.mark.parametrize(
+    "fallback, complaint",
+    [("nowhere", "no service is named 'nowhere'"), ("a", "cannot be its own fallback")],
+)
+def test_a_fallback_must_name_another_service(fallback, complaint):
+    from txgateway.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=rf"t.ini: \[service:a\] fallback: .*{complaint}"):
+        parse_config(f"[service:a]\nurl = http://a:1\nfallback = {fallback}\n[service:b]\nurl = http://b:1\n", "t.ini", environ={})

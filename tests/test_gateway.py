@@ -632,3 +632,86 @@ def test_a_reload_keeps_the_endpoints_whose_url_stayed():
     after = build_routes(config, h.clock, h._upstream_for, h.log, GatewayMetrics(), h.gateway.broker.routes)["data"]
     assert after.endpoints[0] is before.endpoints[1]
     assert after.endpoints[1].url == "http://data-c:8001"
+
+
+# -- fallback services
+
+FALLBACK = SERVICE_INI.replace("[service:data]\n", "[service:data]\nfallback = ai\nretries = 0\n")
+
+
+def test_a_service_that_gives_up_falls_over_to_its_fallback_with_the_same_request():
+    h = Harness(FALLBACK)
+    d = h.request("POST", "/api/data/x?q=1", data=b"same body", headers={"X-Request-ID": "fb-1"})
+    h.agents["data"].last.refuse()
+    sent = h.agents["ai"].last
+    assert (sent.method, sent.uri, sent.body) == (b"POST", b"http://ai.backend:8000/v1/x?q=1", b"same body")
+    assert sent.headers.getRawHeaders(b"x-request-id") == [b"fb-1"]
+    sent.respond(FakeResponse(200, {}, b"from ai"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("x-gateway-service") == ["ai"]
+    assert response.headers.getRawHeaders("x-gateway-fallback-from") == ["data"]
+    assert response.headers.getRawHeaders("x-gateway-attempts") == ["2"]
+    [line] = h.access.lines
+    assert (line["service"], line["served_by"], line["fallback_from"]) == ("data", "ai", ["data"])
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_a_final_backend_failure_falls_over(status):
+    h = Harness(FALLBACK)
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.respond(FakeResponse(status, {}, b"no"))
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"yes"))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+def test_another_4xx_is_passed_through_and_never_falls_over(status):
+    h = Harness(FALLBACK)
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.respond(FakeResponse(status, {}, b"client error"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == status
+    assert h.agents["ai"].requests == []
+    assert not response.headers.hasHeader("x-gateway-fallback-from")
+
+
+def test_when_the_whole_chain_gives_up_the_last_error_is_answered_and_named():
+    h = Harness(FALLBACK.replace("[service:ai]\n", "[service:ai]\nretries = 0\n"))
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.refuse()
+    h.agents["ai"].last.refuse()
+    h.flush()
+    response = result_of(d)
+    assert response.code == 502 and error_of(response)["type"] == "upstream_unavailable"
+    assert response.headers.getRawHeaders("x-gateway-service") == ["ai"]
+    assert response.headers.getRawHeaders("x-gateway-fallback-from") == ["data"]
+
+
+def test_the_chain_shares_the_requested_services_deadline():
+    h = Harness(FALLBACK.replace("retries = 0\n", "retries = 0\ndeadline = 5\ntimeout = 4\n", 1))
+    d = h.request("GET", "/api/data/x")
+    h.advance(4)  # data's attempt times out at 4 s: 1 s of the deadline is left for ai
+    assert len(h.agents["ai"].requests) == 1
+    h.advance(1)
+    response = result_of(d)
+    assert response.code == 504
+    assert h.agents["ai"].cancelled == h.agents["ai"].requests
+
+
+def test_an_open_circuit_falls_over_at_once_and_the_limit_charges_the_requested_service_once():
+    h = Harness(FALLBACK.replace("requests = 1000", "requests = 3").replace("retries = 0\n", "retries = 0\nbreaker_threshold = 1\n", 1))
+    first = h.request("GET", "/api/data/x")
+    h.agents["data"].last.refuse()
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"ai"))
+    h.flush()
+    assert result_of(first).headers.getRawHeaders("ratelimit-remaining") == ["2"]
+    second = h.request("GET", "/api/data/x")  # data's circuit is open: straight to ai
+    assert len(h.agents["data"].requests) == 1
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"ai"))
+    h.flush()
+    response = result_of(second)
+    assert response.code == 200 and response.headers.getRawHeaders("ratelimit-remaining") == ["1"]

@@ -203,15 +203,48 @@ class ServiceBroker:
                     headers=((b"Retry-After", b"%d" % decision.retry_after),),
                 )
 
-        # The gateway's own API key stays here unless the service asks for it.
-        withheld = (ctx.caller.header,) if ctx.caller is not None and not route.config.forward_api_key else ()
         trace = ctx.trace.headers() if ctx.trace is not None else ()
-        headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
-        response, admission, endpoint = await self._attempts(request.method, rest, query, headers, request.body, route, ctx)
-        try:
-            await self._relay(request, response, admission, endpoint, route, ctx)
-        finally:
-            endpoint.in_flight -= 1
+        chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
+        # The whole chain shares the requested service's deadline.
+        deadline_at = self._clock.seconds() + route.config.deadline
+        for position, serving in enumerate(chain):
+            last = position == len(chain) - 1
+            ctx.served_by = serving.config.name
+            # The gateway's own API key stays here unless the service asks for it.
+            withheld = (ctx.caller.header,) if ctx.caller is not None and not serving.config.forward_api_key else ()
+            headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
+            try:
+                response, admission, endpoint = await self._attempts(
+                    request.method, rest, query, headers, request.body, serving, ctx, deadline_at
+                )
+            except GatewayError as error:
+                if last or error.kind not in _GIVING_UP or self._clock.seconds() >= deadline_at:
+                    self._name_the_chain(request, ctx)
+                    raise
+                self._fall_over(ctx, serving, chain[position + 1], error.message)
+                continue
+            if not last and response.code in FALLOVER_STATUSES and self._clock.seconds() < deadline_at:
+                endpoint.in_flight -= 1
+                response.discard()
+                self._fall_over(ctx, serving, chain[position + 1], f"status {response.code}")
+                continue
+            self._name_the_chain(request, ctx)
+            try:
+                await self._relay(request, response, admission, endpoint, serving, ctx)
+            finally:
+                endpoint.in_flight -= 1
+            return
+
+    def _fall_over(self, ctx: RequestContext, gave_up: ServiceRoute, to: ServiceRoute, reason: str) -> None:
+        """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
+        ctx.fallback_from.append(gave_up.config.name)
+        self._metrics.fallbacks.labels(ctx.service or gave_up.config.name, to.config.name).inc()
+        ctx.log.warning("service_fallback", service=gave_up.config.name, to=to.config.name, reason=reason)
+
+    def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext) -> None:
+        if ctx.fallback_from:
+            request.set_header(b"X-Gateway-Service", (ctx.served_by or "").encode("ascii"))
+            request.set_header(b"X-Gateway-Fallback-From", ", ".join(ctx.fallback_from).encode("ascii"))
 
     async def _attempts(
         self,
@@ -222,6 +255,7 @@ class ServiceBroker:
         body: bytes,
         route: ServiceRoute,
         ctx: RequestContext,
+        deadline_at: float,
     ) -> tuple[UpstreamResponse, Admission, Endpoint]:
         """
         Try the service's endpoints until an answer is final, the retries
@@ -231,7 +265,6 @@ class ServiceBroker:
         until the caller is done with it.
         """
         config, policy = route.config, route.policy
-        deadline_at = self._clock.seconds() + config.deadline
         failed_on: Endpoint | None = None
         while True:
             endpoint, admission = route.choose(ctx.request_id, failed_on)
@@ -296,7 +329,9 @@ class ServiceBroker:
                 or self._clock.seconds() + delay >= deadline_at
             )
             reason = outcome.reason if isinstance(outcome, _Failed) else f"status {outcome.code}"
-            self._log_attempt(ctx, config.name, reason, final=final, delay=delay)
+            # The line announces a retry only when one will happen: not when
+            # no endpoint's breaker admits any more.
+            self._log_attempt(ctx, config.name, reason, final=final or not route.any_may_admit(), delay=delay)
             if final:
                 if isinstance(outcome, _Failed):
                     raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
@@ -363,6 +398,12 @@ class ServiceBroker:
             )
             request.abort()
             raise AnswerCutShort(ctx.outcome) from None
+
+
+#: Gateway errors after which a service gives up and its fallback is tried.
+_GIVING_UP = frozenset({errors.UPSTREAM_UNAVAILABLE, errors.CIRCUIT_OPEN, errors.UPSTREAM_TIMEOUT})
+#: A backend's final statuses after which its service gives up (a 4xx but 429 passes through).
+FALLOVER_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def _timed_out(result: object, timeout: float) -> None:

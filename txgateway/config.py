@@ -160,6 +160,16 @@ def _http_urls(raw: str) -> str:
     return ", ".join(checked)
 
 
+def _service_names(raw: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for name in names:
+        if not SERVICE_NAME.match(name):
+            raise ValueError(f"expected service names separated by commas, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a service is named twice in {raw!r}")
+    return names
+
+
 def _redis_url(raw: str) -> str:
     value = raw.strip()
     parts = urlsplit(value)
@@ -302,6 +312,7 @@ class ServiceConfig:
     ratelimit_requests: int | None = _key(_integer(1), None)
     ratelimit_window: float | None = _key(_seconds, None)
     forward_api_key: bool = _key(_boolean, False)
+    fallback: tuple = _key(_service_names, ())
 
     @property
     def endpoint_urls(self) -> tuple[str, ...]:
@@ -446,6 +457,13 @@ def parse_config(
             )
     if not services:
         raise ConfigError(f"{origin}: no [service:NAME] section: nothing to route to")
+    for name, service in services.items():
+        for other in service.fallback:
+            where = sections[f"service:{name}"]["fallback"].origin
+            if other == name:
+                raise ConfigError(f"{where}: [service:{name}] fallback: a service cannot be its own fallback")
+            if other not in services:
+                raise ConfigError(f"{where}: [service:{name}] fallback: no service is named {other!r}")
     auth = _build(AuthConfig, origin, "auth", sections.get("auth", {}))
     if auth.keys_file:
         auth = attrs.evolve(auth, keys=auth.keys + _read_keys_file(auth.keys_file, origin))

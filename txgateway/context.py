@@ -88,6 +88,8 @@ class RequestContext:
     trace: TraceContext | None = None
     caller: Caller | None = None
     handling: Deferred | None = None
+    served_by: str | None = None
+    fallback_from: list[str] = attrs.Factory(list)
     _bound_log: Any = None
 
     @property

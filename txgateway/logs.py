@@ -256,6 +256,8 @@ class AccessLog:
             line["api_key_name"] = ctx.caller.name
         line.update(fields)
         line["service"] = ctx.service
+        line["served_by"] = ctx.served_by
+        line["fallback_from"] = ctx.fallback_from
         line["client"] = ctx.client
         line["attempts"] = ctx.attempts
         line["outcome"] = ctx.outcome

@@ -140,6 +140,10 @@ class GatewayMetrics:
             "txgateway_circuit_transitions", "Circuit breaker transitions, by service, endpoint, from and to state.",
             ["service", "endpoint", "from_state", "to_state"], registry=r,
         )
+        self.fallbacks = Counter(
+            "txgateway_fallbacks", "Requests a service gave up on and passed to its fallback, by service and fallback.",
+            ["service", "to"], registry=r,
+        )
         self.rate_limited = Counter(
             "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
         )

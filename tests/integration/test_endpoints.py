@@ -57,3 +57,25 @@ def test_least_requests_sends_most_requests_to_the_faster_endpoint(start_gateway
         assert fast_calls > 3 * slow_calls, (fast_calls, slow_calls)
     finally:
         slow.process.stop()
+
+
+def test_the_openai_client_is_served_by_the_fallback_when_the_primary_is_down(start_gateway, backend):
+    openai = pytest.importorskip("openai")
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    gateway = start_gateway(
+        "[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n[logging]\nfile = logs/combined.log\n"
+        f"[service:primary]\nurl = {down}\nfallback = local\nretries = 1\nretry_delay = 0.05\n"
+        f"[service:local]\nurl = {backend.url}/v1\n"
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/api/primary", api_key="k", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="tiny-1", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-gateway-service"] == "local"
+    assert raw.headers["x-gateway-fallback-from"] == "primary"
+    assert raw.parse().choices[0].message.content == "Hello from the test backend."
+    stream = client.chat.completions.create(model="tiny-1", messages=[{"role": "user", "content": "hi"}], stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert pieces == ["Hello", " from", " the", " test", " backend."]
+    [line] = [e for e in gateway.logged("request_completed") if e["request_id"] == raw.headers["x-request-id"]]
+    assert (line["service"], line["served_by"], line["fallback_from"], line["attempts"]) == ("primary", "local", ["primary"], 3)
+    metrics = gateway.request("GET", "/metrics").body.decode()
+    assert 'txgateway_fallbacks_total{service="primary",to="local"} 2.0' in metrics

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.integration.conftest import REPO, Process, free_port
+from tests.integration.conftest import REPO, Process
 
 pytestmark = pytest.mark.integration
 
