@@ -178,8 +178,8 @@ def test_a_retried_500_then_success_answers_200_after_two_attempts():
     assert first.headers.getRawHeaders(b"x-request-id") == second.headers.getRawHeaders(b"x-request-id") == [b"same-id"]
 
 
-def test_4xx_is_never_retried():
-    for code in (400, 401, 404, 409, 429):
+def test_4xx_but_429_is_never_retried():
+    for code in (400, 401, 404, 409):
         h = Harness(SERVICE_INI)
         d = h.request("GET", "/api/ai/x")
         h.agents["ai"].last.respond(FakeResponse(code, {b"retry-after": b"1"}, b"no"))
@@ -715,3 +715,90 @@ def test_an_open_circuit_falls_over_at_once_and_the_limit_charges_the_requested_
     h.flush()
     response = result_of(second)
     assert response.code == 200 and response.headers.getRawHeaders("ratelimit-remaining") == ["1"]
+
+
+# -- safe retries
+
+def test_a_backends_429_is_retried_after_its_retry_after_and_is_no_breaker_failure():
+    h = Harness(ini(breaker_threshold=1))
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.respond(FakeResponse(429, {b"retry-after": b"3"}, b"slow down"))
+    h.advance(2.9)
+    assert len(h.agents["data"].requests) == 1
+    h.advance(0.1)
+    h.agents["data"].last.respond(FakeResponse(200, {}, b"ok"))
+    h.flush()
+    assert result_of(d).code == 200
+    assert h.gateway.broker.routes["data"].breaker.status().state == "closed"
+
+
+def test_a_silent_backend_gets_a_post_once_and_the_client_its_504_at_once():
+    h = Harness(ini(timeout=10))
+    d = h.request("POST", "/api/data/generate", data=b"{}")
+    h.advance(10)
+    assert len(h.agents["data"].requests) == 1
+    response = result_of(d)
+    assert response.code == 504 and error_of(response)["type"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize(
+    "method, headers, retry_timeouts",
+    [("GET", {}, "idempotent"), ("POST", {"Idempotency-Key": "k-1"}, "idempotent"), ("POST", {}, "always")],
+)
+def test_a_request_safe_to_send_again_is_retried_after_silence(method, headers, retry_timeouts):
+    h = Harness(ini(timeout=10, retry_timeouts=retry_timeouts))
+    h.request(method, "/api/data/x", headers=headers)
+    h.advance(10)
+    h.advance(1)
+    assert len(h.agents["data"].requests) == 2
+
+
+def test_retry_timeouts_never_means_never():
+    h = Harness(ini(timeout=10, retry_timeouts="never"))
+    d = h.request("GET", "/api/data/x")
+    h.advance(10)
+    h.advance(10)
+    assert len(h.agents["data"].requests) == 1
+    assert result_of(d).code == 504
+
+
+def test_a_silent_endpoint_sends_a_post_to_the_other_endpoint():
+    h = Harness(TWO.replace("balance = ordered", "balance = ordered\ntimeout = 10"))
+    d = h.request("POST", "/api/data/generate", data=b"{}")
+    h.advance(10)
+    h.advance(1)
+    a, b = h.endpoints["http://data-a:8001"], h.endpoints["http://data-b:8001"]
+    assert len(a.requests) == 1 and len(b.requests) == 1
+    b.last.respond(FakeResponse(200, {}, b"b"))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+def test_the_retry_budget_refuses_a_retry_beyond_it_and_the_request_ends_with_its_outcome():
+    h = Harness(ini(retry_budget=0, retry_budget_min=1, retries=3))
+    first = h.request("GET", "/api/data/one")
+    second = h.request("GET", "/api/data/two")
+    upstream = h.agents["data"]
+    with capture_logs() as logs:
+        upstream.requests[0].respond(FakeResponse(503, {}, b"busy"))  # one retrying: the budget's floor
+        upstream.requests[1].respond(FakeResponse(503, {}, b"busy too"))  # refused a retry
+        h.flush()
+    response = result_of(second)
+    assert response.code == 503 and result_of(treq.content(response)) == b"busy too"
+    assert [e["event"] for e in logs if e["event"] == "retry_budget_exhausted"] == ["retry_budget_exhausted"]
+    h.advance(1)
+    upstream.last.respond(FakeResponse(200, {}, b"ok"))
+    h.flush()
+    assert result_of(first).code == 200
+    assert len(upstream.requests) == 3
+
+
+def test_an_attempt_line_announces_a_retry_only_when_one_happens():
+    h = Harness(ini(retries=3, breaker_threshold=1))
+    with capture_logs() as logs:
+        d = h.request("GET", "/api/data/x")
+        h.agents["data"].last.refuse()
+        h.flush()
+    assert result_of(d).code == 503
+    [line] = [e for e in logs if e["event"] == "attempt_failed"]
+    assert line["retry"] is False and "retry_in_s" not in line

@@ -34,9 +34,26 @@ def test_no_jitter_means_the_exact_schedule_whatever_the_randomness():
     assert RetryPolicy().delay_before_retry(2, random.Random(3)) == 4.0
 
 
-def test_only_500_502_503_504_are_retried():
-    assert RETRYABLE_STATUSES == {500, 502, 503, 504}
-    assert not any(code in RETRYABLE_STATUSES for code in range(400, 500))
+def test_only_429_500_502_503_504_are_retried():
+    assert RETRYABLE_STATUSES == {429, 500, 502, 503, 504}
+    assert not any(code in RETRYABLE_STATUSES for code in range(400, 500) if code != 429)
+
+
+def test_a_silent_backend_gets_a_request_again_only_when_that_is_safe():
+    from txgateway.retry import may_resend_after_silence as may
+
+    assert may("idempotent", b"GET", False) and may("idempotent", b"PUT", False) and may("idempotent", b"DELETE", False)
+    assert not may("idempotent", b"POST", False) and not may("idempotent", b"PATCH", False)
+    assert may("idempotent", b"POST", True)  # an Idempotency-Key makes it safe
+    assert may("always", b"POST", False) and not may("never", b"GET", True)
+
+
+def test_the_retry_budget_is_a_share_of_the_requests_in_flight_with_a_floor():
+    from txgateway.retry import retry_budget_allows as allows
+
+    assert allows(2, 10, 20, 3) and not allows(3, 10, 20, 3)  # the floor: 3
+    assert allows(19, 100, 20, 3) and not allows(20, 100, 20, 3)  # 20% of 100
+    assert allows(99, 100, 100, 3)  # 100% lifts it
 
 
 def test_every_5xx_counts_against_the_breaker_and_nothing_else_does():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Mapping
+from typing import AbstractSet, Mapping
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -31,7 +31,9 @@ from txgateway.retry import (
     RETRYABLE_STATUSES,
     RetryPolicy,
     is_breaker_failure,
+    may_resend_after_silence,
     parse_retry_after,
+    retry_budget_allows,
 )
 from txgateway.server import IncomingRequest
 from txgateway.upstream import (
@@ -95,6 +97,9 @@ class ServiceRoute:
     endpoints: list[Endpoint]
     policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
     balancer: Balancer = attrs.field(default=attrs.Factory(_balancer_of, takes_self=True))
+    #: Requests of the service in flight, and those of them that are retrying (the retry budget's inputs).
+    in_flight: int = 0
+    retrying: int = 0
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -106,13 +111,19 @@ class ServiceRoute:
         """The first endpoint's upstream (a service's only one, when it has one URL)."""
         return self.endpoints[0].upstream
 
-    def choose(self, request_id: str, avoid: Endpoint | None) -> tuple[Endpoint | None, Admission | None]:
+    def choose(
+        self, request_id: str, avoid: Endpoint | None, excluded: AbstractSet[Endpoint] = frozenset()
+    ) -> tuple[Endpoint | None, Admission | None]:
         """
         The endpoint an attempt goes to, with its breaker's admission; not
-        C{avoid} (the one that just failed) while another admits.  L{None}
-        when no endpoint admits.
+        C{avoid} (the one that just failed) while another admits, never one
+        of C{excluded}.  L{None} when no endpoint admits.
         """
         endpoints = self.endpoints
+        if excluded:
+            endpoints = [endpoint for endpoint in endpoints if endpoint not in excluded]
+            if not endpoints:
+                return None, None
         if len(endpoints) == 1:
             admission = endpoints[0].breaker.admit(request_id)
             return (endpoints[0], admission) if admission.allowed else (None, admission)
@@ -128,9 +139,9 @@ class ServiceRoute:
             return refused.retry_after
         return max(1, math.ceil(min(endpoint.trial_in() for endpoint in self.endpoints)))
 
-    def any_may_admit(self) -> bool:
-        """Whether some endpoint's breaker may let an attempt through."""
-        return any(endpoint.may_admit() for endpoint in self.endpoints)
+    def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:
+        """Whether some endpoint (not one of C{excluded}) may let an attempt through."""
+        return any(endpoint.may_admit() for endpoint in self.endpoints if endpoint not in excluded)
 
 
 @attrs.frozen
@@ -204,6 +215,7 @@ class ServiceBroker:
                 )
 
         trace = ctx.trace.headers() if ctx.trace is not None else ()
+        idempotency_key = request.header(b"idempotency-key") is not None
         chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
         # The whole chain shares the requested service's deadline.
         deadline_at = self._clock.seconds() + route.config.deadline
@@ -213,27 +225,31 @@ class ServiceBroker:
             # The gateway's own API key stays here unless the service asks for it.
             withheld = (ctx.caller.header,) if ctx.caller is not None and not serving.config.forward_api_key else ()
             headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
+            serving.in_flight += 1
             try:
-                response, admission, endpoint = await self._attempts(
-                    request.method, rest, query, headers, request.body, serving, ctx, deadline_at
-                )
-            except GatewayError as error:
-                if last or error.kind not in _GIVING_UP or self._clock.seconds() >= deadline_at:
-                    self._name_the_chain(request, ctx)
-                    raise
-                self._fall_over(ctx, serving, chain[position + 1], error.message)
-                continue
-            if not last and response.code in FALLOVER_STATUSES and self._clock.seconds() < deadline_at:
-                endpoint.in_flight -= 1
-                response.discard()
-                self._fall_over(ctx, serving, chain[position + 1], f"status {response.code}")
-                continue
-            self._name_the_chain(request, ctx)
-            try:
-                await self._relay(request, response, admission, endpoint, serving, ctx)
+                try:
+                    response, admission, endpoint = await self._attempts(
+                        request.method, rest, query, headers, request.body, serving, ctx, deadline_at, idempotency_key
+                    )
+                except GatewayError as error:
+                    if last or error.kind not in _GIVING_UP or self._clock.seconds() >= deadline_at:
+                        self._name_the_chain(request, ctx)
+                        raise
+                    self._fall_over(ctx, serving, chain[position + 1], error.message)
+                    continue
+                if not last and response.code in FALLOVER_STATUSES and self._clock.seconds() < deadline_at:
+                    endpoint.in_flight -= 1
+                    response.discard()
+                    self._fall_over(ctx, serving, chain[position + 1], f"status {response.code}")
+                    continue
+                self._name_the_chain(request, ctx)
+                try:
+                    await self._relay(request, response, admission, endpoint, serving, ctx)
+                finally:
+                    endpoint.in_flight -= 1
+                return
             finally:
-                endpoint.in_flight -= 1
-            return
+                serving.in_flight -= 1
 
     def _fall_over(self, ctx: RequestContext, gave_up: ServiceRoute, to: ServiceRoute, reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
@@ -256,93 +272,122 @@ class ServiceBroker:
         route: ServiceRoute,
         ctx: RequestContext,
         deadline_at: float,
+        idempotency_key: bool = False,
     ) -> tuple[UpstreamResponse, Admission, Endpoint]:
         """
         Try the service's endpoints until an answer is final, the retries
-        are spent, the deadline passes or no endpoint's breaker admits.  A
-        retry goes to another endpoint than the one that just failed while
-        another admits.  The endpoint returned counts the request in flight
-        until the caller is done with it.
+        are spent, the deadline passes, the retry budget says no, or no
+        endpoint's breaker admits.  A retry goes to another endpoint than
+        the one that just failed while another admits; a request that may
+        not be sent again to a silent endpoint (C{retry_timeouts}) never is.
+        The endpoint returned counts the request in flight until the caller
+        is done with it.
         """
         config, policy = route.config, route.policy
         failed_on: Endpoint | None = None
-        while True:
-            endpoint, admission = route.choose(ctx.request_id, failed_on)
-            if endpoint is None:
-                raise _circuit_open(config.name, route.retry_after(admission))
-            breaker = endpoint.breaker
-            ctx.attempts += 1
-            left = deadline_at - self._clock.seconds()
-            timeout = min(config.timeout, left)
-            target = upstream_target(endpoint.upstream.base_path, rest, query)
-            attempt = endpoint.upstream.request(method, target, headers, body)
-            attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
-            sent_at = self._clock.seconds()
-            endpoint.in_flight += 1
-            try:
-                response = await attempt
-            except Exception as error:
-                endpoint.in_flight -= 1
-                failed_on = endpoint
-                if ctx.client_gone or isinstance(error, CancelledError):
-                    self._count_attempt(config.name, endpoint, "abandoned")
-                    # The client left: whatever the upstream reports of its
-                    # cancellation, it is no failure of the backend and
-                    # nothing to retry.
-                    breaker.abandoned(admission)
-                    raise CancelledError() from None
-                if isinstance(error, TimeoutError):
-                    deadline_hit = timeout < config.timeout
-                    outcome = _Failed(
-                        errors.UPSTREAM_TIMEOUT,
-                        "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
-                    )
-                    breaker.failed(admission, "timeout")
-                    self._count_attempt(config.name, endpoint, "timeout")
-                    if deadline_hit:
-                        self._log_attempt(ctx, config.name, outcome.reason, final=True)
-                        raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
+        silent: set[Endpoint] = set()  # endpoints this request must not be sent to again
+        retrying = False
+        try:
+            while True:
+                endpoint, admission = route.choose(ctx.request_id, failed_on, silent)
+                if endpoint is None:
+                    raise _circuit_open(config.name, route.retry_after(admission))
+                breaker = endpoint.breaker
+                ctx.attempts += 1
+                left = deadline_at - self._clock.seconds()
+                timeout = min(config.timeout, left)
+                target = upstream_target(endpoint.upstream.base_path, rest, query)
+                attempt = endpoint.upstream.request(method, target, headers, body)
+                attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
+                sent_at = self._clock.seconds()
+                endpoint.in_flight += 1
+                try:
+                    response = await attempt
+                except Exception as error:
+                    endpoint.in_flight -= 1
+                    failed_on = endpoint
+                    if ctx.client_gone or isinstance(error, CancelledError):
+                        self._count_attempt(config.name, endpoint, "abandoned")
+                        # The client left: whatever the upstream reports of its
+                        # cancellation, it is no failure of the backend and
+                        # nothing to retry.
+                        breaker.abandoned(admission)
+                        raise CancelledError() from None
+                    if isinstance(error, TimeoutError):
+                        deadline_hit = timeout < config.timeout
+                        outcome = _Failed(
+                            errors.UPSTREAM_TIMEOUT,
+                            "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
+                        )
+                        breaker.failed(admission, "timeout")
+                        self._count_attempt(config.name, endpoint, "timeout")
+                        if deadline_hit:
+                            self._log_attempt(ctx, config.name, outcome.reason, final=True)
+                            raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
+                        if not may_resend_after_silence(config.retry_timeouts, method, idempotency_key):
+                            silent.add(endpoint)
+                    else:
+                        outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
+                        breaker.failed(admission, outcome.reason)
+                        self._count_attempt(config.name, endpoint, "connection_error")
                 else:
-                    outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
-                    breaker.failed(admission, outcome.reason)
-                    self._count_attempt(config.name, endpoint, "connection_error")
-            else:
-                took = self._clock.seconds() - sent_at
-                endpoint.ttfb = decayed(endpoint.ttfb, took)
-                self._metrics.observe_upstream_time(config.name, endpoint.url, took)
-                if is_breaker_failure(response.code):
-                    breaker.failed(admission, f"status {response.code}")
-                    self._count_attempt(config.name, endpoint, "http_5xx")
-                else:
-                    breaker.succeeded(admission)
-                    self._count_attempt(config.name, endpoint, "answered")
-                if response.code not in RETRYABLE_STATUSES:
-                    return response, admission, endpoint
-                outcome = response
-                failed_on = endpoint
+                    took = self._clock.seconds() - sent_at
+                    endpoint.ttfb = decayed(endpoint.ttfb, took)
+                    self._metrics.observe_upstream_time(config.name, endpoint.url, took)
+                    if is_breaker_failure(response.code):
+                        breaker.failed(admission, f"status {response.code}")
+                        self._count_attempt(config.name, endpoint, "http_5xx")
+                    else:
+                        # 429 included: the backend's limit is no failure of it.
+                        breaker.succeeded(admission)
+                        self._count_attempt(config.name, endpoint, "answered")
+                    if response.code not in RETRYABLE_STATUSES:
+                        return response, admission, endpoint
+                    outcome = response
+                    failed_on = endpoint
 
-            # The attempt failed or got a retryable answer: another one?
-            delay = self._delay_before_retry(outcome, policy, ctx.attempts)
-            final = (
-                delay is None
-                or not policy.attempts_left(ctx.attempts)
-                or self._clock.seconds() + delay >= deadline_at
-            )
-            reason = outcome.reason if isinstance(outcome, _Failed) else f"status {outcome.code}"
-            # The line announces a retry only when one will happen: not when
-            # no endpoint's breaker admits any more.
-            self._log_attempt(ctx, config.name, reason, final=final or not route.any_may_admit(), delay=delay)
-            if final:
-                if isinstance(outcome, _Failed):
-                    raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
-                return outcome, admission, endpoint
-            if not isinstance(outcome, _Failed):
-                endpoint.in_flight -= 1
-                outcome.discard()
-            if not route.any_may_admit():
-                raise _circuit_open(config.name, route.retry_after(None))
-            self._metrics.retries.labels(config.name).inc()
-            await deferLater(self._clock, delay)
+                # The attempt failed or got a retryable answer: another one?
+                delay = self._delay_before_retry(outcome, policy, ctx.attempts)
+                final = (
+                    delay is None
+                    or not policy.attempts_left(ctx.attempts)
+                    or self._clock.seconds() + delay >= deadline_at
+                )
+                stop = None
+                if not final:
+                    if not route.any_may_admit(silent):
+                        # Nowhere left to go: every breaker is open, or the only
+                        # endpoints left are silent ones this request must not
+                        # be sent to again (then it ends with its 504 at once).
+                        stop = "silent" if route.any_may_admit() else "circuit_open"
+                    elif not retry_budget_allows(
+                        route.retrying - retrying, route.in_flight, config.retry_budget, config.retry_budget_min
+                    ):
+                        stop = "budget"
+                        self._metrics.retry_budget_exhausted.labels(config.name).inc()
+                        ctx.log.warning(
+                            "retry_budget_exhausted", service=config.name, retrying=route.retrying, in_flight=route.in_flight
+                        )
+                reason = outcome.reason if isinstance(outcome, _Failed) else f"status {outcome.code}"
+                # The line announces a retry only when one will happen.
+                self._log_attempt(ctx, config.name, reason, final=final or stop is not None, delay=delay)
+                if final or stop in ("silent", "budget"):
+                    if isinstance(outcome, _Failed):
+                        raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
+                    return outcome, admission, endpoint
+                if not isinstance(outcome, _Failed):
+                    endpoint.in_flight -= 1
+                    outcome.discard()
+                if stop == "circuit_open":
+                    raise _circuit_open(config.name, route.retry_after(None))
+                if not retrying:
+                    retrying = True
+                    route.retrying += 1
+                self._metrics.retries.labels(config.name).inc()
+                await deferLater(self._clock, delay)
+        finally:
+            if retrying:
+                route.retrying -= 1
 
     def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
         self._metrics.observe_attempt(service, endpoint.url, outcome)

@@ -313,6 +313,9 @@ class ServiceConfig:
     ratelimit_window: float | None = _key(_seconds, None)
     forward_api_key: bool = _key(_boolean, False)
     fallback: tuple = _key(_service_names, ())
+    retry_timeouts: str = _key(_choice("idempotent", "always", "never"), "idempotent")
+    retry_budget: float = _key(_number(0.0, 100.0), 20.0)
+    retry_budget_min: int = _key(_integer(0), 3)
 
     @property
     def endpoint_urls(self) -> tuple[str, ...]:

@@ -140,6 +140,10 @@ class GatewayMetrics:
             "txgateway_circuit_transitions", "Circuit breaker transitions, by service, endpoint, from and to state.",
             ["service", "endpoint", "from_state", "to_state"], registry=r,
         )
+        self.retry_budget_exhausted = Counter(
+            "txgateway_retry_budget_exhausted", "Retries refused by the service's retry budget, by service.",
+            ["service"], registry=r,
+        )
         self.fallbacks = Counter(
             "txgateway_fallbacks", "Requests a service gave up on and passed to its fallback, by service and fallback.",
             ["service", "to"], registry=r,

@@ -13,18 +13,49 @@ from email.utils import parsedate_to_datetime
 import attrs
 
 __all__ = [
+    "IDEMPOTENT_METHODS",
     "RetryPolicy",
     "RETRYABLE_STATUSES",
+    "may_resend_after_silence",
+    "retry_budget_allows",
     "is_breaker_failure",
     "parse_retry_after",
 ]
 
-#: Upstream statuses worth another attempt.  Every other status, 4xx
-#: included, is final.
-RETRYABLE_STATUSES = frozenset({500, 502, 503, 504})
+#: Upstream statuses worth another attempt: 429 (the backend's own limit;
+#: never a breaker failure) and these 5xx.  Every other status is final.
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 #: Statuses whose Retry-After header may set the delay of the next attempt.
-RETRY_AFTER_STATUSES = frozenset({503})
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+#: Methods a silent backend may be sent again (RFC 9110 9.2.2 idempotent
+#: methods); others only with an Idempotency-Key header.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def may_resend_after_silence(rule: str, method: bytes, has_idempotency_key: bool) -> bool:
+    """
+    Whether a request whose backend stayed silent (no answer within the
+    timeout) may go to the same endpoint again, by C{retry_timeouts}:
+    C{always}, C{never}, or C{idempotent} (idempotent methods, or any with an
+    C{Idempotency-Key}): retrying a silent generation only multiplies its
+    cost and the client's wait.
+    """
+    if rule == "always":
+        return True
+    if rule == "never":
+        return False
+    return method in IDEMPOTENT_METHODS or has_idempotency_key
+
+
+def retry_budget_allows(retrying_others: int, in_flight: int, percent: float, minimum: int) -> bool:
+    """
+    Whether one more request may begin a retry: the service's other
+    requests that are retrying must number fewer than C{max(minimum,
+    percent% of its requests in flight)}.
+    """
+    return retrying_others < max(minimum, percent / 100.0 * in_flight)
 
 
 def is_breaker_failure(status: int) -> bool:

@@ -12,12 +12,12 @@ pytestmark = pytest.mark.integration
 
 
 def service_ini(urls: str, **keys) -> str:
-    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    extra = "".join(f"{k} = {v}\n" for k, v in {"retry_delay": 0.05, "timeout": 5, **keys}.items())
     return (
         "[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n"
         "[logging]\nfile = logs/combined.log\n"
         "[ratelimit]\nrequests = 100000\n"
-        f"[service:pool]\nurl = {urls}\nretry_delay = 0.05\ntimeout = 5\n{extra}"
+        f"[service:pool]\nurl = {urls}\n{extra}"
     )
 
 
@@ -79,3 +79,33 @@ def test_the_openai_client_is_served_by_the_fallback_when_the_primary_is_down(st
     assert (line["service"], line["served_by"], line["fallback_from"], line["attempts"]) == ("primary", "local", ["primary"], 3)
     metrics = gateway.request("GET", "/metrics").body.decode()
     assert 'txgateway_fallbacks_total{service="primary",to="local"} 2.0' in metrics
+
+
+def test_a_silent_backend_gets_a_post_once_and_the_client_a_504(start_gateway, fresh_backend):
+    gateway = start_gateway(service_ini(fresh_backend.url, timeout=0.5, retries=3))
+    answer = gateway.request("POST", "/api/pool/hang", body=b'{"prompt": "a long generation"}')
+    assert answer.status == 504 and answer.error["type"] == "upstream_timeout"
+    assert answer.headers["X-Gateway-Attempts"] == "1"
+    assert fresh_backend.calls()["by_path"]["/hang"] == 1
+
+
+def test_forty_concurrent_requests_to_a_failing_backend_stay_within_the_retry_budget(start_gateway, fresh_backend):
+    gateway = start_gateway(service_ini(fresh_backend.url, retries=3, retry_delay=0.2, breaker_threshold=1000))
+    statuses: list[int] = []
+    barrier = threading.Barrier(40)
+
+    def client() -> None:
+        barrier.wait(10)
+        statuses.append(gateway.request("GET", "/api/pool/status/503").status)
+
+    threads = [threading.Thread(target=client) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [503] * 40
+    calls = fresh_backend.calls()["by_path"]["/status/503"]
+    # Without a budget: 40 x (1 + 3) = 160 calls.  With it: the first attempts,
+    # and the retries of the few the budget let retry (20% of 40 = 8 at once).
+    assert 40 < calls <= 40 + 8 * 3 + 12, calls
+    assert gateway.logged("retry_budget_exhausted")

@@ -29,10 +29,18 @@ def test_a_backend_that_fails_twice_then_succeeds_is_answered_on_the_third_attem
 
 def test_4xx_is_passed_through_after_one_attempt(start_gateway, fresh_backend):
     gateway = start_gateway(ini_for(fresh_backend.url, **SHORT))
-    answer = gateway.request("GET", "/api/data/flaky/k2?fail=5&code=429")
-    assert answer.status == 429
+    answer = gateway.request("GET", "/api/data/flaky/k2?fail=5&code=409")
+    assert answer.status == 409
     assert answer.headers["X-Gateway-Attempts"] == "1"
     assert fresh_backend.calls()["by_path"]["/flaky/k2"] == 1
+
+
+def test_a_backends_429_is_retried_and_never_opens_the_circuit(start_gateway, fresh_backend):
+    gateway = start_gateway(ini_for(fresh_backend.url, **SHORT))
+    answer = gateway.request("GET", "/api/data/flaky/k3?fail=2&code=429")
+    assert answer.status == 200
+    assert answer.headers["X-Gateway-Attempts"] == "3"
+    assert gateway.request("GET", "/health").json()["services"]["data"]["consecutive_failures"] == 0
 
 
 def test_a_backend_that_always_fails_opens_the_circuit_and_then_fails_fast(start_gateway, fresh_backend):
