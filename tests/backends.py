@@ -17,7 +17,8 @@ paths (under any prefix, so that a service base path can be tested):
     .../bytes?size=N         N bytes with a Content-Length
     .../calls                {"count": requests so far, "disconnects": ...}
     .../v1/models            an OpenAI-style model list
-    .../v1/chat/completions  an OpenAI-compatible chat completion (stream too)
+    .../v1/chat/completions  an OpenAI-compatible chat completion (stream too;
+                             under .../cut/..., the stream breaks after two chunks)
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Backend(Resource):
             return self._chat(request)
         return _json(request, {"error": "no such test path", "path": path}, 404)
 
-    def _sse(self, request, count: int, interval: float, render=None):
+    def _sse(self, request, count: int, interval: float, render=None, cut_after: int | None = None):
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
         _counted_disconnect(request)
@@ -143,6 +144,9 @@ class Backend(Resource):
                 return
             if state["n"] >= count:
                 request.finish()
+                return
+            if cut_after is not None and state["n"] >= cut_after:
+                request.channel.transport.abortConnection()  # the stream breaks mid-answer
                 return
             request.write(render(state["n"]))
             state["n"] += 1
@@ -180,7 +184,9 @@ class Backend(Resource):
             event = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return b"data: " + json.dumps(event).encode() + b"\n\n"
 
-        return self._sse(request, len(words) + 1, 0.02, chunk)
+        # Under a .../cut/... base path the stream breaks after two chunks.
+        cut_after = 2 if "/cut/" in request.path.decode() else None
+        return self._sse(request, len(words) + 1, 0.02, chunk, cut_after)
 
 
 def main() -> None:

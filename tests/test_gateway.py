@@ -339,11 +339,14 @@ def test_chunks_reach_the_client_as_the_backend_sends_them():
     d = h.request("GET", "/api/ai/stream", unbuffered=True)
     upstream = h.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
     h.flush()
+    seen = []
+    d.addBoth(lambda result: seen.append(result) or result)
+    assert seen == []  # the commit point: nothing goes out before the first byte
+    upstream.send(b"data: tok1\n\n")
+    h.flush()
     response = result_of(d)
     received = []
     done = treq.collect(response, received.append)
-    upstream.send(b"data: tok1\n\n")
-    h.flush()
     assert received == [b"data: tok1\n\n"]
     upstream.send(b"data: tok2\n\n")
     h.flush()
@@ -357,11 +360,11 @@ def test_a_stream_broken_midway_is_not_retried_and_counts_as_a_failure():
     h = Harness(SERVICE_INI)
     d = h.request("GET", "/api/ai/stream", unbuffered=True)
     upstream = h.agents["ai"].last.respond(FakeResponse(200, {}))
+    upstream.send(b"part")
     h.flush()
     response = result_of(d)
     received = []
     done = treq.collect(response, received.append)
-    upstream.send(b"part")
     upstream.fail("reset")
     h.advance(10)
     h.flush()
@@ -378,6 +381,7 @@ def test_a_stalled_body_is_cut_after_idle_timeout_not_for_being_long():
     h = Harness(SERVICE_INI)  # idle_timeout = 5
     d = h.request("GET", "/api/ai/stream", unbuffered=True)
     upstream = h.agents["ai"].last.respond(FakeResponse(200, {}))
+    upstream.send(b"first")
     h.flush()
     result_of(d)
     for _ in range(10):  # 40 s of steady tokens: never idle for 5 s
@@ -802,3 +806,64 @@ def test_an_attempt_line_announces_a_retry_only_when_one_happens():
     assert result_of(d).code == 503
     [line] = [e for e in logs if e["event"] == "attempt_failed"]
     assert line["retry"] is False and "retry_in_s" not in line
+
+
+# -- the commit point
+
+def test_an_answer_that_stalls_before_its_first_byte_is_retried():
+    h = Harness(ini(first_byte_timeout=3))
+    d = h.request("GET", "/api/data/x")
+    stalled = h.agents["data"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    h.advance(3)
+    assert stalled.transport.stopped
+    h.advance(1)
+    second = h.agents["data"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    second.send(b"data: hello\n\n")
+    second.finish()
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200 and result_of(treq.content(response)) == b"data: hello\n\n"
+    assert response.headers.getRawHeaders("x-gateway-attempts") == ["2"]
+
+
+def test_a_silent_post_before_its_first_byte_gets_its_504_at_once():
+    h = Harness(ini(first_byte_timeout=3))
+    d = h.request("POST", "/api/data/generate", data=b"{}")
+    h.agents["data"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    h.advance(3)
+    response = result_of(d)
+    assert response.code == 504 and "no first byte within 3 s" in error_of(response)["message"]
+    assert len(h.agents["data"].requests) == 1
+
+
+def test_an_answer_that_breaks_before_its_first_byte_falls_over():
+    h = Harness(FALLBACK)
+    d = h.request("GET", "/api/data/x")
+    broken = h.agents["data"].last.respond(FakeResponse(200, {}))
+    broken.fail("reset")
+    h.agents["ai"].last.respond(FakeResponse(200, {}, b"from ai"))
+    h.flush()
+    response = result_of(d)
+    assert result_of(treq.content(response)) == b"from ai"
+    assert response.headers.getRawHeaders("x-gateway-fallback-from") == ["data"]
+
+
+def test_an_event_stream_broken_after_the_commit_point_ends_with_an_error_event():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/stream", unbuffered=True, headers={"X-Request-ID": "sse-1"})
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    upstream.send(b"data: tok1\n\n")
+    h.flush()
+    received = []
+    done = treq.collect(result_of(d), received.append)
+    upstream.fail("reset")
+    h.flush()
+    body = b"".join(received)
+    assert body.startswith(b"data: tok1\n\n")
+    event = body[len(b"data: tok1\n\n"):]
+    assert event.startswith(b"event: error\ndata: ") and event.endswith(b"\n\n")
+    error = json.loads(event[len(b"event: error\ndata: "):])["error"]
+    assert error["type"] == "stream_broken" and error["request_id"] == "sse-1"
+    failures = []
+    done.addErrback(failures.append)
+    assert failures, "the chunked body never ends: no client takes it for complete"

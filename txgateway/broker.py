@@ -21,7 +21,7 @@ from txgateway.breaker import OPEN, Admission, CircuitBreaker
 from txgateway.client import IUpstream, UpstreamResponse
 from txgateway.config import ServiceConfig
 from txgateway.context import RequestContext
-from txgateway.errors import GatewayError
+from txgateway.errors import GatewayError, error_body
 from txgateway.metrics import GatewayMetrics
 from txgateway.paths import UnsafePath, upstream_target
 from txgateway.ratelimit.bucket import Decision
@@ -228,7 +228,7 @@ class ServiceBroker:
             serving.in_flight += 1
             try:
                 try:
-                    response, admission, endpoint = await self._attempts(
+                    response, admission, endpoint, held = await self._attempts(
                         request.method, rest, query, headers, request.body, serving, ctx, deadline_at, idempotency_key
                     )
                 except GatewayError as error:
@@ -244,7 +244,7 @@ class ServiceBroker:
                     continue
                 self._name_the_chain(request, ctx)
                 try:
-                    await self._relay(request, response, admission, endpoint, serving, ctx)
+                    await self._relay(request, response, held, admission, endpoint, serving, ctx)
                 finally:
                     endpoint.in_flight -= 1
                 return
@@ -273,7 +273,7 @@ class ServiceBroker:
         ctx: RequestContext,
         deadline_at: float,
         idempotency_key: bool = False,
-    ) -> tuple[UpstreamResponse, Admission, Endpoint]:
+    ) -> tuple[UpstreamResponse, Admission, Endpoint, BodyRelay | None]:
         """
         Try the service's endpoints until an answer is final, the retries
         are spent, the deadline passes, the retry budget says no, or no
@@ -281,7 +281,8 @@ class ServiceBroker:
         the one that just failed while another admits; a request that may
         not be sent again to a silent endpoint (C{retry_timeouts}) never is.
         The endpoint returned counts the request in flight until the caller
-        is done with it.
+        is done with it; the relay returned (for an answer that is not a
+        retryable failure) holds the body's first bytes, to be committed.
         """
         config, policy = route.config, route.policy
         failed_on: Endpoint | None = None
@@ -342,9 +343,39 @@ class ServiceBroker:
                         breaker.succeeded(admission)
                         self._count_attempt(config.name, endpoint, "answered")
                     if response.code not in RETRYABLE_STATUSES:
-                        return response, admission, endpoint
-                    outcome = response
-                    failed_on = endpoint
+                        # The commit point: nothing reaches the client before the
+                        # answer's first body byte (or its end); until then the
+                        # attempt may still fail and be retried or fall over.
+                        relay = BodyRelay(None, self._clock, config.idle_timeout)
+                        response.deliver_body(relay)
+                        if not relay.first_data.called:
+                            relay.first_data.addTimeout(config.first_byte_timeout, self._clock)
+                        try:
+                            await relay.first_data
+                        except Exception as error:
+                            relay.cancel()
+                            endpoint.in_flight -= 1
+                            failed_on = endpoint
+                            if ctx.client_gone or isinstance(error, CancelledError):
+                                raise CancelledError() from None
+                            # Its headers were a success for the breaker; the
+                            # missing body is a failure all the same.
+                            breaker.failed(attrs.evolve(admission, trial=False), f"before the first byte: {error}")
+                            if isinstance(error, TimeoutError):
+                                outcome = _Failed(
+                                    errors.UPSTREAM_TIMEOUT, f"no first byte within {config.first_byte_timeout:g} s"
+                                )
+                                self._count_attempt(config.name, endpoint, "timeout")
+                                if not may_resend_after_silence(config.retry_timeouts, method, idempotency_key):
+                                    silent.add(endpoint)
+                            else:
+                                outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, f"the answer broke before its first byte: {error}")
+                                self._count_attempt(config.name, endpoint, "connection_error")
+                        else:
+                            return response, admission, endpoint, relay
+                    else:
+                        outcome = response
+                        failed_on = endpoint
 
                 # The attempt failed or got a retryable answer: another one?
                 delay = self._delay_before_retry(outcome, policy, ctx.attempts)
@@ -374,7 +405,7 @@ class ServiceBroker:
                 if final or stop in ("silent", "budget"):
                     if isinstance(outcome, _Failed):
                         raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
-                    return outcome, admission, endpoint
+                    return outcome, admission, endpoint, None
                 if not isinstance(outcome, _Failed):
                     endpoint.in_flight -= 1
                     outcome.discard()
@@ -411,18 +442,23 @@ class ServiceBroker:
         self,
         request: IncomingRequest,
         response: UpstreamResponse,
+        held: BodyRelay | None,
         admission: Admission,
         endpoint: Endpoint,
         route: ServiceRoute,
         ctx: RequestContext,
     ) -> None:
-        """Stream the backend's answer to the client as it arrives."""
+        """Stream the backend's answer to the client as it arrives (the held part first)."""
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
         request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
         request.start(response.code, response.reason, response_headers_for_client(response), response.length)
-        relay = BodyRelay(request, self._clock, route.config.idle_timeout)
-        response.deliver_body(relay)
+        if held is None:
+            relay = BodyRelay(request, self._clock, route.config.idle_timeout)
+            response.deliver_body(relay)
+        else:
+            relay = held
+            relay.commit(request)
         if relay.done.called and relay.complete:
             return  # the whole body came with the headers (most small answers)
         if response.length is None:
@@ -441,8 +477,18 @@ class ServiceBroker:
             ctx.log.warning(
                 "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
             )
+            if _is_event_stream(response):
+                # One complete SSE event that says what happened (an SDK raises
+                # it as an error), then the connection closes without the end.
+                kind = errors.ErrorKind(ctx.outcome, 502)
+                request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
             request.abort()
             raise AnswerCutShort(ctx.outcome) from None
+
+
+def _is_event_stream(response: UpstreamResponse) -> bool:
+    content_type = response.header(b"content-type") or b""
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
 #: Gateway errors after which a service gives up and its fallback is tried.

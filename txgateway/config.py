@@ -301,6 +301,7 @@ class ServiceConfig:
     deadline: float = _key(_seconds)
     balance: str = _key(_choice(*BALANCE_MODES), "least_requests")
     timeout: float = _key(_seconds, 30.0)
+    first_byte_timeout: float = _key(_seconds, 30.0)
     idle_timeout: float = _key(_seconds, 60.0)
     retries: int = _key(_integer(0), 3)
     retry_delay: float = _key(_non_negative_seconds, 1.0)

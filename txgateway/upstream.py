@@ -132,6 +132,11 @@ class BodyRelay:
     idle timer between chunks that stands still while the client is the
     slow one.
 
+    Until L{commit} it is not yet relaying: it holds what arrives and fires
+    C{first_data} once the first bytes (or the end) came, or fails it with
+    L{StreamBroken}: the gateway's commit point, before which an attempt
+    may still be retried.
+
     C{done} fires with L{None} when the body is complete (C{complete} is
     then set), or fails with
     L{StreamIdle} or L{StreamBroken} (the backend's doing) or
@@ -139,8 +144,11 @@ class BodyRelay:
     backend's delivery.
     """
 
-    def __init__(self, request: IncomingRequest, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(self, request: IncomingRequest | None, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request
+        self.first_data: Deferred[None] = Deferred()
+        self._held: list[bytes] = []
+        self._held_end: tuple[Exception | None] | None = None
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
@@ -169,13 +177,37 @@ class BodyRelay:
     def body_started(self, control: BodyControl) -> None:
         self._control = control
 
+    def commit(self, request: IncomingRequest) -> None:
+        """Start relaying to C{request}: what was held first, then the rest as it comes."""
+        self._request = request
+        held, self._held = self._held, []
+        for data in held:
+            self.body_received(data)
+        if self._held_end is not None:
+            (error,) = self._held_end
+            self._held_end = None
+            self.body_ended(error)
+
     def body_received(self, data: bytes) -> None:
+        if self._request is None:
+            self._held.append(data)
+            if not self.first_data.called:
+                self.first_data.callback(None)
+            return
         self.bytes_relayed += len(data)
         self._request.write(data)
         if self._watching:
             self._arm_idle_timer()
 
     def body_ended(self, error: Exception | None) -> None:
+        if self._request is None:
+            self._held_end = (error,)
+            if not self.first_data.called:
+                if error is None:
+                    self.first_data.callback(None)
+                else:
+                    self.first_data.errback(StreamBroken(str(error)))
+            return
         self._disarm_idle_timer()
         if self._watching:
             self._watching = False

@@ -109,3 +109,20 @@ def test_forty_concurrent_requests_to_a_failing_backend_stay_within_the_retry_bu
     # and the retries of the few the budget let retry (20% of 40 = 8 at once).
     assert 40 < calls <= 40 + 8 * 3 + 12, calls
     assert gateway.logged("retry_budget_exhausted")
+
+
+def test_an_sse_stream_cut_after_the_commit_point_is_an_api_error_with_the_request_id(start_gateway, backend):
+    openai = pytest.importorskip("openai")
+    gateway = start_gateway(service_ini(backend.url))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/api/pool/cut/v1", api_key="k", max_retries=0)
+    stream = client.chat.completions.create(
+        model="tiny-1", messages=[{"role": "user", "content": "hi"}], stream=True, extra_headers={"X-Request-ID": "cut-1"}
+    )
+    pieces = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            pieces.append(chunk.choices[0].delta.content)
+    assert pieces == ["Hello", " from"]  # what came before the break reached the client
+    assert caught.value.body["type"] == "stream_broken"
+    assert caught.value.body["request_id"] == "cut-1"
+    assert gateway.story("cut-1")[-1]["outcome"] == "stream_broken"
