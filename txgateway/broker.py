@@ -348,6 +348,8 @@ class ServiceBroker:
                         # attempt may still fail and be retried or fall over.
                         relay = BodyRelay(None, self._clock, config.idle_timeout)
                         response.deliver_body(relay)
+                        if relay.has_first_data:
+                            return response, admission, endpoint, relay  # came with the headers: most answers
                         if not relay.first_data.called:
                             relay.first_data.addTimeout(config.first_byte_timeout, self._clock)
                         try:

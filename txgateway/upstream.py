@@ -147,6 +147,7 @@ class BodyRelay:
     def __init__(self, request: IncomingRequest | None, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request
         self.first_data: Deferred[None] = Deferred()
+        self.has_first_data = False  # first_data fired with success
         self._held: list[bytes] = []
         self._held_end: tuple[Exception | None] | None = None
         self._clock = clock
@@ -192,6 +193,7 @@ class BodyRelay:
         if self._request is None:
             self._held.append(data)
             if not self.first_data.called:
+                self.has_first_data = True
                 self.first_data.callback(None)
             return
         self.bytes_relayed += len(data)
@@ -204,6 +206,7 @@ class BodyRelay:
             self._held_end = (error,)
             if not self.first_data.called:
                 if error is None:
+                    self.has_first_data = True
                     self.first_data.callback(None)
                 else:
                     self.first_data.errback(StreamBroken(str(error)))
