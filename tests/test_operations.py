@@ -309,7 +309,7 @@ def test_a_reload_that_changes_the_rate_limit_gets_a_new_store_and_keeps_unchang
 def test_services_sharing_a_url_have_pools_of_their_own_and_each_is_closed_with_its_service(tmp_path):
     shared = RELOADABLE.replace("http://data.backend:8001", "http://ai.backend:8000")
     service, reactor, path = make_service(tmp_path, shared)
-    ai, data = (service.gateway.broker.routes[name].upstream for name in ("ai", "data"))
+    ai, data = (service.gateway.broker.routes[name].endpoints[0].upstream for name in ("ai", "data"))
     assert ai is not data
     path.write_text(shared.split("[service:data]")[0])
     assert service.reload()

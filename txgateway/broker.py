@@ -23,7 +23,7 @@ from txgateway.config import ServiceConfig
 from txgateway.context import RequestContext
 from txgateway.errors import GatewayError, error_body
 from txgateway.metrics import GatewayMetrics
-from txgateway.paths import UnsafePath, upstream_target
+from txgateway.paths import UnsafePath, checked_rest, join_target
 from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.retry import (
@@ -105,11 +105,6 @@ class ServiceRoute:
     def breaker(self) -> CircuitBreaker:
         """The first endpoint's breaker (a service's only one, when it has one URL)."""
         return self.endpoints[0].breaker
-
-    @property
-    def upstream(self) -> IUpstream:
-        """The first endpoint's upstream (a service's only one, when it has one URL)."""
-        return self.endpoints[0].upstream
 
     def choose(
         self, request_id: str, avoid: Endpoint | None, excluded: AbstractSet[Endpoint] = frozenset()
@@ -195,7 +190,7 @@ class ServiceBroker:
         if route is None:
             raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
         try:
-            upstream_target(b"", rest, query)  # refused here, before any limit or attempt
+            checked = checked_rest(rest, query)  # refused here, before any limit or attempt
         except UnsafePath as error:
             raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
 
@@ -229,7 +224,7 @@ class ServiceBroker:
             try:
                 try:
                     response, admission, endpoint, held = await self._attempts(
-                        request.method, rest, query, headers, request.body, serving, ctx, deadline_at, idempotency_key
+                        request.method, checked, headers, request.body, serving, ctx, deadline_at, idempotency_key
                     )
                 except GatewayError as error:
                     if last or error.kind not in _GIVING_UP or self._clock.seconds() >= deadline_at:
@@ -265,8 +260,7 @@ class ServiceBroker:
     async def _attempts(
         self,
         method: bytes,
-        rest: bytes,
-        query: bytes,
+        checked: bytes,
         headers: list,
         body: bytes,
         route: ServiceRoute,
@@ -287,6 +281,7 @@ class ServiceBroker:
         config, policy = route.config, route.policy
         failed_on: Endpoint | None = None
         silent: set[Endpoint] = set()  # endpoints this request must not be sent to again
+        resendable = may_resend_after_silence(config.retry_timeouts, method, idempotency_key)
         retrying = False
         try:
             while True:
@@ -297,7 +292,7 @@ class ServiceBroker:
                 ctx.attempts += 1
                 left = deadline_at - self._clock.seconds()
                 timeout = min(config.timeout, left)
-                target = upstream_target(endpoint.upstream.base_path, rest, query)
+                target = join_target(endpoint.upstream.base_path, checked)
                 attempt = endpoint.upstream.request(method, target, headers, body)
                 attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
                 sent_at = self._clock.seconds()
@@ -314,23 +309,14 @@ class ServiceBroker:
                         # nothing to retry.
                         breaker.abandoned(admission)
                         raise CancelledError() from None
-                    if isinstance(error, TimeoutError):
-                        deadline_hit = timeout < config.timeout
-                        outcome = _Failed(
-                            errors.UPSTREAM_TIMEOUT,
-                            "the deadline passed" if deadline_hit else f"no answer within {timeout:g} s",
-                        )
-                        breaker.failed(admission, "timeout")
+                    if isinstance(error, TimeoutError) and timeout < config.timeout:
+                        breaker.failed(admission, "the deadline passed")
                         self._count_attempt(config.name, endpoint, "timeout")
-                        if deadline_hit:
-                            self._log_attempt(ctx, config.name, outcome.reason, final=True)
-                            raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}") from None
-                        if not may_resend_after_silence(config.retry_timeouts, method, idempotency_key):
-                            silent.add(endpoint)
-                    else:
-                        outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error))
-                        breaker.failed(admission, outcome.reason)
-                        self._count_attempt(config.name, endpoint, "connection_error")
+                        self._log_attempt(ctx, config.name, "the deadline passed", final=True)
+                        raise GatewayError(errors.UPSTREAM_TIMEOUT, f"service {config.name!r}: the deadline passed") from None
+                    outcome = self._attempt_failed(
+                        config, endpoint, admission, error, f"no answer within {timeout:g} s", resendable, silent
+                    )
                 else:
                     took = self._clock.seconds() - sent_at
                     endpoint.ttfb = decayed(endpoint.ttfb, took)
@@ -342,42 +328,28 @@ class ServiceBroker:
                         # 429 included: the backend's limit is no failure of it.
                         breaker.succeeded(admission)
                         self._count_attempt(config.name, endpoint, "answered")
-                    if response.code not in RETRYABLE_STATUSES:
-                        # The commit point: nothing reaches the client before the
-                        # answer's first body byte (or its end); until then the
-                        # attempt may still fail and be retried or fall over.
-                        relay = BodyRelay(None, self._clock, config.idle_timeout)
-                        response.deliver_body(relay)
-                        if relay.has_first_data:
-                            return response, admission, endpoint, relay  # came with the headers: most answers
-                        if not relay.first_data.called:
-                            relay.first_data.addTimeout(config.first_byte_timeout, self._clock)
-                        try:
-                            await relay.first_data
-                        except Exception as error:
-                            relay.cancel()
-                            endpoint.in_flight -= 1
-                            failed_on = endpoint
-                            if ctx.client_gone or isinstance(error, CancelledError):
-                                raise CancelledError() from None
-                            # Its headers were a success for the breaker; the
-                            # missing body is a failure all the same.
-                            breaker.failed(attrs.evolve(admission, trial=False), f"before the first byte: {error}")
-                            if isinstance(error, TimeoutError):
-                                outcome = _Failed(
-                                    errors.UPSTREAM_TIMEOUT, f"no first byte within {config.first_byte_timeout:g} s"
-                                )
-                                self._count_attempt(config.name, endpoint, "timeout")
-                                if not may_resend_after_silence(config.retry_timeouts, method, idempotency_key):
-                                    silent.add(endpoint)
-                            else:
-                                outcome = _Failed(errors.UPSTREAM_UNAVAILABLE, f"the answer broke before its first byte: {error}")
-                                self._count_attempt(config.name, endpoint, "connection_error")
-                        else:
-                            return response, admission, endpoint, relay
-                    else:
+                    if response.code in RETRYABLE_STATUSES:
                         outcome = response
                         failed_on = endpoint
+                    else:
+                        relay, error = await self._first_bytes(response, config)
+                        if error is None:
+                            return response, admission, endpoint, relay
+                        endpoint.in_flight -= 1
+                        failed_on = endpoint
+                        if ctx.client_gone or isinstance(error, CancelledError):
+                            raise CancelledError() from None
+                        # Its headers were a success for the breaker; the
+                        # missing body is a failure all the same.
+                        outcome = self._attempt_failed(
+                            config,
+                            endpoint,
+                            attrs.evolve(admission, trial=False),
+                            error,
+                            f"no first byte within {config.first_byte_timeout:g} s",
+                            resendable,
+                            silent,
+                        )
 
                 # The attempt failed or got a retryable answer: another one?
                 delay = self._delay_before_retry(outcome, policy, ctx.attempts)
@@ -421,6 +393,56 @@ class ServiceBroker:
         finally:
             if retrying:
                 route.retrying -= 1
+
+    async def _first_bytes(self, response: UpstreamResponse, config: ServiceConfig) -> tuple[BodyRelay, Exception | None]:
+        """
+        The commit point: nothing reaches the client before the answer's
+        first body byte (or its end), so that until then the attempt may
+        still fail and be retried or fall over.  Returns the relay holding
+        what came, and why it failed (or L{None}).
+        """
+        relay = BodyRelay(None, self._clock, config.idle_timeout)
+        response.deliver_body(relay)
+        if relay.has_first_data:
+            return relay, None  # it came with the headers: most answers, no waiting
+        if not relay.first_data.called:
+            relay.first_data.addTimeout(config.first_byte_timeout, self._clock)
+        try:
+            await relay.first_data
+        except Exception as error:
+            relay.cancel()
+            return relay, error
+        return relay, None
+
+    def _attempt_failed(
+        self,
+        config: ServiceConfig,
+        endpoint: Endpoint,
+        admission: Admission,
+        error: Exception,
+        silence: str,
+        resendable: bool,
+        silent: set[Endpoint],
+    ) -> "_Failed":
+        """
+        An attempt that got no usable answer: a silent backend (C{silence}
+        says for how long), a connection failure, or an answer that broke
+        before its first byte.  Counts it against the endpoint's breaker,
+        and keeps a silent endpoint from getting the request again unless it
+        is C{resendable}.
+        """
+        if isinstance(error, TimeoutError):
+            failed, counted = _Failed(errors.UPSTREAM_TIMEOUT, silence), "timeout"
+            if not resendable:
+                silent.add(endpoint)
+        elif isinstance(error, StreamBroken):
+            failed = _Failed(errors.UPSTREAM_UNAVAILABLE, f"the answer broke before its first byte: {error}")
+            counted = "connection_error"
+        else:
+            failed, counted = _Failed(errors.UPSTREAM_UNAVAILABLE, _describe(error)), "connection_error"
+        endpoint.breaker.failed(admission, failed.reason)
+        self._count_attempt(config.name, endpoint, counted)
+        return failed
 
     def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
         self._metrics.observe_attempt(service, endpoint.url, outcome)
@@ -475,14 +497,14 @@ class ServiceBroker:
             # connection is closed without the end of the answer, so the
             # client sees a truncated body, never a complete-looking one.
             endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
-            ctx.outcome = "stream_idle" if isinstance(error, StreamIdle) else "stream_broken"
+            kind = errors.STREAM_IDLE if isinstance(error, StreamIdle) else errors.STREAM_BROKEN
+            ctx.outcome = kind.type
             ctx.log.warning(
                 "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
             )
             if _is_event_stream(response):
                 # One complete SSE event that says what happened (an SDK raises
                 # it as an error), then the connection closes without the end.
-                kind = errors.ErrorKind(ctx.outcome, 502)
                 request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
             request.abort()
             raise AnswerCutShort(ctx.outcome) from None

@@ -239,22 +239,17 @@ class _Exchange:
             self.stop()
 
     def stop(self) -> None:
-        if self.ended:
-            return
-        connection = self.connection
-        if connection is not None and connection.transport is not None:
-            connection.drop_after_exchange = True
-            connection.transport.abortConnection()
+        """The body is not wanted: the connection goes, unless the answer is complete."""
+        if not self.ended and self.connection is not None:
+            self.connection.abandon()
 
     def cancel(self, answered: Deferred) -> None:
         """The request's Deferred was cancelled (a timeout, or the client left)."""
         self.cancelled = True
         if self._pending_connect is not None:
             self._pending_connect.cancel()
-        connection = self.connection
-        if connection is not None and connection.transport is not None:
-            connection.drop_after_exchange = True
-            connection.transport.abortConnection()
+        if self.connection is not None:
+            self.connection.abandon()
 
 
 def _cancel_exchange(exchange: "weakref.ref[_Exchange]", answered: Deferred) -> None:
@@ -289,6 +284,12 @@ class _UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self._write = writer_for(self.transport)
 
+    def abandon(self) -> None:
+        """This connection cannot be reused: drop it now."""
+        self.drop_after_exchange = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def send(self, exchange: _Exchange, reused: bool) -> None:
         """Write C{exchange}'s request on this connection."""
         self._exchange = exchange
@@ -317,8 +318,7 @@ class _UpstreamConnection(Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
             self.feeding = False
-            self.drop_after_exchange = True
-            self.transport.abortConnection()
+            self.abandon()
             message = f"the backend's answer is malformed: {error}"
             response, self._response = self._response, None
             if response is None and not exchange.answered.called:
@@ -343,8 +343,7 @@ class _UpstreamConnection(Protocol):
         if response is not None:
             exchange.answered.callback(response)
         if exchange._discarding and not self._complete and self._exchange is exchange:
-            self.drop_after_exchange = True
-            self.transport.abortConnection()
+            self.abandon()
 
     # parser callbacks: they record
 

@@ -38,6 +38,10 @@ NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
+#: Only in the SSE ``event: error`` that ends a stream broken after its
+#: status was sent (the status here is what it would have been before).
+STREAM_BROKEN = ErrorKind("stream_broken", 502)
+STREAM_IDLE = ErrorKind("stream_idle", 504)
 
 KINDS = {
     kind.type: kind
@@ -56,6 +60,8 @@ KINDS = {
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
         UPSTREAM_TIMEOUT,
+        STREAM_BROKEN,
+        STREAM_IDLE,
     )
 }
 

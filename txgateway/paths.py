@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["UnsafePath", "split_api_path", "upstream_target", "upstream_url"]
+__all__ = ["UnsafePath", "checked_rest", "join_target", "split_api_path", "upstream_target", "upstream_url"]
 
 _API_PREFIX = b"/api/"
 # What a path may hold before decoding: RFC 3986 pchar, '/' and '%'.
@@ -65,7 +65,25 @@ def upstream_url(base_url: str, rest: bytes, query: bytes = b"") -> bytes:
 def upstream_target(base: bytes, rest: bytes, query: bytes = b"") -> bytes:
     """
     Join a service's base (its URL, or the path of it that the backend sees)
-    and the raw rest of a client path.
+    and the raw rest of a client path (L{checked_rest}, then L{join_target}).
+
+    @raise UnsafePath: the rest of the path could not be forwarded safely.
+    """
+    return join_target(base, checked_rest(rest, query))
+
+
+def join_target(base: bytes, checked: bytes) -> bytes:
+    """A base and what L{checked_rest} returned: the target a backend sees."""
+    url = base + checked
+    if not url.startswith(b"/") and b"://" not in url[:8]:
+        url = b"/" + url  # a bare base path: the origin-form target needs its slash
+    return url
+
+
+def checked_rest(rest: bytes, query: bytes = b"") -> bytes:
+    """
+    The raw rest of a client path and its query, checked once per request,
+    ready to be joined to each endpoint's base (L{join_target}).
 
     The rest is forwarded as the client encoded it, with runs of slashes
     folded into one; it is refused when any spelling of it (percent-encoded
@@ -92,9 +110,4 @@ def upstream_target(base: bytes, rest: bytes, query: bytes = b"") -> bytes:
                 raise UnsafePath("the path holds a '.' or '..' segment")
     if b"//" in rest:
         rest = _SLASHES.sub(b"/", rest)
-    url = base + rest
-    if query:
-        url += b"?" + query
-    if not url.startswith(b"/") and b"://" not in url[:8]:
-        url = b"/" + url  # a bare base path: the origin-form target needs its slash
-    return url
+    return rest + b"?" + query if query else rest

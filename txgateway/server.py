@@ -538,7 +538,7 @@ class HTTPServerProtocol(Protocol):
 
     def _dispatch(self, request: IncomingRequest) -> None:
         self._current = request
-        self.factory.handle(request)
+        self.factory.handler.handle(request)
 
     def answer_done(self, request: IncomingRequest) -> None:
         """Called by L{IncomingRequest.finish}: the next request, or close."""
@@ -763,7 +763,3 @@ class HTTPServerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> HTTPServerProtocol:
         return HTTPServerProtocol(self)
-
-    def handle(self, request: IncomingRequest) -> None:
-        """Hand a complete request to the handler."""
-        self.handler.handle(request)
