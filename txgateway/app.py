@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 from typing import Any, Iterable
+from urllib.parse import unquote_to_bytes
 
 import httptools
 from klein import Klein
@@ -30,10 +31,11 @@ from txgateway import errors
 from txgateway.auth import Authenticator
 from txgateway.broker import AnswerCutShort, ServiceBroker
 from txgateway.config import GatewayConfig
-from txgateway.context import RequestContext, client_address, request_id_for
+from txgateway.context import CompletionFacts, RequestContext, client_address, request_id_for
 from txgateway.errors import ErrorKind, GatewayError, error_body
 from txgateway.logs import AccessLog
 from txgateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from txgateway.openai_wire import BadCall, OpenAICall
 from txgateway.paths import UnsafePath, split_api_path
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.server import IncomingRequest
@@ -80,7 +82,7 @@ class Gateway:
             (name, endpoint.url, endpoint.breaker.status().state)
             for name, route in sorted(self.broker.routes.items())
             for endpoint in route.endpoints
-        ]
+        ] + self.broker.models.circuits()
 
     def store_health(self) -> tuple[str, bool] | None:
         """The rate-limit store's backend and health, for metrics."""
@@ -111,6 +113,8 @@ class Gateway:
             "uptime_s": round(self.clock.seconds() - self.started_at, 3),
             "services": services,
         }
+        if self.broker.models.models:
+            body["models"] = self.broker.models.health()
         if self.store is not None:
             body["ratelimit"] = self.store.description
             degraded = degraded or not body["ratelimit"].get("healthy", True)
@@ -178,6 +182,15 @@ def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
     return encoded
 
 
+def _model_object(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "txgateway"}
+
+
+def _answer_json(request: IncomingRequest, body: dict) -> None:
+    encoded = json.dumps(body).encode("utf-8")
+    request.respond(200, encoded, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")])
+
+
 def _api_done(result: None, request: IncomingRequest) -> None:
     if not request.gone and request.started:
         request.finish()
@@ -229,25 +242,32 @@ class GatewayRoutes:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
 
+    def _authenticated(self, request: IncomingRequest, ctx: RequestContext) -> bool:
+        """Whether the caller may go on (with the gateway's API keys on); else it was answered 401."""
+        authenticator = self.gateway.authenticator
+        if not authenticator.enabled:
+            return True
+        ctx.caller = authenticator.caller(request)
+        if ctx.caller is None:
+            answer_error(
+                request,
+                errors.UNAUTHORIZED,
+                "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>",
+                [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
+            )
+            return False
+        ctx.bind(api_key_name=ctx.caller.name)
+        return True
+
     async def api_request(self, request: IncomingRequest) -> None:
         """
         Answer a C{/api/<service>/...} request (L{GatewayFront} sends them
         here directly): its API key, its service, then the broker.
         """
         ctx: RequestContext = request.context
-        authenticator = self.gateway.authenticator
-        if authenticator.enabled:
-            # Before the service lookup: a caller without a key learns nothing.
-            ctx.caller = authenticator.caller(request)
-            if ctx.caller is None:
-                answer_error(
-                    request,
-                    errors.UNAUTHORIZED,
-                    "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>",
-                    [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
-                )
-                return
-            ctx.bind(api_key_name=ctx.caller.name)
+        # Before the service lookup: a caller without a key learns nothing.
+        if not self._authenticated(request, ctx):
+            return
         try:
             service, rest = split_api_path(request.path)
         except UnsafePath as error:
@@ -258,8 +278,12 @@ class GatewayRoutes:
             return
         ctx.service = service
         request.set_header(b"X-Gateway-Service", service.encode("ascii"))
+        await self._brokered(request, ctx, self.gateway.broker.proxy(request, ctx, rest, request.query))
+
+    async def _brokered(self, request: IncomingRequest, ctx: RequestContext, answering: Any) -> None:
+        """Await the broker's answer; a L{GatewayError} becomes the error shape."""
         try:
-            await self.gateway.broker.proxy(request, ctx, rest, request.query)
+            await answering
         except GatewayError as error:
             elapsed_ms = (self.gateway.clock.seconds() - ctx.started_at) * 1000.0
             request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
@@ -267,6 +291,55 @@ class GatewayRoutes:
             answer_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
             pass
+
+    async def openai_request(self, request: IncomingRequest) -> None:
+        """
+        Answer C{/v1/...}, OpenAI's API: C{GET /v1/models} (and one model)
+        from the configuration, and every C{POST} routed by its body's
+        C{model} to that model's targets.
+        """
+        ctx: RequestContext = request.context
+        if not self._authenticated(request, ctx):
+            return
+        models = self.gateway.broker.models
+        path = request.path
+        if path == b"/v1/models" or path.startswith(b"/v1/models/"):
+            if request.method not in (b"GET", b"HEAD"):
+                answer_error(request, errors.METHOD_NOT_ALLOWED, "only GET is allowed here", [(b"Allow", b"GET, HEAD")])
+                return
+            created = int(self.gateway.started_at)
+            if path == b"/v1/models":
+                listed = [_model_object(name, created) for name in models.names()]
+                _answer_json(request, {"object": "list", "data": listed})
+                return
+            name = unquote_to_bytes(path[len(b"/v1/models/"):]).decode("utf-8", "replace")
+            if name not in models.names():
+                answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {name!r}")
+                return
+            _answer_json(request, _model_object(name, created))
+            return
+        if request.method != b"POST":
+            answer_error(
+                request, errors.METHOD_NOT_ALLOWED,
+                f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],
+            )
+            return
+        try:
+            call = OpenAICall.parse(request.body, path)
+        except BadCall as error:
+            answer_error(request, errors.BAD_REQUEST, f"{error}: an OpenAI request is a JSON object with a model")
+            return
+        if call.model is None:
+            answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
+            return
+        targets = models.targets_for(call.model)
+        if targets is None:
+            answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {call.model!r}")
+            return
+        ctx.service = targets[0].route.config.name
+        ctx.completion = CompletionFacts(requested_model=call.model)
+        rest = path[len(b"/v1"):]
+        await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -334,8 +407,10 @@ class GatewayFront:
         request.set_header(b"X-Request-ID", request_id.encode("ascii"))
         self.in_flight += 1
         gateway.metrics.request_started()
-        if request.path.startswith(b"/api/"):
-            handled = Deferred.fromCoroutine(routes.api_request(request))
+        path = request.path
+        if path.startswith(b"/api/") or (path.startswith(b"/v1/") and gateway.broker.models.models):
+            handling = routes.api_request if path.startswith(b"/api/") else routes.openai_request
+            handled = Deferred.fromCoroutine(handling(request))
             if not handled.called:
                 ctx.handling = handled
             handled.addCallbacks(_api_done, _api_failed, callbackArgs=(request,), errbackArgs=(request, gateway))

@@ -6,9 +6,10 @@ clock, and the relay of the answer.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from typing import AbstractSet, Mapping
+from typing import TYPE_CHECKING, AbstractSet, Awaitable, Callable, Mapping, NoReturn
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -18,11 +19,24 @@ from twisted.internet.task import deferLater
 from txgateway import errors
 from txgateway.balance import Balancer, decayed
 from txgateway.breaker import OPEN, Admission, CircuitBreaker
+
+if TYPE_CHECKING:
+    from txgateway.models import ModelTable
 from txgateway.client import IUpstream, UpstreamResponse
 from txgateway.config import ServiceConfig
-from txgateway.context import RequestContext
+from txgateway.context import CompletionFacts, RequestContext
 from txgateway.errors import GatewayError, error_body
 from txgateway.metrics import GatewayMetrics
+from txgateway.openai_stream import EventStreamRelay, JsonAnswerRelay, Transcript
+from txgateway.openai_wire import (
+    NEXT_TARGET,
+    REFUSAL_BODY_LIMIT,
+    BadCall,
+    OpenAICall,
+    Usage,
+    after_refusal,
+    error_codes,
+)
 from txgateway.paths import UnsafePath, checked_rest, join_target
 from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
@@ -44,7 +58,7 @@ from txgateway.upstream import (
     response_headers_for_client,
 )
 
-__all__ = ["AnswerCutShort", "Endpoint", "ServiceBroker", "ServiceRoute"]
+__all__ = ["AnswerCutShort", "Endpoint", "ServiceBroker", "ServiceRoute", "Target"]
 
 class AnswerCutShort(Exception):
     """
@@ -164,6 +178,7 @@ class ServiceBroker:
     @param limiter: the rate limiter, or L{None} for none.
     @param metrics: where attempts, retries and limits are counted.
     @param rng: the randomness behind retry jitter.
+    @param models: the models' deployments (none when not given).
     """
 
     def __init__(
@@ -173,88 +188,208 @@ class ServiceBroker:
         limiter: RateLimiter | None,
         metrics: GatewayMetrics,
         rng: random.Random | None = None,
+        models: "ModelTable | None" = None,
     ) -> None:
         self._clock = clock
         self.routes = dict(routes)
+        if models is None:
+            from txgateway.models import ModelTable
+
+            models = ModelTable({}, self.routes, _no_breaker)
+        #: The C{[model:NAME]} sections' targets.
+        self.models = models
         self._limiter = limiter
         self._metrics = metrics
         self._rng = rng or random.Random()
 
     async def proxy(self, request: IncomingRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
         """
-        Answer C{request} from its service's backend: write the status,
-        headers and streamed body, or raise L{GatewayError} (nothing was
-        written yet) or L{AnswerCutShort} (the answer broke midway).
+        Answer C{request} from its service's backend (or its fallbacks'):
+        write the status, headers and streamed body, or raise
+        L{GatewayError} (nothing was written yet) or L{AnswerCutShort} (the
+        answer broke midway).
         """
         route = self.routes.get(ctx.service or "")
         if route is None:
             raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
-        try:
-            checked = checked_rest(rest, query)  # refused here, before any limit or attempt
-        except UnsafePath as error:
-            raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
-
-        if self._limiter is not None:
-            caller = ctx.caller.name if ctx.caller is not None else None
-            decided = self._limiter.take(request, ctx.client, route.config, caller)
-            decision = (await decided) if isinstance(decided, Deferred) else decided
-            for name, value in _rate_limit_headers(decision):
-                request.set_header(name, value)
-            if not decision.allowed:
-                self._metrics.rate_limited.labels(route.config.name).inc()
-                ctx.log.info("rate_limited", service=route.config.name, retry_after=decision.retry_after)
-                raise GatewayError(
-                    errors.RATE_LIMITED,
-                    f"too many requests; retry in {decision.retry_after} s",
-                    headers=((b"Retry-After", b"%d" % decision.retry_after),),
-                )
-
-        trace = ctx.trace.headers() if ctx.trace is not None else ()
-        idempotency_key = request.header(b"idempotency-key") is not None
+        checked = _checked(rest, query)
+        await self._admit(request, ctx, route.config)
+        call = None
+        if route.config.speaks_openai and request.method == b"POST":
+            try:
+                call = OpenAICall.parse(request.body, rest)
+            except BadCall:
+                pass  # not a body the gateway reads: relayed as it is
+            else:
+                ctx.completion = CompletionFacts(requested_model=call.model)
         chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
-        # The whole chain shares the requested service's deadline.
-        deadline_at = self._clock.seconds() + route.config.deadline
-        for position, serving in enumerate(chain):
-            last = position == len(chain) - 1
-            ctx.served_by = serving.config.name
-            # The gateway's own API key stays here unless the service asks for it.
-            withheld = (ctx.caller.header,) if ctx.caller is not None and not serving.config.forward_api_key else ()
-            headers = request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=trace, withheld=withheld)
+        await self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
+
+    async def proxy_model(
+        self, request: IncomingRequest, ctx: RequestContext, call: OpenAICall, targets: list["Target"], rest: bytes, query: bytes
+    ) -> None:
+        """
+        Answer an OpenAI request from its model's targets in order (the
+        first is the primary), each sent the body with its own model name.
+        """
+        checked = _checked(rest, query)
+        await self._admit(request, ctx, targets[0].route.config)
+        await self._serve(request, ctx, checked, targets, call)
+
+    async def _admit(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> None:
+        """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""
+        if self._limiter is None:
+            return
+        caller = ctx.caller.name if ctx.caller is not None else None
+        decided = self._limiter.take(request, ctx.client, config, caller)
+        decision = (await decided) if isinstance(decided, Deferred) else decided
+        for name, value in _rate_limit_headers(decision):
+            request.set_header(name, value)
+        if not decision.allowed:
+            self._metrics.rate_limited.labels(config.name).inc()
+            ctx.log.info("rate_limited", service=config.name, retry_after=decision.retry_after)
+            raise GatewayError(
+                errors.RATE_LIMITED,
+                f"too many requests; retry in {decision.retry_after} s",
+                headers=((b"Retry-After", b"%d" % decision.retry_after),),
+            )
+
+    def _headers_for(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> list:
+        """The headers a request carries to C{config}'s service."""
+        extra = list(ctx.trace.headers()) if ctx.trace is not None else []
+        # The gateway's own API key stays here unless the service asks for it.
+        withheld = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
+        if config.api_key:
+            # The backend's key, in place of whatever the client sent.
+            extra.append((b"Authorization", b"Bearer " + config.api_key.encode("ascii")))
+        if config.speaks_openai:
+            # The gateway reads these answers as they pass: no compression.
+            extra.append((b"Accept-Encoding", b"identity"))
+        return request_headers_for_upstream(request, ctx.request_id, ctx.client, extra=extra, withheld=withheld)
+
+    async def _serve(
+        self, request: IncomingRequest, ctx: RequestContext, checked: bytes, targets: list["Target"], call: OpenAICall | None
+    ) -> None:
+        """
+        Try C{targets} in turn, each with its retries, until one answers in
+        a way the client should see: a target gives up on a gateway error
+        (no endpoint answered, all circuits open, timeouts), a final 429 or
+        5xx, and for OpenAI requests on a 401, 403, 404 or a context length
+        exceeded.  The whole chain shares the first target's deadline.
+        """
+        idempotency_key = request.header(b"idempotency-key") is not None
+        deadline_at = self._clock.seconds() + targets[0].route.config.deadline
+        transcript = Transcript(call.resumable_kind) if call is not None and call.stream else None
+        for position, target in enumerate(targets):
+            serving = target.route
+            config = serving.config
+            last = position == len(targets) - 1
+            ctx.served_by = config.name
+            headers = self._headers_for(request, ctx, config)
+            body = call.body_for(target.model) if call is not None else request.body
+            commit_point = self._openai_commit_point(call, transcript, ctx, config) if call is not None else None
             serving.in_flight += 1
             try:
                 try:
                     response, admission, endpoint, held = await self._attempts(
-                        request.method, checked, headers, request.body, serving, ctx, deadline_at, idempotency_key
+                        request.method, checked, headers, body, serving, ctx, deadline_at, idempotency_key, commit_point
                     )
                 except GatewayError as error:
                     if last or error.kind not in _GIVING_UP or self._clock.seconds() >= deadline_at:
-                        self._name_the_chain(request, ctx)
+                        self._name_the_chain(request, ctx, target)
                         raise
-                    self._fall_over(ctx, serving, chain[position + 1], error.message)
+                    self._fall_over(ctx, target, targets[position + 1], error.message)
                     continue
-                if not last and response.code in FALLOVER_STATUSES and self._clock.seconds() < deadline_at:
-                    endpoint.in_flight -= 1
-                    response.discard()
-                    self._fall_over(ctx, serving, chain[position + 1], f"status {response.code}")
-                    continue
-                self._name_the_chain(request, ctx)
+                if not last and self._clock.seconds() < deadline_at:
+                    moved_on = None
+                    if response.code in FALLOVER_STATUSES:
+                        moved_on = f"status {response.code}"
+                    elif call is not None and 400 <= response.code < 500 and held is not None:
+                        moved_on = await self._refusal_moves_on(response, held, config)
+                    if moved_on is not None:
+                        endpoint.in_flight -= 1
+                        if held is not None:
+                            held.cancel()
+                        response.discard()
+                        self._fall_over(ctx, target, targets[position + 1], moved_on)
+                        continue
+                self._name_the_chain(request, ctx, target)
                 try:
-                    await self._relay(request, response, held, admission, endpoint, serving, ctx)
+                    if isinstance(held, EventStreamRelay):
+                        await self._relay_stream(request, response, held, admission, endpoint, target, targets, ctx, call, transcript, checked)
+                    else:
+                        await self._relay(request, response, held, admission, endpoint, serving, ctx)
                 finally:
                     endpoint.in_flight -= 1
                 return
             finally:
                 serving.in_flight -= 1
 
-    def _fall_over(self, ctx: RequestContext, gave_up: ServiceRoute, to: ServiceRoute, reason: str) -> None:
-        """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
-        ctx.fallback_from.append(gave_up.config.name)
-        self._metrics.fallbacks.labels(ctx.service or gave_up.config.name, to.config.name).inc()
-        ctx.log.warning("service_fallback", service=gave_up.config.name, to=to.config.name, reason=reason)
+    async def _refusal_moves_on(self, response: UpstreamResponse, held: BodyRelay, config: ServiceConfig) -> str | None:
+        """Why an OpenAI backend's 4xx sends the request to the next target, or L{None} (the client sees it)."""
+        body = None
+        if response.code == 400:
+            read = held.held_body(REFUSAL_BODY_LIMIT)
+            if not read.called:
+                read.addTimeout(config.first_byte_timeout, self._clock)
+            try:
+                body = await read
+            except TimeoutError:
+                body = None
+        if after_refusal(response.code, body) == NEXT_TARGET:
+            codes = f" ({_error_code_of(body)})" if body else ""
+            return f"status {response.code}{codes}"
+        return None
 
-    def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext) -> None:
-        if ctx.fallback_from:
+    def _openai_commit_point(
+        self, call: OpenAICall, transcript: Transcript | None, ctx: RequestContext, config: ServiceConfig
+    ) -> Callable[[UpstreamResponse], Awaitable[tuple[BodyRelay, Exception | None, str]]]:
+        """
+        The commit point of an OpenAI answer: a completion stream's first
+        token (within C{first_token_timeout}), else the first byte; a
+        successful JSON answer has its usage read as it passes.
+        """
+        on_usage = functools.partial(self._count_usage, ctx, config.name)
+
+        def commit_point(response: UpstreamResponse):
+            if response.code == 200 and transcript is not None and _is_event_stream(response):
+                relay = EventStreamRelay(self._clock, config.idle_timeout, transcript, on_usage, call.client_wants_usage)
+                return self._first_bytes(response, config, relay, config.token_timeout, "first token")
+            relay = JsonAnswerRelay(self._clock, config.idle_timeout, on_usage) if response.code == 200 else None
+            return self._first_bytes(response, config, relay)
+
+        return commit_point
+
+    def _count_usage(self, ctx: RequestContext, service: str, usage: Usage) -> None:
+        """One backend answer's usage: on the access line and in the token counts."""
+        facts = ctx.completion
+        if facts is None:
+            facts = ctx.completion = CompletionFacts()
+        model = usage.model or facts.model or facts.requested_model or "unknown"
+        facts.model = model
+        facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens
+        facts.completion_tokens = (facts.completion_tokens or 0) + usage.completion_tokens
+        if usage.prompt_tokens:
+            self._metrics.tokens.labels(service, model, "prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self._metrics.tokens.labels(service, model, "completion").inc(usage.completion_tokens)
+
+    def _fall_over(self, ctx: RequestContext, gave_up: "Target", to: "Target", reason: str) -> None:
+        """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
+        ctx.fallback_from.append(gave_up.label)
+        self._metrics.fallbacks.labels(ctx.service or gave_up.route.config.name, to.route.config.name).inc()
+        ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)
+
+    def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext, serving: "Target") -> None:
+        if serving.model is not None:
+            # A model's request: which service and model answer it.
+            request.set_header(b"X-Gateway-Service", serving.route.config.name.encode("ascii"))
+            request.set_header(b"X-Gateway-Model", serving.model.encode("ascii"))
+            if ctx.completion is not None and ctx.completion.model is None:
+                ctx.completion.model = serving.model
+        elif ctx.fallback_from:
             request.set_header(b"X-Gateway-Service", (ctx.served_by or "").encode("ascii"))
+        if ctx.fallback_from:
             request.set_header(b"X-Gateway-Fallback-From", ", ".join(ctx.fallback_from).encode("ascii"))
 
     async def _attempts(
@@ -267,6 +402,7 @@ class ServiceBroker:
         ctx: RequestContext,
         deadline_at: float,
         idempotency_key: bool = False,
+        commit_point: Callable[[UpstreamResponse], Awaitable[tuple[BodyRelay, Exception | None, str]]] | None = None,
     ) -> tuple[UpstreamResponse, Admission, Endpoint, BodyRelay | None]:
         """
         Try the service's endpoints until an answer is final, the retries
@@ -332,7 +468,10 @@ class ServiceBroker:
                         outcome = response
                         failed_on = endpoint
                     else:
-                        relay, error = await self._first_bytes(response, config)
+                        if commit_point is None:
+                            relay, error, waited = await self._first_bytes(response, config)
+                        else:
+                            relay, error, waited = await commit_point(response)
                         if error is None:
                             return response, admission, endpoint, relay
                         endpoint.in_flight -= 1
@@ -346,7 +485,7 @@ class ServiceBroker:
                             endpoint,
                             attrs.evolve(admission, trial=False),
                             error,
-                            f"no first byte within {config.first_byte_timeout:g} s",
+                            waited,
                             resendable,
                             silent,
                         )
@@ -394,25 +533,36 @@ class ServiceBroker:
             if retrying:
                 route.retrying -= 1
 
-    async def _first_bytes(self, response: UpstreamResponse, config: ServiceConfig) -> tuple[BodyRelay, Exception | None]:
+    async def _first_bytes(
+        self,
+        response: UpstreamResponse,
+        config: ServiceConfig,
+        relay: BodyRelay | None = None,
+        timeout: float | None = None,
+        waits_for: str = "first byte",
+    ) -> tuple[BodyRelay, Exception | None, str]:
         """
         The commit point: nothing reaches the client before the answer's
-        first body byte (or its end), so that until then the attempt may
-        still fail and be retried or fall over.  Returns the relay holding
-        what came, and why it failed (or L{None}).
+        first body byte (or its end; C{relay} may wait for more, such as a
+        first token), so that until then the attempt may still fail and be
+        retried or fall over.  Returns the relay holding what came, why it
+        failed (or L{None}), and what a silence means.
         """
-        relay = BodyRelay(None, self._clock, config.idle_timeout)
+        timeout = config.first_byte_timeout if timeout is None else timeout
+        waited = f"no {waits_for} within {timeout:g} s"
+        if relay is None:
+            relay = BodyRelay(None, self._clock, config.idle_timeout)
         response.deliver_body(relay)
         if relay.has_first_data:
-            return relay, None  # it came with the headers: most answers, no waiting
+            return relay, None, waited  # it came with the headers: most answers, no waiting
         if not relay.first_data.called:
-            relay.first_data.addTimeout(config.first_byte_timeout, self._clock)
+            relay.first_data.addTimeout(timeout, self._clock)
         try:
             await relay.first_data
         except Exception as error:
             relay.cancel()
-            return relay, error
-        return relay, None
+            return relay, error, waited
+        return relay, None, waited
 
     def _attempt_failed(
         self,
@@ -493,21 +643,225 @@ class ServiceBroker:
         try:
             await relay.done
         except (StreamIdle, StreamBroken) as error:
-            # Bytes already reached the client: no retry, no error body. The
-            # connection is closed without the end of the answer, so the
-            # client sees a truncated body, never a complete-looking one.
+            # Bytes already reached the client: no retry, no error body.
             endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
-            kind = errors.STREAM_IDLE if isinstance(error, StreamIdle) else errors.STREAM_BROKEN
-            ctx.outcome = kind.type
-            ctx.log.warning(
-                "stream_failed", service=route.config.name, reason=str(error), bytes_relayed=relay.bytes_relayed
+            self._cut_short(request, response, ctx, route.config.name, error, relay.bytes_relayed)
+
+    def _cut_short(
+        self, request: IncomingRequest, response: UpstreamResponse, ctx: RequestContext, service: str, error: Exception, relayed: int
+    ) -> NoReturn:
+        """
+        End an answer that broke after its first bytes went out: the
+        connection is closed without the end of the answer, so the client
+        sees a truncated body, never a complete-looking one.
+        """
+        kind = errors.STREAM_IDLE if isinstance(error, StreamIdle) else errors.STREAM_BROKEN
+        ctx.outcome = kind.type
+        ctx.log.warning("stream_failed", service=service, reason=str(error), bytes_relayed=relayed)
+        if _is_event_stream(response):
+            # One complete SSE event that says what happened (an SDK raises
+            # it as an error), then the connection closes without the end.
+            request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
+        request.abort()
+        raise AnswerCutShort(ctx.outcome)
+
+    async def _relay_stream(
+        self,
+        request: IncomingRequest,
+        response: UpstreamResponse,
+        relay: EventStreamRelay,
+        admission: Admission,
+        endpoint: Endpoint,
+        target: "Target",
+        targets: list["Target"],
+        ctx: RequestContext,
+        call: OpenAICall,
+        transcript: Transcript,
+        checked: bytes,
+    ) -> None:
+        """
+        Relay a completion stream committed at its first token.  When it
+        breaks or stalls before its end, ask the targets with C{resume =
+        prefill} (the same deployment first) to go on from the text sent so
+        far, and relay that as more of the same answer; when none can, end
+        with the SSE error event of the I{original} break.
+        """
+        elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
+        request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
+        request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        request.start(response.code, response.reason, response_headers_for_client(response), response.length)
+        relay.commit(request)
+        if relay.done.called and relay.complete:
+            return
+        request.send_head()
+        original: Exception | None = None
+        resumed_endpoint: Endpoint | None = None  # in flight for this request, besides the first
+        try:
+            while True:
+                relay.watch_idle()
+                try:
+                    await relay.done
+                    return
+                except (StreamIdle, StreamBroken) as error:
+                    endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
+                    if original is None:
+                        original = error
+                    ctx.log.warning(
+                        "stream_broke", service=target.route.config.name, model=target.model, reason=str(error),
+                        text_chars=len(transcript.text),
+                    )
+                    resumed = None
+                    if transcript.resumable and ctx.completion is not None and ctx.completion.resumed < MAX_RESUMES:
+                        resumed = await self._resume(request, ctx, call, transcript, targets, target, endpoint, checked)
+                    if resumed is None:
+                        self._cut_short(request, response, ctx, target.route.config.name, original, request.bytes_sent)
+                    if resumed_endpoint is not None:
+                        resumed_endpoint.in_flight -= 1
+                    target, endpoint, admission, relay = resumed
+                    resumed_endpoint = endpoint
+                    ctx.completion.resumed += 1
+                    ctx.completion.resumed_on.append(target.label)
+                    relay.commit(request)
+        finally:
+            if resumed_endpoint is not None:
+                resumed_endpoint.in_flight -= 1
+
+    async def _resume(
+        self,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        call: OpenAICall,
+        transcript: Transcript,
+        targets: list["Target"],
+        broke_on: "Target",
+        broke_endpoint: Endpoint,
+        checked: bytes,
+    ) -> "tuple[Target, Endpoint, Admission, EventStreamRelay] | None":
+        """
+        Ask, in turn, the targets that may resume (the one that broke first,
+        its same endpoint if its breaker admits) for the rest of the answer;
+        the first whose stream gives a token wins.  L{None} when none does.
+        """
+        candidates = [broke_on, *(target for target in targets if target is not broke_on)]
+        for target in candidates:
+            route, config = target.route, target.route.config
+            if config.resume != "prefill":
+                continue
+            endpoint, admission = None, None
+            if target is broke_on:
+                admission = broke_endpoint.breaker.admit(ctx.request_id)
+                endpoint = broke_endpoint if admission.allowed else None
+            if endpoint is None:
+                endpoint, admission = route.choose(ctx.request_id, broke_endpoint)
+            if endpoint is None:
+                continue
+            ctx.attempts += 1
+            relay = EventStreamRelay(
+                self._clock, config.idle_timeout, transcript, functools.partial(self._count_usage, ctx, config.name),
+                call.client_wants_usage, resumed=True,
             )
-            if _is_event_stream(response):
-                # One complete SSE event that says what happened (an SDK raises
-                # it as an error), then the connection closes without the end.
-                request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
-            request.abort()
-            raise AnswerCutShort(ctx.outcome) from None
+            body = call.body_for(target.model, prefill=transcript.text)
+            headers = self._headers_for(request, ctx, config)
+            refused = await self._resume_attempt(endpoint, admission, headers, body, checked, relay, config, ctx)
+            outcome = "failed" if refused else "resumed"
+            self._metrics.stream_resumes.labels(config.name, outcome).inc()
+            if refused is None:
+                ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=endpoint.url)
+                return target, endpoint, admission, relay
+            ctx.log.warning("resume_failed", service=config.name, model=target.model, reason=refused)
+        return None
+
+    async def _resume_attempt(
+        self,
+        endpoint: Endpoint,
+        admission: Admission,
+        headers: list,
+        body: bytes,
+        checked: bytes,
+        relay: EventStreamRelay,
+        config: ServiceConfig,
+        ctx: RequestContext,
+    ) -> str | None:
+        """
+        One request for the rest of a broken stream: L{None} once its first
+        token is held in C{relay} (the endpoint then counts it in flight),
+        else why it failed.
+        """
+        breaker = endpoint.breaker
+        attempt = endpoint.upstream.request(b"POST", join_target(endpoint.upstream.base_path, checked), headers, body)
+        attempt.addTimeout(config.timeout, self._clock, onTimeoutCancel=_timed_out)
+        endpoint.in_flight += 1
+        try:
+            response = await attempt
+        except Exception as error:
+            endpoint.in_flight -= 1
+            if ctx.client_gone or isinstance(error, CancelledError):
+                breaker.abandoned(admission)
+                raise CancelledError() from None
+            reason = f"no answer within {config.timeout:g} s" if isinstance(error, TimeoutError) else _describe(error)
+            breaker.failed(admission, reason)
+            self._count_attempt(config.name, endpoint, "timeout" if isinstance(error, TimeoutError) else "connection_error")
+            return reason
+        if response.code != 200 or not _is_event_stream(response):
+            # A refusal (a backend that takes no assistant prefill says 400).
+            if is_breaker_failure(response.code):
+                breaker.failed(admission, f"status {response.code}")
+            else:
+                breaker.succeeded(admission)
+            self._count_attempt(config.name, endpoint, "answered")
+            endpoint.in_flight -= 1
+            response.discard()
+            return f"status {response.code}"
+        breaker.succeeded(admission)
+        self._count_attempt(config.name, endpoint, "answered")
+        relay, error, waited = await self._first_bytes(response, config, relay, config.token_timeout, "first token")
+        if error is None:
+            return None
+        endpoint.in_flight -= 1
+        if ctx.client_gone or isinstance(error, CancelledError):
+            raise CancelledError() from None
+        reason = waited if isinstance(error, TimeoutError) else f"the answer broke before its first token: {error}"
+        breaker.failed(attrs.evolve(admission, trial=False), reason)
+        return reason
+
+
+@attrs.frozen
+class Target:
+    """
+    One place a request may be served: a service's route (for a model, a
+    deployment's: its own breakers) and the C{model} sent to it (L{None}:
+    the body goes as the client sent it).
+    """
+
+    route: ServiceRoute
+    model: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How logs and headers name it: C{service}, or C{service:model}."""
+        name = self.route.config.name
+        return name if self.model is None else f"{name}:{self.model}"
+
+
+def _no_breaker(service: ServiceConfig, url: str, model: str) -> CircuitBreaker:
+    raise AssertionError("a table without models makes no deployments")
+
+
+#: The most times one answer's stream is resumed.
+MAX_RESUMES = 5
+
+
+def _checked(rest: bytes, query: bytes) -> bytes:
+    """The path and query sent on, refused here, before any limit or attempt."""
+    try:
+        return checked_rest(rest, query)
+    except UnsafePath as error:
+        raise GatewayError(errors.BAD_REQUEST, f"refused path: {error}") from None
+
+
+def _error_code_of(body: bytes | None) -> str:
+    codes, _ = error_codes(body)
+    return ", ".join(sorted(codes)) or "no code"
 
 
 def _is_event_stream(response: UpstreamResponse) -> bool:

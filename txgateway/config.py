@@ -27,6 +27,8 @@ __all__ = [
     "GatewayConfig",
     "GatewaySettings",
     "LoggingConfig",
+    "ModelConfig",
+    "ModelTarget",
     "RateLimitConfig",
     "ServiceConfig",
     "DEFAULT_INI",
@@ -62,6 +64,10 @@ url = http://localhost:8002
 """
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: A model's name, as clients send it and backends know it.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,255}$")
+#: The catch-all model section, C{[model:*]}: every model no section names.
+ANY_MODEL = "*"
 
 
 class ConfigError(Exception):
@@ -168,6 +174,38 @@ def _service_names(raw: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"a service is named twice in {raw!r}")
     return names
+
+
+def _model_targets(raw: str) -> tuple["ModelTarget", ...]:
+    """C{SERVICE[:MODEL], ...}: the first is the primary, the rest its fallbacks in order."""
+    targets = []
+    for part in (part.strip() for part in raw.split(",")):
+        if not part:
+            raise ValueError(f"expected SERVICE[:MODEL] separated by commas, got {raw!r}")
+        service, _, model = part.partition(":")
+        if not SERVICE_NAME.match(service):
+            raise ValueError(f"expected SERVICE[:MODEL], got {part!r} (a service name is letters, digits, '-' or '_')")
+        if model and not MODEL_NAME.match(model):
+            raise ValueError(f"expected SERVICE[:MODEL], got {part!r} (a model name is letters, digits and -_.:/@)")
+        targets.append(ModelTarget(service, model or None))
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"a target is given twice in {raw!r}")
+    return tuple(targets)
+
+
+def _bearer_key(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.fullmatch(r"[\x21-\x7e]+", value):
+        # The message never repeats the key.
+        raise ValueError("expected a key of printable ASCII characters without spaces")
+    return value
+
+
+def _environment_variable(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"expected the name of an environment variable, got {raw!r}")
+    return value
 
 
 def _redis_url(raw: str) -> str:
@@ -317,11 +355,52 @@ class ServiceConfig:
     retry_timeouts: str = _key(_choice("idempotent", "always", "never"), "idempotent")
     retry_budget: float = _key(_number(0.0, 100.0), 20.0)
     retry_budget_min: int = _key(_integer(0), 3)
+    #: C{openai}: the backend speaks OpenAI's wire format (implied for services a model names).
+    api: str = _key(_choice("http", "openai"), "http")
+    #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
+    api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
+    #: The environment variable C{api_key} is read from.
+    api_key_env: str = _key(_environment_variable, "")
+    first_token_timeout: float | None = _key(_seconds, None)
+    resume: str = _key(_choice("off", "prefill"), "off")
 
     @property
     def endpoint_urls(self) -> tuple[str, ...]:
         """The service's endpoints: the base URLs of C{url}, in order."""
         return tuple(self.url.split(", "))
+
+    @property
+    def speaks_openai(self) -> bool:
+        """Whether the gateway reads this service's requests and answers as OpenAI's."""
+        return self.api == "openai"
+
+    @property
+    def token_timeout(self) -> float:
+        """Seconds a stream may take to its first token: C{first_token_timeout}, else C{first_byte_timeout}."""
+        return self.first_byte_timeout if self.first_token_timeout is None else self.first_token_timeout
+
+
+@attrs.frozen
+class ModelTarget:
+    """
+    One target of a model: a service, and the model name sent to it
+    (L{None}: the client's own, only under C{[model:*]}).
+    """
+
+    service: str
+    model: str | None
+
+    def model_for(self, asked: str) -> str:
+        """The C{model} value sent to this target for a request that asked for C{asked}."""
+        return asked if self.model is None else self.model
+
+
+@attrs.frozen
+class ModelConfig:
+    """One C{[model:NAME]} section: where requests naming the model go."""
+
+    name: str
+    targets: tuple = _key(_model_targets)
 
 
 @attrs.frozen
@@ -333,6 +412,7 @@ class GatewayConfig:
     ratelimit: RateLimitConfig
     services: Mapping[str, ServiceConfig]
     auth: AuthConfig = AuthConfig()
+    models: Mapping[str, ModelConfig] = attrs.Factory(dict)
     source: str = "<embedded defaults>"
 
 
@@ -436,14 +516,20 @@ def parse_config(
 
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        if section not in ("gateway", "logging", "ratelimit", "auth") and not section.startswith("service:"):
+        known = section in ("gateway", "logging", "ratelimit", "auth")
+        if not known and not section.startswith(("service:", "model:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section "
-                "(known: gateway, logging, ratelimit, auth, service:NAME)"
+                "(known: gateway, logging, ratelimit, auth, service:NAME, model:NAME)"
             )
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
             raise ConfigError(
                 f"{origin}: [{section}]: a service name is 1 to 64 letters, digits, '-' or '_'"
+            )
+        model = section[len("model:"):]
+        if section.startswith("model:") and model != ANY_MODEL and not MODEL_NAME.match(model):
+            raise ConfigError(
+                f"{origin}: [{section}]: a model name is letters, digits and -_.:/@ (or * for every other model)"
             )
         sections[section] = {
             key: _Raw(value, origin) for key, value in parser.items(section, raw=True)
@@ -461,6 +547,24 @@ def parse_config(
             )
     if not services:
         raise ConfigError(f"{origin}: no [service:NAME] section: nothing to route to")
+    environ = os.environ if environ is None else environ
+    for name, service in list(services.items()):
+        services[name] = _with_api_key(service, sections[f"service:{name}"], environ)
+    models = {}
+    for section, raw in sections.items():
+        if section.startswith("model:"):
+            model = _build(ModelConfig, origin, section, raw, name=section[len("model:"):])
+            if model.name != ANY_MODEL:
+                # A named model's targets get its own name unless they say another.
+                targets = tuple(attrs.evolve(t, model=t.model or model.name) for t in model.targets)
+                model = attrs.evolve(model, targets=targets)
+            for target in model.targets:
+                if target.service not in services:
+                    where = raw["targets"].origin
+                    raise ConfigError(f"{where}: [{section}] targets: no service is named {target.service!r}")
+                # A service a model routes to speaks OpenAI.
+                services[target.service] = attrs.evolve(services[target.service], api="openai")
+            models[model.name] = model
     for name, service in services.items():
         for other in service.fallback:
             where = sections[f"service:{name}"]["fallback"].origin
@@ -484,8 +588,29 @@ def parse_config(
         ratelimit=ratelimit,
         services=services,
         auth=auth,
+        models=models,
         source=origin,
     )
+
+
+def _with_api_key(service: ServiceConfig, raw: dict[str, _Raw], environ: Mapping[str, str]) -> ServiceConfig:
+    """The service with C{api_key} read from the environment variable C{api_key_env} names."""
+    section = f"service:{service.name}"
+    if not service.api_key_env:
+        return service
+    where = raw["api_key_env"].origin
+    if service.api_key:
+        raise ConfigError(f"{where}: [{section}] api_key_env: give api_key or api_key_env, not both")
+    key = environ.get(service.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(
+            f"{where}: [{section}] api_key_env: the environment variable {service.api_key_env} is not set"
+        )
+    try:
+        _bearer_key(key)
+    except ValueError as error:
+        raise ConfigError(f"{where}: [{section}] api_key_env: {service.api_key_env}: {error}") from None
+    return attrs.evolve(service, api_key=key)
 
 
 def _read_keys_file(path: str, origin: str) -> tuple[ApiKey, ...]:

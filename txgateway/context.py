@@ -16,7 +16,7 @@ from txgateway.auth import Caller
 from txgateway.ids import uuid4_string
 from txgateway.tracing import TraceContext
 
-__all__ = ["RequestContext", "client_address", "request_id_for"]
+__all__ = ["CompletionFacts", "RequestContext", "client_address", "request_id_for"]
 
 _SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 
@@ -67,6 +67,33 @@ def client_address(request: Any, trusted_proxies: Sequence[_Network] = ()) -> st
 
 
 @attrs.define
+class CompletionFacts:
+    """
+    What the access line says of an OpenAI request: the model asked for,
+    the model that answered (as the backend names it in its usage, else as
+    sent), the tokens every attempt reported, and the resumes of its stream.
+    """
+
+    requested_model: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    resumed: int = 0
+    resumed_on: list[str] = attrs.Factory(list)
+
+    def fields(self) -> dict[str, Any]:
+        """The access line's fields."""
+        return {
+            "requested_model": self.requested_model,
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "resumed": self.resumed,
+            "resumed_on": self.resumed_on,
+        }
+
+
+@attrs.define
 class RequestContext:
     """
     What the gateway knows about one request while it is in flight.
@@ -90,6 +117,8 @@ class RequestContext:
     handling: Deferred | None = None
     served_by: str | None = None
     fallback_from: list[str] = attrs.Factory(list)
+    #: Set for OpenAI requests only.
+    completion: CompletionFacts | None = None
     _bound_log: Any = None
 
     @property

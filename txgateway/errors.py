@@ -28,6 +28,7 @@ BAD_REQUEST = ErrorKind("bad_request", 400)
 UNAUTHORIZED = ErrorKind("unauthorized", 401)
 NOT_FOUND = ErrorKind("not_found", 404)
 UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
+MODEL_NOT_FOUND = ErrorKind("model_not_found", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
 REQUEST_TIMEOUT = ErrorKind("request_timeout", 408)
 BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
@@ -50,6 +51,7 @@ KINDS = {
         UNAUTHORIZED,
         NOT_FOUND,
         UNKNOWN_SERVICE,
+        MODEL_NOT_FOUND,
         METHOD_NOT_ALLOWED,
         REQUEST_TIMEOUT,
         BODY_TOO_LARGE,

@@ -261,5 +261,7 @@ class AccessLog:
         line["client"] = ctx.client
         line["attempts"] = ctx.attempts
         line["outcome"] = ctx.outcome
+        if ctx.completion is not None:
+            line.update(ctx.completion.fields())
         self._sink.msg(_ENCODE(line))
 

@@ -151,6 +151,15 @@ class GatewayMetrics:
         self.rate_limited = Counter(
             "txgateway_rate_limited", "Requests refused with 429, by service.", ["service"], registry=r,
         )
+        self.tokens = Counter(
+            "txgateway_tokens", "Tokens the backends reported using, by service, model and kind (prompt or completion).",
+            ["service", "model", "kind"], registry=r,
+        )
+        self.stream_resumes = Counter(
+            "txgateway_stream_resumes",
+            "Broken streams asked of a backend again with their text so far, by service asked and outcome.",
+            ["service", "outcome"], registry=r,
+        )
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 

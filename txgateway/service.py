@@ -30,6 +30,7 @@ from txgateway.client import IUpstream, UpstreamEndpoint
 from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
 from txgateway.logs import AccessLog, TwistedJsonObserver, configure_logging, open_sink
 from txgateway.metrics import GatewayMetrics
+from txgateway.models import ModelTable
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
@@ -104,7 +105,16 @@ def build_gateway(
     """
     routes = build_routes(config, clock, upstream_for, log, metrics, previous.broker.routes if previous else None)
     limiter = RateLimiter.from_config(config.ratelimit, store) if store is not None else None
-    broker = ServiceBroker(clock, routes, limiter, metrics, rng)
+
+    def deployment_breaker(service: ServiceConfig, url: str, model: str) -> CircuitBreaker:
+        where = f"{url} model={model}"
+        return CircuitBreaker(
+            service.name, clock, service.breaker_threshold, service.breaker_cooldown, log,
+            functools.partial(_transitioned, metrics, where), endpoint=where,
+        )
+
+    models = ModelTable(config.models, routes, deployment_breaker, previous.broker.models if previous else None)
+    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models)
     started_at = previous.started_at if previous is not None else None
     return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
 

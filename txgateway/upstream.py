@@ -15,7 +15,7 @@ import functools
 import weakref
 from typing import Iterable
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from zope.interface import implementer
 
@@ -150,6 +150,9 @@ class BodyRelay:
         self.has_first_data = False  # first_data fired with success
         self._held: list[bytes] = []
         self._held_end: tuple[Exception | None] | None = None
+        self._held_size = 0
+        self._whole: Deferred[bytes | None] | None = None
+        self._whole_limit = 0
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
@@ -183,7 +186,7 @@ class BodyRelay:
         self._request = request
         held, self._held = self._held, []
         for data in held:
-            self.body_received(data)
+            self._pass(data)
         if self._held_end is not None:
             (error,) = self._held_end
             self._held_end = None
@@ -191,15 +194,41 @@ class BodyRelay:
 
     def body_received(self, data: bytes) -> None:
         if self._request is None:
-            self._held.append(data)
-            if not self.first_data.called:
-                self.has_first_data = True
-                self.first_data.callback(None)
+            self._hold(data, first=True)
             return
+        self._pass(data)
+
+    def _hold(self, data: bytes, first: bool) -> None:
+        """Keep C{data} until the commit; C{first}: it is the first data the commit point waits for."""
+        self._held.append(data)
+        self._held_size += len(data)
+        if first and not self.first_data.called:
+            self.has_first_data = True
+            self.first_data.callback(None)
+        if self._whole is not None and self._held_size > self._whole_limit:
+            whole, self._whole = self._whole, None
+            whole.callback(None)
+
+    def _pass(self, data: bytes) -> None:
+        """Relay C{data} to the client."""
         self.bytes_relayed += len(data)
         self._request.write(data)
         if self._watching:
             self._arm_idle_timer()
+
+    def held_body(self, limit: int) -> Deferred[bytes | None]:
+        """
+        Before the commit: the whole body once it has ended, or L{None} when
+        it is longer than C{limit} bytes or broke.  It stays held, to be
+        committed or discarded.
+        """
+        if self._held_end is not None:
+            return succeed(b"".join(self._held) if self._held_end[0] is None else None)
+        if self._held_size > limit:
+            return succeed(None)
+        self._whole_limit = limit
+        self._whole = Deferred()
+        return self._whole
 
     def body_ended(self, error: Exception | None) -> None:
         if self._request is None:
@@ -210,6 +239,9 @@ class BodyRelay:
                     self.first_data.callback(None)
                 else:
                     self.first_data.errback(StreamBroken(str(error)))
+            if self._whole is not None:
+                whole, self._whole = self._whole, None
+                whole.callback(b"".join(self._held) if error is None else None)
             return
         self._disarm_idle_timer()
         if self._watching:

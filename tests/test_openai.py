@@ -1,0 +1,541 @@
+"""
+The OpenAI side of the gateway on a Clock: models and their targets,
+deployment breakers, the 4xx rules between targets, the token commit point,
+resuming a broken stream, token usage, and the backends' keys.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import treq
+
+from tests.fakes import FakeResponse, Harness, result_of
+from txgateway.config import ConfigError, parse_config
+
+SSE = {b"content-type": b"text/event-stream"}
+JSON = {b"content-type": b"application/json"}
+
+INI = """
+[gateway]
+listen = tcp:0
+[logging]
+file =
+[ratelimit]
+requests = 1000
+[service:primary]
+url = http://primary.test/v1
+api_key = sk-primary-secret
+retries = {retries}
+first_byte_timeout = 5
+first_token_timeout = 3
+idle_timeout = 4
+resume = {primary_resume}
+{primary}
+[service:local]
+url = http://local.test/v1
+retries = 0
+resume = {local_resume}
+{local}
+[model:gpt-4o]
+targets = primary, local:llama3
+{models}
+"""
+
+
+def harness(
+    primary: str = "", local: str = "", models: str = "", environ: dict | None = None, retries: int = 0,
+    primary_resume: str = "prefill", local_resume: str = "prefill",
+) -> Harness:
+    text = INI.format(
+        primary=primary, local=local, models=models, retries=retries, primary_resume=primary_resume, local_resume=local_resume
+    )
+    return Harness(text, environ)
+
+
+def chat(h: Harness, model: str = "gpt-4o", stream: bool = False, **fields) -> "Deferred":
+    body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], **fields}
+    if stream:
+        body["stream"] = True
+    return h.request(
+        "POST", "/v1/chat/completions", data=json.dumps(body).encode(), unbuffered=stream,
+        headers={"Content-Type": "application/json", "Authorization": "Bearer client-key"},
+    )
+
+
+def sent_body(sent) -> dict:
+    return json.loads(sent.body)
+
+
+def completion(model: str, text: str = "Hello!", prompt: int = 9, done: int = 3) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done},
+    }).encode()
+
+
+def chunk(content: str | None = None, role: str | None = None, finish: str | None = None, chunk_id: str = "c1", model: str = "gpt-4o") -> bytes:
+    delta = {}
+    if role is not None:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    body = {"id": chunk_id, "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def usage_chunk(prompt: int, done: int, model: str = "gpt-4o", chunk_id: str = "c1") -> bytes:
+    body = {"id": chunk_id, "object": "chat.completion.chunk", "model": model, "choices": [],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def events_of(body: bytes) -> list[dict | str]:
+    """The data of each event the client got: decoded chunks, or the raw text."""
+    out = []
+    for event in body.split(b"\n\n"):
+        if not event.strip():
+            continue
+        if event.startswith(b"event: error"):
+            out.append(("error", json.loads(event.split(b"data: ", 1)[1])))
+            continue
+        data = event[len(b"data: "):]
+        out.append(data.decode() if data == b"[DONE]" else json.loads(data))
+    return out
+
+
+def text_of(events: list) -> str:
+    return "".join(
+        e["choices"][0]["delta"].get("content") or ""
+        for e in events if isinstance(e, dict) and e.get("choices")
+    )
+
+
+def error_of(response) -> dict:
+    return json.loads(result_of(treq.content(response)))["error"]
+
+
+def stream_of(h: Harness, d):
+    """Start collecting a streamed answer: (response, received chunks, done)."""
+    response = result_of(d)
+    received: list[bytes] = []
+    done = treq.collect(response, received.append)
+    return response, received, done
+
+
+# -- configuration
+
+
+def test_a_model_names_its_targets_with_their_model_names():
+    config = parse_config(INI.format(primary="", local="", models="[model:*]\ntargets = local", retries=0, primary_resume="prefill", local_resume="prefill"), "t.ini", {})
+    [primary, fallback] = config.models["gpt-4o"].targets
+    assert (primary.service, primary.model) == ("primary", "gpt-4o")
+    assert (fallback.service, fallback.model) == ("local", "llama3")
+    assert config.models["*"].targets[0].model is None
+    assert config.services["local"].api == "openai"  # implied by the model
+
+
+@pytest.mark.parametrize(
+    "models, expected",
+    [
+        ("[model:x]\ntargets = nowhere", "t.ini: [model:x] targets: no service is named 'nowhere'"),
+        ("[model:bad name]\ntargets = local", "t.ini: [model:bad name]: a model name is"),
+        ("[model:x]\ntargets = local:", None),
+        ("[model:x]\ntargets = local, local", "t.ini: [model:x] targets: a target is given twice"),
+        ("[model:x]\n", "t.ini: [model:x] targets: missing"),
+    ],
+)
+def test_a_broken_model_section_names_its_section_and_key(models, expected):
+    text = INI.format(primary="", local="", models=models, retries=0, primary_resume="prefill", local_resume="prefill")
+    if expected is None:
+        parse_config(text, "t.ini", {})  # "local:" is the model's own name
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "t.ini", {})
+    assert str(caught.value).startswith(expected)
+
+
+def test_api_key_env_reads_the_key_and_names_a_missing_variable():
+    config = parse_config(INI.format(primary="", local="api_key_env = LOCAL_KEY", models="", retries=0, primary_resume="prefill", local_resume="prefill"), "t.ini", {"LOCAL_KEY": "sk-l"})
+    assert config.services["local"].api_key == "sk-l"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(INI.format(primary="", local="api_key_env = LOCAL_KEY", models="", retries=0, primary_resume="prefill", local_resume="prefill"), "t.ini", {})
+    assert str(caught.value) == "t.ini: [service:local] api_key_env: the environment variable LOCAL_KEY is not set"
+
+
+def test_the_backend_key_never_shows_in_the_config_repr_or_an_error():
+    config = parse_config(INI.format(primary="", local="", models="", retries=0, primary_resume="prefill", local_resume="prefill"), "t.ini", {})
+    assert "sk-primary-secret" not in repr(config)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(INI.format(primary="", local="api_key = bad key", models="", retries=0, primary_resume="prefill", local_resume="prefill"), "t.ini", {})
+    assert "bad key" not in str(caught.value) and "[service:local] api_key" in str(caught.value)
+
+
+# -- routing by model
+
+
+def test_a_request_goes_to_the_primary_with_its_model_and_the_backend_key():
+    h = harness()
+    d = chat(h, temperature=0.2)
+    sent = h.agents["primary"].last
+    assert sent.uri == b"http://primary.test/v1/chat/completions"
+    assert sent.headers.getRawHeaders(b"authorization") == [b"Bearer sk-primary-secret"]
+    assert sent.headers.getRawHeaders(b"accept-encoding") == [b"identity"]
+    assert sent_body(sent)["model"] == "gpt-4o" and sent_body(sent)["temperature"] == 0.2
+    sent.respond(FakeResponse(200, JSON, completion("gpt-4o-2024-08-06")))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    assert json.loads(result_of(treq.content(response)))["choices"][0]["message"]["content"] == "Hello!"
+    assert response.headers.getRawHeaders("x-gateway-service") == ["primary"]
+    assert response.headers.getRawHeaders("x-gateway-model") == ["gpt-4o"]
+
+
+def test_usage_of_a_json_answer_goes_on_the_access_line_and_into_the_token_counts():
+    h = harness()
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o-2024-08-06", prompt=12, done=5)))
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    [line] = h.access.lines
+    assert line["requested_model"] == "gpt-4o" and line["model"] == "gpt-4o-2024-08-06"
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (12, 5)
+    exposition = h.gateway.metrics.exposition().decode()
+    assert 'txgateway_tokens_total{kind="prompt",model="gpt-4o-2024-08-06",service="primary"} 12.0' in exposition
+    assert 'txgateway_tokens_total{kind="completion",model="gpt-4o-2024-08-06",service="primary"} 5.0' in exposition
+
+
+def test_a_failing_primary_falls_back_to_the_next_target_with_its_model():
+    h = harness()
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(503, JSON, b'{"error":"busy"}'))
+    h.flush()
+    sent = h.agents["local"].last
+    assert sent.uri == b"http://local.test/v1/chat/completions"
+    assert sent_body(sent)["model"] == "llama3"
+    # The client's own key is not the gateway's to hide (no [auth]), and local has no key of its own.
+    assert sent.headers.getRawHeaders(b"authorization") == [b"Bearer client-key"]
+    sent.respond(FakeResponse(200, JSON, completion("llama3", prompt=7, done=2)))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    assert response.headers.getRawHeaders("x-gateway-service") == ["local"]
+    assert response.headers.getRawHeaders("x-gateway-model") == ["llama3"]
+    assert response.headers.getRawHeaders("x-gateway-fallback-from") == ["primary:gpt-4o"]
+    result_of(treq.content(response))
+    [line] = h.access.lines
+    assert line["model"] == "llama3" and line["fallback_from"] == ["primary:gpt-4o"]
+
+
+@pytest.mark.parametrize(
+    "code, body",
+    [
+        (400, b'{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}'),
+        (400, b'{"object":"error","message":"This model\'s maximum context length is 8192 tokens","code":400}'),
+        (401, b'{"error":{"message":"bad key"}}'),
+        (403, b'{"error":{"message":"no access"}}'),
+        (404, b'{"error":{"message":"no such model","code":"model_not_found"}}'),
+    ],
+)
+def test_these_refusals_move_to_the_next_target_without_a_retry(code, body):
+    h = harness(retries=3)
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(code, JSON, body))
+    h.flush()
+    assert len(h.agents["primary"].requests) == 1
+    h.agents["local"].last.respond(FakeResponse(200, JSON, completion("llama3")))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+@pytest.mark.parametrize(
+    "code, body",
+    [
+        (400, b'{"error":{"message":"flagged","type":"invalid_request_error","code":"content_policy_violation"}}'),
+        (400, b'{"error":{"message":"filtered","code":"content_filter"}}'),
+        (400, b'{"error":{"message":"temperature is out of range","code":"invalid_value"}}'),
+        (422, b'{"detail":"bad field"}'),
+    ],
+)
+def test_these_refusals_are_passed_through_and_never_tried_elsewhere(code, body):
+    h = harness()
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(code, JSON, body))
+    h.flush()
+    response = result_of(d)
+    assert response.code == code and result_of(treq.content(response)) == body
+    assert h.agents["local"].requests == []
+
+
+def test_an_unknown_model_is_model_not_found_and_a_bad_body_is_a_bad_request():
+    h = harness()
+    response = result_of(chat(h, model="gpt-5"))
+    assert response.code == 404 and error_of(response)["type"] == "model_not_found"
+    for body in (b"not json", b"[1, 2]", b'{"messages": []}', b'{"model": 4}'):
+        response = result_of(h.request("POST", "/v1/chat/completions", data=body))
+        assert response.code == 400 and error_of(response)["type"] == "bad_request", body
+    assert h.agents["primary"].requests == []
+
+
+def test_the_catch_all_model_sends_the_clients_own_model_name():
+    h = harness(models="[model:*]\ntargets = local")
+    d = chat(h, model="qwen2.5:7b")
+    assert sent_body(h.agents["local"].last)["model"] == "qwen2.5:7b"
+    h.agents["local"].last.respond(FakeResponse(200, JSON, completion("qwen2.5:7b")))
+    h.flush()
+    assert result_of(d).code == 200
+
+
+def test_models_are_listed_in_openais_shape():
+    h = harness(models="[model:*]\ntargets = local")
+    response = result_of(h.request("GET", "/v1/models"))
+    body = json.loads(result_of(treq.content(response)))
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"]) for m in body["data"]] == [("gpt-4o", "model")]
+    one = result_of(h.request("GET", "/v1/models/gpt-4o"))
+    assert json.loads(result_of(treq.content(one)))["id"] == "gpt-4o"
+    missing = result_of(h.request("GET", "/v1/models/nope"))
+    assert missing.code == 404 and error_of(missing)["type"] == "model_not_found"
+
+
+def test_one_failing_model_never_opens_the_circuit_of_another_on_the_same_backend():
+    h = harness(primary="breaker_threshold = 2", models="[model:gpt-4o-mini]\ntargets = primary")
+    for _ in range(2):
+        d = chat(h, model="gpt-4o-mini")
+        h.agents["primary"].last.respond(FakeResponse(500, JSON, b"{}"))
+        h.flush()
+        assert result_of(d).code == 500
+    refused = result_of(chat(h, model="gpt-4o-mini"))
+    assert refused.code == 503 and error_of(refused)["type"] == "circuit_open"
+    d = chat(h, model="gpt-4o")
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o")))
+    h.flush()
+    assert result_of(d).code == 200
+    health = h.gateway.health()
+    assert health["models"]["gpt-4o-mini"]["targets"] == [{"service": "primary", "model": "gpt-4o-mini", "circuit": "open"}]
+    assert health["models"]["gpt-4o"]["targets"][0] == {"service": "primary", "model": "gpt-4o", "circuit": "closed"}
+    assert health["services"]["primary"]["circuit"] == "closed"
+    assert "sk-primary-secret" not in json.dumps(health)
+
+
+def test_api_requests_to_an_openai_service_carry_its_key_and_count_tokens():
+    h = harness()
+    d = h.request("POST", "/api/primary/chat/completions", data=json.dumps({"model": "gpt-4o", "messages": []}).encode())
+    sent = h.agents["primary"].last
+    assert sent.headers.getRawHeaders(b"authorization") == [b"Bearer sk-primary-secret"]
+    assert sent_body(sent)["model"] == "gpt-4o"
+    sent.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=3, done=1)))
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    assert h.access.lines[0]["prompt_tokens"] == 3
+
+
+# -- streams: the commit point at the first token
+
+
+def test_a_stream_asks_for_usage_and_hides_the_usage_chunk_the_client_did_not_ask_for():
+    h = harness()
+    d = chat(h, stream=True)
+    sent = h.agents["primary"].last
+    assert sent_body(sent)["stream_options"] == {"include_usage": True}
+    upstream = sent.respond(FakeResponse(200, SSE))
+    upstream.send(chunk(role="assistant", content="") + chunk("Hel"))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.send(chunk("lo", finish="stop") + usage_chunk(8, 2) + b"data: [DONE]\n\n")
+    upstream.finish()
+    h.flush()
+    events = events_of(b"".join(received))
+    assert text_of(events) == "Hello" and events[-1] == "[DONE]"
+    assert not any(isinstance(e, dict) and e.get("usage") for e in events)
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (8, 2)
+
+
+def test_the_usage_chunk_is_forwarded_when_the_client_asked_for_it():
+    h = harness()
+    d = chat(h, stream=True, stream_options={"include_usage": True})
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("Hi", finish="stop") + usage_chunk(4, 1) + b"data: [DONE]\n\n")
+    upstream.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    assert any(isinstance(e, dict) and e.get("usage") for e in events_of(b"".join(received)))
+
+
+def test_usage_is_read_from_events_split_over_reads_and_several_in_one_read():
+    h = harness()
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    whole = chunk("a") + chunk("b") + chunk(None, finish="stop") + usage_chunk(21, 13) + b"data: [DONE]\n\n"
+    for start in range(0, len(whole), 7):  # every event cut somewhere
+        upstream.send(whole[start : start + 7])
+    upstream.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    assert text_of(events_of(b"".join(received))) == "ab"
+    assert (h.access.lines[0]["prompt_tokens"], h.access.lines[0]["completion_tokens"]) == (21, 13)
+
+
+def test_role_chunks_and_comments_do_not_commit_a_stream_and_a_silent_first_token_falls_over():
+    h = harness()
+    d = chat(h, stream=True)
+    slow = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    slow.send(b": keep-alive\n\n" + chunk(role="assistant", content=""))
+    h.advance(3)  # first_token_timeout
+    assert slow.transport.stopped
+    fast = h.agents["local"].last.respond(FakeResponse(200, SSE))
+    fast.send(chunk(role="assistant", content="", model="llama3") + chunk("Hi", finish="stop", model="llama3") + b"data: [DONE]\n\n")
+    fast.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    assert response.headers.getRawHeaders("x-gateway-service") == ["local"]
+    events = events_of(b"".join(received))
+    # One clean stream from the fallback: nothing of the silent one.
+    assert [e["model"] for e in events if isinstance(e, dict)] == ["llama3", "llama3"]
+    assert text_of(events) == "Hi"
+
+
+def test_a_stream_that_ends_without_done_is_complete_at_once():
+    h = harness()
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("Hi") + chunk(None, finish="stop"))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.finish()
+    h.flush()
+    assert result_of(done) is None
+    assert text_of(events_of(b"".join(received))) == "Hi"
+    assert h.access.lines[0]["outcome"] is None and h.access.lines[0]["status"] == 200
+
+
+def test_a_break_after_the_finish_reason_is_no_failure():
+    h = harness()
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("Hi") + chunk(None, finish="stop"))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.fail("reset")
+    h.flush()
+    assert result_of(done) is None
+    assert len(h.agents["primary"].requests) == 1
+
+
+# -- resume
+
+
+def broken_stream(h: Harness, words: list[str]):
+    """A primary stream that sends C{words} and breaks; returns the collected client side."""
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk(role="assistant", content="", chunk_id="first") + b"".join(chunk(word, chunk_id="first") for word in words))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.fail("connection reset")
+    h.flush()
+    return response, received, done
+
+
+def test_a_stream_broken_midway_is_resumed_with_its_text_as_a_prefill():
+    h = harness()
+    response, received, done = broken_stream(h, ["One ", "two "])
+    resume = h.agents["primary"].last
+    assert len(h.agents["primary"].requests) == 2
+    messages = sent_body(resume)["messages"]
+    assert messages[-1] == {"role": "assistant", "content": "One two "}
+    assert messages[:-1] == [{"role": "user", "content": "Say hello"}]
+    assert resume.headers.getRawHeaders(b"authorization") == [b"Bearer sk-primary-secret"]
+    more = resume.respond(FakeResponse(200, SSE))
+    more.send(chunk(role="assistant", content="", chunk_id="second") + chunk("three", chunk_id="second"))
+    more.send(chunk(None, finish="stop", chunk_id="second") + usage_chunk(20, 1, chunk_id="second") + b"data: [DONE]\n\n")
+    more.finish()
+    h.flush()
+    assert result_of(done) is None
+    events = events_of(b"".join(received))
+    assert text_of(events) == "One two three"
+    roles = [e for e in events if isinstance(e, dict) and e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 1, "the resumed stream's role chunk is dropped"
+    assert {e["id"] for e in events if isinstance(e, dict)} == {"first"}
+    [line] = h.access.lines
+    assert line["resumed"] == 1 and line["resumed_on"] == ["primary:gpt-4o"]
+    assert line["outcome"] is None and line["prompt_tokens"] == 20
+
+
+def test_a_refused_resume_moves_on_and_none_left_names_the_original_break():
+    h = harness()
+    response, received, done = broken_stream(h, ["One "])
+    h.agents["primary"].last.respond(FakeResponse(400, JSON, b'{"error":{"message":"prefill is not supported"}}'))
+    h.flush()
+    to_local = h.agents["local"].last
+    assert sent_body(to_local)["model"] == "llama3"
+    assert sent_body(to_local)["messages"][-1] == {"role": "assistant", "content": "One "}
+    to_local.respond(FakeResponse(400, JSON, b'{"error":{"message":"assistant prefill is not supported"}}'))
+    h.flush()
+    failures = []
+    done.addErrback(failures.append)
+    assert failures, "the stream ends broken"
+    kind, error = events_of(b"".join(received))[-1]
+    assert kind == "error" and error["error"]["type"] == "stream_broken"
+    assert "connection reset" in error["error"]["message"] and "prefill" not in error["error"]["message"]
+
+
+def test_a_stall_after_the_first_token_is_resumed_on_the_fallback_when_the_primary_cannot():
+    h = harness(primary_resume="off")
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("Slow "))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    h.advance(4)  # idle_timeout
+    assert upstream.transport.stopped
+    upstream.fail("stopped")  # what the client's connection reports once dropped
+    h.flush()
+    assert len(h.agents["primary"].requests) == 1  # resume = off there
+    more = h.agents["local"].last.respond(FakeResponse(200, SSE))
+    more.send(chunk("start.", finish="stop", model="llama3") + b"data: [DONE]\n\n")
+    more.finish()
+    h.flush()
+    assert result_of(done) is None
+    assert text_of(events_of(b"".join(received))) == "Slow start."
+    assert h.access.lines[0]["resumed_on"] == ["local:llama3"]
+
+
+def test_a_malformed_chunk_breaks_the_attempt_and_is_never_relayed():
+    h = harness()
+    d = chat(h, stream=True)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("Fine "))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.send(b"data: {not json\n\n")
+    h.flush()
+    assert upstream.transport.stopped
+    upstream.fail("stopped")  # what the client's connection reports once dropped
+    h.flush()
+    more = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    more.send(chunk("words", finish="stop") + b"data: [DONE]\n\n")
+    more.finish()
+    h.flush()
+    body = b"".join(received)
+    assert b"not json" not in body and text_of(events_of(body)) == "Fine words"
+
+
+def test_no_resume_for_several_choices_or_without_resume_configured():
+    h = harness(primary_resume="off", local_resume="off")
+    response, received, done = broken_stream(h, ["One "])
+    assert len(h.agents["primary"].requests) == 1 and h.agents["local"].requests == []
+    assert events_of(b"".join(received))[-1][0] == "error"
+    h = harness()
+    d = chat(h, stream=True, n=2)
+    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk("One "))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    upstream.fail("reset")
+    h.flush()
+    assert len(h.agents["primary"].requests) == 1

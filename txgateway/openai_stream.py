@@ -1,0 +1,178 @@
+"""
+The relays of OpenAI answers: a completion stream followed event by event
+(its commit point at the first token, the text sent so far kept for a
+resume, the usage counted, the chunks a client did not ask for left out),
+and a JSON answer whose usage is read as it passes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway.client import StreamEnded
+from txgateway.openai_wire import ChunkFacts, EventSplitter, Usage, read_chunk, usage_of_answer
+from txgateway.server import IncomingRequest
+from txgateway.upstream import BodyRelay
+
+__all__ = ["EventStreamRelay", "JsonAnswerRelay", "Transcript"]
+
+#: The most of a JSON answer kept to read its usage (larger ones are relayed unread).
+JSON_USAGE_LIMIT = 1024 * 1024
+
+
+class Transcript:
+    """
+    What the client has been sent of one streamed answer, across every
+    attempt that made it: choice 0's text, whether it finished, the first
+    stream's chunk id (resumed chunks carry it too), and whether its text
+    alone could be continued (no tool call).
+    """
+
+    def __init__(self, resumable: bool) -> None:
+        self._parts: list[str] = []
+        self.finished = False
+        self.resumable = resumable
+        self.chunk_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The assistant text sent so far."""
+        return "".join(self._parts)
+
+    def sent(self, facts: ChunkFacts, first_stream: bool) -> None:
+        """C{facts}' event reached the client."""
+        if facts.text:
+            self._parts.append(facts.text)
+        if facts.finished:
+            self.finished = True
+        if facts.tool_call:
+            self.resumable = False
+        if first_stream and self.chunk_id is None and facts.data is not None:
+            chunk_id = facts.data.get("id")
+            self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
+
+
+class EventStreamRelay(BodyRelay):
+    """
+    A L{BodyRelay} for a chat or text completion stream, relayed whole
+    event by whole event.
+
+    Before the commit it holds events until one carries a token (content,
+    a finish reason or usage): role-only chunks and comments do not
+    commit.  A chunk that is not JSON ends the attempt like a broken
+    connection.  After the end of the answer (a finish reason or
+    C{[DONE]}) a broken connection is no failure.  A resumed stream
+    (C{resumed}) has its role-only chunks dropped and its chunks renamed
+    with the first stream's id.
+
+    @param on_usage: called with each usage the stream reports, committed
+        or not (what the backend bills).
+    @param forward_usage: the client asked for the usage chunk; else it is
+        not relayed.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        transcript: Transcript,
+        on_usage: Callable[[Usage], None],
+        forward_usage: bool,
+        resumed: bool = False,
+    ) -> None:
+        super().__init__(None, clock, idle_timeout)
+        self._splitter = EventSplitter()
+        self._transcript = transcript
+        self._on_usage = on_usage
+        self._forward_usage = forward_usage
+        self._resumed = resumed
+        self._held_facts: list[ChunkFacts] = []
+        self.malformed: str | None = None
+
+    def body_received(self, data: bytes) -> None:
+        for event in self._splitter.feed(data):
+            self._event(event)
+
+    def _event(self, event: bytes) -> None:
+        if self.malformed is not None:
+            return
+        facts = read_chunk(event)
+        if facts.malformed is not None:
+            self.malformed = facts.malformed
+            if self._control is not None:
+                self._control.stopProducing()
+            return
+        if facts.usage is not None:
+            self._on_usage(facts.usage)
+            if facts.usage_only and not self._forward_usage:
+                return
+        if self._resumed and facts.data is not None:
+            if not facts.token:
+                return  # the resumed stream's role chunk: the client has had one
+            event = self._renamed(facts.data, event)
+        if self._request is None:
+            self._held_facts.append(facts)
+            self._hold(event, first=facts.token)
+            return
+        self._transcript.sent(facts, not self._resumed)
+        self._pass(event)
+
+    def _renamed(self, data: dict, event: bytes) -> bytes:
+        chunk_id = self._transcript.chunk_id
+        if chunk_id is None or data.get("id") in (None, chunk_id):
+            return event
+        renamed = {**data, "id": chunk_id}
+        return b"data: " + json.dumps(renamed, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+    def commit(self, request: IncomingRequest) -> None:
+        held, self._held = self._held, []
+        held_facts, self._held_facts = self._held_facts, []
+        self._request = request
+        for event, facts in zip(held, held_facts):
+            self._transcript.sent(facts, not self._resumed)
+            self._pass(event)
+        if self._held_end is not None:
+            (error,) = self._held_end
+            self._held_end = None
+            self.body_ended(error)
+
+    def body_ended(self, error: Exception | None) -> None:
+        if error is None and self.malformed is None:
+            rest = self._splitter.rest()
+            if rest.strip():
+                self._event(rest + b"\n\n")  # a last event without its blank line
+        if self.malformed is not None:
+            error = StreamEnded(self.malformed)
+        elif error is not None and self._request is not None and self._transcript.finished:
+            error = None  # the answer was whole; only the connection's end was lost
+        super().body_ended(error)
+
+
+class JsonAnswerRelay(BodyRelay):
+    """A L{BodyRelay} that also reads the usage of the JSON answer it relays (up to L{JSON_USAGE_LIMIT})."""
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float, on_usage: Callable[[Usage], None]) -> None:
+        super().__init__(None, clock, idle_timeout)
+        self._on_usage = on_usage
+        self._copy: list[bytes] | None = []
+        self._copied = 0
+
+    def body_received(self, data: bytes) -> None:
+        if self._copy is not None:
+            self._copied += len(data)
+            if self._copied > JSON_USAGE_LIMIT:
+                self._copy = None
+            else:
+                self._copy.append(data)
+        super().body_received(data)
+
+    def body_ended(self, error: Exception | None) -> None:
+        if error is None and self._copy:
+            usage = usage_of_answer(b"".join(self._copy))
+            self._copy = None
+            if usage is not None:
+                self._on_usage(usage)
+        super().body_ended(error)

@@ -1,0 +1,324 @@
+"""
+What the gateway reads of OpenAI's wire format, as pure functions and
+values with no I/O: the request body (its model, whether it streams), the
+body sent to each target, what a backend's refusal means for the next
+target, server-sent events split as they arrive, and what each streamed
+chunk carries (text, a finish, usage).
+
+Only traffic of services with C{api = openai} comes here; nothing else
+pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "BadCall",
+    "ChunkFacts",
+    "EventSplitter",
+    "OpenAICall",
+    "Usage",
+    "after_refusal",
+    "error_codes",
+    "read_chunk",
+    "usage_of_answer",
+]
+
+#: The endpoints whose streams the gateway follows token by token.
+CHAT = "chat"
+COMPLETIONS = "completions"
+
+#: C{error.code} (or C{type}) values of a 400 after which the next target may do better.
+_NEXT_TARGET_CODES = frozenset({"context_length_exceeded"})
+#: C{error.code} (or C{type}) values of a 400 that no other target may see.
+_PASS_THROUGH_CODES = frozenset({"content_policy_violation", "content_filter"})
+#: The most of a refusal's body read to tell what it means.
+REFUSAL_BODY_LIMIT = 64 * 1024
+
+
+class BadCall(ValueError):
+    """The body is not an OpenAI request the gateway can route (the message says why)."""
+
+
+def _endpoint_kind(path: bytes) -> str | None:
+    path = path.split(b"?", 1)[0].rstrip(b"/")
+    if path.endswith(b"chat/completions"):
+        return CHAT
+    if path.endswith(b"/completions") or path == b"completions":
+        return COMPLETIONS
+    return None
+
+
+@attrs.frozen
+class OpenAICall:
+    """
+    One OpenAI request, parsed once.
+
+    @ivar body: the decoded JSON object.
+    @ivar raw: the body's bytes as the client sent them.
+    @ivar kind: C{chat}, C{completions}, or L{None} for any other endpoint.
+    @ivar stream: C{"stream": true} on a chat or text completion.
+    @ivar client_wants_usage: the client asked for the usage chunk itself.
+    """
+
+    body: dict
+    raw: bytes
+    kind: str | None
+    stream: bool
+    client_wants_usage: bool
+
+    @property
+    def model(self) -> str | None:
+        """The C{model} the client asked for (a string, or L{None})."""
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def single_choice(self) -> bool:
+        """One choice is asked for (C{n} absent or 1): the only kind a stream can be resumed for."""
+        return self.body.get("n") in (None, 1)
+
+    @classmethod
+    def parse(cls, raw: bytes, path: bytes) -> "OpenAICall":
+        """Read a request body, or raise L{BadCall} when it is not a JSON object."""
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadCall("the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise BadCall("the body is not a JSON object")
+        kind = _endpoint_kind(path)
+        stream = kind is not None and body.get("stream") is True
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return cls(body, raw, kind, stream, wants_usage)
+
+    def body_for(self, model: str | None, prefill: str | None = None) -> bytes:
+        """
+        The body sent to a target: C{model} rewritten (unless L{None}), the
+        usage chunk asked for on a stream, and with C{prefill} the assistant
+        text so far (one more message, or the end of a text prompt).
+        """
+        changes: dict[str, Any] = {}
+        if model is not None and model != self.body.get("model"):
+            changes["model"] = model
+        if self.stream and not self.client_wants_usage:
+            options = self.body.get("stream_options")
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if prefill is not None:
+            if self.kind == CHAT:
+                messages = self.body.get("messages")
+                messages = list(messages) if isinstance(messages, list) else []
+                changes["messages"] = [*messages, {"role": "assistant", "content": prefill}]
+            elif self.kind == COMPLETIONS and isinstance(self.body.get("prompt"), str):
+                changes["prompt"] = self.body["prompt"] + prefill
+        if not changes:
+            return self.raw
+        return json.dumps({**self.body, **changes}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    @property
+    def resumable_kind(self) -> bool:
+        """Whether a broken stream of this request can be asked for again with its text as a prefill."""
+        if not (self.stream and self.single_choice):
+            return False
+        return self.kind == CHAT or (self.kind == COMPLETIONS and isinstance(self.body.get("prompt"), str))
+
+
+#: What a refusal means: try the next target, or give the client this answer.
+NEXT_TARGET = "next_target"
+PASS_THROUGH = "pass_through"
+
+
+def error_codes(body: bytes | None) -> tuple[set[str], str]:
+    """The C{code}/C{type} strings of an OpenAI-style error body, and its message."""
+    if not body:
+        return set(), ""
+    try:
+        decoded = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return set(), ""
+    if not isinstance(decoded, dict):
+        return set(), ""
+    error = decoded.get("error")
+    holder = error if isinstance(error, dict) else decoded
+    codes = {value for value in (holder.get("code"), holder.get("type")) if isinstance(value, str)}
+    message = holder.get("message")
+    if isinstance(error, str):
+        message = error
+    return codes, message if isinstance(message, str) else ""
+
+
+def after_refusal(code: int, body: bytes | None) -> str:
+    """
+    What a backend's 4xx (but 429) means between targets: L{NEXT_TARGET}
+    for 401, 403, 404 and a 400 whose context length was exceeded (that
+    model or key cannot serve it, another may); L{PASS_THROUGH} for a
+    content filter's 400 and any other 4xx (the client's to see).
+    """
+    if code in (401, 403, 404):
+        return NEXT_TARGET
+    if code == 400:
+        codes, message = error_codes(body)
+        if codes & _PASS_THROUGH_CODES:
+            return PASS_THROUGH
+        # vLLM and others say it in words, with no code.
+        if codes & _NEXT_TARGET_CODES or "maximum context length" in message.lower():
+            return NEXT_TARGET
+    return PASS_THROUGH
+
+
+@attrs.frozen
+class Usage:
+    """The tokens one backend answer reports, and the model it names."""
+
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _usage_from(decoded: Any) -> Usage | None:
+    if not isinstance(decoded, dict):
+        return None
+    usage = decoded.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
+    completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+    model = decoded.get("model")
+    return Usage(model if isinstance(model, str) else None, prompt, completion)
+
+
+def usage_of_answer(body: bytes) -> Usage | None:
+    """The usage a JSON answer reports, if it is one that does."""
+    try:
+        return _usage_from(json.loads(body))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class EventSplitter:
+    """
+    Cuts a server-sent-event stream into whole events as bytes arrive: an
+    event split over reads waits for its end, several in one read come
+    out together.  Only the unfinished tail is ever kept.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The events completed by C{data}, each with its blank-line end."""
+        buffer = self._tail + data if self._tail else data
+        events = []
+        start = 0
+        while True:
+            end, size = _event_end(buffer, start)
+            if end < 0:
+                break
+            events.append(buffer[start : end + size])
+            start = end + size
+        self._tail = buffer[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """What came after the last whole event (a last event without its blank line)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def _event_end(buffer: bytes, start: int) -> tuple[int, int]:
+    """Where the first blank line at or after C{start} begins, and its length (-1 when none)."""
+    lf = buffer.find(b"\n\n", start)
+    crlf = buffer.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    return lf, 2
+
+
+@attrs.frozen
+class ChunkFacts:
+    """
+    What one server-sent event of a chat or text completion stream carries.
+
+    @ivar data: the decoded JSON chunk, or L{None} (a comment, C{[DONE]},
+        no data).
+    @ivar done: the event is C{data: [DONE]}.
+    @ivar text: the text it adds to choice 0.
+    @ivar token: it carries content, a finish reason or usage (the commit
+        point's signal); role-only chunks and comments do not.
+    @ivar finished: choice 0 got its C{finish_reason}.
+    @ivar usage: the usage it reports.
+    @ivar usage_only: a usage chunk with no choices (the one C{include_usage} adds).
+    @ivar tool_call: choice 0 calls a tool (such a stream cannot be resumed by text).
+    @ivar malformed: the data is not a JSON object (the reason), else L{None}.
+    """
+
+    data: dict | None = None
+    done: bool = False
+    text: str = ""
+    token: bool = False
+    finished: bool = False
+    usage: Usage | None = None
+    usage_only: bool = False
+    tool_call: bool = False
+    malformed: str | None = None
+
+
+_NOTHING = ChunkFacts()
+
+
+def _event_data(event: bytes) -> str | None:
+    """The joined C{data:} lines of one event, or L{None} when it has none."""
+    lines = None
+    for line in event.replace(b"\r\n", b"\n").split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            if value.startswith(b" "):
+                value = value[1:]
+            lines = [value] if lines is None else [*lines, value]
+    if lines is None:
+        return None
+    return b"\n".join(lines).decode("utf-8", "replace")
+
+
+def read_chunk(event: bytes) -> ChunkFacts:
+    """What one whole event of a completion stream carries."""
+    data = _event_data(event)
+    if data is None:
+        return _NOTHING
+    if data.strip() == "[DONE]":
+        return ChunkFacts(done=True, token=True, finished=True)
+    try:
+        decoded = json.loads(data)
+    except ValueError:
+        return ChunkFacts(malformed=f"a chunk that is not JSON: {data[:60]!r}")
+    if not isinstance(decoded, dict):
+        return ChunkFacts(malformed=f"a chunk that is not a JSON object: {data[:60]!r}")
+    usage = _usage_from(decoded)
+    choices = decoded.get("choices")
+    text = ""
+    token = usage is not None
+    finished = tool_call = False
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                text = content if isinstance(content, str) else ""
+                tool_call = bool(delta.get("tool_calls") or delta.get("function_call"))
+                token = token or any(value not in (None, "", [], {}) for key, value in delta.items() if key != "role")
+            elif isinstance(choice.get("text"), str):
+                text = choice["text"]
+                token = token or bool(text)
+            if choice.get("finish_reason"):
+                finished = token = True
+    usage_only = usage is not None and not choices
+    return ChunkFacts(decoded, False, text, token, finished, usage, usage_only, tool_call)
