@@ -91,13 +91,18 @@ class EventStreamRelay(BodyRelay):
         self._resumed = resumed
         self._held_facts: list[ChunkFacts] = []
         self.malformed: str | None = None
+        self._after_done = False  # the client's answer ended at [DONE]
+        self._backend_ended = False
+        self._drain_call = None
 
     def body_received(self, data: bytes) -> None:
+        if self._after_done:
+            return
         for event in self._splitter.feed(data):
             self._event(event)
 
     def _event(self, event: bytes) -> None:
-        if self.malformed is not None:
+        if self.malformed is not None or self._after_done:
             return
         facts = read_chunk(event)
         if facts.malformed is not None:
@@ -117,8 +122,32 @@ class EventStreamRelay(BodyRelay):
             self._held_facts.append(facts)
             self._hold(event, first=facts.token)
             return
+        self._deliver(event, facts)
+
+    def _deliver(self, event: bytes, facts: ChunkFacts) -> None:
+        """Relay one event; C{[DONE]} ends the client's answer at once."""
         self._transcript.sent(facts, not self._resumed)
         self._pass(event)
+        if facts.done:
+            self._answer_done()
+
+    def _answer_done(self) -> None:
+        """
+        The answer is whole at C{[DONE]}: the client's answer ends now (a
+        client may hang up as soon as it reads it), and the rest of the
+        backend's body, if any, is read and dropped, for at most the idle
+        timeout, so that its connection may serve again.
+        """
+        self._after_done = True
+        self._disarm_idle_timer()
+        if self._watching:
+            self._watching = False
+            self._request.unregister_producer()
+        if not self.done.called:
+            self.complete = True
+            self.done.callback(None)
+        if self._held_end is None and self._control is not None and not self._backend_ended:
+            self._drain_call = self._clock.callLater(self._idle_timeout, self._control.stopProducing)
 
     def _renamed(self, data: dict, event: bytes) -> bytes:
         chunk_id = self._transcript.chunk_id
@@ -132,14 +161,19 @@ class EventStreamRelay(BodyRelay):
         held_facts, self._held_facts = self._held_facts, []
         self._request = request
         for event, facts in zip(held, held_facts):
-            self._transcript.sent(facts, not self._resumed)
-            self._pass(event)
-        if self._held_end is not None:
+            if not self._after_done:
+                self._deliver(event, facts)
+        if self._held_end is not None and not self._after_done:
             (error,) = self._held_end
             self._held_end = None
             self.body_ended(error)
 
     def body_ended(self, error: Exception | None) -> None:
+        self._backend_ended = True
+        if self._after_done:
+            if self._drain_call is not None and self._drain_call.active():
+                self._drain_call.cancel()
+            return
         if error is None and self.malformed is None:
             rest = self._splitter.rest()
             if rest.strip():

@@ -1,0 +1,182 @@
+"""
+A fake OpenAI-compatible backend for integration tests, run as its own
+process:
+
+    python tests/openai_backend.py PORT
+
+It listens on 127.0.0.1:PORT (0: any free port) and prints "listening
+PORT" once ready.  It serves C{POST .../chat/completions} (JSON or
+streamed) and C{GET .../models}; what it does is chosen by the C{model}
+the gateway sends it (any other name answers normally, naming that model):
+
+    cut40       a stream that breaks (connection reset) after 40 of 60 words
+    reset       the connection is reset before any answer
+    hang        never answers
+    slow        a role chunk at once, the first word after 3 s
+    stall       10 words, then silence (headers and connection kept)
+    malformed   10 words, then a chunk that is not JSON
+    nodone      the whole stream, but no "data: [DONE]"
+    status-503  503 every time
+    status-429  429 with Retry-After: 1
+    context     400 context_length_exceeded
+    filter      400 content_filter
+    noprefill   400 when the last message is the assistant's (no prefill)
+    flap        503 while /control/flap/down was posted last, else normal
+
+The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
+last message is the assistant's (a prefill) is continued from there, and
+any mode but noprefill/status/context/filter then answers normally.
+C{GET /calls} says how many requests each model got and the last
+C{Authorization} each saw.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.web import server
+from twisted.web.resource import Resource
+
+WORDS = [f"w{i} " for i in range(1, 61)]
+FULL = "".join(WORDS)
+CALLS: dict[str, dict] = {}
+FLAP = {"down": False}
+INTERVAL = 0.003
+
+
+def _json(request, body, code=200, headers=()) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in headers:
+        request.setHeader(name, value)
+    return json.dumps(body).encode()
+
+
+def _error(request, code, message, error_code=None, headers=()) -> bytes:
+    return _json(request, {"error": {"message": message, "type": "invalid_request_error", "code": error_code}}, code, headers)
+
+
+def _chunk(model: str, delta: dict, finish=None, usage=None, choices=True) -> bytes:
+    body = {
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class Completions(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        path = request.path.decode()
+        if path.endswith("/calls"):
+            return _json(request, CALLS)
+        if path.endswith("/models"):
+            return _json(request, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+        return _json(request, {"error": {"message": "not here"}}, 404)
+
+    def render_POST(self, request):
+        path = request.path.decode()
+        if path.endswith("/control/flap/down") or path.endswith("/control/flap/up"):
+            FLAP["down"] = path.endswith("/down")
+            return _json(request, FLAP)
+        if not path.endswith("/chat/completions"):
+            return _json(request, {"error": {"message": "not here"}}, 404)
+        body = json.loads(request.content.read())
+        model = body["model"]
+        messages = body.get("messages", [])
+        seen = CALLS.setdefault(model, {"count": 0, "prefills": 0, "authorization": None})
+        seen["count"] += 1
+        auth = request.getHeader("authorization")
+        seen["authorization"] = auth
+        prefill = messages[-1]["content"] if messages and messages[-1].get("role") == "assistant" else None
+        if prefill is not None:
+            seen["prefills"] += 1
+        if model == "status-503" or (model == "flap" and FLAP["down"]):
+            return _error(request, 503, "overloaded", "overloaded")
+        if model == "status-429":
+            return _error(request, 429, "slow down", "rate_limit_exceeded", [(b"retry-after", b"1")])
+        if model == "context":
+            return _error(request, 400, "This model's maximum context length is 10 tokens", "context_length_exceeded")
+        if model == "filter":
+            return _error(request, 400, "The response was filtered", "content_filter")
+        if model == "noprefill" and prefill is not None:
+            return _error(request, 400, "assistant prefill is not supported", "invalid_request_error")
+        if model == "reset" and prefill is None:
+            request.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if model == "hang" and prefill is None:
+            return server.NOT_DONE_YET
+        done = prefill or ""
+        if not FULL.startswith(done):
+            return _error(request, 400, "the prefill is not this answer's beginning", "bad_prefill")
+        rest = WORDS[len(done.split()):]
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(rest), "total_tokens": prompt_tokens + len(rest)}
+        if not body.get("stream"):
+            return _json(request, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(rest)}, "finish_reason": "stop"}],
+                "usage": usage,
+            })
+        request.setHeader(b"content-type", b"text/event-stream")
+        mode = model if prefill is None else "words"
+        include_usage = (body.get("stream_options") or {}).get("include_usage") is True
+        events = [_chunk(model, {"role": "assistant", "content": ""})]
+        for number, word in enumerate(rest, 1):
+            events.append(_chunk(model, {"content": word}))
+            if mode == "cut40" and number == 40:
+                events.append("cut")
+                break
+            if mode == "stall" and number == 10:
+                events.append("stall")
+                break
+            if mode == "malformed" and number == 10:
+                events.append(b"data: {this is not json\n\n")
+                break
+        else:
+            events.append(_chunk(model, {}, finish="stop"))
+            if include_usage:
+                events.append(_chunk(model, {}, usage=usage, choices=False))
+            if mode != "nodone":
+                events.append(b"data: [DONE]\n\n")
+            events.append("end")
+        if mode == "slow":
+            events.insert(1, ("pause", 3.0))
+        self._send(request, events)
+        return server.NOT_DONE_YET
+
+    def _send(self, request, events) -> None:
+        if request._disconnected:
+            return
+        if not events:
+            return
+        event, rest = events[0], events[1:]
+        if event == "cut":
+            request.transport.abortConnection()
+            return
+        if event == "stall":
+            return
+        if event == "end":
+            request.finish()
+            return
+        if isinstance(event, tuple):
+            reactor.callLater(event[1], self._send, request, rest)
+            return
+        request.write(event)
+        reactor.callLater(INTERVAL, self._send, request, rest)
+
+
+def main() -> None:
+    port = reactor.listenTCP(int(sys.argv[1]), server.Site(Completions()), interface="127.0.0.1")
+    print(f"listening {port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
