@@ -104,10 +104,11 @@ def _seconds(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk(url: str, connections: int, duration: float) -> dict:
+def wrk(url: str, connections: int, duration: float, script: Path | None = None) -> dict:
     """One bounded wrk run: req/s, p50, p99 and the count of non-2xx answers."""
+    scripted = ["-s", str(script)] if script is not None else []
     run = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s", *scripted, url],
         capture_output=True, text=True, timeout=duration + 30,
     )
     output = run.stdout
@@ -150,6 +151,38 @@ def nginx_conf(tmp: Path, name: str, body: str) -> Path:
     return path
 
 
+#: A chat completion streamed as 16 chunks (nginx's return takes 4 KiB at most), and the same answer as JSON.
+WORDS = 16
+
+
+def _compact(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _completion_chunk(delta: dict, finish=None) -> str:
+    return "data: " + _compact({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "bench",
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+
+SSE_COMPLETION = "".join(
+    [_completion_chunk({"role": "assistant", "content": ""})]
+    + [_completion_chunk({"content": f"w{i} "}) for i in range(1, WORDS + 1)]
+    + [_completion_chunk({}, "stop"), "data: " + _compact({"id": "c", "object": "chat.completion.chunk",
+       "created": 1, "model": "bench", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": WORDS}}) + "\n\n",
+       "data: [DONE]\n\n"]
+)
+JSON_COMPLETION = _compact({
+    "id": "c", "object": "chat.completion", "created": 1, "model": "bench",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(f"w{i} " for i in range(1, WORDS + 1))},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": WORDS, "total_tokens": WORDS + 9},
+})
+
+
+def _nginx_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> tuple[int, str]:
     port = free_port()
     if shutil.which("nginx"):
@@ -158,6 +191,8 @@ def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> t
                 listen 127.0.0.1:{port};
                 keepalive_requests 1000000;
                 location / {{ return 200 "ok\\n"; }}
+                location /sse/ {{ default_type text/event-stream; return 200 {_nginx_string(SSE_COMPLETION)}; }}
+                location /json/ {{ default_type application/json; return 200 {_nginx_string(JSON_COMPLETION)}; }}
             }}""")
         processes.start(["nginx", "-c", str(conf)], port)
         return port, "nginx (one worker)"
@@ -185,6 +220,21 @@ def gateway_ini(
         *(["[service:two]", f"url = http://127.0.0.1:{upstream}, http://127.0.0.1:{second}"] if second else []),
         "[service:sse]",
         f"url = http://127.0.0.1:{sse_upstream}",
+        "[service:chat-sse]",
+        f"url = http://127.0.0.1:{upstream}/sse",
+        "[service:chat-json]",
+        f"url = http://127.0.0.1:{upstream}/json",
+        "[service:openai-sse]",
+        f"url = http://127.0.0.1:{upstream}/sse",
+        "api = openai",
+        "resume = prefill",
+        "[service:openai-json]",
+        f"url = http://127.0.0.1:{upstream}/json",
+        "api = openai",
+        "[model:bench-sse]",
+        "targets = openai-sse",
+        "[model:bench-json]",
+        "targets = openai-json",
         "[service:dead]",
         f"url = http://127.0.0.1:{free_port()}",
         "retries = 0",
@@ -354,11 +404,27 @@ def main() -> int:
                 processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
             targets["txgateway + Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
 
+        scripts: dict[str, Path] = {}
+        if shutil.which("nginx"):
+            # OpenAI traffic: a chat completion, streamed and not, relayed
+            # as bytes (/api/, api = http) and read as it passes (/v1/).
+            for kind, stream in (("sse", "true"), ("json", "false")):
+                for model_routed in (False, True):
+                    name = f"txgateway {kind.upper()} completion ({'/v1/ parsed' if model_routed else '/api/ bytes'})"
+                    script = tmp / f"{kind}.lua"
+                    body = json.dumps({"model": f"bench-{kind}", "stream": stream == "true",
+                                       "messages": [{"role": "user", "content": "Count to sixty"}]})
+                    script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
+                                      "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
+                    path = "/v1/chat/completions" if model_routed else f"/api/chat-{kind}/chat/completions"
+                    targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
+                    pids[name] = gateway.pid
+                    scripts[name] = script
         if args.only:
             wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
             targets = {name: url for name, url in targets.items() if name in wanted}
-        for url in targets.values():  # warm up: pools, JITs, caches
-            wrk(url, 32, min(2.0, args.duration))
+        for name, url in targets.items():  # warm up: pools, JITs, caches
+            wrk(url, 32, min(2.0, args.duration), scripts.get(name))
         rss_idle = rss_mb(gateway.pid)
 
         runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": []} for name in targets}
@@ -366,10 +432,10 @@ def main() -> int:
         for round_number in range(args.repeat):
             for name, url in targets.items():
                 cpu_before = cpu_seconds(pids[name])
-                many = wrk(url, 32, args.duration)
+                many = wrk(url, 32, args.duration, scripts.get(name))
                 cpu_used = cpu_seconds(pids[name]) - cpu_before
                 runs[name]["cpu_us"].append(cpu_used / max(1, many["requests"]) * 1e6)
-                one = wrk(url, 1, args.duration)
+                one = wrk(url, 1, args.duration, scripts.get(name))
                 runs[name]["rps"].append(many["rps"])
                 runs[name]["p50"].append(one["p50"])
                 runs[name]["p99"].append(one["p99"])
@@ -408,6 +474,11 @@ def main() -> int:
     if "txgateway (two endpoints)" in medians and "txgateway" in medians:
         ratio = medians["txgateway (two endpoints)"]["rps"] / medians["txgateway"]["rps"]
         print(f"balancing over two endpoints keeps {ratio * 100:.0f}% of one endpoint's throughput")
+    for kind in ("SSE", "JSON"):
+        plain, parsed = (f"txgateway {kind} completion (/api/ bytes)", f"txgateway {kind} completion (/v1/ parsed)")
+        if plain in medians and parsed in medians:
+            print(f"OpenAI {kind} completion read as it passes: {medians[parsed]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us "
+                  f"CPU a request, {medians[parsed]['rps'] / medians[plain]['rps'] * 100:.0f}% of the bytes-only throughput")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -366,6 +366,18 @@ def test_the_usage_chunk_is_forwarded_when_the_client_asked_for_it():
     assert any(isinstance(e, dict) and e.get("usage") for e in events_of(b"".join(received)))
 
 
+def test_a_stream_with_a_content_length_is_relayed_chunked_as_events_may_be_left_out():
+    h = harness()
+    d = chat(h, stream=True)
+    whole = chunk("Hi", finish="stop") + usage_chunk(4, 1) + b"data: [DONE]\n\n"
+    h.agents["primary"].last.respond(FakeResponse(200, SSE, whole))
+    h.flush()
+    response = result_of(d)
+    body = result_of(treq.content(response))
+    assert text_of(events_of(body)) == "Hi" and b"usage" not in body
+    assert response.headers.getRawHeaders("content-length") is None
+
+
 def test_usage_is_read_from_events_split_over_reads_and_several_in_one_read():
     h = harness()
     d = chat(h, stream=True)

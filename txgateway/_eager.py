@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from twisted.internet import tcp
 
-__all__ = ["writer_for"]
+__all__ = ["no_delay", "writer_for"]
 
 _BUFFER_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataBuffer", "socket", "connected", "disconnecting")
 
@@ -53,3 +53,19 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
         buffered(data)
 
     return write
+
+
+def no_delay(transport: Any) -> None:
+    """
+    Turn off Nagle's algorithm on a TCP connection (every proxy does): an
+    answer written in pieces, such as a chunked stream and its last chunk,
+    must not wait for the peer's delayed ACK (40 ms on Linux, measured).
+    Transports without the option (TLS wrappers, in-memory ones) are left
+    as they are.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass  # the connection is already gone

@@ -370,9 +370,9 @@ class ServiceBroker:
         facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens
         facts.completion_tokens = (facts.completion_tokens or 0) + usage.completion_tokens
         if usage.prompt_tokens:
-            self._metrics.tokens.labels(service, model, "prompt").inc(usage.prompt_tokens)
+            self._metrics.count_tokens(service, model, "prompt", usage.prompt_tokens)
         if usage.completion_tokens:
-            self._metrics.tokens.labels(service, model, "completion").inc(usage.completion_tokens)
+            self._metrics.count_tokens(service, model, "completion", usage.completion_tokens)
 
     def _fall_over(self, ctx: RequestContext, gave_up: "Target", to: "Target", reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
@@ -689,7 +689,8 @@ class ServiceBroker:
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
         request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
-        request.start(response.code, response.reason, response_headers_for_client(response), response.length)
+        # Chunked whatever the backend said: events may be left out or renamed.
+        request.start(response.code, response.reason, response_headers_for_client(response), None)
         relay.commit(request)
         if relay.done.called and relay.complete:
             return

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Attribute, Interface, implementer
 
-from txgateway._eager import writer_for
+from txgateway._eager import no_delay, writer_for
 
 __all__ = [
     "IBodyConsumer",
@@ -283,6 +283,7 @@ class _UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._write = writer_for(self.transport)
+        no_delay(self.transport)
 
     def abandon(self) -> None:
         """This connection cannot be reused: drop it now."""

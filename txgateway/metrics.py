@@ -8,7 +8,7 @@ when scraped, so they are never stale.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -155,6 +155,7 @@ class GatewayMetrics:
             "txgateway_tokens", "Tokens the backends reported using, by service, model and kind (prompt or completion).",
             ["service", "model", "kind"], registry=r,
         )
+        self._token_children: dict[tuple[str, str, str], Any] = {}
         self.stream_resumes = Counter(
             "txgateway_stream_resumes",
             "Broken streams asked of a backend again with their text so far, by service asked and outcome.",
@@ -180,6 +181,14 @@ class GatewayMetrics:
         key = (label, method_label(method), status_class(status))
         counts.requests[key] = counts.requests.get(key, 0) + 1
         _observe(counts.request_seconds, (label,), seconds)
+
+    def count_tokens(self, service: str, model: str, kind: str, tokens: int) -> None:
+        """Add the tokens one backend answer reported."""
+        key = (service, model, kind)
+        child = self._token_children.get(key)
+        if child is None:
+            child = self._token_children[key] = self.tokens.labels(service, model, kind)
+        child.inc(tokens)
 
     def observe_attempt(self, service: str, endpoint: str, outcome: str) -> None:
         """Count one upstream attempt by its outcome."""

@@ -7,13 +7,12 @@ and a JSON answer whose usage is read as it passes.
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway.client import StreamEnded
-from txgateway.openai_wire import ChunkFacts, EventSplitter, Usage, read_chunk, usage_of_answer
+from txgateway.openai_wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
 from txgateway.server import IncomingRequest
 from txgateway.upstream import BodyRelay
 
@@ -98,38 +97,54 @@ class EventStreamRelay(BodyRelay):
     def body_received(self, data: bytes) -> None:
         if self._after_done:
             return
+        # What one read completes goes out in one write (small writes, one
+        # an event, would each be a packet).
+        out: list[bytes] = []
+        ended = False
         for event in self._splitter.feed(data):
-            self._event(event)
+            kept = self._kept(event)
+            if kept is None:
+                if self.malformed is not None:
+                    break
+                continue
+            event, facts = kept
+            if self._request is None:
+                # The first token's event may commit at once (the broker
+                # resumes inside _hold): the events after it are relayed.
+                self._held_facts.append(facts)
+                self._hold(event, first=facts.token)
+                continue
+            self._transcript.sent(facts, not self._resumed)
+            out.append(event)
+            if facts.done:
+                ended = True
+                break
+        if out:
+            self._pass(b"".join(out))
+        if ended:
+            self._answer_done()
 
-    def _event(self, event: bytes) -> None:
-        if self.malformed is not None or self._after_done:
-            return
+    def _kept(self, event: bytes) -> tuple[bytes, ChunkFacts] | None:
+        """
+        One event as the client gets it, with what it carries; L{None} for
+        one left out (a usage chunk not asked for, a resumed stream's role
+        chunk) or malformed (the attempt is then stopped).
+        """
         facts = read_chunk(event)
         if facts.malformed is not None:
             self.malformed = facts.malformed
             if self._control is not None:
                 self._control.stopProducing()
-            return
+            return None
         if facts.usage is not None:
             self._on_usage(facts.usage)
             if facts.usage_only and not self._forward_usage:
-                return
+                return None
         if self._resumed and facts.data is not None:
             if not facts.token:
-                return  # the resumed stream's role chunk: the client has had one
+                return None  # the resumed stream's role chunk: the client has had one
             event = self._renamed(facts.data, event)
-        if self._request is None:
-            self._held_facts.append(facts)
-            self._hold(event, first=facts.token)
-            return
-        self._deliver(event, facts)
-
-    def _deliver(self, event: bytes, facts: ChunkFacts) -> None:
-        """Relay one event; C{[DONE]} ends the client's answer at once."""
-        self._transcript.sent(facts, not self._resumed)
-        self._pass(event)
-        if facts.done:
-            self._answer_done()
+        return event, facts
 
     def _answer_done(self) -> None:
         """
@@ -153,17 +168,25 @@ class EventStreamRelay(BodyRelay):
         chunk_id = self._transcript.chunk_id
         if chunk_id is None or data.get("id") in (None, chunk_id):
             return event
-        renamed = {**data, "id": chunk_id}
-        return b"data: " + json.dumps(renamed, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+        return chunk_event({**data, "id": chunk_id})
 
     def commit(self, request: IncomingRequest) -> None:
         held, self._held = self._held, []
         held_facts, self._held_facts = self._held_facts, []
         self._request = request
+        out: list[bytes] = []
+        ended = False
         for event, facts in zip(held, held_facts):
-            if not self._after_done:
-                self._deliver(event, facts)
-        if self._held_end is not None and not self._after_done:
+            self._transcript.sent(facts, not self._resumed)
+            out.append(event)
+            if facts.done:
+                ended = True
+                break
+        if out:
+            self._pass(b"".join(out))
+        if ended:
+            self._answer_done()
+        elif self._held_end is not None:
             (error,) = self._held_end
             self._held_end = None
             self.body_ended(error)
@@ -177,7 +200,9 @@ class EventStreamRelay(BodyRelay):
         if error is None and self.malformed is None:
             rest = self._splitter.rest()
             if rest.strip():
-                self._event(rest + b"\n\n")  # a last event without its blank line
+                self.body_received(rest + b"\n\n")  # a last event without its blank line
+                if self._after_done:
+                    return
         if self.malformed is not None:
             error = StreamEnded(self.malformed)
         elif error is not None and self._request is not None and self._transcript.finished:

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Factory, Protocol
 
 from txgateway import errors
-from txgateway._eager import writer_for
+from txgateway._eager import no_delay, writer_for
 from txgateway.context import request_id_for
 from txgateway.errors import ErrorKind, error_body
 
@@ -395,6 +395,7 @@ class HTTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.write = writer_for(self.transport)
+        no_delay(self.transport)
         self.factory.connections.add(self)
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", None) or "unknown"
