@@ -551,3 +551,50 @@ def test_no_resume_for_several_choices_or_without_resume_configured():
     upstream.fail("reset")
     h.flush()
     assert len(h.agents["primary"].requests) == 1
+
+
+# -- reload
+
+
+def test_a_reload_keeps_the_breakers_of_unchanged_deployments_and_retires_the_others(tmp_path):
+    from tests.test_operations import RELOADABLE, make_service
+
+    models = "[model:m1]\ntargets = ai, data:small\n[model:m2]\ntargets = ai\n"
+    service, reactor, path = make_service(tmp_path, RELOADABLE + models)
+    old = service.gateway.broker.models
+    [m1_ai, m1_data] = [t.route.endpoints[0].breaker for t in old.targets_for("m1")]
+    [m2_ai] = [t.route.endpoints[0].breaker for t in old.targets_for("m2")]
+    m1_ai.failed(m1_ai.admit("r"), "boom")
+    m2_ai.failed(m2_ai.admit("r"), "boom")
+    assert m1_ai is not m2_ai  # one deployment each
+    service.sink.flush()  # the transitions' log lines wait for their batch otherwise
+    cooldowns = [call for call in reactor.getDelayedCalls() if call.active()]
+    assert len(cooldowns) == 2  # the two open circuits' timers
+    path.write_text(RELOADABLE + "[model:m1]\ntargets = ai, data:bigger\n")
+    assert service.reload()
+    new = service.gateway.broker.models
+    [kept, changed] = [t.route.endpoints[0].breaker for t in new.targets_for("m1")]
+    assert kept is m1_ai and kept.status().state == "open"
+    assert changed is not m1_data
+    assert new.targets_for("m2") is None
+    # m2's deployment is gone: its timer with it; m1's open circuit keeps its own.
+    assert sorted(call.active() for call in cooldowns) == [False, True]
+    health = service.gateway.health()["models"]
+    assert health["m1"]["targets"] == [
+        {"service": "ai", "model": "m1", "circuit": "open"}, {"service": "data", "model": "bigger", "circuit": "closed"},
+    ]
+
+
+def test_a_reload_naming_an_unknown_service_is_rejected_naming_section_and_key(tmp_path):
+    from structlog.testing import capture_logs
+
+    from tests.test_operations import RELOADABLE, make_service
+
+    service, reactor, path = make_service(tmp_path, RELOADABLE + "[model:m1]\ntargets = ai\n")
+    old = service.gateway
+    path.write_text(RELOADABLE + "[model:m1]\ntargets = ai, nowhere:x\n")
+    with capture_logs() as logs:
+        assert service.reload() is False
+    assert service.gateway is old
+    [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
+    assert "[model:m1] targets: no service is named 'nowhere'" in rejected["reason"]

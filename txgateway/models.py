@@ -98,7 +98,12 @@ class ModelTable:
             if key not in fixed and route.in_flight == 0 and all(e.breaker.state == "closed" for e in route.endpoints)
         ]
         for key in forgettable[: max(1, len(forgettable) // 2)]:
-            del self._deployments[key]
+            for endpoint in self._deployments.pop(key).endpoints:
+                endpoint.breaker.stop()
+
+    def deployments(self) -> list[ServiceRoute]:
+        """Every deployment made so far."""
+        return list(self._deployments.values())
 
     def circuits(self) -> list[tuple[str, str, str]]:
         """Each deployment endpoint's circuit (service, "URL model=NAME", state), for metrics."""

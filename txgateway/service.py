@@ -83,6 +83,12 @@ def build_routes(
     return routes
 
 
+def _every_endpoint(gateway: Gateway) -> list[Endpoint]:
+    """The endpoints of every service and of every model's deployment, each with its breaker."""
+    routes = [*gateway.broker.routes.values(), *gateway.broker.models.deployments()]
+    return [endpoint for route in routes for endpoint in route.endpoints]
+
+
 def _transitioned(metrics: GatewayMetrics, endpoint: str, service: str, from_state: str, to_state: str) -> None:
     metrics.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
 
@@ -283,11 +289,10 @@ class GatewayService(MultiService):
 
     def _retire(self, old: Gateway, new: Gateway) -> None:
         """Release what the old configuration had and the new one does not use."""
-        kept = {id(endpoint) for route in new.broker.routes.values() for endpoint in route.endpoints}
-        for route in old.broker.routes.values():
-            for endpoint in route.endpoints:
-                if id(endpoint) not in kept:
-                    endpoint.breaker.stop()
+        kept = {id(endpoint) for endpoint in _every_endpoint(new)}
+        for endpoint in _every_endpoint(old):
+            if id(endpoint) not in kept:
+                endpoint.breaker.stop()
         used = {id(endpoint.upstream) for route in new.broker.routes.values() for endpoint in route.endpoints}
         for upstream in [upstream for upstream in self._upstreams if id(upstream) not in used]:
             # Only idle connections close; requests in flight finish first.
@@ -307,9 +312,8 @@ class GatewayService(MultiService):
     async def _stop(self) -> None:
         await super().stopService()  # the listener stops accepting
         await self._drain(self.gateway.config.gateway.drain_timeout)
-        for route in self.gateway.broker.routes.values():
-            for endpoint in route.endpoints:
-                endpoint.breaker.stop()
+        for endpoint in _every_endpoint(self.gateway):
+            endpoint.breaker.stop()
         await DeferredList([upstream.close() for upstream in self._upstreams])
         if self.gateway.store is not None:
             await self.gateway.store.close()
