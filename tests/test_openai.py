@@ -598,3 +598,32 @@ def test_a_reload_naming_an_unknown_service_is_rejected_naming_section_and_key(t
     assert service.gateway is old
     [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
     assert "[model:m1] targets: no service is named 'nowhere'" in rejected["reason"]
+
+
+def test_a_client_that_leaves_while_its_stream_is_resumed_cancels_the_resume():
+    h = harness()
+    response, received, done = broken_stream(h, ["One "])
+    resume = h.agents["primary"].last
+    assert len(h.agents["primary"].requests) == 2
+    h.agent.server_protocols[-1].transport.abortConnection()
+    h.flush()
+    assert h.agents["primary"].cancelled == [resume]
+    [line] = h.access.lines
+    assert line["outcome"] == "client_disconnected" and line["status"] == 499
+    route = h.gateway.broker.models.targets_for("gpt-4o")[0].route
+    assert [endpoint.in_flight for endpoint in route.endpoints] == [0] and route.in_flight == 0
+    done.addErrback(lambda failure: None)
+
+
+def test_a_client_that_leaves_while_a_refusal_is_read_leaves_nothing_in_flight():
+    h = harness()
+    d = chat(h)
+    refusal = h.agents["primary"].last.respond(FakeResponse(400, JSON))
+    refusal.send(b'{"error": {"code": "context_')
+    h.flush()
+    d.cancel()
+    d.addErrback(lambda failure: None)  # the client's own view: cancelled
+    h.flush()
+    assert refusal.transport.stopped and h.agents["local"].requests == []
+    route = h.gateway.broker.models.targets_for("gpt-4o")[0].route
+    assert route.endpoints[0].in_flight == 0 and route.in_flight == 0

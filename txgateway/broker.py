@@ -305,7 +305,12 @@ class ServiceBroker:
                     if response.code in FALLOVER_STATUSES:
                         moved_on = f"status {response.code}"
                     elif call is not None and 400 <= response.code < 500 and held is not None:
-                        moved_on = await self._refusal_moves_on(response, held, config)
+                        try:
+                            moved_on = await self._refusal_moves_on(response, held, config)
+                        except BaseException:  # the client left while the refusal was read
+                            endpoint.in_flight -= 1
+                            held.cancel()
+                            raise
                     if moved_on is not None:
                         endpoint.in_flight -= 1
                         if held is not None:
