@@ -12,7 +12,11 @@ README = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
 
 
 @pytest.mark.parametrize(
-    "section", [config.GatewaySettings, config.LoggingConfig, config.RateLimitConfig, config.ServiceConfig, config.AuthConfig]
+    "section",
+    [
+        config.GatewaySettings, config.LoggingConfig, config.RateLimitConfig, config.ServiceConfig, config.AuthConfig,
+        config.ModelConfig, config.CacheConfig,
+    ],
 )
 def test_every_gateway_ini_key_is_documented(section):
     keys = [f.name for f in attrs.fields(section) if "parse" in f.metadata]

@@ -115,6 +115,14 @@ class Gateway:
         }
         if self.broker.models.models:
             body["models"] = self.broker.models.health()
+        cache = self.broker.cache
+        if cache is not None and cache.stores:
+            descriptions = [store.description for _, store in sorted(cache.stores.items())]
+            body["cache"] = {
+                "backend": ", ".join(d["backend"] for d in descriptions),
+                "healthy": all(d["healthy"] for d in descriptions),
+            }
+            degraded = degraded or not body["cache"]["healthy"]
         if self.store is not None:
             body["ratelimit"] = self.store.description
             degraded = degraded or not body["ratelimit"].get("healthy", True)

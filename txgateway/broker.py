@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from typing import TYPE_CHECKING, AbstractSet, Awaitable, Callable, Mapping, NoReturn
+from typing import TYPE_CHECKING, AbstractSet, Any, Awaitable, Callable, Mapping, NoReturn
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -21,6 +21,7 @@ from txgateway.balance import Balancer, decayed
 from txgateway.breaker import OPEN, Admission, CircuitBreaker
 
 if TYPE_CHECKING:
+    from txgateway.cache import ResponseCache
     from txgateway.models import ModelTable
 from txgateway.client import IUpstream, UpstreamResponse
 from txgateway.config import ServiceConfig
@@ -198,6 +199,8 @@ class ServiceBroker:
             models = ModelTable({}, self.routes, _no_breaker)
         #: The C{[model:NAME]} sections' targets.
         self.models = models
+        #: The response cache, when a service caches.
+        self.cache: "ResponseCache | None" = None
         self._limiter = limiter
         self._metrics = metrics
         self._rng = rng or random.Random()
@@ -223,7 +226,27 @@ class ServiceBroker:
             else:
                 ctx.completion = CompletionFacts(requested_model=call.model)
         chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
-        await self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
+        if self.cache is None or route.config.cache == "off":
+            await self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
+            return
+        served = self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
+        await self._cached(request, ctx, route.config, checked, served)
+
+    async def _cached(
+        self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig, checked: bytes, served: Any
+    ) -> None:
+        """Await C{served} (the coroutine answering the request), through the response cache when the service caches."""
+        if self.cache is None or config.cache == "off":
+            await served
+            return
+
+        async def proxied() -> None:
+            await served
+
+        try:
+            await self.cache.serve(request, ctx, config, checked, proxied)
+        finally:
+            served.close()  # unawaited when the cache answered
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, call: OpenAICall, targets: list["Target"], rest: bytes, query: bytes
@@ -234,7 +257,8 @@ class ServiceBroker:
         """
         checked = _checked(rest, query)
         await self._admit(request, ctx, targets[0].route.config)
-        await self._serve(request, ctx, checked, targets, call)
+        served = self._serve(request, ctx, checked, targets, call)
+        await self._cached(request, ctx, targets[0].route.config, b"/v1" + checked, served)
 
     async def _admit(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> None:
         """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""

@@ -23,6 +23,7 @@ from txgateway.balance import BALANCE_MODES
 
 __all__ = [
     "AuthConfig",
+    "CacheConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
@@ -193,6 +194,13 @@ def _model_targets(raw: str) -> tuple["ModelTarget", ...]:
     return tuple(targets)
 
 
+def _methods(raw: str) -> tuple[bytes, ...]:
+    methods = tuple(part.strip().upper() for part in raw.split(",") if part.strip())
+    if not methods or not all(re.fullmatch(r"[A-Z]+", method) for method in methods):
+        raise ValueError(f"expected HTTP methods separated by commas, got {raw!r}")
+    return tuple(method.encode("ascii") for method in methods)
+
+
 def _bearer_key(raw: str) -> str:
     value = raw.strip()
     if value and not re.fullmatch(r"[\x21-\x7e]+", value):
@@ -316,6 +324,17 @@ class RateLimitConfig:
 
 
 @attrs.frozen
+class CacheConfig:
+    """The C{[cache]} section: the stores of the services' C{cache} key."""
+
+    max_bytes: int = _key(_integer(1), 64 * 1024 * 1024)
+    max_entry_bytes: int = _key(_integer(1), 1024 * 1024)
+    #: Empty: the rate limiter's C{redis_url}.
+    redis_url: str = _key(_redis_url, "")
+    redis_timeout: float = _key(_seconds, 0.5)
+
+
+@attrs.frozen
 class AuthConfig:
     """
     The C{[auth]} section: API keys for C{/api/*}.  C{keys} holds the keys of
@@ -363,6 +382,15 @@ class ServiceConfig:
     api_key_env: str = _key(_environment_variable, "")
     first_token_timeout: float | None = _key(_seconds, None)
     resume: str = _key(_choice("off", "prefill"), "off")
+    cache: str = _key(_choice("off", "memory", "redis"), "off")
+    cache_ttl: float = _key(_seconds, 300.0)
+    cache_methods: tuple = _key(_methods, (b"GET", b"HEAD"))
+    coalesce_wait: float | None = _key(_seconds, None)
+
+    @property
+    def coalesce_timeout(self) -> float:
+        """Seconds a request waits for an identical one in flight: C{coalesce_wait}, else C{timeout}."""
+        return self.timeout if self.coalesce_wait is None else self.coalesce_wait
 
     @property
     def endpoint_urls(self) -> tuple[str, ...]:
@@ -413,6 +441,7 @@ class GatewayConfig:
     services: Mapping[str, ServiceConfig]
     auth: AuthConfig = AuthConfig()
     models: Mapping[str, ModelConfig] = attrs.Factory(dict)
+    cache: CacheConfig = CacheConfig()
     source: str = "<embedded defaults>"
 
 
@@ -516,11 +545,11 @@ def parse_config(
 
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth")
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache")
         if not known and not section.startswith(("service:", "model:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section "
-                "(known: gateway, logging, ratelimit, auth, service:NAME, model:NAME)"
+                "(known: gateway, logging, ratelimit, auth, cache, service:NAME, model:NAME)"
             )
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
             raise ConfigError(
@@ -589,6 +618,7 @@ def parse_config(
         services=services,
         auth=auth,
         models=models,
+        cache=_build(CacheConfig, origin, "cache", sections.get("cache", {})),
         source=origin,
     )
 

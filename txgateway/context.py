@@ -117,6 +117,8 @@ class RequestContext:
     handling: Deferred | None = None
     served_by: str | None = None
     fallback_from: list[str] = attrs.Factory(list)
+    #: The response cache's verdict (hit, miss, bypass, coalesced), for cached services.
+    cache: str | None = None
     #: Set for OpenAI requests only.
     completion: CompletionFacts | None = None
     _bound_log: Any = None

@@ -261,6 +261,8 @@ class AccessLog:
         line["client"] = ctx.client
         line["attempts"] = ctx.attempts
         line["outcome"] = ctx.outcome
+        if ctx.cache is not None:
+            line["cache"] = ctx.cache
         if ctx.completion is not None:
             line.update(ctx.completion.fields())
         self._sink.msg(_ENCODE(line))

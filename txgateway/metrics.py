@@ -10,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 #: The classic text format, which every Prometheus scrapes (the names here
@@ -155,6 +155,12 @@ class GatewayMetrics:
             "txgateway_tokens", "Tokens the backends reported using, by service, model and kind (prompt or completion).",
             ["service", "model", "kind"], registry=r,
         )
+        self.cache_requests = Counter(
+            "txgateway_cache_requests", "Requests to cached services, by service and result (hit, miss, bypass, coalesced).",
+            ["service", "result"], registry=r,
+        )
+        self._cache_children: dict[tuple[str, str], Any] = {}
+        self.cache_bytes = Gauge("txgateway_cache_bytes", "Bytes the memory cache store holds.", registry=r)
         self._token_children: dict[tuple[str, str, str], Any] = {}
         self.stream_resumes = Counter(
             "txgateway_stream_resumes",
@@ -181,6 +187,14 @@ class GatewayMetrics:
         key = (label, method_label(method), status_class(status))
         counts.requests[key] = counts.requests.get(key, 0) + 1
         _observe(counts.request_seconds, (label,), seconds)
+
+    def count_cache(self, service: str, result: str) -> None:
+        """One request to a cached service, by the cache's verdict."""
+        key = (service, result)
+        child = self._cache_children.get(key)
+        if child is None:
+            child = self._cache_children[key] = self.cache_requests.labels(service, result)
+        child.inc()
 
     def count_tokens(self, service: str, model: str, kind: str, tokens: int) -> None:
         """Add the tokens one backend answer reported."""

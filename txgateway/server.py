@@ -147,6 +147,7 @@ class IncomingRequest:
         "_producer",
         "_ended",
         "_cut",
+        "recorder",
     )
 
     def __init__(
@@ -164,6 +165,8 @@ class IncomingRequest:
         self._channel = channel
         self.method = method
         self.target = target
+        #: Given C{started(code, reason, headers)} and C{wrote(data)} for the answer (the response cache).
+        self.recorder = None
         path_and_query = target
         if target.startswith(_ABSOLUTE_FORM):
             # RFC 9112 3.2.2: accept the absolute form, route by the path.
@@ -240,6 +243,9 @@ class IncomingRequest:
         """
         if self.code:
             raise RuntimeError("the answer was already started")
+        if self.recorder is not None:
+            headers = list(headers)
+            self.recorder.started(code, reason, headers)
         channel = self._channel
         self.code = code
         own = self._own
@@ -289,6 +295,8 @@ class IncomingRequest:
             self.send_head()
             return
         self.bytes_sent += len(data)
+        if self.recorder is not None:
+            self.recorder.wrote(data)
         if self._chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self._head is not None:

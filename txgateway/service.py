@@ -25,6 +25,7 @@ from twisted.python.components import Componentized
 
 from txgateway.app import Gateway, GatewayFront
 from txgateway.breaker import CircuitBreaker
+from txgateway.cache import MemoryCacheStore, ResponseCache, connect_cache
 from txgateway.broker import Endpoint, ServiceBroker, ServiceRoute
 from txgateway.client import IUpstream, UpstreamEndpoint
 from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
@@ -103,6 +104,7 @@ def build_gateway(
     access_log: AccessLog,
     rng: random.Random | None = None,
     previous: Gateway | None = None,
+    cache_stores: Mapping[str, Any] | None = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, and the rate
@@ -121,8 +123,21 @@ def build_gateway(
 
     models = ModelTable(config.models, routes, deployment_breaker, previous.broker.models if previous else None)
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models)
+    if cache_stores is None:
+        cache_stores = memory_cache_store(config, clock, metrics)
+    if any(service.cache != "off" for service in config.services.values()):
+        broker.cache = ResponseCache(clock, dict(cache_stores), metrics, config.cache.max_entry_bytes)
     started_at = previous.started_at if previous is not None else None
     return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
+
+
+def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: GatewayMetrics) -> dict[str, Any]:
+    """The memory cache store when a service caches in memory (its size reported as C{txgateway_cache_bytes})."""
+    if not any(service.cache == "memory" for service in config.services.values()):
+        return {}
+    store = MemoryCacheStore(clock, config.cache.max_bytes)
+    metrics.cache_bytes.set_function(lambda: store.bytes)
+    return {"memory": store}
 
 
 def build_server_factory(front: GatewayFront, clock: IReactorTime) -> HTTPServerFactory:
@@ -171,8 +186,10 @@ class GatewayService(MultiService):
         self._upstreams: list[UpstreamEndpoint] = []
         self._stopping = False
         store = self._rate_limit_store(config)
+        self._cache_stores = self._cache_stores_for(config, {})
         self.gateway = build_gateway(
-            config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level)
+            config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level),
+            cache_stores=self._cache_stores,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
@@ -187,6 +204,17 @@ class GatewayService(MultiService):
                 settings.redis_url, self._clock, settings.redis_timeout, settings.redis_retry_interval, self.log
             )
         return MemoryRateLimitStore(self._clock)
+
+    def _cache_stores_for(self, config: GatewayConfig, kept: Mapping[str, Any]) -> dict[str, Any]:
+        """The cache stores C{config}'s services use, keeping those of C{kept} (same [cache] settings)."""
+        stores = dict(kept)
+        kinds = {service.cache for service in config.services.values()} - {"off"}
+        if "memory" in kinds and "memory" not in stores:
+            stores.update(memory_cache_store(config, self._clock, self.metrics))
+        if "redis" in kinds and "redis" not in stores:
+            url = config.cache.redis_url or config.ratelimit.redis_url
+            stores["redis"] = connect_cache(url, self._clock, config.cache.redis_timeout, self.log)
+        return stores
 
     def _upstream_for(self, service: ServiceConfig, url: str) -> IUpstream:
         # One pool per endpoint of a service, even for services sharing a
@@ -261,6 +289,11 @@ class GatewayService(MultiService):
         store = old.store
         if config.ratelimit != old.config.ratelimit:
             store = self._rate_limit_store(config)
+        same_cache = config.cache == old.config.cache and config.ratelimit.redis_url == old.config.ratelimit.redis_url
+        retired_stores = [] if same_cache else list(self._cache_stores.values())
+        self._cache_stores = self._cache_stores_for(config, self._cache_stores if same_cache else {})
+        for retired in retired_stores:
+            retired.close()
         gateway = build_gateway(
             config,
             self._clock,
@@ -270,6 +303,7 @@ class GatewayService(MultiService):
             self.metrics,
             AccessLog(self.sink, config.logging.level),
             previous=old,
+            cache_stores=self._cache_stores,
         )
         gateway.accepting = old.accepting
         self.server_factory.max_body_size = config.gateway.max_body_size
@@ -315,6 +349,10 @@ class GatewayService(MultiService):
         for endpoint in _every_endpoint(self.gateway):
             endpoint.breaker.stop()
         await DeferredList([upstream.close() for upstream in self._upstreams])
+        for cache_store in self._cache_stores.values():
+            closing = cache_store.close()
+            if closing is not None:
+                await closing
         if self.gateway.store is not None:
             await self.gateway.store.close()
         self.log.info("gateway_stopped")
