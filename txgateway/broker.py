@@ -226,27 +226,13 @@ class ServiceBroker:
             else:
                 ctx.completion = CompletionFacts(requested_model=call.model)
         chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
+        targets = [Target(serving) for serving in chain]
         if self.cache is None or route.config.cache == "off":
-            await self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
-            return
-        served = self._serve(request, ctx, checked, [Target(serving) for serving in chain], call)
-        await self._cached(request, ctx, route.config, checked, served)
-
-    async def _cached(
-        self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig, checked: bytes, served: Any
-    ) -> None:
-        """Await C{served} (the coroutine answering the request), through the response cache when the service caches."""
-        if self.cache is None or config.cache == "off":
-            await served
-            return
-
-        async def proxied() -> None:
-            await served
-
-        try:
-            await self.cache.serve(request, ctx, config, checked, proxied)
-        finally:
-            served.close()  # unawaited when the cache answered
+            await self._serve(request, ctx, checked, targets, call)
+        else:
+            # The cache answers, or sends the request on through _serve.
+            served = functools.partial(self._serve, request, ctx, checked, targets, call)
+            await self.cache.serve(request, ctx, route.config, checked, served)
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, call: OpenAICall, targets: list["Target"], rest: bytes, query: bytes
@@ -257,8 +243,12 @@ class ServiceBroker:
         """
         checked = _checked(rest, query)
         await self._admit(request, ctx, targets[0].route.config)
-        served = self._serve(request, ctx, checked, targets, call)
-        await self._cached(request, ctx, targets[0].route.config, b"/v1" + checked, served)
+        config = targets[0].route.config
+        if self.cache is None or config.cache == "off":
+            await self._serve(request, ctx, checked, targets, call)
+        else:
+            served = functools.partial(self._serve, request, ctx, checked, targets, call)
+            await self.cache.serve(request, ctx, config, b"/v1" + checked, served)
 
     async def _admit(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> None:
         """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""

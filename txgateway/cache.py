@@ -54,6 +54,7 @@ class CachedAnswer:
         return len(self.body) + sum(len(name) + len(value) for name, value in self.headers) + 64
 
 
+_NO_DIRECTIVES: frozenset[bytes] = frozenset()
 _MAX_AGE = re.compile(rb"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)", re.I)
 
 
@@ -107,10 +108,13 @@ def cache_key(service: str, method: bytes, target: bytes, body: bytes, caller: s
     SHA-256 of the body, and the caller (one tenant never reads another's
     answers).
     """
-    digest = hashlib.sha256()
-    for part in (service.encode(), method, target, hashlib.sha256(body).digest(), (caller or "").encode()):
-        digest.update(b"%d:" % len(part))
-        digest.update(part)
+    caller_bytes = (caller or "").encode()
+    head = b"%s\0%s\0%d:%s%d:%s%d\0" % (
+        service.encode(), method, len(caller_bytes), caller_bytes, len(target), target, len(body)
+    )
+    digest = hashlib.sha256(head)
+    if body:
+        digest.update(body)
     return "txgateway:cache:" + digest.hexdigest()
 
 
@@ -363,7 +367,10 @@ class ResponseCache:
         """
         store = self.stores[config.cache]
         method = request.method
-        control = _directives(request.header(b"cache-control")) | _directives(request.header(b"pragma"))
+        control = request.header(b"cache-control")
+        control = _directives(control) if control is not None else _NO_DIRECTIVES
+        if request.header(b"pragma") is not None:
+            control = control | _directives(request.header(b"pragma"))
         head = method == b"HEAD"
         cacheable = method in config.cache_methods or (head and b"GET" in config.cache_methods)
         if not cacheable or b"no-store" in control or not store.healthy:
@@ -376,7 +383,11 @@ class ResponseCache:
         key = cache_key(config.name, b"GET" if head else method, target, request.body, caller)
         if b"no-cache" not in control:
             try:
-                entry = await self._lookup(store, key, request)
+                entry = store.get(key)  # at once from memory: no coroutine on a hit
+                if entry is not None and not isinstance(entry, CachedAnswer):
+                    entry = await entry
+                if entry is not None and entry.vary:
+                    entry = await _result(store.get(varied_key(key, entry.vary, request)))
             except CancelledError:
                 raise
             except Exception:
@@ -417,12 +428,6 @@ class ResponseCache:
             if flight is not None:
                 del self._flights[key]
                 flight.done(kept)
-
-    async def _lookup(self, store: Any, key: str, request: IncomingRequest) -> CachedAnswer | None:
-        entry = await _result(store.get(key))
-        if entry is not None and entry.vary:
-            entry = await _result(store.get(varied_key(key, entry.vary, request)))
-        return entry
 
     async def _wait(self, flight: _Flight, config: ServiceConfig) -> CachedAnswer | None:
         """The answer of the miss in flight, or L{None} (it failed, or C{coalesce_wait} passed)."""
