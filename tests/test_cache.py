@@ -264,3 +264,17 @@ def test_a_silent_redis_is_bypassed_after_its_timeout_and_logged_once_each_way()
         assert result_of(d).headers.getRawHeaders("x-cache") == ["MISS"]
         assert result_of(h.request("GET", "/api/emb/a")).headers.getRawHeaders("x-cache") == ["HIT"]
     assert [e["event"] for e in logs if e["event"].startswith("cache_")] == ["cache_unavailable", "cache_recovered"]
+
+
+def test_a_reload_keeps_the_memory_store_and_what_it_holds(tmp_path):
+    from tests.test_operations import make_service
+
+    ini = INI
+    service, reactor, path = make_service(tmp_path, ini)
+    store = service.gateway.broker.cache.stores["memory"]
+    path.write_text(ini.replace("cache_ttl = 60", "cache_ttl = 30"))
+    assert service.reload()
+    assert service.gateway.broker.cache.stores["memory"] is store
+    path.write_text(ini.replace("max_entry_bytes = 100", "max_entry_bytes = 200"))
+    assert service.reload()
+    assert service.gateway.broker.cache.stores["memory"] is not store  # [cache] changed: a new store

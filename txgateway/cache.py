@@ -396,7 +396,7 @@ class ResponseCache:
                 entry = None
             if entry is not None:
                 self._count(config, ctx, HIT)
-                self._answer(request, ctx, entry)
+                self._answer(request, ctx, config, entry)
                 return
             if not head:
                 flight = self._flights.get(key)
@@ -404,7 +404,7 @@ class ResponseCache:
                     entry = await self._wait(flight, config)
                     if entry is not None:
                         self._count(config, ctx, COALESCED)
-                        self._answer(request, ctx, entry)
+                        self._answer(request, ctx, config, entry)
                         return
                     # The first request failed or took too long: this one goes on its own.
         self._count(config, ctx, MISS)
@@ -463,10 +463,11 @@ class ResponseCache:
             _stored(store.put(key, entry))
         return entry
 
-    def _answer(self, request: IncomingRequest, ctx: RequestContext, entry: CachedAnswer) -> None:
+    def _answer(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig, entry: CachedAnswer) -> None:
         """Answer from C{entry}: its status, headers and body, with this request's own headers."""
         age = max(0, int(self._clock.seconds() - entry.stored_at))
         request.set_header(b"X-Cache", b"HIT")
+        request.set_header(b"X-Gateway-Service", config.name.encode("ascii"))
         request.set_header(b"Age", b"%d" % age)
         elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
