@@ -411,31 +411,23 @@ def test_role_chunks_and_comments_do_not_commit_a_stream_and_a_silent_first_toke
     assert text_of(events) == "Hi"
 
 
-def test_a_stream_that_ends_without_done_is_complete_at_once():
+@pytest.mark.parametrize("end", ["clean end without [DONE]", "break after the finish reason"])
+def test_a_stream_past_its_finish_reason_is_complete_at_its_end_whatever_the_end(end):
     h = harness()
     d = chat(h, stream=True)
     upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
     upstream.send(chunk("Hi") + chunk(None, finish="stop"))
     h.flush()
     response, received, done = stream_of(h, d)
-    upstream.finish()
+    if end == "clean end without [DONE]":
+        upstream.finish()
+    else:
+        upstream.fail("reset")
     h.flush()
-    assert result_of(done) is None
+    assert result_of(done) is None  # finalised at once: no wait for a sentinel
     assert text_of(events_of(b"".join(received))) == "Hi"
     assert h.access.lines[0]["outcome"] is None and h.access.lines[0]["status"] == 200
-
-
-def test_a_break_after_the_finish_reason_is_no_failure():
-    h = harness()
-    d = chat(h, stream=True)
-    upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
-    upstream.send(chunk("Hi") + chunk(None, finish="stop"))
-    h.flush()
-    response, received, done = stream_of(h, d)
-    upstream.fail("reset")
-    h.flush()
-    assert result_of(done) is None
-    assert len(h.agents["primary"].requests) == 1
+    assert len(h.agents["primary"].requests) == 1  # nothing resumed
 
 
 # -- resume

@@ -99,21 +99,30 @@ class EventStreamRelay(BodyRelay):
             return
         # What one read completes goes out in one write (small writes, one
         # an event, would each be a packet).
-        out: list[bytes] = []
-        ended = False
+        ready: list[tuple[bytes, ChunkFacts]] = []
         for event in self._splitter.feed(data):
             kept = self._kept(event)
             if kept is None:
                 if self.malformed is not None:
                     break
                 continue
-            event, facts = kept
             if self._request is None:
                 # The first token's event may commit at once (the broker
                 # resumes inside _hold): the events after it are relayed.
-                self._held_facts.append(facts)
-                self._hold(event, first=facts.token)
+                self._held_facts.append(kept[1])
+                self._hold(kept[0], first=kept[1].token)
                 continue
+            ready.append(kept)
+        self._relay_events(ready)
+
+    def _relay_events(self, ready: list[tuple[bytes, ChunkFacts]]) -> bool:
+        """
+        Relay these events in one write, up to C{[DONE]}, which ends the
+        client's answer; returns whether it did.
+        """
+        out: list[bytes] = []
+        ended = False
+        for event, facts in ready:
             self._transcript.sent(facts, not self._resumed)
             out.append(event)
             if facts.done:
@@ -123,6 +132,7 @@ class EventStreamRelay(BodyRelay):
             self._pass(b"".join(out))
         if ended:
             self._answer_done()
+        return ended
 
     def _kept(self, event: bytes) -> tuple[bytes, ChunkFacts] | None:
         """
@@ -174,19 +184,8 @@ class EventStreamRelay(BodyRelay):
         held, self._held = self._held, []
         held_facts, self._held_facts = self._held_facts, []
         self._request = request
-        out: list[bytes] = []
-        ended = False
-        for event, facts in zip(held, held_facts):
-            self._transcript.sent(facts, not self._resumed)
-            out.append(event)
-            if facts.done:
-                ended = True
-                break
-        if out:
-            self._pass(b"".join(out))
-        if ended:
-            self._answer_done()
-        elif self._held_end is not None:
+        ended = self._relay_events(list(zip(held, held_facts)))
+        if not ended and self._held_end is not None:
             (error,) = self._held_end
             self._held_end = None
             self.body_ended(error)
