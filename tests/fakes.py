@@ -220,7 +220,7 @@ class Harness:
             self._upstream_for,
             self.store,
             self.log,
-            GatewayMetrics(),
+            GatewayMetrics(self.clock),
             AccessLog(self.access),
             random.Random(7),
         )

@@ -633,7 +633,7 @@ def test_a_reload_keeps_the_endpoints_whose_url_stayed():
     h = Harness(TWO)
     before = h.gateway.broker.routes["data"]
     config = parse_config(TWO.replace("http://data-a:8001, http://data-b:8001", "http://data-b:8001, http://data-c:8001"), "t", {})
-    after = build_routes(config, h.clock, h._upstream_for, h.log, GatewayMetrics(), h.gateway.broker.routes)["data"]
+    after = build_routes(config, h.clock, h._upstream_for, h.log, GatewayMetrics(h.clock), h.gateway.broker.routes)["data"]
     assert after.endpoints[0] is before.endpoints[1]
     assert after.endpoints[1].url == "http://data-c:8001"
 

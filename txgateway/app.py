@@ -11,6 +11,7 @@ path) and everything else to the Klein routes through L{AdminBridge}.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 from typing import Any, Iterable
 from urllib.parse import unquote_to_bytes
@@ -39,6 +40,7 @@ from txgateway.openai_wire import BadCall, OpenAICall
 from txgateway.paths import UnsafePath, split_api_path
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.server import IncomingRequest
+from txgateway.status import STATUS_PAGE
 from txgateway.tracing import trace_context_for
 
 __all__ = ["AdminBridge", "Gateway", "GatewayFront", "GatewayRoutes", "answer_error", "write_error"]
@@ -75,6 +77,8 @@ class Gateway:
         self.authenticator = Authenticator(config.auth.keys)
         self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
+        #: When the configuration was last reloaded, and how it went ({"time", "outcome"}), for /status.
+        self.last_reload: dict | None = None
 
     def circuits(self) -> list[tuple[str, str, str]]:
         """Each endpoint's circuit state (service, endpoint, state), for metrics."""
@@ -131,6 +135,29 @@ class Gateway:
         if not self.accepting:
             body["status"] = "shutting_down"
         return body
+
+
+    def status(self) -> dict:
+        """What C{/status.json} answers: C{/health}'s view with each endpoint's last 60 s, the stores and the events."""
+        body = self.health()
+        recent = self.metrics.recent
+        for name, service in body["services"].items():
+            for endpoint in service["endpoints"]:
+                endpoint.update(recent.summary(name, endpoint["url"]))
+        stores = []
+        if self.store is not None:
+            stores.append({"name": "rate limit", **_store_health(self.store.description)})
+        if "cache" in body:
+            stores.append({"name": "cache", **body["cache"]})
+        body["stores"] = stores
+        body["events"] = self.metrics.events.recent()
+        body["config"] = self.config.source
+        body["last_reload"] = self.last_reload
+        return body
+
+
+def _store_health(description: dict) -> dict:
+    return {"backend": description["backend"], "healthy": bool(description.get("healthy", True))}
 
 
 def _service_circuit(endpoints: list[dict]) -> dict:
@@ -190,6 +217,10 @@ def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
     return encoded
 
 
+#: The operator's paths: probes, the scrape, the status page.
+_OPERATOR_PATHS = (b"/health", b"/metrics", b"/status")
+
+
 def _model_object(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "txgateway"}
 
@@ -242,6 +273,31 @@ class GatewayRoutes:
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
         return _json(request, self.gateway.health())
+
+    def _may_see_status(self, request: IRequest) -> bool:
+        ctx: RequestContext | None = getattr(request, "context", None)
+        address = ctx.client if ctx is not None else request.getClientAddress().host
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.gateway.config.status.allow)
+
+    @app.route("/status", methods=["GET", "HEAD"])
+    def status_page(self, request: IRequest) -> bytes:
+        if not self._may_see_status(request):
+            return write_error(request, errors.NOT_FOUND, "nothing is served at this path")
+        page = STATUS_PAGE.encode("utf-8")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", b"%d" % len(page))
+        return page
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    def status_document(self, request: IRequest) -> bytes:
+        if not self._may_see_status(request):
+            return write_error(request, errors.NOT_FOUND, "nothing is served at this path")
+        return _json(request, self.gateway.status())
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request: IRequest) -> bytes:
@@ -438,16 +494,23 @@ class GatewayFront:
         seconds = gateway.clock.seconds() - ctx.started_at
         status = 499 if ctx.outcome == "client_disconnected" else request.code
         method = request.method.decode("ascii", "replace")
+        # Probes, scrapes and the status page: a debug line each, and not
+        # counted as requests (a load balancer's probes drown the rest).
+        operator = request.path.startswith(_OPERATOR_PATHS) and request.code < 400
         gateway.access_log.request(
             "request_aborted" if aborted else "request_completed",
             ctx,
+            level="debug" if operator else "info",
             method=method,
             path=request.path.decode("latin-1"),
             status=status,
             duration_ms=round(seconds * 1000.0, 3),
             bytes_sent=request.bytes_sent,
         )
-        gateway.metrics.observe_request(ctx.service, method, status, seconds)
+        if operator:
+            gateway.metrics.request_ended()
+        else:
+            gateway.metrics.observe_request(ctx.service, method, status, seconds)
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []

@@ -93,7 +93,7 @@ class _BreakerCore:
     threshold: int
     cooldown: float
     log: Any
-    on_transition: Callable[[str, str, str], None] | None = None
+    on_transition: Callable[[str, str, str, str, str | None], None] | None = None
     transition_level: str = "warning"
     endpoint: str | None = None
     consecutive_failures: int = 0
@@ -102,7 +102,7 @@ class _BreakerCore:
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
         self.state = to_state
         if self.on_transition is not None:
-            self.on_transition(self.service, from_state, to_state)
+            self.on_transition(self.service, from_state, to_state, reason, request_id)
         where = {} if self.endpoint is None else {"endpoint": self.endpoint}
         getattr(self.log, self.transition_level)(
             "circuit_transition",
@@ -270,7 +270,7 @@ class CircuitBreaker:
     @param threshold: consecutive failures that open the circuit.
     @param cooldown: seconds the circuit stays open before one trial.
     @param log: a structlog logger for the transitions.
-    @param on_transition: called with (service, from, to) on each transition.
+    @param on_transition: called with (service, from, to, reason, request id) on each transition.
     @param transition_level: the log level of transition lines.
     @param endpoint: the endpoint's URL, for the transition lines of a
         service's endpoint.
@@ -283,7 +283,7 @@ class CircuitBreaker:
         threshold: int,
         cooldown: float,
         log: Any,
-        on_transition: Callable[[str, str, str], None] | None = None,
+        on_transition: Callable[[str, str, str, str, str | None], None] | None = None,
         transition_level: str = "warning",
         endpoint: str | None = None,
     ) -> None:

@@ -396,7 +396,7 @@ class ServiceBroker:
     def _fall_over(self, ctx: RequestContext, gave_up: "Target", to: "Target", reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
         ctx.fallback_from.append(gave_up.label)
-        self._metrics.fallbacks.labels(ctx.service or gave_up.route.config.name, to.route.config.name).inc()
+        self._metrics.fallback(ctx.service or gave_up.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
         ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)
 
     def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext, serving: "Target") -> None:

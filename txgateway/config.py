@@ -24,6 +24,7 @@ from txgateway.balance import BALANCE_MODES
 __all__ = [
     "AuthConfig",
     "CacheConfig",
+    "StatusConfig",
     "ConfigError",
     "GatewayConfig",
     "GatewaySettings",
@@ -299,6 +300,8 @@ class GatewaySettings:
     header_timeout: float = _key(_seconds, 10.0)
     client_idle_timeout: float = _key(_seconds, 60.0)
     drain_timeout: float = _key(_non_negative_seconds, 30.0)
+    #: Seconds the listener keeps accepting at stop, /health/ready at 503, before it closes.
+    drain_delay: float = _key(_non_negative_seconds, 0.0)
 
 
 @attrs.frozen
@@ -321,6 +324,13 @@ class RateLimitConfig:
     redis_timeout: float = _key(_seconds, 0.5)
     redis_retry_interval: float = _key(_seconds, 5.0)
     trusted_proxies: tuple = _key(_networks, ())
+
+
+@attrs.frozen
+class StatusConfig:
+    """The C{[status]} section: who may see C{/status} and C{/status.json}."""
+
+    allow: tuple = _key(_networks, _networks("127.0.0.1/8, ::1"))
 
 
 @attrs.frozen
@@ -442,6 +452,7 @@ class GatewayConfig:
     auth: AuthConfig = AuthConfig()
     models: Mapping[str, ModelConfig] = attrs.Factory(dict)
     cache: CacheConfig = CacheConfig()
+    status: StatusConfig = StatusConfig()
     source: str = "<embedded defaults>"
 
 
@@ -464,6 +475,13 @@ def _build(cls: type, origin: str, section: str, raw: dict[str, _Raw], **given: 
     keys = {field.name: field for field in attrs.fields(cls) if "parse" in field.metadata}
     for key in raw:
         if key not in keys:
+            first = key.split()[0] if key.split() else key
+            if first in keys and first != key:
+                # "url http://..." reads as the key "url http" (':' separates too).
+                raise ConfigError(
+                    f"{raw[key].origin}: [{section}] {first}: a key and its value need '=' between them "
+                    f"(write {first} = ...)"
+                )
             known = ", ".join(sorted(keys))
             raise ConfigError(f"{raw[key].origin}: [{section}] {key}: unknown key (known keys: {known})")
     values = dict(given)
@@ -545,11 +563,11 @@ def parse_config(
 
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth", "cache")
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status")
         if not known and not section.startswith(("service:", "model:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section "
-                "(known: gateway, logging, ratelimit, auth, cache, service:NAME, model:NAME)"
+                "(known: gateway, logging, ratelimit, auth, cache, status, service:NAME, model:NAME)"
             )
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
             raise ConfigError(
@@ -619,6 +637,7 @@ def parse_config(
         auth=auth,
         models=models,
         cache=_build(CacheConfig, origin, "cache", sections.get("cache", {})),
+        status=_build(StatusConfig, origin, "status", sections.get("status", {})),
         source=origin,
     )
 

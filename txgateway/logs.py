@@ -178,6 +178,17 @@ def _add_timestamp(logger: Any, method: str, event: dict) -> dict:
     return event
 
 
+def _event_first(logger: Any, method: str, event_dict: dict) -> dict:
+    """Every line starts with its timestamp, level and event, whatever was bound first."""
+    ordered = {
+        "timestamp": event_dict.pop("timestamp", None),
+        "level": event_dict.pop("level", None),
+        "event": event_dict.pop("event", None),
+    }
+    ordered.update(event_dict)
+    return ordered
+
+
 def configure_logging(sink: JsonLineSink, level: str = "info", cache: bool = True) -> None:
     """Point structlog at C{sink}, dropping events below C{level}."""
     structlog.configure(
@@ -185,6 +196,7 @@ def configure_logging(sink: JsonLineSink, level: str = "info", cache: bool = Tru
             structlog.processors.add_log_level,
             _add_timestamp,
             structlog.processors.format_exc_info,
+            _event_first,
             structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -213,10 +225,10 @@ class TwistedJsonObserver:
         if _LEVELS[level] < self._minimum:
             return
         line = {
-            "event": formatEvent(event) or "",
-            "level": level,
-            "logger": event.get("log_namespace", "twisted"),
             "timestamp": _timestamp(),
+            "level": level,
+            "event": formatEvent(event) or "",
+            "logger": event.get("log_namespace", "twisted"),
         }
         failure = event.get("log_failure")
         if failure is not None:
@@ -239,15 +251,16 @@ class AccessLog:
 
     def __init__(self, sink: Any, level: str = "info") -> None:
         self._sink = sink
-        self.enabled = _LEVELS[level] <= logging.INFO
+        self._minimum = _LEVELS[level]
+        self.enabled = self._minimum <= logging.INFO
 
-    def request(self, event: str, ctx: Any, **fields: Any) -> None:
-        """Write the access line of the request whose context is C{ctx}."""
-        if not self.enabled:
+    def request(self, event: str, ctx: Any, level: str = "info", **fields: Any) -> None:
+        """Write the access line of the request whose context is C{ctx} (at C{level}: info, or debug)."""
+        if _LEVELS[level] < self._minimum:
             return
         line = {
             "timestamp": _timestamp(),
-            "level": "info",
+            "level": level,
             "event": event,
             "request_id": ctx.request_id,
             "trace_id": ctx.trace.trace_id if ctx.trace is not None else None,

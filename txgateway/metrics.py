@@ -10,8 +10,11 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway.status import EventRing, RecentWindow
 
 #: The classic text format, which every Prometheus scrapes (the names here
 #: need none of the newer format's escaping).
@@ -127,10 +130,20 @@ def _observe(by_labels: dict[tuple[str, ...], list], labels: tuple[str, ...], se
 _BUCKET_NAMES = [repr(float(bound)) for bound in _LATENCY_BUCKETS] + ["+Inf"]
 
 
-class GatewayMetrics:
-    """Every metric the gateway exports, and the text that C{/metrics} serves."""
+# No *_created series: one more line per counter that no dashboard reads.
+disable_created_metrics()
 
-    def __init__(self) -> None:
+
+class GatewayMetrics:
+    """
+    Every metric the gateway exports, and the text that C{/metrics} serves;
+    also what the status page reads: each endpoint's last 60 seconds and
+    the last circuit transitions and fallbacks, on C{clock}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.recent = RecentWindow(clock)
+        self.events = EventRing(clock)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._counts = _RequestCounts()
@@ -179,6 +192,10 @@ class GatewayMetrics:
         """One more request in flight."""
         self._counts.in_flight += 1
 
+    def request_ended(self) -> None:
+        """One fewer in flight: a request that is not counted (a probe, /metrics, /status)."""
+        self._counts.in_flight -= 1
+
     def observe_request(self, service: str | None, method: str, status: int, seconds: float) -> None:
         """Count one finished request (and one fewer in flight)."""
         counts = self._counts
@@ -209,10 +226,24 @@ class GatewayMetrics:
         attempts = self._counts.attempts
         key = (service, endpoint, outcome)
         attempts[key] = attempts.get(key, 0) + 1
+        self.recent.observe(service, endpoint, None, outcome not in ("answered", "abandoned"))
 
     def observe_upstream_time(self, service: str, endpoint: str, seconds: float) -> None:
         """Time one attempt took until the backend's headers."""
         _observe(self._counts.upstream_seconds, (service, endpoint), seconds)
+        self.recent.time(service, endpoint, seconds)
+
+    def circuit_transition(
+        self, endpoint: str, service: str, from_state: str, to_state: str, reason: str, request_id: str | None
+    ) -> None:
+        """A breaker changed state: counted, and kept for the status page."""
+        self.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
+        self.events.add("circuit", f"{service} {endpoint}", from_state, to_state, reason, request_id)
+
+    def fallback(self, service: str, gave_up: str, to: str, reason: str, request_id: str) -> None:
+        """A service (or a model's target) gave up and the next one is tried."""
+        self.fallbacks.labels(service, to.split(":", 1)[0]).inc()
+        self.events.add("fallback", service, gave_up, to, reason, request_id)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

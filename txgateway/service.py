@@ -8,17 +8,20 @@ SIGHUP.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import random
 import signal
 import sys
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import structlog
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
@@ -84,14 +87,32 @@ def build_routes(
     return routes
 
 
+@contextlib.contextmanager
+def _one_line_when_the_port_is_taken(config: GatewayConfig) -> Iterator[None]:
+    """
+    A listener that cannot listen (the port is taken, or not ours) ends the
+    daemon with one line naming the endpoint and the error, and exit
+    status 1, like a configuration error (not twistd's 41-line traceback).
+    """
+    try:
+        yield
+    except CannotListenError as error:
+        reason = error.socketError.strerror if getattr(error.socketError, "strerror", None) else error.socketError
+        raise SystemExit(
+            f"txgateway: cannot listen: {config.source}: [gateway] listen = {config.gateway.listen}: {reason}"
+        ) from None
+
+
 def _every_endpoint(gateway: Gateway) -> list[Endpoint]:
     """The endpoints of every service and of every model's deployment, each with its breaker."""
     routes = [*gateway.broker.routes.values(), *gateway.broker.models.deployments()]
     return [endpoint for route in routes for endpoint in route.endpoints]
 
 
-def _transitioned(metrics: GatewayMetrics, endpoint: str, service: str, from_state: str, to_state: str) -> None:
-    metrics.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
+def _transitioned(
+    metrics: GatewayMetrics, endpoint: str, service: str, from_state: str, to_state: str, reason: str, request_id: str | None
+) -> None:
+    metrics.circuit_transition(endpoint, service, from_state, to_state, reason, request_id)
 
 
 def build_gateway(
@@ -182,7 +203,7 @@ class GatewayService(MultiService):
         self.sink = open_sink(config.logging.file, self._stdout, self._clock)
         configure_logging(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(self._clock)
         self._upstreams: list[UpstreamEndpoint] = []
         self._stopping = False
         store = self._rate_limit_store(config)
@@ -232,8 +253,14 @@ class GatewayService(MultiService):
                 ILogObserver, TwistedJsonObserver(self.sink, self.gateway.config.logging.level)
             )
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the listener here (before dropping privileges).
+        with _one_line_when_the_port_is_taken(self.gateway.config):
+            super().privilegedStartService()
+
     def startService(self) -> None:
-        super().startService()
+        with _one_line_when_the_port_is_taken(self.gateway.config):
+            super().startService()
         # What was built so far (modules, configuration) lives as long as the
         # daemon: out of the collector's sight, full collections stay short
         # (measured: 38 ms pauses before).  PyPy's collector has no freeze.
@@ -264,6 +291,7 @@ class GatewayService(MultiService):
             config = load_config(self._config_path)
         except ConfigError as error:
             self.log.error("config_reload_rejected", reason=str(error), config=self._config_path)
+            self.gateway.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: {error}"}
             return False
         return self.apply(config)
 
@@ -281,6 +309,7 @@ class GatewayService(MultiService):
                 sink = open_sink(config.logging.file, self._stdout, self._clock)
             except OSError as error:
                 self.log.error("config_reload_rejected", reason=f"[logging] file: {error}")
+                old.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: [logging] file: {error}"}
                 return False
             old_sink, self.sink = self.sink, sink
             configure_logging(self.sink, config.logging.level)
@@ -319,6 +348,7 @@ class GatewayService(MultiService):
             if config.services.get(name) != old.config.services.get(name)
         )
         self.log.info("config_reloaded", config=config.source, services_changed=changed)
+        gateway.last_reload = {"time": self._clock.seconds(), "outcome": "applied"}
         return True
 
     def _retire(self, old: Gateway, new: Gateway) -> None:
@@ -344,6 +374,10 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        delay = self.gateway.config.gateway.drain_delay
+        if delay > 0:
+            # Still accepting, /health/ready at 503: a load balancer's probe sees it and moves traffic away.
+            await deferLater(self._clock, delay)
         await super().stopService()  # the listener stops accepting
         await self._drain(self.gateway.config.gateway.drain_timeout)
         for endpoint in _every_endpoint(self.gateway):
