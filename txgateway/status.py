@@ -142,7 +142,7 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f
 h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
 .meta{color:#5b6372} table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:.6em}
 th,td{padding:.35em .6em;border-bottom:1px solid #e3e6eb;text-align:left;white-space:nowrap}
-th{background:#eef0f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:break-word} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .circuit{display:inline-block;padding:.1em .6em;border-radius:1em;font-weight:700;color:#fff}
 .closed{background:#1f8a4c} .open{background:#c62828} .half_open{background:#d98200}
 .healthy{color:#1f8a4c;font-weight:700} .unhealthy{color:#c62828;font-weight:700}
@@ -184,7 +184,7 @@ function render(s){
     return "<tr><td>"+esc(st.name)+"</td><td>"+esc(st.backend)+'</td><td class="'+(st.healthy?"healthy":"unhealthy")+'">'+(st.healthy?"healthy":"unavailable")+"</td></tr>";}));
   document.getElementById("events").innerHTML=s.events.length?table(["time","kind","service","from","to","reason","request id"],s.events.map(function(ev){
     return "<tr><td>"+esc(new Date(ev.time*1000).toISOString())+"</td><td>"+esc(ev.kind)+"</td><td>"+esc(ev.service)+"</td><td>"+esc(ev.from)+
-      "</td><td>"+esc(ev.to)+"</td><td>"+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
+      "</td><td>"+esc(ev.to)+'</td><td class="reason">'+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
 }
 function refresh(){
   fetch("status.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error("status "+r.status);return r.json();}).then(function(s){

@@ -1,0 +1,89 @@
+"""
+The status page in a real browser: headless Chromium (Debian's chromium)
+loads /status from the running daemon, runs its script, and the rendered
+page is read back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Backend, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def chromium_binary() -> str:
+    """Debian's chromium, installed when missing (as CI does), or a clear failure."""
+    found = shutil.which("chromium")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], capture_output=True, timeout=600)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.fail("no chromium: install Debian's chromium package (apt-get install chromium); .ci/run does")
+    return found
+
+
+def render(url: str, workdir: Path, budget_ms: int = 3000, screenshot: Path | None = None) -> str:
+    """The page's DOM once its script ran for C{budget_ms} of virtual time (or a screenshot of it)."""
+    argv = [
+        chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={workdir / 'chromium-profile'}", f"--virtual-time-budget={budget_ms}",
+        "--window-size=1280,900",
+    ]
+    argv += [f"--screenshot={screenshot}"] if screenshot is not None else ["--dump-dom"]
+    done = subprocess.run([*argv, url], capture_output=True, text=True, timeout=90)
+    return done.stdout
+
+
+def status_ini(healthy: str, doomed: str) -> str:
+    return f"""
+[gateway]
+listen = tcp:{{port}}:interface=127.0.0.1
+[logging]
+file = logs/combined.log
+[ratelimit]
+requests = 100000
+[service:steady]
+url = {healthy}
+[service:doomed]
+url = {doomed}
+retries = 0
+breaker_threshold = 2
+breaker_cooldown = 300
+"""
+
+
+def test_the_page_shows_every_service_and_an_open_circuit_after_failures(start_gateway, fresh_backend, tmp_path):
+    doomed = Backend(tmp_path)
+    gateway = start_gateway(status_ini(fresh_backend.url, doomed.url))
+    url = f"http://127.0.0.1:{gateway.port}/status"
+    page = render(url, tmp_path, budget_ms=5000)
+    assert 'data-service="steady"' in page and 'data-service="doomed"' in page
+    assert 'class="circuit open"' not in page
+    # The script refreshed the page from /status.json more than once (every 2 s).
+    refreshes = int(page.split('data-refreshes="', 1)[1].split('"', 1)[0])
+    assert refreshes >= 2
+    doomed.process.stop()
+    for _ in range(2):
+        assert gateway.request("GET", "/api/doomed/echo").status == 502
+    wait_until(lambda: gateway.request("GET", "/health").json()["services"]["doomed"]["circuit"] == "open")
+    page = render(url, tmp_path)
+    doomed_section = page.split('data-service="doomed"', 1)[1].split("<table", 2)
+    assert 'class="circuit open">open<' in doomed_section[0] + doomed_section[1]
+    steady_section = page.split('data-service="steady"', 1)[1].split("<table", 1)[0]
+    assert 'class="circuit closed">closed<' in steady_section
+    assert "<td>circuit</td><td>doomed http://127.0.0.1" in page  # the transition, in the events table
+
+
+def test_the_page_is_not_shown_to_other_networks(start_gateway, fresh_backend, tmp_path):
+    gateway = start_gateway(status_ini(fresh_backend.url, fresh_backend.url) + "[status]\nallow = 10.0.0.0/8\n")
+    answer = gateway.request("GET", "/status")
+    assert answer.status == 404 and answer.error["type"] == "not_found"
+    assert gateway.request("GET", "/status.json").status == 404
