@@ -175,6 +175,24 @@ def _status_closed(inputs: _BreakerInputs, core: _BreakerCore) -> BreakerStatus:
 _closed.upon(_BreakerInputs.stop).loop().returns(None)
 
 
+# A trial's later verdict: its headers already closed the circuit (the trial
+# succeeded), then its body failed or it was abandoned.  Now it is an
+# ordinary attempt of the closed circuit.
+@_closed.upon(_BreakerInputs.trial_failed).loop()
+def _late_trial_failure_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str, reason: str) -> None:
+    _failure_closed(inputs, core, request_id, reason)
+
+
+@_closed.upon(_BreakerInputs.trial_succeeded).loop()
+def _late_trial_success_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str) -> None:
+    core.consecutive_failures = 0
+
+
+_closed.upon(_BreakerInputs.trial_abandoned).loop().returns(None)
+# No timer runs while closed: a stale cooldown (stopped too late) does nothing.
+_closed.upon(_BreakerInputs.cooldown_elapsed).loop().returns(None)
+
+
 # -- open
 
 
@@ -190,6 +208,12 @@ def _admit_open(
 # verdict changes nothing until the cooldown is over.
 _open.upon(_BreakerInputs.succeeded, nodata=True).loop().returns(None)
 _open.upon(_BreakerInputs.failed, nodata=True).loop().returns(None)
+# So may an earlier trial (its circuit closed, then opened again).
+_open.upon(_BreakerInputs.trial_succeeded, nodata=True).loop().returns(None)
+_open.upon(_BreakerInputs.trial_failed, nodata=True).loop().returns(None)
+_open.upon(_BreakerInputs.trial_abandoned, nodata=True).loop().returns(None)
+# Already open: the threshold reached again by late failures changes nothing.
+_open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
 
 
 @_open.upon(_BreakerInputs.cooldown_elapsed).to(_half_open)
@@ -257,6 +281,10 @@ def _status_half_open(
 
 
 _half_open.upon(_BreakerInputs.stop, nodata=True).loop().returns(None)
+# The trial decides here, not ordinary failures counting to a threshold,
+# and no timer runs.
+_half_open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
+_half_open.upon(_BreakerInputs.cooldown_elapsed, nodata=True).loop().returns(None)
 
 _BreakerMachine = _builder.build()
 

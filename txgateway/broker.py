@@ -502,7 +502,7 @@ class ServiceBroker:
                         outcome = self._attempt_failed(
                             config,
                             endpoint,
-                            attrs.evolve(admission, trial=False),
+                            admission,
                             error,
                             waited,
                             resendable,
@@ -663,7 +663,7 @@ class ServiceBroker:
             await relay.done
         except (StreamIdle, StreamBroken) as error:
             # Bytes already reached the client: no retry, no error body.
-            endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
+            endpoint.breaker.failed(admission, f"stream: {error}")
             self._cut_short(request, response, ctx, route.config.name, error, relay.bytes_relayed)
 
     def _cut_short(
@@ -723,7 +723,7 @@ class ServiceBroker:
                     await relay.done
                     return
                 except (StreamIdle, StreamBroken) as error:
-                    endpoint.breaker.failed(attrs.evolve(admission, trial=False), f"stream: {error}")
+                    endpoint.breaker.failed(admission, f"stream: {error}")
                     if original is None:
                         original = error
                     ctx.log.warning(
@@ -841,7 +841,7 @@ class ServiceBroker:
         if ctx.client_gone or isinstance(error, CancelledError):
             raise CancelledError() from None
         reason = waited if isinstance(error, TimeoutError) else f"the answer broke before its first token: {error}"
-        breaker.failed(attrs.evolve(admission, trial=False), reason)
+        breaker.failed(admission, reason)
         return reason
 
 
