@@ -162,6 +162,35 @@ class _Failed:
     reason: str
 
 
+@attrs.frozen
+class _Outcome:
+    """
+    What one attempt came to: a committed answer (C{response} and the
+    C{relay} holding its first bytes), a retryable answer (C{response}
+    alone: 5xx or 429, kept in case it is the last), or a C{failure}.
+    """
+
+    response: UpstreamResponse | None = None
+    relay: BodyRelay | None = None
+    failure: _Failed | None = None
+
+    @property
+    def committed(self) -> bool:
+        """The answer is final: it goes to the client."""
+        return self.relay is not None
+
+    @property
+    def reason(self) -> str:
+        """Why it is not final, for the attempt's log line."""
+        return self.failure.reason if self.failure is not None else f"status {self.response.code}"
+
+
+#: Why a failed attempt is not retried: retries, time or the backend's
+#: Retry-After say so; only silent endpoints are left; the retry budget is
+#: spent; every breaker is open.
+_FINAL, _SILENT_LEFT, _BUDGET_SPENT, _ALL_OPEN = "final", "silent", "budget", "circuit_open"
+
+
 def _rate_limit_headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     return [
         (b"RateLimit-Limit", b"%d" % decision.limit),
@@ -433,7 +462,7 @@ class ServiceBroker:
         is done with it; the relay returned (for an answer that is not a
         retryable failure) holds the body's first bytes, to be committed.
         """
-        config, policy = route.config, route.policy
+        config = route.config
         failed_on: Endpoint | None = None
         silent: set[Endpoint] = set()  # endpoints this request must not be sent to again
         resendable = may_resend_after_silence(config.retry_timeouts, method, idempotency_key)
@@ -443,105 +472,22 @@ class ServiceBroker:
                 endpoint, admission = route.choose(ctx.request_id, failed_on, silent)
                 if endpoint is None:
                     raise _circuit_open(config.name, route.retry_after(admission))
-                breaker = endpoint.breaker
-                ctx.attempts += 1
-                left = deadline_at - self._clock.seconds()
-                timeout = min(config.timeout, left)
-                target = join_target(endpoint.upstream.base_path, checked)
-                attempt = endpoint.upstream.request(method, target, headers, body)
-                attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
-                sent_at = self._clock.seconds()
-                endpoint.in_flight += 1
-                try:
-                    response = await attempt
-                except Exception as error:
-                    endpoint.in_flight -= 1
-                    failed_on = endpoint
-                    if ctx.client_gone or isinstance(error, CancelledError):
-                        self._count_attempt(config.name, endpoint, "abandoned")
-                        # The client left: whatever the upstream reports of its
-                        # cancellation, it is no failure of the backend and
-                        # nothing to retry.
-                        breaker.abandoned(admission)
-                        raise CancelledError() from None
-                    if isinstance(error, TimeoutError) and timeout < config.timeout:
-                        breaker.failed(admission, "the deadline passed")
-                        self._count_attempt(config.name, endpoint, "timeout")
-                        self._log_attempt(ctx, config.name, "the deadline passed", final=True)
-                        raise GatewayError(errors.UPSTREAM_TIMEOUT, f"service {config.name!r}: the deadline passed") from None
-                    outcome = self._attempt_failed(
-                        config, endpoint, admission, error, f"no answer within {timeout:g} s", resendable, silent
-                    )
-                else:
-                    took = self._clock.seconds() - sent_at
-                    endpoint.ttfb = decayed(endpoint.ttfb, took)
-                    self._metrics.observe_upstream_time(config.name, endpoint.url, took)
-                    if is_breaker_failure(response.code):
-                        breaker.failed(admission, f"status {response.code}")
-                        self._count_attempt(config.name, endpoint, "http_5xx")
-                    else:
-                        # 429 included: the backend's limit is no failure of it.
-                        breaker.succeeded(admission)
-                        self._count_attempt(config.name, endpoint, "answered")
-                    if response.code in RETRYABLE_STATUSES:
-                        outcome = response
-                        failed_on = endpoint
-                    else:
-                        if commit_point is None:
-                            relay, error, waited = await self._first_bytes(response, config)
-                        else:
-                            relay, error, waited = await commit_point(response)
-                        if error is None:
-                            return response, admission, endpoint, relay
-                        endpoint.in_flight -= 1
-                        failed_on = endpoint
-                        if ctx.client_gone or isinstance(error, CancelledError):
-                            raise CancelledError() from None
-                        # Its headers were a success for the breaker; the
-                        # missing body is a failure all the same.
-                        outcome = self._attempt_failed(
-                            config,
-                            endpoint,
-                            admission,
-                            error,
-                            waited,
-                            resendable,
-                            silent,
-                        )
-
-                # The attempt failed or got a retryable answer: another one?
-                delay = self._delay_before_retry(outcome, policy, ctx.attempts)
-                final = (
-                    delay is None
-                    or not policy.attempts_left(ctx.attempts)
-                    or self._clock.seconds() + delay >= deadline_at
+                outcome = await self._attempt(
+                    method, checked, headers, body, config, endpoint, admission, ctx, deadline_at, resendable, silent,
+                    commit_point,
                 )
-                stop = None
-                if not final:
-                    if not route.any_may_admit(silent):
-                        # Nowhere left to go: every breaker is open, or the only
-                        # endpoints left are silent ones this request must not
-                        # be sent to again (then it ends with its 504 at once).
-                        stop = "silent" if route.any_may_admit() else "circuit_open"
-                    elif not retry_budget_allows(
-                        route.retrying - retrying, route.in_flight, config.retry_budget, config.retry_budget_min
-                    ):
-                        stop = "budget"
-                        self._metrics.retry_budget_exhausted.labels(config.name).inc()
-                        ctx.log.warning(
-                            "retry_budget_exhausted", service=config.name, retrying=route.retrying, in_flight=route.in_flight
-                        )
-                reason = outcome.reason if isinstance(outcome, _Failed) else f"status {outcome.code}"
-                # The line announces a retry only when one will happen.
-                self._log_attempt(ctx, config.name, reason, final=final or stop is not None, delay=delay)
-                if final or stop in ("silent", "budget"):
-                    if isinstance(outcome, _Failed):
-                        raise GatewayError(outcome.kind, f"service {config.name!r}: {outcome.reason}")
-                    return outcome, admission, endpoint, None
-                if not isinstance(outcome, _Failed):
+                if outcome.committed:
+                    return outcome.response, admission, endpoint, outcome.relay
+                failed_on = endpoint
+                delay, stop = self._after_failed_attempt(outcome, route, ctx, deadline_at, retrying, silent)
+                if stop in (_FINAL, _SILENT_LEFT, _BUDGET_SPENT):
+                    if outcome.failure is not None:
+                        raise GatewayError(outcome.failure.kind, f"service {config.name!r}: {outcome.failure.reason}")
+                    return outcome.response, admission, endpoint, None  # the last answer, as it is
+                if outcome.response is not None:
                     endpoint.in_flight -= 1
-                    outcome.discard()
-                if stop == "circuit_open":
+                    outcome.response.discard()
+                if stop == _ALL_OPEN:
                     raise _circuit_open(config.name, route.retry_after(None))
                 if not retrying:
                     retrying = True
@@ -551,6 +497,108 @@ class ServiceBroker:
         finally:
             if retrying:
                 route.retrying -= 1
+
+    async def _attempt(
+        self,
+        method: bytes,
+        checked: bytes,
+        headers: list,
+        body: bytes,
+        config: ServiceConfig,
+        endpoint: Endpoint,
+        admission: Admission,
+        ctx: RequestContext,
+        deadline_at: float,
+        resendable: bool,
+        silent: set[Endpoint],
+        commit_point: Callable[[UpstreamResponse], Awaitable[tuple[BodyRelay, Exception | None, str]]] | None,
+    ) -> "_Outcome":
+        """
+        One attempt on C{endpoint}: send, wait for the headers (within the
+        attempt's timeout and the deadline), count the verdict on its
+        breaker, then wait for the commit point.  Raises L{CancelledError}
+        when the client left and L{GatewayError} when the deadline passed.
+        """
+        breaker = endpoint.breaker
+        ctx.attempts += 1
+        timeout = min(config.timeout, deadline_at - self._clock.seconds())
+        attempt = endpoint.upstream.request(method, join_target(endpoint.upstream.base_path, checked), headers, body)
+        attempt.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
+        sent_at = self._clock.seconds()
+        endpoint.in_flight += 1
+        try:
+            response = await attempt
+        except Exception as error:
+            endpoint.in_flight -= 1
+            if ctx.client_gone or isinstance(error, CancelledError):
+                self._count_attempt(config.name, endpoint, "abandoned")
+                # The client left: whatever the upstream reports of its
+                # cancellation, it is no failure of the backend and nothing
+                # to retry.
+                breaker.abandoned(admission)
+                raise CancelledError() from None
+            if isinstance(error, TimeoutError) and timeout < config.timeout:
+                breaker.failed(admission, "the deadline passed")
+                self._count_attempt(config.name, endpoint, "timeout")
+                self._log_attempt(ctx, config.name, "the deadline passed", final=True)
+                raise GatewayError(errors.UPSTREAM_TIMEOUT, f"service {config.name!r}: the deadline passed") from None
+            failure = self._attempt_failed(config, endpoint, admission, error, f"no answer within {timeout:g} s", resendable, silent)
+            return _Outcome(failure=failure)
+        took = self._clock.seconds() - sent_at
+        endpoint.ttfb = decayed(endpoint.ttfb, took)
+        self._metrics.observe_upstream_time(config.name, endpoint.url, took)
+        if is_breaker_failure(response.code):
+            breaker.failed(admission, f"status {response.code}")
+            self._count_attempt(config.name, endpoint, "http_5xx")
+        else:
+            # 429 included: the backend's limit is no failure of it.
+            breaker.succeeded(admission)
+            self._count_attempt(config.name, endpoint, "answered")
+        if response.code in RETRYABLE_STATUSES:
+            return _Outcome(response=response)
+        if commit_point is None:
+            relay, error, waited = await self._first_bytes(response, config)
+        else:
+            relay, error, waited = await commit_point(response)
+        if error is None:
+            return _Outcome(response=response, relay=relay)
+        endpoint.in_flight -= 1
+        if ctx.client_gone or isinstance(error, CancelledError):
+            raise CancelledError() from None
+        # Its headers were a success for the breaker; the missing body is a
+        # failure all the same.
+        return _Outcome(failure=self._attempt_failed(config, endpoint, admission, error, waited, resendable, silent))
+
+    def _after_failed_attempt(
+        self,
+        outcome: "_Outcome",
+        route: ServiceRoute,
+        ctx: RequestContext,
+        deadline_at: float,
+        retrying: bool,
+        silent: AbstractSet[Endpoint],
+    ) -> tuple[float | None, str | None]:
+        """
+        Whether a failed attempt (or a retryable answer) is followed by
+        another: the backoff delay, and why not (L{None}: retry).  Logs the
+        attempt, announcing a retry only when one will happen.
+        """
+        config, policy = route.config, route.policy
+        delay = self._delay_before_retry(outcome, policy, ctx.attempts)
+        stop = None
+        if delay is None or not policy.attempts_left(ctx.attempts) or self._clock.seconds() + delay >= deadline_at:
+            stop = _FINAL
+        elif not route.any_may_admit(silent):
+            # Nowhere left to go: every breaker is open, or the only endpoints
+            # left are silent ones this request must not be sent to again
+            # (then it ends with its 504 at once).
+            stop = _SILENT_LEFT if route.any_may_admit() else _ALL_OPEN
+        elif not retry_budget_allows(route.retrying - retrying, route.in_flight, config.retry_budget, config.retry_budget_min):
+            stop = _BUDGET_SPENT
+            self._metrics.retry_budget_exhausted.labels(config.name).inc()
+            ctx.log.warning("retry_budget_exhausted", service=config.name, retrying=route.retrying, in_flight=route.in_flight)
+        self._log_attempt(ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
+        return delay, stop
 
     async def _first_bytes(
         self,
@@ -616,13 +664,14 @@ class ServiceBroker:
     def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
         self._metrics.observe_attempt(service, endpoint.url, outcome)
 
-    def _delay_before_retry(self, outcome, policy: RetryPolicy, attempts: int) -> float | None:
+    def _delay_before_retry(self, outcome: "_Outcome", policy: RetryPolicy, attempts: int) -> float | None:
         """
         The backoff before the next attempt, or L{None} when the backend's own
         C{Retry-After} asks for longer than C{retry_max_delay}.
         """
-        if not isinstance(outcome, _Failed) and outcome.code in RETRY_AFTER_STATUSES:
-            asked = parse_retry_after(outcome.header(b"retry-after"), self._clock.seconds())
+        answer = outcome.response
+        if answer is not None and answer.code in RETRY_AFTER_STATUSES:
+            asked = parse_retry_after(answer.header(b"retry-after"), self._clock.seconds())
             if asked is not None:
                 return asked if asked <= policy.max_delay else None
         return policy.delay_before_retry(attempts - 1, self._rng)
