@@ -79,3 +79,11 @@ def test_retry_after_in_the_past_means_now():
 def test_unreadable_retry_after_is_ignored():
     for value in (None, b"", b"soon", b"-5", b"1.5"):
         assert parse_retry_after(value, now=0) is None
+
+
+def test_jitter_never_takes_a_delay_past_its_cap():
+    policy = RetryPolicy(retries=10, delay=1.0, multiplier=2.0, max_delay=5.0, jitter=0.5)
+    rng = random.Random(3)
+    delays = [policy.delay_before_retry(retry, rng) for retry in range(3, 10) for _ in range(50)]
+    assert max(delays) == 5.0  # at the cap, jitter only ever shortens
+    assert min(delays) >= 2.5 and len(set(delays)) > 1

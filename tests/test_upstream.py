@@ -121,3 +121,16 @@ def test_a_body_that_breaks_fails_done_with_stream_broken():
     relay.done.addErrback(failures.append)
     assert failures[0].check(StreamBroken)
     assert "lost mid-answer" in failures[0].getErrorMessage()
+
+
+def test_trailer_and_the_headers_connection_names_are_hop_by_hop_both_ways():
+    from tests.fakes import FakeResponse
+    from txgateway.server import IncomingRequest
+    from txgateway.upstream import request_headers_for_upstream, response_headers_for_client
+
+    hops = {b"Trailer": b"Expires", b"Connection": b"x-hop", b"X-Hop": b"1", b"TE": b"trailers", b"X-Kept": b"2"}
+    answer = FakeResponse(200, hops, b"")
+    assert response_headers_for_client(answer) == [(b"X-Kept", b"2")]
+    request = IncomingRequest(None, b"GET", b"/x", list(hops.items()))
+    sent = dict(request_headers_for_upstream(request, "r1", "10.0.0.1"))
+    assert b"X-Kept" in sent and not {b"Trailer", b"Connection", b"X-Hop", b"TE"} & set(sent)
