@@ -1,11 +1,1 @@
-"""Shared test fixtures."""
-
-import pytest
-import structlog
-
-
-@pytest.fixture(autouse=True)
-def structlog_defaults():
-    """A test that builds a real GatewayService configures structlog globally: undo it."""
-    yield
-    structlog.reset_defaults()
+"""Shared test fixtures: none are needed (structlog is configured only by the twistd entry point)."""

@@ -187,3 +187,29 @@ def test_a_reload_is_shown_with_its_time_and_outcome(tmp_path):
     path.write_text(RELOADABLE)
     assert service.reload()
     assert service.gateway.status()["last_reload"] == {"time": 100.0, "outcome": "applied"}
+
+
+def test_the_service_leaves_structlog_alone_and_its_destination_follows_a_reload(tmp_path):
+    import structlog
+
+    from tests.test_operations import RELOADABLE, make_service
+    from txgateway.logs import LogDestination, configure_logging
+
+    structlog.reset_defaults()
+    service, reactor, path = make_service(tmp_path, RELOADABLE)
+    assert not structlog.is_configured()  # only the entry point (makeService) configures it
+    destination = LogDestination()
+    lines = []
+    write = lambda self, line: lines.append(json.loads(line))  # noqa: E731
+    first = type("Sink", (), {"msg": write})()
+    destination.use(first, "warning")
+    configure_logging(destination, cache=False)
+    try:
+        log = structlog.get_logger("t")
+        log.info("dropped")
+        log.warning("kept")
+        destination.use(first, "debug")  # what a reload to level = debug does
+        log.debug("now kept")
+    finally:
+        structlog.reset_defaults()
+    assert [line["event"] for line in lines] == ["kept", "now kept"]

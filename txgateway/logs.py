@@ -27,14 +27,14 @@ import sys
 import threading
 import time
 from datetime import datetime, timezone
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import structlog
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
-__all__ = ["AccessLog", "JsonLineSink", "TwistedJsonObserver", "configure_logging", "open_sink"]
+__all__ = ["AccessLog", "JsonLineSink", "LogDestination", "TwistedJsonObserver", "configure_logging", "open_sink"]
 
 #: Longest wait, in seconds, before a logged line is written out.
 FLUSH_INTERVAL = 0.1
@@ -189,18 +189,61 @@ def _event_first(logger: Any, method: str, event_dict: dict) -> dict:
     return ordered
 
 
-def configure_logging(sink: JsonLineSink, level: str = "info", cache: bool = True) -> None:
-    """Point structlog at C{sink}, dropping events below C{level}."""
+class LogDestination:
+    """
+    Where structlog's lines go and from which level: structlog is
+    configured once, at the entry point, to write here; the service points
+    it at its sink, and a reload at a new sink or level.
+    """
+
+    def __init__(self) -> None:
+        self.sink: Any = None
+        self.minimum = _LEVELS["info"]
+
+    def use(self, sink: Any, level: str) -> None:
+        """Write to C{sink} from now on, dropping lines below C{level}."""
+        self.sink = sink
+        self.minimum = _LEVELS[level]
+
+    def msg(self, line: str) -> None:
+        if self.sink is not None:
+            self.sink.msg(line)
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+
+#: structlog's method names and the level each logs at.
+_METHOD_LEVELS = {**_LEVELS, "warn": _LEVELS["warning"], "exception": _LEVELS["error"], "msg": _LEVELS["info"]}
+
+
+def _below_level(destination: LogDestination) -> Callable[[Any, str, dict], dict]:
+    def drop_below(logger: Any, method: str, event_dict: dict) -> dict:
+        if _METHOD_LEVELS.get(method, _LEVELS["info"]) < destination.minimum:
+            raise structlog.DropEvent
+        return event_dict
+
+    return drop_below
+
+
+def configure_logging(destination: Any, level: str | None = None, cache: bool = True) -> None:
+    """
+    Point structlog at C{destination} (a L{LogDestination}, or a sink with
+    C{level}): called once, by the entry point.
+    """
+    if not isinstance(destination, LogDestination):
+        sink, destination = destination, LogDestination()
+        destination.use(sink, level or "info")
     structlog.configure(
         processors=[
+            _below_level(destination),
             structlog.processors.add_log_level,
             _add_timestamp,
             structlog.processors.format_exc_info,
             _event_first,
             structlog.processors.JSONRenderer(serializer=json.dumps, default=str),
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=lambda *args: sink,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        logger_factory=lambda *args: destination,
         cache_logger_on_first_use=cache,
     )
 

@@ -32,7 +32,7 @@ from txgateway.cache import MemoryCacheStore, ResponseCache, connect_cache
 from txgateway.broker import Endpoint, ServiceBroker, ServiceRoute
 from txgateway.client import IUpstream, UpstreamEndpoint
 from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
-from txgateway.logs import AccessLog, TwistedJsonObserver, configure_logging, open_sink
+from txgateway.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.metrics import GatewayMetrics
 from txgateway.models import ModelTable
 from txgateway.ratelimit.interface import IRateLimitStore
@@ -192,6 +192,7 @@ class GatewayService(MultiService):
         stdout: IO[str] | None = None,
         clock: IReactorTime | None = None,
         config_path: str | None = None,
+        log_destination: LogDestination | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -201,7 +202,9 @@ class GatewayService(MultiService):
         self._stdout = sys.stdout if stdout is None else stdout
         self._config_path = config_path
         self.sink = open_sink(config.logging.file, self._stdout, self._clock)
-        configure_logging(self.sink, config.logging.level)
+        # structlog writes to this destination (configured once, by makeService).
+        self._log_destination = LogDestination() if log_destination is None else log_destination
+        self._log_destination.use(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
         self.metrics = GatewayMetrics(self._clock)
         self._upstreams: list[UpstreamEndpoint] = []
@@ -312,7 +315,7 @@ class GatewayService(MultiService):
                 old.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: [logging] file: {error}"}
                 return False
             old_sink, self.sink = self.sink, sink
-            configure_logging(self.sink, config.logging.level)
+            self._log_destination.use(self.sink, config.logging.level)
             self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
             old_sink.close()
         store = old.store

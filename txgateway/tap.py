@@ -49,8 +49,14 @@ def makeService(options: Options):
             f"txgateway: configuration error: {config.source}: [gateway] listen: "
             f"not a usable endpoint ({type(error).__name__}: {error})"
         ) from None
+    # structlog is configured here, once: the service points its destination
+    # at the log sink (and a reload at a new one).
+    from txgateway.logs import LogDestination, configure_logging
+
+    destination = LogDestination()
+    configure_logging(destination)
     try:
-        return GatewayService(config, reactor, config_path=options["config"])
+        return GatewayService(config, reactor, config_path=options["config"], log_destination=destination)
     except OSError as error:
         raise SystemExit(
             f"txgateway: configuration error: {config.source}: [logging] file: "
