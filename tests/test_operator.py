@@ -213,3 +213,12 @@ def test_the_service_leaves_structlog_alone_and_its_destination_follows_a_reload
     finally:
         structlog.reset_defaults()
     assert [line["event"] for line in lines] == ["kept", "now kept"]
+
+
+def test_twisteds_own_lines_start_with_timestamp_level_and_event_too():
+    from txgateway.logs import TwistedJsonObserver
+
+    lines = []
+    sink = type("Sink", (), {"msg": lambda self, line: lines.append(json.loads(line))})()
+    TwistedJsonObserver(sink, "info")({"log_format": "reactor started", "log_level": None, "log_namespace": "twisted"})
+    assert list(lines[0])[:3] == ["timestamp", "level", "event"]

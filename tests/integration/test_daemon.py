@@ -276,3 +276,18 @@ def test_an_unwritable_log_file_fails_at_start_with_one_line(tmp_path):
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "[logging] file" in lines[0] and "/proc/no-such-dir" in lines[0]
+
+
+def test_a_port_in_use_fails_at_start_with_one_line_naming_the_endpoint(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "gateway.ini"
+        config.write_text(f"[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n[logging]\nfile =\n[service:ai]\nurl = http://127.0.0.1:1\n")
+        result = start_and_fail(config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    [line] = [line for line in output.splitlines() if "cannot listen" in line]
+    assert f"[gateway] listen = tcp:{port}:interface=127.0.0.1: Address already in use" in line
