@@ -219,6 +219,6 @@ def test_twisteds_own_lines_start_with_timestamp_level_and_event_too():
     from txgateway.logs import TwistedJsonObserver
 
     lines = []
-    sink = type("Sink", (), {"msg": lambda self, line: lines.append(json.loads(line))})()
+    sink = type("Sink", (), {"msg": lambda self, line: lines.append(json.loads(line)), "sync": lambda self: None})()
     TwistedJsonObserver(sink, "info")({"log_format": "reactor started", "log_level": None, "log_namespace": "twisted"})
     assert list(lines[0])[:3] == ["timestamp", "level", "event"]
