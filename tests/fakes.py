@@ -279,14 +279,17 @@ def result_of(d: Deferred):
     return results[0]
 
 
-SERVICE_INI = """
+#: A gateway on any port, logging nowhere, with a rate limit no test reaches by accident.
+GATEWAY_HEAD = """
 [gateway]
 listen = tcp:0
 [logging]
 file =
 [ratelimit]
 requests = 1000
-[service:ai]
+"""
+
+SERVICE_INI = GATEWAY_HEAD + """[service:ai]
 url = http://ai.backend:8000/v1
 timeout = 10
 idle_timeout = 5

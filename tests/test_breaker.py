@@ -214,11 +214,6 @@ def test_threshold_and_cooldown_are_configurable():
 
 
 def test_the_cheap_state_follows_every_transition():
-    from twisted.internet.task import Clock
-    import structlog
-
-    from txgateway.breaker import BreakerStatus, CircuitBreaker
-
     clock = Clock()
     breaker = CircuitBreaker("s", clock, 1, 10, structlog.get_logger())
     assert breaker.state == breaker.status().state == "closed"

@@ -5,17 +5,10 @@ from __future__ import annotations
 import treq
 from twisted.internet.task import Clock
 
-from tests.fakes import FakeResponse, Harness, result_of
+from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
 from txgateway.cache import CachedAnswer, MemoryCacheStore, cache_key, freshness
 
-INI = """
-[gateway]
-listen = tcp:0
-[logging]
-file =
-[ratelimit]
-requests = 1000
-[cache]
+INI = GATEWAY_HEAD + """[cache]
 max_entry_bytes = 100
 [service:emb]
 url = http://emb.test

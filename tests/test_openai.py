@@ -10,21 +10,15 @@ import json
 
 import pytest
 import treq
+from twisted.internet.defer import Deferred
 
-from tests.fakes import FakeResponse, Harness, result_of
+from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
 from txgateway.config import ConfigError, parse_config
 
 SSE = {b"content-type": b"text/event-stream"}
 JSON = {b"content-type": b"application/json"}
 
-INI = """
-[gateway]
-listen = tcp:0
-[logging]
-file =
-[ratelimit]
-requests = 1000
-[service:primary]
+INI = GATEWAY_HEAD + """[service:primary]
 url = http://primary.test/v1
 api_key = sk-primary-secret
 retries = {retries}
@@ -54,7 +48,7 @@ def harness(
     return Harness(text, environ)
 
 
-def chat(h: Harness, model: str = "gpt-4o", stream: bool = False, **fields) -> "Deferred":
+def chat(h: Harness, model: str = "gpt-4o", stream: bool = False, **fields) -> Deferred:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], **fields}
     if stream:
         body["stream"] = True

@@ -349,9 +349,7 @@ class GatewayRoutes:
         try:
             await answering
         except GatewayError as error:
-            elapsed_ms = (self.gateway.clock.seconds() - ctx.started_at) * 1000.0
-            request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-            request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+            ctx.stamp(request, self.gateway.clock.seconds())
             answer_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
             pass

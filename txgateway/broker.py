@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from typing import TYPE_CHECKING, AbstractSet, Any, Awaitable, Callable, Mapping, NoReturn
+from typing import TYPE_CHECKING, AbstractSet, Awaitable, Callable, Mapping, NoReturn
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -208,7 +208,8 @@ class ServiceBroker:
     @param limiter: the rate limiter, or L{None} for none.
     @param metrics: where attempts, retries and limits are counted.
     @param rng: the randomness behind retry jitter.
-    @param models: the models' deployments (none when not given).
+    @param models: the models' deployments.
+    @param cache: the response cache, when a service caches.
     """
 
     def __init__(
@@ -217,19 +218,20 @@ class ServiceBroker:
         routes: Mapping[str, ServiceRoute],
         limiter: RateLimiter | None,
         metrics: GatewayMetrics,
-        rng: random.Random | None = None,
-        models: "ModelTable | None" = None,
+        rng: random.Random | None,
+        models: "ModelTable",
+        cache: "ResponseCache | None",
     ) -> None:
         self._clock = clock
         self.routes = dict(routes)
-        if models is None:
-            from txgateway.models import ModelTable
-
-            models = ModelTable({}, self.routes, _no_breaker)
+        #: Each service's targets: itself, then its fallbacks (made once, not per request).
+        self._chains = {
+            name: [Target(serving) for serving in (route, *(self.routes[f] for f in route.config.fallback if f in self.routes))]
+            for name, route in self.routes.items()
+        }
         #: The C{[model:NAME]} sections' targets.
         self.models = models
-        #: The response cache, when a service caches.
-        self.cache: "ResponseCache | None" = None
+        self.cache = cache
         self._limiter = limiter
         self._metrics = metrics
         self._rng = rng or random.Random()
@@ -254,14 +256,7 @@ class ServiceBroker:
                 pass  # not a body the gateway reads: relayed as it is
             else:
                 ctx.completion = CompletionFacts(requested_model=call.model)
-        chain = [route, *(self.routes[name] for name in route.config.fallback if name in self.routes)]
-        targets = [Target(serving) for serving in chain]
-        if self.cache is None or route.config.cache == "off":
-            await self._serve(request, ctx, checked, targets, call)
-        else:
-            # The cache answers, or sends the request on through _serve.
-            served = functools.partial(self._serve, request, ctx, checked, targets, call)
-            await self.cache.serve(request, ctx, route.config, checked, served)
+        await self._served(request, ctx, checked, checked, self._chains[route.config.name], call)
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, call: OpenAICall, targets: list["Target"], rest: bytes, query: bytes
@@ -272,12 +267,28 @@ class ServiceBroker:
         """
         checked = _checked(rest, query)
         await self._admit(request, ctx, targets[0].route.config)
+        await self._served(request, ctx, checked, b"/v1" + checked, targets, call)
+
+    def _served(
+        self,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        checked: bytes,
+        cached_as: bytes,
+        targets: list["Target"],
+        call: OpenAICall | None,
+    ) -> Awaitable[None]:
+        """
+        Serving through the targets, or through the response cache when the
+        first target's service caches (C{cached_as}: the target path its key
+        names).  Not a coroutine of its own: no extra frame per request.
+        """
         config = targets[0].route.config
         if self.cache is None or config.cache == "off":
-            await self._serve(request, ctx, checked, targets, call)
-        else:
-            served = functools.partial(self._serve, request, ctx, checked, targets, call)
-            await self.cache.serve(request, ctx, config, b"/v1" + checked, served)
+            return self._serve(request, ctx, checked, targets, call)
+        # The cache answers, or sends the request on through _serve.
+        served = functools.partial(self._serve, request, ctx, checked, targets, call)
+        return self.cache.serve(request, ctx, config, cached_as, served)
 
     async def _admit(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> None:
         """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""
@@ -390,18 +401,26 @@ class ServiceBroker:
         return None
 
     def _openai_commit_point(
-        self, call: OpenAICall, transcript: Transcript | None, ctx: RequestContext, config: ServiceConfig
+        self,
+        call: OpenAICall,
+        transcript: Transcript | None,
+        ctx: RequestContext,
+        config: ServiceConfig,
+        resumed: bool = False,
     ) -> Callable[[UpstreamResponse], Awaitable[tuple[BodyRelay, Exception | None, str]]]:
         """
         The commit point of an OpenAI answer: a completion stream's first
         token (within C{first_token_timeout}), else the first byte; a
-        successful JSON answer has its usage read as it passes.
+        successful JSON answer has its usage read as it passes.  C{resumed}:
+        the stream continues one that broke.
         """
         on_usage = functools.partial(self._count_usage, ctx, config.name)
 
         def commit_point(response: UpstreamResponse):
             if response.code == 200 and transcript is not None and _is_event_stream(response):
-                relay = EventStreamRelay(self._clock, config.idle_timeout, transcript, on_usage, call.client_wants_usage)
+                relay = EventStreamRelay(
+                    self._clock, config.idle_timeout, transcript, on_usage, call.client_wants_usage, resumed
+                )
                 return self._first_bytes(response, config, relay, config.token_timeout, "first token")
             relay = JsonAnswerRelay(self._clock, config.idle_timeout, on_usage) if response.code == 200 else None
             return self._first_bytes(response, config, relay)
@@ -425,7 +444,8 @@ class ServiceBroker:
     def _fall_over(self, ctx: RequestContext, gave_up: "Target", to: "Target", reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
         ctx.fallback_from.append(gave_up.label)
-        self._metrics.fallback(ctx.service or gave_up.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
+        service = ctx.service or gave_up.route.config.name
+        self._metrics.fallback(service, to.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
         ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)
 
     def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext, serving: "Target") -> None:
@@ -691,9 +711,7 @@ class ServiceBroker:
         ctx: RequestContext,
     ) -> None:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
-        elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
-        request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-        request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        ctx.stamp(request, self._clock.seconds())
         request.start(response.code, response.reason, response_headers_for_client(response), response.length)
         if held is None:
             relay = BodyRelay(request, self._clock, route.config.idle_timeout)
@@ -754,9 +772,7 @@ class ServiceBroker:
         far, and relay that as more of the same answer; when none can, end
         with the SSE error event of the I{original} break.
         """
-        elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
-        request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-        request.set_header(b"X-Gateway-Attempts", b"%d" % ctx.attempts)
+        ctx.stamp(request, self._clock.seconds())
         # Chunked whatever the backend said: events may be left out or renamed.
         request.start(response.code, response.reason, response_headers_for_client(response), None)
         relay.commit(request)
@@ -824,17 +840,12 @@ class ServiceBroker:
                 endpoint, admission = route.choose(ctx.request_id, broke_endpoint)
             if endpoint is None:
                 continue
-            ctx.attempts += 1
-            relay = EventStreamRelay(
-                self._clock, config.idle_timeout, transcript, functools.partial(self._count_usage, ctx, config.name),
-                call.client_wants_usage, resumed=True,
-            )
             body = call.body_for(target.model, prefill=transcript.text)
             headers = self._headers_for(request, ctx, config)
-            refused = await self._resume_attempt(endpoint, admission, headers, body, checked, relay, config, ctx)
-            outcome = "failed" if refused else "resumed"
-            self._metrics.stream_resumes.labels(config.name, outcome).inc()
-            if refused is None:
+            commit_point = self._openai_commit_point(call, transcript, ctx, config, resumed=True)
+            relay, refused = await self._resume_attempt(endpoint, admission, headers, body, checked, config, ctx, commit_point)
+            self._metrics.stream_resumes.labels(config.name, "failed" if refused else "resumed").inc()
+            if relay is not None:
                 ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=endpoint.url)
                 return target, endpoint, admission, relay
             ctx.log.warning("resume_failed", service=config.name, model=target.model, reason=refused)
@@ -847,51 +858,29 @@ class ServiceBroker:
         headers: list,
         body: bytes,
         checked: bytes,
-        relay: EventStreamRelay,
         config: ServiceConfig,
         ctx: RequestContext,
-    ) -> str | None:
+        commit_point: Callable[[UpstreamResponse], Awaitable[tuple[BodyRelay, Exception | None, str]]],
+    ) -> tuple[EventStreamRelay | None, str | None]:
         """
-        One request for the rest of a broken stream: L{None} once its first
-        token is held in C{relay} (the endpoint then counts it in flight),
-        else why it failed.
+        One attempt (no retry, no deadline but its own timeouts) for the
+        rest of a broken stream: the relay holding its first token (the
+        endpoint then counts it in flight), or why it failed or was refused.
         """
-        breaker = endpoint.breaker
-        attempt = endpoint.upstream.request(b"POST", join_target(endpoint.upstream.base_path, checked), headers, body)
-        attempt.addTimeout(config.timeout, self._clock, onTimeoutCancel=_timed_out)
-        endpoint.in_flight += 1
-        try:
-            response = await attempt
-        except Exception as error:
+        outcome = await self._attempt(
+            b"POST", checked, headers, body, config, endpoint, admission, ctx, math.inf, False, set(), commit_point
+        )
+        if outcome.failure is not None:
+            return None, outcome.failure.reason
+        if not isinstance(outcome.relay, EventStreamRelay):
+            # A refusal (a backend that takes no assistant prefill says 400),
+            # or an answer that is no stream.
             endpoint.in_flight -= 1
-            if ctx.client_gone or isinstance(error, CancelledError):
-                breaker.abandoned(admission)
-                raise CancelledError() from None
-            reason = f"no answer within {config.timeout:g} s" if isinstance(error, TimeoutError) else _describe(error)
-            breaker.failed(admission, reason)
-            self._count_attempt(config.name, endpoint, "timeout" if isinstance(error, TimeoutError) else "connection_error")
-            return reason
-        if response.code != 200 or not _is_event_stream(response):
-            # A refusal (a backend that takes no assistant prefill says 400).
-            if is_breaker_failure(response.code):
-                breaker.failed(admission, f"status {response.code}")
-            else:
-                breaker.succeeded(admission)
-            self._count_attempt(config.name, endpoint, "answered")
-            endpoint.in_flight -= 1
-            response.discard()
-            return f"status {response.code}"
-        breaker.succeeded(admission)
-        self._count_attempt(config.name, endpoint, "answered")
-        relay, error, waited = await self._first_bytes(response, config, relay, config.token_timeout, "first token")
-        if error is None:
-            return None
-        endpoint.in_flight -= 1
-        if ctx.client_gone or isinstance(error, CancelledError):
-            raise CancelledError() from None
-        reason = waited if isinstance(error, TimeoutError) else f"the answer broke before its first token: {error}"
-        breaker.failed(admission, reason)
-        return reason
+            if outcome.relay is not None:
+                outcome.relay.cancel()
+            outcome.response.discard()
+            return None, f"status {outcome.response.code}"
+        return outcome.relay, None
 
 
 @attrs.frozen
@@ -910,10 +899,6 @@ class Target:
         """How logs and headers name it: C{service}, or C{service:model}."""
         name = self.route.config.name
         return name if self.model is None else f"{name}:{self.model}"
-
-
-def _no_breaker(service: ServiceConfig, url: str, model: str) -> CircuitBreaker:
-    raise AssertionError("a table without models makes no deployments")
 
 
 #: The most times one answer's stream is resumed.

@@ -135,6 +135,8 @@ class MemoryCacheStore:
 
     description = {"backend": "memory", "healthy": True}
     healthy = True
+    #: It answers at once (L{RedisCacheStore} answers later).
+    asynchronous = False
 
     def __init__(self, clock: IReactorTime, max_bytes: int) -> None:
         self._clock = clock
@@ -176,11 +178,12 @@ class MemoryCacheStore:
         self.bytes = 0
 
 
-async def _result(value: "CachedAnswer | None | Deferred[CachedAnswer | None]") -> CachedAnswer | None:
-    """A store's answer, whether it came at once (memory) or later (Redis)."""
-    if isinstance(value, Deferred) or iscoroutine(value):
-        return await value
-    return value
+def _lookup_now(store: MemoryCacheStore, key: str, request: IncomingRequest) -> CachedAnswer | None:
+    """The fresh entry for C{request} in a store that answers at once (memory: no coroutine on a hit)."""
+    entry = store.get(key)
+    if entry is not None and entry.vary:
+        entry = store.get(varied_key(key, entry.vary, request))
+    return entry
 
 
 def encode_entry(entry: CachedAnswer) -> bytes:
@@ -223,6 +226,8 @@ class RedisCacheStore:
         self._retry_interval = retry_interval
         self._disconnect = disconnect
         self._down_until: float | None = None
+
+    asynchronous = True
 
     @property
     def healthy(self) -> bool:
@@ -383,11 +388,7 @@ class ResponseCache:
         key = cache_key(config.name, b"GET" if head else method, target, request.body, caller)
         if b"no-cache" not in control:
             try:
-                entry = store.get(key)  # at once from memory: no coroutine on a hit
-                if entry is not None and not isinstance(entry, CachedAnswer):
-                    entry = await entry
-                if entry is not None and entry.vary:
-                    entry = await _result(store.get(varied_key(key, entry.vary, request)))
+                entry = await self._lookup(store, key, request) if store.asynchronous else _lookup_now(store, key, request)
             except CancelledError:
                 raise
             except Exception:
@@ -412,8 +413,9 @@ class ResponseCache:
         if head:
             await proxied()
             return
-        leading = key not in self._flights
-        flight = self._flights.setdefault(key, _Flight()) if leading else None
+        flight = None  # only the first miss of a key leads; later ones went on alone
+        if key not in self._flights:
+            flight = self._flights[key] = _Flight()
         recorder = request.recorder = _Recorder(self._max_entry_bytes)
         kept = None
         try:
@@ -428,6 +430,13 @@ class ResponseCache:
             if flight is not None:
                 del self._flights[key]
                 flight.done(kept)
+
+    async def _lookup(self, store: "RedisCacheStore", key: str, request: IncomingRequest) -> CachedAnswer | None:
+        """The fresh entry for C{request} in a store that answers later (Redis)."""
+        entry = await store.get(key)
+        if entry is not None and entry.vary:
+            entry = await store.get(varied_key(key, entry.vary, request))
+        return entry
 
     async def _wait(self, flight: _Flight, config: ServiceConfig) -> CachedAnswer | None:
         """The answer of the miss in flight, or L{None} (it failed, or C{coalesce_wait} passed)."""
@@ -465,13 +474,11 @@ class ResponseCache:
 
     def _answer(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig, entry: CachedAnswer) -> None:
         """Answer from C{entry}: its status, headers and body, with this request's own headers."""
-        age = max(0, int(self._clock.seconds() - entry.stored_at))
+        now = self._clock.seconds()
         request.set_header(b"X-Cache", b"HIT")
         request.set_header(b"X-Gateway-Service", config.name.encode("ascii"))
-        request.set_header(b"Age", b"%d" % age)
-        elapsed_ms = (self._clock.seconds() - ctx.started_at) * 1000.0
-        request.set_header(b"X-Gateway-Response-Time", b"%d" % round(elapsed_ms))
-        request.set_header(b"X-Gateway-Attempts", b"0")
+        request.set_header(b"Age", b"%d" % max(0, int(now - entry.stored_at)))
+        ctx.stamp(request, now)  # no attempt was made: X-Gateway-Attempts: 0
         request.start(entry.code, entry.reason, list(entry.headers), len(entry.body))
         request.write(entry.body)
 

@@ -131,6 +131,15 @@ class RequestContext:
             self._bound_log = self.base_log.bind(request_id=self.request_id, trace_id=trace_id)
         return self._bound_log
 
+    def stamp(self, request: Any, now: float) -> None:
+        """
+        Put the gateway's own account on C{request}'s answer, just before it
+        starts: C{X-Gateway-Response-Time} (whole ms until now) and
+        C{X-Gateway-Attempts}.
+        """
+        request.set_header(b"X-Gateway-Response-Time", b"%d" % round((now - self.started_at) * 1000.0))
+        request.set_header(b"X-Gateway-Attempts", b"%d" % self.attempts)
+
     def bind(self, **values: Any) -> None:
         """Add C{values} to every later line of this request's log."""
         self._bound_log = self.log.bind(**values)

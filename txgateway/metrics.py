@@ -240,9 +240,12 @@ class GatewayMetrics:
         self.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
         self.events.add("circuit", f"{service} {endpoint}", from_state, to_state, reason, request_id)
 
-    def fallback(self, service: str, gave_up: str, to: str, reason: str, request_id: str) -> None:
-        """A service (or a model's target) gave up and the next one is tried."""
-        self.fallbacks.labels(service, to.split(":", 1)[0]).inc()
+    def fallback(self, service: str, to_service: str, gave_up: str, to: str, reason: str, request_id: str) -> None:
+        """
+        A service (or a model's target, C{gave_up}) gave up and the next one
+        (C{to}, of C{to_service}) is tried.
+        """
+        self.fallbacks.labels(service, to_service).inc()
         self.events.add("fallback", service, gave_up, to, reason, request_id)
 
     def exposition(self) -> bytes:

@@ -41,13 +41,12 @@ class ModelTable:
         self.models = dict(models)
         self._routes = routes
         self._make_breaker = make_breaker
-        self._kept = dict(previous._deployments) if previous is not None else {}
         self._deployments: dict[tuple[str, str], ServiceRoute] = {}
+        before = previous._deployments if previous is not None else {}
         for model in self.models.values():
             for target in model.targets:
                 if target.model is not None:
-                    self._deployment(target.service, target.model)
-        self._kept = {}
+                    self._deployment(target.service, target.model, before.get((target.service, target.model)))
 
     def names(self) -> list[str]:
         """The models clients may name, in configuration order (without C{*})."""
@@ -68,13 +67,13 @@ class ModelTable:
             for target in model.targets
         ]
 
-    def _deployment(self, service: str, model: str) -> ServiceRoute:
+    def _deployment(self, service: str, model: str, before: ServiceRoute | None = None) -> ServiceRoute:
+        """The deployment of C{model} on C{service}, made now if need be (keeping C{before}'s breakers)."""
         key = (service, model)
         route = self._deployments.get(key)
         if route is not None:
             return route
         serving = self._routes[service]
-        before = self._kept.get(key)
         kept = {endpoint.url: endpoint for endpoint in before.endpoints} if before is not None else {}
         endpoints = []
         for endpoint in serving.endpoints:

@@ -143,11 +143,12 @@ def build_gateway(
         )
 
     models = ModelTable(config.models, routes, deployment_breaker, previous.broker.models if previous else None)
-    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models)
     if cache_stores is None:
         cache_stores = memory_cache_store(config, clock, metrics)
+    cache = None
     if any(service.cache != "off" for service in config.services.values()):
-        broker.cache = ResponseCache(clock, dict(cache_stores), metrics, config.cache.max_entry_bytes)
+        cache = ResponseCache(clock, dict(cache_stores), metrics, config.cache.max_entry_bytes)
+    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache)
     started_at = previous.started_at if previous is not None else None
     return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
 

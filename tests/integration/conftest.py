@@ -131,6 +131,18 @@ def fresh_backend(tmp_path):
     server.process.stop()
 
 
+#: The start of a daemon's gateway.ini: its port (filled in by L{Gateway}), its
+#: log file, and a rate limit no test reaches by accident.
+DAEMON_HEAD = """
+[gateway]
+listen = tcp:{port}:interface=127.0.0.1
+[logging]
+file = logs/combined.log
+[ratelimit]
+requests = 100000
+"""
+
+
 class Gateway:
     """The daemon, run as users run it: twistd -n txgateway --config FILE."""
 

@@ -12,7 +12,7 @@ import threading
 import openai
 import pytest
 
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import DAEMON_HEAD, wait_until
 from tests.integration.test_openai_sdk import FULL, OpenAIBackend
 from tests.integration.test_redis import RedisServer
 
@@ -21,14 +21,7 @@ pytestmark = pytest.mark.integration
 
 def cache_ini(backend_url: str, cache: str, redis_url: str = "", extra: str = "") -> str:
     redis = f"redis_url = {redis_url}\nredis_timeout = 0.2\n" if redis_url else ""
-    return f"""
-[gateway]
-listen = tcp:{{port}}:interface=127.0.0.1
-[logging]
-file = logs/combined.log
-[ratelimit]
-requests = 100000
-[cache]
+    return DAEMON_HEAD + f"""[cache]
 {redis}
 [service:cached]
 url = {backend_url}

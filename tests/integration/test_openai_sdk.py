@@ -12,7 +12,7 @@ import time
 import openai
 import pytest
 
-from tests.integration.conftest import REPO, Process, request, wait_until
+from tests.integration.conftest import DAEMON_HEAD, REPO, Process, request, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -42,14 +42,7 @@ def backend(tmp_path):
 
 def ini(url: str) -> str:
     common = "timeout = 2\nretry_delay = 0.05\nfirst_token_timeout = 1\nidle_timeout = 1\nbreaker_threshold = 2\nbreaker_cooldown = 1\n"
-    return f"""
-[gateway]
-listen = tcp:{{port}}:interface=127.0.0.1
-[logging]
-file = logs/combined.log
-[ratelimit]
-requests = 100000
-[auth]
+    return DAEMON_HEAD + f"""[auth]
 keys = sdk:gateway-key
 [service:cloud]
 url = {url}

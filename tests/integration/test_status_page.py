@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Backend, wait_until
+from tests.integration.conftest import DAEMON_HEAD, Backend, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +43,7 @@ def render(url: str, workdir: Path, budget_ms: int = 3000, screenshot: Path | No
 
 
 def status_ini(healthy: str, doomed: str) -> str:
-    return f"""
-[gateway]
-listen = tcp:{{port}}:interface=127.0.0.1
-[logging]
-file = logs/combined.log
-[ratelimit]
-requests = 100000
-[service:steady]
+    return DAEMON_HEAD + f"""[service:steady]
 url = {healthy}
 [service:doomed]
 url = {doomed}
