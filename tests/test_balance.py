@@ -7,7 +7,7 @@ import random
 import attrs
 import pytest
 
-from txgateway.balance import Balancer, decayed
+from txgateway.routing.balance import Balancer, decayed
 
 
 @attrs.define(eq=False)

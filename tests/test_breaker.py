@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 import structlog
 
-from txgateway.breaker import BreakerStatus, CircuitBreaker
+from txgateway.resilience.breaker import BreakerStatus, CircuitBreaker
 
 
 def make(threshold=5, cooldown=60.0):

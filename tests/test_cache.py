@@ -6,7 +6,8 @@ import treq
 from twisted.internet.task import Clock
 
 from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
-from txgateway.cache import CachedAnswer, MemoryCacheStore, cache_key, freshness
+from txgateway.cache.policy import CachedAnswer, cache_key, freshness
+from txgateway.cache.stores import MemoryCacheStore
 
 INI = GATEWAY_HEAD + """[cache]
 max_entry_bytes = 100
@@ -67,12 +68,12 @@ def test_the_memory_store_drops_the_least_recently_used_by_bytes_and_expired_ent
     store = MemoryCacheStore(clock, max_bytes=entry.size * 2)
     store.put("a", entry)
     store.put("b", entry)
-    assert store.get("a") is entry  # a is now the most recently used
+    assert result_of(store.get("a")) is entry  # a is now the most recently used
     store.put("c", entry)
-    assert store.get("b") is None and store.get("a") is entry and store.get("c") is entry
+    assert result_of(store.get("b")) is None and result_of(store.get("a")) is entry and result_of(store.get("c")) is entry
     assert store.bytes == entry.size * 2
     clock.advance(10)
-    assert store.get("a") is None and len(store) == 1
+    assert result_of(store.get("a")) is None and len(store) == 1
 
 
 def test_a_second_identical_request_is_a_hit_with_age_and_its_own_request_id():
@@ -233,7 +234,7 @@ class SilentRedis:
 def test_a_silent_redis_is_bypassed_after_its_timeout_and_logged_once_each_way():
     from structlog.testing import capture_logs
 
-    from txgateway.cache import RedisCacheStore
+    from txgateway.cache.stores import RedisCacheStore
 
     redis = SilentRedis()
     h = Harness(INI.replace("cache = memory", "cache = redis"))

@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from tests.fakes import cyclic_garbage_of, result_of
-from txgateway.client import StreamEnded, UpstreamConnectionLost, UpstreamEndpoint, UpstreamProtocolError
+from txgateway.dataplane.client import StreamEnded, UpstreamConnectionLost, UpstreamEndpoint, UpstreamProtocolError
 
 
 class Body:
@@ -453,7 +453,7 @@ def test_no_bytes_from_a_backend_raise_out_of_the_client(data, then_lose):
 def test_an_exchange_leaves_no_reference_cycle_behind():
     from twisted.internet.task import Clock
 
-    from txgateway.upstream import BodyRelay
+    from txgateway.dataplane.relay import BodyRelay
 
     class Request:
         def write(self, data): pass

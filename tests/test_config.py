@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txgateway.config import DEFAULT_INI, ConfigError, load_config, parse_config
+from txgateway.config.gateway import DEFAULT_INI, ConfigError, load_config, parse_config
 
 MINIMAL = """
 [service:ai]
@@ -154,7 +154,7 @@ def test_no_value_of_a_known_key_raises_anything_but_config_error(key, value):
 
 
 def test_a_service_url_may_list_several_endpoints():
-    from txgateway.config import parse_config
+    from txgateway.config.gateway import parse_config
 
     config = parse_config("[service:s]\nurl = http://a:1/v1/ ,https://b:2\nbalance = round_robin\n", "t.ini", environ={})
     service = config.services["s"]
@@ -167,7 +167,7 @@ def test_a_service_url_may_list_several_endpoints():
     [("http://a:1,", "separated by commas"), ("http://a:1, ftp://b", "expected an http://"), ("http://a:1, http://a:1", "given twice")],
 )
 def test_a_bad_endpoint_list_is_named(value, complaint):
-    from txgateway.config import ConfigError, parse_config
+    from txgateway.config.gateway import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match=rf"t.ini: \[service:s\] url: .*{complaint}"):
         parse_config(f"[service:s]\nurl = {value}\n", "t.ini", environ={})
@@ -178,7 +178,7 @@ def test_a_bad_endpoint_list_is_named(value, complaint):
     [("nowhere", "no service is named 'nowhere'"), ("a", "cannot be its own fallback")],
 )
 def test_a_fallback_must_name_another_service(fallback, complaint):
-    from txgateway.config import ConfigError, parse_config
+    from txgateway.config.gateway import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match=rf"t.ini: \[service:a\] fallback: .*{complaint}"):
         parse_config(f"[service:a]\nurl = http://a:1\nfallback = {fallback}\n[service:b]\nurl = http://b:1\n", "t.ini", environ={})

@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 
-from txgateway._eager import writer_for
+from txgateway.dataplane.eager import writer_for
 
 
 class Collect(protocol.Protocol):

@@ -626,9 +626,9 @@ def test_requests_in_flight_are_shown_per_endpoint():
 
 
 def test_a_reload_keeps_the_endpoints_whose_url_stayed():
-    from txgateway.config import parse_config
-    from txgateway.metrics import GatewayMetrics
-    from txgateway.service import build_routes
+    from txgateway.config.gateway import parse_config
+    from txgateway.observability.metrics import GatewayMetrics
+    from txgateway.daemon.service import build_routes
 
     h = Harness(TWO)
     before = h.gateway.broker.routes["data"]

@@ -7,8 +7,8 @@ import threading
 
 from twisted.internet.task import Clock
 
-from txgateway import logs
-from txgateway.logs import AccessLog, JsonLineSink
+from txgateway.observability import logs
+from txgateway.observability.logs import AccessLog, JsonLineSink
 
 
 class SlowStream(io.StringIO):
@@ -75,7 +75,7 @@ def test_without_a_clock_each_line_is_written_at_once():
 def test_the_access_line_starts_with_timestamp_level_and_event():
     import json
 
-    from txgateway.context import RequestContext
+    from txgateway.observability.context import RequestContext
 
     stream = io.StringIO()
     ctx = RequestContext(request_id="r-1", client="192.0.2.1", started_at=0.0, base_log=None)

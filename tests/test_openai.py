@@ -13,7 +13,7 @@ import treq
 from twisted.internet.defer import Deferred
 
 from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
-from txgateway.config import ConfigError, parse_config
+from txgateway.config.gateway import ConfigError, parse_config
 
 SSE = {b"content-type": b"text/event-stream"}
 JSON = {b"content-type": b"application/json"}

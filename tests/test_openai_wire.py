@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from txgateway.openai_wire import (
+from txgateway.openai.wire import (
     NEXT_TARGET,
     PASS_THROUGH,
     BadCall,

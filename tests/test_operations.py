@@ -13,9 +13,9 @@ from structlog.testing import capture_logs
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.fakes import SERVICE_INI, FakeResponse, Harness, result_of
-from txgateway.config import parse_config
-from txgateway.service import GatewayService
-from txgateway.tracing import trace_context_for
+from txgateway.config.gateway import parse_config
+from txgateway.daemon.service import GatewayService
+from txgateway.observability.tracing import trace_context_for
 
 
 def answer(h, service="ai", code=200, body=b"ok"):
@@ -222,7 +222,7 @@ def test_keys_come_from_a_keys_file_too(tmp_path):
 
 
 def test_a_bad_keys_file_line_is_named(tmp_path):
-    from txgateway.config import ConfigError
+    from txgateway.config.gateway import ConfigError
 
     keys = tmp_path / "keys"
     keys.write_text("team-c:gamma\nbroken\n")

@@ -17,10 +17,10 @@ from structlog.testing import capture_logs
 from twisted.internet.testing import MemoryReactorClock
 
 from tests.fakes import SERVICE_INI, DataPlaneAgent, FakeResponse, Harness, result_of
-from txgateway.config import ConfigError, parse_config
-from txgateway.logs import AccessLog
-from txgateway.service import GatewayService
-from txgateway.status import RecentWindow, percentile_of
+from txgateway.config.gateway import ConfigError, parse_config
+from txgateway.observability.logs import AccessLog
+from txgateway.daemon.service import GatewayService
+from txgateway.observability.window import RecentWindow, percentile_of
 
 JSON = {b"content-type": b"application/json"}
 
@@ -106,7 +106,7 @@ def test_a_debug_access_log_keeps_the_probes():
 
 
 def test_every_structlog_line_starts_with_timestamp_level_and_event():
-    from txgateway.logs import configure_logging
+    from txgateway.observability.logs import configure_logging
 
     lines = []
     write = lambda self, line: lines.append(json.loads(line))  # noqa: E731
@@ -193,7 +193,7 @@ def test_the_service_leaves_structlog_alone_and_its_destination_follows_a_reload
     import structlog
 
     from tests.test_operations import RELOADABLE, make_service
-    from txgateway.logs import LogDestination, configure_logging
+    from txgateway.observability.logs import LogDestination, configure_logging
 
     structlog.reset_defaults()
     service, reactor, path = make_service(tmp_path, RELOADABLE)
@@ -216,7 +216,7 @@ def test_the_service_leaves_structlog_alone_and_its_destination_follows_a_reload
 
 
 def test_twisteds_own_lines_start_with_timestamp_level_and_event_too():
-    from txgateway.logs import TwistedJsonObserver
+    from txgateway.observability.logs import TwistedJsonObserver
 
     lines = []
     sink = type("Sink", (), {"msg": lambda self, line: lines.append(json.loads(line)), "sync": lambda self: None})()

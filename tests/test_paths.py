@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txgateway.paths import UnsafePath, split_api_path, upstream_url
+from txgateway.routing.paths import UnsafePath, split_api_path, upstream_url
 
 
 def test_prefix_is_stripped_and_rest_appended_to_the_base_path():

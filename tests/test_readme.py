@@ -7,7 +7,8 @@ import attrs
 import docutils.core
 import pytest
 
-from txgateway import config, errors
+from txgateway import errors
+from txgateway.config import gateway as config
 
 README = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
 

@@ -4,7 +4,7 @@ import random
 from email.utils import format_datetime
 from datetime import datetime, timezone
 
-from txgateway.retry import RETRYABLE_STATUSES, RetryPolicy, is_breaker_failure, parse_retry_after
+from txgateway.resilience.retry import RETRYABLE_STATUSES, RetryPolicy, is_breaker_failure, parse_retry_after
 
 
 def test_default_schedule_is_one_two_four_seconds():
@@ -40,7 +40,7 @@ def test_only_429_500_502_503_504_are_retried():
 
 
 def test_a_silent_backend_gets_a_request_again_only_when_that_is_safe():
-    from txgateway.retry import may_resend_after_silence as may
+    from txgateway.resilience.retry import may_resend_after_silence as may
 
     assert may("idempotent", b"GET", False) and may("idempotent", b"PUT", False) and may("idempotent", b"DELETE", False)
     assert not may("idempotent", b"POST", False) and not may("idempotent", b"PATCH", False)
@@ -49,7 +49,7 @@ def test_a_silent_backend_gets_a_request_again_only_when_that_is_safe():
 
 
 def test_the_retry_budget_is_a_share_of_the_requests_in_flight_with_a_floor():
-    from txgateway.retry import retry_budget_allows as allows
+    from txgateway.resilience.retry import retry_budget_allows as allows
 
     assert allows(2, 10, 20, 3) and not allows(3, 10, 20, 3)  # the floor: 3
     assert allows(19, 100, 20, 3) and not allows(20, 100, 20, 3)  # 20% of 100

@@ -10,10 +10,11 @@ nowhere else.
 from __future__ import annotations
 
 import json
+from typing import Iterable
 
 import attrs
 
-__all__ = ["ErrorKind", "GatewayError", "error_body", "KINDS"]
+__all__ = ["ErrorAnswer", "ErrorKind", "GatewayError", "KINDS", "error_answer", "error_body"]
 
 
 @attrs.frozen
@@ -90,3 +91,23 @@ def error_body(kind: ErrorKind, message: str, request_id: str) -> bytes:
     return json.dumps(
         {"error": {"type": kind.type, "message": message, "request_id": request_id}}
     ).encode("utf-8")
+
+
+
+@attrs.frozen
+class ErrorAnswer:
+    """A whole error answer: status, headers (Content-Type first) and the JSON body."""
+
+    status: int
+    headers: list
+    body: bytes
+
+
+def error_answer(
+    kind: ErrorKind, message: str, request_id: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> ErrorAnswer:
+    """
+    The error answer a client sees, from the data plane, the front or the
+    admin routes alike: every one is made here.
+    """
+    return ErrorAnswer(kind.status, [(b"Content-Type", b"application/json"), *headers], error_body(kind, message, request_id))

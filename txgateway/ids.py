@@ -8,8 +8,11 @@ about a twentieth of the CPU time of a proxied request).
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ["random_hex", "uuid4_string"]
+__all__ = ["random_hex", "request_id_for", "uuid4_string"]
+
+_SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 
 _BLOCK = 8192
 _pool = {"bytes": b"", "offset": 0}
@@ -47,3 +50,13 @@ def uuid4_string() -> str:
     raw[8] = (raw[8] & 0x3F) | 0x80
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+def request_id_for(sent: bytes | None) -> str:
+    """
+    The id a request goes by: the client's C{X-Request-ID} when it is short
+    and safe (letters, digits, C{-_.:}, at most 128), else a new UUID, so it
+    can never inject a header or a log field.
+    """
+    if sent is not None and _SAFE_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return uuid4_string()

@@ -21,8 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
 from tests.integration.conftest import free_port
-from txgateway.config import parse_config
-from txgateway.service import GatewayService
+from txgateway.config.gateway import parse_config
+from txgateway.daemon.service import GatewayService
 
 pytestmark = pytest.mark.integration
 

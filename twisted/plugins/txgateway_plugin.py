@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 txgateway = ServiceMaker(
     "txgateway",
-    "txgateway.tap",
+    "txgateway.daemon.tap",
     "API gateway for AI services: routing, streaming, circuit breakers, "
     "retries, rate limits.",
     "txgateway",

@@ -17,9 +17,9 @@ class IRateLimitStore(Interface):
         @param key: the client key (address, header value, key name).
         @type key: L{str}
         @type spec: L{txgateway.ratelimit.bucket.BucketSpec}
-        @return: a L{txgateway.ratelimit.bucket.Decision}, or a L{Deferred}
-            firing with one (a store that asks another process); it never
-            fails.
+        @return: a L{Deferred} firing with a
+            L{txgateway.ratelimit.bucket.Decision} (at once from a store in
+            this process, later from one that asks another); it never fails.
         """
 
     def close():

@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from txgateway.config import RateLimitConfig, ServiceConfig
+from txgateway.config.gateway import RateLimitConfig, ServiceConfig
 from txgateway.ratelimit.bucket import BucketSpec, Decision
 from txgateway.ratelimit.interface import IRateLimitStore
 
@@ -61,6 +61,6 @@ class RateLimiter:
 
     def take(
         self, request: Any, client: str, service: ServiceConfig, caller: str | None = None
-    ) -> Decision | Deferred[Decision]:
+    ) -> Deferred[Decision]:
         """Take one token for this request from the store (see L{IRateLimitStore.take})."""
         return self.store.take(self.key_for(request, client, caller), self.spec_for(service))

@@ -46,9 +46,9 @@ class MemoryRateLimitStore:
         self._buckets[slot] = (tokens, now, spec.window)
         return decision
 
-    def take(self, key: str, spec: BucketSpec) -> Decision:
-        # Decided here and now: no Deferred to wait for on every request.
-        return self.decide(key, spec)
+    def take(self, key: str, spec: BucketSpec) -> Deferred[Decision]:
+        """L{decide}, as a Deferred that has already fired."""
+        return succeed(self.decide(key, spec))
 
     def _forget_idle(self, now: float) -> None:
         buckets = self._buckets

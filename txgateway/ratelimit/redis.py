@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.breaker import CircuitBreaker
+from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.memory import MemoryRateLimitStore

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.status import EventRing, RecentWindow
+from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentWindow
 
 #: The classic text format, which every Prometheus scrapes (the names here
 #: need none of the newer format's escaping).
@@ -23,7 +23,6 @@ CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 __all__ = ["GatewayMetrics", "CONTENT_TYPE_LATEST", "method_label", "status_class"]
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _CIRCUIT_STATES = ("closed", "open", "half_open")
 
 
@@ -122,12 +121,12 @@ def _histogram(name: str, documentation: str, labels: list[str], by_labels: dict
 def _observe(by_labels: dict[tuple[str, ...], list], labels: tuple[str, ...], seconds: float) -> None:
     entry = by_labels.get(labels)
     if entry is None:
-        entry = by_labels[labels] = [[0] * (len(_LATENCY_BUCKETS) + 1), 0.0]
-    entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        entry = by_labels[labels] = [[0] * (len(LATENCY_BUCKETS) + 1), 0.0]
+    entry[0][bisect_left(LATENCY_BUCKETS, seconds)] += 1
     entry[1] += seconds
 
 
-_BUCKET_NAMES = [repr(float(bound)) for bound in _LATENCY_BUCKETS] + ["+Inf"]
+_BUCKET_NAMES = [repr(float(bound)) for bound in LATENCY_BUCKETS] + ["+Inf"]
 
 
 # No *_created series: one more line per counter that no dashboard reads.

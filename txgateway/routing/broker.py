@@ -17,19 +17,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from txgateway import errors
-from txgateway.balance import Balancer, decayed
-from txgateway.breaker import OPEN, Admission, CircuitBreaker
+from txgateway.routing.balance import Balancer, decayed
+from txgateway.resilience.breaker import OPEN, Admission, CircuitBreaker
 
 if TYPE_CHECKING:
-    from txgateway.cache import ResponseCache
-    from txgateway.models import ModelTable
-from txgateway.client import IUpstream, UpstreamResponse
-from txgateway.config import ServiceConfig
-from txgateway.context import CompletionFacts, RequestContext
+    from txgateway.cache.responses import ResponseCache
+    from txgateway.routing.deployments import ModelTable
+from txgateway.dataplane.client import IUpstream, UpstreamResponse
+from txgateway.config.gateway import ServiceConfig
+from txgateway.observability.context import CompletionFacts, RequestContext
 from txgateway.errors import GatewayError, error_body
-from txgateway.metrics import GatewayMetrics
-from txgateway.openai_stream import EventStreamRelay, JsonAnswerRelay, Transcript
-from txgateway.openai_wire import (
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay, Transcript
+from txgateway.openai.wire import (
     NEXT_TARGET,
     REFUSAL_BODY_LIMIT,
     BadCall,
@@ -38,10 +38,10 @@ from txgateway.openai_wire import (
     after_refusal,
     error_codes,
 )
-from txgateway.paths import UnsafePath, checked_rest, join_target
+from txgateway.routing.paths import UnsafePath, checked_rest, join_target
 from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
-from txgateway.retry import (
+from txgateway.resilience.retry import (
     RETRY_AFTER_STATUSES,
     RETRYABLE_STATUSES,
     RetryPolicy,
@@ -50,108 +50,19 @@ from txgateway.retry import (
     parse_retry_after,
     retry_budget_allows,
 )
-from txgateway.server import IncomingRequest
-from txgateway.upstream import (
-    BodyRelay,
-    StreamBroken,
-    StreamIdle,
-    request_headers_for_upstream,
-    response_headers_for_client,
-)
+from txgateway.dataplane.server import IncomingRequest
+from txgateway.dataplane.headers import request_headers_for_upstream, response_headers_for_client
+from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
 
-__all__ = ["AnswerCutShort", "Endpoint", "ServiceBroker", "ServiceRoute", "Target"]
+from txgateway.routing.model import Endpoint, ServiceRoute, Target
+
+__all__ = ["AnswerCutShort", "ServiceBroker"]
 
 class AnswerCutShort(Exception):
     """
     The answer was partly sent and then ended without its end; the client
     connection is closing.  Nothing more may be written to the request.
     """
-
-
-def _policy_of(route: "ServiceRoute") -> RetryPolicy:
-    c = route.config
-    return RetryPolicy(c.retries, c.retry_delay, c.retry_multiplier, c.retry_max_delay, c.retry_jitter)
-
-
-@attrs.define(eq=False)
-class Endpoint:
-    """
-    One backend instance of a service: its URL, its connections, its
-    breaker, and what balancing reads (requests in flight, the decayed time
-    to headers).
-    """
-
-    url: str
-    upstream: IUpstream
-    breaker: CircuitBreaker
-    in_flight: int = 0
-    ttfb: float | None = None
-
-    def may_admit(self) -> bool:
-        """Whether the breaker may let an attempt through (closed, or a trial may be free)."""
-        return self.breaker.state != OPEN
-
-    def trial_in(self) -> float:
-        """Seconds until the breaker allows a trial (0 when it may admit now)."""
-        status = self.breaker.status()
-        return (status.trial_in or 0.0) if status.state == OPEN else 0.0
-
-
-def _balancer_of(route: "ServiceRoute") -> Balancer:
-    return Balancer(route.config.balance)
-
-
-@attrs.define
-class ServiceRoute:
-    """
-    Everything the broker needs about one service: its endpoints in config
-    order; the retry policy and the balancer are made once, from the config.
-    """
-
-    config: ServiceConfig
-    endpoints: list[Endpoint]
-    policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
-    balancer: Balancer = attrs.field(default=attrs.Factory(_balancer_of, takes_self=True))
-    #: Requests of the service in flight, and those of them that are retrying (the retry budget's inputs).
-    in_flight: int = 0
-    retrying: int = 0
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        """The first endpoint's breaker (a service's only one, when it has one URL)."""
-        return self.endpoints[0].breaker
-
-    def choose(
-        self, request_id: str, avoid: Endpoint | None, excluded: AbstractSet[Endpoint] = frozenset()
-    ) -> tuple[Endpoint | None, Admission | None]:
-        """
-        The endpoint an attempt goes to, with its breaker's admission; not
-        C{avoid} (the one that just failed) while another admits, never one
-        of C{excluded}.  L{None} when no endpoint admits.
-        """
-        endpoints = self.endpoints
-        if excluded:
-            endpoints = [endpoint for endpoint in endpoints if endpoint not in excluded]
-            if not endpoints:
-                return None, None
-        if len(endpoints) == 1:
-            admission = endpoints[0].breaker.admit(request_id)
-            return (endpoints[0], admission) if admission.allowed else (None, admission)
-        for endpoint in self.balancer.order(endpoints, avoid):
-            admission = endpoint.breaker.admit(request_id)
-            if admission.allowed:
-                return endpoint, admission
-        return None, None
-
-    def retry_after(self, refused: Admission | None) -> int:
-        """Whole seconds until the soonest trial of any endpoint."""
-        if refused is not None and len(self.endpoints) == 1:
-            return refused.retry_after
-        return max(1, math.ceil(min(endpoint.trial_in() for endpoint in self.endpoints)))
-
-    def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:
-        """Whether some endpoint (not one of C{excluded}) may let an attempt through."""
-        return any(endpoint.may_admit() for endpoint in self.endpoints if endpoint not in excluded)
 
 
 @attrs.frozen
@@ -236,16 +147,13 @@ class ServiceBroker:
         self._metrics = metrics
         self._rng = rng or random.Random()
 
-    async def proxy(self, request: IncomingRequest, ctx: RequestContext, rest: bytes, query: bytes) -> None:
+    async def proxy(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute, rest: bytes, query: bytes) -> None:
         """
         Answer C{request} from its service's backend (or its fallbacks'):
         write the status, headers and streamed body, or raise
         L{GatewayError} (nothing was written yet) or L{AnswerCutShort} (the
         answer broke midway).
         """
-        route = self.routes.get(ctx.service or "")
-        if route is None:
-            raise GatewayError(errors.UNKNOWN_SERVICE, f"no service is named {ctx.service!r}")
         checked = _checked(rest, query)
         await self._admit(request, ctx, route.config)
         call = None
@@ -295,8 +203,7 @@ class ServiceBroker:
         if self._limiter is None:
             return
         caller = ctx.caller.name if ctx.caller is not None else None
-        decided = self._limiter.take(request, ctx.client, config, caller)
-        decision = (await decided) if isinstance(decided, Deferred) else decided
+        decision = await self._limiter.take(request, ctx.client, config, caller)
         for name, value in _rate_limit_headers(decision):
             request.set_header(name, value)
         if not decision.allowed:
@@ -450,15 +357,10 @@ class ServiceBroker:
 
     def _name_the_chain(self, request: IncomingRequest, ctx: RequestContext, serving: "Target") -> None:
         if serving.model is not None:
-            # A model's request: which service and model answer it.
-            request.set_header(b"X-Gateway-Service", serving.route.config.name.encode("ascii"))
-            request.set_header(b"X-Gateway-Model", serving.model.encode("ascii"))
+            # A model's request: the model that answers it (its headers are written by ctx.stamp).
+            ctx.served_model = serving.model
             if ctx.completion is not None and ctx.completion.model is None:
                 ctx.completion.model = serving.model
-        elif ctx.fallback_from:
-            request.set_header(b"X-Gateway-Service", (ctx.served_by or "").encode("ascii"))
-        if ctx.fallback_from:
-            request.set_header(b"X-Gateway-Fallback-From", ", ".join(ctx.fallback_from).encode("ascii"))
 
     async def _attempts(
         self,
@@ -881,24 +783,6 @@ class ServiceBroker:
             outcome.response.discard()
             return None, f"status {outcome.response.code}"
         return outcome.relay, None
-
-
-@attrs.frozen
-class Target:
-    """
-    One place a request may be served: a service's route (for a model, a
-    deployment's: its own breakers) and the C{model} sent to it (L{None}:
-    the body goes as the client sent it).
-    """
-
-    route: ServiceRoute
-    model: str | None = None
-
-    @property
-    def label(self) -> str:
-        """How logs and headers name it: C{service}, or C{service:model}."""
-        name = self.route.config.name
-        return name if self.model is None else f"{name}:{self.model}"
 
 
 #: The most times one answer's stream is resumed.

@@ -33,8 +33,8 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Factory, Protocol
 
 from txgateway import errors
-from txgateway._eager import no_delay, writer_for
-from txgateway.context import request_id_for
+from txgateway.dataplane.eager import no_delay, writer_for
+from txgateway.ids import request_id_for
 from txgateway.errors import ErrorKind, error_body
 
 __all__ = [

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Attribute, Interface, implementer
 
-from txgateway._eager import no_delay, writer_for
+from txgateway.dataplane.eager import no_delay, writer_for
 
 __all__ = [
     "IBodyConsumer",

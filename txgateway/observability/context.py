@@ -6,32 +6,26 @@ context that every log line and header about the request draws from.
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Any, Sequence, Union
 
 import attrs
 from twisted.internet.defer import Deferred
+from zope.interface import Interface
 
-from txgateway.auth import Caller
-from txgateway.ids import uuid4_string
-from txgateway.tracing import TraceContext
+from txgateway.observability.tracing import TraceContext
 
-__all__ = ["CompletionFacts", "RequestContext", "client_address", "request_id_for"]
-
-_SAFE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
+__all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "client_address"]
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
-def request_id_for(sent: bytes | None) -> str:
+
+
+class IRequestContext(Interface):
     """
-    The id a request goes by: the client's C{X-Request-ID} when it is short
-    and safe (letters, digits, C{-_.:}, at most 128), else a new UUID, so it
-    can never inject a header or a log field.
+    The L{RequestContext} of a request, as a component of the twisted.web
+    request the admin routes render (C{IRequestContext(request)}).
     """
-    if sent is not None and _SAFE_ID.fullmatch(sent):
-        return sent.decode("ascii")
-    return uuid4_string()
 
 
 def _is_trusted(address: str, trusted: Sequence[_Network]) -> bool:
@@ -64,6 +58,17 @@ def client_address(request: Any, trusted_proxies: Sequence[_Network] = ()) -> st
             return hop
         address = hop
     return address
+
+
+@attrs.frozen
+class Caller:
+    """
+    Who is calling, by key name, and which header carried the key (so that
+    it can be kept from the backend).
+    """
+
+    name: str
+    header: bytes
 
 
 @attrs.define
@@ -115,7 +120,9 @@ class RequestContext:
     trace: TraceContext | None = None
     caller: Caller | None = None
     handling: Deferred | None = None
+    #: The service (and, for a model, the model name sent) of the target serving the request now.
     served_by: str | None = None
+    served_model: str | None = None
     fallback_from: list[str] = attrs.Factory(list)
     #: The response cache's verdict (hit, miss, bypass, coalesced), for cached services.
     cache: str | None = None
@@ -134,9 +141,17 @@ class RequestContext:
     def stamp(self, request: Any, now: float) -> None:
         """
         Put the gateway's own account on C{request}'s answer, just before it
-        starts: C{X-Gateway-Response-Time} (whole ms until now) and
-        C{X-Gateway-Attempts}.
+        starts (every C{X-Gateway-*} header is written here and nowhere
+        else): the service (and model) that answered, the targets that
+        gave up before it, the whole ms until now, and the attempts made.
         """
+        service = self.served_by or self.service
+        if service is not None:
+            request.set_header(b"X-Gateway-Service", service.encode("ascii"))
+        if self.served_model is not None:
+            request.set_header(b"X-Gateway-Model", self.served_model.encode("ascii"))
+        if self.fallback_from:
+            request.set_header(b"X-Gateway-Fallback-From", ", ".join(self.fallback_from).encode("ascii"))
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round((now - self.started_at) * 1000.0))
         request.set_header(b"X-Gateway-Attempts", b"%d" % self.attempts)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from txgateway.config import ConfigError, load_config
+from txgateway.config.gateway import ConfigError, load_config
 
 __all__ = ["Options", "makeService"]
 
@@ -36,7 +36,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    from txgateway.service import GatewayService
+    from txgateway.daemon.service import GatewayService
 
     try:
         config = load_config(options["config"])
@@ -51,7 +51,7 @@ def makeService(options: Options):
         ) from None
     # structlog is configured here, once: the service points its destination
     # at the log sink (and a reload at a new one).
-    from txgateway.logs import LogDestination, configure_logging
+    from txgateway.observability.logs import LogDestination, configure_logging
 
     destination = LogDestination()
     configure_logging(destination)

@@ -18,9 +18,10 @@ from __future__ import annotations
 import random
 from typing import Protocol, Sequence
 
-__all__ = ["BALANCE_MODES", "Balancer", "BalancedEndpoint", "TTFB_DECAY"]
+from txgateway.config.gateway import BALANCE_MODES
 
-BALANCE_MODES = ("least_requests", "round_robin", "ordered")
+__all__ = ["Balancer", "BalancedEndpoint", "TTFB_DECAY"]
+
 #: Weight of the newest time-to-headers sample in the decayed average.
 TTFB_DECAY = 0.2
 

@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from txgateway.auth import ApiKey
-from txgateway.balance import BALANCE_MODES
+from txgateway.config.keys import ApiKey
 
 __all__ = [
     "AuthConfig",
@@ -70,6 +69,8 @@ SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@-]{0,255}$")
 #: The catch-all model section, C{[model:*]}: every model no section names.
 ANY_MODEL = "*"
+#: How a service spreads attempts over its endpoints (see L{txgateway.routing.balance}).
+BALANCE_MODES = ("least_requests", "round_robin", "ordered")
 
 
 class ConfigError(Exception):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from txgateway.breaker import CircuitBreaker
-from txgateway.broker import Endpoint, ServiceRoute, Target
-from txgateway.config import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
+from txgateway.resilience.breaker import CircuitBreaker
+from txgateway.routing.model import Endpoint, ServiceRoute, Target
+from txgateway.config.gateway import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
 
 __all__ = ["ModelTable"]
 
@@ -112,8 +112,8 @@ class ModelTable:
             for endpoint in route.endpoints
         ]
 
-    def health(self) -> dict:
-        """C{models.<name>.targets}: each target's service, model and circuit."""
+    def target_states(self) -> dict[str, list[dict]]:
+        """Each model's targets: their service, model and their endpoints' circuit states."""
         models = {}
         fixed = self._fixed_keys()
         for name, model in self.models.items():
@@ -126,21 +126,14 @@ class ModelTable:
                     routes = [
                         route for key, route in self._deployments.items() if key[0] == target.service and key not in fixed
                     ]
-                states = [endpoint.breaker.status().state for route in routes for endpoint in route.endpoints]
                 targets.append({
                     "service": target.service,
                     "model": target.model if target.model is not None else ANY_MODEL,
-                    "circuit": _circuit_of(states),
+                    "states": [endpoint.breaker.status().state for route in routes for endpoint in route.endpoints],
                 })
-            models[name] = {"targets": targets}
+            models[name] = targets
         return models
 
     def _fixed_keys(self) -> set[tuple[str, str]]:
         return {(t.service, t.model) for m in self.models.values() for t in m.targets if t.model is not None}
 
-
-def _circuit_of(states: list[str]) -> str:
-    """A target's circuit from its endpoints': closed if any is (or none is known), else half_open if any is, else open."""
-    if not states or "closed" in states:
-        return "closed"
-    return "half_open" if "half_open" in states else "open"

@@ -26,19 +26,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
-from txgateway.app import Gateway, GatewayFront
-from txgateway.breaker import CircuitBreaker
-from txgateway.cache import MemoryCacheStore, ResponseCache, connect_cache
-from txgateway.broker import Endpoint, ServiceBroker, ServiceRoute
-from txgateway.client import IUpstream, UpstreamEndpoint
-from txgateway.config import ConfigError, GatewayConfig, ServiceConfig, load_config
-from txgateway.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
-from txgateway.metrics import GatewayMetrics
-from txgateway.models import ModelTable
+from txgateway.front.door import GatewayFront
+from txgateway.front.gateway import Gateway
+from txgateway.resilience.breaker import CircuitBreaker
+from txgateway.cache.responses import ResponseCache
+from txgateway.cache.stores import MemoryCacheStore, connect_cache
+from txgateway.routing.broker import ServiceBroker
+from txgateway.routing.model import Endpoint, ServiceRoute
+from txgateway.dataplane.client import IUpstream, UpstreamEndpoint
+from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, load_config
+from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.routing.deployments import ModelTable
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.server import HTTPServerFactory
+from txgateway.dataplane.server import HTTPServerFactory
 
 __all__ = ["GatewayService", "build_gateway", "build_routes", "build_server_factory"]
 

@@ -11,10 +11,10 @@ from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.client import StreamEnded
-from txgateway.openai_wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
-from txgateway.server import IncomingRequest
-from txgateway.upstream import BodyRelay
+from txgateway.dataplane.client import StreamEnded
+from txgateway.openai.wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
+from txgateway.dataplane.server import IncomingRequest
+from txgateway.dataplane.relay import BodyRelay
 
 __all__ = ["EventStreamRelay", "JsonAnswerRelay", "Transcript"]
 

@@ -1,0 +1,68 @@
+"""
+The status page: one self-contained HTML document (inline CSS and script,
+no external asset) that refreshes itself from C{/status.json}.
+"""
+
+__all__ = ["STATUS_PAGE"]
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>txgateway status</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
+h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
+.meta{color:#5b6372} table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:.6em}
+th,td{padding:.35em .6em;border-bottom:1px solid #e3e6eb;text-align:left;white-space:nowrap}
+th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:break-word} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.circuit{display:inline-block;padding:.1em .6em;border-radius:1em;font-weight:700;color:#fff}
+.closed{background:#1f8a4c} .open{background:#c62828} .half_open{background:#d98200}
+.healthy{color:#1f8a4c;font-weight:700} .unhealthy{color:#c62828;font-weight:700}
+#error{color:#c62828}
+</style></head>
+<body data-refreshes="0">
+<h1>txgateway <span id="overall"></span></h1>
+<div class="meta" id="meta">loading&hellip;</div><div id="error"></div>
+<div id="services"></div><div id="models"></div>
+<h2>Stores</h2><div id="stores"></div>
+<h2>Last circuit transitions and fallbacks</h2><div id="events"></div>
+<script>
+"use strict";
+function esc(v){return String(v===null||v===undefined?"\\u2014":v).replace(/[&<>"']/g,function(c){return "&#"+c.charCodeAt(0)+";";});}
+function badge(state){return '<span class="circuit '+esc(state)+'">'+esc(state)+'</span>';}
+function table(head,rows){return "<table><tr>"+head.map(function(h){return "<th>"+h+"</th>";}).join("")+"</tr>"+rows.join("")+"</table>";}
+function render(s){
+  var look={ok:"closed",degraded:"open",shutting_down:"half_open"}[s.status]||"half_open";
+  document.getElementById("overall").innerHTML='<span class="circuit '+look+'">'+esc(s.status)+"</span>";
+  document.getElementById("meta").textContent="up "+s.uptime_s+" s \\u00b7 config "+s.config+" \\u00b7 last reload: "+(s.last_reload?(new Date(s.last_reload.time*1000).toISOString()+" "+s.last_reload.outcome):"none")+" \\u00b7 updated "+new Date().toISOString();
+  var html="";
+  Object.keys(s.services).forEach(function(name){
+    var svc=s.services[name];
+    html+='<h2 class="service" data-service="'+esc(name)+'">'+esc(name)+" "+badge(svc.circuit)+"</h2>";
+    html+=table(["endpoint","circuit","failures","trial in","in flight","req/s","errors","p50 ms","p99 ms"],svc.endpoints.map(function(e){
+      return '<tr data-endpoint="'+esc(e.url)+'"><td>'+esc(e.url)+"</td><td>"+badge(e.circuit)+'</td><td class="num">'+esc(e.consecutive_failures)+
+        '</td><td class="num">'+esc(e.trial_in_s===null?null:e.trial_in_s.toFixed(1)+" s")+'</td><td class="num">'+esc(e.in_flight)+
+        '</td><td class="num">'+esc(e.requests_per_s)+'</td><td class="num">'+esc((e.error_rate*100).toFixed(1)+" %")+
+        '</td><td class="num">'+esc(e.p50_ms)+'</td><td class="num">'+esc(e.p99_ms)+"</td></tr>";}));
+  });
+  document.getElementById("services").innerHTML=html;
+  var models=s.models||{}; var mh="";
+  Object.keys(models).forEach(function(name){
+    mh+=table(["model "+esc(name)+": service","model sent","circuit"],models[name].targets.map(function(t){
+      return "<tr><td>"+esc(t.service)+"</td><td>"+esc(t.model)+"</td><td>"+badge(t.circuit)+"</td></tr>";}));
+  });
+  document.getElementById("models").innerHTML=mh?"<h2>Models</h2>"+mh:"";
+  document.getElementById("stores").innerHTML=table(["store","backend","health"],s.stores.map(function(st){
+    return "<tr><td>"+esc(st.name)+"</td><td>"+esc(st.backend)+'</td><td class="'+(st.healthy?"healthy":"unhealthy")+'">'+(st.healthy?"healthy":"unavailable")+"</td></tr>";}));
+  document.getElementById("events").innerHTML=s.events.length?table(["time","kind","service","from","to","reason","request id"],s.events.map(function(ev){
+    return "<tr><td>"+esc(new Date(ev.time*1000).toISOString())+"</td><td>"+esc(ev.kind)+"</td><td>"+esc(ev.service)+"</td><td>"+esc(ev.from)+
+      "</td><td>"+esc(ev.to)+'</td><td class="reason">'+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
+}
+function refresh(){
+  fetch("status.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error("status "+r.status);return r.json();}).then(function(s){
+    render(s); document.getElementById("error").textContent="";
+    document.body.setAttribute("data-refreshes",String(Number(document.body.getAttribute("data-refreshes"))+1));
+  }).catch(function(e){document.getElementById("error").textContent="cannot reach the gateway: "+e.message;});
+}
+refresh(); setInterval(refresh,2000);
+</script></body></html>
+"""

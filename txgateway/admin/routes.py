@@ -1,0 +1,160 @@
+"""
+The operator's routes, served by Klein: C{/health}, C{/health/ready},
+C{/health/live}, C{/metrics}, C{/status} and C{/status.json}, and the JSON
+404, 405 and 500 for every other path that is not proxied.  They are thin:
+the documents are built by L{txgateway.admin.documents}, the numbers are
+kept by the metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any, Iterable, Protocol
+
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from txgateway import errors
+from txgateway.admin.page import STATUS_PAGE
+from txgateway.errors import ErrorKind, error_answer
+from txgateway.ids import request_id_for
+from txgateway.observability.context import IRequestContext
+from txgateway.observability.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+
+__all__ = ["AdminRoutes", "OperatorView"]
+
+
+class OperatorView(Protocol):
+    """What the admin routes read of the running gateway."""
+
+    accepting: bool
+    metrics: GatewayMetrics
+    log: Any
+
+    def health(self) -> dict:
+        """The C{/health} document."""
+
+    def status(self) -> dict:
+        """The C{/status.json} document."""
+
+    def may_see_status(self, client: str) -> bool:
+        """Whether C{client} (an address) may see C{/status}."""
+
+
+def _context(request: IRequest) -> Any:
+    return IRequestContext(request, None)
+
+
+def _error(
+    request: IRequest, kind: ErrorKind, message: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """Set the status and headers of an error answer on a twisted.web request; returns its body."""
+    ctx = _context(request)
+    if ctx is not None:
+        ctx.outcome = kind.type
+    answer = error_answer(kind, message, ctx.request_id if ctx is not None else request_id_for(None), headers)
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers:
+        request.setHeader(name, value)
+    return _sized(request, answer.body)
+
+
+def _sized(request: IRequest, body: bytes) -> bytes:
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
+
+
+def _json(request: IRequest, body: dict, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return _sized(request, json.dumps(body).encode("utf-8"))
+
+
+def may_see_status(allow: Iterable[Any], client: str) -> bool:
+    """Whether the address C{client} is in one of the networks C{allow}."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    return any(ip in network for network in allow)
+
+
+class AdminRoutes:
+    """The Klein routes of one gateway's operator view."""
+
+    app = Klein()
+
+    def __init__(self, view: OperatorView) -> None:
+        self.view = view
+
+    @app.route("/health/live", methods=["GET", "HEAD"])
+    def live(self, request: IRequest) -> bytes:
+        """The process answers."""
+        return _json(request, {"status": "alive"})
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def ready(self, request: IRequest) -> bytes:
+        """The gateway takes new requests (503 once a drain began)."""
+        if self.view.accepting:
+            return _json(request, {"status": "ready"})
+        return _json(request, {"status": "shutting_down"}, 503)
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: IRequest) -> bytes:
+        """Every service's and model's circuits and the stores' health."""
+        return _json(request, self.view.health())
+
+    def _may_see_status(self, request: IRequest) -> bool:
+        ctx = _context(request)
+        client = ctx.client if ctx is not None else request.getClientAddress().host
+        return self.view.may_see_status(client)
+
+    @app.route("/status", methods=["GET", "HEAD"])
+    def status_page(self, request: IRequest) -> bytes:
+        """The status page (to allowed addresses only; others see a 404)."""
+        if not self._may_see_status(request):
+            return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return _sized(request, STATUS_PAGE.encode("utf-8"))
+
+    @app.route("/status.json", methods=["GET", "HEAD"])
+    def status_document(self, request: IRequest) -> bytes:
+        """What the status page shows, as JSON."""
+        if not self._may_see_status(request):
+            return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+        return _json(request, self.view.status())
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> bytes:
+        """The Prometheus exposition."""
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return _sized(request, self.view.metrics.exposition())
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        """Any other path."""
+        return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        """A method a route does not take."""
+        allowed = failure.value.valid_methods or []
+        return _error(
+            request,
+            errors.METHOD_NOT_ALLOWED,
+            f"{request.method.decode('ascii', 'replace')} is not allowed here",
+            [(b"Allow", ", ".join(allowed).encode("ascii"))],
+        )
+
+    @app.handle_errors
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        """A route that failed: logged with its traceback, answered without it."""
+        ctx = _context(request)
+        log = ctx.log if ctx is not None else self.view.log
+        log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
+        return _error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")

@@ -1,0 +1,3 @@
+"""
+The response cache: what may be kept, the stores, and serving through them.
+"""

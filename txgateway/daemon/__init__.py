@@ -1,0 +1,3 @@
+"""
+The daemon's assembly: the twistd entry point and the service that builds and reloads the gateway.
+"""

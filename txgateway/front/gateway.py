@@ -1,0 +1,85 @@
+"""
+L{Gateway}: one configuration of the running gateway, as the front and the
+admin routes see it; a reload builds a new one, and requests in flight
+finish on the old.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway.admin.documents import health_document, status_document
+from txgateway.admin.routes import may_see_status
+from txgateway.config.gateway import GatewayConfig
+from txgateway.front.auth import Authenticator
+from txgateway.observability.logs import AccessLog
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.ratelimit.interface import IRateLimitStore
+from txgateway.routing.broker import ServiceBroker
+
+__all__ = ["Gateway"]
+
+
+class Gateway:
+    """
+    One configuration's parts: the broker, the rate-limit store, the logs
+    and metrics, the API keys.
+
+    @ivar accepting: L{False} once shutdown has begun (C{/health/ready}
+        answers 503).
+    @ivar started_at: when the daemon started (kept across reloads).
+    @ivar last_reload: when the configuration was last reloaded, and how it
+        went (C{{"time", "outcome"}}), for C{/status}.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        clock: IReactorTime,
+        broker: ServiceBroker,
+        store: IRateLimitStore | None,
+        log: Any,
+        metrics: GatewayMetrics,
+        access_log: AccessLog,
+        started_at: float | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.broker = broker
+        self.store = store
+        self.log = log
+        self.metrics = metrics
+        self.access_log = access_log
+        self.authenticator = Authenticator(config.auth.keys)
+        self.started_at = clock.seconds() if started_at is None else started_at
+        self.accepting = True
+        self.last_reload: dict | None = None
+
+    def circuits(self) -> list[tuple[str, str, str]]:
+        """Each endpoint's circuit state (service, endpoint, state), for metrics."""
+        return [
+            (name, endpoint.url, endpoint.breaker.status().state)
+            for name, route in sorted(self.broker.routes.items())
+            for endpoint in route.endpoints
+        ] + self.broker.models.circuits()
+
+    def store_health(self) -> tuple[str, bool] | None:
+        """The rate-limit store's backend and health, for metrics."""
+        if self.store is None:
+            return None
+        description = self.store.description
+        return description["backend"], bool(description.get("healthy", True))
+
+    def health(self) -> dict:
+        """What C{GET /health} answers."""
+        return health_document(self.broker, self.store, self.clock.seconds() - self.started_at, self.accepting)
+
+    def status(self) -> dict:
+        """What C{/status.json} answers."""
+        return status_document(self.health(), self.metrics, self.store, self.config.source, self.last_reload)
+
+    def may_see_status(self, client: str) -> bool:
+        """Whether C{client} is in C{[status] allow}."""
+        return may_see_status(self.config.status.allow, client)

@@ -1,0 +1,136 @@
+"""
+The proxied paths: C{/api/<service>/...} and OpenAI's C{/v1/...}.  The
+front sends them here without URL matching (the hot path); here the API
+key is checked, the service or model found, and the broker called.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Awaitable
+from urllib.parse import unquote_to_bytes
+
+from txgateway import errors
+from txgateway.dataplane.server import IncomingRequest
+from txgateway.errors import GatewayError
+from txgateway.front.answers import answer_error
+from txgateway.front.gateway import Gateway
+from txgateway.observability.context import CompletionFacts, RequestContext
+from txgateway.openai.wire import BadCall, OpenAICall
+from txgateway.routing.broker import AnswerCutShort
+from txgateway.routing.paths import UnsafePath, split_api_path
+
+__all__ = ["ProxiedRequests"]
+
+
+def _model_object(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "txgateway"}
+
+
+def _answer_json(request: IncomingRequest, body: dict) -> None:
+    encoded = json.dumps(body).encode("utf-8")
+    request.respond(200, encoded, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")])
+
+
+class ProxiedRequests:
+    """The handlers of C{/api/} and C{/v1/} for one gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _authenticated(self, request: IncomingRequest, ctx: RequestContext) -> bool:
+        """Whether the caller may go on (with the gateway's API keys on); else it was answered 401."""
+        authenticator = self.gateway.authenticator
+        if not authenticator.enabled:
+            return True
+        ctx.caller = authenticator.caller(request)
+        if ctx.caller is None:
+            answer_error(
+                request,
+                errors.UNAUTHORIZED,
+                "a valid API key is needed: Authorization: Bearer <key> or X-API-Key: <key>",
+                [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
+            )
+            return False
+        ctx.bind(api_key_name=ctx.caller.name)
+        return True
+
+    async def api_request(self, request: IncomingRequest) -> None:
+        """Answer a C{/api/<service>/...} request: its API key, its service, then the broker."""
+        ctx: RequestContext = request.context
+        # Before the service lookup: a caller without a key learns nothing.
+        if not self._authenticated(request, ctx):
+            return
+        try:
+            service, rest = split_api_path(request.path)
+        except UnsafePath as error:
+            answer_error(request, errors.NOT_FOUND, str(error))
+            return
+        route = self.gateway.broker.routes.get(service)
+        if route is None:
+            answer_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
+            return
+        ctx.service = service
+        await self._brokered(request, ctx, self.gateway.broker.proxy(request, ctx, route, rest, request.query))
+
+    async def _brokered(self, request: IncomingRequest, ctx: RequestContext, answering: Awaitable[None]) -> None:
+        """Await the broker's answer; a L{GatewayError} becomes the error shape."""
+        try:
+            await answering
+        except GatewayError as error:
+            ctx.stamp(request, self.gateway.clock.seconds())
+            answer_error(request, error.kind, error.message, error.headers)
+        except AnswerCutShort:
+            pass
+
+    async def openai_request(self, request: IncomingRequest) -> None:
+        """
+        Answer C{/v1/...}, OpenAI's API: C{GET /v1/models} (and one model)
+        from the configuration, and every C{POST} routed by its body's
+        C{model} to that model's targets.
+        """
+        ctx: RequestContext = request.context
+        if not self._authenticated(request, ctx):
+            return
+        path = request.path
+        if path == b"/v1/models" or path.startswith(b"/v1/models/"):
+            self._models(request, path)
+            return
+        if request.method != b"POST":
+            answer_error(
+                request, errors.METHOD_NOT_ALLOWED,
+                f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],
+            )
+            return
+        try:
+            call = OpenAICall.parse(request.body, path)
+        except BadCall as error:
+            answer_error(request, errors.BAD_REQUEST, f"{error}: an OpenAI request is a JSON object with a model")
+            return
+        if call.model is None:
+            answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
+            return
+        targets = self.gateway.broker.models.targets_for(call.model)
+        if targets is None:
+            answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {call.model!r}")
+            return
+        ctx.service = targets[0].route.config.name
+        ctx.completion = CompletionFacts(requested_model=call.model)
+        rest = path[len(b"/v1"):]
+        await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
+
+    def _models(self, request: IncomingRequest, path: bytes) -> None:
+        """C{GET /v1/models} and C{/v1/models/NAME}, in OpenAI's shape."""
+        models = self.gateway.broker.models
+        if request.method not in (b"GET", b"HEAD"):
+            answer_error(request, errors.METHOD_NOT_ALLOWED, "only GET is allowed here", [(b"Allow", b"GET, HEAD")])
+            return
+        created = int(self.gateway.started_at)
+        if path == b"/v1/models":
+            _answer_json(request, {"object": "list", "data": [_model_object(name, created) for name in models.names()]})
+            return
+        name = unquote_to_bytes(path[len(b"/v1/models/"):]).decode("utf-8", "replace")
+        if name not in models.names():
+            answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {name!r}")
+            return
+        _answer_json(request, _model_object(name, created))

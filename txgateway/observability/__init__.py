@@ -1,0 +1,3 @@
+"""
+What the gateway says about itself: the request context, logs, metrics, trace context, the recent window.
+"""

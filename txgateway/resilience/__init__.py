@@ -1,0 +1,3 @@
+"""
+Pure cores that keep a failing backend from taking the gateway down: breaker, retry policy and budget.
+"""

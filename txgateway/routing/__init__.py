@@ -1,0 +1,3 @@
+"""
+Where a request goes: the routing model, the broker and its attempts, balancing, paths.
+"""
