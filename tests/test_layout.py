@@ -24,7 +24,9 @@ ROOMS = {
     "txgateway.openai": {"relays", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},
     "txgateway.cache": {"policy", "stores", "responses"},
-    "txgateway.routing": {"balance", "broker", "deployments", "model", "paths"},
+    "txgateway.routing": {
+        "answer", "attempt", "balance", "broker", "call", "chain", "deployments", "lease", "model", "paths", "resume",
+    },
     "txgateway.admin": {"documents", "page", "render", "routes"},
     "txgateway.front": {"answers", "auth", "door", "gateway", "proxied"},
     "txgateway.daemon": {"service", "tap"},

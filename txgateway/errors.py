@@ -14,7 +14,7 @@ from typing import Iterable
 
 import attrs
 
-__all__ = ["ErrorAnswer", "ErrorKind", "GatewayError", "KINDS", "error_answer", "error_body"]
+__all__ = ["ErrorAnswer", "ErrorKind", "GatewayError", "KINDS", "describe_failure", "error_answer", "error_body"]
 
 
 @attrs.frozen
@@ -111,3 +111,11 @@ def error_answer(
     admin routes alike: every one is made here.
     """
     return ErrorAnswer(kind.status, [(b"Content-Type", b"application/json"), *headers], error_body(kind, message, request_id))
+
+
+def describe_failure(error: Exception) -> str:
+    """A short reason for a failed call (a connection, Redis), without a traceback."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(reason.getErrorMessage() for reason in reasons)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

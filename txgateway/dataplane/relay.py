@@ -11,12 +11,12 @@ import weakref
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
 from txgateway.dataplane.client import BodyControl, IBodyConsumer
 from txgateway.dataplane.server import IncomingRequest
 
-__all__ = ["BodyRelay", "StreamBroken", "StreamIdle"]
+__all__ = ["BodyRelay", "IAnswerRelay", "StreamBroken", "StreamIdle"]
 
 class StreamIdle(Exception):
     """The backend's body went silent for longer than C{idle_timeout}."""
@@ -26,7 +26,33 @@ class StreamBroken(Exception):
     """The backend's body ended before it was complete."""
 
 
-@implementer(IPushProducer, IBodyConsumer)
+class IAnswerRelay(Interface):
+    """
+    What the gateway does with a backend's answer body: hold it until the
+    commit point, then relay it to the client.  Every relay provides it.
+    """
+
+    first_data = Attribute("A Deferred firing once the first bytes (or the end) came, before the commit.")
+    has_first_data = Attribute("first_data fired with success.")
+    done = Attribute("A Deferred firing once the body is complete (see L{BodyRelay}).")
+    complete = Attribute("The body ended whole.")
+    bytes_relayed = Attribute("Body bytes written to the client.")
+    resumable = Attribute("A broken answer may be continued by another attempt (an OpenAI completion stream).")
+
+    def commit(request):
+        """Start relaying to C{request}: what was held first."""
+
+    def watch_idle():
+        """Become the client's producer and start the idle timer."""
+
+    def held_body(limit):
+        """Before the commit: a Deferred firing with the whole body, or L{None}."""
+
+    def cancel():
+        """Stop the backend's delivery."""
+
+
+@implementer(IPushProducer, IBodyConsumer, IAnswerRelay)
 class BodyRelay:
     """
     Streams a backend's body to the client chunk by chunk, registered as the
@@ -45,6 +71,9 @@ class BodyRelay:
     L{CancelledError} (the client went away); cancelling it stops the
     backend's delivery.
     """
+
+    #: A plain body cannot be continued by another attempt.
+    resumable = False
 
     def __init__(self, request: IncomingRequest | None, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request

@@ -57,7 +57,8 @@ class Transcript:
 class EventStreamRelay(BodyRelay):
     """
     A L{BodyRelay} for a chat or text completion stream, relayed whole
-    event by whole event.
+    event by whole event.  It is resumable: when it breaks, the text sent
+    so far can be continued by another attempt.
 
     Before the commit it holds events until one carries a token (content,
     a finish reason or usage): role-only chunks and comments do not
@@ -72,6 +73,8 @@ class EventStreamRelay(BodyRelay):
     @param forward_usage: the client asked for the usage chunk; else it is
         not relayed.
     """
+
+    resumable = True
 
     def __init__(
         self,

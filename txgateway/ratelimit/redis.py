@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txgateway.errors import describe_failure
 from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
 from txgateway.ratelimit.interface import IRateLimitStore
@@ -166,10 +167,10 @@ class RedisRateLimitStore:
                 self._breaker.abandoned(admission)
             else:
                 error = result.value
-                self._breaker.failed(admission, _describe(error))
+                self._breaker.failed(admission, describe_failure(error))
                 if not self._serving_locally:
                     self._serving_locally = True
-                    self._log.warning("ratelimit_redis_unavailable", reason=_describe(error), serving_from="memory")
+                    self._log.warning("ratelimit_redis_unavailable", reason=describe_failure(error), serving_from="memory")
                 self._decide_locally(batch)
         else:
             self._breaker.succeeded(admission)
@@ -248,10 +249,6 @@ def _forgot_the_script(error: Exception) -> bool:
     txredisapi names that ScriptDoesNotExist, a raw client says NOSCRIPT.
     """
     return type(error).__name__ == "ScriptDoesNotExist" or str(error).startswith("NOSCRIPT")
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def connect_redis(url: str, clock: IReactorTime, timeout: float, retry_interval: float, log: Any) -> RedisRateLimitStore:

@@ -82,6 +82,9 @@ class _BreakerInputs(Protocol):
     def status(self) -> BreakerStatus:
         "Describe the breaker."
 
+    def may_admit(self) -> bool:
+        "Whether an attempt could be admitted now (asked without taking the trial)."
+
     def stop(self) -> None:
         "Cancel any pending timer: the breaker is being discarded."
 
@@ -97,10 +100,8 @@ class _BreakerCore:
     transition_level: str = "warning"
     endpoint: str | None = None
     consecutive_failures: int = 0
-    state: str = CLOSED
 
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
-        self.state = to_state
         if self.on_transition is not None:
             self.on_transition(self.service, from_state, to_state, reason, request_id)
         where = {} if self.endpoint is None else {"endpoint": self.endpoint}
@@ -173,6 +174,7 @@ def _status_closed(inputs: _BreakerInputs, core: _BreakerCore) -> BreakerStatus:
 
 
 _closed.upon(_BreakerInputs.stop).loop().returns(None)
+_closed.upon(_BreakerInputs.may_admit).loop().returns(True)
 
 
 # A trial's later verdict: its headers already closed the circuit (the trial
@@ -214,6 +216,7 @@ _open.upon(_BreakerInputs.trial_failed, nodata=True).loop().returns(None)
 _open.upon(_BreakerInputs.trial_abandoned, nodata=True).loop().returns(None)
 # Already open: the threshold reached again by late failures changes nothing.
 _open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
+_open.upon(_BreakerInputs.may_admit, nodata=True).loop().returns(False)
 
 
 @_open.upon(_BreakerInputs.cooldown_elapsed).to(_half_open)
@@ -281,6 +284,8 @@ def _status_half_open(
 
 
 _half_open.upon(_BreakerInputs.stop, nodata=True).loop().returns(None)
+# A trial may be free (admit says whether it is).
+_half_open.upon(_BreakerInputs.may_admit, nodata=True).loop().returns(True)
 # The trial decides here, not ordinary failures counting to a threshold,
 # and no timer runs.
 _half_open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
@@ -348,10 +353,9 @@ class CircuitBreaker:
         """The state, the consecutive failures, and when a trial becomes possible."""
         return self._machine.status()
 
-    @property
-    def state(self) -> str:
-        """The current state's name, as the table's transitions left it (cheap: no machine call)."""
-        return self._core.state
+    def may_admit(self) -> bool:
+        """Whether an attempt could be let through now (closed, or half open), without taking the trial."""
+        return self._machine.may_admit()
 
     def stop(self) -> None:
         """Cancel the pending cooldown timer, if any: the breaker is discarded."""

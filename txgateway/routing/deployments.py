@@ -94,7 +94,7 @@ class ModelTable:
         fixed = self._fixed_keys()
         forgettable = [
             key for key, route in self._deployments.items()
-            if key not in fixed and route.in_flight == 0 and all(e.breaker.state == "closed" for e in route.endpoints)
+            if key not in fixed and route.in_flight == 0 and all(e.breaker.status().state == "closed" for e in route.endpoints)
         ]
         for key in forgettable[: max(1, len(forgettable) // 2)]:
             for endpoint in self._deployments.pop(key).endpoints:

@@ -17,6 +17,7 @@ from txgateway.dataplane.client import IUpstream
 from txgateway.resilience.breaker import OPEN, Admission, CircuitBreaker
 from txgateway.resilience.retry import RetryPolicy
 from txgateway.routing.balance import Balancer
+from txgateway.routing.lease import InFlight
 
 __all__ = ["Endpoint", "ServiceRoute", "Target"]
 
@@ -37,12 +38,17 @@ class Endpoint:
     url: str
     upstream: IUpstream
     breaker: CircuitBreaker
+    #: Attempts in flight; changed only by L{lease}'s leases.
     in_flight: int = 0
     ttfb: float | None = None
 
     def may_admit(self) -> bool:
         """Whether the breaker may let an attempt through (closed, or a trial may be free)."""
-        return self.breaker.state != OPEN
+        return self.breaker.may_admit()
+
+    def lease(self) -> InFlight:
+        """One attempt's slot in L{in_flight}, given back exactly once."""
+        return InFlight(self)
 
     def trial_in(self) -> float:
         """Seconds until the breaker allows a trial (0 when it may admit now)."""
@@ -65,9 +71,18 @@ class ServiceRoute:
     endpoints: list[Endpoint]
     policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
     balancer: Balancer = attrs.field(default=attrs.Factory(_balancer_of, takes_self=True))
-    #: Requests of the service in flight, and those of them that are retrying (the retry budget's inputs).
+    #: Requests of the service in flight, and those of them that are retrying (the
+    #: retry budget's inputs); changed only by leases (L{lease}, L{retrying_lease}).
     in_flight: int = 0
     retrying: int = 0
+
+    def lease(self) -> InFlight:
+        """A request's slot in L{in_flight} while it is on this service."""
+        return InFlight(self)
+
+    def retrying_lease(self) -> InFlight:
+        """A request's slot in L{retrying} once it retries."""
+        return InFlight(_RetryingCount(self))
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -105,6 +120,24 @@ class ServiceRoute:
     def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:
         """Whether some endpoint (not one of C{excluded}) may let an attempt through."""
         return any(endpoint.may_admit() for endpoint in self.endpoints if endpoint not in excluded)
+
+
+
+class _RetryingCount:
+    """A route's C{retrying} count, seen as an in-flight count (for L{InFlight})."""
+
+    __slots__ = ("_route",)
+
+    def __init__(self, route: "ServiceRoute") -> None:
+        self._route = route
+
+    @property
+    def in_flight(self) -> int:
+        return self._route.retrying
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._route.retrying = value
 
 
 @attrs.frozen

@@ -1,0 +1,146 @@
+"""
+The relay of a final answer to the client: its status and headers (with
+the gateway's own, stamped once), then its body as it arrives, the part
+held at the commit point first.  An answer that breaks after bytes went
+out ends the connection without its end (and, for an event stream, with
+one C{event: error}); a completion stream that breaks is first offered to
+L{txgateway.routing.resume}.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway import errors
+from txgateway.dataplane.client import UpstreamResponse
+from txgateway.dataplane.headers import response_headers_for_client
+from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
+from txgateway.errors import error_body
+from txgateway.routing.attempt import Answer, is_event_stream
+from txgateway.routing.call import Call
+from txgateway.routing.model import Target
+from txgateway.routing.resume import StreamResume
+
+__all__ = ["AnswerCutShort", "AnswerRelay"]
+
+
+class AnswerCutShort(Exception):
+    """
+    The answer was partly sent and then ended without its end; the client
+    connection is closing.  Nothing more may be written to the request.
+    """
+
+
+class AnswerRelay:
+    """
+    Relays final answers to their clients.
+
+    @param clock: the time source for the stamp and the idle timers.
+    @param resume: continues completion streams that break.
+    """
+
+    def __init__(self, clock: IReactorTime, resume: StreamResume) -> None:
+        self._clock = clock
+        self._resume = resume
+
+    async def relay(self, call: Call, target: Target, answer: Answer) -> None:
+        """Relay C{answer} to C{call}'s client; its in-flight slot is given back at the end, whatever happens."""
+        try:
+            relay = answer.relay
+            if relay is not None and relay.resumable:
+                await self._relay_stream(call, target, answer, relay)
+            else:
+                await self._relay(call, target, answer, relay)
+        finally:
+            answer.lease.release()
+
+    def _start(self, call: Call, response: UpstreamResponse, length: int | None) -> None:
+        call.ctx.stamp(call.request, self._clock.seconds())
+        call.request.start(response.code, response.reason, response_headers_for_client(response), length)
+
+    async def _relay(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
+        """Stream the backend's answer to the client as it arrives (the held part first)."""
+        request, response = call.request, answer.response
+        self._start(call, response, response.length)
+        if held is None:
+            relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
+            response.deliver_body(relay)
+        else:
+            relay = held
+            relay.commit(request)
+        if relay.done.called and relay.complete:
+            return  # the whole body came with the headers (most small answers)
+        if response.length is None:
+            # A stream: send the status and headers now, so that a client
+            # waiting on a slow first token knows the backend answered.
+            request.send_head()
+        relay.watch_idle()
+        try:
+            await relay.done
+        except (StreamIdle, StreamBroken) as error:
+            # Bytes already reached the client: no retry, no error body.
+            answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
+            self.cut_short(call, target, response, error, relay.bytes_relayed)
+
+    async def _relay_stream(self, call: Call, target: Target, first: Answer, relay: BodyRelay) -> None:
+        """
+        Relay a completion stream committed at its first token.  When it
+        breaks or stalls before its end, the resume is asked to go on from
+        the text sent so far, and its stream is relayed as more of the same
+        answer; when none can, the stream ends with the SSE error event of
+        the I{original} break.
+        """
+        request = call.request
+        # Chunked whatever the backend said: events may be left out or renamed.
+        self._start(call, first.response, None)
+        relay.commit(request)
+        if relay.done.called and relay.complete:
+            return
+        request.send_head()
+        original: Exception | None = None
+        answer = first
+        try:
+            while True:
+                relay.watch_idle()
+                try:
+                    await relay.done
+                    return
+                except (StreamIdle, StreamBroken) as error:
+                    answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
+                    original = original or error
+                    call.ctx.log.warning(
+                        "stream_broke", service=target.route.config.name, model=target.model, reason=str(error),
+                        text_chars=len(call.transcript.text),
+                    )
+                    resumed = await self._resume.resumed(call, target, answer.endpoint)
+                    if resumed is None:
+                        self.cut_short(call, target, first.response, original, request.bytes_sent)
+                    if answer is not first:
+                        answer.lease.release()
+                    target, answer = resumed.target, resumed.answer
+                    relay = answer.relay
+                    relay.commit(request)
+        finally:
+            if answer is not first:
+                answer.lease.release()
+
+    def cut_short(
+        self, call: Call, target: Target, response: UpstreamResponse, error: Exception, relayed: int
+    ) -> NoReturn:
+        """
+        End an answer that broke after its first bytes went out: the
+        connection is closed without the end of the answer, so the client
+        sees a truncated body, never a complete-looking one.
+        """
+        ctx, request = call.ctx, call.request
+        kind = errors.STREAM_IDLE if isinstance(error, StreamIdle) else errors.STREAM_BROKEN
+        ctx.outcome = kind.type
+        ctx.log.warning("stream_failed", service=target.route.config.name, reason=str(error), bytes_relayed=relayed)
+        if is_event_stream(response):
+            # One complete SSE event that says what happened (an SDK raises
+            # it as an error), then the connection closes without the end.
+            request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
+        request.abort()
+        raise AnswerCutShort(ctx.outcome)

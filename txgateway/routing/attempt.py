@@ -1,0 +1,400 @@
+"""
+The attempts of one call on one target: each one sent to an endpoint its
+breaker admits, bounded by its timeout and the call's deadline, its
+verdict counted on the breaker, then held at the commit point (the first
+body byte, or an OpenAI stream's first token) so that until then it may
+still fail and be retried; the backoff between attempts on the injected
+clock, the retry budget, and the endpoints a silent one rules out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+
+import attrs
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
+from txgateway import errors
+from txgateway.config.gateway import ServiceConfig
+from txgateway.dataplane.client import UpstreamResponse
+from txgateway.dataplane.relay import BodyRelay, StreamBroken
+from txgateway.errors import GatewayError, describe_failure
+from txgateway.observability.context import CompletionFacts, RequestContext
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay
+from txgateway.openai.wire import Usage
+from txgateway.resilience.breaker import Admission
+from txgateway.resilience.retry import (
+    RETRY_AFTER_STATUSES,
+    RETRYABLE_STATUSES,
+    is_breaker_failure,
+    may_resend_after_silence,
+    parse_retry_after,
+    retry_budget_allows,
+)
+from txgateway.routing.balance import decayed
+from txgateway.routing.call import Call
+from txgateway.routing.lease import InFlight
+from txgateway.routing.model import Endpoint, ServiceRoute, Target
+from txgateway.routing.paths import join_target
+
+__all__ = ["Answer", "Attempts", "circuit_open", "is_event_stream"]
+
+
+@attrs.define(eq=False)
+class Answer:
+    """
+    A backend's answer to a call, from the endpoint whose in-flight slot
+    C{lease} holds (given back once the answer is relayed or dropped).
+
+    @ivar relay: holds the body's first bytes, to be committed; L{None} for
+        a retryable answer (5xx, 429) passed on as the last one.
+    """
+
+    response: UpstreamResponse
+    endpoint: Endpoint
+    admission: Admission
+    lease: InFlight
+    relay: BodyRelay | None = None
+
+    def drop(self) -> None:
+        """The client will not see this answer: stop its body and give the slot back."""
+        self.lease.release()
+        if self.relay is not None:
+            self.relay.cancel()
+        self.response.discard()
+
+
+@attrs.frozen
+class _Failed:
+    """An attempt that got no usable answer."""
+
+    kind: errors.ErrorKind
+    reason: str
+
+
+@attrs.frozen
+class _Outcome:
+    """
+    What one attempt came to: an C{answer} (committed when it has a relay;
+    else a retryable 5xx or 429, kept in case it is the last), or a C{failure}.
+    """
+
+    answer: Answer | None = None
+    failure: _Failed | None = None
+
+    @property
+    def committed(self) -> bool:
+        """The answer is final: it goes to the client."""
+        return self.answer is not None and self.answer.relay is not None
+
+    @property
+    def reason(self) -> str:
+        """Why it is not final, for the attempt's log line."""
+        return self.failure.reason if self.failure is not None else f"status {self.answer.response.code}"
+
+
+@attrs.frozen
+class _CommitPoint:
+    """Where an answer becomes final: the relay holding what comes first, how long to wait, and for what."""
+
+    relay: BodyRelay
+    timeout: float
+    waits_for: str
+
+
+@attrs.define(eq=False)
+class _TargetAttempts:
+    """The state of one call's attempts on one target."""
+
+    call: Call
+    target: Target
+    resendable: bool
+    resumed: bool = False
+    #: Endpoints this request must not be sent to again (they stayed silent).
+    silent: set[Endpoint] = attrs.Factory(set)
+
+    @property
+    def route(self) -> ServiceRoute:
+        return self.target.route
+
+    @property
+    def config(self) -> ServiceConfig:
+        return self.target.route.config
+
+
+#: Why a failed attempt is not retried: retries, time or the backend's
+#: Retry-After say so; only silent endpoints are left; the retry budget is
+#: spent; every breaker is open.
+_FINAL, _SILENT_LEFT, _BUDGET_SPENT, _ALL_OPEN = "final", "silent", "budget", "circuit_open"
+
+
+class Attempts:
+    """
+    Makes the attempts of calls on their targets.
+
+    @param clock: the time source for timeouts and backoff.
+    @param metrics: where attempts, retries and tokens are counted.
+    @param rng: the randomness behind retry jitter.
+    """
+
+    def __init__(self, clock: IReactorTime, metrics: GatewayMetrics, rng: random.Random) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._rng = rng
+
+    async def until_final(self, call: Call, target: Target) -> Answer:
+        """
+        Try C{target}'s endpoints until an answer is final, the retries are
+        spent, the deadline passes, the retry budget says no, or no
+        endpoint's breaker admits (then L{GatewayError}).  A retry goes to
+        another endpoint than the one that just failed while another
+        admits; a request that may not be sent again to a silent endpoint
+        (C{retry_timeouts}) never is.
+        """
+        config = target.route.config
+        method = call.request.method
+        state = _TargetAttempts(call, target, may_resend_after_silence(config.retry_timeouts, method, call.idempotency_key))
+        failed_on: Endpoint | None = None
+        retrying: InFlight | None = None
+        try:
+            while True:
+                endpoint, admission = target.route.choose(call.ctx.request_id, failed_on, state.silent)
+                if endpoint is None:
+                    raise circuit_open(config.name, target.route.retry_after(admission))
+                outcome = await self.once(state, endpoint, admission, call.deadline_at)
+                if outcome.committed:
+                    return outcome.answer
+                failed_on = endpoint
+                delay, stop = self._after_failed_attempt(state, outcome, retrying is not None)
+                if stop in (_FINAL, _SILENT_LEFT, _BUDGET_SPENT):
+                    if outcome.failure is not None:
+                        raise GatewayError(outcome.failure.kind, f"service {config.name!r}: {outcome.failure.reason}")
+                    return outcome.answer  # the last answer, as it is
+                if outcome.answer is not None:
+                    outcome.answer.drop()
+                if stop == _ALL_OPEN:
+                    raise circuit_open(config.name, target.route.retry_after(None))
+                if retrying is None:
+                    retrying = target.route.retrying_lease()
+                self._metrics.retries.labels(config.name).inc()
+                await deferLater(self._clock, delay)
+        finally:
+            if retrying is not None:
+                retrying.release()
+
+    async def resume_once(self, call: Call, target: Target, endpoint: Endpoint, admission: Admission) -> _Outcome:
+        """One attempt for the rest of a broken stream: no retry, no deadline but its own timeouts."""
+        state = _TargetAttempts(call, target, resendable=False, resumed=True)
+        return await self.once(state, endpoint, admission, math.inf)
+
+    async def once(self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, deadline_at: float) -> _Outcome:
+        """
+        One attempt on C{endpoint}: send, wait for the headers (within the
+        attempt's timeout and the deadline), count the verdict on its
+        breaker, then wait for the commit point.  Raises L{CancelledError}
+        when the client left and L{GatewayError} when the deadline passed.
+        """
+        call, config = state.call, state.config
+        ctx = call.ctx
+        ctx.attempts += 1
+        timeout = min(config.timeout, deadline_at - self._clock.seconds())
+        upstream = endpoint.upstream
+        sending = upstream.request(
+            call.request.method, join_target(upstream.base_path, call.path), call.headers_for(config), call.body_for(state.target, self._prefill(state))
+        )
+        sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
+        sent_at = self._clock.seconds()
+        lease = endpoint.lease()
+        try:
+            response = await sending
+        except Exception as error:
+            lease.release()
+            return self._not_answered(state, endpoint, admission, error, timeout)
+        took = self._clock.seconds() - sent_at
+        endpoint.ttfb = decayed(endpoint.ttfb, took)
+        self._metrics.observe_upstream_time(config.name, endpoint.url, took)
+        if is_breaker_failure(response.code):
+            endpoint.breaker.failed(admission, f"status {response.code}")
+            self._count_attempt(config.name, endpoint, "http_5xx")
+        else:
+            # 429 included: the backend's limit is no failure of it.
+            endpoint.breaker.succeeded(admission)
+            self._count_attempt(config.name, endpoint, "answered")
+        answer = Answer(response, endpoint, admission, lease)
+        if response.code in RETRYABLE_STATUSES:
+            return _Outcome(answer=answer)
+        commit = self._commit_point(state, response)
+        error = await self._first_bytes(response, commit)
+        if error is None:
+            answer.relay = commit.relay
+            return _Outcome(answer=answer)
+        lease.release()
+        if ctx.client_gone or isinstance(error, CancelledError):
+            raise CancelledError() from None
+        # Its headers were a success for the breaker; the missing body is a
+        # failure all the same.
+        waited = f"no {commit.waits_for} within {commit.timeout:g} s"
+        return _Outcome(failure=self._attempt_failed(state, endpoint, admission, error, waited))
+
+    def _prefill(self, state: _TargetAttempts) -> str | None:
+        return state.call.transcript.text if state.resumed else None
+
+    def _not_answered(
+        self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, error: Exception, timeout: float
+    ) -> _Outcome:
+        """An attempt that got no headers: the client left, the deadline passed, or a failure of the backend."""
+        config, ctx = state.config, state.call.ctx
+        if ctx.client_gone or isinstance(error, CancelledError):
+            self._count_attempt(config.name, endpoint, "abandoned")
+            # The client left: whatever the upstream reports of its
+            # cancellation, it is no failure of the backend and nothing to retry.
+            endpoint.breaker.abandoned(admission)
+            raise CancelledError() from None
+        if isinstance(error, TimeoutError) and timeout < config.timeout:
+            endpoint.breaker.failed(admission, "the deadline passed")
+            self._count_attempt(config.name, endpoint, "timeout")
+            self._log_attempt(ctx, config.name, "the deadline passed", final=True)
+            raise GatewayError(errors.UPSTREAM_TIMEOUT, f"service {config.name!r}: the deadline passed") from None
+        return _Outcome(failure=self._attempt_failed(state, endpoint, admission, error, f"no answer within {timeout:g} s"))
+
+    def _commit_point(self, state: _TargetAttempts, response: UpstreamResponse) -> _CommitPoint:
+        """
+        The commit point of C{response}: a completion stream's first token
+        (within C{first_token_timeout}), else the first byte; a successful
+        OpenAI JSON answer has its usage read as it passes.
+        """
+        config, call = state.config, state.call
+        if call.openai is not None and response.code == 200:
+            on_usage = functools.partial(self._count_usage, call.ctx, config.name)
+            if call.transcript is not None and is_event_stream(response):
+                relay = EventStreamRelay(
+                    self._clock, config.idle_timeout, call.transcript, on_usage, call.openai.client_wants_usage, state.resumed
+                )
+                return _CommitPoint(relay, config.token_timeout, "first token")
+            return _CommitPoint(JsonAnswerRelay(self._clock, config.idle_timeout, on_usage), config.first_byte_timeout, "first byte")
+        return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
+
+    async def _first_bytes(self, response: UpstreamResponse, commit: _CommitPoint) -> Exception | None:
+        """
+        Wait at the commit point: nothing reaches the client before the
+        answer's first body byte (or its end; the relay may wait for more,
+        such as a first token).  Returns why it failed, or L{None}.
+        """
+        relay = commit.relay
+        response.deliver_body(relay)
+        if relay.has_first_data:
+            return None  # it came with the headers: most answers, no waiting
+        if not relay.first_data.called:
+            relay.first_data.addTimeout(commit.timeout, self._clock)
+        try:
+            await relay.first_data
+        except Exception as error:
+            relay.cancel()
+            return error
+        return None
+
+    def _attempt_failed(
+        self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, error: Exception, silence: str
+    ) -> _Failed:
+        """
+        An attempt that got no usable answer: a silent backend (C{silence}
+        says for how long), a connection failure, or an answer that broke
+        before its first byte.  Counts it against the endpoint's breaker,
+        and keeps a silent endpoint from getting the request again unless
+        it may be resent.
+        """
+        if isinstance(error, TimeoutError):
+            failed, counted = _Failed(errors.UPSTREAM_TIMEOUT, silence), "timeout"
+            if not state.resendable:
+                state.silent.add(endpoint)
+        elif isinstance(error, StreamBroken):
+            failed = _Failed(errors.UPSTREAM_UNAVAILABLE, f"the answer broke before its first byte: {error}")
+            counted = "connection_error"
+        else:
+            failed, counted = _Failed(errors.UPSTREAM_UNAVAILABLE, describe_failure(error)), "connection_error"
+        endpoint.breaker.failed(admission, failed.reason)
+        self._count_attempt(state.config.name, endpoint, counted)
+        return failed
+
+    def _after_failed_attempt(self, state: _TargetAttempts, outcome: _Outcome, retrying: bool) -> tuple[float | None, str | None]:
+        """
+        Whether a failed attempt (or a retryable answer) is followed by
+        another: the backoff delay, and why not (L{None}: retry).  Logs the
+        attempt, announcing a retry only when one will happen.
+        """
+        route, config, ctx = state.route, state.config, state.call.ctx
+        policy = route.policy
+        delay = self._delay_before_retry(outcome, route, ctx.attempts)
+        stop = None
+        if delay is None or not policy.attempts_left(ctx.attempts) or self._clock.seconds() + delay >= state.call.deadline_at:
+            stop = _FINAL
+        elif not route.any_may_admit(state.silent):
+            # Nowhere left to go: every breaker is open, or the only endpoints
+            # left are silent ones this request must not be sent to again
+            # (then it ends with its 504 at once).
+            stop = _SILENT_LEFT if route.any_may_admit() else _ALL_OPEN
+        elif not retry_budget_allows(route.retrying - retrying, route.in_flight, config.retry_budget, config.retry_budget_min):
+            stop = _BUDGET_SPENT
+            self._metrics.retry_budget_exhausted.labels(config.name).inc()
+            ctx.log.warning("retry_budget_exhausted", service=config.name, retrying=route.retrying, in_flight=route.in_flight)
+        self._log_attempt(ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
+        return delay, stop
+
+    def _delay_before_retry(self, outcome: _Outcome, route: ServiceRoute, attempts: int) -> float | None:
+        """
+        The backoff before the next attempt, or L{None} when the backend's own
+        C{Retry-After} asks for longer than C{retry_max_delay}.
+        """
+        answer = outcome.answer
+        policy = route.policy
+        if answer is not None and answer.response.code in RETRY_AFTER_STATUSES:
+            asked = parse_retry_after(answer.response.header(b"retry-after"), self._clock.seconds())
+            if asked is not None:
+                return asked if asked <= policy.max_delay else None
+        return policy.delay_before_retry(attempts - 1, self._rng)
+
+    def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
+        self._metrics.observe_attempt(service, endpoint.url, outcome)
+
+    def _log_attempt(self, ctx: RequestContext, service: str, reason: str, final: bool, delay: float | None = None) -> None:
+        retry = {} if final else {"retry_in_s": round(delay, 3)}
+        ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=not final, **retry)
+
+    def _count_usage(self, ctx: RequestContext, service: str, usage: Usage) -> None:
+        """One backend answer's usage: on the access line and in the token counts."""
+        facts = ctx.completion
+        if facts is None:
+            facts = ctx.completion = CompletionFacts()
+        model = usage.model or facts.model or facts.requested_model or "unknown"
+        facts.model = model
+        facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens
+        facts.completion_tokens = (facts.completion_tokens or 0) + usage.completion_tokens
+        if usage.prompt_tokens:
+            self._metrics.count_tokens(service, model, "prompt", usage.prompt_tokens)
+        if usage.completion_tokens:
+            self._metrics.count_tokens(service, model, "completion", usage.completion_tokens)
+
+
+def is_event_stream(response: UpstreamResponse) -> bool:
+    """The answer is a server-sent event stream."""
+    content_type = response.header(b"content-type") or b""
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+
+
+def circuit_open(service: str, retry_after: int) -> GatewayError:
+    """The refusal when no endpoint of C{service} admits an attempt."""
+    return GatewayError(
+        errors.CIRCUIT_OPEN,
+        f"service {service!r} is failing; the circuit is open, retry in {retry_after} s",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
+def _timed_out(result: object, timeout: float) -> None:
+    # Whatever the agent's cancellation failed with, the cause was the timeout.
+    raise TimeoutError(timeout, "attempt")

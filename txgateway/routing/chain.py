@@ -1,0 +1,133 @@
+"""
+The fallback chain: a call's targets tried in turn (a service, then its
+C{fallback} services; or a model's targets, primary first), each with its
+retries, until one answers in a way the client should see.  Before any
+byte reached the client a target gives up on a gateway error (no endpoint
+answered, all circuits open, timeouts), a final 429 or 5xx, and for
+OpenAI calls on a 401, 403, 404 or a context length exceeded; the next
+target is tried while the call's deadline allows.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import TimeoutError
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway import errors
+from txgateway.errors import GatewayError
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.openai.wire import NEXT_TARGET, REFUSAL_BODY_LIMIT, after_refusal, error_codes
+from txgateway.resilience.retry import RETRYABLE_STATUSES
+from txgateway.routing.answer import AnswerRelay
+from txgateway.routing.attempt import Answer, Attempts
+from txgateway.routing.call import Call
+from txgateway.routing.model import Target
+
+__all__ = ["FallbackChain"]
+
+#: Gateway errors after which a target gives up and the next is tried.
+_GIVING_UP = frozenset({errors.UPSTREAM_UNAVAILABLE, errors.CIRCUIT_OPEN, errors.UPSTREAM_TIMEOUT})
+
+
+class FallbackChain:
+    """
+    Serves calls through their targets.
+
+    @param clock: the time source for the deadline and the refusal's read.
+    @param attempts: makes each target's attempts.
+    @param answers: relays the final answer.
+    @param metrics: counts fallbacks.
+    """
+
+    def __init__(self, clock: IReactorTime, attempts: Attempts, answers: AnswerRelay, metrics: GatewayMetrics) -> None:
+        self._clock = clock
+        self._attempts = attempts
+        self._answers = answers
+        self._metrics = metrics
+
+    async def serve(self, call: Call) -> None:
+        """
+        Answer C{call} from the first target that answers, or raise the last
+        target's L{GatewayError}.  The whole chain shares the call's deadline.
+        """
+        targets = call.targets
+        call.deadline_at = self._clock.seconds() + targets[0].route.config.deadline
+        for position, target in enumerate(targets):
+            following = targets[position + 1] if position + 1 < len(targets) else None
+            with target.route.lease():
+                moved_on = await self._from(call, target, following)
+            if moved_on is None:
+                return
+            self._fall_over(call, target, following, moved_on)
+
+    async def _from(self, call: Call, target: Target, following: Target | None) -> str | None:
+        """
+        Serve C{call} from C{target}: L{None} once answered, or why the
+        chain moves on to C{following}.
+        """
+        ctx = call.ctx
+        ctx.served_by = target.route.config.name
+        try:
+            answer = await self._attempts.until_final(call, target)
+        except GatewayError as error:
+            if following is None or error.kind not in _GIVING_UP or self._past_deadline(call):
+                self._answering(call, target)
+                raise
+            return error.message
+        if following is not None and not self._past_deadline(call):
+            try:
+                moved_on = await self._moves_on(call, target, answer)
+            except BaseException:  # the client left while the refusal was read
+                answer.drop()
+                raise
+            if moved_on is not None:
+                answer.drop()
+                return moved_on
+        self._answering(call, target)
+        await self._answers.relay(call, target, answer)
+        return None
+
+    def _past_deadline(self, call: Call) -> bool:
+        return self._clock.seconds() >= call.deadline_at
+
+    async def _moves_on(self, call: Call, target: Target, answer: Answer) -> str | None:
+        """Why C{answer} sends the call to the next target, or L{None} (the client sees it)."""
+        code = answer.response.code
+        if code in RETRYABLE_STATUSES:  # a final 429 or 5xx: the next target may do better
+            return f"status {code}"
+        if call.openai is None or not 400 <= code < 500 or answer.relay is None:
+            return None
+        body = None
+        if code == 400:
+            read = answer.relay.held_body(REFUSAL_BODY_LIMIT)
+            if not read.called:
+                read.addTimeout(target.route.config.first_byte_timeout, self._clock)
+            try:
+                body = await read
+            except TimeoutError:
+                body = None
+        if after_refusal(code, body) == NEXT_TARGET:
+            codes = f" ({_error_code_of(body)})" if body else ""
+            return f"status {code}{codes}"
+        return None
+
+    def _fall_over(self, call: Call, gave_up: Target, to: Target, reason: str) -> None:
+        """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
+        ctx = call.ctx
+        ctx.fallback_from.append(gave_up.label)
+        service = ctx.service or gave_up.route.config.name
+        self._metrics.fallback(service, to.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
+        ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)
+
+    def _answering(self, call: Call, target: Target) -> None:
+        """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""
+        if target.model is not None:
+            ctx = call.ctx
+            ctx.served_model = target.model
+            if ctx.completion is not None and ctx.completion.model is None:
+                ctx.completion.model = target.model
+
+
+def _error_code_of(body: bytes | None) -> str:
+    codes, _ = error_codes(body)
+    return ", ".join(sorted(codes)) or "no code"

@@ -1,0 +1,88 @@
+"""
+The resume of a completion stream that broke after its commit point:
+the targets with C{resume = prefill} (the one that broke first, on the
+same endpoint when its breaker admits) are asked in turn to go on from
+the text the client has been sent, and the first whose stream gives a
+token continues the answer.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from txgateway.observability.metrics import GatewayMetrics
+from txgateway.routing.attempt import Answer, Attempts
+from txgateway.routing.call import Call
+from txgateway.routing.model import Endpoint, Target
+
+__all__ = ["MAX_RESUMES", "Resumed", "StreamResume"]
+
+#: The most times one answer's stream is resumed.
+MAX_RESUMES = 5
+
+
+@attrs.frozen
+class Resumed:
+    """A stream that goes on: the target it came from and its answer (holding its first token)."""
+
+    target: Target
+    answer: Answer
+
+
+class StreamResume:
+    """
+    Continues broken completion streams.
+
+    @param attempts: makes the one attempt each candidate gets.
+    @param metrics: counts resumes (resumed, failed).
+    """
+
+    def __init__(self, attempts: Attempts, metrics: GatewayMetrics) -> None:
+        self._attempts = attempts
+        self._metrics = metrics
+
+    async def resumed(self, call: Call, broke_on: Target, broke_endpoint: Endpoint) -> Resumed | None:
+        """
+        The stream that continues C{call}'s answer, or L{None} when it may
+        not be continued (a tool call, too many resumes) or no target can.
+        """
+        facts = call.ctx.completion
+        if not call.transcript.resumable or facts is None or facts.resumed >= MAX_RESUMES:
+            return None
+        candidates = [broke_on, *(target for target in call.targets if target is not broke_on)]
+        for target in candidates:
+            if target.route.config.resume != "prefill":
+                continue
+            answer = await self._try(call, target, broke_on, broke_endpoint)
+            if answer is not None:
+                facts.resumed += 1
+                facts.resumed_on.append(target.label)
+                return Resumed(target, answer)
+        return None
+
+    async def _try(self, call: Call, target: Target, broke_on: Target, broke_endpoint: Endpoint) -> Answer | None:
+        """One candidate: its stream holding a first token, or L{None} (refused, failed, nowhere admitted)."""
+        ctx, route, config = call.ctx, target.route, target.route.config
+        endpoint, admission = None, None
+        if target is broke_on:
+            admission = broke_endpoint.breaker.admit(ctx.request_id)
+            endpoint = broke_endpoint if admission.allowed else None
+        if endpoint is None:
+            endpoint, admission = route.choose(ctx.request_id, broke_endpoint)
+        if endpoint is None:
+            return None
+        outcome = await self._attempts.resume_once(call, target, endpoint, admission)
+        refused = None
+        if outcome.failure is not None:
+            refused = outcome.failure.reason
+        elif outcome.answer.relay is None or not outcome.answer.relay.resumable:
+            # A refusal (a backend that takes no assistant prefill says 400),
+            # or an answer that is no stream.
+            refused = f"status {outcome.answer.response.code}"
+            outcome.answer.drop()
+        self._metrics.stream_resumes.labels(config.name, "failed" if refused else "resumed").inc()
+        if refused is not None:
+            ctx.log.warning("resume_failed", service=config.name, model=target.model, reason=refused)
+            return None
+        ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=endpoint.url)
+        return outcome.answer
