@@ -15,7 +15,7 @@ from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
 from txgateway.front.gateway import Gateway
-from txgateway.observability.context import CompletionFacts, RequestContext
+from txgateway.observability.context import RequestContext
 from txgateway.openai.wire import BadCall, OpenAICall
 from txgateway.routing.broker import AnswerCutShort
 from txgateway.routing.paths import UnsafePath, split_api_path
@@ -115,7 +115,6 @@ class ProxiedRequests:
             answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {call.model!r}")
             return
         ctx.service = targets[0].route.config.name
-        ctx.completion = CompletionFacts(requested_model=call.model)
         rest = path[len(b"/v1"):]
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
 

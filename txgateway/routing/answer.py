@@ -9,7 +9,7 @@ L{txgateway.routing.resume}.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Awaitable, NoReturn
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -45,16 +45,16 @@ class AnswerRelay:
         self._clock = clock
         self._resume = resume
 
-    async def relay(self, call: Call, target: Target, answer: Answer) -> None:
-        """Relay C{answer} to C{call}'s client; its in-flight slot is given back at the end, whatever happens."""
-        try:
-            relay = answer.relay
-            if relay is not None and relay.resumable:
-                await self._relay_stream(call, target, answer, relay)
-            else:
-                await self._relay(call, target, answer, relay)
-        finally:
-            answer.lease.release()
+    def relay(self, call: Call, target: Target, answer: Answer) -> Awaitable[None]:
+        """
+        Relay C{answer} to C{call}'s client; its in-flight slot is given
+        back at the end, whatever happens.  (Not a coroutine of its own: it
+        picks the relay by what the held relay says it is.)
+        """
+        relay = answer.relay
+        if relay is not None and relay.resumable:
+            return self._relay_stream(call, target, answer, relay)
+        return self._relay(call, target, answer, relay)
 
     def _start(self, call: Call, response: UpstreamResponse, length: int | None) -> None:
         call.ctx.stamp(call.request, self._clock.seconds())
@@ -62,6 +62,10 @@ class AnswerRelay:
 
     async def _relay(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
+        with answer.lease:
+            await self._relay_body(call, target, answer, held)
+
+    async def _relay_body(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
         request, response = call.request, answer.response
         self._start(call, response, response.length)
         if held is None:
@@ -93,15 +97,15 @@ class AnswerRelay:
         the I{original} break.
         """
         request = call.request
-        # Chunked whatever the backend said: events may be left out or renamed.
-        self._start(call, first.response, None)
-        relay.commit(request)
-        if relay.done.called and relay.complete:
-            return
-        request.send_head()
-        original: Exception | None = None
         answer = first
         try:
+            # Chunked whatever the backend said: events may be left out or renamed.
+            self._start(call, first.response, None)
+            relay.commit(request)
+            if relay.done.called and relay.complete:
+                return
+            request.send_head()
+            original: Exception | None = None
             while True:
                 relay.watch_idle()
                 try:
@@ -109,6 +113,7 @@ class AnswerRelay:
                     return
                 except (StreamIdle, StreamBroken) as error:
                     answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
+                    answer.lease.release()  # that endpoint's stream is over
                     original = original or error
                     call.ctx.log.warning(
                         "stream_broke", service=target.route.config.name, model=target.model, reason=str(error),
@@ -117,14 +122,11 @@ class AnswerRelay:
                     resumed = await self._resume.resumed(call, target, answer.endpoint)
                     if resumed is None:
                         self.cut_short(call, target, first.response, original, request.bytes_sent)
-                    if answer is not first:
-                        answer.lease.release()
                     target, answer = resumed.target, resumed.answer
                     relay = answer.relay
                     relay.commit(request)
         finally:
-            if answer is not first:
-                answer.lease.release()
+            answer.lease.release()
 
     def cut_short(
         self, call: Call, target: Target, response: UpstreamResponse, error: Exception, relayed: int

@@ -23,7 +23,7 @@ from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
-from txgateway.observability.context import CompletionFacts, RequestContext
+from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay
 from txgateway.openai.wire import Usage
@@ -367,9 +367,7 @@ class Attempts:
 
     def _count_usage(self, ctx: RequestContext, service: str, usage: Usage) -> None:
         """One backend answer's usage: on the access line and in the token counts."""
-        facts = ctx.completion
-        if facts is None:
-            facts = ctx.completion = CompletionFacts()
+        facts = ctx.completion  # made with the call: usage is read of OpenAI calls only
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
         facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from txgateway import errors
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
-from txgateway.observability.context import CompletionFacts, RequestContext
+from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.wire import BadCall, OpenAICall
 from txgateway.ratelimit.limiter import RateLimiter
@@ -82,17 +82,15 @@ class ServiceBroker:
         answer broke midway).
         """
         path = _checked(rest, query)
-        await self._admit(request, ctx, route)
         openai = None
         if route.config.speaks_openai and request.method == b"POST":
             try:
                 openai = OpenAICall.parse(request.body, rest)
             except BadCall:
                 pass  # not a body the gateway reads: relayed as it is
-            else:
-                ctx.completion = CompletionFacts(requested_model=openai.model)
         call = Call.of(request, ctx, path, self._chains[route.config.name], openai)
-        await self._served(call, path)
+        await self._admit(request, ctx, route)
+        await self._serve_call(call, path)
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, openai: OpenAICall, targets: list[Target], rest: bytes, query: bytes
@@ -102,11 +100,11 @@ class ServiceBroker:
         first is the primary), each sent the body with its own model name.
         """
         path = _checked(rest, query)
-        await self._admit(request, ctx, targets[0].route)
         call = Call.of(request, ctx, path, targets, openai)
-        await self._served(call, b"/v1" + path)
+        await self._admit(request, ctx, targets[0].route)
+        await self._serve_call(call, b"/v1" + path)
 
-    def _served(self, call: Call, cached_as: bytes) -> Awaitable[None]:
+    def _serve_call(self, call: Call, cached_as: bytes) -> Awaitable[None]:
         """
         Serve C{call} through its targets, or through the response cache
         when the first target's service caches (C{cached_as}: the target

@@ -14,7 +14,7 @@ import attrs
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.headers import request_headers_for_upstream
 from txgateway.dataplane.server import IncomingRequest
-from txgateway.observability.context import RequestContext
+from txgateway.observability.context import CompletionFacts, RequestContext
 from txgateway.openai.relays import Transcript
 from txgateway.openai.wire import OpenAICall
 from txgateway.routing.model import Target
@@ -50,8 +50,15 @@ class Call:
     def of(
         cls, request: IncomingRequest, ctx: RequestContext, path: bytes, targets: list[Target], openai: OpenAICall | None = None
     ) -> "Call":
-        """A call of C{request} to C{targets} (its deadline starts when the chain serves it)."""
-        transcript = Transcript(openai.resumable_kind) if openai is not None and openai.stream else None
+        """
+        A call of C{request} to C{targets} (its deadline starts when the
+        chain serves it); an OpenAI call's facts start on C{ctx} here.
+        """
+        transcript = None
+        if openai is not None:
+            ctx.completion = CompletionFacts(requested_model=openai.model)
+            if openai.stream:
+                transcript = Transcript(openai.resumable_kind)
         return cls(request, ctx, path, targets, openai, transcript)
 
     @property
