@@ -1,5 +1,5 @@
 """
-The upstream client byte by byte: L{UpstreamEndpoint} on a
+The upstream client byte by byte: L{UpstreamPool} on a
 MemoryReactorClock, its connections on StringTransports, answers fed in
 pieces, broken ones included.
 """
@@ -15,7 +15,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from tests.fakes import cyclic_garbage_of, result_of
-from txgateway.dataplane.client import StreamEnded, UpstreamConnectionLost, UpstreamEndpoint, UpstreamProtocolError
+from txgateway.dataplane.client import StreamEnded, UpstreamConnectionLost, UpstreamPool, UpstreamProtocolError
 
 
 class Body:
@@ -47,7 +47,7 @@ class Backend:
 
     def __init__(self, url: str = "http://127.0.0.1:8000/v1", **kwargs) -> None:
         self.reactor = MemoryReactorClock()
-        self.endpoint = UpstreamEndpoint(url, self.reactor, **kwargs)
+        self.pool = UpstreamPool(url, self.reactor, **kwargs)
         self.transports: list[StringTransport] = []
         self.protocols: list = []
 
@@ -77,7 +77,7 @@ class Backend:
 
 
 def get(backend: Backend, method: bytes = b"GET", target: bytes = b"/v1/x", headers=None, body: bytes = b""):
-    return backend.endpoint.request(method, target, headers or [(b"Accept", b"*/*")], body)
+    return backend.pool.request(method, target, headers or [(b"Accept", b"*/*")], body)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
@@ -114,7 +114,7 @@ def test_an_answer_split_at_any_byte_is_the_same_answer(split):
     body = Body()
     result_of(d).deliver_body(body)
     assert body.data == b"hello" and body.ended and body.error is None
-    assert backend.endpoint.idle_connections == 1
+    assert backend.pool.idle_connections == 1
 
 
 CHUNKED = (
@@ -187,7 +187,7 @@ def test_bodiless_statuses_complete_with_their_headers(status):
     body = Body()
     response.deliver_body(body)
     assert response.length == 0 and body.ended and body.error is None
-    assert backend.endpoint.idle_connections == 1
+    assert backend.pool.idle_connections == 1
 
 
 def test_a_body_delimited_by_the_end_of_the_connection_is_complete_when_it_ends():
@@ -201,7 +201,7 @@ def test_a_body_delimited_by_the_end_of_the_connection_is_complete_when_it_ends(
     assert not body.ended
     backend.lose(0)
     assert body.data == b"all of it" and body.ended and body.error is None
-    assert backend.endpoint.idle_connections == 0
+    assert backend.pool.idle_connections == 0
 
 
 def test_a_connection_lost_mid_body_ends_it_with_an_error():
@@ -292,7 +292,7 @@ def test_the_pool_keeps_at_most_max_idle_connections():
     backend.answer(1, OK)
     for d in pending:
         result_of(d).deliver_body(Body())
-    assert backend.endpoint.idle_connections == 1
+    assert backend.pool.idle_connections == 1
     assert [t.disconnecting for t in backend.transports] == [False, True]
 
 
@@ -314,7 +314,7 @@ def test_a_backend_that_closes_after_answering_is_not_kept():
     backend.accept()
     backend.answer(0, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
     result_of(d).deliver_body(Body())
-    assert backend.endpoint.idle_connections == 0
+    assert backend.pool.idle_connections == 0
     assert backend.transports[0].disconnecting
 
 
@@ -337,7 +337,7 @@ def test_cancelling_while_waiting_for_the_answer_drops_the_connection():
         result_of(d)
     assert backend.transports[0].disconnected or backend.transports[0].disconnecting
     backend.lose(0)
-    assert backend.endpoint.idle_connections == 0
+    assert backend.pool.idle_connections == 0
 
 
 def test_a_discarded_answer_whose_body_came_whole_keeps_its_connection():
@@ -346,7 +346,7 @@ def test_a_discarded_answer_whose_body_came_whole_keeps_its_connection():
     backend.accept()
     backend.answer(0, b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
     result_of(d).discard()
-    assert backend.endpoint.idle_connections == 1
+    assert backend.pool.idle_connections == 1
 
 
 def test_a_discarded_answer_still_arriving_drops_its_connection():
@@ -356,7 +356,7 @@ def test_a_discarded_answer_still_arriving_drops_its_connection():
     backend.answer(0, b"HTTP/1.1 503 Busy\r\nContent-Length: 4000\r\n\r\nbusy")
     result_of(d).discard()
     assert backend.transports[0].disconnected or backend.transports[0].disconnecting
-    assert backend.endpoint.idle_connections == 0
+    assert backend.pool.idle_connections == 0
 
 
 def test_body_flow_control_reaches_the_connection():
@@ -375,11 +375,17 @@ def test_body_flow_control_reaches_the_connection():
 
 
 def test_an_https_url_speaks_tls_and_names_its_host():
-    import ipaddress
+    from twisted.internet.address import IPv4Address
 
     backend = Backend("https://backend.example:8443")
-    backend.endpoint._addresses = [ipaddress.ip_address("127.0.0.1")]
-    backend.endpoint._resolved_at = backend.reactor.seconds()
+
+    class Resolver:
+        def resolveHostName(self, receiver, host, port=0, *args, **kwargs):
+            receiver.resolutionBegan(None)
+            receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", port))
+            receiver.resolutionComplete()
+
+    backend.reactor.nameResolver = Resolver()
     get(backend)
     host, port, factory, timeout, bind = backend.reactor.tcpClients[0]
     assert (host, port) == ("127.0.0.1", 8443)

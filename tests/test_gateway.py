@@ -97,6 +97,19 @@ def test_hop_by_hop_response_headers_stay_behind():
     assert not headers.hasHeader("x-internal")
 
 
+def test_a_keep_alive_header_is_dropped_both_ways_on_its_own():
+    # Named in no Connection header: dropped because Keep-Alive is hop-by-hop itself.
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x", headers={"Keep-Alive": "timeout=5", "X-Kept": "1"})
+    sent = h.agents["ai"].last
+    assert not sent.headers.hasHeader(b"keep-alive") and sent.headers.getRawHeaders(b"x-kept") == [b"1"]
+    assert not sent.headers.hasHeader(b"connection")
+    sent.respond(FakeResponse(200, {b"keep-alive": b"timeout=5, max=100", b"x-model": b"m1"}, b"ok"))
+    h.flush()
+    headers = result_of(d).headers
+    assert not headers.hasHeader("keep-alive") and headers.getRawHeaders("x-model") == ["m1"]
+
+
 def test_unknown_service_is_a_json_404():
     h = Harness(SERVICE_INI)
     response = result_of(h.request("GET", "/api/nope/x", headers={"X-Request-ID": "r-404"}))

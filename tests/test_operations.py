@@ -305,7 +305,7 @@ def test_a_reload_that_changes_the_rate_limit_gets_a_new_store_and_keeps_unchang
     path.write_text(RELOADABLE + "[ratelimit]\nrequests = 7\n")
     assert service.reload()
     assert service.gateway.store is not first_store
-    assert service.gateway.broker._limiter.default.capacity == 7
+    assert service.gateway.broker.limiter.default.capacity == 7
 
 
 def test_services_sharing_a_url_have_pools_of_their_own_and_each_is_closed_with_its_service(tmp_path):
@@ -315,6 +315,6 @@ def test_services_sharing_a_url_have_pools_of_their_own_and_each_is_closed_with_
     assert ai is not data
     path.write_text(shared.split("[service:data]")[0])
     assert service.reload()
-    assert data._closed and not ai._closed
+    assert data.closed and not ai.closed
     result_of(service.stopService())
-    assert ai._closed
+    assert ai.closed

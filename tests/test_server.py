@@ -109,6 +109,19 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_arrives():
     assert connection.harness.agents["ai"].requests == []
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_body_of_exactly_max_body_size_is_accepted_and_sent_on_whole(framing):
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
+    body = b"x" * 100
+    if framing == "length":
+        connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + body)
+    else:
+        connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n" + body + b"\r\n0\r\n\r\n")
+    assert connection.transport.value() == b""  # no refusal
+    [sent] = connection.harness.agents["ai"].requests
+    assert sent.body == body
+
+
 def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit():
     connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_body_size = 100\n"))
     connection.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -33,7 +33,7 @@ from txgateway.cache.responses import ResponseCache
 from txgateway.cache.stores import MemoryCacheStore, connect_cache
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.model import Endpoint, ServiceRoute
-from txgateway.dataplane.client import IUpstream, UpstreamEndpoint
+from txgateway.dataplane.client import IUpstream, UpstreamPool
 from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, load_config
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
@@ -211,7 +211,7 @@ class GatewayService(MultiService):
         self._log_destination.use(self.sink, config.logging.level)
         self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
         self.metrics = GatewayMetrics(self._clock)
-        self._upstreams: list[UpstreamEndpoint] = []
+        self._upstreams: list[UpstreamPool] = []
         self._stopping = False
         store = self._rate_limit_store(config)
         self._cache_stores = self._cache_stores_for(config, {})
@@ -247,7 +247,7 @@ class GatewayService(MultiService):
     def _upstream_for(self, service: ServiceConfig, url: str) -> IUpstream:
         # One pool per endpoint of a service, even for services sharing a
         # URL: each is closed when its own endpoint goes.
-        upstream = UpstreamEndpoint(url, self._reactor, max_idle=POOL_IDLE_CONNECTIONS, idle_seconds=POOL_IDLE_SECONDS)
+        upstream = UpstreamPool(url, self._reactor, max_idle=POOL_IDLE_CONNECTIONS, idle_seconds=POOL_IDLE_SECONDS)
         self._upstreams.append(upstream)
         return upstream
 

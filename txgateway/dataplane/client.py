@@ -1,9 +1,9 @@
 """
-The data plane's client side: HTTP/1.1 to one backend endpoint, answers
+The data plane's client side: HTTP/1.1 to one backend URL, answers
 parsed by llhttp (C{httptools.HttpResponseParser}), over keep-alive
-connections kept in a pool per endpoint.
+connections kept in a pool (L{UpstreamPool}: one per service endpoint).
 
-The broker talks to an L{IUpstream} (L{UpstreamEndpoint} here, a fake in
+The broker talks to an L{IUpstream} (L{UpstreamPool} here, a fake in
 unit tests) and never to twisted.web's C{Agent}: a transparent proxy wants
 no cookie jar, redirects or decompression, and the Agent's per-request
 machinery cost more than the rest of the gateway together (see the README's
@@ -39,7 +39,7 @@ __all__ = [
     "IBodyConsumer",
     "IUpstream",
     "UpstreamConnectionLost",
-    "UpstreamEndpoint",
+    "UpstreamPool",
     "UpstreamProtocolError",
     "UpstreamResponse",
 ]
@@ -78,10 +78,10 @@ class IBodyConsumer(Interface):
 
 
 class IUpstream(Interface):
-    """One backend endpoint the broker sends requests to."""
+    """One backend URL the broker sends requests to (a routing endpoint's connections)."""
 
-    base_path = Attribute("The path of the endpoint's URL (C{b'/v1'}, or C{b''}): targets start with it.")
-    url = Attribute("The endpoint's URL, as configured.")
+    base_path = Attribute("The path of the backend's URL (C{b'/v1'}, or C{b''}): targets start with it.")
+    url = Attribute("The backend's URL, as configured.")
 
     def request(method: bytes, target: bytes, headers: list, body: bytes) -> Deferred:
         """
@@ -261,8 +261,8 @@ def _cancel_exchange(exchange: "weakref.ref[_Exchange]", answered: Deferred) -> 
 class _UpstreamConnection(Protocol):
     """One keep-alive connection to a backend; one exchange at a time."""
 
-    def __init__(self, endpoint: "UpstreamEndpoint") -> None:
-        self._endpoint = endpoint
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self._pool = pool
         self._parser = httptools.HttpResponseParser(self)
         self._exchange: _Exchange | None = None
         self._response: UpstreamResponse | None = None
@@ -339,7 +339,7 @@ class _UpstreamConnection(Protocol):
             exchange.connection = None
             # Back to the pool before the end is told: whoever the answer's
             # end sets going may reuse this connection.
-            self._endpoint.release(self)
+            self._pool.release(self)
             exchange.body_end(None)
         if response is not None:
             exchange.answered.callback(response)
@@ -404,7 +404,7 @@ class _UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-        self._endpoint.forget(self)
+        self._pool.forget(self)
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             return
@@ -415,7 +415,7 @@ class _UpstreamConnection(Protocol):
                 # The backend closed this idle connection as it was reused:
                 # the request never reached it.  Once more, on a new connection.
                 exchange.retried = True
-                self._endpoint.connect_for(exchange)
+                self._pool.connect_for(exchange)
                 return
             self._fail(exchange, UpstreamConnectionLost(f"the connection was lost before the answer: {_why(reason)}"))
         elif self._complete or self._framing_by_close:
@@ -457,15 +457,15 @@ class _Addresses:
 class _ConnectionFactory(Factory):
     noisy = False
 
-    def __init__(self, endpoint: "UpstreamEndpoint") -> None:
-        self._endpoint = endpoint
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self._pool = pool
 
     def buildProtocol(self, addr: Any) -> _UpstreamConnection:
-        return _UpstreamConnection(self._endpoint)
+        return _UpstreamConnection(self._pool)
 
 
 @implementer(IUpstream)
-class UpstreamEndpoint:
+class UpstreamPool:
     """
     One backend base URL: its address, its keep-alive pool, and the
     requests sent to it.
@@ -547,6 +547,11 @@ class UpstreamEndpoint:
         return succeed(None)
 
     @property
+    def closed(self) -> bool:
+        """L{close} was called: no new request is sent."""
+        return self._closed
+
+    @property
     def idle_connections(self) -> int:
         """Connections waiting in the pool."""
         return len(self._idle)
@@ -618,7 +623,7 @@ class UpstreamEndpoint:
 
         return receiver.done.addCallback(resolved)
 
-    def _endpoint_for(self, address: Any) -> Any:
+    def _twisted_endpoint_for(self, address: Any) -> Any:
         kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
         endpoint = kind(self._reactor, str(address), self.port)
         if self._tls_creator is not None:
@@ -632,7 +637,7 @@ class UpstreamEndpoint:
         connecting (an address that drops packets must not stall the rest).
         """
         if len(addresses) == 1:
-            return self._endpoint_for(addresses[0]).connect(self._factory)
+            return self._twisted_endpoint_for(addresses[0]).connect(self._factory)
         def cancel(_: Deferred) -> None:
             remaining.clear()
             for attempt in list(pending):
@@ -652,7 +657,7 @@ class UpstreamEndpoint:
                 if not pending and not won.called:
                     won.errback(failures[-1])
                 return
-            attempt = self._endpoint_for(remaining.pop(0)).connect(self._factory)
+            attempt = self._twisted_endpoint_for(remaining.pop(0)).connect(self._factory)
             pending.append(attempt)
             attempt.addCallbacks(succeeded, failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
             if remaining and not won.called and attempt in pending:

@@ -356,7 +356,7 @@ class IncomingRequest:
 class _Reading:
     """The request being parsed: what the callbacks recorded so far."""
 
-    __slots__ = ("url", "headers", "header_bytes", "in_headers", "body", "body_size", "upgrade")
+    __slots__ = ("url", "headers", "header_bytes", "in_headers", "body", "body_size")
 
     def __init__(self) -> None:
         self.url = b""
@@ -365,7 +365,6 @@ class _Reading:
         self.in_headers = True
         self.body: list[bytes] = []
         self.body_size = 0
-        self.upgrade = False
 
 
 class HTTPServerProtocol(Protocol):

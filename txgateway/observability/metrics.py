@@ -225,7 +225,7 @@ class GatewayMetrics:
         attempts = self._counts.attempts
         key = (service, endpoint, outcome)
         attempts[key] = attempts.get(key, 0) + 1
-        self.recent.observe(service, endpoint, None, outcome not in ("answered", "abandoned"))
+        self.recent.observe(service, endpoint, outcome not in ("answered", "abandoned"))
 
     def observe_upstream_time(self, service: str, endpoint: str, seconds: float) -> None:
         """Time one attempt took until the backend's headers."""

@@ -81,7 +81,7 @@ class RecentWindow:
             slot.reset(second)
         return slot
 
-    def observe(self, service: str, endpoint: str, seconds: float | None, failed: bool) -> None:
+    def observe(self, service: str, endpoint: str, failed: bool) -> None:
         """One attempt, and whether it failed (its time to headers comes by L{time})."""
         slot = self._slot((service, endpoint))
         slot.count += 1

@@ -69,7 +69,7 @@ class ServiceBroker:
         }
         self.models = models
         self.cache = cache
-        self._limiter = limiter
+        self.limiter = limiter
         self._metrics = metrics
         attempts = Attempts(clock, metrics, rng or random.Random())
         self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(attempts, metrics)), metrics)
@@ -118,11 +118,11 @@ class ServiceBroker:
 
     async def _admit(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute) -> None:
         """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""
-        if self._limiter is None:
+        if self.limiter is None:
             return
         config = route.config
         caller = ctx.caller.name if ctx.caller is not None else None
-        decision = await self._limiter.take(request, ctx.client, config, caller)
+        decision = await self.limiter.take(request, ctx.client, config, caller)
         request.set_header(b"RateLimit-Limit", b"%d" % decision.limit)
         request.set_header(b"RateLimit-Remaining", b"%d" % decision.remaining)
         request.set_header(b"RateLimit-Reset", b"%d" % decision.reset)
