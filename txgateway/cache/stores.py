@@ -179,14 +179,7 @@ class RedisCacheStore:
 
 def connect_cache(url: str, clock: IReactorTime, timeout: float, log: Any) -> RedisCacheStore:
     """A Redis cache store on a lazy txredisapi pool (bytes in and out)."""
-    from urllib.parse import unquote, urlsplit
+    from txgateway.redispool import redis_pool
 
-    import txredisapi  # imports the global reactor: only when Redis is configured
-
-    parts = urlsplit(url)
-    pool = txredisapi.lazyConnectionPool(
-        host=parts.hostname, port=parts.port or 6379, dbid=int(parts.path.strip("/") or 0), poolsize=4,
-        reconnect=True, charset=None, password=unquote(parts.password) if parts.password else None,
-        username=unquote(parts.username) if parts.username else None, connectTimeout=timeout,
-    )
+    pool = redis_pool(url, timeout, as_bytes=True)
     return RedisCacheStore(pool, clock, timeout, log, disconnect=pool.disconnect)

@@ -84,24 +84,19 @@ class ConfigError(Exception):
 # -- ValueError with a message that says what was expected.
 
 
-def _seconds(raw: str) -> float:
+def _seconds(raw: str, zero_allowed: bool = False) -> float:
     try:
         value = float(raw)
     except ValueError:
         raise ValueError(f"expected a number of seconds, got {raw!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"expected a number of seconds above 0, got {raw!r}")
+    if not (0 <= value < float("inf")) or (value == 0 and not zero_allowed):
+        expected = "of 0 or more" if zero_allowed else "above 0"
+        raise ValueError(f"expected a number of seconds {expected}, got {raw!r}")
     return value
 
 
 def _non_negative_seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds, got {raw!r}") from None
-    if not (value >= 0 and value < float("inf")):
-        raise ValueError(f"expected a number of seconds of 0 or more, got {raw!r}")
-    return value
+    return _seconds(raw, zero_allowed=True)
 
 
 def _integer(minimum: int) -> Callable[[str], int]:

@@ -30,7 +30,7 @@ from txgateway.front.door import GatewayFront
 from txgateway.front.gateway import Gateway
 from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.cache.responses import ResponseCache
-from txgateway.cache.stores import MemoryCacheStore, connect_cache
+from txgateway.cache.stores import ICacheStore, MemoryCacheStore, connect_cache
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.model import Endpoint, ServiceRoute
 from txgateway.dataplane.client import IUpstream, UpstreamPool
@@ -121,14 +121,14 @@ def _transitioned(
 def build_gateway(
     config: GatewayConfig,
     clock: IReactorTime,
-    upstream_for: Callable[[ServiceConfig], IUpstream],
+    upstream_for: Callable[[ServiceConfig, str], IUpstream],
     store: IRateLimitStore | None,
     log: Any,
     metrics: GatewayMetrics,
     access_log: AccessLog,
     rng: random.Random | None = None,
     previous: Gateway | None = None,
-    cache_stores: Mapping[str, Any] | None = None,
+    cache_stores: Mapping[str, ICacheStore] | None = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, and the rate
@@ -156,7 +156,7 @@ def build_gateway(
     return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
 
 
-def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: GatewayMetrics) -> dict[str, Any]:
+def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: GatewayMetrics) -> dict[str, ICacheStore]:
     """The memory cache store when a service caches in memory (its size reported as C{txgateway_cache_bytes})."""
     if not any(service.cache == "memory" for service in config.services.values()):
         return {}
@@ -233,7 +233,7 @@ class GatewayService(MultiService):
             )
         return MemoryRateLimitStore(self._clock)
 
-    def _cache_stores_for(self, config: GatewayConfig, kept: Mapping[str, Any]) -> dict[str, Any]:
+    def _cache_stores_for(self, config: GatewayConfig, kept: Mapping[str, ICacheStore]) -> dict[str, ICacheStore]:
         """The cache stores C{config}'s services use, keeping those of C{kept} (same [cache] settings)."""
         stores = dict(kept)
         kinds = {service.cache for service in config.services.values()} - {"off"}

@@ -257,21 +257,7 @@ def connect_redis(url: str, clock: IReactorTime, timeout: float, retry_interval:
     txredisapi uses the global reactor for its connections; the store's own
     timing stays on C{clock}.
     """
-    from urllib.parse import unquote, urlsplit
+    from txgateway.redispool import redis_pool
 
-    import txredisapi  # imports the global reactor: only when Redis is configured
-
-    parts = urlsplit(url)
-    db = int(parts.path.strip("/") or 0)
-    pool = txredisapi.lazyConnectionPool(
-        host=parts.hostname,
-        port=parts.port or 6379,
-        dbid=db,
-        poolsize=4,
-        reconnect=True,
-        password=unquote(parts.password) if parts.password else None,
-        username=unquote(parts.username) if parts.username else None,
-        connectTimeout=timeout,
-        convertNumbers=True,
-    )
+    pool = redis_pool(url, timeout)
     return RedisRateLimitStore(pool, clock, timeout, retry_interval, log, disconnect=pool.disconnect)

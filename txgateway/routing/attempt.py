@@ -39,7 +39,7 @@ from txgateway.resilience.retry import (
 from txgateway.routing.balance import decayed
 from txgateway.routing.call import Call
 from txgateway.routing.lease import InFlight
-from txgateway.routing.model import Endpoint, ServiceRoute, Target
+from txgateway.routing.model import Admitted, Endpoint, ServiceRoute, Target
 from txgateway.routing.paths import join_target
 
 __all__ = ["Answer", "Attempts", "circuit_open", "is_event_stream"]
@@ -163,14 +163,16 @@ class Attempts:
         retrying: InFlight | None = None
         try:
             while True:
-                endpoint, admission = target.route.choose(call.ctx.request_id, failed_on, state.silent)
-                if endpoint is None:
-                    raise circuit_open(config.name, target.route.retry_after(admission))
-                outcome = await self.once(state, endpoint, admission, call.deadline_at)
+                admitted = target.route.choose(call.ctx.request_id, failed_on, state.silent)
+                if admitted is None:
+                    raise circuit_open(config.name, target.route.retry_after())
+                outcome = await self.once(state, admitted, call.deadline_at)
                 if outcome.committed:
                     return outcome.answer
-                failed_on = endpoint
-                delay, stop = self._after_failed_attempt(state, outcome, retrying is not None)
+                failed_on = admitted.endpoint
+                delay = self._delay_before_retry(outcome, target.route, call.ctx.attempts)
+                stop = self._why_no_retry(state, delay, retrying is not None)
+                self._log_attempt(call.ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
                 if stop in (_FINAL, _SILENT_LEFT, _BUDGET_SPENT):
                     if outcome.failure is not None:
                         raise GatewayError(outcome.failure.kind, f"service {config.name!r}: {outcome.failure.reason}")
@@ -178,7 +180,7 @@ class Attempts:
                 if outcome.answer is not None:
                     outcome.answer.drop()
                 if stop == _ALL_OPEN:
-                    raise circuit_open(config.name, target.route.retry_after(None))
+                    raise circuit_open(config.name, target.route.retry_after())
                 if retrying is None:
                     retrying = target.route.retrying_lease()
                 self._metrics.retries.labels(config.name).inc()
@@ -187,12 +189,12 @@ class Attempts:
             if retrying is not None:
                 retrying.release()
 
-    async def resume_once(self, call: Call, target: Target, endpoint: Endpoint, admission: Admission) -> _Outcome:
+    async def resume_once(self, call: Call, target: Target, admitted: Admitted) -> _Outcome:
         """One attempt for the rest of a broken stream: no retry, no deadline but its own timeouts."""
         state = _TargetAttempts(call, target, resendable=False, resumed=True)
-        return await self.once(state, endpoint, admission, math.inf)
+        return await self.once(state, admitted, math.inf)
 
-    async def once(self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, deadline_at: float) -> _Outcome:
+    async def once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float) -> _Outcome:
         """
         One attempt on C{endpoint}: send, wait for the headers (within the
         attempt's timeout and the deadline), count the verdict on its
@@ -200,6 +202,7 @@ class Attempts:
         when the client left and L{GatewayError} when the deadline passed.
         """
         call, config = state.call, state.config
+        endpoint, admission = admitted.endpoint, admitted.admission
         ctx = call.ctx
         ctx.attempts += 1
         timeout = min(config.timeout, deadline_at - self._clock.seconds())
@@ -321,17 +324,14 @@ class Attempts:
         self._count_attempt(state.config.name, endpoint, counted)
         return failed
 
-    def _after_failed_attempt(self, state: _TargetAttempts, outcome: _Outcome, retrying: bool) -> tuple[float | None, str | None]:
+    def _why_no_retry(self, state: _TargetAttempts, delay: float | None, retrying: bool) -> str | None:
         """
-        Whether a failed attempt (or a retryable answer) is followed by
-        another: the backoff delay, and why not (L{None}: retry).  Logs the
-        attempt, announcing a retry only when one will happen.
+        Why a failed attempt (or a retryable answer) is not followed by
+        another after C{delay}, or L{None}: it is.
         """
         route, config, ctx = state.route, state.config, state.call.ctx
-        policy = route.policy
-        delay = self._delay_before_retry(outcome, route, ctx.attempts)
         stop = None
-        if delay is None or not policy.attempts_left(ctx.attempts) or self._clock.seconds() + delay >= state.call.deadline_at:
+        if delay is None or not route.policy.attempts_left(ctx.attempts) or self._clock.seconds() + delay >= state.call.deadline_at:
             stop = _FINAL
         elif not route.any_may_admit(state.silent):
             # Nowhere left to go: every breaker is open, or the only endpoints
@@ -342,8 +342,7 @@ class Attempts:
             stop = _BUDGET_SPENT
             self._metrics.retry_budget_exhausted.labels(config.name).inc()
             ctx.log.warning("retry_budget_exhausted", service=config.name, retrying=route.retrying, in_flight=route.in_flight)
-        self._log_attempt(ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
-        return delay, stop
+        return stop
 
     def _delay_before_retry(self, outcome: _Outcome, route: ServiceRoute, attempts: int) -> float | None:
         """

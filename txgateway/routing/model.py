@@ -19,7 +19,7 @@ from txgateway.resilience.retry import RetryPolicy
 from txgateway.routing.balance import Balancer
 from txgateway.routing.lease import InFlight
 
-__all__ = ["Endpoint", "ServiceRoute", "Target"]
+__all__ = ["Admitted", "Endpoint", "ServiceRoute", "Target"]
 
 
 def _policy_of(route: "ServiceRoute") -> RetryPolicy:
@@ -54,6 +54,14 @@ class Endpoint:
         """Seconds until the breaker allows a trial (0 when it may admit now)."""
         status = self.breaker.status()
         return (status.trial_in or 0.0) if status.state == OPEN else 0.0
+
+
+@attrs.frozen
+class Admitted:
+    """An endpoint an attempt may go to, and its breaker's admission (settled exactly once)."""
+
+    endpoint: Endpoint
+    admission: Admission
 
 
 def _balancer_of(route: "ServiceRoute") -> Balancer:
@@ -91,7 +99,7 @@ class ServiceRoute:
 
     def choose(
         self, request_id: str, avoid: Endpoint | None, excluded: AbstractSet[Endpoint] = frozenset()
-    ) -> tuple[Endpoint | None, Admission | None]:
+    ) -> Admitted | None:
         """
         The endpoint an attempt goes to, with its breaker's admission; not
         C{avoid} (the one that just failed) while another admits, never one
@@ -100,21 +108,15 @@ class ServiceRoute:
         endpoints = self.endpoints
         if excluded:
             endpoints = [endpoint for endpoint in endpoints if endpoint not in excluded]
-            if not endpoints:
-                return None, None
-        if len(endpoints) == 1:
-            admission = endpoints[0].breaker.admit(request_id)
-            return (endpoints[0], admission) if admission.allowed else (None, admission)
-        for endpoint in self.balancer.order(endpoints, avoid):
+        candidates = endpoints if len(endpoints) < 2 else self.balancer.order(endpoints, avoid)
+        for endpoint in candidates:
             admission = endpoint.breaker.admit(request_id)
             if admission.allowed:
-                return endpoint, admission
-        return None, None
+                return Admitted(endpoint, admission)
+        return None
 
-    def retry_after(self, refused: Admission | None) -> int:
-        """Whole seconds until the soonest trial of any endpoint."""
-        if refused is not None and len(self.endpoints) == 1:
-            return refused.retry_after
+    def retry_after(self) -> int:
+        """Whole seconds until the soonest trial of any endpoint (at least 1)."""
         return max(1, math.ceil(min(endpoint.trial_in() for endpoint in self.endpoints)))
 
     def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:

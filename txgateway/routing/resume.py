@@ -13,7 +13,7 @@ import attrs
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.attempt import Answer, Attempts
 from txgateway.routing.call import Call
-from txgateway.routing.model import Endpoint, Target
+from txgateway.routing.model import Admitted, Endpoint, Target
 
 __all__ = ["MAX_RESUMES", "Resumed", "StreamResume"]
 
@@ -63,15 +63,15 @@ class StreamResume:
     async def _try(self, call: Call, target: Target, broke_on: Target, broke_endpoint: Endpoint) -> Answer | None:
         """One candidate: its stream holding a first token, or L{None} (refused, failed, nowhere admitted)."""
         ctx, route, config = call.ctx, target.route, target.route.config
-        endpoint, admission = None, None
+        admitted = None
         if target is broke_on:
             admission = broke_endpoint.breaker.admit(ctx.request_id)
-            endpoint = broke_endpoint if admission.allowed else None
-        if endpoint is None:
-            endpoint, admission = route.choose(ctx.request_id, broke_endpoint)
-        if endpoint is None:
+            admitted = Admitted(broke_endpoint, admission) if admission.allowed else None
+        if admitted is None:
+            admitted = route.choose(ctx.request_id, broke_endpoint)
+        if admitted is None:
             return None
-        outcome = await self._attempts.resume_once(call, target, endpoint, admission)
+        outcome = await self._attempts.resume_once(call, target, admitted)
         refused = None
         if outcome.failure is not None:
             refused = outcome.failure.reason
@@ -84,5 +84,5 @@ class StreamResume:
         if refused is not None:
             ctx.log.warning("resume_failed", service=config.name, model=target.model, reason=refused)
             return None
-        ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=endpoint.url)
+        ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=admitted.endpoint.url)
         return outcome.answer
