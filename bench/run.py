@@ -452,7 +452,7 @@ def main() -> int:
                         scripts[twin] = scripts[name]
         if args.only:
             wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
-            targets = {name: url for name, url in targets.items() if name in wanted}
+            targets = {name: url for name, url in targets.items() if name.removesuffix(" [baseline]") in wanted}
         for name, url in targets.items():  # warm up: pools, JITs, caches
             wrk(url, 32, min(2.0, args.duration), scripts.get(name))
         rss_idle = rss_mb(gateway.pid)

@@ -62,31 +62,28 @@ class AnswerRelay:
 
     async def _relay(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
-        with answer.lease:
-            await self._relay_body(call, target, answer, held)
-
-    async def _relay_body(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
         request, response = call.request, answer.response
-        self._start(call, response, response.length)
-        if held is None:
-            relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
-            response.deliver_body(relay)
-        else:
-            relay = held
-            relay.commit(request)
-        if relay.done.called and relay.complete:
-            return  # the whole body came with the headers (most small answers)
-        if response.length is None:
-            # A stream: send the status and headers now, so that a client
-            # waiting on a slow first token knows the backend answered.
-            request.send_head()
-        relay.watch_idle()
-        try:
-            await relay.done
-        except (StreamIdle, StreamBroken) as error:
-            # Bytes already reached the client: no retry, no error body.
-            answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
-            self.cut_short(call, target, response, error, relay.bytes_relayed)
+        with answer.lease:
+            self._start(call, response, response.length)
+            if held is None:
+                relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
+                response.deliver_body(relay)
+            else:
+                relay = held
+                relay.commit(request)
+            if relay.done.called and relay.complete:
+                return  # the whole body came with the headers (most small answers)
+            if response.length is None:
+                # A stream: send the status and headers now, so that a client
+                # waiting on a slow first token knows the backend answered.
+                request.send_head()
+            relay.watch_idle()
+            try:
+                await relay.done
+            except (StreamIdle, StreamBroken) as error:
+                # Bytes already reached the client: no retry, no error body.
+                answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
+                self.cut_short(call, target, response, error, relay.bytes_relayed)
 
     async def _relay_stream(self, call: Call, target: Target, first: Answer, relay: BodyRelay) -> None:
         """

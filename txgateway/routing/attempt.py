@@ -77,7 +77,7 @@ class _Failed:
     reason: str
 
 
-@attrs.frozen
+@attrs.define  # not frozen: made per attempt, and a frozen class's init costs twice as much
 class _Outcome:
     """
     What one attempt came to: an C{answer} (committed when it has a relay;
@@ -98,7 +98,7 @@ class _Outcome:
         return self.failure.reason if self.failure is not None else f"status {self.answer.response.code}"
 
 
-@attrs.frozen
+@attrs.define  # not frozen: made per attempt
 class _CommitPoint:
     """Where an answer becomes final: the relay holding what comes first, how long to wait, and for what."""
 
@@ -196,7 +196,7 @@ class Attempts:
 
     async def once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float) -> _Outcome:
         """
-        One attempt on C{endpoint}: send, wait for the headers (within the
+        One attempt on the admitted endpoint: send, wait for the headers (within the
         attempt's timeout and the deadline), count the verdict on its
         breaker, then wait for the commit point.  Raises L{CancelledError}
         when the client left and L{GatewayError} when the deadline passed.
@@ -207,9 +207,9 @@ class Attempts:
         ctx.attempts += 1
         timeout = min(config.timeout, deadline_at - self._clock.seconds())
         upstream = endpoint.upstream
-        sending = upstream.request(
-            call.request.method, join_target(upstream.base_path, call.path), call.headers_for(config), call.body_for(state.target, self._prefill(state))
-        )
+        target = join_target(upstream.base_path, call.path)
+        body = call.body_for(state.target, prefill=call.transcript.text if state.resumed else None)
+        sending = upstream.request(call.request.method, target, call.headers_for(config), body)
         sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
         sent_at = self._clock.seconds()
         lease = endpoint.lease()
@@ -243,9 +243,6 @@ class Attempts:
         # failure all the same.
         waited = f"no {commit.waits_for} within {commit.timeout:g} s"
         return _Outcome(failure=self._attempt_failed(state, endpoint, admission, error, waited))
-
-    def _prefill(self, state: _TargetAttempts) -> str | None:
-        return state.call.transcript.text if state.resumed else None
 
     def _not_answered(
         self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, error: Exception, timeout: float

@@ -10,7 +10,9 @@ target is tried while the call's deadline allows.
 
 from __future__ import annotations
 
-from twisted.internet.defer import TimeoutError
+from typing import Awaitable
+
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
@@ -52,60 +54,61 @@ class FallbackChain:
         """
         targets = call.targets
         call.deadline_at = self._clock.seconds() + targets[0].route.config.deadline
+        last = len(targets) - 1
         for position, target in enumerate(targets):
-            following = targets[position + 1] if position + 1 < len(targets) else None
+            following = targets[position + 1] if position < last else None
+            call.ctx.served_by = target.route.config.name
             with target.route.lease():
-                moved_on = await self._from(call, target, following)
-            if moved_on is None:
-                return
+                try:
+                    answer = await self._attempts.until_final(call, target)
+                except GatewayError as error:
+                    if following is None or error.kind not in _GIVING_UP or self._past_deadline(call):
+                        self._answering(call, target)
+                        raise
+                    moved_on = error.message
+                else:
+                    moved_on = None
+                    if following is not None and not self._past_deadline(call):
+                        moved_on = await self._moves_on(call, target, answer)
+                    if moved_on is None:
+                        self._answering(call, target)
+                        await self._answers.relay(call, target, answer)
+                        return
+                    answer.drop()
             self._fall_over(call, target, following, moved_on)
-
-    async def _from(self, call: Call, target: Target, following: Target | None) -> str | None:
-        """
-        Serve C{call} from C{target}: L{None} once answered, or why the
-        chain moves on to C{following}.
-        """
-        ctx = call.ctx
-        ctx.served_by = target.route.config.name
-        try:
-            answer = await self._attempts.until_final(call, target)
-        except GatewayError as error:
-            if following is None or error.kind not in _GIVING_UP or self._past_deadline(call):
-                self._answering(call, target)
-                raise
-            return error.message
-        if following is not None and not self._past_deadline(call):
-            try:
-                moved_on = await self._moves_on(call, target, answer)
-            except BaseException:  # the client left while the refusal was read
-                answer.drop()
-                raise
-            if moved_on is not None:
-                answer.drop()
-                return moved_on
-        self._answering(call, target)
-        await self._answers.relay(call, target, answer)
-        return None
 
     def _past_deadline(self, call: Call) -> bool:
         return self._clock.seconds() >= call.deadline_at
 
-    async def _moves_on(self, call: Call, target: Target, answer: Answer) -> str | None:
-        """Why C{answer} sends the call to the next target, or L{None} (the client sees it)."""
+    def _moves_on(self, call: Call, target: Target, answer: Answer) -> Awaitable[str | None]:
+        """
+        Why C{answer} sends the call to the next target, or L{None} (the
+        client sees it).  Not a coroutine of its own: only an OpenAI
+        refusal has a body to read first.
+        """
         code = answer.response.code
         if code in RETRYABLE_STATUSES:  # a final 429 or 5xx: the next target may do better
-            return f"status {code}"
+            return succeed(f"status {code}")
         if call.openai is None or not 400 <= code < 500 or answer.relay is None:
-            return None
+            return succeed(None)
+        return Deferred.fromCoroutine(self._refusal_moves_on(target, answer))
+
+    async def _refusal_moves_on(self, target: Target, answer: Answer) -> str | None:
+        """Whether an OpenAI backend's 4xx (its body read when it is a 400) sends the call on."""
+        code = answer.response.code
         body = None
-        if code == 400:
-            read = answer.relay.held_body(REFUSAL_BODY_LIMIT)
-            if not read.called:
-                read.addTimeout(target.route.config.first_byte_timeout, self._clock)
-            try:
-                body = await read
-            except TimeoutError:
-                body = None
+        try:
+            if code == 400:
+                read = answer.relay.held_body(REFUSAL_BODY_LIMIT)
+                if not read.called:
+                    read.addTimeout(target.route.config.first_byte_timeout, self._clock)
+                try:
+                    body = await read
+                except TimeoutError:
+                    body = None
+        except BaseException:  # the client left while the refusal was read
+            answer.drop()
+            raise
         if after_refusal(code, body) == NEXT_TARGET:
             codes = f" ({_error_code_of(body)})" if body else ""
             return f"status {code}{codes}"

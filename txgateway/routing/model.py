@@ -56,7 +56,7 @@ class Endpoint:
         return (status.trial_in or 0.0) if status.state == OPEN else 0.0
 
 
-@attrs.frozen
+@attrs.define  # not frozen: made per attempt, and a frozen class's init costs twice as much
 class Admitted:
     """An endpoint an attempt may go to, and its breaker's admission (settled exactly once)."""
 
