@@ -26,15 +26,12 @@ __all__ = ["ResponseCache"]
 HIT, MISS, BYPASS, COALESCED = "hit", "miss", "bypass", "coalesced"
 
 
-def _lookup(store: ICacheStore, key: str, request: IncomingRequest) -> Deferred[CachedAnswer | None]:
-    """The fresh entry for C{request}: under C{key}, or under the longer key its C{Vary} marker names."""
-
-    def followed(entry: CachedAnswer | None) -> "CachedAnswer | None | Deferred[CachedAnswer | None]":
-        if entry is not None and entry.vary:
-            return store.get(varied_key(key, entry.vary, request))
-        return entry
-
-    return store.get(key).addCallback(followed)
+def _control_of(request: IncomingRequest) -> "set[bytes] | frozenset[bytes]":
+    """The client's Cache-Control directives (and Pragma's)."""
+    control = request.header(b"cache-control")
+    control = directives(control) if control is not None else NO_DIRECTIVES
+    pragma = request.header(b"pragma")
+    return control if pragma is None else control | directives(pragma)
 
 
 class _Recorder:
@@ -115,10 +112,7 @@ class ResponseCache:
         """
         store = self.stores[config.cache]
         method = request.method
-        control = request.header(b"cache-control")
-        control = directives(control) if control is not None else NO_DIRECTIVES
-        if request.header(b"pragma") is not None:
-            control = control | directives(request.header(b"pragma"))
+        control = _control_of(request)
         head = method == b"HEAD"
         cacheable = method in config.cache_methods or (head and b"GET" in config.cache_methods)
         if not cacheable or b"no-store" in control or not store.healthy:
@@ -129,8 +123,24 @@ class ResponseCache:
             return
         caller = ctx.caller.name if ctx.caller is not None else None
         key = cache_key(config.name, b"GET" if head else method, target, request.body, caller)
-        if b"no-cache" not in control and await self._answered_from_store(store, key, request, ctx, config):
-            return
+        if b"no-cache" not in control:
+            # Inline, not a coroutine of its own: a memory hit never suspends.
+            try:
+                entry = await store.get(key)
+                if entry is not None and entry.vary:
+                    entry = await store.get(varied_key(key, entry.vary, request))
+            except CancelledError:
+                raise
+            except Exception:
+                # A cache fault never becomes a client's error: the backend answers.
+                ctx.log.exception("cache_lookup_failed", service=config.name)
+                entry = None
+            if entry is not None:
+                self._count(config, ctx, HIT)
+                self._answer(request, ctx, entry)
+                return
+            if not head and await self._answered_by_the_flight(key, request, ctx, config):
+                return
         self._count(config, ctx, MISS)
         request.set_header(b"X-Cache", b"MISS")
         if head:
@@ -138,23 +148,9 @@ class ResponseCache:
             return
         await self._proxied_and_kept(store, key, request, ctx, config, proxied)
 
-    async def _answered_from_store(
-        self, store: ICacheStore, key: str, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig
-    ) -> bool:
-        """Answer from the store, or from the identical miss in flight: whether it was answered."""
-        try:
-            entry = await _lookup(store, key, request)
-        except CancelledError:
-            raise
-        except Exception:
-            # A cache fault never becomes a client's error: the backend answers.
-            ctx.log.exception("cache_lookup_failed", service=config.name)
-            entry = None
-        if entry is not None:
-            self._count(config, ctx, HIT)
-            self._answer(request, ctx, entry)
-            return True
-        flight = self._flights.get(key) if request.method != b"HEAD" else None
+    async def _answered_by_the_flight(self, key: str, request: IncomingRequest, ctx: RequestContext, config: ServiceConfig) -> bool:
+        """Answer from the identical miss in flight, when there is one and it gets a keepable answer in time."""
+        flight = self._flights.get(key)
         if flight is None:
             return False
         entry = await self._wait(flight, config)
