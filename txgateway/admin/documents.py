@@ -25,7 +25,7 @@ def circuit_of(states: Iterable[str]) -> str:
     return "half_open" if "half_open" in states else "open"
 
 
-def _service_health(route: Any) -> tuple[dict, bool]:
+def _service_health(route: Any) -> dict:
     endpoints = []
     for endpoint in route.endpoints:
         status = endpoint.breaker.status()
@@ -47,7 +47,7 @@ def _service_health(route: Any) -> tuple[dict, bool]:
         "trial_in_s": min(trials) if trials else None,
         "endpoints": endpoints,
     }
-    return service, any(endpoint["circuit"] != "closed" for endpoint in endpoints)
+    return service
 
 
 def _store_health(description: dict) -> dict:
@@ -59,8 +59,8 @@ def health_document(broker: ServiceBroker, rate_limit_store: Any, uptime: float,
     services = {}
     degraded = False
     for name, route in sorted(broker.routes.items()):
-        services[name], failing = _service_health(route)
-        degraded = degraded or failing
+        services[name] = _service_health(route)
+        degraded = degraded or any(endpoint["circuit"] != "closed" for endpoint in services[name]["endpoints"])
     body: dict[str, Any] = {"status": "ok", "uptime_s": round(uptime, 3), "services": services}
     if broker.models.models:
         body["models"] = {

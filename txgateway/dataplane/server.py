@@ -35,7 +35,7 @@ from twisted.internet.protocol import Factory, Protocol
 from txgateway import errors
 from txgateway.dataplane.eager import no_delay, writer_for
 from txgateway.ids import request_id_for
-from txgateway.errors import ErrorKind, error_body
+from txgateway.errors import ErrorKind, error_answer
 
 __all__ = [
     "HTTPServerFactory",
@@ -658,11 +658,12 @@ class HTTPServerProtocol(Protocol):
             if not reading.in_headers:
                 method = self._parser.get_method().decode("ascii", "replace")
         request_id = request_id_for(sent_id)
-        body = error_body(kind, message, request_id)
-        head = b"HTTP/1.1 %d %s\r\n" % (kind.status, reason_phrase(kind.status))
-        head += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-        head += b"Date: %s\r\n" % self.date.value()
-        head += b"Connection: close\r\nX-Request-ID: %s\r\n\r\n" % request_id.encode("ascii")
+        answer = error_answer(kind, message, request_id, [(b"X-Request-ID", request_id.encode("ascii"))])
+        body = answer.body
+        lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, reason_phrase(answer.status))]
+        lines += [b"%s: %s\r\n" % header for header in answer.headers]
+        lines.append(b"Content-Length: %d\r\nDate: %s\r\nConnection: close\r\n\r\n" % (len(body), self.date.value()))
+        head = b"".join(lines)
         if self._current is None and not self._queue:
             self.transport.write(head + body)
             self._linger()
