@@ -443,13 +443,18 @@ def main() -> int:
                 gateway_ini(tmp, baseline_port, upstream, sse_port, name="gw-baseline", second=second_upstream), baseline_port,
                 env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")},
             )
-            for name, url in list(targets.items()):
+            # Each twin right after its row: the two are measured seconds
+            # apart, so the machine's drift over a round touches both alike.
+            paired: dict[str, str] = {}
+            for name, url in targets.items():
+                paired[name] = url
                 if pids.get(name) == gateway.pid:
                     twin = f"{name} [baseline]"
-                    targets[twin] = url.replace(f":{gateway_port}/", f":{baseline_port}/")
+                    paired[twin] = url.replace(f":{gateway_port}/", f":{baseline_port}/")
                     pids[twin] = baseline.pid
                     if name in scripts:
                         scripts[twin] = scripts[name]
+            targets = paired
         if args.only:
             wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
             targets = {name: url for name, url in targets.items() if name.removesuffix(" [baseline]") in wanted}

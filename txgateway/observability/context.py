@@ -1,6 +1,7 @@
 """
-Who is asking: the request id, the client's address, and the per-request
-context that every log line and header about the request draws from.
+Who is asking and what became of the request: the client's address, the
+caller, and the per-request context that every log line, the access line
+and every C{X-Gateway-*} header (stamped here, in one place) draw from.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
 """
-OpenAI's wire: the values read from requests and answers, the stream relays and resume.
+OpenAI's wire: the values read from requests and answers, and the relays
+that follow its streams (resuming a broken stream is routing's).
 """
