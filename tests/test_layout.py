@@ -135,8 +135,7 @@ def test_every_module_is_listed_in_its_room():
     assert found == listed
 
 
-@pytest.mark.parametrize("room", sorted(ROOMS))
-def test_each_room_imports_only_the_rooms_below_it(room):
+def offences_of(room: str) -> list[str]:
     modules = set(all_modules())
     allowed = MAY_IMPORT[room] | {room, "txgateway"}
     offences = []
@@ -146,7 +145,31 @@ def test_each_room_imports_only_the_rooms_below_it(room):
         for imported in sorted(own_imports(path, modules)):
             if room_of(imported) not in allowed:
                 offences.append(f"{name} imports {imported}")
-    assert offences == []
+    return offences
+
+
+@pytest.mark.parametrize("room", sorted(ROOMS))
+def test_each_room_imports_only_the_rooms_below_it(room):
+    assert offences_of(room) == []
+
+
+def test_each_module_is_in_the_room_it_is_listed_in():
+    for room, modules in ROOMS.items():
+        for module in modules:
+            assert room_of(f"{room}.{module}") == room
+
+
+def test_an_import_against_the_layering_is_found(tmp_path, monkeypatch):
+    # The rule above could pass by finding nothing: a data plane module importing routing is an offence.
+    package = tmp_path / "txgateway"
+    for room in ("dataplane", "routing"):
+        (package / room).mkdir(parents=True)
+        (package / room / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "routing" / "broker.py").write_text("")
+    (package / "dataplane" / "server.py").write_text("from txgateway.routing.broker import ServiceBroker\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    assert offences_of("txgateway.dataplane") == ["txgateway.dataplane.server imports txgateway.routing.broker"]
 
 
 def test_the_shared_vocabulary_imports_no_room():
