@@ -25,13 +25,13 @@ from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from txgateway.front.door import GatewayFront
-from txgateway.dataplane.client import IUpstream, StreamEnded
 from txgateway.config.gateway import parse_config
+from txgateway.daemon.service import build_gateway, build_server_factory
+from txgateway.dataplane.client import IUpstream, StreamEnded
+from txgateway.front.door import GatewayFront
 from txgateway.observability.logs import AccessLog
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.daemon.service import build_gateway, build_server_factory
 
 
 class FakeBodyTransport:

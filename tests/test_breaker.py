@@ -1,11 +1,10 @@
 """The circuit breaker's state table, pinned down on a Clock."""
 
 import pytest
+import structlog
 from automat import NoTransition
 from structlog.testing import capture_logs
 from twisted.internet.task import Clock
-
-import structlog
 
 from txgateway.resilience.breaker import BreakerStatus, CircuitBreaker
 

@@ -5,9 +5,10 @@ import uuid
 
 from hypothesis import given
 from hypothesis import strategies as st
+
+from txgateway.dataplane.server import IncomingRequest
 from txgateway.ids import request_id_for
 from txgateway.observability.context import client_address
-from txgateway.dataplane.server import IncomingRequest
 
 
 def test_a_short_safe_request_id_is_kept():

@@ -6,7 +6,6 @@ limit, driven by a Clock and answered by hand through a FakeAgent.
 import json
 
 import pytest
-
 import treq
 from structlog.testing import capture_logs
 
@@ -640,8 +639,8 @@ def test_requests_in_flight_are_shown_per_endpoint():
 
 def test_a_reload_keeps_the_endpoints_whose_url_stayed():
     from txgateway.config.gateway import parse_config
-    from txgateway.observability.metrics import GatewayMetrics
     from txgateway.daemon.service import build_routes
+    from txgateway.observability.metrics import GatewayMetrics
 
     h = Harness(TWO)
     before = h.gateway.broker.routes["data"]

@@ -123,10 +123,10 @@ def own_imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def room_of(module: str) -> str:
-    room = module.rpartition(".")[0] if module.count(".") > 1 else module
     if module in ROOMS:  # a package's __init__
         return module
-    return room if room in ROOMS else "txgateway"
+    package = module.rpartition(".")[0]
+    return package if package in ROOMS else "txgateway"
 
 
 def test_every_module_is_listed_in_its_room():

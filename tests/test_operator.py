@@ -18,8 +18,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from tests.fakes import SERVICE_INI, DataPlaneAgent, FakeResponse, Harness, result_of
 from txgateway.config.gateway import ConfigError, parse_config
-from txgateway.observability.logs import AccessLog
 from txgateway.daemon.service import GatewayService
+from txgateway.observability.logs import AccessLog
 from txgateway.observability.window import RecentWindow, percentile_of
 
 JSON = {b"content-type": b"application/json"}

@@ -125,8 +125,8 @@ def test_a_body_that_breaks_fails_done_with_stream_broken():
 
 def test_trailer_and_the_headers_connection_names_are_hop_by_hop_both_ways():
     from tests.fakes import FakeResponse
-    from txgateway.dataplane.server import IncomingRequest
     from txgateway.dataplane.headers import request_headers_for_upstream, response_headers_for_client
+    from txgateway.dataplane.server import IncomingRequest
 
     hops = {b"Trailer": b"Expires", b"Connection": b"x-hop", b"X-Hop": b"1", b"TE": b"trailers", b"X-Kept": b"2"}
     answer = FakeResponse(200, hops, b"")

@@ -1,8 +1,8 @@
 """The backoff schedule and Retry-After parsing."""
 
 import random
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 from txgateway.resilience.retry import RETRYABLE_STATUSES, RetryPolicy, is_breaker_failure, parse_retry_after
 

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.broker import ServiceBroker
+from txgateway.routing.model import ServiceRoute
 
 __all__ = ["circuit_of", "health_document", "status_document"]
 
@@ -25,7 +26,7 @@ def circuit_of(states: Iterable[str]) -> str:
     return "half_open" if "half_open" in states else "open"
 
 
-def _service_health(route: Any) -> dict:
+def _service_health(route: ServiceRoute) -> dict:
     endpoints = []
     for endpoint in route.endpoints:
         status = endpoint.breaker.status()

@@ -21,27 +21,27 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
-from txgateway.front.door import GatewayFront
-from txgateway.front.gateway import Gateway
-from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.cache.responses import ResponseCache
 from txgateway.cache.stores import ICacheStore, MemoryCacheStore, connect_cache
-from txgateway.routing.broker import ServiceBroker
-from txgateway.routing.model import Endpoint, ServiceRoute
-from txgateway.dataplane.client import IUpstream, UpstreamPool
 from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, load_config
+from txgateway.dataplane.client import IUpstream, UpstreamPool
+from txgateway.dataplane.server import HTTPServerFactory
+from txgateway.front.door import GatewayFront
+from txgateway.front.gateway import Gateway
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.routing.deployments import ModelTable
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.dataplane.server import HTTPServerFactory
+from txgateway.resilience.breaker import CircuitBreaker
+from txgateway.routing.broker import ServiceBroker
+from txgateway.routing.deployments import ModelTable
+from txgateway.routing.model import Endpoint, ServiceRoute
 
 __all__ = ["GatewayService", "build_gateway", "build_routes", "build_server_factory"]
 

@@ -16,7 +16,7 @@ from typing import Iterable
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.server import IncomingRequest
 
-__all__ = ["end_to_end", "request_headers_for_upstream", "response_headers_for_client"]
+__all__ = ["end_to_end", "is_event_stream", "request_headers_for_upstream", "response_headers_for_client"]
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and those a proxy sets itself.
 _HOP_BY_HOP = frozenset(
@@ -101,3 +101,9 @@ def response_headers_for_client(response: UpstreamResponse) -> list[tuple[bytes,
     (C{Content-Length}, C{Transfer-Encoding}) are the gateway's to write.
     """
     return end_to_end(response.headers, _NOT_FORWARDED_TO_CLIENT)
+
+
+def is_event_stream(response: UpstreamResponse) -> bool:
+    """The answer is a server-sent event stream (its C{Content-Type}, parameters aside)."""
+    content_type = response.header(b"content-type") or b""
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"

@@ -34,8 +34,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from txgateway import errors
 from txgateway.dataplane.eager import no_delay, writer_for
-from txgateway.ids import request_id_for
 from txgateway.errors import ErrorKind, error_answer
+from txgateway.ids import request_id_for
 
 __all__ = [
     "HTTPServerFactory",

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 import attrs
-from typing import Any
 
 from txgateway.config.keys import ApiKey
 from txgateway.observability.context import Caller

@@ -65,8 +65,8 @@ class GatewayFront:
     What the data plane hands every complete request to: it gives the
     request its context (id, trace, client, clock time), the
     C{X-Request-ID} answer header, a JSON access line and its metrics when
-    it ends, then serves C{/api/} through the broker and everything else
-    through the Klein routes.  It also counts requests in flight, for
+    it ends, then serves C{/api/} and C{/v1/} through the proxied handlers
+    and everything else through the Klein routes.  It also counts requests in flight, for
     draining.
     """
 

@@ -12,9 +12,9 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway.dataplane.client import StreamEnded
-from txgateway.openai.wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
-from txgateway.dataplane.server import IncomingRequest
 from txgateway.dataplane.relay import BodyRelay
+from txgateway.dataplane.server import IncomingRequest
+from txgateway.openai.wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
 
 __all__ = ["EventStreamRelay", "JsonAnswerRelay", "Transcript"]
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-
-import attrs
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 
 from txgateway.config.gateway import RateLimitConfig, ServiceConfig

@@ -27,10 +27,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.errors import describe_failure
-from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.memory import MemoryRateLimitStore
+from txgateway.resilience.breaker import CircuitBreaker
 
 __all__ = ["RedisRateLimitStore", "TOKEN_BUCKET_LUA", "connect_redis"]
 

@@ -15,10 +15,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
 from txgateway.dataplane.client import UpstreamResponse
-from txgateway.dataplane.headers import response_headers_for_client
+from txgateway.dataplane.headers import is_event_stream, response_headers_for_client
 from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
 from txgateway.errors import error_body
-from txgateway.routing.attempt import Answer, is_event_stream
+from txgateway.routing.attempt import Answer
 from txgateway.routing.call import Call
 from txgateway.routing.model import Target
 from txgateway.routing.resume import StreamResume

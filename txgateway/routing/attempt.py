@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from txgateway import errors
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse
+from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
@@ -42,7 +43,7 @@ from txgateway.routing.lease import InFlight
 from txgateway.routing.model import Admitted, Endpoint, ServiceRoute, Target
 from txgateway.routing.paths import join_target
 
-__all__ = ["Answer", "Attempts", "circuit_open", "is_event_stream"]
+__all__ = ["Answer", "Attempts", "circuit_open"]
 
 
 @attrs.define(eq=False)
@@ -372,12 +373,6 @@ class Attempts:
             self._metrics.count_tokens(service, model, "prompt", usage.prompt_tokens)
         if usage.completion_tokens:
             self._metrics.count_tokens(service, model, "completion", usage.completion_tokens)
-
-
-def is_event_stream(response: UpstreamResponse) -> bool:
-    """The answer is a server-sent event stream."""
-    content_type = response.header(b"content-type") or b""
-    return content_type.split(b";", 1)[0].strip().lower() == b"text/event-stream"
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
+from txgateway.config.gateway import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
 from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.routing.model import Endpoint, ServiceRoute, Target
-from txgateway.config.gateway import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
 
 __all__ = ["ModelTable"]
 

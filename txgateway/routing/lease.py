@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["InFlight", "Counted"]
+__all__ = ["Counted", "InFlight", "Retrying"]
 
 
 class Counted(Protocol):
     """What keeps an in-flight count: an endpoint, a service's route."""
 
     in_flight: int
+
+
+class RetryCounted(Protocol):
+    """What keeps a count of requests that are retrying: a service's route."""
+
+    retrying: int
 
 
 class InFlight:
@@ -49,3 +55,20 @@ class InFlight:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+class Retrying(InFlight):
+    """One slot of a service route's C{retrying} count (the retry budget's numerator)."""
+
+    __slots__ = ()
+
+    def __init__(self, route: "RetryCounted") -> None:
+        route.retrying += 1
+        self.holder = route
+        self._held = True
+
+    def release(self) -> None:
+        """Give the slot back (once; later calls do nothing)."""
+        if self._held:
+            self._held = False
+            self.holder.retrying -= 1

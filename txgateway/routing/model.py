@@ -17,7 +17,7 @@ from txgateway.dataplane.client import IUpstream
 from txgateway.resilience.breaker import OPEN, Admission, CircuitBreaker
 from txgateway.resilience.retry import RetryPolicy
 from txgateway.routing.balance import Balancer
-from txgateway.routing.lease import InFlight
+from txgateway.routing.lease import InFlight, Retrying
 
 __all__ = ["Admitted", "Endpoint", "ServiceRoute", "Target"]
 
@@ -88,9 +88,9 @@ class ServiceRoute:
         """A request's slot in L{in_flight} while it is on this service."""
         return InFlight(self)
 
-    def retrying_lease(self) -> InFlight:
+    def retrying_lease(self) -> Retrying:
         """A request's slot in L{retrying} once it retries."""
-        return InFlight(_RetryingCount(self))
+        return Retrying(self)
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -122,24 +122,6 @@ class ServiceRoute:
     def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:
         """Whether some endpoint (not one of C{excluded}) may let an attempt through."""
         return any(endpoint.may_admit() for endpoint in self.endpoints if endpoint not in excluded)
-
-
-
-class _RetryingCount:
-    """A route's C{retrying} count, seen as an in-flight count (for L{InFlight})."""
-
-    __slots__ = ("_route",)
-
-    def __init__(self, route: "ServiceRoute") -> None:
-        self._route = route
-
-    @property
-    def in_flight(self) -> int:
-        return self._route.retrying
-
-    @in_flight.setter
-    def in_flight(self, value: int) -> None:
-        self._route.retrying = value
 
 
 @attrs.frozen
