@@ -136,7 +136,7 @@ def test_a_debug_access_log_keeps_the_probes():
     log = AccessLog(sink, "debug")
     ctx = type("Ctx", (), {"request_id": "r", "trace": None, "caller": None, "service": None, "served_by": None,
                            "fallback_from": [], "client": "c", "attempts": 0, "outcome": None, "cache": None,
-                           "completion": None})()
+                           "completion": None, "spend": None})()
     log.request("request_completed", ctx, level="debug", path="/health")
     [line] = sink.lines
     assert list(line)[:3] == ["timestamp", "level", "event"] and line["level"] == "debug"

@@ -17,7 +17,8 @@ README = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
     "section",
     [
         config.GatewaySettings, config.LoggingConfig, config.RateLimitConfig, config.ServiceConfig, config.AuthConfig,
-        config.ModelConfig, config.CacheConfig,
+        config.ModelConfig, config.CacheConfig, config._KeySection, config._TeamSection, config._PriceSection,
+        config.BudgetsConfig,
     ],
 )
 def test_every_gateway_ini_key_is_documented(section):

@@ -34,6 +34,11 @@ METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
 REQUEST_TIMEOUT = ErrorKind("request_timeout", 408)
 BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
 RATE_LIMITED = ErrorKind("rate_limited", 429)
+TOKENS_EXCEEDED = ErrorKind("tokens_exceeded", 429)
+BUDGET_EXCEEDED = ErrorKind("budget_exceeded", 429)
+TOO_MANY_PARALLEL = ErrorKind("too_many_parallel", 429)
+MODEL_NOT_ALLOWED = ErrorKind("model_not_allowed", 403)
+SERVICE_NOT_ALLOWED = ErrorKind("service_not_allowed", 403)
 HEADER_TOO_LARGE = ErrorKind("header_too_large", 431)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
 NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
@@ -58,6 +63,11 @@ KINDS = {
         BODY_TOO_LARGE,
         HEADER_TOO_LARGE,
         RATE_LIMITED,
+        TOKENS_EXCEEDED,
+        BUDGET_EXCEEDED,
+        TOO_MANY_PARALLEL,
+        MODEL_NOT_ALLOWED,
+        SERVICE_NOT_ALLOWED,
         INTERNAL_ERROR,
         NOT_IMPLEMENTED,
         UPSTREAM_UNAVAILABLE,

@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from txgateway.config.keys import ApiKey
+from txgateway.config.keys import BUDGET_PERIODS, ApiKey, ModelPrice, TeamLimits, check_key_name
 
 __all__ = [
     "AuthConfig",
+    "BudgetsConfig",
     "CacheConfig",
     "StatusConfig",
     "ConfigError",
@@ -355,6 +356,78 @@ class AuthConfig:
         return bool(self.keys)
 
 
+def _optional_usd(raw: str) -> float:
+    value = _number(0.0, 1e9)(raw)
+    return value
+
+
+def _patterns(raw: str) -> tuple[str, ...]:
+    items = tuple(filter(None, (part.strip() for part in raw.split(","))))
+    for item in items:
+        if not all(c.isalnum() or c in "-_.:/@*?[]!" for c in item):
+            raise ValueError(f"expected model names or shell-style patterns, got {item!r}")
+    return items
+
+
+def _key_name(raw: str) -> str:
+    return check_key_name(raw.strip())
+
+
+def _secret(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("the secret is empty")
+    return raw.strip()
+
+
+@attrs.frozen
+class _KeySection:
+    """One C{[key:NAME]} section as written (made into an L{ApiKey})."""
+
+    secret: str = attrs.field(default="", repr=False, metadata={"parse": _secret})
+    secret_sha256: str = _key(_text, "")
+    team: str = _key(_key_name, "")
+    models: tuple = _key(_patterns, ())
+    services: tuple = _key(_service_names, ())
+    requests_per_minute: int | None = _key(_integer(1), None)
+    tokens_per_minute: int | None = _key(_integer(1), None)
+    max_parallel: int | None = _key(_integer(1), None)
+    budget_usd: float | None = _key(_optional_usd, None)
+    budget_period: str = _key(_choice(*BUDGET_PERIODS), "month")
+
+
+@attrs.frozen
+class _TeamSection:
+    """One C{[team:NAME]} section."""
+
+    tokens_per_minute: int | None = _key(_integer(1), None)
+    requests_per_minute: int | None = _key(_integer(1), None)
+    budget_usd: float | None = _key(_optional_usd, None)
+    budget_period: str = _key(_choice(*BUDGET_PERIODS), "month")
+
+
+@attrs.frozen
+class _PriceSection:
+    """One C{[price:MODEL]} section: US dollars per million tokens."""
+
+    prompt: float = _key(_number(0.0, 1e6), 0.0)
+    completion: float = _key(_number(0.0, 1e6), 0.0)
+    cached_prompt: float | None = _key(_number(0.0, 1e6), None)
+
+
+@attrs.frozen
+class BudgetsConfig:
+    """
+    The C{[budgets]} section: where governed keys' spend and reservations
+    live.  C{state_file} empty: C{state/txgateway.db} next to the log
+    directory; C{redis_url} empty: the rate limiter's.
+    """
+
+    store: str = _key(_choice("sqlite", "redis"), "sqlite")
+    state_file: str = _key(_text, "")
+    redis_url: str = _key(_redis_url, "")
+    redis_timeout: float = _key(_seconds, 0.5)
+
+
 @attrs.frozen
 class ServiceConfig:
     """One C{[service:NAME]} section: a backend served under C{/api/NAME/}."""
@@ -435,6 +508,8 @@ class ModelConfig:
 
     name: str
     targets: tuple = _key(_model_targets)
+    #: Completion tokens reserved for a request that names no C{max_tokens}.
+    reserve_completion_tokens: int = _key(_integer(1), 1024)
 
 
 @attrs.frozen
@@ -449,7 +524,22 @@ class GatewayConfig:
     models: Mapping[str, ModelConfig] = attrs.Factory(dict)
     cache: CacheConfig = CacheConfig()
     status: StatusConfig = StatusConfig()
+    teams: Mapping[str, TeamLimits] = attrs.Factory(dict)
+    prices: Mapping[str, ModelPrice] = attrs.Factory(dict)
+    budgets: BudgetsConfig = BudgetsConfig()
     source: str = "<embedded defaults>"
+
+    @property
+    def governed(self) -> bool:
+        """Whether any key or team has a limit, or any model a price: spend is counted."""
+        return bool(self.prices) or any(key.governed for key in self.auth.keys) or any(
+            team.governed for team in self.teams.values()
+        )
+
+    def reserve_completion_tokens(self, model: str) -> int:
+        """The completion tokens reserved for C{model} when a request names no maximum."""
+        config = self.models.get(model) or self.models.get(ANY_MODEL)
+        return config.reserve_completion_tokens if config is not None else 1024
 
 
 # -- parsing
@@ -550,7 +640,13 @@ def parse_config(
     services = _services(sections, origin, gateway, environ)
     models = _models(sections, origin, services)
     _check_fallbacks(sections, services)
-    auth = _auth(sections, origin)
+    teams = _teams(sections, origin)
+    auth = _auth(sections, origin, teams)
+    services_named = set(services)
+    for key in auth.keys:
+        unknown = [name for name in key.services if name not in services_named]
+        if unknown:
+            raise ConfigError(f"{origin}: [key:{key.name}] services: no service is named {unknown[0]!r}")
     ratelimit = _build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {}))
     if ratelimit.key == "api_key" and not auth.enabled:
         raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
@@ -563,6 +659,9 @@ def parse_config(
         models=models,
         cache=_build(CacheConfig, origin, "cache", sections.get("cache", {})),
         status=_build(StatusConfig, origin, "status", sections.get("status", {})),
+        teams=teams,
+        prices=_prices(sections, origin),
+        budgets=_build(BudgetsConfig, origin, "budgets", sections.get("budgets", {})),
         source=origin,
     )
 
@@ -584,12 +683,13 @@ def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
         raise ConfigError(f"{origin}: {message}") from None
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status")
-        if not known and not section.startswith(("service:", "model:")):
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets")
+        if not known and not section.startswith(("service:", "model:", "key:", "team:", "price:")):
             raise ConfigError(
-                f"{origin}: [{section}]: unknown section "
-                "(known: gateway, logging, ratelimit, auth, cache, status, service:NAME, model:NAME)"
+                f"{origin}: [{section}]: unknown section (known: gateway, logging, ratelimit, auth, cache, "
+                "status, budgets, service:NAME, model:NAME, key:NAME, team:NAME, price:MODEL)"
             )
+        _check_section_name(section, origin)
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):
             raise ConfigError(
                 f"{origin}: [{section}]: a service name is 1 to 64 letters, digits, '-' or '_'"
@@ -603,6 +703,18 @@ def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
             key: _Raw(value, origin) for key, value in parser.items(section, raw=True)
         }
     return sections
+
+
+def _check_section_name(section: str, origin: str) -> None:
+    """The name in a C{[key:NAME]}, C{[team:NAME]} or C{[price:MODEL]} section is one they may have."""
+    kind, _, name = section.partition(":")
+    try:
+        if kind in ("key", "team"):
+            check_key_name(name)
+    except ValueError as error:
+        raise ConfigError(f"{origin}: [{section}]: {error}") from None
+    if kind == "price" and name != ANY_MODEL and not MODEL_NAME.match(name):
+        raise ConfigError(f"{origin}: [{section}]: a model name is letters, digits and -_.:/@ (or * for every other model)")
 
 
 def _services(
@@ -652,16 +764,72 @@ def _check_fallbacks(sections: dict[str, dict[str, _Raw]], services: dict[str, S
                 raise ConfigError(f"{where}: [service:{name}] fallback: no service is named {other!r}")
 
 
-def _auth(sections: dict[str, dict[str, _Raw]], origin: str) -> AuthConfig:
-    """C{[auth]}, with the keys of its C{keys_file}; no key name twice."""
+def _auth(sections: dict[str, dict[str, _Raw]], origin: str, teams: dict[str, TeamLimits]) -> AuthConfig:
+    """
+    C{[auth]}, with the C{[key:NAME]} sections and the keys of its
+    C{keys_file} (lines, or key and team sections); no key name or secret
+    twice, no team a key names missing.
+    """
     auth = _build(AuthConfig, origin, "auth", sections.get("auth", {}))
+    keys = auth.keys + _key_sections(sections, teams, origin)
     if auth.keys_file:
-        auth = attrs.evolve(auth, keys=auth.keys + _read_keys_file(auth.keys_file, origin))
-    names = [key.name for key in auth.keys]
+        keys += _read_keys_file(auth.keys_file, origin, teams)
+    names = [key.name for key in keys]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ConfigError(f"{origin}: [auth] keys: the key name {duplicated[0]!r} is given twice")
-    return auth
+    digests: dict[bytes, str] = {}
+    for key in keys:
+        if key.digest in digests:
+            raise ConfigError(f"{origin}: [key:{key.name}] secret: the same secret as key {digests[key.digest]!r}")
+        digests[key.digest] = key.name
+    return attrs.evolve(auth, keys=keys)
+
+
+def _key_sections(sections: dict[str, dict[str, _Raw]], teams: Mapping[str, TeamLimits], origin: str) -> tuple[ApiKey, ...]:
+    """The C{[key:NAME]} sections (of the file C{origin}) as keys."""
+    keys = []
+    for section, raw in sections.items():
+        if not section.startswith("key:"):
+            continue
+        name = section[len("key:"):]
+        written = _build(_KeySection, origin, section, raw)
+        if bool(written.secret) == bool(written.secret_sha256):
+            raise ConfigError(f"{origin}: [{section}] secret: give secret or secret_sha256 (one of them)")
+        try:
+            digest = ApiKey.digest_of(written.secret) if written.secret else ApiKey.digest_from_hex(written.secret_sha256)
+        except ValueError as error:
+            raise ConfigError(f"{raw['secret_sha256'].origin}: [{section}] secret_sha256: {error}") from None
+        if written.team and written.team not in teams:
+            raise ConfigError(f"{raw['team'].origin}: [{section}] team: no [team:{written.team}] section")
+        keys.append(
+            ApiKey(
+                name, digest, written.team or None, written.models, written.services, written.requests_per_minute,
+                written.tokens_per_minute, written.max_parallel, written.budget_usd, written.budget_period,
+            )
+        )
+    return tuple(keys)
+
+
+def _teams(sections: dict[str, dict[str, _Raw]], origin: str) -> dict[str, TeamLimits]:
+    """The C{[team:NAME]} sections (those of C{[auth] keys_file} too)."""
+    teams = {}
+    for section, raw in _with_keys_file_sections(sections, origin).items():
+        if section.startswith("team:"):
+            name = section[len("team:"):]
+            written = _build(_TeamSection, origin, section, raw)
+            teams[name] = TeamLimits(name, **attrs.asdict(written))
+    return teams
+
+
+def _prices(sections: dict[str, dict[str, _Raw]], origin: str) -> dict[str, ModelPrice]:
+    """The C{[price:MODEL]} sections."""
+    prices = {}
+    for section, raw in sections.items():
+        if section.startswith("price:"):
+            model = section[len("price:"):]
+            prices[model] = ModelPrice(model, **attrs.asdict(_build(_PriceSection, origin, section, raw)))
+    return prices
 
 
 def _with_api_key(service: ServiceConfig, raw: dict[str, _Raw], environ: Mapping[str, str]) -> ServiceConfig:
@@ -684,14 +852,51 @@ def _with_api_key(service: ServiceConfig, raw: dict[str, _Raw], environ: Mapping
     return attrs.evolve(service, api_key=key)
 
 
-def _read_keys_file(path: str, origin: str) -> tuple[ApiKey, ...]:
-    """The keys of a keys file: one C{name:secret} (or C{name:sha256:<hex>}) a line."""
+def _keys_file_text(path: str, origin: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+            return handle.read()
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ConfigError(f"{origin}: [auth] keys_file: cannot read {path}: {reason}") from None
+
+
+def _is_ini(text: str) -> bool:
+    """A keys file in ini syntax (key and team sections) rather than one key a line."""
+    return any(line.lstrip().startswith("[") for line in text.splitlines())
+
+
+def _keys_file_sections(path: str, origin: str) -> dict[str, dict[str, _Raw]]:
+    """The C{[key:NAME]} and C{[team:NAME]} sections of a keys file in ini syntax."""
+    sections = _sections(_keys_file_text(path, origin), path)
+    for section in sections:
+        if not section.startswith(("key:", "team:")):
+            raise ConfigError(f"{path}: [{section}]: a keys file holds only [key:NAME] and [team:NAME] sections")
+    return sections
+
+
+def _with_keys_file_sections(sections: dict[str, dict[str, _Raw]], origin: str) -> dict[str, dict[str, _Raw]]:
+    """C{sections} and, when C{[auth] keys_file} is in ini syntax, its sections too."""
+    raw = sections.get("auth", {}).get("keys_file")
+    if raw is None or not raw.value.strip() or not _is_ini(_keys_file_text(raw.value.strip(), origin)):
+        return sections
+    merged = dict(sections)
+    for section, values in _keys_file_sections(raw.value.strip(), origin).items():
+        if section in merged:
+            raise ConfigError(f"{raw.value.strip()}: [{section}]: also in {origin}")
+        merged[section] = values
+    return merged
+
+
+def _read_keys_file(path: str, origin: str, teams: Mapping[str, TeamLimits]) -> tuple[ApiKey, ...]:
+    """
+    The keys of a keys file: one C{name:secret} (or C{name:sha256:<hex>})
+    a line, or C{[key:NAME]} sections.
+    """
+    text = _keys_file_text(path, origin)
+    if _is_ini(text):
+        return _key_sections(_keys_file_sections(path, origin), teams, path)
+    lines = text.splitlines()
     keys = []
     for number, line in enumerate(lines, 1):
         line = line.strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import random
 import signal
 import sys
@@ -19,12 +20,14 @@ from typing import IO, Any, Callable, Iterator, Mapping
 import structlog
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
+from twisted.python.threadpool import ThreadPool
 
 from txgateway.cache.responses import ResponseCache
 from txgateway.cache.stores import ICacheStore, MemoryCacheStore, connect_cache
@@ -33,6 +36,11 @@ from txgateway.dataplane.client import IUpstream, UpstreamPool
 from txgateway.dataplane.server import HTTPServerFactory
 from txgateway.front.door import GatewayFront
 from txgateway.front.gateway import Gateway
+from txgateway.governance.estimate import Prices
+from txgateway.governance.governor import Governor
+from txgateway.governance.interface import IGovernanceStore
+from txgateway.governance.local import LocalLedgerStore
+from txgateway.governance.spendfile import SpendFile
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
@@ -129,11 +137,14 @@ def build_gateway(
     rng: random.Random | None = None,
     previous: Gateway | None = None,
     cache_stores: Mapping[str, ICacheStore] | None = None,
+    governance_store: IGovernanceStore | None = None,
 ) -> Gateway:
     """
-    Assemble a gateway from its parts: the routes, the broker, and the rate
-    limiter on C{store}.  With C{previous} (a reload), unchanged services
-    keep their breakers and connections, and the uptime goes on.
+    Assemble a gateway from its parts: the routes, the broker, the rate
+    limiter on C{store}, and the governor of API keys on
+    C{governance_store} (a ledger in memory when the configuration governs
+    keys and none is given).  With C{previous} (a reload), unchanged
+    services keep their breakers and connections, and the uptime goes on.
     """
     routes = build_routes(config, clock, upstream_for, log, metrics, previous.broker.routes if previous else None)
     limiter = RateLimiter.from_config(config.ratelimit, store) if store is not None else None
@@ -151,9 +162,25 @@ def build_gateway(
     cache = None
     if any(service.cache != "off" for service in config.services.values()):
         cache = ResponseCache(clock, dict(cache_stores), metrics, config.cache.max_entry_bytes)
-    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache)
+    governor = None
+    if config.governed:
+        if governance_store is None:
+            governance_store = LocalLedgerStore(clock, None, maybeDeferred, log)
+        governor = Governor(
+            clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
+            config.reserve_completion_tokens, metrics, log,
+        )
+    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None
     return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
+
+
+def state_file_of(config: GatewayConfig) -> str:
+    """The SQLite file of C{[budgets]}: C{state_file}, else C{state/txgateway.db} beside the log directory."""
+    if config.budgets.state_file:
+        return config.budgets.state_file
+    log_directory = os.path.dirname(config.logging.file) if config.logging.file else ""
+    return os.path.join(os.path.dirname(log_directory) or ".", "state", "txgateway.db")
 
 
 def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: GatewayMetrics) -> dict[str, ICacheStore]:
@@ -212,12 +239,15 @@ class GatewayService(MultiService):
         self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
         self.metrics = GatewayMetrics(self._clock)
         self._upstreams: list[UpstreamPool] = []
+        self._retired_ledgers: list[IGovernanceStore] = []
         self._stopping = False
         store = self._rate_limit_store(config)
         self._cache_stores = self._cache_stores_for(config, {})
+        self._threads: ThreadPool | None = None
+        self._governance_store = self._governance_store_for(config)
         self.gateway = build_gateway(
             config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level),
-            cache_stores=self._cache_stores,
+            cache_stores=self._cache_stores, governance_store=self._governance_store,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
@@ -232,6 +262,34 @@ class GatewayService(MultiService):
                 settings.redis_url, self._clock, settings.redis_timeout, settings.redis_retry_interval, self.log
             )
         return MemoryRateLimitStore(self._clock)
+
+    def _governance_store_for(self, config: GatewayConfig) -> IGovernanceStore | None:
+        """
+        The ledger C{[budgets]} names, when the configuration governs keys.
+
+        @raise ConfigError: the state file cannot be opened.
+        """
+        if not config.governed:
+            return None
+        settings = config.budgets
+        if settings.store == "redis":
+            from txgateway.governance.redis import connect_ledger
+
+            url = settings.redis_url or config.ratelimit.redis_url
+            return connect_ledger(url, self._clock, settings.redis_timeout, self.log)
+        path = state_file_of(config)
+        try:
+            spend_file = SpendFile(path)
+        except Exception as error:
+            source = config.source
+            raise ConfigError(f"{source}: [budgets] state_file: cannot open {path}: {error}") from None
+        if self._threads is None:
+            # One thread: the file's writes happen in order, off the reactor thread.
+            self._threads = ThreadPool(1, 1, "txgateway-budgets")
+            self._threads.start()
+        threads = self._threads
+        run = functools.partial(deferToThreadPool, self._reactor, threads)
+        return LocalLedgerStore(self._clock, spend_file, run, self.log)
 
     def _cache_stores_for(self, config: GatewayConfig, kept: Mapping[str, ICacheStore]) -> dict[str, ICacheStore]:
         """The cache stores C{config}'s services use, keeping those of C{kept} (same [cache] settings)."""
@@ -330,6 +388,17 @@ class GatewayService(MultiService):
         self._cache_stores = self._cache_stores_for(config, self._cache_stores if same_cache else {})
         for retired in retired_stores:
             retired.close()
+        retired_ledger = None
+        if (config.governed, config.budgets) != (old.config.governed, old.config.budgets) or (
+            config.budgets.store == "redis" and config.ratelimit.redis_url != old.config.ratelimit.redis_url
+        ):
+            try:
+                governance_store = self._governance_store_for(config)
+            except ConfigError as error:
+                self.log.error("config_reload_rejected", reason=str(error))
+                old.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: {error}"}
+                return False
+            retired_ledger, self._governance_store = self._governance_store, governance_store
         gateway = build_gateway(
             config,
             self._clock,
@@ -340,7 +409,11 @@ class GatewayService(MultiService):
             AccessLog(self.sink, config.logging.level),
             previous=old,
             cache_stores=self._cache_stores,
+            governance_store=self._governance_store,
         )
+        if retired_ledger is not None:
+            # Reservations in flight settle on the old store (their governor holds it): close it after the drain.
+            self._retired_ledgers.append(retired_ledger)
         gateway.accepting = old.accepting
         self.server_factory.max_body_size = config.gateway.max_body_size
         self.server_factory.header_timeout = config.gateway.header_timeout
@@ -396,6 +469,11 @@ class GatewayService(MultiService):
                 await closing
         if self.gateway.store is not None:
             await self.gateway.store.close()
+        for ledger in [*self._retired_ledgers, self._governance_store]:
+            if ledger is not None:
+                await ledger.close()
+        if self._threads is not None:
+            self._threads.stop()
         self.log.info("gateway_stopped")
         self.sink.sync()
 

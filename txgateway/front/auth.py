@@ -2,14 +2,16 @@
 API keys for C{/api/*}: C{Authorization: Bearer <key>} or C{X-API-Key}.
 
 Keys are kept only as SHA-256 digests (given hashed as C{sha256:<hex>}, or
-hashed when loaded), compared in constant time against every configured
-key, and never logged; what the gateway knows of a caller is the key's name.
+hashed when loaded) and never logged; what the gateway knows of a caller is
+the key's name.  A presented key is hashed and looked up by its digest: one
+dictionary lookup with 10 keys or 10,000.  Its time can say nothing useful
+about a secret: an attacker controls the secret, not its digest, and a
+digest's prefix does not lead to a secret that has it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 from typing import Any
 
 import attrs
@@ -19,28 +21,23 @@ from txgateway.observability.context import Caller
 
 __all__ = ["Authenticator"]
 
-
-
-
-
-
 @attrs.frozen
 class Authenticator:
     """Checks a request's API key against the configured ones."""
 
     keys: tuple[ApiKey, ...]
+    _by_digest: dict = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_by_digest", {key.digest: key.name for key in self.keys})
 
     @property
     def enabled(self) -> bool:
+        """Whether any key is configured (then every proxied request needs one)."""
         return bool(self.keys)
 
     def _match(self, presented: bytes) -> str | None:
-        digest = hashlib.sha256(presented).digest()
-        found = None
-        for key in self.keys:  # no early exit: the time does not say which key
-            if hmac.compare_digest(digest, key.digest):
-                found = key.name
-        return found
+        return self._by_digest.get(hashlib.sha256(presented).digest())
 
     def caller(self, request: Any) -> Caller | None:
         """The caller whose key the request (an L{IncomingRequest}) carries, or L{None}."""

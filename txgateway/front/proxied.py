@@ -94,7 +94,7 @@ class ProxiedRequests:
             return
         path = request.path
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
-            self._models(request, path)
+            self._models(request, ctx, path)
             return
         if request.method != b"POST":
             answer_error(
@@ -110,6 +110,13 @@ class ProxiedRequests:
         if call.model is None:
             answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
             return
+        governor = self.gateway.broker.governor
+        if governor is not None:
+            try:
+                governor.check_model(ctx, call.model)
+            except GatewayError as error:
+                answer_error(request, error.kind, error.message)
+                return
         targets = self.gateway.broker.models.targets_for(call.model)
         if targets is None:
             answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {call.model!r}")
@@ -118,18 +125,21 @@ class ProxiedRequests:
         rest = path[len(b"/v1"):]
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
 
-    def _models(self, request: IncomingRequest, path: bytes) -> None:
-        """C{GET /v1/models} and C{/v1/models/NAME}, in OpenAI's shape."""
+    def _models(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
+        """C{GET /v1/models} and C{/v1/models/NAME}, in OpenAI's shape: the models the caller's key may call."""
         models = self.gateway.broker.models
         if request.method not in (b"GET", b"HEAD"):
             answer_error(request, errors.METHOD_NOT_ALLOWED, "only GET is allowed here", [(b"Allow", b"GET, HEAD")])
             return
+        governor = self.gateway.broker.governor
+        key = governor.key_of(ctx) if governor is not None else None
+        names = [name for name in models.names() if key is None or key.may_call_model(name)]
         created = int(self.gateway.started_at)
         if path == b"/v1/models":
-            _answer_json(request, {"object": "list", "data": [_model_object(name, created) for name in models.names()]})
+            _answer_json(request, {"object": "list", "data": [_model_object(name, created) for name in names]})
             return
         name = unquote_to_bytes(path[len(b"/v1/models/"):]).decode("utf-8", "replace")
-        if name not in models.names():
+        if name not in names:
             answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {name!r}")
             return
         _answer_json(request, _model_object(name, created))

@@ -15,7 +15,7 @@ from zope.interface import Interface
 
 from txgateway.observability.tracing import TraceContext
 
-__all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "client_address"]
+__all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "SpendFacts", "client_address"]
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -86,6 +86,8 @@ class CompletionFacts:
     completion_tokens: int | None = None
     resumed: int = 0
     resumed_on: list[str] = attrs.Factory(list)
+    #: Each backend answer's usage, with the model it was sent as (what is billed).
+    billed: list[tuple[str | None, Any]] = attrs.Factory(list)
 
     def fields(self) -> dict[str, Any]:
         """The access line's fields."""
@@ -97,6 +99,20 @@ class CompletionFacts:
             "resumed": self.resumed,
             "resumed_on": self.resumed_on,
         }
+
+
+@attrs.define
+class SpendFacts:
+    """What the access line says of a governed key's request: its reservation and its cost."""
+
+    key: str
+    team: str | None
+    reserved_tokens: int
+    cost_usd: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The access line's fields."""
+        return {"key": self.key, "team": self.team, "reserved_tokens": self.reserved_tokens, "cost_usd": self.cost_usd}
 
 
 @attrs.define
@@ -129,6 +145,8 @@ class RequestContext:
     cache: str | None = None
     #: Set for OpenAI requests only.
     completion: CompletionFacts | None = None
+    #: Set for governed keys only.
+    spend: SpendFacts | None = None
     _bound_log: Any = None
 
     @property

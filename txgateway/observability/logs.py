@@ -330,5 +330,7 @@ class AccessLog:
             line["cache"] = ctx.cache
         if ctx.completion is not None:
             line.update(ctx.completion.fields())
+        if ctx.spend is not None:
+            line.update(ctx.spend.fields())
         self._sink.msg(_ENCODE(line))
 

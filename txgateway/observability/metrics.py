@@ -179,6 +179,19 @@ class GatewayMetrics:
             "Broken streams asked of a backend again with their text so far, by service asked and outcome.",
             ["service", "outcome"], registry=r,
         )
+        self.spend_usd = Counter(
+            "txgateway_spend_usd", "Settled spend of governed keys in US dollars, by key, team and model (as sent).",
+            ["key", "team", "model"], registry=r,
+        )
+        self.key_tokens = Counter(
+            "txgateway_key_tokens", "Tokens settled for governed keys, by key and kind (prompt or completion).",
+            ["key", "kind"], registry=r,
+        )
+        self.governance_refusals = Counter(
+            "txgateway_governance_refusals",
+            "Requests refused by a key's or team's limits before any backend was called, by key and reason.",
+            ["key", "reason"], registry=r,
+        )
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 

@@ -35,6 +35,8 @@ class Transcript:
         self.finished = False
         self.resumable = resumable
         self.chunk_id: str | None = None
+        #: Chunks with content (text or a tool call) relayed, across every attempt.
+        self.content_chunks = 0
 
     @property
     def text(self) -> str:
@@ -45,6 +47,8 @@ class Transcript:
         """C{facts}' event reached the client."""
         if facts.text:
             self._parts.append(facts.text)
+        if facts.text or facts.tool_call:
+            self.content_chunks += 1
         if facts.finished:
             self.finished = True
         if facts.tool_call:

@@ -194,6 +194,8 @@ class Usage:
     model: str | None
     prompt_tokens: int
     completion_tokens: int
+    #: Prompt tokens the backend served from its cache (C{prompt_tokens_details.cached_tokens}).
+    cached_tokens: int = 0
 
 
 def _usage_from(decoded: Any) -> Usage | None:
@@ -207,7 +209,10 @@ def _usage_from(decoded: Any) -> Usage | None:
     prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
     completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
     model = decoded.get("model")
-    return Usage(model if isinstance(model, str) else None, prompt, completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0
+    return Usage(model if isinstance(model, str) else None, prompt, completion, cached)
 
 
 def usage_of_answer(body: bytes) -> Usage | None:

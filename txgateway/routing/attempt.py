@@ -271,7 +271,8 @@ class Attempts:
         """
         config, call = state.config, state.call
         if call.openai is not None and response.code == 200:
-            on_usage = functools.partial(self._count_usage, call.ctx, config.name)
+            sent_as = state.target.model or call.openai.model
+            on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as)
             if call.transcript is not None and is_event_stream(response):
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, call.openai.client_wants_usage, state.resumed
@@ -362,9 +363,10 @@ class Attempts:
         retry = {} if final else {"retry_in_s": round(delay, 3)}
         ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=not final, **retry)
 
-    def _count_usage(self, ctx: RequestContext, service: str, usage: Usage) -> None:
-        """One backend answer's usage: on the access line and in the token counts."""
+    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, usage: Usage) -> None:
+        """One backend answer's usage (of the model sent as C{sent_as}): on the access line, in the token counts, billed."""
         facts = ctx.completion  # made with the call: usage is read of OpenAI calls only
+        facts.billed.append((sent_as, usage))
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
         facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens

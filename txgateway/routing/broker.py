@@ -32,6 +32,7 @@ from txgateway.routing.resume import StreamResume
 
 if TYPE_CHECKING:
     from txgateway.cache.responses import ResponseCache
+    from txgateway.governance.governor import Governor
     from txgateway.routing.deployments import ModelTable
 
 __all__ = ["AnswerCutShort", "ServiceBroker"]
@@ -48,6 +49,7 @@ class ServiceBroker:
     @param rng: the randomness behind retry jitter.
     @param models: the models' deployments.
     @param cache: the response cache, when a service caches.
+    @param governor: governs API keys' calls (limits, budgets, models), or L{None}.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ServiceBroker:
         rng: random.Random | None,
         models: "ModelTable",
         cache: "ResponseCache | None",
+        governor: "Governor | None" = None,
     ) -> None:
         self._clock = clock
         self.routes = dict(routes)
@@ -70,6 +73,7 @@ class ServiceBroker:
         self.models = models
         self.cache = cache
         self.limiter = limiter
+        self.governor = governor
         self._metrics = metrics
         attempts = Attempts(clock, metrics, rng or random.Random())
         self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(attempts, metrics)), metrics)
@@ -89,8 +93,13 @@ class ServiceBroker:
             except BadCall:
                 pass  # not a body the gateway reads: relayed as it is
         call = Call.of(request, ctx, path, self._chains[route.config.name], openai)
+        if self.governor is not None:
+            self.governor.check_service(ctx, route.config.name)
         await self._admit(request, ctx, route)
-        await self._serve_call(call, path)
+        if self.governor is None:
+            await self._serve_call(call, path)
+        else:
+            await self._governed(call, path)
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, openai: OpenAICall, targets: list[Target], rest: bytes, query: bytes
@@ -102,7 +111,28 @@ class ServiceBroker:
         path = _checked(rest, query)
         call = Call.of(request, ctx, path, targets, openai)
         await self._admit(request, ctx, targets[0].route)
-        await self._serve_call(call, b"/v1" + path)
+        if self.governor is None:
+            await self._serve_call(call, b"/v1" + path)
+        else:
+            await self._governed(call, b"/v1" + path)
+
+    async def _governed(self, call: Call, cached_as: bytes) -> None:
+        """
+        Serve C{call} within its caller's reservation, settled however the
+        call ends (answered, refused, broken, the client gone).
+        """
+        openai = call.openai
+        models = [target.model or (openai.model if openai is not None else None) for target in call.targets]
+        deadline = call.targets[0].route.config.deadline
+        reservation = await self.governor.reserve(call.request, call.ctx, openai, models, deadline)
+        if reservation is None:
+            await self._serve_call(call, cached_as)
+            return
+        try:
+            await self._serve_call(call, cached_as)
+        finally:
+            chunks = call.transcript.content_chunks if call.transcript is not None else 0
+            reservation.settle(call.ctx, call.request.code, chunks, call.ctx.served_model)
 
     def _serve_call(self, call: Call, cached_as: bytes) -> Awaitable[None]:
         """

@@ -1,0 +1,206 @@
+"""
+The ledger's arithmetic, on plain numbers for time: reserve then settle,
+key and team together, sliding minutes, budgets per UTC period, parallel
+slots, lapsed reservations; and the estimates and prices it is fed.
+"""
+
+from __future__ import annotations
+
+import calendar
+
+import pytest
+
+from txgateway.config.keys import ModelPrice
+from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens
+from txgateway.governance.governor import duration_text
+from txgateway.governance.ledger import Ask, Ledger, ScopeLimits
+from txgateway.governance.periods import period_end, period_key
+
+NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
+
+
+def ask(n: int, tokens: int = 100, cost: int = 0, *scopes: ScopeLimits, expires_in: float = 300.0, now: float = NOON) -> Ask:
+    return Ask(f"r{n}", scopes, tokens, cost, now + expires_in)
+
+
+KEY = ScopeLimits("key:alice", tokens_per_minute=2500)
+
+
+def test_exactly_the_reservations_that_fit_a_tokens_per_minute_limit_are_admitted():
+    ledger = Ledger()
+    verdicts = [ledger.reserve(ask(n, 100, 0, KEY), NOON) for n in range(40)]
+    assert sum(v.allowed for v in verdicts) == 25
+    refused = verdicts[25]
+    assert refused.reason == "tokens_exceeded" and refused.scope == "key:alice"
+    assert refused.retry_after == 60.0  # the first entry leaves the window a minute after it came
+    assert refused.tokens.remaining == 0 and refused.tokens.limit == 2500
+
+
+def test_a_request_larger_than_the_whole_limit_can_never_fit():
+    verdict = Ledger().reserve(ask(1, 2501, 0, KEY), NOON)
+    assert verdict.reason == "tokens_exceeded" and verdict.retry_after is None
+
+
+def test_the_window_slides_entries_leave_it_a_minute_after_they_came():
+    ledger = Ledger()
+    assert ledger.reserve(ask(1, 2000, 0, KEY), NOON).allowed
+    assert ledger.reserve(ask(2, 500, 0, KEY), NOON + 30).allowed
+    late = ledger.reserve(ask(3, 600, 0, KEY), NOON + 40)
+    assert late.reason == "tokens_exceeded" and late.retry_after == pytest.approx(20.0)
+    assert ledger.reserve(ask(4, 600, 0, KEY), NOON + 60).allowed
+
+
+def test_settling_gives_back_what_was_not_used():
+    ledger = Ledger()
+    first = ask(1, 2500, 0, KEY)
+    ledger.reserve(first, NOON)
+    assert not ledger.reserve(ask(2, 100, 0, KEY), NOON).allowed
+    ledger.settle(first, 300, 0, NOON + 1)
+    verdict = ledger.reserve(ask(3, 2200, 0, KEY), NOON + 1)
+    assert verdict.allowed and verdict.tokens.remaining == 0
+
+
+def test_using_more_than_reserved_is_charged_and_later_requests_wait():
+    ledger = Ledger()
+    first = ask(1, 100, 0, KEY)
+    ledger.reserve(first, NOON)
+    ledger.settle(first, 3000, 0, NOON + 1)  # no max_tokens: the backend wrote more
+    verdict = ledger.reserve(ask(2, 1, 0, KEY), NOON + 2)
+    assert verdict.reason == "tokens_exceeded" and verdict.retry_after == pytest.approx(58.0)
+
+
+def test_a_request_must_fit_its_key_and_its_team_and_takes_from_neither_when_one_refuses():
+    team = ScopeLimits("team:ml", tokens_per_minute=150)
+    ledger = Ledger()
+    assert ledger.reserve(ask(1, 100, 0, KEY, team), NOON).allowed
+    refused = ledger.reserve(ask(2, 100, 0, KEY, team), NOON)
+    assert refused.reason == "tokens_exceeded" and refused.scope == "team:ml"
+    # The key kept its 2400: nothing was taken by the refused request.
+    assert refused.tokens.remaining == 50  # the tightest quota is the team's
+    alone = ledger.reserve(ask(3, 2400, 0, KEY), NOON)
+    assert alone.allowed
+
+
+def test_a_budget_refuses_what_would_go_over_it_until_the_period_ends():
+    budget = ScopeLimits("key:alice", budget_nano=1000, budget_period="day")
+    ledger = Ledger()
+    assert ledger.reserve(ask(1, 0, 600, budget), NOON).allowed
+    refused = ledger.reserve(ask(2, 0, 500, budget), NOON)
+    assert refused.reason == "budget_exceeded" and refused.retry_after == 12 * 3600
+    assert ledger.reserve(ask(3, 0, 400, budget), NOON).allowed
+    tomorrow = NOON + 12 * 3600
+    assert ledger.reserve(ask(4, 0, 1000, budget), tomorrow).allowed
+
+
+def test_a_budget_is_refused_first_so_that_clients_do_not_retry_it():
+    both = ScopeLimits("key:alice", tokens_per_minute=10, budget_nano=10, budget_period="month")
+    verdict = Ledger().reserve(ask(1, 100, 100, both), NOON)
+    assert verdict.reason == "budget_exceeded"
+
+
+def test_settled_spend_replaces_the_reserved_cost():
+    budget = ScopeLimits("key:alice", budget_nano=1000, budget_period="month")
+    ledger = Ledger()
+    first = ask(1, 0, 900, budget)
+    ledger.reserve(first, NOON)
+    ledger.settle(first, 0, 250, NOON + 5)
+    assert ledger.committed[("key:alice", "m2026-12")] == 250
+    assert ledger.reserved[("key:alice", "m2026-12")] == 0
+    assert ledger.reserve(ask(2, 0, 750, budget), NOON + 5).allowed
+
+
+def test_max_parallel_counts_reservations_until_they_settle():
+    limits = ScopeLimits("key:alice", max_parallel=2)
+    ledger = Ledger()
+    first, second = ask(1, 0, 0, limits), ask(2, 0, 0, limits)
+    assert ledger.reserve(first, NOON).allowed and ledger.reserve(second, NOON).allowed
+    assert ledger.reserve(ask(3, 0, 0, limits), NOON).reason == "too_many_parallel"
+    ledger.settle(first, 0, 0, NOON + 1)
+    assert ledger.reserve(ask(4, 0, 0, limits), NOON + 1).allowed
+
+
+def test_requests_per_minute_counts_each_request_once():
+    limits = ScopeLimits("key:alice", requests_per_minute=3)
+    ledger = Ledger()
+    assert all(ledger.reserve(ask(n, 0, 0, limits), NOON + n).allowed for n in range(3))
+    refused = ledger.reserve(ask(9, 0, 0, limits), NOON + 10)
+    assert refused.reason == "rate_limited" and refused.retry_after == pytest.approx(50.0)
+    assert refused.requests.limit == 3 and refused.requests.remaining == 0
+
+
+def test_a_reservation_never_settled_lapses_and_gives_everything_back():
+    limits = ScopeLimits("key:alice", tokens_per_minute=100, budget_nano=100, budget_period="total", max_parallel=1)
+    ledger = Ledger()
+    assert ledger.reserve(ask(1, 100, 100, limits, expires_in=40), NOON).allowed
+    assert not ledger.reserve(ask(2, 1, 1, limits), NOON + 39).allowed
+    verdict = ledger.reserve(ask(3, 100, 100, limits, expires_in=40, now=NOON + 40), NOON + 40)
+    assert verdict.allowed
+    assert ledger.holding == 1 and ledger.committed[("key:alice", "total")] == 100
+
+
+def test_a_settle_after_its_reservation_lapsed_is_charged_as_new_spend():
+    limits = ScopeLimits("key:alice", budget_nano=1000, budget_period="total")
+    ledger = Ledger()
+    late = ask(1, 0, 100, limits, expires_in=10)
+    ledger.reserve(late, NOON)
+    assert ledger.lapse(NOON + 11) == ["r1"]
+    assert ledger.settle(late, 0, 70, NOON + 12) is False
+    assert ledger.committed[("key:alice", "total")] == 70 and ledger.holding == 0
+
+
+@pytest.mark.parametrize(
+    ("period", "moment", "key", "end"),
+    [
+        ("day", (2026, 12, 31, 23, 59, 59), "d2026-12-31", (2027, 1, 1)),
+        ("week", (2026, 12, 3, 12, 0, 0), "w2026-11-30", (2026, 12, 7)),
+        ("week", (2026, 11, 30, 0, 0, 0), "w2026-11-30", (2026, 12, 7)),
+        ("month", (2026, 12, 31, 23, 59, 59), "m2026-12", (2027, 1, 1)),
+        ("month", (2028, 2, 29, 8, 0, 0), "m2028-02", (2028, 3, 1)),
+        ("total", (2026, 12, 3, 0, 0, 0), "total", None),
+    ],
+)
+def test_periods_are_utc_calendar_periods(period, moment, key, end):
+    now = float(calendar.timegm(moment))
+    assert period_key(period, now) == key
+    expected = None if end is None else float(calendar.timegm((*end, 0, 0, 0)))
+    assert period_end(period, now) == expected
+
+
+def test_a_month_rolls_over_at_midnight_utc_into_a_new_counter():
+    budget = ScopeLimits("key:alice", budget_nano=100, budget_period="month")
+    ledger = Ledger()
+    last_second = float(calendar.timegm((2026, 12, 31, 23, 59, 59)))
+    assert ledger.reserve(ask(1, 0, 100, budget, now=last_second), last_second).allowed
+    assert ledger.reserve(ask(2, 0, 1, budget, now=last_second), last_second + 0.5).reason == "budget_exceeded"
+    assert ledger.reserve(ask(3, 0, 100, budget, now=last_second), last_second + 1).allowed
+
+
+def test_the_prompt_estimate_counts_a_token_per_three_bytes_and_four_per_message():
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 30}, {"role": "system", "content": "y" * 6}]}
+    # "user", "system" and the contents are text: 4 + 30 + 6 + 6 = 46 bytes -> 16 tokens, plus 2 messages x 4.
+    assert estimate_prompt_tokens(body) == 16 + 8
+    assert estimate_prompt_tokens({"model": "m", "prompt": "abcdef"}) == 2
+    assert estimate_prompt_tokens({"model": "m", "input": ["héllo"]}) == 2
+
+
+def test_the_completion_reserved_is_the_maximum_asked_times_the_choices_else_the_default():
+    assert completion_cap({"max_tokens": 50}, True, 1024) == 50
+    assert completion_cap({"max_completion_tokens": 40, "max_tokens": 50}, True, 1024) == 40
+    assert completion_cap({"max_tokens": 50, "n": 3}, True, 1024) == 150
+    assert completion_cap({}, True, 1024) == 1024
+    assert completion_cap({"max_tokens": 50}, False, 1024) == 0  # embeddings complete nothing
+
+
+def test_prices_are_per_million_tokens_with_a_catch_all_and_cached_prompts():
+    prices = Prices({"gpt-4o": ModelPrice("gpt-4o", 2.5, 10.0, 1.25), "*": ModelPrice("*", 1.0, 2.0)})
+    assert prices.of("gpt-4o").cost_nano(1_000_000, 0) == 2_500_000_000
+    assert prices.of("gpt-4o").cost_nano(1000, 100) == 2500 * 1000 + 1000 * 1000
+    assert prices.of("gpt-4o").cost_nano(1000, 0, cached_tokens=400) == 600 * 2500 + 400 * 1250
+    assert prices.of("llama3").cost_nano(10, 10) == 10 * 1000 + 10 * 2000
+    assert Prices({}).of("x").cost_nano(10**6, 10**6) == 0
+    assert prices.dearest(["llama3", "gpt-4o"], 100, 100) == prices.of("gpt-4o").cost_nano(100, 100)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (1.5, "1.5s"), (59.0, "59s"), (360.0, "6m0s"), (61.25, "1m1.25s")])
+def test_reset_durations_are_written_the_way_openai_writes_them(seconds, text):
+    assert duration_text(seconds) == text

@@ -1,0 +1,318 @@
+"""
+L{Governor}: the governance of one call, between the broker and the
+store.  Before a call goes anywhere it checks the models (or services)
+the caller's key may call, builds the call's L{Ask} (its worst case, in
+tokens and dollars, against its key's and its team's limits) and
+reserves it, or refuses the call in the one error shape with OpenAI's
+headers.  When the call ends, its L{Reservation} settles once, with what
+every attempt's backend reported (priced by the model each was sent).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any, Callable, Mapping, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from txgateway import errors
+from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
+from txgateway.errors import GatewayError
+from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
+from txgateway.governance.interface import IGovernanceStore, ModelUse, Settled
+from txgateway.governance.ledger import (
+    BUDGET_EXCEEDED,
+    RATE_LIMITED,
+    TOKENS_EXCEEDED,
+    TOO_MANY_PARALLEL,
+    Ask,
+    Quota,
+    ScopeLimits,
+    Verdict,
+    whole_seconds,
+)
+from txgateway.observability.context import RequestContext, SpendFacts
+from txgateway.openai.wire import OpenAICall
+
+__all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text"]
+
+#: Seconds past a call's deadline its reservation lapses when never settled.
+EXPIRY_MARGIN = 30.0
+
+_REFUSALS = {
+    BUDGET_EXCEEDED: errors.BUDGET_EXCEEDED,
+    TOO_MANY_PARALLEL: errors.TOO_MANY_PARALLEL,
+    RATE_LIMITED: errors.RATE_LIMITED,
+    TOKENS_EXCEEDED: errors.TOKENS_EXCEEDED,
+}
+
+
+def duration_text(seconds: float) -> str:
+    """A duration the way OpenAI's C{x-ratelimit-reset-*} headers write it: C{20ms}, C{1.5s}, C{6m0s}."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest = math.ceil(rest * 1000) / 1000
+    text = f"{rest:g}s"
+    return f"{int(minutes)}m{text}" if minutes else text
+
+
+def quota_headers(verdict: Verdict) -> list[tuple[bytes, bytes]]:
+    """OpenAI's C{x-ratelimit-*} headers for the tightest quotas of C{verdict}."""
+    headers = []
+    for kind, quota in ((b"requests", verdict.requests), (b"tokens", verdict.tokens)):
+        if quota is not None:
+            headers += _quota_headers(kind, quota)
+    return headers
+
+
+def _quota_headers(kind: bytes, quota: Quota) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-ratelimit-limit-" + kind, b"%d" % quota.limit),
+        (b"x-ratelimit-remaining-" + kind, b"%d" % quota.remaining),
+        (b"x-ratelimit-reset-" + kind, duration_text(quota.reset).encode("ascii")),
+    ]
+
+
+def scope_limits(key: ApiKey, team: TeamLimits | None, counts_tokens: bool) -> tuple[ScopeLimits, ...]:
+    """
+    The scopes a call of C{key} must fit: the key's, then its team's.
+    Tokens and budgets count only where C{counts_tokens} (OpenAI calls).
+    """
+    scopes = [
+        ScopeLimits(
+            "key:" + key.name,
+            key.tokens_per_minute if counts_tokens else None,
+            key.requests_per_minute,
+            usd_to_nano(key.budget_usd) if counts_tokens and key.budget_usd is not None else None,
+            key.budget_period,
+            key.max_parallel,
+        )
+    ]
+    if team is not None:
+        scopes.append(
+            ScopeLimits(
+                "team:" + team.name,
+                team.tokens_per_minute if counts_tokens else None,
+                team.requests_per_minute,
+                usd_to_nano(team.budget_usd) if counts_tokens and team.budget_usd is not None else None,
+                team.budget_period,
+            )
+        )
+    return tuple(scopes)
+
+
+@attrs.define(eq=False)
+class Reservation:
+    """
+    One call's reservation, settled exactly once.
+
+    @ivar prompt_estimate: the prompt tokens reserved (used again when no
+        backend reported its usage).
+    @ivar completion_cap: the completion tokens reserved.
+    """
+
+    governor: "Governor"
+    ask: Ask
+    key: ApiKey
+    openai: OpenAICall | None
+    prompt_estimate: int
+    completion_cap: int
+    settled: bool = False
+
+    def settle(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> None:
+        """
+        Settle with what the call used: every backend's reported usage;
+        without any, a stream's relayed content chunks (plus the prompt
+        estimate), or the whole reservation for a successful answer whose
+        usage could not be read; nothing when no backend answered.
+
+        @param answered: the status the client was sent (0: none).
+        @param relayed_chunks: content chunks the client was sent of a stream.
+        @param fallback_model: the model to price an answer with no usage at.
+        """
+        if self.settled:
+            return
+        self.settled = True
+        self.governor.settle(self, ctx, self._uses(ctx, answered, relayed_chunks, fallback_model))
+
+    def _uses(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> list[ModelUse]:
+        if self.openai is None:
+            return []
+        prices = self.governor.prices
+        billed = ctx.completion.billed if ctx.completion is not None else []
+        if billed:
+            return [
+                ModelUse(
+                    model or "unknown", usage.prompt_tokens, usage.completion_tokens,
+                    prices.of(model).cost_nano(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+                )
+                for model, usage in billed
+            ]
+        model = fallback_model or self.openai.model or "unknown"
+        if relayed_chunks:
+            completion = relayed_tokens(relayed_chunks)
+        elif 200 <= answered < 300:
+            completion = self.completion_cap
+        else:
+            return []
+        return [ModelUse(model, self.prompt_estimate, completion, prices.of(model).cost_nano(self.prompt_estimate, completion))]
+
+
+class Governor:
+    """
+    Governs the calls of API keys: what they may call, what they reserve,
+    what they settle.
+
+    @param keys: every key, by name.
+    @param teams: every team, by name.
+    @param reserve_completion_tokens: the completion tokens reserved for
+        a model when a request names no maximum.
+    @param expiry_margin: seconds past the call's deadline a reservation lapses.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: IGovernanceStore,
+        keys: Sequence[ApiKey],
+        teams: Mapping[str, TeamLimits],
+        prices: Prices,
+        reserve_completion_tokens: Callable[[str], int],
+        metrics: Any,
+        log: Any,
+        expiry_margin: float = EXPIRY_MARGIN,
+    ) -> None:
+        if not IGovernanceStore.providedBy(store):
+            raise TypeError(f"the governance store must provide IGovernanceStore, got {store!r}")
+        self._clock = clock
+        self.store = store
+        self.keys = {key.name: key for key in keys}
+        self.teams = dict(teams)
+        self.prices = prices
+        self._reserve_completion_tokens = reserve_completion_tokens
+        self._metrics = metrics
+        self._log = log
+        self._expiry_margin = expiry_margin
+        self._unpriced: set[str] = set()
+
+    def key_of(self, ctx: RequestContext) -> ApiKey | None:
+        """The key the request's caller presented, or L{None}."""
+        return self.keys.get(ctx.caller.name) if ctx.caller is not None else None
+
+    def check_model(self, ctx: RequestContext, model: str) -> None:
+        """
+        @raise GatewayError: C{model_not_allowed}, when the caller's key may not call C{model}.
+        """
+        key = self.key_of(ctx)
+        if key is not None and not key.may_call_model(model):
+            self._refused(key, "model_not_allowed")
+            raise GatewayError(errors.MODEL_NOT_ALLOWED, f"the key {key.name!r} may not call the model {model!r}")
+
+    def check_service(self, ctx: RequestContext, service: str) -> None:
+        """
+        @raise GatewayError: C{service_not_allowed}, when the caller's key may not call C{service}.
+        """
+        key = self.key_of(ctx)
+        if key is not None and not key.may_call_service(service):
+            self._refused(key, "service_not_allowed")
+            raise GatewayError(errors.SERVICE_NOT_ALLOWED, f"the key {key.name!r} may not call the service {service!r}")
+
+    async def reserve(
+        self, request: Any, ctx: RequestContext, openai: OpenAICall | None, models: list[str | None], deadline: float
+    ) -> Reservation | None:
+        """
+        Reserve the call's worst case for its caller's key (L{None}: the
+        caller has no key), with OpenAI's C{x-ratelimit-*} headers on the
+        answer.
+
+        @param openai: the OpenAI request (L{None}: a call whose tokens are not counted).
+        @param models: the model each target would be sent (the dearest prices the reservation).
+        @raise GatewayError: a limit refuses the call; nothing was taken.
+        """
+        key = self.key_of(ctx)
+        if key is None:
+            return None
+        if openai is not None and openai.model is not None:
+            self.check_model(ctx, openai.model)
+        prompt = completion = cost = 0
+        if openai is not None:
+            prompt = estimate_prompt_tokens(openai.body)
+            default = self._reserve_completion_tokens(openai.model or "")
+            completion = completion_cap(openai.body, openai.kind is not None, default)
+            cost = self.prices.dearest(models or [openai.model], prompt, completion)
+            self._say_unpriced(models or [openai.model])
+        team = self.teams.get(key.team) if key.team is not None else None
+        now = self._clock.seconds()
+        ask = Ask(
+            secrets.token_hex(10), scope_limits(key, team, openai is not None), prompt + completion, cost,
+            now + deadline + self._expiry_margin,
+        )
+        verdict = await self.store.reserve(ask)
+        headers = quota_headers(verdict)
+        if not verdict.allowed:
+            raise self._refusal(key, verdict, ask, headers)
+        for name, value in headers:
+            request.set_header(name, value)
+        ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
+        return Reservation(self, ask, key, openai, prompt, completion)
+
+    def _refusal(self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]]) -> GatewayError:
+        reason = verdict.reason
+        self._refused(key, reason)
+        retry_after = whole_seconds(verdict.retry_after)
+        if retry_after is not None:
+            headers.insert(0, (b"Retry-After", b"%d" % retry_after))
+        scope = verdict.scope or ""
+        whose = f"the team {scope[5:]!r}" if scope.startswith("team:") else f"the key {key.name!r}"
+        if reason == BUDGET_EXCEEDED:
+            # The official OpenAI SDKs honour it: an exhausted budget is not retried.
+            headers.append((b"x-should-retry", b"false"))
+            when = "" if retry_after is None else f"; it renews in {retry_after} s"
+            message = f"{whose} has spent its budget{when}"
+        elif reason == TOO_MANY_PARALLEL:
+            message = f"{whose} has as many requests in flight as it may"
+        elif reason == RATE_LIMITED:
+            message = f"{whose} has made as many requests this minute as it may; retry in {retry_after} s"
+        elif retry_after is None:
+            message = f"the request may use {ask.tokens} tokens, more than {whose} may use in a minute"
+        else:
+            message = f"the request may use {ask.tokens} tokens, more than {whose} has left this minute; retry in {retry_after} s"
+        return GatewayError(_REFUSALS[reason], message, headers=tuple(headers))
+
+    def _refused(self, key: ApiKey, reason: str) -> None:
+        self._metrics.governance_refusals.labels(key.name, reason).inc()
+
+    def _say_unpriced(self, models: list[str | None]) -> None:
+        for model in models:
+            if model is not None and model not in self._unpriced and not self.prices.priced(model):
+                self._unpriced.add(model)
+                self._log.warning("model_unpriced", model=model, cost="0: no [price:MODEL] or [price:*] section")
+
+    def settle(self, reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> None:
+        """Hand C{reservation}'s settlement to the store; count it on the access line and in the metrics."""
+        key = reservation.key
+        tokens = sum(use.prompt_tokens + use.completion_tokens for use in uses)
+        cost = sum(use.cost_nano for use in uses)
+        if ctx.spend is not None:
+            ctx.spend.cost_usd = cost / NANO_PER_USD
+        team = key.team or ""
+        for use in uses:
+            if use.cost_nano:
+                self._metrics.spend_usd.labels(key.name, team, use.model).inc(use.cost_nano / NANO_PER_USD)
+            self._metrics.key_tokens.labels(key.name, "prompt").inc(use.prompt_tokens)
+            self._metrics.key_tokens.labels(key.name, "completion").inc(use.completion_tokens)
+        settling = self.store.settle(reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses)))
+        settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
+
+    def scopes(self) -> list[ScopeLimits]:
+        """Every key's and team's scope, for the operator's view."""
+        scopes = [scope_limits(key, None, True)[0] for key in self.keys.values()]
+        scopes += [
+            ScopeLimits("team:" + team.name, team.tokens_per_minute, team.requests_per_minute,
+                        usd_to_nano(team.budget_usd) if team.budget_usd is not None else None, team.budget_period)
+            for team in self.teams.values()
+        ]
+        return scopes

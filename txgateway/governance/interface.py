@@ -1,0 +1,91 @@
+"""The seam between the governor and where the ledger lives."""
+
+from __future__ import annotations
+
+import attrs
+from zope.interface import Attribute, Interface
+
+__all__ = ["IGovernanceStore", "ModelUse", "Settled"]
+
+
+@attrs.frozen
+class ModelUse:
+    """What one model (as the gateway sent it) used of one request, and its cost."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nano: int
+
+
+@attrs.frozen
+class Settled:
+    """
+    What a request used, replacing its reservation: the tokens counted
+    against per-minute limits, the cost, and the same per model.
+    """
+
+    key: str
+    team: str | None
+    tokens: int
+    cost_nano: int
+    models: tuple[ModelUse, ...] = ()
+
+
+class IGovernanceStore(Interface):
+    """Where the ledger lives: this process (and a SQLite file), or Redis."""
+
+    description = Attribute("What C{/health} shows under C{budgets}: a JSON-able dict.")
+
+    def reserve(ask):
+        """
+        Reserve L{txgateway.governance.ledger.Ask} in one step.
+
+        @return: a L{Deferred} firing with a
+            L{txgateway.governance.ledger.Verdict}; it never fails.
+        """
+
+    def settle(ask, settled):
+        """
+        Replace C{ask}'s reservation by L{Settled}.
+
+        @return: a L{Deferred} that fires when the store has it (it never fails).
+        """
+
+    def spend(scopes, days):
+        """
+        What C{/spend.json} shows: for each L{ScopeLimits} of C{scopes}
+        its spend and reservations in the current period, and spend per
+        (day, key, team, model) over the last C{days} days.
+
+        @return: a L{Deferred} firing with a L{txgateway.governance.report.SpendReport}.
+        """
+
+    def close():
+        """Flush what is pending and release files, connections and timers; a L{Deferred}."""
+
+
+@attrs.frozen
+class ScopeSpend:
+    """One scope's spend in its current budget period, and its per-minute quotas now."""
+
+    scope: str
+    period: str
+    spent_nano: int
+    reserved_nano: int
+    parallel: int
+    tokens: object = None
+    requests: object = None
+
+
+@attrs.frozen
+class SpendReport:
+    """
+    What C{/spend.json} shows.
+
+    @ivar days: C{(day, key, team, model, prompt_tokens, completion_tokens,
+        cost_nano, requests)} rows, oldest day first.
+    """
+
+    scopes: tuple[ScopeSpend, ...]
+    days: tuple[tuple, ...]

@@ -1,0 +1,353 @@
+"""
+The ledger: what governed callers may still spend, as pure arithmetic on
+an injected time (no I/O).  The SQLite-backed store keeps one in memory;
+the Redis store runs the same rules in Lua, and its tests hold it to this
+module.
+
+The rules:
+
+ - B{Reserve, then settle.}  A request first reserves its worst case
+   (L{Ask}: tokens, requests, nano-dollars, a parallel slot) against every
+   scope it falls under (its key, and its key's team).  Only when all of
+   them fit is anything taken, in one step.  When the answer ends, its
+   reservation is replaced by what it used, and the difference goes back.
+ - B{Per-minute limits are sliding windows}: the tokens (or requests)
+   taken in the last 60 s, each reservation an entry.  The sum admitted
+   in any 60 s never exceeds the limit, however requests race; a settle
+   that used more than was reserved raises its entry, the window goes
+   over its limit, and later requests wait until entries leave it.
+ - B{Budgets are counters per period} (C{d2026-12-03}, C{m2026-12}, ...):
+   settled spend plus what is reserved.  A new period is a new counter;
+   nothing is reset in place.
+ - B{Nothing leaks}: every reservation carries an expiry; one never
+   settled (its gateway died) lapses then, and everything it held goes
+   back as if it never happened.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+
+import attrs
+
+from txgateway.governance.periods import period_end, period_key
+
+__all__ = ["Ask", "Ledger", "Quota", "ScopeLimits", "Verdict", "WINDOW", "REFUSAL_ORDER"]
+
+#: Seconds a per-minute window spans.
+WINDOW = 60.0
+
+#: Refusal reasons, in the order they are reported when several apply: the
+#: one a client must not retry first.
+BUDGET_EXCEEDED = "budget_exceeded"
+TOO_MANY_PARALLEL = "too_many_parallel"
+RATE_LIMITED = "rate_limited"
+TOKENS_EXCEEDED = "tokens_exceeded"
+REFUSAL_ORDER = (BUDGET_EXCEEDED, TOO_MANY_PARALLEL, RATE_LIMITED, TOKENS_EXCEEDED)
+
+
+@attrs.frozen
+class ScopeLimits:
+    """
+    The limits of one scope: a key (C{key:NAME}) or a team (C{team:NAME});
+    L{None} is no such limit.
+    """
+
+    scope: str
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    budget_nano: int | None = None
+    budget_period: str = "month"
+    max_parallel: int | None = None
+
+    def budget_key(self, now: float) -> str:
+        """The key of the budget period C{now} falls in."""
+        return period_key(self.budget_period, now)
+
+
+@attrs.frozen
+class Ask:
+    """
+    What one request reserves.
+
+    @ivar reservation_id: unique across every gateway sharing a store.
+    @ivar scopes: the scopes it must fit (its key's first).
+    @ivar tokens: prompt estimate plus the most it may complete (0 where
+        tokens are not counted).
+    @ivar cost_nano: C{tokens} at the dearest price among its targets.
+    @ivar expires_at: when an unsettled reservation lapses.
+    """
+
+    reservation_id: str
+    scopes: tuple[ScopeLimits, ...]
+    tokens: int
+    cost_nano: int
+    expires_at: float
+
+
+@attrs.frozen
+class Quota:
+    """A per-minute limit as OpenAI's C{x-ratelimit-*} headers say it."""
+
+    limit: int
+    remaining: int
+    reset: float
+
+
+@attrs.frozen
+class Verdict:
+    """
+    The outcome of a reservation.
+
+    @ivar reason: why it was refused (one of L{REFUSAL_ORDER}), or L{None}.
+    @ivar scope: the scope that refused it.
+    @ivar retry_after: seconds until it could fit (L{None}: not by waiting).
+    @ivar tokens: the tightest tokens-per-minute quota after the verdict.
+    @ivar requests: the tightest requests-per-minute quota.
+    """
+
+    allowed: bool
+    reason: str | None = None
+    scope: str | None = None
+    retry_after: float | None = None
+    tokens: Quota | None = None
+    requests: Quota | None = None
+
+
+class _Window:
+    """Entries taken in the last L{WINDOW} seconds, oldest first, and their sum."""
+
+    __slots__ = ("entries", "total")
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, list] = OrderedDict()
+        self.total = 0
+
+    def trim(self, now: float) -> None:
+        entries = self.entries
+        while entries:
+            first = next(iter(entries.values()))
+            if first[0] > now - WINDOW:
+                return
+            entries.popitem(last=False)
+            self.total -= first[1]
+
+    def add(self, entry_id: str, amount: int, now: float) -> None:
+        self.entries[entry_id] = [now, amount]
+        self.total += amount
+
+    def remove(self, entry_id: str) -> None:
+        entry = self.entries.pop(entry_id, None)
+        if entry is not None:
+            self.total -= entry[1]
+
+    def settle(self, entry_id: str, used: int, reserved: int, now: float) -> None:
+        """The entry becomes what was used; when it already left the window, only an excess counts, from now."""
+        entry = self.entries.get(entry_id)
+        if entry is not None:
+            self.total += used - entry[1]
+            entry[1] = used
+        elif used > reserved:
+            self.add(entry_id + "+", used - reserved, now)
+
+    def seconds_until_fits(self, need: int, limit: int, now: float) -> float | None:
+        """Seconds until C{need} more fits under C{limit} (L{None}: never, it is more than the limit)."""
+        if need > limit:
+            return None
+        excess = self.total + need - limit
+        for taken_at, amount in self.entries.values():
+            if excess <= 0:
+                break
+            excess -= amount
+            if excess <= 0:
+                return max(0.0, taken_at + WINDOW - now)
+        return 0.0
+
+    def quota(self, limit: int, now: float) -> Quota:
+        reset = 0.0
+        if self.entries:
+            newest = next(reversed(self.entries.values()))
+            reset = max(0.0, newest[0] + WINDOW - now)
+        return Quota(limit, max(0, limit - self.total), reset)
+
+
+class _Scope:
+    __slots__ = ("tokens", "requests", "parallel")
+
+    def __init__(self) -> None:
+        self.tokens = _Window()
+        self.requests = _Window()
+        self.parallel = 0
+
+
+@attrs.frozen
+class _Held:
+    ask: Ask
+    budget_keys: tuple[str, ...]
+
+
+class Ledger:
+    """
+    Every scope's windows, budgets and parallel counts, and the
+    reservations not yet settled.
+
+    @ivar committed: nano-dollars per (scope, period key): settled spend
+        plus what is reserved.
+    @ivar reserved: nano-dollars per (scope, period key) reserved and not
+        yet settled.
+    """
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, _Scope] = {}
+        self._held: dict[str, _Held] = {}
+        self._expiries: list[tuple[float, str]] = []
+        self.committed: dict[tuple[str, str], int] = {}
+        self.reserved: dict[tuple[str, str], int] = {}
+
+    def _scope(self, name: str) -> _Scope:
+        scope = self._scopes.get(name)
+        if scope is None:
+            scope = self._scopes[name] = _Scope()
+        return scope
+
+    @property
+    def holding(self) -> int:
+        """Reservations not yet settled (nor lapsed)."""
+        return len(self._held)
+
+    def parallel(self, scope: str) -> int:
+        """Requests of C{scope} reserved and not yet settled."""
+        found = self._scopes.get(scope)
+        return found.parallel if found is not None else 0
+
+    def restore(self, scope: str, budget_key: str, nano: int) -> None:
+        """Count C{nano} settled in C{scope}'s period C{budget_key} (spend read back after a restart)."""
+        key = (scope, budget_key)
+        self.committed[key] = self.committed.get(key, 0) + nano
+
+    def reserve(self, ask: Ask, now: float) -> Verdict:
+        """Take C{ask} from every scope it falls under, or from none (the verdict says why)."""
+        self.lapse(now)
+        refusals = []
+        for limits in ask.scopes:
+            scope = self._scope(limits.scope)
+            scope.tokens.trim(now)
+            scope.requests.trim(now)
+            refusal = self._refusal(limits, scope, ask, now)
+            if refusal is not None:
+                refusals.append(refusal)
+        if refusals:
+            refusals.sort(key=lambda refusal: REFUSAL_ORDER.index(refusal[0]))
+            reason, scope_name, retry_after = refusals[0]
+            return self._verdict(ask, now, reason, scope_name, retry_after)
+        budget_keys = []
+        for limits in ask.scopes:
+            scope = self._scope(limits.scope)
+            if limits.tokens_per_minute is not None:
+                scope.tokens.add(ask.reservation_id, ask.tokens, now)
+            if limits.requests_per_minute is not None:
+                scope.requests.add(ask.reservation_id, 1, now)
+            scope.parallel += 1
+            key = (limits.scope, limits.budget_key(now))
+            budget_keys.append(key[1])
+            self.committed[key] = self.committed.get(key, 0) + ask.cost_nano
+            self.reserved[key] = self.reserved.get(key, 0) + ask.cost_nano
+        self._held[ask.reservation_id] = _Held(ask, tuple(budget_keys))
+        heapq.heappush(self._expiries, (ask.expires_at, ask.reservation_id))
+        return self._verdict(ask, now)
+
+    def _refusal(self, limits: ScopeLimits, scope: _Scope, ask: Ask, now: float) -> tuple[str, str, float | None] | None:
+        if limits.budget_nano is not None:
+            spent = self.committed.get((limits.scope, limits.budget_key(now)), 0)
+            if spent + ask.cost_nano > limits.budget_nano:
+                end = period_end(limits.budget_period, now)
+                return BUDGET_EXCEEDED, limits.scope, None if end is None else end - now
+        if limits.max_parallel is not None and scope.parallel + 1 > limits.max_parallel:
+            return TOO_MANY_PARALLEL, limits.scope, None
+        if limits.requests_per_minute is not None and scope.requests.total + 1 > limits.requests_per_minute:
+            return RATE_LIMITED, limits.scope, scope.requests.seconds_until_fits(1, limits.requests_per_minute, now)
+        if limits.tokens_per_minute is not None and scope.tokens.total + ask.tokens > limits.tokens_per_minute:
+            return TOKENS_EXCEEDED, limits.scope, scope.tokens.seconds_until_fits(ask.tokens, limits.tokens_per_minute, now)
+        return None
+
+    def _verdict(
+        self, ask: Ask, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None
+    ) -> Verdict:
+        tokens = requests = None
+        for limits in ask.scopes:
+            state = self._scope(limits.scope)
+            if limits.tokens_per_minute is not None:
+                tokens = _tighter(tokens, state.tokens.quota(limits.tokens_per_minute, now))
+            if limits.requests_per_minute is not None:
+                requests = _tighter(requests, state.requests.quota(limits.requests_per_minute, now))
+        return Verdict(reason is None, reason, scope, retry_after, tokens, requests)
+
+    def settle(self, ask: Ask, tokens: int, cost_nano: int, now: float) -> bool:
+        """
+        Replace C{ask}'s reservation by what it used: C{tokens} and
+        C{cost_nano}.  A reservation that already lapsed (or was never
+        made here) is charged as new spend at C{now}.
+
+        @return: whether the reservation was still held.
+        """
+        held = self._held.pop(ask.reservation_id, None)
+        if held is None:
+            for limits in ask.scopes:
+                scope = self._scope(limits.scope)
+                if limits.tokens_per_minute is not None and tokens > 0:
+                    scope.tokens.add(ask.reservation_id + "+", tokens, now)
+                key = (limits.scope, limits.budget_key(now))
+                self.committed[key] = self.committed.get(key, 0) + cost_nano
+            return False
+        for limits, budget_key in zip(ask.scopes, held.budget_keys):
+            scope = self._scope(limits.scope)
+            if limits.tokens_per_minute is not None:
+                scope.tokens.settle(ask.reservation_id, tokens, ask.tokens, now)
+            scope.parallel -= 1
+            key = (limits.scope, budget_key)
+            self.committed[key] += cost_nano - ask.cost_nano
+            self.reserved[key] -= ask.cost_nano
+        return True
+
+    def lapse(self, now: float) -> list[str]:
+        """Give back every reservation whose expiry has passed; their ids."""
+        lapsed = []
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            _, reservation_id = heapq.heappop(expiries)
+            held = self._held.pop(reservation_id, None)
+            if held is None:
+                continue  # settled in time
+            lapsed.append(reservation_id)
+            for limits, budget_key in zip(held.ask.scopes, held.budget_keys):
+                scope = self._scope(limits.scope)
+                scope.tokens.remove(reservation_id)
+                scope.requests.remove(reservation_id)
+                scope.parallel -= 1
+                key = (limits.scope, budget_key)
+                self.committed[key] -= held.ask.cost_nano
+                self.reserved[key] -= held.ask.cost_nano
+        return lapsed
+
+    def quotas(self, limits: ScopeLimits, now: float) -> tuple[Quota | None, Quota | None]:
+        """C{limits}' tokens and requests quotas now (for the operator's view)."""
+        scope = self._scope(limits.scope)
+        scope.tokens.trim(now)
+        scope.requests.trim(now)
+        tokens = scope.tokens.quota(limits.tokens_per_minute, now) if limits.tokens_per_minute is not None else None
+        requests = scope.requests.quota(limits.requests_per_minute, now) if limits.requests_per_minute is not None else None
+        return tokens, requests
+
+
+def _tighter(current: Quota | None, other: Quota) -> Quota:
+    """The quota with the fewer remaining (the one a client must pace itself on)."""
+    if current is None or other.remaining < current.remaining:
+        return other
+    return current
+
+
+def whole_seconds(seconds: float | None) -> int | None:
+    """Seconds for a C{Retry-After}: whole, rounded up, at least 1."""
+    return None if seconds is None else max(1, math.ceil(seconds))

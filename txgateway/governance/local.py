@@ -1,0 +1,172 @@
+"""
+The ledger in this gateway's memory, with settled spend kept in a SQLite
+file: exact for one gateway, no server needed.
+
+Reservations and per-minute windows live only in memory (a restart
+forgets them, which gives every reservation back).  Settled spend is
+written off the reactor thread, batched every L{FLUSH_INTERVAL} seconds,
+and flushed at stop; a gateway killed outright loses at most the spend
+settled in its last L{FLUSH_INTERVAL} seconds (and a write in progress).
+At start the file's rows are read back into every budget period they
+fall in.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
+from txgateway.governance.ledger import Ask, Ledger, ScopeLimits, Verdict
+from txgateway.governance.periods import day_of, period_key
+from txgateway.governance.spendfile import SpendFile, SpendRow
+
+__all__ = ["FLUSH_INTERVAL", "LocalLedgerStore", "day_rows"]
+
+#: Seconds settled spend may wait before it is written to the file.
+FLUSH_INTERVAL = 0.2
+
+_PERIODS = ("day", "week", "month", "total")
+
+
+def day_rows(settled: Settled, day: str) -> list[SpendRow]:
+    """The spend rows one settled request adds (one per model it used; the request counted once)."""
+    rows = []
+    for position, use in enumerate(settled.models):
+        rows.append(
+            (day, settled.key, settled.team or "", use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano,
+             1 if position == 0 else 0)
+        )
+    return rows
+
+
+def _day_start(day: str) -> float:
+    return float(calendar.timegm(time.strptime(day, "%Y-%m-%d")))
+
+
+@implementer(IGovernanceStore)
+class LocalLedgerStore:
+    """
+    A ledger in memory over a spend file.
+
+    @param spend_file: where settled spend is kept, or L{None} (memory only).
+    @param run_in_thread: calls a blocking function off the reactor thread
+        and returns a L{Deferred} of its result.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, spend_file: SpendFile | None, run_in_thread: Callable[..., Deferred], log: Any
+    ) -> None:
+        self._clock = clock
+        self._file = spend_file
+        self._run_in_thread = run_in_thread
+        self._log = log
+        self.ledger = Ledger()
+        self._days: dict[tuple, list[int]] = {}
+        self._pending: dict[tuple, list[int]] = {}
+        self._writing: Deferred | None = None
+        self._flusher: LoopingCall | None = None
+        if spend_file is not None:
+            for row in spend_file.rows():
+                self._restore(row)
+            self._flusher = LoopingCall(self._flush)
+            self._flusher.clock = clock
+            self._flusher.start(FLUSH_INTERVAL, now=False)
+
+    def _restore(self, row: SpendRow) -> None:
+        day, key, team, model, prompt, completion, cost, requests = row
+        self._add_day((day, key, team, model), (prompt, completion, cost, requests), self._days)
+        start = _day_start(day)
+        for scope in (f"key:{key}", f"team:{team}") if team else (f"key:{key}",):
+            for period in _PERIODS:
+                self.ledger.restore(scope, period_key(period, start), cost)
+
+    @staticmethod
+    def _add_day(where: tuple, amounts: tuple, into: dict) -> None:
+        counts = into.get(where)
+        if counts is None:
+            into[where] = list(amounts)
+        else:
+            for index, amount in enumerate(amounts):
+                counts[index] += amount
+
+    @property
+    def description(self) -> dict:
+        return {
+            "backend": "sqlite" if self._file is not None else "memory",
+            "healthy": True,
+            "state_file": self._file.path if self._file is not None else None,
+            "reserved": self.ledger.holding,
+            "unwritten_rows": len(self._pending),
+        }
+
+    def reserve(self, ask: Ask) -> Deferred[Verdict]:
+        return succeed(self.ledger.reserve(ask, self._clock.seconds()))
+
+    def settle(self, ask: Ask, settled: Settled) -> Deferred[None]:
+        now = self._clock.seconds()
+        self.ledger.settle(ask, settled.tokens, settled.cost_nano, now)
+        for row in day_rows(settled, day_of(now)):
+            self._add_day(row[:4], row[4:], self._days)
+            if self._file is not None:
+                self._add_day(row[:4], row[4:], self._pending)
+        return succeed(None)
+
+    def spend(self, scopes: list[ScopeLimits], days: int) -> Deferred[SpendReport]:
+        now = self._clock.seconds()
+        self.ledger.lapse(now)
+        report = []
+        for limits in scopes:
+            key = (limits.scope, limits.budget_key(now))
+            reserved = self.ledger.reserved.get(key, 0)
+            tokens, requests = self.ledger.quotas(limits, now)
+            report.append(
+                ScopeSpend(
+                    limits.scope, key[1], self.ledger.committed.get(key, 0) - reserved, reserved,
+                    self.ledger.parallel(limits.scope), tokens, requests,
+                )
+            )
+        first_day = day_of(now - (days - 1) * 86400)
+        rows = tuple(sorted(where + tuple(counts) for where, counts in self._days.items() if where[0] >= first_day))
+        return succeed(SpendReport(tuple(report), rows))
+
+    def _flush(self) -> Deferred[None] | None:
+        """Write what was settled since the last write (one write at a time)."""
+        if self._writing is not None or not self._pending or self._file is None:
+            return self._writing
+        batch, self._pending = self._pending, {}
+        rows = [where + tuple(counts) for where, counts in batch.items()]
+        writing = self._writing = self._run_in_thread(self._file.add, rows)
+
+        def written(result: object) -> None:
+            self._writing = None
+
+        def failed(failure: Any) -> None:
+            # Kept for the next write: spend is never dropped for a full disk.
+            for where, counts in batch.items():
+                self._add_day(where, tuple(counts), self._pending)
+            self._log.error("budgets_write_failed", state_file=self._file.path, reason=failure.getErrorMessage())
+
+        writing.addErrback(failed).addBoth(written)
+        return writing
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        if self._file is None:
+            return
+        if self._writing is not None:
+            await self._writing
+        if self._pending:
+            await self._flush()
+        spend_file, self._file = self._file, None
+        await self._run_in_thread(spend_file.close)

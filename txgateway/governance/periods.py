@@ -1,0 +1,51 @@
+"""
+Calendar periods in UTC, as keys: counters are kept per period and never
+reset in place, so a period's end is only a new key (no reset race).
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+
+__all__ = ["day_of", "period_end", "period_key"]
+
+
+def day_of(now: float) -> str:
+    """The UTC day of C{now} (seconds since the epoch), as C{YYYY-MM-DD}."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now))
+
+
+def period_key(period: str, now: float) -> str:
+    """
+    The key of the C{period} (C{day}, C{week}, C{month} or C{total}) that
+    C{now} falls in: C{d2026-12-03}, C{w2026-11-30} (weeks start on
+    Monday), C{m2026-12}, C{total}.
+    """
+    if period == "total":
+        return "total"
+    moment = time.gmtime(now)
+    if period == "day":
+        return "d" + time.strftime("%Y-%m-%d", moment)
+    if period == "week":
+        monday = calendar.timegm(moment) - moment.tm_wday * 86400
+        return "w" + time.strftime("%Y-%m-%d", time.gmtime(monday))
+    if period == "month":
+        return "m" + time.strftime("%Y-%m", moment)
+    raise ValueError(f"unknown budget period {period!r}")
+
+
+def period_end(period: str, now: float) -> float | None:
+    """When the C{period} that C{now} falls in ends (L{None} for C{total}: never)."""
+    if period == "total":
+        return None
+    moment = time.gmtime(now)
+    midnight = calendar.timegm((moment.tm_year, moment.tm_mon, moment.tm_mday, 0, 0, 0))
+    if period == "day":
+        return float(midnight + 86400)
+    if period == "week":
+        return float(midnight + (7 - moment.tm_wday) * 86400)
+    if period == "month":
+        year, month = (moment.tm_year + 1, 1) if moment.tm_mon == 12 else (moment.tm_year, moment.tm_mon + 1)
+        return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+    raise ValueError(f"unknown budget period {period!r}")
