@@ -332,3 +332,44 @@ def test_a_failed_write_is_kept_for_the_next_one(tmp_path):
     assert [row[6] for row in SpendFile(path).rows()] == [5]
     result_of(store.close())
     assert succeed(None)
+
+
+# -- what the operator sees
+
+
+def body_of(response) -> dict:
+    return json.loads(result_of(treq.content(response)))
+
+
+def test_spend_json_shows_each_key_and_team_and_spend_per_model_per_day():
+    h = harness("budget_usd = 1\nbudget_period = day")
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=9, done=3)))
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    spend = body_of(result_of(h.request("GET", "/spend.json")))
+    alice = spend["keys"]["alice"]
+    cost = (9 * 2.5 + 3 * 10) / 1e6
+    assert alice["spent_usd"] == pytest.approx(cost) and alice["reserved_usd"] == 0
+    assert alice["remaining_usd"] == pytest.approx(1 - cost) and alice["period"] == "d1970-01-01"
+    assert alice["tokens_per_minute"] == {"limit": 2000, "remaining": 1988, "reset_s": 60.0}
+    assert spend["teams"]["ml"]["spent_usd"] == pytest.approx(cost)
+    assert spend["models_by_day"] == [
+        {"day": "1970-01-01", "model": "gpt-4o", "prompt_tokens": 9, "completion_tokens": 3, "cost_usd": pytest.approx(cost), "requests": 1}
+    ]
+    status = body_of(result_of(h.request("GET", "/status.json")))
+    assert status["governance"]["tokens_per_second"]["gpt-4o"][-1] == 12
+    assert {"name": "budgets", "backend": "memory", "healthy": True} in status["stores"]
+    assert body_of(result_of(h.request("GET", "/health")))["budgets"]["healthy"] is True
+
+
+def test_spend_json_is_not_served_when_no_key_is_governed():
+    h = Harness(GATEWAY_HEAD + "[service:primary]\nurl = http://primary.test\n")
+    assert result_of(h.request("GET", "/spend.json")).code == 404
+
+
+def test_refusals_are_counted_for_the_status_page():
+    h = harness()
+    result_of(chat(h, model="o1"))
+    status = body_of(result_of(h.request("GET", "/status.json")))
+    assert status["governance"]["refusals_last_minute"] == 1

@@ -24,7 +24,7 @@ ROOMS = {
     "txgateway.openai": {"relays", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},
     "txgateway.cache": {"policy", "stores", "responses"},
-    "txgateway.governance": {"estimate", "governor", "interface", "ledger", "local", "periods", "spendfile"},
+    "txgateway.governance": {"estimate", "governor", "interface", "ledger", "local", "periods", "redis", "spendfile"},
     "txgateway.routing": {
         "answer", "attempt", "balance", "broker", "call", "chain", "deployments", "lease", "model", "paths", "resume",
     },

@@ -44,6 +44,7 @@ INTERNAL_ERROR = ErrorKind("internal_error", 500)
 NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
+BUDGETS_UNAVAILABLE = ErrorKind("budgets_unavailable", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
 #: Only in the SSE ``event: error`` that ends a stream broken after its
 #: status was sent (the status here is what it would have been before).
@@ -72,6 +73,7 @@ KINDS = {
         NOT_IMPLEMENTED,
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
+        BUDGETS_UNAVAILABLE,
         UPSTREAM_TIMEOUT,
         STREAM_BROKEN,
         STREAM_IDLE,

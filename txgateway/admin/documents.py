@@ -1,18 +1,21 @@
 """
-The operator's JSON documents: what C{GET /health} and C{GET /status.json}
-answer, built from the broker's routes, the models' deployments, the
-stores and the recent window.
+The operator's JSON documents: what C{GET /health}, C{GET /status.json}
+and C{GET /spend.json} answer, built from the broker's routes, the models'
+deployments, the stores, the recent window and the governor's ledger.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+from txgateway.config.keys import NANO_PER_USD
+from txgateway.governance.governor import Governor
+from txgateway.governance.interface import ScopeSpend, SpendReport
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.model import ServiceRoute
 
-__all__ = ["circuit_of", "health_document", "status_document"]
+__all__ = ["circuit_of", "health_document", "spend_document", "status_document"]
 
 
 def circuit_of(states: Iterable[str]) -> str:
@@ -82,6 +85,9 @@ def health_document(broker: ServiceBroker, rate_limit_store: Any, uptime: float,
     if rate_limit_store is not None:
         body["ratelimit"] = rate_limit_store.description
         degraded = degraded or not body["ratelimit"].get("healthy", True)
+    if broker.governor is not None:
+        body["budgets"] = broker.governor.store.description
+        degraded = degraded or not body["budgets"].get("healthy", True)
     if degraded:
         body["status"] = "degraded"
     if not accepting:
@@ -103,8 +109,77 @@ def status_document(
         stores.append({"name": "rate limit", **_store_health(rate_limit_store.description)})
     if "cache" in body:
         stores.append({"name": "cache", **body["cache"]})
+    if "budgets" in body:
+        stores.append({"name": "budgets", **_store_health(body["budgets"])})
+        refusals = sum(sum(metrics.recent_refusals.series(reason)) for reason in metrics.recent_refusals.names())
+        body["governance"] = {
+            "refusals_last_minute": refusals,
+            "tokens_per_second": {model: metrics.recent_tokens.series(model) for model in metrics.recent_tokens.names()},
+        }
     body["stores"] = stores
     body["events"] = metrics.events.recent()
     body["config"] = config_source
     body["last_reload"] = last_reload
     return body
+
+
+def _usd(nano: int) -> float:
+    return round(nano / NANO_PER_USD, 9)
+
+
+def _quota(quota: Any) -> dict | None:
+    if quota is None:
+        return None
+    return {"limit": quota.limit, "remaining": quota.remaining, "reset_s": round(quota.reset, 3)}
+
+
+def spend_document(report: SpendReport, governor: Governor) -> dict:
+    """
+    What C{GET /spend.json} answers: each key's and team's spend and
+    remaining budget in its current period, and spend per model per day.
+    """
+    scopes = {spend.scope: spend for spend in report.scopes}
+    keys, teams = {}, {}
+    for key in governor.keys.values():
+        keys[key.name] = _scope_document(scopes.get("key:" + key.name), key.budget_usd, key.budget_period)
+        keys[key.name]["team"] = key.team
+        keys[key.name]["max_parallel"] = key.max_parallel
+    for team in governor.teams.values():
+        teams[team.name] = _scope_document(scopes.get("team:" + team.name), team.budget_usd, team.budget_period)
+    models: dict[tuple[str, str], list[int]] = {}
+    for day, _key, _team, model, prompt, completion, cost, requests in report.days:
+        counts = models.setdefault((day, model), [0, 0, 0, 0])
+        for index, amount in enumerate((prompt, completion, cost, requests)):
+            counts[index] += amount
+    return {
+        "keys": keys,
+        "teams": teams,
+        "models_by_day": [
+            {"day": day, "model": model, "prompt_tokens": p, "completion_tokens": c, "cost_usd": _usd(n), "requests": r}
+            for (day, model), (p, c, n, r) in sorted(models.items())
+        ],
+        "by_day": [
+            {"day": row[0], "key": row[1], "team": row[2] or None, "model": row[3], "prompt_tokens": row[4],
+             "completion_tokens": row[5], "cost_usd": _usd(row[6]), "requests": row[7]}
+            for row in report.days
+        ],
+    }
+
+
+def _scope_document(spend: ScopeSpend | None, budget_usd: float | None, period: str) -> dict:
+    spent = spend.spent_nano if spend is not None else 0
+    reserved = spend.reserved_nano if spend is not None else 0
+    remaining = None
+    if budget_usd is not None:
+        remaining = max(0.0, round(budget_usd - (spent + reserved) / NANO_PER_USD, 9))
+    return {
+        "budget_usd": budget_usd,
+        "budget_period": period,
+        "period": spend.period if spend is not None else None,
+        "spent_usd": _usd(spent),
+        "reserved_usd": _usd(reserved),
+        "remaining_usd": remaining,
+        "in_flight": spend.parallel if spend is not None else 0,
+        "tokens_per_minute": _quota(spend.tokens) if spend is not None else None,
+        "requests_per_minute": _quota(spend.requests) if spend is not None else None,
+    }

@@ -1,6 +1,8 @@
 """
 The status page: one self-contained HTML document (inline CSS and script,
-no external asset) that refreshes itself from C{/status.json}.
+no external asset) that refreshes itself from C{/status.json} (and, when
+keys are governed, C{/spend.json}: each key's and team's budget as a bar,
+refusals in the last minute, tokens per second per model as a chart).
 """
 
 __all__ = ["STATUS_PAGE"]
@@ -18,11 +20,14 @@ th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:b
 .closed{background:#1f8a4c} .open{background:#c62828} .half_open{background:#d98200}
 .healthy{color:#1f8a4c;font-weight:700} .unhealthy{color:#c62828;font-weight:700}
 #error{color:#c62828}
+.bar{display:inline-block;width:12em;height:.8em;background:#e3e6eb;border-radius:.4em;overflow:hidden;vertical-align:middle}
+.bar span{display:block;height:100%;background:#1f8a4c} .bar span.high{background:#d98200} .bar span.full{background:#c62828}
+svg.chart{background:#fff;border:1px solid #e3e6eb;vertical-align:middle} svg.chart polyline{fill:none;stroke:#3557c9;stroke-width:1.5}
 </style></head>
 <body data-refreshes="0">
 <h1>txgateway <span id="overall"></span></h1>
 <div class="meta" id="meta">loading&hellip;</div><div id="error"></div>
-<div id="services"></div><div id="models"></div>
+<div id="services"></div><div id="models"></div><div id="governance"></div>
 <h2>Stores</h2><div id="stores"></div>
 <h2>Last circuit transitions and fallbacks</h2><div id="events"></div>
 <script>
@@ -57,9 +62,36 @@ function render(s){
     return "<tr><td>"+esc(new Date(ev.time*1000).toISOString())+"</td><td>"+esc(ev.kind)+"</td><td>"+esc(ev.service)+"</td><td>"+esc(ev.from)+
       "</td><td>"+esc(ev.to)+'</td><td class="reason">'+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
 }
+function bar(used,budget){
+  if(budget===null||budget===undefined)return "no budget";
+  var share=budget>0?Math.min(1,used/budget):1; var look=share>=1?"full":(share>=0.8?"high":"");
+  return '<span class="bar" title="'+esc((share*100).toFixed(1)+" %")+'"><span class="'+look+'" style="width:'+(share*100).toFixed(1)+'%"></span></span> '+esc((share*100).toFixed(1)+" %");
+}
+function chart(series){
+  var top=Math.max.apply(null,series.concat([1])); var points=series.map(function(v,i){return (i*2)+","+(30-Math.round(v/top*28));}).join(" ");
+  return '<svg class="chart" width="120" height="32" viewBox="0 0 120 32"><polyline points="'+points+'"/></svg>';
+}
+function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
+function renderSpend(g,sp){
+  var html="<h2>Keys and budgets</h2><p class=\"meta\">refusals in the last minute: <b id=\"refusals\">"+esc(g.refusals_last_minute)+"</b></p>";
+  function rows(kind,scopes){return Object.keys(scopes).map(function(name){var k=scopes[name];var used=k.spent_usd+k.reserved_usd;
+    return '<tr data-'+kind+'="'+esc(name)+'"><td>'+esc(kind)+" "+esc(name)+"</td><td>"+bar(used,k.budget_usd)+'</td><td class="num">'+esc(money(k.spent_usd))+
+      '</td><td class="num">'+esc(money(k.budget_usd))+"</td><td>"+esc(k.budget_period)+'</td><td class="num">'+esc(k.tokens_per_minute?k.tokens_per_minute.remaining+" / "+k.tokens_per_minute.limit:null)+
+      '</td><td class="num">'+esc(k.in_flight)+"</td></tr>";});}
+  html+=table(["caller","budget used","spent","budget","period","tokens/min left","in flight"],rows("key",sp.keys).concat(rows("team",sp.teams)));
+  var models=Object.keys(g.tokens_per_second);
+  html+="<h2>Tokens per model, last 60 s</h2>"+(models.length?table(["model","tokens/s","last 60 s"],models.map(function(m){var s=g.tokens_per_second[m];
+    return '<tr data-model="'+esc(m)+'"><td>'+esc(m)+'</td><td class="num">'+esc((s.reduce(function(a,b){return a+b;},0)/60).toFixed(1))+"</td><td>"+chart(s)+"</td></tr>";})):"<p>none yet</p>");
+  document.getElementById("governance").innerHTML=html;
+}
+function refreshSpend(g){
+  fetch("spend.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error("spend "+r.status);return r.json();}).then(function(sp){renderSpend(g,sp);})
+    .catch(function(e){document.getElementById("governance").innerHTML="<p>budgets: "+esc(e.message)+"</p>";});
+}
 function refresh(){
   fetch("status.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error("status "+r.status);return r.json();}).then(function(s){
     render(s); document.getElementById("error").textContent="";
+    if(s.governance)refreshSpend(s.governance);
     document.body.setAttribute("data-refreshes",String(Number(document.body.getAttribute("data-refreshes"))+1));
   }).catch(function(e){document.getElementById("error").textContent="cannot reach the gateway: "+e.message;});
 }

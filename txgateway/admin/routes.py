@@ -1,6 +1,7 @@
 """
 The operator's routes, served by Klein: C{/health}, C{/health/ready},
-C{/health/live}, C{/metrics}, C{/status} and C{/status.json}, and the JSON
+C{/health/live}, C{/metrics}, C{/status}, C{/status.json} and
+C{/spend.json}, and the JSON
 404, 405 and 500 for every other path that is not proxied.  They are thin:
 the documents are built by L{txgateway.admin.documents}, the numbers are
 kept by the metrics.
@@ -19,7 +20,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import errors
 from txgateway.admin.page import STATUS_PAGE
-from txgateway.errors import ErrorKind, error_answer
+from txgateway.errors import ErrorKind, describe_failure, error_answer
 from txgateway.ids import request_id_for
 from txgateway.observability.context import IRequestContext
 from txgateway.observability.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -42,6 +43,9 @@ class OperatorView(Protocol):
 
     def may_see_status(self, client: str) -> bool:
         """Whether C{client} (an address) may see C{/status}."""
+
+    def spend(self) -> Any:
+        """A L{Deferred} of the C{/spend.json} document, or L{None} when no key is governed."""
 
 
 def _context(request: IRequest) -> Any:
@@ -128,6 +132,21 @@ class AdminRoutes:
         if not self._may_see_status(request):
             return _error(request, errors.NOT_FOUND, "nothing is served at this path")
         return _json(request, self.view.status())
+
+    @app.route("/spend.json", methods=["GET", "HEAD"])
+    async def spend(self, request: IRequest) -> bytes:
+        """Each governed key's and team's spend and remaining budget, and spend per model per day."""
+        if not self._may_see_status(request):
+            return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+        spending = self.view.spend()
+        if spending is None:
+            return _error(request, errors.NOT_FOUND, "no key is governed: no [key:NAME] limit, team or price is set")
+        try:
+            document = await spending
+        except Exception as error:
+            self.view.log.warning("spend_unavailable", reason=describe_failure(error))
+            return _error(request, errors.BUDGETS_UNAVAILABLE, "the budgets store did not answer; try again")
+        return _json(request, document)
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request: IRequest) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.admin.documents import health_document, status_document
+from txgateway.admin.documents import health_document, spend_document, status_document
 from txgateway.admin.routes import may_see_status
 from txgateway.config.gateway import GatewayConfig
 from txgateway.front.auth import Authenticator
@@ -19,7 +19,10 @@ from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.routing.broker import ServiceBroker
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "SPEND_DAYS"]
+
+#: Days of spend per model C{/spend.json} shows.
+SPEND_DAYS = 31
 
 
 class Gateway:
@@ -79,6 +82,14 @@ class Gateway:
     def status(self) -> dict:
         """What C{/status.json} answers."""
         return status_document(self.health(), self.metrics, self.store, self.config.source, self.last_reload)
+
+    def spend(self) -> Any:
+        """A L{Deferred} of what C{/spend.json} answers, or L{None} when no key is governed."""
+        governor = self.broker.governor
+        if governor is None:
+            return None
+        spending = governor.store.spend(governor.scopes(), SPEND_DAYS)
+        return spending.addCallback(spend_document, governor)
 
     def may_see_status(self, client: str) -> bool:
         """Whether C{client} is in C{[status] allow}."""

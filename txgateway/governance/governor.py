@@ -284,6 +284,7 @@ class Governor:
 
     def _refused(self, key: ApiKey, reason: str) -> None:
         self._metrics.governance_refusals.labels(key.name, reason).inc()
+        self._metrics.recent_refusals.add(reason)
 
     def _say_unpriced(self, models: list[str | None]) -> None:
         for model in models:
@@ -302,6 +303,7 @@ class Governor:
         for use in uses:
             if use.cost_nano:
                 self._metrics.spend_usd.labels(key.name, team, use.model).inc(use.cost_nano / NANO_PER_USD)
+            self._metrics.recent_tokens.add(use.model, use.prompt_tokens + use.completion_tokens)
             self._metrics.key_tokens.labels(key.name, "prompt").inc(use.prompt_tokens)
             self._metrics.key_tokens.labels(key.name, "completion").inc(use.completion_tokens)
         settling = self.store.settle(reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses)))

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentWindow
+from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentWindow, SecondCounts
 
 #: The classic text format, which every Prometheus scrapes (the names here
 #: need none of the newer format's escaping).
@@ -142,6 +142,9 @@ class GatewayMetrics:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.recent = RecentWindow(clock)
+        #: Tokens settled per model, and governance refusals per reason, over the last 60 s (the status page's charts).
+        self.recent_tokens = SecondCounts(clock)
+        self.recent_refusals = SecondCounts(clock)
         self.events = EventRing(clock)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry

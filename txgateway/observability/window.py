@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentWindow", "percentile_of"]
+__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentWindow", "SecondCounts", "percentile_of"]
 
 #: The latency buckets of /metrics' histograms and of this window (one tuple, so both agree).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -132,3 +132,44 @@ class EventRing:
     def recent(self) -> list[dict]:
         """The events, newest first."""
         return list(self._events)
+
+
+class SecondCounts:
+    """
+    Amounts per name over the last 60 seconds, in per-second slots on the
+    injected clock (tokens per model, refusals): one fixed list per name.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._slots: dict[str, tuple[list[int], list[int]]] = {}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        """Count C{amount} for C{name} in the current second."""
+        second = int(self._clock.seconds())
+        slots = self._slots.get(name)
+        if slots is None:
+            slots = self._slots[name] = ([-1] * WINDOW_SECONDS, [0] * WINDOW_SECONDS)
+        seconds, amounts = slots
+        index = second % WINDOW_SECONDS
+        if seconds[index] != second:
+            seconds[index] = second
+            amounts[index] = 0
+        amounts[index] += amount
+
+    def series(self, name: str) -> list[int]:
+        """C{name}'s amount in each of the last 60 seconds, oldest first (the current second last)."""
+        now = int(self._clock.seconds())
+        slots = self._slots.get(name)
+        if slots is None:
+            return [0] * WINDOW_SECONDS
+        seconds, amounts = slots
+        series = []
+        for second in range(now - WINDOW_SECONDS + 1, now + 1):
+            index = second % WINDOW_SECONDS
+            series.append(amounts[index] if seconds[index] == second else 0)
+        return series
+
+    def names(self) -> list[str]:
+        """Every name counted in the last 60 seconds."""
+        return sorted(name for name in self._slots if any(self.series(name)))

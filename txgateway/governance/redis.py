@@ -1,0 +1,591 @@
+"""
+The ledger in Redis, shared by every gateway that points at the same
+Redis: reserve and settle are Lua scripts (the rules of
+L{txgateway.governance.ledger}, one round trip each), batched like the
+rate limiter's: a call goes at once when none is in flight, and what
+arrives meanwhile goes together in the next.
+
+Redis slow or away must cost no client an error: every call is bounded by
+C{timeout} on the injected clock, and a failure opens a breaker of the
+store's own.  While it is open the gateway decides from a ledger in its
+memory, seeded with the last budget totals Redis told it, and keeps a
+journal of every settle it made; when Redis answers again the journal is
+replayed into it.  A settle is applied once per reservation id (Redis
+remembers the ids it applied for two days), so a replay never counts
+anything twice, and spend incurred during an outage is never lost (unless
+the gateway itself dies before Redis is back: the journal is in memory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from txgateway.errors import describe_failure
+from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
+from txgateway.governance.ledger import Ask, Ledger, Quota, ScopeLimits, Verdict
+from txgateway.governance.periods import day_of, period_end
+from txgateway.resilience.breaker import CircuitBreaker
+
+__all__ = ["RESERVE_LUA", "SETTLE_LUA", "SPEND_LUA", "RedisLedgerStore", "connect_ledger"]
+
+KEY_PREFIX = "txgateway:gov:"
+
+#: Shared by the scripts: the names of a scope's keys, trimming a window,
+#: and giving back reservations whose expiry has passed.
+_COMMON_LUA = """
+local P = KEYS[1]
+local WINDOW = 60
+local function num(value) return tonumber(value) or 0 end
+local function int(value) return string.format('%d', value) end
+local function refresh(scope)
+  for _, kind in ipairs({'tok:', 'tokamt:', 'toksum:', 'req:'}) do
+    redis.call('PEXPIRE', P .. kind .. scope, 120000)
+  end
+end
+local function trim(scope, now)
+  local z = P .. 'tok:' .. scope
+  while true do
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - WINDOW, 'LIMIT', 0, 500)
+    if #old == 0 then break end
+    local amounts = redis.call('HMGET', P .. 'tokamt:' .. scope, unpack(old))
+    local sum = 0
+    for i = 1, #amounts do sum = sum + num(amounts[i]) end
+    redis.call('DECRBY', P .. 'toksum:' .. scope, int(sum))
+    redis.call('HDEL', P .. 'tokamt:' .. scope, unpack(old))
+    redis.call('ZREM', z, unpack(old))
+  end
+  redis.call('ZREMRANGEBYSCORE', P .. 'req:' .. scope, '-inf', now - WINDOW)
+end
+local function remove_entry(scope, id)
+  local amount = redis.call('HGET', P .. 'tokamt:' .. scope, id)
+  if amount then
+    redis.call('DECRBY', P .. 'toksum:' .. scope, amount)
+    redis.call('HDEL', P .. 'tokamt:' .. scope, id)
+    redis.call('ZREM', P .. 'tok:' .. scope, id)
+  end
+end
+local function add_entry(scope, id, amount, now)
+  redis.call('ZADD', P .. 'tok:' .. scope, now, id)
+  redis.call('HSET', P .. 'tokamt:' .. scope, id, int(amount))
+  redis.call('INCRBY', P .. 'toksum:' .. scope, int(amount))
+end
+local function budget_keys(scope, period)
+  return P .. 'bud:' .. scope .. ':' .. period, P .. 'resv:' .. scope .. ':' .. period
+end
+local function count_budget(scope, period, committed, reserved)
+  local bud, resv = budget_keys(scope, period)
+  redis.call('INCRBY', bud, int(committed))
+  if reserved ~= 0 then redis.call('INCRBY', resv, int(reserved)) end
+  if period ~= 'total' then
+    redis.call('EXPIRE', bud, 40 * 86400)
+    redis.call('EXPIRE', resv, 40 * 86400)
+  end
+end
+local function lapse(now)
+  local held = P .. 'held'
+  local ids = redis.call('ZRANGEBYSCORE', held, '-inf', now, 'LIMIT', 0, 200)
+  for _, id in ipairs(ids) do
+    local raw = redis.call('GET', P .. 'r:' .. id)
+    if raw then
+      local ask = cjson.decode(raw)
+      for _, s in ipairs(ask.scopes) do
+        remove_entry(s.s, id)
+        redis.call('ZREM', P .. 'req:' .. s.s, id)
+        redis.call('ZREM', P .. 'par:' .. s.s, id)
+        count_budget(s.s, s.bk, -ask.cost, -ask.cost)
+      end
+      redis.call('DEL', P .. 'r:' .. id)
+    end
+    redis.call('ZREM', held, id)
+  end
+end
+local function newest(key, now)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if #last == 0 then return 0 end
+  return math.max(0, tonumber(last[2]) + WINDOW - now)
+end
+"""
+
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of asks: {id,
+#: tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
+#: 0: none; bk the budget period's key; end the seconds to its end, -1:
+#: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
+#: rq, spent: {scope: committed}} (tq/rq: [limit, remaining, reset]).
+RESERVE_LUA = _COMMON_LUA + """
+local now = tonumber(ARGV[1])
+lapse(now)
+local verdicts = {}
+local ORDER = {budget_exceeded = 1, too_many_parallel = 2, rate_limited = 3, tokens_exceeded = 4}
+for n, ask in ipairs(cjson.decode(ARGV[2])) do
+  local refusal = nil
+  local spent = {}
+  for _, s in ipairs(ask.scopes) do
+    trim(s.s, now)
+    local why, after = nil, -1
+    local bud = budget_keys(s.s, s.bk)
+    local committed = num(redis.call('GET', bud))
+    spent[s.s] = committed
+    if s.bud > 0 and committed + ask.cost > s.bud then
+      why, after = 'budget_exceeded', s['end']
+    elseif s.par > 0 and redis.call('ZCARD', P .. 'par:' .. s.s) + 1 > s.par then
+      why = 'too_many_parallel'
+    elseif s.rpm > 0 and redis.call('ZCARD', P .. 'req:' .. s.s) + 1 > s.rpm then
+      why = 'rate_limited'
+      local count = redis.call('ZCARD', P .. 'req:' .. s.s)
+      local entry = redis.call('ZRANGE', P .. 'req:' .. s.s, count - s.rpm, count - s.rpm, 'WITHSCORES')
+      after = math.max(0, tonumber(entry[2]) + WINDOW - now)
+    elseif s.tpm > 0 and num(redis.call('GET', P .. 'toksum:' .. s.s)) + ask.tokens > s.tpm then
+      why = 'tokens_exceeded'
+      if ask.tokens <= s.tpm then
+        local excess = num(redis.call('GET', P .. 'toksum:' .. s.s)) + ask.tokens - s.tpm
+        local entries = redis.call('ZRANGE', P .. 'tok:' .. s.s, 0, -1, 'WITHSCORES')
+        for i = 1, #entries, 2 do
+          excess = excess - num(redis.call('HGET', P .. 'tokamt:' .. s.s, entries[i]))
+          if excess <= 0 then
+            after = math.max(0, tonumber(entries[i + 1]) + WINDOW - now)
+            break
+          end
+        end
+      end
+    end
+    if why and (refusal == nil or ORDER[why] < ORDER[refusal.why]) then
+      refusal = {why = why, scope = s.s, after = after}
+    end
+  end
+  if refusal == nil then
+    for _, s in ipairs(ask.scopes) do
+      if s.tpm > 0 then add_entry(s.s, ask.id, ask.tokens, now) end
+      if s.rpm > 0 then redis.call('ZADD', P .. 'req:' .. s.s, now, ask.id) end
+      redis.call('ZADD', P .. 'par:' .. s.s, ask.exp, ask.id)
+      redis.call('EXPIRE', P .. 'par:' .. s.s, 86400)
+      count_budget(s.s, s.bk, ask.cost, ask.cost)
+      spent[s.s] = spent[s.s] + ask.cost
+      refresh(s.s)
+    end
+    redis.call('SET', P .. 'r:' .. ask.id, cjson.encode(ask), 'EX', math.max(1, math.ceil(ask.exp - now)) + 86400)
+    redis.call('ZADD', P .. 'held', ask.exp, ask.id)
+  end
+  local tq, rq = nil, nil
+  for _, s in ipairs(ask.scopes) do
+    if s.tpm > 0 then
+      local q = {s.tpm, math.max(0, s.tpm - num(redis.call('GET', P .. 'toksum:' .. s.s))), newest(P .. 'tok:' .. s.s, now)}
+      if tq == nil or q[2] < tq[2] then tq = q end
+    end
+    if s.rpm > 0 then
+      local q = {s.rpm, math.max(0, s.rpm - redis.call('ZCARD', P .. 'req:' .. s.s)), newest(P .. 'req:' .. s.s, now)}
+      if rq == nil or q[2] < rq[2] then rq = q end
+    end
+  end
+  verdicts[n] = {ok = refusal == nil, why = refusal and refusal.why or false, scope = refusal and refusal.scope or false,
+                 after = refusal and refusal.after or -1, tq = tq or false, rq = rq or false, spent = spent}
+end
+return cjson.encode(verdicts)
+"""
+
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of settles: {id,
+#: ask (as reserved), tokens, cost, day, key, team, bk: {scope: budget key
+#: now}, models: [[model, prompt, completion, cost]]}.  Each is applied
+#: once per id; one whose reservation is not held here (lapsed, or made
+#: by a gateway deciding alone while Redis was away) is charged as new
+#: spend.  Returns how many were applied.
+SETTLE_LUA = _COMMON_LUA + """
+local now = tonumber(ARGV[1])
+lapse(now)
+local applied = 0
+for _, settle in ipairs(cjson.decode(ARGV[2])) do
+  local id = settle.id
+  if redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'EX', 2 * 86400) then
+    applied = applied + 1
+    local raw = redis.call('GET', P .. 'r:' .. id)
+    if raw then
+      local ask = cjson.decode(raw)
+      for _, s in ipairs(ask.scopes) do
+        trim(s.s, now)
+        if s.tpm > 0 then
+          if redis.call('HEXISTS', P .. 'tokamt:' .. s.s, id) == 1 then
+            local old = num(redis.call('HGET', P .. 'tokamt:' .. s.s, id))
+            redis.call('HSET', P .. 'tokamt:' .. s.s, id, int(settle.tokens))
+            redis.call('INCRBY', P .. 'toksum:' .. s.s, int(settle.tokens - old))
+          elseif settle.tokens > ask.tokens then
+            add_entry(s.s, id .. '+', settle.tokens - ask.tokens, now)
+          end
+          refresh(s.s)
+        end
+        redis.call('ZREM', P .. 'par:' .. s.s, id)
+        count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost)
+      end
+      redis.call('DEL', P .. 'r:' .. id)
+      redis.call('ZREM', P .. 'held', id)
+    else
+      for _, s in ipairs(settle.ask.scopes) do
+        trim(s.s, now)
+        if s.tpm > 0 and settle.tokens > 0 then
+          add_entry(s.s, id .. '+', settle.tokens, now)
+          refresh(s.s)
+        end
+        count_budget(s.s, settle.bk[s.s], settle.cost, 0)
+      end
+    end
+    local day = P .. 'day:' .. settle.day
+    for position, use in ipairs(settle.models) do
+      local field = settle.key .. '|' .. settle.team .. '|' .. use[1] .. '|'
+      redis.call('HINCRBY', day, field .. 'p', int(use[2]))
+      redis.call('HINCRBY', day, field .. 'c', int(use[3]))
+      redis.call('HINCRBY', day, field .. 'n', int(use[4]))
+      if position == 1 then redis.call('HINCRBY', day, field .. 'r', 1) end
+    end
+    redis.call('EXPIRE', day, 40 * 86400)
+  end
+end
+return applied
+"""
+
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of [scope, budget
+#: key, tpm, rpm], ARGV[3] a JSON list of days.  Returns {scopes:
+#: [[committed, reserved, parallel, tokens in window, requests in
+#: window, tokens reset, requests reset]], days: [[day, field, value, ...]]}.
+SPEND_LUA = _COMMON_LUA + """
+local now = tonumber(ARGV[1])
+lapse(now)
+local scopes = {}
+for n, s in ipairs(cjson.decode(ARGV[2])) do
+  trim(s[1], now)
+  local bud, resv = budget_keys(s[1], s[2])
+  scopes[n] = {num(redis.call('GET', bud)), num(redis.call('GET', resv)), redis.call('ZCARD', P .. 'par:' .. s[1]),
+               num(redis.call('GET', P .. 'toksum:' .. s[1])), redis.call('ZCARD', P .. 'req:' .. s[1]),
+               newest(P .. 'tok:' .. s[1], now), newest(P .. 'req:' .. s[1], now)}
+end
+local days = {}
+for n, day in ipairs(cjson.decode(ARGV[3])) do
+  local fields = redis.call('HGETALL', P .. 'day:' .. day)
+  table.insert(fields, 1, day)
+  days[n] = fields
+end
+return cjson.encode({scopes = scopes, days = days})
+"""
+
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE_LUA, SETTLE_LUA, SPEND_LUA)}
+
+#: Seconds Redis is left alone after a failure before one call tries it again.
+RETRY_INTERVAL = 1.0
+#: Settles replayed from the journal in one call.
+REPLAY_BATCH = 200
+
+
+def _scope_json(limits: ScopeLimits, now: float) -> dict:
+    end = period_end(limits.budget_period, now)
+    return {
+        "s": limits.scope,
+        "tpm": limits.tokens_per_minute or 0,
+        "rpm": limits.requests_per_minute or 0,
+        "bud": limits.budget_nano if limits.budget_nano is not None else 0,
+        "bk": limits.budget_key(now),
+        "par": limits.max_parallel or 0,
+        "end": -1 if end is None else end - now,
+    }
+
+
+def ask_json(ask: Ask, now: float) -> dict:
+    """An ask as the reserve script reads it."""
+    return {
+        "id": ask.reservation_id,
+        "tokens": ask.tokens,
+        "cost": ask.cost_nano,
+        "exp": ask.expires_at,
+        "scopes": [_scope_json(limits, now) for limits in ask.scopes],
+    }
+
+
+def settle_json(ask: Ask, settled: Settled, now: float) -> dict:
+    """A settle as the settle script reads it (made when settled: a replay keeps its day and periods)."""
+    return {
+        "id": ask.reservation_id,
+        "ask": ask_json(ask, now),
+        "tokens": settled.tokens,
+        "cost": settled.cost_nano,
+        "day": day_of(now),
+        "key": settled.key,
+        "team": settled.team or "",
+        "bk": {limits.scope: limits.budget_key(now) for limits in ask.scopes},
+        "models": [[use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano] for use in settled.models],
+    }
+
+
+def _quota(raw: Any) -> Quota | None:
+    if not raw:
+        return None
+    limit, remaining, reset = raw
+    return Quota(int(limit), int(remaining), float(reset))
+
+
+def verdict_of(raw: dict) -> Verdict:
+    """A verdict of the reserve script."""
+    after = raw["after"]
+    return Verdict(
+        bool(raw["ok"]), raw["why"] or None, raw["scope"] or None, None if after is None or after < 0 else float(after),
+        _quota(raw["tq"]), _quota(raw["rq"]),
+    )
+
+
+@attrs.define(eq=False)
+class _Waiting:
+    """An ask waiting for its batch's verdict."""
+
+    ask: Ask
+    decided: Deferred
+    abandoned: bool = False
+
+
+@implementer(IGovernanceStore)
+class RedisLedgerStore:
+    """
+    The ledger in Redis, with a ledger in memory standing in while Redis is away.
+
+    @param redis: a txredisapi connection (pool), or anything with its
+        C{script_load} and C{evalsha}.
+    @param timeout: seconds each Redis call may take.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        clock: IReactorTime,
+        timeout: float,
+        log: Any,
+        retry_interval: float = RETRY_INTERVAL,
+        disconnect: Callable[[], Deferred] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout = timeout
+        self._log = log
+        self._disconnect = disconnect
+        self._breaker = CircuitBreaker("budgets-redis", clock, 1, retry_interval, log, transition_level="debug")
+        self._retry_interval = retry_interval
+        self._replay: Any = None
+        self._loaded: set[str] = set()
+        self._local = Ledger()
+        #: Budget totals Redis last told, by (scope, period key): the local ledger starts from them.
+        self._last_known: dict[tuple[str, str], int] = {}
+        self._seeded: set[tuple[str, str]] = set()
+        self._reserves: list[_Waiting] = []
+        self._reserving: Deferred | None = None
+        #: Settles not yet in Redis, oldest first (the journal while Redis is away).
+        self.journal: list[dict] = []
+        self._settling: Deferred | None = None
+        self.serving_locally = False
+
+    @property
+    def description(self) -> dict:
+        return {
+            "backend": "redis",
+            "healthy": not self.serving_locally,
+            "serving_from": "memory" if self.serving_locally else "redis",
+            "journal": len(self.journal),
+        }
+
+    # -- reserve
+
+    def reserve(self, ask: Ask) -> Deferred[Verdict]:
+        def cancelled(d: Deferred) -> None:
+            waiting.abandoned = True
+
+        waiting = _Waiting(ask, Deferred(cancelled))
+        self._reserves.append(waiting)
+        if self._reserving is None:
+            self._ask()
+        return waiting.decided
+
+    def _ask(self) -> None:
+        while self._reserves and self._reserving is None:
+            batch, self._reserves = self._reserves, []
+            admission = self._breaker.admit("reserve")
+            if not admission.allowed:
+                self._decide_locally(batch)
+                continue
+            now = self._clock.seconds()
+            args = [repr(now), json.dumps([ask_json(waiting.ask, now) for waiting in batch])]
+            asking = self._reserving = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
+            asking.addBoth(self._answered, batch, admission)
+
+    def _answered(self, result: Any, batch: list[_Waiting], admission: Any) -> None:
+        self._reserving = None
+        if isinstance(result, Failure):
+            self._failed(admission, result)
+            self._decide_locally(batch)
+        else:
+            self._succeeded(admission)
+            for waiting, raw in zip(batch, json.loads(result)):
+                for scope, committed in (raw.get("spent") or {}).items():
+                    limits = next(limits for limits in waiting.ask.scopes if limits.scope == scope)
+                    self._last_known[(scope, limits.budget_key(self._clock.seconds()))] = int(committed)
+                self._decided(waiting, verdict_of(raw))
+        if self._reserves:
+            self._ask()
+
+    def _decided(self, waiting: _Waiting, verdict: Verdict) -> None:
+        if waiting.abandoned:
+            if verdict.allowed:
+                # Its client left while Redis was asked: nothing was used.
+                self.settle(waiting.ask, Settled("", None, 0, 0))
+            return
+        waiting.decided.callback(verdict)
+
+    def _decide_locally(self, batch: list[_Waiting]) -> None:
+        now = self._clock.seconds()
+        for waiting in batch:
+            self._seed(waiting.ask, now)
+            self._decided(waiting, self._local.reserve(waiting.ask, now))
+
+    def _seed(self, ask: Ask, now: float) -> None:
+        """The local ledger starts each budget from what Redis last said of it (plus what it took since)."""
+        for limits in ask.scopes:
+            key = (limits.scope, limits.budget_key(now))
+            if key not in self._seeded:
+                self._seeded.add(key)
+                self._local.restore(key[0], key[1], self._last_known.get(key, 0))
+
+    # -- settle
+
+    def settle(self, ask: Ask, settled: Settled) -> Deferred[None]:
+        now = self._clock.seconds()
+        if self.serving_locally:
+            self._local.settle(ask, settled.tokens, settled.cost_nano, now)
+        self.journal.append(settle_json(ask, settled, now))
+        if self._settling is None:
+            self._send_settles()
+        return succeed(None)
+
+    def _send_settles(self) -> None:
+        if not self.journal or self._settling is not None:
+            return
+        admission = self._breaker.admit("settle")
+        if not admission.allowed:
+            self._replay_later()  # kept in the journal: replayed when Redis answers again
+            return
+        batch = self.journal[:REPLAY_BATCH]
+        args = [repr(self._clock.seconds()), json.dumps(batch)]
+        settling = self._settling = Deferred.fromCoroutine(self._run(SETTLE_LUA, args))
+        settling.addBoth(self._settled, len(batch), admission)
+
+    def _settled(self, result: Any, count: int, admission: Any) -> None:
+        self._settling = None
+        if isinstance(result, Failure):
+            self._failed(admission, result)
+            return
+        del self.journal[:count]
+        self._succeeded(admission)
+        self._send_settles()
+
+    def _replay_later(self) -> None:
+        """Try the journal again after the retry interval, even if no request comes to try Redis."""
+        if self._replay is None or not self._replay.active():
+            self._replay = self._clock.callLater(self._retry_interval, self._replay_now)
+
+    def _replay_now(self) -> None:
+        self._replay = None
+        self._send_settles()
+
+    # -- Redis itself
+
+    async def _run(self, script: str, args: list) -> Any:
+        sha = _SHA[script]
+        if sha not in self._loaded:
+            await self._call(self._redis.script_load(script))
+            self._loaded.add(sha)
+        try:
+            return await self._call(self._redis.evalsha(sha, [KEY_PREFIX], args))
+        except Exception as error:
+            if type(error).__name__ != "ScriptDoesNotExist" and not str(error).startswith("NOSCRIPT"):
+                raise
+            # Redis restarted and forgot its scripts: load this one again.
+            await self._call(self._redis.script_load(script))
+            return await self._call(self._redis.evalsha(sha, [KEY_PREFIX], args))
+
+    def _call(self, d: Deferred) -> Deferred:
+        return d.addTimeout(self._timeout, self._clock)
+
+    def _failed(self, admission: Any, failure: Failure) -> None:
+        self._replay_later()
+        self._breaker.failed(admission, describe_failure(failure.value))
+        self._loaded.clear()  # a Redis that comes back may be a new one
+        if not self.serving_locally:
+            self.serving_locally = True
+            self._seeded.clear()
+            self._local = Ledger()
+            self._log.warning(
+                "budgets_redis_unavailable", reason=describe_failure(failure.value), serving_from="memory",
+            )
+
+    def _succeeded(self, admission: Any) -> None:
+        self._breaker.succeeded(admission)
+        if self.serving_locally:
+            self.serving_locally = False
+            self._log.warning("budgets_redis_recovered", serving_from="redis", journal=len(self.journal))
+            self._send_settles()
+
+    # -- the operator's view
+
+    def spend(self, scopes: list[ScopeLimits], days: int) -> Deferred[SpendReport]:
+        return Deferred.fromCoroutine(self._spend(scopes, days))
+
+    async def _spend(self, scopes: list[ScopeLimits], days: int) -> SpendReport:
+        now = self._clock.seconds()
+        wanted = [[limits.scope, limits.budget_key(now), limits.tokens_per_minute or 0, limits.requests_per_minute or 0] for limits in scopes]
+        day_names = [day_of(now - back * 86400) for back in range(days - 1, -1, -1)]
+        raw = json.loads(await self._run(SPEND_LUA, [repr(now), json.dumps(wanted), json.dumps(day_names)]))
+        report = []
+        for limits, key, row in zip(scopes, wanted, raw["scopes"] or []):
+            committed, reserved, parallel, tokens, requests, tokens_reset, requests_reset = row
+            report.append(ScopeSpend(
+                limits.scope, key[1], int(committed) - int(reserved), int(reserved), int(parallel),
+                Quota(key[2], max(0, key[2] - int(tokens)), float(tokens_reset)) if key[2] else None,
+                Quota(key[3], max(0, key[3] - int(requests)), float(requests_reset)) if key[3] else None,
+            ))
+        rows = []
+        for fields in raw["days"] or []:
+            day, values = fields[0], fields[1:]
+            counts: dict[tuple, list[int]] = {}
+            for field, value in zip(values[0::2], values[1::2]):
+                key_name, team, model, kind = field.rsplit("|", 3)
+                slot = counts.setdefault((day, key_name, team, model), [0, 0, 0, 0])
+                slot["pcnr".index(kind)] += int(value)
+            rows += [where + tuple(amounts) for where, amounts in sorted(counts.items())]
+        return SpendReport(tuple(report), tuple(rows))
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        if self.journal and not self.serving_locally:
+            # One last try to hand Redis what was settled (bounded by the timeout).
+            if self._settling is None:
+                self._send_settles()
+            if self._settling is not None:
+                try:
+                    await self._settling
+                except Exception:
+                    pass
+        if self.journal:
+            self._log.error("budgets_journal_lost_at_stop", settles=len(self.journal))
+        if self._replay is not None and self._replay.active():
+            self._replay.cancel()
+        self._breaker.stop()
+        if self._disconnect is not None:
+            await self._disconnect()
+
+
+def connect_ledger(url: str, clock: IReactorTime, timeout: float, log: Any) -> RedisLedgerStore:
+    """A Redis ledger on a lazy txredisapi pool for C{redis://...} (replies as text)."""
+    from txgateway.redispool import redis_pool
+
+    pool = redis_pool(url, timeout, as_bytes=False)
+    return RedisLedgerStore(pool, clock, timeout, log, disconnect=pool.disconnect)
