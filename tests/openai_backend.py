@@ -22,6 +22,7 @@ the gateway sends it (any other name answers normally, naming that model):
     filter      400 content_filter
     noprefill   400 when the last message is the assistant's (no prefill)
     flap        503 while /control/flap/down was posted last, else normal
+    drip        a stream of a word every 50 ms (a client can leave midway)
 
 The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
 last message is the assistant's (a prefill) is continued from there, and
@@ -148,6 +149,8 @@ class Completions(Resource):
             events.append("end")
         if mode == "slow":
             events.insert(1, ("pause", 3.0))
+        if mode == "drip":
+            events = [part for event in events for part in (event, ("pause", 0.05))][:-1]
         self._send(request, events)
         return server.NOT_DONE_YET
 

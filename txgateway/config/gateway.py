@@ -426,6 +426,8 @@ class BudgetsConfig:
     state_file: str = _key(_text, "")
     redis_url: str = _key(_redis_url, "")
     redis_timeout: float = _key(_seconds, 0.5)
+    #: Seconds past a call's deadline its reservation lapses when never settled.
+    reservation_margin: float = _key(_non_negative_seconds, 5.0)
 
 
 @attrs.frozen

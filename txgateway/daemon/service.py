@@ -168,7 +168,7 @@ def build_gateway(
             governance_store = LocalLedgerStore(clock, None, maybeDeferred, log)
         governor = Governor(
             clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
-            config.reserve_completion_tokens, metrics, log,
+            config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None

@@ -38,8 +38,8 @@ from txgateway.openai.wire import OpenAICall
 
 __all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text"]
 
-#: Seconds past a call's deadline its reservation lapses when never settled.
-EXPIRY_MARGIN = 30.0
+#: Seconds past a call's deadline its reservation lapses when never settled (C{[budgets] reservation_margin}).
+EXPIRY_MARGIN = 5.0
 
 _REFUSALS = {
     BUDGET_EXCEEDED: errors.BUDGET_EXCEEDED,

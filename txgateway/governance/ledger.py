@@ -292,6 +292,7 @@ class Ledger:
 
         @return: whether the reservation was still held.
         """
+        self.lapse(now)
         held = self._held.pop(ask.reservation_id, None)
         if held is None:
             for limits in ask.scopes:

@@ -1,0 +1,263 @@
+"""
+Governed keys through the running daemon, against the fake OpenAI
+backend process (which reports usage), a real redis-server shared by two
+gateways, SQLite state files, and the official C{openai} client: exact
+admission under 200 parallel requests, budgets, a client that leaves, a
+gateway killed mid-stream, restarts, and Redis stopped under traffic.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.integration.conftest import DAEMON_HEAD, Process, free_port, request, wait_until
+from tests.integration.test_openai_sdk import OpenAIBackend
+from tests.integration.test_redis import RedisServer, redis_server_binary
+
+pytestmark = pytest.mark.integration
+
+KEY = "team-key-secret"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+# "hi" and "user": 6 bytes -> 2 tokens, one message -> 4, plus max_tokens 100.
+RESERVED = 106
+
+
+@pytest.fixture
+def backend(tmp_path):
+    server = OpenAIBackend(tmp_path)
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+def governed(url: str, key: str = "", budgets: str = "", deadline: float = 30) -> str:
+    """A gateway.ini with one service, the models the tests call, one key (C{key}: its limits)."""
+    return DAEMON_HEAD.replace("[ratelimit]", f"[budgets]\n{budgets}\nreservation_margin = 1\n[ratelimit]") + f"""
+[service:cloud]
+url = {url}
+retries = 0
+timeout = 10
+idle_timeout = 10
+deadline = {deadline}
+[model:plain]
+targets = cloud:plain-model
+[model:slow]
+targets = cloud:slow
+[model:drip]
+targets = cloud:drip
+[price:*]
+prompt = 1
+completion = 1
+[key:team]
+secret = {KEY}
+{key}
+"""
+
+
+def redis_budgets(redis_url: str) -> str:
+    return f"store = redis\nredis_url = {redis_url}\nredis_timeout = 0.3"
+
+
+def chat_body(model: str = "slow", stream: bool = True, max_tokens: int = 100) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def call(port: int, model: str = "slow", stream: bool = True) -> tuple[int, str | None]:
+    """One request through the gateway read to its end: its status and, when refused, the error type."""
+    answer = request(port, "POST", "/v1/chat/completions", body=chat_body(model, stream), headers=HEADERS, timeout=30)
+    return answer.status, answer.error["type"] if answer.status >= 400 else None
+
+
+def in_parallel(ports: list[int], count: int, model: str = "slow") -> list[tuple[int, str | None]]:
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda n: call(ports[n % len(ports)], model), range(count)))
+
+
+def spend(gateway) -> dict:
+    answer = gateway.request("GET", "/spend.json")
+    assert answer.status == 200, answer.body
+    return answer.json()
+
+
+def test_200_parallel_requests_on_one_gateway_admit_exactly_the_25_that_fit(start_gateway, backend):
+    gateway = start_gateway(governed(backend.url, f"tokens_per_minute = {25 * RESERVED}"))
+    outcomes = in_parallel([gateway.port], 200)
+    assert outcomes.count((200, None)) == 25
+    assert outcomes.count((429, "tokens_exceeded")) == 175
+    assert (gateway.workdir / "state" / "txgateway.db").exists()  # beside the log directory
+
+
+def test_200_parallel_requests_through_two_gateways_sharing_redis_admit_exactly_25(start_gateway, backend, redis):
+    ini = governed(backend.url, f"tokens_per_minute = {25 * RESERVED}", redis_budgets(redis.url))
+    first, second = start_gateway(ini), start_gateway(ini)
+    outcomes = in_parallel([first.port, second.port], 200)
+    assert outcomes.count((200, None)) == 25
+    assert outcomes.count((429, "tokens_exceeded")) == 175
+
+
+def test_a_dollar_budget_through_two_gateways_sharing_redis_admits_exactly_25(start_gateway, backend, redis):
+    # At $1 a million tokens a reservation of 106 tokens costs $0.000106.
+    ini = governed(backend.url, f"budget_usd = {25 * RESERVED / 1e6}\nbudget_period = day", redis_budgets(redis.url))
+    first, second = start_gateway(ini), start_gateway(ini)
+    outcomes = in_parallel([first.port, second.port], 200)
+    assert outcomes.count((200, None)) == 25
+    assert outcomes.count((429, "budget_exceeded")) == 175
+
+
+def test_an_exhausted_budget_reaches_the_gateway_once_through_the_official_sdk(start_gateway, backend):
+    gateway = start_gateway(governed(backend.url, "budget_usd = 0.00001\nbudget_period = month"))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key=KEY, timeout=10)  # retries left on
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert raised.value.body["type"] == "budget_exceeded"
+    time.sleep(0.5)  # a retry, if the SDK made one, would be logged by now
+    refused = [line for line in gateway.log_lines() if line.get("event") == "request_completed" and line.get("outcome") == "budget_exceeded"]
+    assert len(refused) == 1 and backend.calls() == {}
+
+
+def test_a_stream_whose_client_leaves_after_3_chunks_settles_what_was_relayed(start_gateway, backend):
+    gateway = start_gateway(governed(backend.url, "tokens_per_minute = 100000"))
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", body=chat_body("drip"), headers=HEADERS)
+    response = connection.getresponse()
+    assert response.status == 200
+    events = 0
+    while events < 4:  # the role chunk, then 3 words
+        if response.fp.readline().startswith(b"data: "):
+            events += 1
+    request_id = response.headers["X-Request-ID"]
+    connection.sock.shutdown(socket.SHUT_RDWR)  # the response's file holds the socket open: shut it
+    connection.close()
+    [line] = [e for e in gateway.story(request_id) if e["event"] in ("request_completed", "request_aborted")]
+    relayed = round(line["cost_usd"] * 1e6) - 6  # at $1 a million, less the prompt's estimate of 6
+    assert 3 <= relayed <= 6, line
+    assert line["prompt_tokens"] is None  # no usage arrived: what was relayed is what was settled
+
+
+def test_a_gateway_killed_mid_stream_leaves_a_reservation_that_lapses(start_gateway, backend, redis):
+    ini = governed(backend.url, f"tokens_per_minute = {RESERVED}", redis_budgets(redis.url), deadline=2)
+    doomed, survivor = start_gateway(ini), start_gateway(ini)
+    connection = http.client.HTTPConnection("127.0.0.1", doomed.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", body=chat_body("slow"), headers=HEADERS)
+    wait_until(lambda: backend.calls().get("slow", {}).get("count", 0) == 1)
+    doomed.process.proc.send_signal(signal.SIGKILL)
+    doomed.process.proc.wait()
+    assert call(survivor.port) == (429, "tokens_exceeded")  # the dead gateway's reservation still holds
+    time.sleep(2 + 1 + 0.2)  # its deadline and reservation_margin later it lapses
+    assert call(survivor.port, "plain") == (200, None)
+    connection.close()
+
+
+def spent_of(gateway) -> float:
+    return spend(gateway)["keys"]["team"]["spent_usd"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_spend_is_carried_over_a_restart_exactly(start_gateway, backend, redis, tmp_path, store):
+    budgets = redis_budgets(redis.url) if store == "redis" else f"state_file = {tmp_path / 'spend.db'}"
+    ini = governed(backend.url, "budget_usd = 10", budgets)
+    gateway = start_gateway(ini)
+    for _ in range(5):
+        assert call(gateway.port, "plain", stream=False) == (200, None)
+    wait_until(lambda: spent_of(gateway) > 0)
+    before = spend(gateway)
+    gateway.stop()
+    gateway.logged("gateway_stopped")  # a clean stop: what was settled is flushed
+    again = start_gateway(ini)
+    after = spend(again)
+    assert after["keys"]["team"]["spent_usd"] == before["keys"]["team"]["spent_usd"] == pytest.approx(5 * 61e-6)
+    assert after["models_by_day"] == before["models_by_day"]
+    if store == "sqlite":
+        [(requests,)] = sqlite3.connect(tmp_path / "spend.db").execute("SELECT SUM(requests) FROM spend").fetchall()
+        assert requests == 5
+
+
+def test_a_gateway_killed_outright_loses_at_most_the_last_flush_of_spend(start_gateway, backend, tmp_path):
+    ini = governed(backend.url, "budget_usd = 10", f"state_file = {tmp_path / 'spend.db'}")
+    gateway = start_gateway(ini)
+    for _ in range(3):
+        assert call(gateway.port, "plain", stream=False) == (200, None)
+    time.sleep(0.5)  # more than the 0.2 s flush interval
+    gateway.process.proc.send_signal(signal.SIGKILL)
+    gateway.process.proc.wait()
+    [(requests,)] = sqlite3.connect(tmp_path / "spend.db").execute("SELECT SUM(requests) FROM spend").fetchall()
+    assert requests == 3
+
+
+class AofRedis(RedisServer):
+    """A redis-server that keeps what it was told across a restart (AOF, as the README advises)."""
+
+    def start(self) -> None:
+        self.process = Process(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--dir", str(self.workdir)],
+            self.workdir,
+        )
+        self.process.wait_for(lambda line: "Ready to accept connections" in line)
+
+
+@pytest.mark.parametrize("outage", ["stopped", "killed"])
+def test_redis_away_under_traffic_costs_no_client_an_error_and_loses_no_spend(start_gateway, backend, tmp_path, outage):
+    redis = AofRedis(tmp_path)
+    try:
+        ini = governed(backend.url, "budget_usd = 10\ntokens_per_minute = 10000000", redis_budgets(redis.url))
+        gateway = start_gateway(ini)
+        answered: list[tuple[int, float]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                status, _ = call(gateway.port, "plain", stream=False)
+                answered.append((status, time.monotonic() - started))
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        time.sleep(0.5)
+        if outage == "stopped":
+            redis.process.proc.send_signal(signal.SIGSTOP)
+        else:
+            redis.stop()
+        time.sleep(3)
+        health = gateway.request("GET", "/health").json()
+        if outage == "stopped":
+            redis.process.proc.send_signal(signal.SIGCONT)
+        else:
+            redis.start()
+        time.sleep(1.5)
+        stop.set()
+        worker.join()
+        assert health["budgets"]["serving_from"] == "memory" and health["status"] == "degraded"
+        assert {status for status, _ in answered} == {200} and len(answered) > 20
+        assert max(seconds for _, seconds in answered) < 0.3 + 0.7  # redis_timeout plus the request's own time
+        wait_until(lambda: gateway.request("GET", "/health").json()["budgets"] == {
+            "backend": "redis", "healthy": True, "serving_from": "redis", "journal": 0})
+        # Every request settled 1 + 60 tokens at $1 a million: Redis has every one of them, once.
+        assert spent_of(gateway) == pytest.approx(len(answered) * 61e-6)
+        events = [e["event"] for e in gateway.log_lines() if e.get("event", "").startswith("budgets_redis")]
+        assert events == ["budgets_redis_unavailable", "budgets_redis_recovered"]
+    finally:
+        if redis.process.proc.poll() is None:
+            redis.process.proc.send_signal(signal.SIGCONT)
+            redis.stop()

@@ -1,0 +1,110 @@
+"""
+The Redis ledger's Lua scripts against a real redis-server, held to the
+pure ledger they mirror: the same asks, settles and times give the same
+verdicts, quotas and spend; and what Redis keeps for /spend.json.
+"""
+
+from __future__ import annotations
+
+import calendar
+import random
+
+import pytest
+import pytest_twisted
+import structlog
+from twisted.internet.task import Clock
+
+from tests.integration.test_redis import redis_server  # noqa: F401 (the fixture)
+from txgateway.governance.interface import ModelUse, Settled
+from txgateway.governance.ledger import Ask, Ledger, ScopeLimits
+from txgateway.governance.redis import RedisLedgerStore
+
+pytestmark = pytest.mark.integration
+
+NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
+KEY = ScopeLimits("key:alice", tokens_per_minute=1000, requests_per_minute=12, budget_nano=5000, budget_period="day", max_parallel=4)
+TEAM = ScopeLimits("team:ml", tokens_per_minute=1500, budget_nano=8000, budget_period="month")
+
+
+async def connected(redis_server):
+    import txredisapi
+
+    return await txredisapi.Connection("127.0.0.1", redis_server.port, reconnect=False)
+
+
+def comparable(verdict):
+    retry = None if verdict.retry_after is None else round(verdict.retry_after, 3)
+    quotas = [(q.limit, q.remaining, round(q.reset, 3)) if q else None for q in (verdict.tokens, verdict.requests)]
+    return (verdict.allowed, verdict.reason, verdict.scope, retry, quotas)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scripts_decide_like_the_pure_ledger(redis_server):
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        reference = Ledger()
+        rng = random.Random(11)
+        held = []
+        for step in range(300):
+            clock.advance(rng.choice([0, 0, 0.5, 1, 3, 7]))
+            now = clock.seconds()
+            if held and rng.random() < 0.45:
+                ask = held.pop(rng.randrange(len(held)))
+                tokens = rng.randrange(0, ask.tokens * 2 + 1)
+                cost = rng.randrange(0, ask.cost_nano * 2 + 1)
+                reference.settle(ask, tokens, cost, now)
+                await store.settle(ask, Settled("alice", "ml", tokens, cost, (ModelUse("m", tokens, 0, cost),)))
+                await store._settling if store._settling is not None else None
+                continue
+            scopes = (KEY, TEAM) if rng.random() < 0.7 else (KEY,)
+            ask = Ask(f"r{step}", scopes, rng.randrange(1, 400), rng.randrange(0, 900), now + rng.choice([5, 30, 300]))
+            expected = reference.reserve(ask, now)
+            got = await store.reserve(ask)
+            assert comparable(got) == comparable(expected), step
+            if got.allowed:
+                held.append(ask)
+        assert not store.serving_locally and store.journal == []
+    finally:
+        await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_settle_replayed_is_counted_once_and_spend_per_day_is_kept(redis_server):
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        limits = ScopeLimits("key:bob", budget_nano=10_000, budget_period="month")
+        ask = Ask("once", (limits,), 10, 900, NOON + 60)
+        assert (await store.reserve(ask)).allowed
+        settled = Settled("bob", None, 8, 700, (ModelUse("gpt-4o", 5, 3, 700),))
+        await store.settle(ask, settled)
+        await store.settle(ask, settled)  # a replay of the same settle
+        await store._settling if store._settling is not None else None
+        report = await store.spend([limits], 31)
+        [scope] = report.scopes
+        assert (scope.spent_nano, scope.reserved_nano, scope.parallel) == (700, 0, 0)
+        assert report.days == (("2026-12-03", "bob", "", "gpt-4o", 5, 3, 700, 1),)
+    finally:
+        await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lapsed_reservation_gives_everything_back_in_redis(redis_server):
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        limits = ScopeLimits("key:carol", tokens_per_minute=100, budget_nano=100, budget_period="total", max_parallel=1)
+        assert (await store.reserve(Ask("a", (limits,), 100, 100, NOON + 10))).allowed
+        assert (await store.reserve(Ask("b", (limits,), 1, 1, NOON + 10))).reason == "budget_exceeded"
+        clock.advance(10)
+        verdict = await store.reserve(Ask("c", (limits,), 100, 100, NOON + 20))
+        assert verdict.allowed and verdict.tokens.remaining == 0
+    finally:
+        await connection.disconnect()
