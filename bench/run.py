@@ -207,8 +207,24 @@ def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> t
     return port, "Twisted (bench/upstream.py)"
 
 
+#: A governed key whose limits the bench never reaches (every limit is checked and counted).
+GOVERNED_KEY = "bench-governed-key"
+
+
+def governance_ini(budgets: str) -> str:
+    """The sections that govern C{GOVERNED_KEY}: a team, a key with tokens and a budget, prices."""
+    return "\n".join([
+        "[budgets]", budgets,
+        "[team:bench]", "tokens_per_minute = 1000000000000", "budget_usd = 1000000",
+        "[key:bench]", f"secret = {GOVERNED_KEY}", "team = bench", "tokens_per_minute = 1000000000000",
+        "budget_usd = 1000000", "budget_period = month",
+        "[price:*]", "prompt = 1", "completion = 2",
+    ])
+
+
 def gateway_ini(
-    tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None
+    tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None,
+    governance: str = "",
 ) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
@@ -250,6 +266,7 @@ def gateway_ini(
         "retries = 0",
         "breaker_threshold = 1",
         "breaker_cooldown = 3600",
+        governance,
         "",
     ]))
     return path
@@ -434,6 +451,23 @@ def main() -> int:
                     targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
                     pids[name] = gateway.pid
                     scripts[name] = script
+            # The same JSON completion from a governed key: reserved, then
+            # settled, in memory over SQLite and in Redis.
+            governed = {"txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {tmp}/spend.db"}
+            if redis_port is not None:
+                governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
+                    f"store = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
+            script = tmp / "governed.lua"
+            body = json.dumps({"model": "bench-json", "max_tokens": 64, "messages": [{"role": "user", "content": "Count to sixty"}]})
+            script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
+                              "wrk.headers[\"Content-Type\"] = \"application/json\"\n"
+                              f"wrk.headers[\"Authorization\"] = \"Bearer {GOVERNED_KEY}\"\n")
+            for number, (name, budgets) in enumerate(governed.items()):
+                port = free_port()
+                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", governance=governance_ini(budgets))
+                pids[name] = start_gateway(processes, twistd, ini, port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
+                targets[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
+                scripts[name] = script
         if args.baseline_python:
             # The same configuration on another version: every row of the
             # main gateway gets a twin, driven in the same rounds.
@@ -523,6 +557,12 @@ def main() -> int:
             print(f"{name[: -len(' [baseline]')]}: {now['rps'] / m['rps'] * 100:.1f}% of the baseline's req/s, "
                   f"{now['cpu_us'] / m['cpu_us'] * 100:.1f}% of its CPU a request, "
                   f"added p50 {(now['p50'] - m['p50']) * 1e6:+.0f} us against it")
+    plain = "txgateway JSON completion (/v1/ parsed)"
+    for store in ("SQLite", "Redis"):
+        governed_row = f"txgateway JSON completion (/v1/ governed: {store})"
+        if governed_row in medians and plain in medians:
+            print(f"governed key ({store}): {medians[governed_row]['rps'] / medians[plain]['rps'] * 100:.0f}% of the ungoverned "
+                  f"throughput, {medians[governed_row]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -43,8 +43,8 @@ class ProxiedRequests:
         authenticator = self.gateway.authenticator
         if not authenticator.enabled:
             return True
-        ctx.caller = authenticator.caller(request)
-        if ctx.caller is None:
+        caller = authenticator.caller(request)
+        if caller is None:
             answer_error(
                 request,
                 errors.UNAUTHORIZED,
@@ -52,7 +52,7 @@ class ProxiedRequests:
                 [(b"WWW-Authenticate", b'Bearer realm="txgateway"')],
             )
             return False
-        ctx.bind(api_key_name=ctx.caller.name)
+        ctx.identify(caller)
         return True
 
     async def api_request(self, request: IncomingRequest) -> None:

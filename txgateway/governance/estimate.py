@@ -47,7 +47,12 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
     framing = 0
     messages = body.get("messages")
     if isinstance(messages, list):
-        text += _text_bytes(messages)
+        for message in messages:
+            if isinstance(message, dict) and type(message.get("content")) is str and len(message) == 2:
+                # The common message, {"role": ..., "content": "..."}, without the walk.
+                text += len(message["content"].encode("utf-8", "replace")) + len(str(message.get("role", "")).encode("utf-8", "replace"))
+            else:
+                text += _text_bytes(message)
         framing += MESSAGE_TOKENS * len(messages)
     for field in ("prompt", "input", "tools", "functions", "response_format"):
         if field in body:
@@ -92,6 +97,7 @@ class Prices:
 
     def __init__(self, prices: Mapping[str, ModelPrice]) -> None:
         self._prices = dict(prices)
+        self._dearest: dict[tuple, list[ModelPrice]] = {}
 
     def priced(self, model: str) -> bool:
         """Whether C{model} has a price (its own, or C{[price:*]})."""
@@ -105,4 +111,11 @@ class Prices:
 
     def dearest(self, models: list[str | None], prompt_tokens: int, completion_tokens: int) -> int:
         """What C{prompt_tokens} and C{completion_tokens} cost at the dearest of C{models}, in nano-dollars."""
-        return max((self.of(model).cost_nano(prompt_tokens, completion_tokens) for model in models), default=0)
+        key = tuple(models)
+        prices = self._dearest.get(key)
+        if prices is None:
+            distinct = {(price.prompt, price.completion): price for price in map(self.of, models)}
+            prices = self._dearest[key] = list(distinct.values())
+        if len(prices) == 1:
+            return prices[0].cost_nano(prompt_tokens, completion_tokens)
+        return max((price.cost_nano(prompt_tokens, completion_tokens) for price in prices), default=0)

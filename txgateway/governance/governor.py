@@ -10,6 +10,7 @@ every attempt's backend reported (priced by the model each was sent).
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +52,8 @@ _REFUSALS = {
 
 def duration_text(seconds: float) -> str:
     """A duration the way OpenAI's C{x-ratelimit-reset-*} headers write it: C{20ms}, C{1.5s}, C{6m0s}."""
+    if seconds == 60.0:
+        return "1m0s"  # a window whose newest entry is now: most answers
     if seconds < 1:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
     minutes, rest = divmod(seconds, 60)
@@ -197,6 +200,15 @@ class Governor:
         self._log = log
         self._expiry_margin = expiry_margin
         self._unpriced: set[str] = set()
+        #: (key, model, models sent) -> (completion reserved by default, prices): see L{_plan}.
+        self._plans: dict[tuple, tuple[int, list]] = {}
+        #: Reservation ids: this gateway's random prefix and a count (unique across gateways, cheap).
+        self._ids = map(f"{secrets.token_hex(8)}-%d".__mod__, itertools.count())
+        #: Each key's scopes, with tokens counted and without (made once, not per request).
+        self._scopes = {
+            (key.name, counts): scope_limits(key, self.teams.get(key.team) if key.team else None, counts)
+            for key in keys for counts in (True, False)
+        }
 
     def key_of(self, ctx: RequestContext) -> ApiKey | None:
         """The key the request's caller presented, or L{None}."""
@@ -232,22 +244,23 @@ class Governor:
         @param models: the model each target would be sent (the dearest prices the reservation).
         @raise GatewayError: a limit refuses the call; nothing was taken.
         """
-        key = self.key_of(ctx)
+        caller = ctx.caller
+        key = self.keys.get(caller.name) if caller is not None else None
         if key is None:
             return None
-        if openai is not None and openai.model is not None:
-            self.check_model(ctx, openai.model)
         prompt = completion = cost = 0
         if openai is not None:
-            prompt = estimate_prompt_tokens(openai.body)
-            default = self._reserve_completion_tokens(openai.model or "")
-            completion = completion_cap(openai.body, openai.kind is not None, default)
-            cost = self.prices.dearest(models or [openai.model], prompt, completion)
-            self._say_unpriced(models or [openai.model])
-        team = self.teams.get(key.team) if key.team is not None else None
+            model = openai.model
+            plan = self._plans.get((key.name, model, *models))
+            if plan is None:
+                plan = self._plan(ctx, key, model, models)
+            body = openai.body
+            prompt = estimate_prompt_tokens(body)
+            completion = completion_cap(body, openai.kind is not None, plan[0])
+            cost = max(price.cost_nano(prompt, completion) for price in plan[1]) if plan[1] else 0
         now = self._clock.seconds()
         ask = Ask(
-            secrets.token_hex(10), scope_limits(key, team, openai is not None), prompt + completion, cost,
+            next(self._ids), self._scopes[key.name, openai is not None], prompt + completion, cost,
             now + deadline + self._expiry_margin,
         )
         verdict = await self.store.reserve(ask)
@@ -258,6 +271,22 @@ class Governor:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
         return Reservation(self, ask, key, openai, prompt, completion)
+
+    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> tuple[int, list]:
+        """
+        What a call of C{key} to C{model} (sent as C{models}) reserves by:
+        the completion default and the distinct prices of its targets.
+        Made once per key and model; a model the key may not call is refused each time.
+        """
+        if model is not None:
+            self.check_model(ctx, model)
+        sent = models or [model]
+        self._say_unpriced(sent)
+        distinct = {(price.prompt, price.completion): price for price in map(self.prices.of, sent)}
+        priced = [price for price in distinct.values() if price.prompt or price.completion]
+        plan = (self._reserve_completion_tokens(model or ""), priced)
+        self._plans[(key.name, model, *models)] = plan
+        return plan
 
     def _refusal(self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]]) -> GatewayError:
         reason = verdict.reason
@@ -283,8 +312,7 @@ class Governor:
         return GatewayError(_REFUSALS[reason], message, headers=tuple(headers))
 
     def _refused(self, key: ApiKey, reason: str) -> None:
-        self._metrics.governance_refusals.labels(key.name, reason).inc()
-        self._metrics.recent_refusals.add(reason)
+        self._metrics.count_refusal(key.name, reason)
 
     def _say_unpriced(self, models: list[str | None]) -> None:
         for model in models:
@@ -301,13 +329,10 @@ class Governor:
             ctx.spend.cost_usd = cost / NANO_PER_USD
         team = key.team or ""
         for use in uses:
-            if use.cost_nano:
-                self._metrics.spend_usd.labels(key.name, team, use.model).inc(use.cost_nano / NANO_PER_USD)
-            self._metrics.recent_tokens.add(use.model, use.prompt_tokens + use.completion_tokens)
-            self._metrics.key_tokens.labels(key.name, "prompt").inc(use.prompt_tokens)
-            self._metrics.key_tokens.labels(key.name, "completion").inc(use.completion_tokens)
+            self._metrics.count_spend(key.name, team, use.model, use.cost_nano / NANO_PER_USD, use.prompt_tokens, use.completion_tokens)
         settling = self.store.settle(reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses)))
-        settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
+        if not settling.called:  # a store in this process has settled already
+            settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
 
     def scopes(self) -> list[ScopeLimits]:
         """Every key's and team's scope, for the operator's view."""

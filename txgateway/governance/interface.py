@@ -8,7 +8,7 @@ from zope.interface import Attribute, Interface
 __all__ = ["IGovernanceStore", "ModelUse", "Settled"]
 
 
-@attrs.frozen
+@attrs.define
 class ModelUse:
     """What one model (as the gateway sent it) used of one request, and its cost."""
 
@@ -18,7 +18,7 @@ class ModelUse:
     cost_nano: int
 
 
-@attrs.frozen
+@attrs.define
 class Settled:
     """
     What a request used, replacing its reservation: the tokens counted

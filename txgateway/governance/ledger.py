@@ -67,7 +67,7 @@ class ScopeLimits:
         return period_key(self.budget_period, now)
 
 
-@attrs.frozen
+@attrs.define
 class Ask:
     """
     What one request reserves.
@@ -87,7 +87,7 @@ class Ask:
     expires_at: float
 
 
-@attrs.frozen
+@attrs.define
 class Quota:
     """A per-minute limit as OpenAI's C{x-ratelimit-*} headers say it."""
 
@@ -96,7 +96,7 @@ class Quota:
     reset: float
 
 
-@attrs.frozen
+@attrs.define
 class Verdict:
     """
     The outcome of a reservation.
@@ -182,7 +182,7 @@ class _Scope:
         self.parallel = 0
 
 
-@attrs.frozen
+@attrs.define
 class _Held:
     ask: Ask
     budget_keys: tuple[str, ...]
@@ -229,39 +229,43 @@ class Ledger:
 
     def reserve(self, ask: Ask, now: float) -> Verdict:
         """Take C{ask} from every scope it falls under, or from none (the verdict says why)."""
-        self.lapse(now)
-        refusals = []
+        if self._expiries and self._expiries[0][0] <= now:
+            self.lapse(now)
+        states = []
+        refusal = None
         for limits in ask.scopes:
-            scope = self._scope(limits.scope)
-            scope.tokens.trim(now)
-            scope.requests.trim(now)
-            refusal = self._refusal(limits, scope, ask, now)
-            if refusal is not None:
-                refusals.append(refusal)
-        if refusals:
-            refusals.sort(key=lambda refusal: REFUSAL_ORDER.index(refusal[0]))
-            reason, scope_name, retry_after = refusals[0]
-            return self._verdict(ask, now, reason, scope_name, retry_after)
-        budget_keys = []
-        for limits in ask.scopes:
-            scope = self._scope(limits.scope)
+            scope = self._scopes.get(limits.scope)
+            if scope is None:
+                scope = self._scopes[limits.scope] = _Scope()
+            if limits.tokens_per_minute is not None:
+                scope.tokens.trim(now)
+            if limits.requests_per_minute is not None:
+                scope.requests.trim(now)
+            budget_key = (limits.scope, limits.budget_key(now))
+            states.append((limits, scope, budget_key))
+            found = self._refusal(limits, scope, budget_key, ask, now)
+            if found is not None and (refusal is None or REFUSAL_ORDER.index(found[0]) < REFUSAL_ORDER.index(refusal[0])):
+                refusal = found
+        if refusal is not None:
+            return self._verdict(states, now, *refusal)
+        committed, reserved, cost = self.committed, self.reserved, ask.cost_nano
+        for limits, scope, budget_key in states:
             if limits.tokens_per_minute is not None:
                 scope.tokens.add(ask.reservation_id, ask.tokens, now)
             if limits.requests_per_minute is not None:
                 scope.requests.add(ask.reservation_id, 1, now)
             scope.parallel += 1
-            key = (limits.scope, limits.budget_key(now))
-            budget_keys.append(key[1])
-            self.committed[key] = self.committed.get(key, 0) + ask.cost_nano
-            self.reserved[key] = self.reserved.get(key, 0) + ask.cost_nano
-        self._held[ask.reservation_id] = _Held(ask, tuple(budget_keys))
+            committed[budget_key] = committed.get(budget_key, 0) + cost
+            reserved[budget_key] = reserved.get(budget_key, 0) + cost
+        self._held[ask.reservation_id] = _Held(ask, tuple(state[2][1] for state in states))
         heapq.heappush(self._expiries, (ask.expires_at, ask.reservation_id))
-        return self._verdict(ask, now)
+        return self._verdict(states, now)
 
-    def _refusal(self, limits: ScopeLimits, scope: _Scope, ask: Ask, now: float) -> tuple[str, str, float | None] | None:
+    def _refusal(
+        self, limits: ScopeLimits, scope: _Scope, budget_key: tuple[str, str], ask: Ask, now: float
+    ) -> tuple[str, str, float | None] | None:
         if limits.budget_nano is not None:
-            spent = self.committed.get((limits.scope, limits.budget_key(now)), 0)
-            if spent + ask.cost_nano > limits.budget_nano:
+            if self.committed.get(budget_key, 0) + ask.cost_nano > limits.budget_nano:
                 end = period_end(limits.budget_period, now)
                 return BUDGET_EXCEEDED, limits.scope, None if end is None else end - now
         if limits.max_parallel is not None and scope.parallel + 1 > limits.max_parallel:
@@ -272,12 +276,12 @@ class Ledger:
             return TOKENS_EXCEEDED, limits.scope, scope.tokens.seconds_until_fits(ask.tokens, limits.tokens_per_minute, now)
         return None
 
+    @staticmethod
     def _verdict(
-        self, ask: Ask, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None
+        states: list, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None
     ) -> Verdict:
         tokens = requests = None
-        for limits in ask.scopes:
-            state = self._scope(limits.scope)
+        for limits, state, _ in states:
             if limits.tokens_per_minute is not None:
                 tokens = _tighter(tokens, state.tokens.quota(limits.tokens_per_minute, now))
             if limits.requests_per_minute is not None:
@@ -292,7 +296,8 @@ class Ledger:
 
         @return: whether the reservation was still held.
         """
-        self.lapse(now)
+        if self._expiries and self._expiries[0][0] <= now:
+            self.lapse(now)
         held = self._held.pop(ask.reservation_id, None)
         if held is None:
             for limits in ask.scopes:

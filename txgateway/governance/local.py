@@ -27,23 +27,12 @@ from txgateway.governance.ledger import Ask, Ledger, ScopeLimits, Verdict
 from txgateway.governance.periods import day_of, period_key
 from txgateway.governance.spendfile import SpendFile, SpendRow
 
-__all__ = ["FLUSH_INTERVAL", "LocalLedgerStore", "day_rows"]
+__all__ = ["FLUSH_INTERVAL", "LocalLedgerStore"]
 
 #: Seconds settled spend may wait before it is written to the file.
 FLUSH_INTERVAL = 0.2
 
 _PERIODS = ("day", "week", "month", "total")
-
-
-def day_rows(settled: Settled, day: str) -> list[SpendRow]:
-    """The spend rows one settled request adds (one per model it used; the request counted once)."""
-    rows = []
-    for position, use in enumerate(settled.models):
-        rows.append(
-            (day, settled.key, settled.team or "", use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano,
-             1 if position == 0 else 0)
-        )
-    return rows
 
 
 def _day_start(day: str) -> float:
@@ -112,10 +101,14 @@ class LocalLedgerStore:
     def settle(self, ask: Ask, settled: Settled) -> Deferred[None]:
         now = self._clock.seconds()
         self.ledger.settle(ask, settled.tokens, settled.cost_nano, now)
-        for row in day_rows(settled, day_of(now)):
-            self._add_day(row[:4], row[4:], self._days)
-            if self._file is not None:
-                self._add_day(row[:4], row[4:], self._pending)
+        if settled.models:
+            day = day_of(now)
+            for position, use in enumerate(settled.models):
+                where = (day, settled.key, settled.team or "", use.model)
+                amounts = (use.prompt_tokens, use.completion_tokens, use.cost_nano, 0 if position else 1)
+                self._add_day(where, amounts, self._days)
+                if self._file is not None:
+                    self._add_day(where, amounts, self._pending)
         return succeed(None)
 
     def spend(self, scopes: list[ScopeLimits], days: int) -> Deferred[SpendReport]:

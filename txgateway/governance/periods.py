@@ -10,10 +10,14 @@ import time
 
 __all__ = ["day_of", "period_end", "period_key"]
 
+#: The last key computed for each period, and the span of time it holds
+#: for: a request's periods cost a comparison, not a calendar computation.
+_LAST: dict[str, tuple[float, float, str]] = {}
+
 
 def day_of(now: float) -> str:
     """The UTC day of C{now} (seconds since the epoch), as C{YYYY-MM-DD}."""
-    return time.strftime("%Y-%m-%d", time.gmtime(now))
+    return period_key("day", now)[1:]
 
 
 def period_key(period: str, now: float) -> str:
@@ -22,6 +26,28 @@ def period_key(period: str, now: float) -> str:
     C{now} falls in: C{d2026-12-03}, C{w2026-11-30} (weeks start on
     Monday), C{m2026-12}, C{total}.
     """
+    last = _LAST.get(period)
+    if last is not None and last[0] <= now < last[1]:
+        return last[2]
+    key = _period_key(period, now)
+    end = _period_end(period, now)
+    _LAST[period] = (_period_start(period, now), float("inf") if end is None else end, key)
+    return key
+
+
+def _period_start(period: str, now: float) -> float:
+    if period == "total":
+        return float("-inf")
+    moment = time.gmtime(now)
+    midnight = calendar.timegm((moment.tm_year, moment.tm_mon, moment.tm_mday, 0, 0, 0))
+    if period == "day":
+        return float(midnight)
+    if period == "week":
+        return float(midnight - moment.tm_wday * 86400)
+    return float(calendar.timegm((moment.tm_year, moment.tm_mon, 1, 0, 0, 0)))
+
+
+def _period_key(period: str, now: float) -> str:
     if period == "total":
         return "total"
     moment = time.gmtime(now)
@@ -37,6 +63,13 @@ def period_key(period: str, now: float) -> str:
 
 def period_end(period: str, now: float) -> float | None:
     """When the C{period} that C{now} falls in ends (L{None} for C{total}: never)."""
+    last = _LAST.get(period)
+    if last is not None and last[0] <= now < last[1]:
+        return None if last[1] == float("inf") else last[1]
+    return _period_end(period, now)
+
+
+def _period_end(period: str, now: float) -> float | None:
     if period == "total":
         return None
     moment = time.gmtime(now)

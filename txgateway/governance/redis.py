@@ -116,8 +116,7 @@ end
 
 #: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of asks: {id,
 #: tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
-#: 0: none; bk the budget period's key; end the seconds to its end, -1:
-#: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
+#: 0: none; bk the budget period's key; end the time it ends, -1: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
 #: rq, spent: {scope: committed}} (tq/rq: [limit, remaining, reset]).
 RESERVE_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
@@ -134,7 +133,8 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
     local committed = num(redis.call('GET', bud))
     spent[s.s] = committed
     if s.bud > 0 and committed + ask.cost > s.bud then
-      why, after = 'budget_exceeded', s['end']
+      why = 'budget_exceeded'
+      if s['end'] >= 0 then after = s['end'] - now end
     elseif s.par > 0 and redis.call('ZCARD', P .. 'par:' .. s.s) + 1 > s.par then
       why = 'too_many_parallel'
     elseif s.rpm > 0 and redis.call('ZCARD', P .. 'req:' .. s.s) + 1 > s.rpm then
@@ -280,43 +280,44 @@ RETRY_INTERVAL = 1.0
 REPLAY_BATCH = 200
 
 
-def _scope_json(limits: ScopeLimits, now: float) -> dict:
-    end = period_end(limits.budget_period, now)
-    return {
-        "s": limits.scope,
-        "tpm": limits.tokens_per_minute or 0,
-        "rpm": limits.requests_per_minute or 0,
-        "bud": limits.budget_nano if limits.budget_nano is not None else 0,
-        "bk": limits.budget_key(now),
-        "par": limits.max_parallel or 0,
-        "end": -1 if end is None else end - now,
-    }
+_FRAGMENTS: dict[tuple[ScopeLimits, str], str] = {}
 
 
-def ask_json(ask: Ask, now: float) -> dict:
-    """An ask as the reserve script reads it."""
-    return {
-        "id": ask.reservation_id,
-        "tokens": ask.tokens,
-        "cost": ask.cost_nano,
-        "exp": ask.expires_at,
-        "scopes": [_scope_json(limits, now) for limits in ask.scopes],
-    }
+def _scope_json(limits: ScopeLimits, now: float) -> str:
+    """A scope as the scripts read it, as JSON text (made once per scope and budget period)."""
+    budget_key = limits.budget_key(now)
+    fragment = _FRAGMENTS.get((limits, budget_key))
+    if fragment is None:
+        end = period_end(limits.budget_period, now)
+        fragment = json.dumps({
+            "s": limits.scope,
+            "tpm": limits.tokens_per_minute or 0,
+            "rpm": limits.requests_per_minute or 0,
+            "bud": limits.budget_nano if limits.budget_nano is not None else 0,
+            "bk": budget_key,
+            "par": limits.max_parallel or 0,
+            "end": -1 if end is None else end,
+        })
+        if len(_FRAGMENTS) > 10_000:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[(limits, budget_key)] = fragment
+    return fragment
 
 
-def settle_json(ask: Ask, settled: Settled, now: float) -> dict:
-    """A settle as the settle script reads it (made when settled: a replay keeps its day and periods)."""
-    return {
-        "id": ask.reservation_id,
-        "ask": ask_json(ask, now),
-        "tokens": settled.tokens,
-        "cost": settled.cost_nano,
-        "day": day_of(now),
-        "key": settled.key,
-        "team": settled.team or "",
-        "bk": {limits.scope: limits.budget_key(now) for limits in ask.scopes},
-        "models": [[use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano] for use in settled.models],
-    }
+def ask_json(ask: Ask, now: float) -> str:
+    """An ask as the reserve script reads it, as JSON text (ids, numbers and checked names need no escaping)."""
+    scopes = ",".join([_scope_json(limits, now) for limits in ask.scopes])
+    return f'{{"id":"{ask.reservation_id}","tokens":{ask.tokens},"cost":{ask.cost_nano},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
+
+
+def settle_json(ask: Ask, settled: Settled, now: float) -> str:
+    """A settle as the settle script reads it, as JSON text (made when settled: a replay keeps its day and periods)."""
+    periods = ",".join(f'"{limits.scope}":"{limits.budget_key(now)}"' for limits in ask.scopes)
+    models = json.dumps([[use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano] for use in settled.models])
+    return (
+        f'{{"id":"{ask.reservation_id}","ask":{ask_json(ask, now)},"tokens":{settled.tokens},"cost":{settled.cost_nano},'
+        f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","bk":{{{periods}}},"models":{models}}}'
+    )
 
 
 def _quota(raw: Any) -> Quota | None:
@@ -378,8 +379,8 @@ class RedisLedgerStore:
         self._seeded: set[tuple[str, str]] = set()
         self._reserves: list[_Waiting] = []
         self._reserving: Deferred | None = None
-        #: Settles not yet in Redis, oldest first (the journal while Redis is away).
-        self.journal: list[dict] = []
+        #: Settles not yet in Redis, as the script's JSON, oldest first (the journal while Redis is away).
+        self.journal: list[str] = []
         self._settling: Deferred | None = None
         self.serving_locally = False
 
@@ -412,7 +413,7 @@ class RedisLedgerStore:
                 self._decide_locally(batch)
                 continue
             now = self._clock.seconds()
-            args = [repr(now), json.dumps([ask_json(waiting.ask, now) for waiting in batch])]
+            args = [repr(now), "[" + ",".join([ask_json(waiting.ask, now) for waiting in batch]) + "]"]
             asking = self._reserving = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
             asking.addBoth(self._answered, batch, admission)
 
@@ -472,7 +473,7 @@ class RedisLedgerStore:
             self._replay_later()  # kept in the journal: replayed when Redis answers again
             return
         batch = self.journal[:REPLAY_BATCH]
-        args = [repr(self._clock.seconds()), json.dumps(batch)]
+        args = [repr(self._clock.seconds()), "[" + ",".join(batch) + "]"]
         settling = self._settling = Deferred.fromCoroutine(self._run(SETTLE_LUA, args))
         settling.addBoth(self._settled, len(batch), admission)
 

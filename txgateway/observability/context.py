@@ -154,8 +154,17 @@ class RequestContext:
         """A structlog logger bound to this request's ids."""
         if self._bound_log is None:
             trace_id = self.trace.trace_id if self.trace is not None else None
-            self._bound_log = self.base_log.bind(request_id=self.request_id, trace_id=trace_id)
+            if self.caller is not None:
+                self._bound_log = self.base_log.bind(request_id=self.request_id, trace_id=trace_id, api_key_name=self.caller.name)
+            else:
+                self._bound_log = self.base_log.bind(request_id=self.request_id, trace_id=trace_id)
         return self._bound_log
+
+    def identify(self, caller: Caller) -> None:
+        """The request carries C{caller}'s key: its name goes on every later log line of the request."""
+        self.caller = caller
+        if self._bound_log is not None:
+            self._bound_log = self._bound_log.bind(api_key_name=caller.name)
 
     def stamp(self, request: Any, now: float) -> None:
         """

@@ -107,6 +107,33 @@ class _RequestCounts:
         yield GaugeMetricFamily("txgateway_in_flight_requests", "Requests being handled now.", value=self.in_flight)
 
 
+class _SpendCounts:
+    """
+    The governed keys' settled spend and tokens as plain numbers (a settle
+    costs dictionary updates), turned into counters when scraped.
+    """
+
+    def __init__(self) -> None:
+        self.spend: dict[tuple[str, str, str], float] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+
+    def collect(self):
+        spend = CounterMetricFamily(
+            "txgateway_spend_usd", "Settled spend of governed keys in US dollars, by key, team and model (as sent).",
+            labels=["key", "team", "model"],
+        )
+        for labels, usd in sorted(self.spend.items()):
+            spend.add_metric(list(labels), usd)
+        yield spend
+        tokens = CounterMetricFamily(
+            "txgateway_key_tokens", "Tokens settled for governed keys, by key and kind (prompt or completion).",
+            labels=["key", "kind"],
+        )
+        for labels, count in sorted(self.tokens.items()):
+            tokens.add_metric(list(labels), count)
+        yield tokens
+
+
 def _histogram(name: str, documentation: str, labels: list[str], by_labels: dict[tuple[str, ...], list]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=labels)
     for values, (counts, total) in sorted(by_labels.items()):
@@ -182,14 +209,8 @@ class GatewayMetrics:
             "Broken streams asked of a backend again with their text so far, by service asked and outcome.",
             ["service", "outcome"], registry=r,
         )
-        self.spend_usd = Counter(
-            "txgateway_spend_usd", "Settled spend of governed keys in US dollars, by key, team and model (as sent).",
-            ["key", "team", "model"], registry=r,
-        )
-        self.key_tokens = Counter(
-            "txgateway_key_tokens", "Tokens settled for governed keys, by key and kind (prompt or completion).",
-            ["key", "kind"], registry=r,
-        )
+        self._spend = _SpendCounts()
+        r.register(self._spend)
         self.governance_refusals = Counter(
             "txgateway_governance_refusals",
             "Requests refused by a key's or team's limits before any backend was called, by key and reason.",
@@ -235,6 +256,23 @@ class GatewayMetrics:
         if child is None:
             child = self._token_children[key] = self.tokens.labels(service, model, kind)
         child.inc(tokens)
+
+    def count_spend(self, key: str, team: str, model: str, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        """One model's share of a governed request, settled: its cost and tokens, by key."""
+        counts = self._spend
+        if usd:
+            labels = (key, team, model)
+            counts.spend[labels] = counts.spend.get(labels, 0.0) + usd
+        tokens = counts.tokens
+        prompt, completion = (key, "prompt"), (key, "completion")
+        tokens[prompt] = tokens.get(prompt, 0) + prompt_tokens
+        tokens[completion] = tokens.get(completion, 0) + completion_tokens
+        self.recent_tokens.add(model, prompt_tokens + completion_tokens)
+
+    def count_refusal(self, key: str, reason: str) -> None:
+        """A governed key's request refused by its limits (before any backend was called)."""
+        self.governance_refusals.labels(key, reason).inc()
+        self.recent_refusals.add(reason)
 
     def observe_attempt(self, service: str, endpoint: str, outcome: str) -> None:
         """Count one upstream attempt by its outcome."""
