@@ -453,7 +453,11 @@ def main() -> int:
                     scripts[name] = script
             # The same JSON completion from a governed key: reserved, then
             # settled, in memory over SQLite and in Redis.
-            governed = {"txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {tmp}/spend.db"}
+            governed = {
+                # The same key with no limits and no prices: authentication without governance, the fair baseline.
+                "txgateway JSON completion (/v1/ key: no limits)": None,
+                "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {tmp}/spend.db",
+            }
             if redis_port is not None:
                 governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
                     f"store = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
@@ -464,7 +468,8 @@ def main() -> int:
                               f"wrk.headers[\"Authorization\"] = \"Bearer {GOVERNED_KEY}\"\n")
             for number, (name, budgets) in enumerate(governed.items()):
                 port = free_port()
-                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", governance=governance_ini(budgets))
+                sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
+                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", governance=sections)
                 pids[name] = start_gateway(processes, twistd, ini, port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
                 targets[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
                 scripts[name] = script
@@ -557,12 +562,13 @@ def main() -> int:
             print(f"{name[: -len(' [baseline]')]}: {now['rps'] / m['rps'] * 100:.1f}% of the baseline's req/s, "
                   f"{now['cpu_us'] / m['cpu_us'] * 100:.1f}% of its CPU a request, "
                   f"added p50 {(now['p50'] - m['p50']) * 1e6:+.0f} us against it")
-    plain = "txgateway JSON completion (/v1/ parsed)"
-    for store in ("SQLite", "Redis"):
-        governed_row = f"txgateway JSON completion (/v1/ governed: {store})"
-        if governed_row in medians and plain in medians:
-            print(f"governed key ({store}): {medians[governed_row]['rps'] / medians[plain]['rps'] * 100:.0f}% of the ungoverned "
-                  f"throughput, {medians[governed_row]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
+    for plain in ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ key: no limits)"):
+        for store in ("SQLite", "Redis"):
+            governed_row = f"txgateway JSON completion (/v1/ governed: {store})"
+            if governed_row in medians and plain in medians:
+                print(f"governed key ({store}) against {plain[len('txgateway JSON completion '):]}: "
+                      f"{medians[governed_row]['rps'] / medians[plain]['rps'] * 100:.0f}% of its throughput, "
+                      f"{medians[governed_row]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -373,3 +373,32 @@ def test_refusals_are_counted_for_the_status_page():
     result_of(chat(h, model="o1"))
     status = body_of(result_of(h.request("GET", "/status.json")))
     assert status["governance"]["refusals_last_minute"] == 1
+
+
+def test_a_cache_hit_costs_nothing():
+    h = Harness(GATEWAY_HEAD + """
+[service:cached]
+url = http://cached.test/v1
+api = openai
+cache = memory
+cache_methods = POST
+[model:gpt-4o]
+targets = cached
+[key:alice]
+secret = alice-secret
+tokens_per_minute = 2000
+[price:*]
+prompt = 1
+completion = 1
+""")
+    first = chat(h)
+    h.agents["cached"].last.respond(FakeResponse(200, {**JSON, b"cache-control": b"max-age=60"}, completion("gpt-4o", prompt=9, done=3)))
+    h.flush()
+    result_of(treq.content(result_of(first)))
+    second = result_of(chat(h))
+    result_of(treq.content(second))
+    assert len(h.agents["cached"].requests) == 1
+    paid, hit = h.access.lines
+    assert paid["cost_usd"] == pytest.approx(12e-6) and hit["cache"] == "hit" and hit["cost_usd"] == 0
+    # The hit's reservation came back whole: 2000 less the first call's 12 tokens.
+    assert second.headers.getRawHeaders("x-ratelimit-remaining-tokens") == [str(2000 - 12 - RESERVED)]

@@ -130,7 +130,8 @@ class Reservation:
         Settle with what the call used: every backend's reported usage;
         without any, a stream's relayed content chunks (plus the prompt
         estimate), or the whole reservation for a successful answer whose
-        usage could not be read; nothing when no backend answered.
+        usage could not be read; nothing when no backend answered (or the
+        answer came from the response cache).
 
         @param answered: the status the client was sent (0: none).
         @param relayed_chunks: content chunks the client was sent of a stream.
@@ -142,8 +143,8 @@ class Reservation:
         self.governor.settle(self, ctx, self._uses(ctx, answered, relayed_chunks, fallback_model))
 
     def _uses(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> list[ModelUse]:
-        if self.openai is None:
-            return []
+        if self.openai is None or ctx.cache in ("hit", "coalesced"):
+            return []  # no backend was asked for this answer: it costs nothing
         prices = self.governor.prices
         billed = ctx.completion.billed if ctx.completion is not None else []
         if billed:

@@ -1,9 +1,10 @@
 """
 The ledger in Redis, shared by every gateway that points at the same
 Redis: reserve and settle are Lua scripts (the rules of
-L{txgateway.governance.ledger}, one round trip each), batched like the
-rate limiter's: a call goes at once when none is in flight, and what
-arrives meanwhile goes together in the next.
+L{txgateway.governance.ledger}, one round trip each), batched: a reserve
+call goes at once while fewer than L{RESERVES_IN_FLIGHT} are in flight
+(settles: one), and what arrives meanwhile goes together in the next.
+Each script is atomic in Redis, so calls in flight together cannot race.
 
 Redis slow or away must cost no client an error: every call is bounded by
 C{timeout} on the injected clock, and a failure opens a breaker of the
@@ -276,6 +277,8 @@ _SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE
 
 #: Seconds Redis is left alone after a failure before one call tries it again.
 RETRY_INTERVAL = 1.0
+#: Reserve calls in flight at once; what arrives while they are goes together in the next.
+RESERVES_IN_FLIGHT = 4
 #: Settles replayed from the journal in one call.
 REPLAY_BATCH = 200
 
@@ -378,7 +381,8 @@ class RedisLedgerStore:
         self._last_known: dict[tuple[str, str], int] = {}
         self._seeded: set[tuple[str, str]] = set()
         self._reserves: list[_Waiting] = []
-        self._reserving: Deferred | None = None
+        #: Reserve calls in flight (at most L{RESERVES_IN_FLIGHT}: one per pooled connection).
+        self._reserving = 0
         #: Settles not yet in Redis, as the script's JSON, oldest first (the journal while Redis is away).
         self.journal: list[str] = []
         self._settling: Deferred | None = None
@@ -401,12 +405,12 @@ class RedisLedgerStore:
 
         waiting = _Waiting(ask, Deferred(cancelled))
         self._reserves.append(waiting)
-        if self._reserving is None:
+        if self._reserving < RESERVES_IN_FLIGHT:
             self._ask()
         return waiting.decided
 
     def _ask(self) -> None:
-        while self._reserves and self._reserving is None:
+        while self._reserves and self._reserving < RESERVES_IN_FLIGHT:
             batch, self._reserves = self._reserves, []
             admission = self._breaker.admit("reserve")
             if not admission.allowed:
@@ -414,11 +418,12 @@ class RedisLedgerStore:
                 continue
             now = self._clock.seconds()
             args = [repr(now), "[" + ",".join([ask_json(waiting.ask, now) for waiting in batch]) + "]"]
-            asking = self._reserving = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
+            self._reserving += 1
+            asking = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
             asking.addBoth(self._answered, batch, admission)
 
     def _answered(self, result: Any, batch: list[_Waiting], admission: Any) -> None:
-        self._reserving = None
+        self._reserving -= 1
         if isinstance(result, Failure):
             self._failed(admission, result)
             self._decide_locally(batch)
