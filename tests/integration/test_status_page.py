@@ -80,3 +80,24 @@ def test_the_page_is_not_shown_to_other_networks(start_gateway, fresh_backend, t
     answer = gateway.request("GET", "/status")
     assert answer.status == 404 and answer.error["type"] == "not_found"
     assert gateway.request("GET", "/status.json").status == 404
+
+
+def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gateway, tmp_path):
+    from tests.integration.test_governance import HEADERS, KEY, call, governed
+    from tests.integration.test_openai_sdk import OpenAIBackend
+
+    backend = OpenAIBackend(tmp_path)
+    try:
+        # $1 a million tokens: each call settles 1 + 60 tokens, 0.000061 of a 0.0002 budget.
+        gateway = start_gateway(governed(backend.url, "budget_usd = 0.0002\nbudget_period = day"))
+        assert call(gateway.port, "plain", stream=False) == (200, None)
+        assert call(gateway.port, "plain", stream=False) == (200, None)
+        assert call(gateway.port, "plain", stream=False)[1] == "budget_exceeded"  # 0.000122 + a reservation of 0.000106
+        assert KEY in HEADERS["Authorization"]
+        page = render(f"http://127.0.0.1:{gateway.port}/status", tmp_path)
+        row = page.split('data-key="team"', 1)[1].split("</tr>", 1)[0]
+        assert 'class="bar"' in row and 'style="width:61.0%"' in row and "$0.0001" in row
+        assert '<b id="refusals">1</b>' in page
+        assert 'data-model="plain-model"' in page and "<polyline" in page.split('data-model="plain-model"', 1)[1]
+    finally:
+        backend.process.stop()

@@ -73,7 +73,7 @@ function chart(series){
 }
 function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
 function renderSpend(g,sp){
-  var html="<h2>Keys and budgets</h2><p class=\"meta\">refusals in the last minute: <b id=\"refusals\">"+esc(g.refusals_last_minute)+"</b></p>";
+  var html='<h2>Keys and budgets</h2><p class="meta">refusals in the last minute: <b id="refusals">'+esc(g.refusals_last_minute)+"</b></p>";
   function rows(kind,scopes){return Object.keys(scopes).map(function(name){var k=scopes[name];var used=k.spent_usd+k.reserved_usd;
     return '<tr data-'+kind+'="'+esc(name)+'"><td>'+esc(kind)+" "+esc(name)+"</td><td>"+bar(used,k.budget_usd)+'</td><td class="num">'+esc(money(k.spent_usd))+
       '</td><td class="num">'+esc(money(k.budget_usd))+"</td><td>"+esc(k.budget_period)+'</td><td class="num">'+esc(k.tokens_per_minute?k.tokens_per_minute.remaining+" / "+k.tokens_per_minute.limit:null)+
