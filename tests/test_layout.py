@@ -268,3 +268,12 @@ def test_every_public_module_class_and_function_has_a_docstring():
                 if ast.get_docstring(node) is None:
                     missing.append(f"{path.relative_to(PACKAGE)}:{node.name}")
     assert missing == []
+
+
+def test_every_package_is_listed_in_pyproject():
+    """pyproject.toml names the packages explicitly: a room missing there is missing from every install."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    rooms = {room for room in ROOMS if (PACKAGE.parent / room.replace(".", "/") / "__init__.py").exists()}
+    assert rooms - listed == set()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -21,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.integration.conftest import DAEMON_HEAD, Process, free_port, request, wait_until
+from tests.integration.conftest import DAEMON_HEAD, Process, request, wait_until
 from tests.integration.test_openai_sdk import OpenAIBackend
 from tests.integration.test_redis import RedisServer, redis_server_binary
 

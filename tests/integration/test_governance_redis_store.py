@@ -14,12 +14,19 @@ import pytest_twisted
 import structlog
 from twisted.internet.task import Clock
 
-from tests.integration.test_redis import redis_server  # noqa: F401 (the fixture)
+from tests.integration.test_redis import RedisServer
 from txgateway.governance.interface import ModelUse, Settled
 from txgateway.governance.ledger import Ask, Ledger, ScopeLimits
 from txgateway.governance.redis import RedisLedgerStore
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
 
 NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
 KEY = ScopeLimits("key:alice", tokens_per_minute=1000, requests_per_minute=12, budget_nano=5000, budget_period="day", max_parallel=4)
