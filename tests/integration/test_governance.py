@@ -260,3 +260,25 @@ def test_redis_away_under_traffic_costs_no_client_an_error_and_loses_no_spend(st
         if redis.process.proc.poll() is None:
             redis.process.proc.send_signal(signal.SIGCONT)
             redis.stop()
+
+
+def test_a_keys_file_in_ini_syntax_is_read_again_on_sighup(start_gateway, backend, tmp_path):
+    keys = tmp_path / "keys.ini"
+    keys.write_text(f"[team:t]\ntokens_per_minute = 100000\n[key:first]\nsecret = first-secret\nteam = t\n")
+    ini = governed(backend.url).replace("[key:team]", f"[auth]\nkeys_file = {keys}\n[key:team]")
+    gateway = start_gateway(ini)
+    body = chat_body("plain", stream=False)
+    second = {"Content-Type": "application/json", "Authorization": "Bearer second-secret"}
+    assert request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=second).status == 401
+    keys.write_text(keys.read_text() + "[key:second]\nsecret = second-secret\nmodels = plain\n")
+    gateway.process.proc.send_signal(signal.SIGHUP)
+    gateway.logged("config_reloaded")
+    answer = request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=second)
+    assert answer.status == 200
+    refused = request(gateway.port, "POST", "/v1/chat/completions", body=chat_body("slow", stream=False), headers=second)
+    assert refused.status == 403 and refused.error["type"] == "model_not_allowed"
+    keys.write_text("[key:broken]\nsecret = x\nbudget_usd = lots\n")
+    gateway.process.proc.send_signal(signal.SIGHUP)
+    [line] = gateway.logged("config_reload_rejected")
+    assert "[key:broken] budget_usd: expected a number" in line["reason"] and str(keys) in line["reason"]
+    assert request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=second).status == 200

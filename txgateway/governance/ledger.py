@@ -26,7 +26,6 @@ The rules:
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import OrderedDict
 
@@ -122,7 +121,8 @@ class _Window:
     __slots__ = ("entries", "total")
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[str, list] = OrderedDict()
+        #: Each entry's (time taken, amount): tuples, which the collector stops tracking.
+        self.entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self.total = 0
 
     def trim(self, now: float) -> None:
@@ -135,7 +135,7 @@ class _Window:
             self.total -= first[1]
 
     def add(self, entry_id: str, amount: int, now: float) -> None:
-        self.entries[entry_id] = [now, amount]
+        self.entries[entry_id] = (now, amount)
         self.total += amount
 
     def remove(self, entry_id: str) -> None:
@@ -148,7 +148,7 @@ class _Window:
         entry = self.entries.get(entry_id)
         if entry is not None:
             self.total += used - entry[1]
-            entry[1] = used
+            self.entries[entry_id] = (entry[0], used)
         elif used > reserved:
             self.add(entry_id + "+", used - reserved, now)
 
@@ -202,7 +202,8 @@ class Ledger:
     def __init__(self) -> None:
         self._scopes: dict[str, _Scope] = {}
         self._held: dict[str, _Held] = {}
-        self._expiries: list[tuple[float, str]] = []
+        #: The earliest expiry among the reservations held (or earlier: one that settled since).
+        self._earliest = math.inf
         self.committed: dict[tuple[str, str], int] = {}
         self.reserved: dict[tuple[str, str], int] = {}
 
@@ -229,7 +230,7 @@ class Ledger:
 
     def reserve(self, ask: Ask, now: float) -> Verdict:
         """Take C{ask} from every scope it falls under, or from none (the verdict says why)."""
-        if self._expiries and self._expiries[0][0] <= now:
+        if now >= self._earliest:
             self.lapse(now)
         states = []
         refusal = None
@@ -258,7 +259,8 @@ class Ledger:
             committed[budget_key] = committed.get(budget_key, 0) + cost
             reserved[budget_key] = reserved.get(budget_key, 0) + cost
         self._held[ask.reservation_id] = _Held(ask, tuple(state[2][1] for state in states))
-        heapq.heappush(self._expiries, (ask.expires_at, ask.reservation_id))
+        if ask.expires_at < self._earliest:
+            self._earliest = ask.expires_at
         return self._verdict(states, now)
 
     def _refusal(
@@ -296,7 +298,7 @@ class Ledger:
 
         @return: whether the reservation was still held.
         """
-        if self._expiries and self._expiries[0][0] <= now:
+        if now >= self._earliest:
             self.lapse(now)
         held = self._held.pop(ask.reservation_id, None)
         if held is None:
@@ -318,14 +320,19 @@ class Ledger:
         return True
 
     def lapse(self, now: float) -> list[str]:
-        """Give back every reservation whose expiry has passed; their ids."""
+        """
+        Give back every reservation whose expiry has passed; their ids.
+        It looks at the reservations held (those in flight: few), and only
+        once the earliest expiry among them has come.
+        """
         lapsed = []
-        expiries = self._expiries
-        while expiries and expiries[0][0] <= now:
-            _, reservation_id = heapq.heappop(expiries)
-            held = self._held.pop(reservation_id, None)
-            if held is None:
-                continue  # settled in time
+        earliest = math.inf
+        for reservation_id, held in list(self._held.items()):
+            expires_at = held.ask.expires_at
+            if expires_at > now:
+                earliest = min(earliest, expires_at)
+                continue
+            del self._held[reservation_id]
             lapsed.append(reservation_id)
             for limits, budget_key in zip(held.ask.scopes, held.budget_keys):
                 scope = self._scope(limits.scope)
@@ -335,6 +342,7 @@ class Ledger:
                 key = (limits.scope, budget_key)
                 self.committed[key] -= held.ask.cost_nano
                 self.reserved[key] -= held.ask.cost_nano
+        self._earliest = earliest
         return lapsed
 
     def quotas(self, limits: ScopeLimits, now: float) -> tuple[Quota | None, Quota | None]:
