@@ -352,7 +352,7 @@ def test_spend_json_shows_each_key_and_team_and_spend_per_model_per_day():
     cost = (9 * 2.5 + 3 * 10) / 1e6
     assert alice["spent_usd"] == pytest.approx(cost) and alice["reserved_usd"] == 0
     assert alice["remaining_usd"] == pytest.approx(1 - cost) and alice["period"] == "d1970-01-01"
-    assert alice["tokens_per_minute"] == {"limit": 2000, "remaining": 1988, "reset_s": 60.0}
+    assert alice["tokens_per_minute"] == {"limit": 2000, "remaining": 1988, "used": 12, "reset_s": 60.0}
     assert spend["teams"]["ml"]["spent_usd"] == pytest.approx(cost)
     assert spend["models_by_day"] == [
         {"day": "1970-01-01", "model": "gpt-4o", "prompt_tokens": 9, "completion_tokens": 3, "cost_usd": pytest.approx(cost), "requests": 1}
@@ -402,3 +402,19 @@ completion = 1
     assert paid["cost_usd"] == pytest.approx(12e-6) and hit["cache"] == "hit" and hit["cost_usd"] == 0
     # The hit's reservation came back whole: 2000 less the first call's 12 tokens.
     assert second.headers.getRawHeaders("x-ratelimit-remaining-tokens") == [str(2000 - 12 - RESERVED)]
+
+
+def test_a_model_with_no_price_costs_nothing_and_says_so_once():
+    import structlog.testing
+
+    with structlog.testing.capture_logs() as logs:
+        h = Harness(INI.format(alice="").replace("[price:gpt-4o-mini]\nprompt = 0.15\ncompletion = 0.6\n", ""))
+        for _ in range(3):
+            d = chat(h, key="bob-secret")
+            h.agents["primary"].last.respond(FakeResponse(503, JSON, b'{"error":"busy"}'))
+            h.flush()
+            h.agents["cheap"].last.respond(FakeResponse(200, JSON, completion("gpt-4o-mini", prompt=9, done=3)))
+            h.flush()
+            result_of(treq.content(result_of(d)))
+    assert [entry["model"] for entry in logs if entry["event"] == "model_unpriced"] == ["gpt-4o-mini"]
+    assert [line["cost_usd"] for line in h.access.lines] == [0, 0, 0]

@@ -41,7 +41,7 @@ async def connected(redis_server):
 
 def comparable(verdict):
     retry = None if verdict.retry_after is None else round(verdict.retry_after, 3)
-    quotas = [(q.limit, q.remaining, round(q.reset, 3)) if q else None for q in (verdict.tokens, verdict.requests)]
+    quotas = [(q.limit, q.remaining, round(q.reset, 3), q.used) if q else None for q in (verdict.tokens, verdict.requests)]
     return (verdict.allowed, verdict.reason, verdict.scope, retry, quotas)
 
 

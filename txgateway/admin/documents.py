@@ -130,7 +130,7 @@ def _usd(nano: int) -> float:
 def _quota(quota: Any) -> dict | None:
     if quota is None:
         return None
-    return {"limit": quota.limit, "remaining": quota.remaining, "reset_s": round(quota.reset, 3)}
+    return {"limit": quota.limit, "remaining": quota.remaining, "used": quota.used, "reset_s": round(quota.reset, 3)}
 
 
 def spend_document(report: SpendReport, governor: Governor) -> dict:

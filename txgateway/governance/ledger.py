@@ -88,11 +88,15 @@ class Ask:
 
 @attrs.define
 class Quota:
-    """A per-minute limit as OpenAI's C{x-ratelimit-*} headers say it."""
+    """
+    A per-minute limit as OpenAI's C{x-ratelimit-*} headers say it, and
+    what its window holds (C{used}: above the limit after an overspend).
+    """
 
     limit: int
     remaining: int
     reset: float
+    used: int = 0
 
 
 @attrs.define
@@ -170,7 +174,7 @@ class _Window:
         if self.entries:
             newest = next(reversed(self.entries.values()))
             reset = max(0.0, newest[0] + WINDOW - now)
-        return Quota(limit, max(0, limit - self.total), reset)
+        return Quota(limit, max(0, limit - self.total), reset, self.total)
 
 
 class _Scope:

@@ -118,7 +118,7 @@ end
 #: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of asks: {id,
 #: tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
 #: 0: none; bk the budget period's key; end the time it ends, -1: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
-#: rq, spent: {scope: committed}} (tq/rq: [limit, remaining, reset]).
+#: rq, spent: {scope: committed}} (tq/rq: [limit, remaining, reset, used]).
 RESERVE_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
 lapse(now)
@@ -177,11 +177,13 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
   local tq, rq = nil, nil
   for _, s in ipairs(ask.scopes) do
     if s.tpm > 0 then
-      local q = {s.tpm, math.max(0, s.tpm - num(redis.call('GET', P .. 'toksum:' .. s.s))), newest(P .. 'tok:' .. s.s, now)}
+      local used = num(redis.call('GET', P .. 'toksum:' .. s.s))
+      local q = {s.tpm, math.max(0, s.tpm - used), newest(P .. 'tok:' .. s.s, now), used}
       if tq == nil or q[2] < tq[2] then tq = q end
     end
     if s.rpm > 0 then
-      local q = {s.rpm, math.max(0, s.rpm - redis.call('ZCARD', P .. 'req:' .. s.s)), newest(P .. 'req:' .. s.s, now)}
+      local used = redis.call('ZCARD', P .. 'req:' .. s.s)
+      local q = {s.rpm, math.max(0, s.rpm - used), newest(P .. 'req:' .. s.s, now), used}
       if rq == nil or q[2] < rq[2] then rq = q end
     end
   end
@@ -326,8 +328,8 @@ def settle_json(ask: Ask, settled: Settled, now: float) -> str:
 def _quota(raw: Any) -> Quota | None:
     if not raw:
         return None
-    limit, remaining, reset = raw
-    return Quota(int(limit), int(remaining), float(reset))
+    limit, remaining, reset, used = raw
+    return Quota(int(limit), int(remaining), float(reset), int(used))
 
 
 def verdict_of(raw: dict) -> Verdict:
@@ -553,8 +555,8 @@ class RedisLedgerStore:
             committed, reserved, parallel, tokens, requests, tokens_reset, requests_reset = row
             report.append(ScopeSpend(
                 limits.scope, key[1], int(committed) - int(reserved), int(reserved), int(parallel),
-                Quota(key[2], max(0, key[2] - int(tokens)), float(tokens_reset)) if key[2] else None,
-                Quota(key[3], max(0, key[3] - int(requests)), float(requests_reset)) if key[3] else None,
+                Quota(key[2], max(0, key[2] - int(tokens)), float(tokens_reset), int(tokens)) if key[2] else None,
+                Quota(key[3], max(0, key[3] - int(requests)), float(requests_reset), int(requests)) if key[3] else None,
             ))
         rows = []
         for fields in raw["days"] or []:
