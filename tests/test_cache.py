@@ -48,6 +48,25 @@ def test_freshness_follows_the_backend_when_it_says_shorter_or_no():
     assert freshness(404, [], 300) is None
 
 
+def test_a_backends_no_cache_does_not_keep_an_answer_out():
+    # SSE servers send it on every stream so that proxies do not buffer them.
+    assert freshness(200, [(b"Cache-Control", b"no-cache")], 300) == 300
+    assert freshness(200, [(b"Cache-Control", b"no-cache, max-age=20")], 300) == 20
+    assert freshness(200, [(b"Cache-Control", b"no-cache, no-store")], 300) is None
+
+
+def test_an_sse_answer_marked_no_cache_is_kept_and_replayed():
+    h = Harness(INI.replace("max_entry_bytes = 100", "max_entry_bytes = 1000"))
+    events = b"data: one\n\ndata: two\n\ndata: [DONE]\n\n"
+    d = h.request("POST", "/api/emb/chat/completions", data=b'{"stream": true}')
+    sse = {b"content-type": b"text/event-stream", b"cache-control": b"no-cache"}
+    first = answered(h, d, FakeResponse(200, sse, events))
+    assert body_of(first) == events and first.headers.getRawHeaders("x-cache") == ["MISS"]
+    second = result_of(h.request("POST", "/api/emb/chat/completions", data=b'{"stream": true}'))
+    assert second.headers.getRawHeaders("x-cache") == ["HIT"] and body_of(second) == events
+    assert len(h.agents["emb"].requests) == 1
+
+
 def test_the_key_holds_service_method_target_body_and_tenant():
     base = cache_key("emb", b"POST", b"/v1/embeddings", b"{}", "alice")
     assert base == cache_key("emb", b"POST", b"/v1/embeddings", b"{}", "alice")

@@ -61,8 +61,10 @@ def freshness(code: int, headers: list[tuple[bytes, bytes]], ttl: float) -> floa
     """
     How long a backend's answer may be kept (the shorter of C{ttl} and its
     C{s-maxage}, else C{max-age}), or L{None} when it may not be: not a
-    200, a C{Set-Cookie}, C{Cache-Control: no-store}, C{private} or
-    C{no-cache}, or C{Vary: *}.
+    200, a C{Set-Cookie}, C{Cache-Control: no-store} or C{private}, or
+    C{Vary: *}.  A backend's C{no-cache} does not keep an answer out: SSE
+    servers send it on every stream to stop proxies from buffering, and the
+    operator asked for the service's answers to be kept.
     """
     if code != 200:
         return None
@@ -75,7 +77,7 @@ def freshness(code: int, headers: list[tuple[bytes, bytes]], ttl: float) -> floa
             control += b"," + value
         if lower == b"vary" and b"*" in value:
             return None
-    if directives(control) & {b"no-store", b"private", b"no-cache"}:
+    if directives(control) & {b"no-store", b"private"}:
         return None
     ages = {kind.lower(): int(seconds) for kind, seconds in _MAX_AGE.findall(control)}
     age = ages.get(b"s-maxage", ages.get(b"max-age"))
