@@ -182,3 +182,19 @@ def test_a_fallback_must_name_another_service(fallback, complaint):
 
     with pytest.raises(ConfigError, match=rf"t.ini: \[service:a\] fallback: .*{complaint}"):
         parse_config(f"[service:a]\nurl = http://a:1\nfallback = {fallback}\n[service:b]\nurl = http://b:1\n", "t.ini", environ={})
+
+
+def test_the_embedded_defaults_serve_openais_api_from_the_ai_backend():
+    config = load_config(None, environ={})
+    assert config.services["ai"].api == "http"  # /api/ai/* still relays bytes
+    assert config.services["ai-openai"].url == "http://localhost:8000/v1" and config.services["ai-openai"].speaks_openai
+    [target] = config.models["*"].targets
+    assert target.service == "ai-openai" and target.model_for("anything") == "anything"
+
+
+def test_ai_service_url_moves_the_openai_api_with_it_on_the_embedded_defaults():
+    config = load_config(None, environ={"AI_SERVICE_URL": "http://10.0.0.5:9000/"})
+    assert config.services["ai"].url == "http://10.0.0.5:9000"
+    assert config.services["ai-openai"].url == "http://10.0.0.5:9000/v1"
+    own = load_config(None, environ={"AI_SERVICE_URL": "http://a:1", "AI_OPENAI_SERVICE_URL": "http://b:2/v1"})
+    assert own.services["ai-openai"].url == "http://b:2/v1"

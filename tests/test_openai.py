@@ -613,3 +613,13 @@ def test_a_client_that_leaves_while_a_refusal_is_read_leaves_nothing_in_flight()
     assert refusal.transport.stopped and h.agents["local"].requests == []
     route = h.gateway.broker.models.targets_for("gpt-4o")[0].route
     assert route.endpoints[0].in_flight == 0 and route.in_flight == 0
+
+
+def test_a_v1_request_on_a_configuration_without_models_says_what_is_missing():
+    h = Harness(GATEWAY_HEAD + "[service:plain]\nurl = http://plain.test\n")
+    response = result_of(h.request("POST", "/v1/chat/completions", data=b'{"model": "gpt-4o", "messages": []}'))
+    error = json.loads(result_of(treq.content(response)))["error"]
+    assert response.code == 404 and error["type"] == "model_not_found"
+    assert error["message"].startswith("no models are configured: add a [model:NAME] section")
+    listed = result_of(h.request("GET", "/v1/models"))
+    assert json.loads(result_of(treq.content(listed))) == {"object": "list", "data": []}

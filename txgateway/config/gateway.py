@@ -63,6 +63,13 @@ url = http://localhost:8001
 
 [service:rag]
 url = http://localhost:8002
+
+[service:ai-openai]
+url = http://localhost:8000/v1
+api = openai
+
+[model:*]
+targets = ai-openai
 """
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -589,9 +596,14 @@ def _env_name(service: str) -> str:
 
 
 def _environment_overrides(
-    sections: dict[str, dict[str, _Raw]], environ: Mapping[str, str]
+    sections: dict[str, dict[str, _Raw]], environ: Mapping[str, str], defaults: bool = False
 ) -> None:
-    """Apply the seed-compatible environment variables onto the raw sections."""
+    """
+    Apply the seed-compatible environment variables onto the raw sections.
+    On the embedded defaults, C{AI_SERVICE_URL} moves C{ai-openai} (OpenAI's
+    API of the same backend, under C{/v1}) with C{ai}, unless
+    C{AI_OPENAI_SERVICE_URL} says otherwise.
+    """
 
     def put(section: str, key: str, value: str, variable: str) -> None:
         sections.setdefault(section, {})[key] = _Raw(value, f"environment variable {variable}")
@@ -626,6 +638,9 @@ def _environment_overrides(
             variable = _env_name(section[len("service:"):])
             if variable in environ:
                 put(section, "url", environ[variable], variable)
+    if defaults and "AI_SERVICE_URL" in environ and "AI_OPENAI_SERVICE_URL" not in environ:
+        urls = [url.strip().rstrip("/") + "/v1" for url in environ["AI_SERVICE_URL"].split(",") if url.strip()]
+        put("service:ai-openai", "url", ", ".join(urls), "AI_SERVICE_URL")
 
 
 def parse_config(
@@ -637,7 +652,7 @@ def parse_config(
     """
     environ = os.environ if environ is None else environ
     sections = _sections(text, origin)
-    _environment_overrides(sections, environ)
+    _environment_overrides(sections, environ, defaults=text is DEFAULT_INI)
     gateway = _build(GatewaySettings, origin, "gateway", sections.get("gateway", {}))
     services = _services(sections, origin, gateway, environ)
     models = _models(sections, origin, services)

@@ -109,7 +109,7 @@ class GatewayFront:
         self.in_flight += 1
         gateway.metrics.request_started()
         path = request.path
-        if path.startswith(b"/api/") or (path.startswith(b"/v1/") and gateway.broker.models.models):
+        if path.startswith((b"/api/", b"/v1/")):
             proxied = serving.proxied
             handling = proxied.api_request if path.startswith(b"/api/") else proxied.openai_request
             handled = Deferred.fromCoroutine(handling(request))

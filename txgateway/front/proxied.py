@@ -119,7 +119,11 @@ class ProxiedRequests:
                 return
         targets = self.gateway.broker.models.targets_for(call.model)
         if targets is None:
-            answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {call.model!r}")
+            if not self.gateway.broker.models.models:
+                message = "no models are configured: add a [model:NAME] section (or [model:*]) to gateway.ini"
+            else:
+                message = f"no model is named {call.model!r}"
+            answer_error(request, errors.MODEL_NOT_FOUND, message)
             return
         ctx.service = targets[0].route.config.name
         rest = path[len(b"/v1"):]
