@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "txgateway"
 #: Every module of txgateway, by room.  A new module is added here, in the
 #: room whose rules it follows (and to the README's layout section).
 ROOMS = {
-    "txgateway": {"errors", "ids", "redispool"},
+    "txgateway": {"demo", "errors", "ids", "redispool"},
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "retry"},
     "txgateway.observability": {"context", "logs", "metrics", "tracing", "window"},
