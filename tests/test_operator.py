@@ -259,3 +259,37 @@ def test_twisteds_own_lines_start_with_timestamp_level_and_event_too():
     sink = type("Sink", (), {"msg": lambda self, line: lines.append(json.loads(line)), "sync": lambda self: None})()
     TwistedJsonObserver(sink, "info")({"log_format": "reactor started", "log_level": None, "log_namespace": "twisted"})
     assert list(lines[0])[:3] == ["timestamp", "level", "event"]
+
+
+def test_the_last_minute_a_second_at_a_time_with_the_open_circuit_as_a_band():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1000)
+    window = RecentWindow(clock)
+    for _ in range(3):
+        window.observe("ai", "http://a", failed=False)
+        window.time("ai", "http://a", 0.02)
+    window.observe("ai", "http://b", failed=True)
+    clock.advance(10)
+    window.transition("ai", "http://a", "closed", "open")
+    clock.advance(5)
+    window.transition("ai", "http://a", "open", "half_open")
+    clock.advance(5)
+    window.observe("ai", "http://a", failed=False)
+    series = window.series("ai", {"http://a": "half_open", "http://b": "closed"})
+    assert all(len(values) == 60 for values in series.values())
+    assert series["requests_per_s"][-21] == 4 and series["error_rate"][-21] == 0.25 and series["requests_per_s"][-1] == 1
+    assert 10.0 < series["p99_ms"][-21] <= 25.0 and series["p99_ms"][-2] is None
+    # Open from the transition's second (1010) until the half-open one (1015): seconds -11 to -6.
+    assert [index - 60 for index, opened in enumerate(series["open"]) if opened] == [-11, -10, -9, -8, -7]
+
+
+def test_the_status_document_has_each_services_last_minute_as_series():
+    h = Harness(SERVICE_INI)
+    d = h.request("GET", "/api/ai/x")
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, b"{}"))
+    h.flush()
+    result_of(d)
+    last = body_json(result_of(h.request("GET", "/status.json")))["services"]["ai"]["last_60s"]
+    assert last["requests_per_s"][-1] == 1 and sum(last["requests_per_s"]) == 1 and not any(last["open"])

@@ -7,6 +7,7 @@ page is read back.
 from __future__ import annotations
 
 import os
+import time
 import shutil
 import subprocess
 from pathlib import Path
@@ -101,3 +102,34 @@ def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gate
         assert 'data-model="plain-model"' in page and "<polyline" in page.split('data-model="plain-model"', 1)[1]
     finally:
         backend.process.stop()
+
+
+def chart_of(page: str, service: str, kind: str) -> str:
+    """The SVG of one of a service's charts."""
+    charts = page.split(f'data-charts="{service}"', 1)[1].split("</div>", 1)[0]
+    return charts.split(f'data-chart="{kind}"', 1)[1].split("</svg>", 1)[0]
+
+
+def test_each_service_has_charts_of_its_last_minute_that_move_and_show_an_open_circuit(start_gateway, fresh_backend, tmp_path):
+    doomed = Backend(tmp_path)
+    gateway = start_gateway(status_ini(fresh_backend.url, doomed.url))
+    for _ in range(5):
+        assert gateway.request("GET", "/api/steady/echo").status == 200
+    url = f"http://127.0.0.1:{gateway.port}/status"
+    first = render(url, tmp_path)
+    requests = chart_of(first, "steady", "requests")
+    assert int(requests.split('data-points="', 1)[1].split('"', 1)[0]) == 60 and "<polyline" in requests
+    assert "<rect" not in requests  # no open circuit, no band
+    for _ in range(3):
+        gateway.request("GET", "/api/steady/echo")
+    time.sleep(1.1)
+    second = render(url, tmp_path)
+    points = lambda page: chart_of(page, "steady", "requests").split('<polyline points="', 1)[1].split('"', 1)[0]
+    assert points(first) != points(second)  # the minute moved on between two refreshes
+    doomed.process.stop()
+    for _ in range(2):
+        assert gateway.request("GET", "/api/doomed/echo").status == 502
+    wait_until(lambda: gateway.request("GET", "/health").json()["services"]["doomed"]["circuit"] == "open")
+    third = render(url, tmp_path)
+    assert '<rect class="band"' in chart_of(third, "doomed", "requests")
+    assert '<rect class="band"' not in chart_of(third, "steady", "requests")

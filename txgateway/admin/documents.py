@@ -104,6 +104,7 @@ def status_document(
     for name, service in body["services"].items():
         for endpoint in service["endpoints"]:
             endpoint.update(recent.summary(name, endpoint["url"]))
+        service["last_60s"] = recent.series(name, {endpoint["url"]: endpoint["circuit"] for endpoint in service["endpoints"]})
     stores = []
     if rate_limit_store is not None:
         stores.append({"name": "rate limit", **_store_health(rate_limit_store.description)})

@@ -1,8 +1,10 @@
 """
 The status page: one self-contained HTML document (inline CSS and script,
-no external asset) that refreshes itself from C{/status.json} (and, when
-keys are governed, C{/spend.json}: each key's and team's budget as a bar,
-refusals in the last minute, tokens per second per model as a chart).
+no external asset) that refreshes itself from C{/status.json}, with each
+service's last 60 s as small charts drawn by its own script (requests per
+second, error rate, p99; an open circuit as a red band), and, when keys
+are governed, from C{/spend.json}: each key's and team's budget as a bar,
+the refusals of the last minute, and tokens per second per model as a chart.
 """
 
 __all__ = ["STATUS_PAGE"]
@@ -23,6 +25,8 @@ th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:b
 .bar{display:inline-block;width:12em;height:.8em;background:#e3e6eb;border-radius:.4em;overflow:hidden;vertical-align:middle}
 .bar span{display:block;height:100%;background:#1f8a4c} .bar span.high{background:#d98200} .bar span.full{background:#c62828}
 svg.chart{background:#fff;border:1px solid #e3e6eb;vertical-align:middle} svg.chart polyline{fill:none;stroke:#3557c9;stroke-width:1.5}
+svg.chart rect.band{fill:#c62828;opacity:.2} .charts{margin:.2em 0 .5em} figure.spark{display:inline-block;margin:0 1em .3em 0}
+figure.spark figcaption{font-size:.85em;color:#5b6372}
 </style></head>
 <body data-refreshes="0">
 <h1>txgateway <span id="overall"></span></h1>
@@ -43,6 +47,9 @@ function render(s){
   Object.keys(s.services).forEach(function(name){
     var svc=s.services[name];
     html+='<h2 class="service" data-service="'+esc(name)+'">'+esc(name)+" "+badge(svc.circuit)+"</h2>";
+    if(svc.last_60s){var w=svc.last_60s;
+      html+='<div class="charts" data-charts="'+esc(name)+'">'+spark("requests","requests/s",w.requests_per_s,w.open,"")+
+        spark("errors","error rate",w.error_rate.map(function(v){return Math.round(v*1000)/10;}),w.open," %")+spark("p99","p99 to headers",w.p99_ms,w.open," ms")+"</div>";}
     html+=table(["endpoint","circuit","failures","trial in","in flight","req/s","errors","p50 ms","p99 ms"],svc.endpoints.map(function(e){
       return '<tr data-endpoint="'+esc(e.url)+'"><td>'+esc(e.url)+"</td><td>"+badge(e.circuit)+'</td><td class="num">'+esc(e.consecutive_failures)+
         '</td><td class="num">'+esc(e.trial_in_s===null?null:e.trial_in_s.toFixed(1)+" s")+'</td><td class="num">'+esc(e.in_flight)+
@@ -61,6 +68,16 @@ function render(s){
   document.getElementById("events").innerHTML=s.events.length?table(["time","kind","service","from","to","reason","request id"],s.events.map(function(ev){
     return "<tr><td>"+esc(new Date(ev.time*1000).toISOString())+"</td><td>"+esc(ev.kind)+"</td><td>"+esc(ev.service)+"</td><td>"+esc(ev.from)+
       "</td><td>"+esc(ev.to)+'</td><td class="reason">'+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
+}
+function spark(kind,label,values,open,unit){
+  var w=180,h=40,top=0,step=w/(values.length-1||1),points=[],bands="";
+  values.forEach(function(v){if(v!==null&&v>top)top=v;}); if(top<=0)top=1;
+  values.forEach(function(v,i){
+    if(open[i])bands+='<rect class="band" x="'+(i*step-step/2).toFixed(1)+'" y="0" width="'+step.toFixed(1)+'" height="'+h+'"/>';
+    if(v!==null)points.push((i*step).toFixed(1)+","+(h-2-(v/top)*(h-4)).toFixed(1));});
+  var last=values[values.length-1];
+  return '<figure class="spark"><svg class="chart" data-chart="'+kind+'" data-points="'+points.length+'" width="'+w+'" height="'+h+'" viewBox="0 0 '+w+" "+h+'">'+
+    bands+'<polyline points="'+points.join(" ")+'"/></svg><figcaption>'+esc(label)+", last 60 s: now "+esc(last===null?null:last+unit)+"</figcaption></figure>";
 }
 function bar(used,budget){
   if(budget===null||budget===undefined)return "no budget";

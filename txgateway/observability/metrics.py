@@ -292,6 +292,7 @@ class GatewayMetrics:
         """A breaker changed state: counted, and kept for the status page."""
         self.circuit_transitions.labels(service, endpoint, from_state, to_state).inc()
         self.events.add("circuit", f"{service} {endpoint}", from_state, to_state, reason, request_id)
+        self.recent.transition(service, endpoint, from_state, to_state)
 
     def fallback(self, service: str, to_service: str, gave_up: str, to: str, reason: str, request_id: str) -> None:
         """

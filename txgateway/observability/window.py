@@ -70,6 +70,8 @@ class RecentWindow:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._rings: dict[tuple[str, str], list[_Second]] = {}
+        #: Each endpoint's last circuit transitions: (time, from, to), oldest first.
+        self._transitions: dict[tuple[str, str], deque[tuple[float, str, str]]] = {}
 
     def _slot(self, key: tuple[str, str]) -> _Second:
         ring = self._rings.get(key)
@@ -91,6 +93,60 @@ class RecentWindow:
     def time(self, service: str, endpoint: str, seconds: float) -> None:
         """One attempt's time until the backend's headers."""
         self._slot((service, endpoint)).buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+    def transition(self, service: str, endpoint: str, from_state: str, to_state: str) -> None:
+        """An endpoint's circuit changed state (for the bands of L{series})."""
+        kept = self._transitions.get((service, endpoint))
+        if kept is None:
+            kept = self._transitions[(service, endpoint)] = deque(maxlen=64)
+        kept.append((self._clock.seconds(), from_state, to_state))
+
+    def series(self, service: str, endpoints: dict[str, str]) -> dict[str, list]:
+        """
+        The service's last 60 s, a value a second (oldest first, the
+        current second last), over C{endpoints} (their URLs and current
+        circuit states): requests per second, error rate, p99 ms (L{None}
+        where nothing was timed), and whether any circuit was open.
+        """
+        now = int(self._clock.seconds())
+        seconds = range(now - WINDOW_SECONDS + 1, now + 1)
+        counts = [0] * WINDOW_SECONDS
+        errors = [0] * WINDOW_SECONDS
+        buckets = [[0] * (len(LATENCY_BUCKETS) + 1) for _ in range(WINDOW_SECONDS)]
+        opened = [False] * WINDOW_SECONDS
+        for url, state in endpoints.items():
+            ring = self._rings.get((service, url))
+            for slot in ring or ():
+                if now - WINDOW_SECONDS < slot.second <= now:
+                    index = slot.second - (now - WINDOW_SECONDS + 1)
+                    counts[index] += slot.count
+                    errors[index] += slot.errors
+                    for bucket, value in enumerate(slot.buckets):
+                        buckets[index][bucket] += value
+            for index, second in enumerate(seconds):
+                if self._state_during(service, url, state, second) == "open":
+                    opened[index] = True
+        p99 = []
+        for second_buckets in buckets:
+            timed = sum(second_buckets)
+            value = percentile_of(second_buckets, timed, 0.99)
+            p99.append(None if value is None else round(value * 1000, 1))
+        return {
+            "requests_per_s": counts,
+            "error_rate": [round(e / c, 4) if c else 0.0 for e, c in zip(errors, counts)],
+            "p99_ms": p99,
+            "open": opened,
+        }
+
+    def _state_during(self, service: str, endpoint: str, current: str, second: int) -> str:
+        """An endpoint's circuit state at the end of C{second}: the last transition before it, else the state before the first."""
+        state = None
+        for at, from_state, to_state in self._transitions.get((service, endpoint), ()):
+            if at < second + 1:
+                state = to_state
+            else:
+                return from_state if state is None else state
+        return current if state is None else state
 
     def summary(self, service: str, endpoint: str) -> dict[str, Any]:
         """Requests per second, error rate and p50/p99 (ms) over the window."""
