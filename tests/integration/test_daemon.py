@@ -233,6 +233,7 @@ def test_embedded_defaults_run_without_a_config_file(tmp_path):
         health = request(port, "GET", "/health").json()
         assert {name: s["url"] for name, s in health["services"].items()} == {
             "ai": "http://localhost:8000", "data": "http://localhost:8001", "rag": "http://localhost:8002",
+            "ai-openai": "http://localhost:8000/v1",  # OpenAI's /v1/ out of the box, every model to ai's backend
         }
         assert (tmp_path / "logs" / "combined.log").exists()
     finally:
