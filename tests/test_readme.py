@@ -18,7 +18,7 @@ README = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
     [
         config.GatewaySettings, config.LoggingConfig, config.RateLimitConfig, config.ServiceConfig, config.AuthConfig,
         config.ModelConfig, config.CacheConfig, config._KeySection, config._TeamSection, config._PriceSection,
-        config.BudgetsConfig,
+        config.BudgetsConfig, config.TracingConfig,
     ],
 )
 def test_every_gateway_ini_key_is_documented(section):

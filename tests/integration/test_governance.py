@@ -264,7 +264,7 @@ def test_redis_away_under_traffic_costs_no_client_an_error_and_loses_no_spend(st
 
 def test_a_keys_file_in_ini_syntax_is_read_again_on_sighup(start_gateway, backend, tmp_path):
     keys = tmp_path / "keys.ini"
-    keys.write_text(f"[team:t]\ntokens_per_minute = 100000\n[key:first]\nsecret = first-secret\nteam = t\n")
+    keys.write_text("[team:t]\ntokens_per_minute = 100000\n[key:first]\nsecret = first-secret\nteam = t\n")
     ini = governed(backend.url).replace("[key:team]", f"[auth]\nkeys_file = {keys}\n[key:team]")
     gateway = start_gateway(ini)
     body = chat_body("plain", stream=False)

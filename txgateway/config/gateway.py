@@ -23,6 +23,7 @@ from txgateway.config.keys import BUDGET_PERIODS, ApiKey, ModelPrice, TeamLimits
 __all__ = [
     "AuthConfig",
     "BudgetsConfig",
+    "TracingConfig",
     "CacheConfig",
     "StatusConfig",
     "ConfigError",
@@ -421,6 +422,40 @@ class _PriceSection:
     cached_prompt: float | None = _key(_number(0.0, 1e6), None)
 
 
+def _otlp_endpoint(raw: str) -> str:
+    return _http_url(raw) if raw.strip() else ""
+
+
+def _otlp_headers(raw: str) -> tuple[tuple[str, str], ...]:
+    headers = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not all(c.isalnum() or c in "-_" for c in name.strip()):
+            raise ValueError("expected name=value pairs separated by commas (the values are never logged)")
+        headers.append((name.strip().lower(), value.strip()))
+    return tuple(headers)
+
+
+@attrs.frozen
+class TracingConfig:
+    """
+    The C{[tracing]} section: OpenTelemetry spans exported over OTLP/HTTP
+    (protobuf) to C{otlp_endpoint}; empty: no export.
+    """
+
+    otlp_endpoint: str = _key(_otlp_endpoint, "")
+    #: Headers sent with every export (an API key for a hosted backend); never logged or shown.
+    otlp_headers: tuple = attrs.field(default=(), repr=False, metadata={"parse": _otlp_headers})
+    service_name: str = _key(_text, "txgateway")
+    sample_ratio: float = _key(_number(0.0, 1.0), 1.0)
+    timeout: float = _key(_seconds, 10.0)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether spans are exported."""
+        return bool(self.otlp_endpoint)
+
+
 @attrs.frozen
 class BudgetsConfig:
     """
@@ -536,6 +571,7 @@ class GatewayConfig:
     teams: Mapping[str, TeamLimits] = attrs.Factory(dict)
     prices: Mapping[str, ModelPrice] = attrs.Factory(dict)
     budgets: BudgetsConfig = BudgetsConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "<embedded defaults>"
 
     @property
@@ -679,6 +715,7 @@ def parse_config(
         teams=teams,
         prices=_prices(sections, origin),
         budgets=_build(BudgetsConfig, origin, "budgets", sections.get("budgets", {})),
+        tracing=_build(TracingConfig, origin, "tracing", sections.get("tracing", {})),
         source=origin,
     )
 
@@ -700,11 +737,11 @@ def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
         raise ConfigError(f"{origin}: {message}") from None
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets")
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets", "tracing")
         if not known and not section.startswith(("service:", "model:", "key:", "team:", "price:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section (known: gateway, logging, ratelimit, auth, cache, "
-                "status, budgets, service:NAME, model:NAME, key:NAME, team:NAME, price:MODEL)"
+                "status, budgets, tracing, service:NAME, model:NAME, key:NAME, team:NAME, price:MODEL)"
             )
         _check_section_name(section, origin)
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):

@@ -138,6 +138,7 @@ def build_gateway(
     previous: Gateway | None = None,
     cache_stores: Mapping[str, ICacheStore] | None = None,
     governance_store: IGovernanceStore | None = None,
+    spans: Any = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, the rate
@@ -172,7 +173,9 @@ def build_gateway(
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None
-    return Gateway(config, clock, broker, store, log, metrics, access_log, started_at)
+    return Gateway(
+        config, clock, broker, store, log, metrics, access_log, started_at, spans, config.tracing.sample_ratio, rng,
+    )
 
 
 def state_file_of(config: GatewayConfig) -> str:
@@ -240,14 +243,16 @@ class GatewayService(MultiService):
         self.metrics = GatewayMetrics(self._clock)
         self._upstreams: list[UpstreamPool] = []
         self._retired_ledgers: list[IGovernanceStore] = []
+        self._retired_spans: list[Any] = []
         self._stopping = False
         store = self._rate_limit_store(config)
         self._cache_stores = self._cache_stores_for(config, {})
         self._threads: ThreadPool | None = None
         self._governance_store = self._governance_store_for(config)
+        self._spans = self._span_export_for(config)
         self.gateway = build_gateway(
             config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level),
-            cache_stores=self._cache_stores, governance_store=self._governance_store,
+            cache_stores=self._cache_stores, governance_store=self._governance_store, spans=self._spans,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
@@ -262,6 +267,18 @@ class GatewayService(MultiService):
                 settings.redis_url, self._clock, settings.redis_timeout, settings.redis_retry_interval, self.log
             )
         return MemoryRateLimitStore(self._clock)
+
+    def _span_export_for(self, config: GatewayConfig) -> Any:
+        """The span export C{[tracing]} asks for (its thread starts with the service), or L{None}."""
+        settings = config.tracing
+        if not settings.enabled:
+            return None
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        from txgateway.observability.export import SpanExport
+
+        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, headers=dict(settings.otlp_headers), timeout=settings.timeout)
+        return SpanExport(exporter, settings.service_name, self._reactor.callFromThread, self.log)
 
     def _governance_store_for(self, config: GatewayConfig) -> IGovernanceStore | None:
         """
@@ -326,6 +343,8 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         with _one_line_when_the_port_is_taken(self.gateway.config):
             super().startService()
+        if self._spans is not None:
+            self._spans.start()
         # What was built so far (modules, configuration) lives as long as the
         # daemon: out of the collector's sight, full collections stay short
         # (measured: 38 ms pauses before).  PyPy's collector has no freeze.
@@ -399,6 +418,12 @@ class GatewayService(MultiService):
                 old.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: {error}"}
                 return False
             retired_ledger, self._governance_store = self._governance_store, governance_store
+        if config.tracing != old.config.tracing:
+            if self._spans is not None:
+                self._retired_spans.append(self._spans)
+            self._spans = self._span_export_for(config)
+            if self._spans is not None:
+                self._spans.start()
         gateway = build_gateway(
             config,
             self._clock,
@@ -410,6 +435,7 @@ class GatewayService(MultiService):
             previous=old,
             cache_stores=self._cache_stores,
             governance_store=self._governance_store,
+            spans=self._spans,
         )
         if retired_ledger is not None:
             # Reservations in flight settle on the old store (their governor holds it): close it after the drain.
@@ -474,6 +500,8 @@ class GatewayService(MultiService):
                 await ledger.close()
         if self._threads is not None:
             self._threads.stop()
+        for spans in self._retired_spans + ([self._spans] if self._spans is not None else []):
+            spans.stop()  # what waits is exported first (a few seconds at most)
         self.log.info("gateway_stopped")
         self.sink.sync()
 

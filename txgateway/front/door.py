@@ -24,6 +24,7 @@ from txgateway.front.gateway import Gateway
 from txgateway.front.proxied import ProxiedRequests
 from txgateway.ids import request_id_for
 from txgateway.observability.context import RequestContext, client_address
+from txgateway.observability.export import server_span
 from txgateway.observability.tracing import trace_context_for
 
 __all__ = ["GatewayFront"]
@@ -77,7 +78,7 @@ class GatewayFront:
 
     def use(self, gateway: Gateway) -> None:
         """Serve new requests from C{gateway}; requests in flight keep theirs."""
-        gateway.metrics.watch(gateway.circuits, gateway.store_health)
+        gateway.metrics.watch(gateway.circuits, gateway.store_health, gateway.spans_dropped)
         self._current = _Serving(
             gateway,
             ProxiedRequests(gateway),
@@ -95,7 +96,7 @@ class GatewayFront:
         serving = self._current
         gateway = serving.gateway
         request_id = request_id_for(request.header(b"x-request-id"))
-        trace = trace_context_for(request.header(b"traceparent"), request.header(b"tracestate"))
+        trace = trace_context_for(request.header(b"traceparent"), request.header(b"tracestate"), gateway.sample())
         ctx = RequestContext(
             request_id=request_id,
             client=client_address(request, gateway.config.ratelimit.trusted_proxies),
@@ -149,6 +150,8 @@ class GatewayFront:
             gateway.metrics.request_ended()
         else:
             gateway.metrics.observe_request(ctx.service, method, status, seconds)
+            if gateway.spans is not None and ctx.trace.sampled:
+                gateway.spans.add(server_span(ctx, method, request.path.decode("latin-1"), status, ctx.started_at + seconds))
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []

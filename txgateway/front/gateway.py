@@ -6,6 +6,7 @@ finish on the old.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -47,6 +48,9 @@ class Gateway:
         metrics: GatewayMetrics,
         access_log: AccessLog,
         started_at: float | None = None,
+        spans: Any = None,
+        sample_ratio: float = 1.0,
+        rng: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -59,6 +63,18 @@ class Gateway:
         self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
         self.last_reload: dict | None = None
+        #: Where sampled requests' spans go (a L{txgateway.observability.export.SpanExport}), or L{None}.
+        self.spans = spans
+        self._sample_ratio = sample_ratio
+        self._random = (rng or random.Random()).random
+
+    def sample(self) -> bool:
+        """Whether a new trace is sampled (C{[tracing] sample_ratio}; a client's sampled flag wins over this)."""
+        return self._sample_ratio >= 1.0 or self._random() < self._sample_ratio
+
+    def spans_dropped(self) -> int | None:
+        """Spans that never left, for C{/metrics} (L{None}: no export)."""
+        return self.spans.dropped if self.spans is not None else None
 
     def circuits(self) -> list[tuple[str, str, str]]:
         """Each endpoint's circuit state (service, endpoint, state), for metrics."""

@@ -86,6 +86,10 @@ class CompletionFacts:
     completion_tokens: int | None = None
     resumed: int = 0
     resumed_on: list[str] = attrs.Factory(list)
+    #: What the client asked for: C{chat}, C{text_completion}, C{embeddings}... (the GenAI operation).
+    operation: str | None = None
+    #: The most the client let it complete (C{max_completion_tokens} or C{max_tokens}).
+    max_tokens: int | None = None
     #: Each backend answer's usage, with the model it was sent as (what is billed).
     billed: list[tuple[str | None, Any]] = attrs.Factory(list)
 

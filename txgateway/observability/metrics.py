@@ -45,6 +45,7 @@ class _ScrapeTimeCollector:
     def __init__(self) -> None:
         self.circuits: Callable[[], Iterable[tuple[str, str, str]]] = list
         self.store_health: Callable[[], tuple[str, bool] | None] = lambda: None
+        self.spans_dropped: Callable[[], int | None] = lambda: None
 
     def collect(self):
         state = GaugeMetricFamily(
@@ -66,6 +67,12 @@ class _ScrapeTimeCollector:
             )
             store.add_metric([backend], 1.0 if healthy else 0.0)
             yield store
+        dropped = self.spans_dropped()
+        if dropped is not None:
+            yield CounterMetricFamily(
+                "txgateway_spans_dropped", "Spans that never reached the OTLP collector (queue full, or the export failed).",
+                value=dropped,
+            )
 
 
 class _RequestCounts:
@@ -219,10 +226,16 @@ class GatewayMetrics:
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 
-    def watch(self, circuits: Callable[[], Iterable[tuple[str, str, str]]], store_health: Callable[[], tuple[str, bool] | None]) -> None:
-        """Report circuit states and store health from these callables (the current gateway's)."""
+    def watch(
+        self,
+        circuits: Callable[[], Iterable[tuple[str, str, str]]],
+        store_health: Callable[[], tuple[str, bool] | None],
+        spans_dropped: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        """Report circuit states, store health and dropped spans from these callables (the current gateway's)."""
         self._scraped.circuits = circuits
         self._scraped.store_health = store_health
+        self._scraped.spans_dropped = spans_dropped
 
     def request_started(self) -> None:
         """One more request in flight."""

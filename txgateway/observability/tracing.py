@@ -32,6 +32,13 @@ class TraceContext:
     flags: str
     tracestate: bytes | None = None
     continued: bool = False
+    #: The client's span (the parent of the gateway's), when it sent one.
+    parent_id: str | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """The trace's sampled flag: its spans are recorded and exported."""
+        return bool(int(self.flags, 16) & 1)
 
     @property
     def traceparent(self) -> bytes:
@@ -51,8 +58,11 @@ def _new_span_id() -> str:
     return span if span != "0" * 16 else _new_span_id()
 
 
-def trace_context_for(traceparent: bytes | None, tracestate: bytes | None = None) -> TraceContext:
-    """The trace context of a request, from the client's headers if valid."""
+def trace_context_for(traceparent: bytes | None, tracestate: bytes | None = None, sampled: bool = True) -> TraceContext:
+    """
+    The trace context of a request, from the client's headers if valid
+    (their sampled flag honoured); a new trace is sampled as C{sampled} says.
+    """
     if traceparent is not None:
         match = _TRACEPARENT.match(traceparent.strip())
         if match is not None:
@@ -67,6 +77,6 @@ def trace_context_for(traceparent: bytes | None, tracestate: bytes | None = None
                 state = tracestate.strip() if tracestate else None
                 if state and (len(state) > _TRACESTATE_MAX or not state.isascii()):
                     state = None
-                return TraceContext(trace_id.decode(), _new_span_id(), flags.decode(), state or None, True)
+                return TraceContext(trace_id.decode(), _new_span_id(), flags.decode(), state or None, True, parent_id.decode())
     fresh = random_hex(24)
-    return TraceContext(fresh[:32], fresh[32:] if fresh[32:] != "0" * 16 else _new_span_id(), "01")
+    return TraceContext(fresh[:32], fresh[32:] if fresh[32:] != "0" * 16 else _new_span_id(), "01" if sampled else "00")

@@ -94,6 +94,24 @@ class OpenAICall:
         return model if isinstance(model, str) else None
 
     @property
+    def max_tokens(self) -> int | None:
+        """The most the client lets it complete: C{max_completion_tokens}, else C{max_tokens}."""
+        for field in ("max_completion_tokens", "max_tokens"):
+            value = self.body.get(field)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
+
+    def operation(self, path: bytes) -> str:
+        """The GenAI operation: C{chat}, C{text_completion}, C{embeddings}, or the path's last word."""
+        if self.kind == CHAT:
+            return "chat"
+        if self.kind == COMPLETIONS:
+            return "text_completion"
+        last = path.split(b"?", 1)[0].rstrip(b"/").rsplit(b"/", 1)[-1]
+        return last.decode("ascii", "replace") or "other"
+
+    @property
     def single_choice(self) -> bool:
         """One choice is asked for (C{n} absent or 1): the only kind a stream can be resumed for."""
         return self.body.get("n") in (None, 1)

@@ -56,7 +56,9 @@ class Call:
         """
         transcript = None
         if openai is not None:
-            ctx.completion = CompletionFacts(requested_model=openai.model)
+            ctx.completion = CompletionFacts(
+                requested_model=openai.model, operation=openai.operation(path), max_tokens=openai.max_tokens,
+            )
             if openai.stream:
                 transcript = Transcript(openai.resumable_kind)
         return cls(request, ctx, path, targets, openai, transcript)
