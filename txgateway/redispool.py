@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["redis_pool"]
+__all__ = ["forgot_the_script", "redis_pool"]
 
 
 def redis_pool(url: str, connect_timeout: float, as_bytes: bool = False) -> Any:
@@ -37,3 +37,11 @@ def redis_pool(url: str, connect_timeout: float, as_bytes: bool = False) -> Any:
         connectTimeout=connect_timeout,
         **text,
     )
+
+
+def forgot_the_script(error: Exception) -> bool:
+    """
+    Redis answered NOSCRIPT (it restarted and lost its script cache);
+    txredisapi names that ScriptDoesNotExist, a raw client says NOSCRIPT.
+    """
+    return type(error).__name__ == "ScriptDoesNotExist" or str(error).startswith("NOSCRIPT")

@@ -84,7 +84,7 @@ def test_the_page_is_not_shown_to_other_networks(start_gateway, fresh_backend, t
 
 
 def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gateway, tmp_path):
-    from tests.integration.test_governance import HEADERS, KEY, call, governed
+    from tests.integration.test_governance import call, governed
     from tests.integration.test_openai_sdk import OpenAIBackend
 
     backend = OpenAIBackend(tmp_path)
@@ -94,7 +94,8 @@ def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gate
         assert call(gateway.port, "plain", stream=False) == (200, None)
         assert call(gateway.port, "plain", stream=False) == (200, None)
         assert call(gateway.port, "plain", stream=False)[1] == "budget_exceeded"  # 0.000122 + a reservation of 0.000106
-        assert KEY in HEADERS["Authorization"]
+        spent = gateway.request("GET", "/spend.json").json()["keys"]["team"]
+        assert spent["spent_usd"] == pytest.approx(2 * 61e-6) and spent["budget_usd"] == 0.0002
         page = render(f"http://127.0.0.1:{gateway.port}/status", tmp_path)
         row = page.split('data-key="team"', 1)[1].split("</tr>", 1)[0]
         assert 'class="bar"' in row and 'style="width:61.0%"' in row and "$0.0001" in row

@@ -114,8 +114,11 @@ class Prices:
         key = tuple(models)
         prices = self._dearest.get(key)
         if prices is None:
-            distinct = {(price.prompt, price.completion): price for price in map(self.of, models)}
-            prices = self._dearest[key] = list(distinct.values())
+            # The distinct prices of these models, once (free ones left out: they cost 0).
+            distinct = {(price.prompt, price.completion, price.cached_prompt): price for price in map(self.of, models)}
+            prices = self._dearest[key] = [price for price in distinct.values() if price.prompt or price.completion]
+        if not prices:
+            return 0
         if len(prices) == 1:
             return prices[0].cost_nano(prompt_tokens, completion_tokens)
-        return max((price.cost_nano(prompt_tokens, completion_tokens) for price in prices), default=0)
+        return max(price.cost_nano(prompt_tokens, completion_tokens) for price in prices)

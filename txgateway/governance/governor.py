@@ -201,8 +201,8 @@ class Governor:
         self._log = log
         self._expiry_margin = expiry_margin
         self._unpriced: set[str] = set()
-        #: (key, model, models sent) -> (completion reserved by default, prices): see L{_plan}.
-        self._plans: dict[tuple, tuple[int, list]] = {}
+        #: (key, model, models sent) -> the completion reserved by default: see L{_plan}.
+        self._plans: dict[tuple, int] = {}
         #: Reservation ids: this gateway's random prefix and a count (unique across gateways, cheap).
         self._ids = map(f"{secrets.token_hex(8)}-%d".__mod__, itertools.count())
         #: Each key's scopes, with tokens counted and without (made once, not per request).
@@ -221,8 +221,7 @@ class Governor:
         """
         key = self.key_of(ctx)
         if key is not None and not key.may_call_model(model):
-            self._refused(key, "model_not_allowed")
-            raise GatewayError(errors.MODEL_NOT_ALLOWED, f"the key {key.name!r} may not call the model {model!r}")
+            raise self._not_allowed(key, errors.MODEL_NOT_ALLOWED, f"the model {model!r}")
 
     def check_service(self, ctx: RequestContext, service: str) -> None:
         """
@@ -230,8 +229,12 @@ class Governor:
         """
         key = self.key_of(ctx)
         if key is not None and not key.may_call_service(service):
-            self._refused(key, "service_not_allowed")
-            raise GatewayError(errors.SERVICE_NOT_ALLOWED, f"the key {key.name!r} may not call the service {service!r}")
+            raise self._not_allowed(key, errors.SERVICE_NOT_ALLOWED, f"the service {service!r}")
+
+    def _not_allowed(self, key: ApiKey, kind: errors.ErrorKind, what: str) -> GatewayError:
+        """The refusal of a call C{key} may not make (counted)."""
+        self._refused(key, kind.type)
+        return GatewayError(kind, f"the key {key.name!r} may not call {what}")
 
     async def reserve(
         self, request: Any, ctx: RequestContext, openai: OpenAICall | None, models: list[str | None], deadline: float
@@ -257,8 +260,8 @@ class Governor:
                 plan = self._plan(ctx, key, model, models)
             body = openai.body
             prompt = estimate_prompt_tokens(body)
-            completion = completion_cap(body, openai.kind is not None, plan[0])
-            cost = max(price.cost_nano(prompt, completion) for price in plan[1]) if plan[1] else 0
+            completion = completion_cap(body, openai.kind is not None, plan)
+            cost = self.prices.dearest(models or [model], prompt, completion)
         now = self._clock.seconds()
         ask = Ask(
             next(self._ids), self._scopes[key.name, openai is not None], prompt + completion, cost,
@@ -273,20 +276,17 @@ class Governor:
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
         return Reservation(self, ask, key, openai, prompt, completion)
 
-    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> tuple[int, list]:
+    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> int:
         """
-        What a call of C{key} to C{model} (sent as C{models}) reserves by:
-        the completion default and the distinct prices of its targets.
-        Made once per key and model; a model the key may not call is refused each time.
+        What a call of C{key} to C{model} (sent as C{models}) reserves for
+        its completion when the request names no maximum, once the key was
+        found allowed to call it (said once per key and model; a model it
+        may not call is refused each time).
         """
         if model is not None:
             self.check_model(ctx, model)
-        sent = models or [model]
-        self._say_unpriced(sent)
-        distinct = {(price.prompt, price.completion): price for price in map(self.prices.of, sent)}
-        priced = [price for price in distinct.values() if price.prompt or price.completion]
-        plan = (self._reserve_completion_tokens(model or ""), priced)
-        self._plans[(key.name, model, *models)] = plan
+        self._say_unpriced(models or [model])
+        plan = self._plans[(key.name, model, *models)] = self._reserve_completion_tokens(model or "")
         return plan
 
     def _refusal(self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]]) -> GatewayError:

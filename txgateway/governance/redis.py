@@ -33,6 +33,7 @@ from txgateway.errors import describe_failure
 from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
 from txgateway.governance.ledger import Ask, Ledger, Quota, ScopeLimits, Verdict
 from txgateway.governance.periods import day_of, period_end
+from txgateway.redispool import forgot_the_script
 from txgateway.resilience.breaker import CircuitBreaker
 
 __all__ = ["RESERVE_LUA", "SETTLE_LUA", "SPEND_LUA", "RedisLedgerStore", "connect_ledger"]
@@ -512,7 +513,7 @@ class RedisLedgerStore:
         try:
             return await self._call(self._redis.evalsha(sha, [KEY_PREFIX], args))
         except Exception as error:
-            if type(error).__name__ != "ScriptDoesNotExist" and not str(error).startswith("NOSCRIPT"):
+            if not forgot_the_script(error):
                 raise
             # Redis restarted and forgot its scripts: load this one again.
             await self._call(self._redis.script_load(script))

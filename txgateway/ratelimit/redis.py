@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.errors import describe_failure
+from txgateway.redispool import forgot_the_script
 from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.memory import MemoryRateLimitStore
@@ -199,7 +200,7 @@ class RedisRateLimitStore:
         try:
             reply = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
         except Exception as error:
-            if not _forgot_the_script(error):
+            if not forgot_the_script(error):
                 raise
             # Redis restarted and forgot the script: load it again, once.
             await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
@@ -241,14 +242,6 @@ class _Take:
             asking, batch = self.batch
             if all(other is self or other.decided.called for other in batch):
                 asking.cancel()
-
-
-def _forgot_the_script(error: Exception) -> bool:
-    """
-    Redis answered NOSCRIPT (it restarted and lost its script cache);
-    txredisapi names that ScriptDoesNotExist, a raw client says NOSCRIPT.
-    """
-    return type(error).__name__ == "ScriptDoesNotExist" or str(error).startswith("NOSCRIPT")
 
 
 def connect_redis(url: str, clock: IReactorTime, timeout: float, retry_interval: float, log: Any) -> RedisRateLimitStore:
