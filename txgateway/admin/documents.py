@@ -105,6 +105,9 @@ def status_document(
         for endpoint in service["endpoints"]:
             endpoint.update(recent.summary(name, endpoint["url"]))
         service["last_60s"] = recent.series(name, {endpoint["url"]: endpoint["circuit"] for endpoint in service["endpoints"]})
+    for name, model in body.get("models", {}).items():
+        # Circuits are the services' (their charts show the band): a model's window has none of its own.
+        model["last_60s"] = metrics.recent_models.series(name, {"": "closed"})
     stores = []
     if rate_limit_store is not None:
         stores.append({"name": "rate limit", **_store_health(rate_limit_store.description)})

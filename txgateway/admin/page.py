@@ -1,8 +1,9 @@
 """
 The status page: one self-contained HTML document (inline CSS and script,
 no external asset) that refreshes itself from C{/status.json}, with each
-service's last 60 s as small charts drawn by its own script (requests per
-second, error rate, p99; an open circuit as a red band), and, when keys
+service's and each model's last 60 s as small charts drawn by its own
+script (requests per second, error rate, p99; an open circuit as a red
+band on its service's), and, when keys
 are governed, from C{/spend.json}: each key's and team's budget as a bar,
 the refusals of the last minute, and tokens per second per model as a chart.
 """
@@ -59,6 +60,9 @@ function render(s){
   document.getElementById("services").innerHTML=html;
   var models=s.models||{}; var mh="";
   Object.keys(models).forEach(function(name){
+    var w=models[name].last_60s;
+    if(w)mh+='<div class="charts" data-model-charts="'+esc(name)+'">'+spark("requests","model "+name+": requests/s",w.requests_per_s,w.open,"")+
+      spark("errors","5xx rate",w.error_rate.map(function(v){return Math.round(v*1000)/10;}),w.open," %")+spark("p99","p99 to the answer",w.p99_ms,w.open," ms")+"</div>";
     mh+=table(["model "+esc(name)+": service","model sent","circuit"],models[name].targets.map(function(t){
       return "<tr><td>"+esc(t.service)+"</td><td>"+esc(t.model)+"</td><td>"+badge(t.circuit)+"</td></tr>";}));
   });

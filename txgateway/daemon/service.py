@@ -41,6 +41,7 @@ from txgateway.governance.governor import Governor
 from txgateway.governance.interface import IGovernanceStore
 from txgateway.governance.local import LocalLedgerStore
 from txgateway.governance.spendfile import SpendFile
+from txgateway.observability.export import OTLPHttpPost, SpanExport
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
@@ -273,12 +274,8 @@ class GatewayService(MultiService):
         settings = config.tracing
         if not settings.enabled:
             return None
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        from txgateway.observability.export import SpanExport
-
-        exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint, headers=dict(settings.otlp_headers), timeout=settings.timeout)
-        return SpanExport(exporter, settings.service_name, self._reactor.callFromThread, self.log)
+        post = OTLPHttpPost(settings.otlp_endpoint, settings.otlp_headers, settings.timeout)
+        return SpanExport(post, settings.service_name, self._reactor.callFromThread, self.log)
 
     def _governance_store_for(self, config: GatewayConfig) -> IGovernanceStore | None:
         """

@@ -24,8 +24,7 @@ from txgateway.front.gateway import Gateway
 from txgateway.front.proxied import ProxiedRequests
 from txgateway.ids import request_id_for
 from txgateway.observability.context import RequestContext, client_address
-from txgateway.observability.export import server_span
-from txgateway.observability.tracing import trace_context_for
+from txgateway.observability.tracing import SpanNotes, trace_context_for
 
 __all__ = ["GatewayFront"]
 
@@ -104,6 +103,8 @@ class GatewayFront:
             base_log=gateway.log,
             trace=trace,
         )
+        if gateway.spans is not None and trace.sampled:
+            ctx.span_notes = SpanNotes()
         request.context = ctx
         request.on_end = serving.ended
         request.set_header(b"X-Request-ID", request_id.encode("ascii"))
@@ -130,6 +131,7 @@ class GatewayFront:
                 ctx.outcome = "client_disconnected"
             if ctx.handling is not None and not ctx.handling.called:
                 ctx.handling.cancel()
+        ctx.handling = None  # what it holds goes now, whoever keeps the context (the span export)
         seconds = gateway.clock.seconds() - ctx.started_at
         status = 499 if ctx.outcome == "client_disconnected" else request.code
         method = request.method.decode("ascii", "replace")
@@ -150,8 +152,11 @@ class GatewayFront:
             gateway.metrics.request_ended()
         else:
             gateway.metrics.observe_request(ctx.service, method, status, seconds)
-            if gateway.spans is not None and ctx.trace.sampled:
-                gateway.spans.add(server_span(ctx, method, request.path.decode("latin-1"), status, ctx.started_at + seconds))
+            if ctx.model_section is not None:
+                answered = ctx.answered_at - ctx.started_at if ctx.answered_at is not None else seconds
+                gateway.metrics.observe_model(ctx.model_section, status >= 500, answered)
+            if ctx.span_notes is not None and gateway.spans is not None:
+                gateway.spans.add(ctx, method, request.path.decode("latin-1"), status, ctx.started_at + seconds)
         self.in_flight -= 1
         if self.in_flight == 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []

@@ -11,6 +11,7 @@ from typing import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from txgateway import errors
+from txgateway.config.gateway import ANY_MODEL
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
@@ -126,6 +127,7 @@ class ProxiedRequests:
             answer_error(request, errors.MODEL_NOT_FOUND, message)
             return
         ctx.service = targets[0].route.config.name
+        ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
         rest = path[len(b"/v1"):]
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
 

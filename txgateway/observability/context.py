@@ -13,7 +13,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-from txgateway.observability.tracing import TraceContext
+from txgateway.observability.tracing import SpanNotes, TraceContext
 
 __all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "SpendFacts", "client_address"]
 
@@ -92,6 +92,11 @@ class CompletionFacts:
     max_tokens: int | None = None
     #: Each backend answer's usage, with the model it was sent as (what is billed).
     billed: list[tuple[str | None, Any]] = attrs.Factory(list)
+    #: The client asked for a stream.
+    stream: bool = False
+    #: The answer's id and why each of its choices ended, as the client got them.
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         """The access line's fields."""
@@ -151,6 +156,12 @@ class RequestContext:
     completion: CompletionFacts | None = None
     #: Set for governed keys only.
     spend: SpendFacts | None = None
+    #: Set when the request's spans are exported (it is sampled and an exporter is configured).
+    span_notes: SpanNotes | None = None
+    #: The C{[model:NAME]} section (or C{*}) that routed an OpenAI request.
+    model_section: str | None = None
+    #: When the answer's status and headers started (the clock's time), once they did.
+    answered_at: float | None = None
     _bound_log: Any = None
 
     @property
@@ -184,6 +195,7 @@ class RequestContext:
             request.set_header(b"X-Gateway-Model", self.served_model.encode("ascii"))
         if self.fallback_from:
             request.set_header(b"X-Gateway-Fallback-From", ", ".join(self.fallback_from).encode("ascii"))
+        self.answered_at = now
         request.set_header(b"X-Gateway-Response-Time", b"%d" % round((now - self.started_at) * 1000.0))
         request.set_header(b"X-Gateway-Attempts", b"%d" % self.attempts)
 

@@ -176,6 +176,8 @@ class GatewayMetrics:
 
     def __init__(self, clock: IReactorTime) -> None:
         self.recent = RecentWindow(clock)
+        #: Each configured model's requests over the last 60 s (errors are 5xx answers; times to the answer's start).
+        self.recent_models = RecentWindow(clock)
         #: Tokens settled per model, and governance refusals per reason, over the last 60 s (the status page's charts).
         self.recent_tokens = SecondCounts(clock)
         self.recent_refusals = SecondCounts(clock)
@@ -253,6 +255,12 @@ class GatewayMetrics:
         key = (label, method_label(method), status_class(status))
         counts.requests[key] = counts.requests.get(key, 0) + 1
         _observe(counts.request_seconds, (label,), seconds)
+
+    def observe_model(self, model: str, failed: bool, seconds_to_answer: float) -> None:
+        """One finished request routed by the C{[model:NAME]} section C{model}, for the status page."""
+        recent = self.recent_models
+        recent.observe(model, "", failed)
+        recent.time(model, "", seconds_to_answer)
 
     def count_cache(self, service: str, result: str) -> None:
         """One request to a cached service, by the cache's verdict."""

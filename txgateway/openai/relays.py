@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from txgateway.dataplane.client import StreamEnded
 from txgateway.dataplane.relay import BodyRelay
 from txgateway.dataplane.server import IncomingRequest
-from txgateway.openai.wire import ChunkFacts, EventSplitter, Usage, chunk_event, read_chunk, usage_of_answer
+from txgateway.openai.wire import AnswerFacts, ChunkFacts, EventSplitter, Usage, chunk_event, read_answer, read_chunk
 
 __all__ = ["EventStreamRelay", "JsonAnswerRelay", "Transcript"]
 
@@ -25,9 +25,9 @@ JSON_USAGE_LIMIT = 1024 * 1024
 class Transcript:
     """
     What the client has been sent of one streamed answer, across every
-    attempt that made it: choice 0's text, whether it finished, the first
-    stream's chunk id (resumed chunks carry it too), and whether its text
-    alone could be continued (no tool call).
+    attempt that made it: choice 0's text, whether it finished (and why
+    each choice did), the first stream's chunk id (resumed chunks carry it
+    too), and whether its text alone could be continued (no tool call).
     """
 
     def __init__(self, resumable: bool) -> None:
@@ -37,6 +37,7 @@ class Transcript:
         self.chunk_id: str | None = None
         #: Chunks with content (text or a tool call) relayed, across every attempt.
         self.content_chunks = 0
+        self.finish_reasons: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
@@ -51,6 +52,8 @@ class Transcript:
             self.content_chunks += 1
         if facts.finished:
             self.finished = True
+        if facts.finish_reasons:
+            self.finish_reasons += facts.finish_reasons
         if facts.tool_call:
             self.resumable = False
         if first_stream and self.chunk_id is None and facts.data is not None:
@@ -217,11 +220,14 @@ class EventStreamRelay(BodyRelay):
 
 
 class JsonAnswerRelay(BodyRelay):
-    """A L{BodyRelay} that also reads the usage of the JSON answer it relays (up to L{JSON_USAGE_LIMIT})."""
+    """
+    A L{BodyRelay} that also reads the JSON answer it relays (up to
+    L{JSON_USAGE_LIMIT}): C{on_answer} gets its usage, id and finish reasons.
+    """
 
-    def __init__(self, clock: IReactorTime, idle_timeout: float, on_usage: Callable[[Usage], None]) -> None:
+    def __init__(self, clock: IReactorTime, idle_timeout: float, on_answer: Callable[[AnswerFacts], None]) -> None:
         super().__init__(None, clock, idle_timeout)
-        self._on_usage = on_usage
+        self._on_answer = on_answer
         self._copy: list[bytes] | None = []
         self._copied = 0
 
@@ -236,8 +242,7 @@ class JsonAnswerRelay(BodyRelay):
 
     def body_ended(self, error: Exception | None) -> None:
         if error is None and self._copy:
-            usage = usage_of_answer(b"".join(self._copy))
+            facts = read_answer(b"".join(self._copy))
             self._copy = None
-            if usage is not None:
-                self._on_usage(usage)
+            self._on_answer(facts)
         super().body_ended(error)

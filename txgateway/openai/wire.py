@@ -32,6 +32,7 @@ except ImportError:  # PyPy: its json is fast enough
 
 
 __all__ = [
+    "AnswerFacts",
     "BadCall",
     "ChunkFacts",
     "EventSplitter",
@@ -40,8 +41,8 @@ __all__ = [
     "after_refusal",
     "chunk_event",
     "error_codes",
+    "read_answer",
     "read_chunk",
-    "usage_of_answer",
 ]
 
 #: The endpoints whose streams the gateway follows token by token.
@@ -233,12 +234,36 @@ def _usage_from(decoded: Any) -> Usage | None:
     return Usage(model if isinstance(model, str) else None, prompt, completion, cached)
 
 
-def usage_of_answer(body: bytes) -> Usage | None:
-    """The usage a JSON answer reports, if it is one that does."""
+@attrs.frozen
+class AnswerFacts:
+    """What a JSON answer says of itself: its usage, its id, and why each of its choices ended."""
+
+    usage: Usage | None = None
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+
+
+_NO_FACTS = AnswerFacts()
+
+
+def read_answer(body: bytes) -> AnswerFacts:
+    """The usage, id and finish reasons a JSON answer reports (none of them when it is not one)."""
     try:
-        return _usage_from(_loads(body))
+        decoded = _loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return _NO_FACTS
+    if type(decoded) is not dict:
+        return _NO_FACTS
+    answer_id = decoded.get("id")
+    return AnswerFacts(_usage_from(decoded), answer_id if type(answer_id) is str else None, _finish_reasons(decoded.get("choices")))
+
+
+def _finish_reasons(choices: Any) -> tuple[str, ...]:
+    if type(choices) is not list:
+        return ()
+    return tuple(
+        choice["finish_reason"] for choice in choices if type(choice) is dict and type(choice.get("finish_reason")) is str
+    )
 
 
 class EventSplitter:
@@ -302,6 +327,7 @@ class ChunkFacts:
     @ivar token: it carries content, a finish reason or usage (the commit
         point's signal); role-only chunks and comments do not.
     @ivar finished: choice 0 got its C{finish_reason}.
+    @ivar finish_reasons: the C{finish_reason}s it carries, of any choice.
     @ivar usage: the usage it reports.
     @ivar usage_only: a usage chunk with no choices (the one C{include_usage} adds).
     @ivar tool_call: choice 0 calls a tool (such a stream cannot be resumed by text).
@@ -317,6 +343,7 @@ class ChunkFacts:
     usage_only: bool = False
     tool_call: bool = False
     malformed: str | None = None
+    finish_reasons: tuple[str, ...] = ()
 
 
 _NOTHING = ChunkFacts()
@@ -358,9 +385,15 @@ def read_chunk(event: bytes) -> ChunkFacts:
     text = ""
     token = usage is not None
     finished = tool_call = False
+    reasons: tuple[str, ...] = ()
     if type(choices) is list:
         for choice in choices:
-            if type(choice) is not dict or choice.get("index", 0) != 0:
+            if type(choice) is not dict:
+                continue
+            reason = choice.get("finish_reason")
+            if reason and type(reason) is str:
+                reasons += (reason,)
+            if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta")
             if type(delta) is dict:
@@ -375,6 +408,6 @@ def read_chunk(event: bytes) -> ChunkFacts:
             elif type(choice.get("text")) is str:
                 text = choice["text"]
                 token = token or bool(text)
-            if choice.get("finish_reason"):
+            if reason:
                 finished = token = True
-    return ChunkFacts(decoded, False, text, token, finished, usage, usage is not None and not choices, tool_call)
+    return ChunkFacts(decoded, False, text, token, finished, usage, usage is not None and not choices, tool_call, None, reasons)

@@ -112,6 +112,8 @@ class AnswerRelay:
                     answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
                     answer.lease.release()  # that endpoint's stream is over
                     original = original or error
+                    if call.ctx.span_notes is not None:
+                        call.ctx.span_notes.broke(self._clock.seconds(), str(error))
                     call.ctx.log.warning(
                         "stream_broke", service=target.route.config.name, model=target.model, reason=str(error),
                         text_chars=len(call.transcript.text),
@@ -124,6 +126,10 @@ class AnswerRelay:
                     relay.commit(request)
         finally:
             answer.lease.release()
+            facts = call.ctx.completion
+            if facts is not None:
+                facts.response_id = call.transcript.chunk_id
+                facts.finish_reasons = call.transcript.finish_reasons
 
     def cut_short(
         self, call: Call, target: Target, response: UpstreamResponse, error: Exception, relayed: int

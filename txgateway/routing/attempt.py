@@ -25,9 +25,10 @@ from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
+from txgateway.observability.tracing import SpanNotes
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay
-from txgateway.openai.wire import Usage
+from txgateway.openai.wire import AnswerFacts, Usage
 from txgateway.resilience.breaker import Admission
 from txgateway.resilience.retry import (
     RETRY_AFTER_STATUSES,
@@ -163,11 +164,15 @@ class Attempts:
         failed_on: Endpoint | None = None
         retrying: InFlight | None = None
         try:
+            notes = call.ctx.span_notes
             while True:
                 admitted = target.route.choose(call.ctx.request_id, failed_on, state.silent)
                 if admitted is None:
-                    raise circuit_open(config.name, target.route.retry_after())
-                outcome = await self.once(state, admitted, call.deadline_at)
+                    raise self._circuit_open(call.ctx, config.name, target.route.retry_after())
+                if notes is None:
+                    outcome = await self.once(state, admitted, call.deadline_at)
+                else:
+                    outcome = await self._traced_once(state, admitted, call.deadline_at, notes)
                 if outcome.committed:
                     return outcome.answer
                 failed_on = admitted.endpoint
@@ -181,7 +186,9 @@ class Attempts:
                 if outcome.answer is not None:
                     outcome.answer.drop()
                 if stop == _ALL_OPEN:
-                    raise circuit_open(config.name, target.route.retry_after())
+                    raise self._circuit_open(call.ctx, config.name, target.route.retry_after())
+                if notes is not None:
+                    notes.attempts[-1].retry_delay = delay
                 if retrying is None:
                     retrying = target.route.retrying_lease()
                 self._metrics.retries.labels(config.name).inc()
@@ -193,14 +200,41 @@ class Attempts:
     async def resume_once(self, call: Call, target: Target, admitted: Admitted) -> _Outcome:
         """One attempt for the rest of a broken stream: no retry, no deadline but its own timeouts."""
         state = _TargetAttempts(call, target, resendable=False, resumed=True)
-        return await self.once(state, admitted, math.inf)
+        notes = call.ctx.span_notes
+        if notes is None:
+            return await self.once(state, admitted, math.inf)
+        return await self._traced_once(state, admitted, math.inf, notes)
 
-    async def once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float) -> _Outcome:
+    async def _traced_once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float, notes: SpanNotes) -> _Outcome:
+        """L{once}, as a span of its own: the backend is sent that span as its parent."""
+        endpoint = admitted.endpoint
+        span = notes.attempt(self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed)
+        try:
+            outcome = await self.once(state, admitted, deadline_at, span.span_id)
+        except CancelledError:
+            span.end(self._clock.seconds(), "abandoned")
+            raise
+        except GatewayError as error:
+            span.end(self._clock.seconds(), error.kind.type)
+            raise
+        now = self._clock.seconds()
+        code = outcome.answer.response.code if outcome.answer is not None else None
+        if outcome.committed:
+            span.status_code = code  # it ends with the answer's relay
+            notes.committed(now, span, "first token" if outcome.answer.relay.resumable else "first byte")
+        elif outcome.failure is not None:
+            span.end(now, outcome.failure.kind.type)
+        else:
+            span.end(now, "answered", code)
+        return outcome
+
+    async def once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float, span_id: str | None = None) -> _Outcome:
         """
         One attempt on the admitted endpoint: send, wait for the headers (within the
         attempt's timeout and the deadline), count the verdict on its
         breaker, then wait for the commit point.  Raises L{CancelledError}
         when the client left and L{GatewayError} when the deadline passed.
+        C{span_id} is the attempt's span, when it has one of its own.
         """
         call, config = state.call, state.config
         endpoint, admission = admitted.endpoint, admitted.admission
@@ -210,7 +244,7 @@ class Attempts:
         upstream = endpoint.upstream
         target = join_target(upstream.base_path, call.path)
         body = call.body_for(state.target, prefill=call.transcript.text if state.resumed else None)
-        sending = upstream.request(call.request.method, target, call.headers_for(config), body)
+        sending = upstream.request(call.request.method, target, call.headers_for(config, span_id), body)
         sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
         sent_at = self._clock.seconds()
         lease = endpoint.lease()
@@ -272,13 +306,14 @@ class Attempts:
         config, call = state.config, state.call
         if call.openai is not None and response.code == 200:
             sent_as = state.target.model or call.openai.model
-            on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as)
             if call.transcript is not None and is_event_stream(response):
+                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as)
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, call.openai.client_wants_usage, state.resumed
                 )
                 return _CommitPoint(relay, config.token_timeout, "first token")
-            return _CommitPoint(JsonAnswerRelay(self._clock, config.idle_timeout, on_usage), config.first_byte_timeout, "first byte")
+            on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)
+            return _CommitPoint(JsonAnswerRelay(self._clock, config.idle_timeout, on_answer), config.first_byte_timeout, "first byte")
         return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
 
     async def _first_bytes(self, response: UpstreamResponse, commit: _CommitPoint) -> Exception | None:
@@ -362,6 +397,20 @@ class Attempts:
     def _log_attempt(self, ctx: RequestContext, service: str, reason: str, final: bool, delay: float | None = None) -> None:
         retry = {} if final else {"retry_in_s": round(delay, 3)}
         ctx.log.warning("attempt_failed", service=service, attempt=ctx.attempts, reason=reason, retry=not final, **retry)
+
+    def _circuit_open(self, ctx: RequestContext, service: str, retry_after: int) -> GatewayError:
+        """The refusal when no endpoint of C{service} admits an attempt, noted on the request's span."""
+        if ctx.span_notes is not None:
+            ctx.span_notes.event(self._clock.seconds(), "circuit_open", **{"txgateway.service": service})
+        return circuit_open(service, retry_after)
+
+    def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: AnswerFacts) -> None:
+        """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
+        if facts.usage is not None:
+            self._count_usage(ctx, service, sent_as, facts.usage)
+        completion = ctx.completion
+        completion.response_id = facts.response_id
+        completion.finish_reasons = facts.finish_reasons
 
     def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, usage: Usage) -> None:
         """One backend answer's usage (of the model sent as C{sent_as}): on the access line, in the token counts, billed."""

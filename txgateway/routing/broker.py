@@ -76,7 +76,7 @@ class ServiceBroker:
         self.governor = governor
         self._metrics = metrics
         attempts = Attempts(clock, metrics, rng or random.Random())
-        self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(attempts, metrics)), metrics)
+        self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(clock, attempts, metrics)), metrics)
 
     async def proxy(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute, rest: bytes, query: bytes) -> None:
         """

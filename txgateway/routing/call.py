@@ -58,6 +58,7 @@ class Call:
         if openai is not None:
             ctx.completion = CompletionFacts(
                 requested_model=openai.model, operation=openai.operation(path), max_tokens=openai.max_tokens,
+                stream=openai.stream,
             )
             if openai.stream:
                 transcript = Transcript(openai.resumable_kind)
@@ -74,10 +75,14 @@ class Call:
             return self.request.body
         return self.openai.body_for(target.model, prefill=prefill)
 
-    def headers_for(self, config: ServiceConfig) -> list[tuple[bytes, bytes]]:
-        """The headers the request carries to C{config}'s service."""
+    def headers_for(self, config: ServiceConfig, span_id: str | None = None) -> list[tuple[bytes, bytes]]:
+        """
+        The headers the request carries to C{config}'s service (its trace
+        context naming the attempt's span C{span_id} as the parent, when the
+        attempt has one).
+        """
         ctx = self.ctx
-        extra = list(ctx.trace.headers()) if ctx.trace is not None else []
+        extra = ctx.trace.headers(span_id) if ctx.trace is not None else []
         # The gateway's own API key stays here unless the service asks for it.
         withheld = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
         if config.api_key:

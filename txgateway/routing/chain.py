@@ -121,6 +121,9 @@ class FallbackChain:
         service = ctx.service or gave_up.route.config.name
         self._metrics.fallback(service, to.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
         ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)
+        if ctx.span_notes is not None:
+            attributes = {"txgateway.gave_up": gave_up.label, "txgateway.to": to.label, "txgateway.reason": reason}
+            ctx.span_notes.event(self._clock.seconds(), "fallback", **attributes)
 
     def _answering(self, call: Call, target: Target) -> None:
         """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""

@@ -9,7 +9,9 @@ token continues the answer.
 from __future__ import annotations
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
+from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.attempt import Answer, Attempts
 from txgateway.routing.call import Call
@@ -33,11 +35,13 @@ class StreamResume:
     """
     Continues broken completion streams.
 
+    @param clock: the time of the events it notes on a traced request.
     @param attempts: makes the one attempt each candidate gets.
     @param metrics: counts resumes (resumed, failed).
     """
 
-    def __init__(self, attempts: Attempts, metrics: GatewayMetrics) -> None:
+    def __init__(self, clock: IReactorTime, attempts: Attempts, metrics: GatewayMetrics) -> None:
+        self._clock = clock
         self._attempts = attempts
         self._metrics = metrics
 
@@ -70,6 +74,7 @@ class StreamResume:
         if admitted is None:
             admitted = route.choose(ctx.request_id, broke_endpoint)
         if admitted is None:
+            self._note(ctx, "circuit_open", **{"txgateway.service": config.name})
             return None
         outcome = await self._attempts.resume_once(call, target, admitted)
         refused = None
@@ -83,6 +88,13 @@ class StreamResume:
         self._metrics.stream_resumes.labels(config.name, "failed" if refused else "resumed").inc()
         if refused is not None:
             ctx.log.warning("resume_failed", service=config.name, model=target.model, reason=refused)
+            self._note(ctx, "resume_failed", **{"txgateway.service": config.name, "txgateway.reason": refused})
             return None
         ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=admitted.endpoint.url)
+        self._note(ctx, "stream_resumed", **{"txgateway.service": config.name, "txgateway.text_chars": len(call.transcript.text)})
         return outcome.answer
+
+    def _note(self, ctx: RequestContext, name: str, **attributes: object) -> None:
+        """An event of the request's span, when it has one."""
+        if ctx.span_notes is not None:
+            ctx.span_notes.event(self._clock.seconds(), name, **attributes)
