@@ -67,7 +67,7 @@ class TraceContext:
 class AttemptSpan:
     """
     One attempt's CLIENT span, as it is made (on the reactor thread; the
-    export turns it into an SDK span after the request).
+    export thread encodes it after the request ended).
 
     @ivar outcome: what the attempt came to (C{answered}, a failure's error
         type, C{abandoned}, C{stream_broke}); L{None} while it is relayed.

@@ -25,8 +25,8 @@ from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
-from txgateway.observability.tracing import SpanNotes
 from txgateway.observability.metrics import GatewayMetrics
+from txgateway.observability.tracing import SpanNotes
 from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay
 from txgateway.openai.wire import AnswerFacts, Usage
 from txgateway.resilience.breaker import Admission
