@@ -77,6 +77,10 @@ def test_embedded_defaults_match_the_sample_gateway_ini():
         ("[service:ai]\nurl = http://x\nretry_jitter = 2\n", "test.ini: [service:ai] retry_jitter: expected a number from 0 to 1"),
         ("[service:ai]\nurl = http://x\n[service:ai]\nurl = http://y\n", "test.ini: While reading from 'test.ini' [line 3]: section 'service:ai' already exists"),
         ("no section here\n", "test.ini: File contains no section headers."),
+        ("[ratelimit]\nredis_url = http://x:1/0\n" + MINIMAL, "test.ini: [ratelimit] redis_url: expected redis://host:port/db or redis+sentinel://"),
+        ("[cache]\nredis_url = redis+sentinel://127.0.0.1:26379\n" + MINIMAL, "test.ini: [cache] redis_url: expected the master's name"),
+        ("[budgets]\nredis_url = redis+sentinel://h:1,h:x/m\n" + MINIMAL, "test.ini: [budgets] redis_url: expected host:port in"),
+        ("[ratelimit]\nredis_url = redis://h:6379/zero\n" + MINIMAL, "test.ini: [ratelimit] redis_url: expected a database number"),
     ],
 )
 def test_a_bad_file_fails_with_one_line_naming_file_section_and_key(text, expected):

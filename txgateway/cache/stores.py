@@ -182,4 +182,4 @@ def connect_cache(url: str, clock: IReactorTime, timeout: float, log: Any) -> Re
     from txgateway.redispool import redis_pool
 
     pool = redis_pool(url, timeout, as_bytes=True)
-    return RedisCacheStore(pool, clock, timeout, log, disconnect=pool.disconnect)
+    return RedisCacheStore(pool.calls, clock, timeout, log, disconnect=pool.disconnect)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from txgateway.config.keys import BUDGET_PERIODS, ApiKey, ModelPrice, TeamLimits, check_key_name
+from txgateway.redispool import parse_redis_url
 
 __all__ = [
     "AuthConfig",
@@ -224,15 +225,7 @@ def _environment_variable(raw: str) -> str:
 
 def _redis_url(raw: str) -> str:
     value = raw.strip()
-    parts = urlsplit(value)
-    if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"expected a redis://host:port/db URL, got {raw!r}")
-    try:
-        parts.port  # noqa: B018
-        if parts.path.strip("/"):
-            int(parts.path.strip("/"))
-    except ValueError:
-        raise ValueError(f"expected a redis://host:port/db URL, got {raw!r}") from None
+    parse_redis_url(value)  # says what is expected when it is not a Redis URL
     return value
 
 

@@ -597,4 +597,4 @@ def connect_ledger(url: str, clock: IReactorTime, timeout: float, log: Any) -> R
     from txgateway.redispool import redis_pool
 
     pool = redis_pool(url, timeout, as_bytes=False)
-    return RedisLedgerStore(pool, clock, timeout, log, disconnect=pool.disconnect)
+    return RedisLedgerStore(pool.calls, clock, timeout, log, disconnect=pool.disconnect)

@@ -253,4 +253,4 @@ def connect_redis(url: str, clock: IReactorTime, timeout: float, retry_interval:
     from txgateway.redispool import redis_pool
 
     pool = redis_pool(url, timeout)
-    return RedisRateLimitStore(pool, clock, timeout, retry_interval, log, disconnect=pool.disconnect)
+    return RedisRateLimitStore(pool.calls, clock, timeout, retry_interval, log, disconnect=pool.disconnect)
