@@ -12,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from txgateway.observability.context import CompletionFacts, RequestContext
-from txgateway.observability.export import SpanExport, request_spans, server_span
+from txgateway.observability.export import OTLPHttpPost, SpanExport, request_spans, server_span
 from txgateway.observability.tracing import SpanNotes, trace_context_for
 
 
@@ -188,3 +188,34 @@ def test_a_new_trace_is_sampled_as_told_and_a_clients_flag_wins():
     assert trace_context_for(None).sampled
     assert trace_context_for(b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-01", sampled=False).sampled
     assert not trace_context_for(b"00-" + b"a" * 32 + b"-" + b"b" * 16 + b"-00", sampled=True).sampled
+
+
+def test_the_post_sends_protobuf_to_the_traces_path_with_the_headers_and_says_why_it_failed():
+    import http.server
+
+    seen: list = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            seen.append((self.path, self.headers["Content-Type"], self.headers["x-team"],
+                         self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200 if len(seen) == 1 else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        post = OTLPHttpPost(f"http://127.0.0.1:{server.server_port}", (("x-team", "k"),), 2.0)
+        assert post(b"\x0a\x00") is None
+        assert post(b"\x0a\x00") == "the collector answered 503"
+        post.close()
+        assert seen == [("/v1/traces", "application/x-protobuf", "k", b"\x0a\x00")] * 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert OTLPHttpPost(f"http://127.0.0.1:{server.server_port}/v1/traces", (), 0.5)(b"").startswith("ConnectionRefusedError")

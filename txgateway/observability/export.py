@@ -147,7 +147,7 @@ class OTLPHttpPost:
     POSTs encoded spans to an OTLP/HTTP collector over one kept-alive
     connection (made again after a failure); used by the export thread only.
 
-    @param endpoint: the traces URL (C{http://HOST:4318/v1/traces}).
+    @param endpoint: the traces URL (C{http://HOST:4318/v1/traces}; C{http://HOST:4318} means that).
     @param headers: sent with every export (an API key for a hosted backend).
     @param timeout: seconds an export may take.
     """
@@ -157,7 +157,9 @@ class OTLPHttpPost:
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or (443 if self._https else 80)
-        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # A collector's base URL (nothing after the port) means its traces path, as OTLP's own defaults do.
+        path = parts.path if parts.path not in ("", "/") else "/v1/traces"
+        self._path = path + (f"?{parts.query}" if parts.query else "")
         self._headers = {**dict(headers), "Content-Type": "application/x-protobuf"}
         self._timeout = timeout
         self._connection: http.client.HTTPConnection | None = None
