@@ -30,6 +30,7 @@ ROOMS = {
     },
     "txgateway.admin": {"documents", "page", "render", "routes"},
     "txgateway.front": {"answers", "auth", "door", "gateway", "proxied"},
+    "txgateway.workers": {"channel", "codec", "link", "listen", "merge", "shared", "state", "supervisor"},
     "txgateway.daemon": {"service", "tap"},
 }
 
@@ -69,6 +70,7 @@ MAY_IMPORT = {
         "txgateway.ratelimit",
         "txgateway.routing",
     },
+    "txgateway.workers": set(ROOMS) - {"txgateway.daemon", "txgateway.workers", "txgateway.front"},
     "txgateway.daemon": set(ROOMS) - {"txgateway.daemon"},
 }
 

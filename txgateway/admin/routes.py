@@ -14,6 +14,7 @@ import json
 from typing import Any, Iterable, Protocol
 
 from klein import Klein
+from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -35,11 +36,14 @@ class OperatorView(Protocol):
     metrics: GatewayMetrics
     log: Any
 
-    def health(self) -> dict:
-        """The C{/health} document."""
+    def health(self) -> Any:
+        """The C{/health} document, or a L{Deferred} of it."""
 
-    def status(self) -> dict:
-        """The C{/status.json} document."""
+    def status(self) -> Any:
+        """The C{/status.json} document, or a L{Deferred} of it."""
+
+    def exposition(self) -> Any:
+        """The C{/metrics} text, or a L{Deferred} of it."""
 
     def may_see_status(self, client: str) -> bool:
         """Whether C{client} (an address) may see C{/status}."""
@@ -108,9 +112,9 @@ class AdminRoutes:
         return _json(request, {"status": "shutting_down"}, 503)
 
     @app.route("/health", methods=["GET", "HEAD"])
-    def health(self, request: IRequest) -> bytes:
+    async def health(self, request: IRequest) -> bytes:
         """Every service's and model's circuits and the stores' health."""
-        return _json(request, self.view.health())
+        return _json(request, await maybeDeferred(self.view.health))
 
     def _may_see_status(self, request: IRequest) -> bool:
         ctx = _context(request)
@@ -127,11 +131,11 @@ class AdminRoutes:
         return _sized(request, STATUS_PAGE.encode("utf-8"))
 
     @app.route("/status.json", methods=["GET", "HEAD"])
-    def status_document(self, request: IRequest) -> bytes:
+    async def status_document(self, request: IRequest) -> bytes:
         """What the status page shows, as JSON."""
         if not self._may_see_status(request):
             return _error(request, errors.NOT_FOUND, "nothing is served at this path")
-        return _json(request, self.view.status())
+        return _json(request, await maybeDeferred(self.view.status))
 
     @app.route("/spend.json", methods=["GET", "HEAD"])
     async def spend(self, request: IRequest) -> bytes:
@@ -149,10 +153,11 @@ class AdminRoutes:
         return _json(request, document)
 
     @app.route("/metrics", methods=["GET", "HEAD"])
-    def metrics(self, request: IRequest) -> bytes:
+    async def metrics(self, request: IRequest) -> bytes:
         """The Prometheus exposition."""
+        text = await maybeDeferred(self.view.exposition)
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return _sized(request, self.view.metrics.exposition())
+        return _sized(request, text)
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

@@ -240,6 +240,20 @@ def _listen(raw: str) -> str:
     return value
 
 
+def _workers(raw: str) -> int:
+    """C{auto} (the cores this process may run on) or a whole number from 1 to 256."""
+    value = raw.strip().lower()
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"expected auto or a whole number of processes, got {raw!r}") from None
+    if not 1 <= count <= 256:
+        raise ValueError(f"expected auto or a whole number from 1 to 256, got {raw!r}")
+    return count
+
+
 def _rate_key(raw: str) -> str:
     value = raw.strip()
     if value in ("ip", "api_key"):
@@ -300,6 +314,8 @@ class GatewaySettings:
     drain_timeout: float = _key(_non_negative_seconds, 30.0)
     #: Seconds the listener keeps accepting at stop, /health/ready at 503, before it closes.
     drain_delay: float = _key(_non_negative_seconds, 0.0)
+    #: Worker processes (C{auto}: one per core); more than one makes the daemon a supervisor.
+    workers: int = _key(_workers, 1)
 
 
 @attrs.frozen

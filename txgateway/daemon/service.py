@@ -51,6 +51,8 @@ from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.deployments import ModelTable
 from txgateway.routing.model import Endpoint, ServiceRoute
+from txgateway.workers.listen import ReusePortListener, listen_address
+from txgateway.workers.shared import BatchedCalls, SharedLedgerStore, SharedRateLimitStore
 
 __all__ = ["GatewayService", "build_gateway", "build_routes", "build_server_factory"]
 
@@ -58,6 +60,8 @@ __all__ = ["GatewayService", "build_gateway", "build_routes", "build_server_fact
 POOL_IDLE_CONNECTIONS = 64
 #: Seconds an idle pooled connection is kept before it is closed.
 POOL_IDLE_SECONDS = 60
+#: Seconds a worker waits for the supervisor's answer before deciding alone.
+SUPERVISOR_TIMEOUT = 1.0
 
 
 def build_routes(
@@ -67,12 +71,15 @@ def build_routes(
     log: Any,
     metrics: GatewayMetrics,
     previous: Mapping[str, ServiceRoute] | None = None,
+    circuits: Any = None,
 ) -> dict[str, ServiceRoute]:
     """
     One route per service, with an endpoint (breaker and upstream) per URL
     of its C{url}.  An endpoint whose service and URL were in C{previous}
     keeps its breaker, with its state, and its upstream with its
-    connections.
+    connections.  With C{circuits} (a worker's
+    L{txgateway.workers.shared.CircuitShare}), each breaker is registered
+    there and its transitions told to it.
     """
     routes = {}
     for name, service in config.services.items():
@@ -90,9 +97,11 @@ def build_routes(
                     service.breaker_threshold,
                     service.breaker_cooldown,
                     log,
-                    functools.partial(_transitioned, metrics, url),
+                    functools.partial(_transitioned, metrics, circuits, url),
                     endpoint=url if len(service.endpoint_urls) > 1 else None,
                 )
+                if circuits is not None:
+                    circuits.register(name, url, breaker)
                 endpoint = Endpoint(url, upstream_for(service, url), breaker)
             endpoints.append(endpoint)
         routes[name] = ServiceRoute(config=service, endpoints=endpoints)
@@ -122,9 +131,18 @@ def _every_endpoint(gateway: Gateway) -> list[Endpoint]:
 
 
 def _transitioned(
-    metrics: GatewayMetrics, endpoint: str, service: str, from_state: str, to_state: str, reason: str, request_id: str | None
+    metrics: GatewayMetrics,
+    circuits: Any,
+    endpoint: str,
+    service: str,
+    from_state: str,
+    to_state: str,
+    reason: str,
+    request_id: str | None,
 ) -> None:
     metrics.circuit_transition(endpoint, service, from_state, to_state, reason, request_id)
+    if circuits is not None:
+        circuits.transitioned(service, endpoint, to_state, reason)
 
 
 def build_gateway(
@@ -140,6 +158,7 @@ def build_gateway(
     cache_stores: Mapping[str, ICacheStore] | None = None,
     governance_store: IGovernanceStore | None = None,
     spans: Any = None,
+    peers: Any = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, the rate
@@ -147,16 +166,24 @@ def build_gateway(
     C{governance_store} (a ledger in memory when the configuration governs
     keys and none is given).  With C{previous} (a reload), unchanged
     services keep their breakers and connections, and the uptime goes on.
+    With C{peers} (a worker's L{txgateway.workers.link.SupervisorLink}),
+    circuits open across workers and the operator's documents are the daemon's.
     """
-    routes = build_routes(config, clock, upstream_for, log, metrics, previous.broker.routes if previous else None)
+    circuits = peers.circuits if peers is not None else None
+    routes = build_routes(
+        config, clock, upstream_for, log, metrics, previous.broker.routes if previous else None, circuits
+    )
     limiter = RateLimiter.from_config(config.ratelimit, store) if store is not None else None
 
     def deployment_breaker(service: ServiceConfig, url: str, model: str) -> CircuitBreaker:
         where = f"{url} model={model}"
-        return CircuitBreaker(
+        breaker = CircuitBreaker(
             service.name, clock, service.breaker_threshold, service.breaker_cooldown, log,
-            functools.partial(_transitioned, metrics, where), endpoint=where,
+            functools.partial(_transitioned, metrics, circuits, where), endpoint=where,
         )
+        if circuits is not None:
+            circuits.register(service.name, where, breaker)
+        return breaker
 
     models = ModelTable(config.models, routes, deployment_breaker, previous.broker.models if previous else None)
     if cache_stores is None:
@@ -174,9 +201,11 @@ def build_gateway(
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None
-    return Gateway(
+    gateway = Gateway(
         config, clock, broker, store, log, metrics, access_log, started_at, spans, config.tracing.sample_ratio, rng,
     )
+    gateway.peers = peers
+    return gateway
 
 
 def state_file_of(config: GatewayConfig) -> str:
@@ -228,9 +257,12 @@ class GatewayService(MultiService):
         clock: IReactorTime | None = None,
         config_path: str | None = None,
         log_destination: LogDestination | None = None,
+        worker: Any = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        #: This process's line to its supervisor (a L{SupervisorLink}) when it is a worker.
+        self._worker = worker
         # The gateway's own timers (timeouts, backoff, breakers, buckets) run
         # on clock; connections and the site's timers on the reactor.
         self._clock = reactor if clock is None else clock
@@ -240,7 +272,7 @@ class GatewayService(MultiService):
         # structlog writes to this destination (configured once, by makeService).
         self._log_destination = LogDestination() if log_destination is None else log_destination
         self._log_destination.use(self.sink, config.logging.level)
-        self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
+        self.log = self._logger()
         self.metrics = GatewayMetrics(self._clock)
         self._upstreams: list[UpstreamPool] = []
         self._retired_ledgers: list[IGovernanceStore] = []
@@ -252,12 +284,37 @@ class GatewayService(MultiService):
         self._governance_store = self._governance_store_for(config)
         self._spans = self._span_export_for(config)
         self.gateway = build_gateway(
-            config, self._clock, self._upstream_for, store, self.log, self.metrics, AccessLog(self.sink, config.logging.level),
+            config, self._clock, self._upstream_for, store, self.log, self.metrics, self._access_log(config),
             cache_stores=self._cache_stores, governance_store=self._governance_store, spans=self._spans,
+            peers=worker,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
-        strports.service(config.gateway.listen, self.server_factory, reactor=reactor).setServiceParent(self)
+        if worker is None:
+            strports.service(config.gateway.listen, self.server_factory, reactor=reactor).setServiceParent(self)
+        else:
+            self.sink.shared = True
+            worker.gateway = lambda: self.gateway
+            worker.on_lost = self._supervisor_lost
+            address = listen_address(reactor, config.gateway.listen)
+            ReusePortListener(reactor, address, self.server_factory).setServiceParent(self)
+
+    def _logger(self) -> Any:
+        log = structlog.get_logger("txgateway")
+        # concrete: binding per request is cheap
+        return log.bind(worker=self._worker.index) if self._worker is not None else log.bind()
+
+    def _access_log(self, config: GatewayConfig) -> AccessLog:
+        always = {"worker": self._worker.index} if self._worker is not None else None
+        return AccessLog(self.sink, config.logging.level, always)
+
+    def _supervisor_lost(self) -> None:
+        """A worker whose supervisor is gone drains and stops: an orphan must not keep serving the port."""
+        if not self._stopping and self._reactor.running:
+            self._reactor.stop()
+
+    def _shared_calls(self) -> BatchedCalls:
+        return BatchedCalls(self._worker.call, self._clock, SUPERVISOR_TIMEOUT)
 
     def _rate_limit_store(self, config: GatewayConfig) -> IRateLimitStore:
         settings = config.ratelimit
@@ -267,6 +324,8 @@ class GatewayService(MultiService):
             return connect_redis(
                 settings.redis_url, self._clock, settings.redis_timeout, settings.redis_retry_interval, self.log
             )
+        if self._worker is not None:
+            return SharedRateLimitStore(self._shared_calls(), self._clock, self.log)
         return MemoryRateLimitStore(self._clock)
 
     def _span_export_for(self, config: GatewayConfig) -> Any:
@@ -291,6 +350,9 @@ class GatewayService(MultiService):
 
             url = settings.redis_url or config.ratelimit.redis_url
             return connect_ledger(url, self._clock, settings.redis_timeout, self.log)
+        if self._worker is not None:
+            # The supervisor holds the ledger and its spend file for every worker.
+            return SharedLedgerStore(self._shared_calls(), self._clock, self.log, "sqlite")
         path = state_file_of(config)
         try:
             spend_file = SpendFile(path)
@@ -338,6 +400,8 @@ class GatewayService(MultiService):
             super().privilegedStartService()
 
     def startService(self) -> None:
+        if self._worker is not None:
+            self._worker.connect()
         with _one_line_when_the_port_is_taken(self.gateway.config):
             super().startService()
         if self._spans is not None:
@@ -393,8 +457,9 @@ class GatewayService(MultiService):
                 old.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: [logging] file: {error}"}
                 return False
             old_sink, self.sink = self.sink, sink
+            self.sink.shared = old_sink.shared
             self._log_destination.use(self.sink, config.logging.level)
-            self.log = structlog.get_logger("txgateway").bind()  # concrete: binding per request is cheap
+            self.log = self._logger()
             old_sink.close()
         store = old.store
         if config.ratelimit != old.config.ratelimit:
@@ -428,11 +493,12 @@ class GatewayService(MultiService):
             store,
             self.log,
             self.metrics,
-            AccessLog(self.sink, config.logging.level),
+            self._access_log(config),
             previous=old,
             cache_stores=self._cache_stores,
             governance_store=self._governance_store,
             spans=self._spans,
+            peers=self._worker,
         )
         if retired_ledger is not None:
             # Reservations in flight settle on the old store (their governor holds it): close it after the drain.
@@ -472,6 +538,8 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Deferred:
         self._stopping = True
+        if self._worker is not None:
+            self._worker.stopping = True
         self.gateway.accepting = False
         self.log.info("gateway_stopping", in_flight=self.front.in_flight)
         return Deferred.fromCoroutine(self._stop())

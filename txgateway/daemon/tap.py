@@ -5,6 +5,8 @@ that touches the global reactor.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.python import usage
 
 from txgateway.config.gateway import ConfigError, load_config
@@ -24,6 +26,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "Path to gateway.ini (default: the embedded defaults)."],
+        ["worker", None, None, "Internal: run as worker INDEX of the supervisor at SOCKET (INDEX:SOCKET)."],
     ]
 
 
@@ -55,10 +58,103 @@ def makeService(options: Options):
 
     destination = LogDestination()
     configure_logging(destination)
+    worker = None
+    if options["worker"]:
+        worker = _supervisor_link(reactor, options["worker"])
+    elif config.gateway.workers > 1:
+        return _supervisor(config, reactor, options["config"], destination)
     try:
-        return GatewayService(config, reactor, config_path=options["config"], log_destination=destination)
+        return GatewayService(config, reactor, config_path=options["config"], log_destination=destination, worker=worker)
     except OSError as error:
-        raise SystemExit(
-            f"txgateway: configuration error: {config.source}: [logging] file: "
-            f"{error.strerror or error}: {error.filename or config.logging.file}"
-        ) from None
+        raise SystemExit(_log_file_error(config, error)) from None
+
+
+def _log_file_error(config: Any, error: OSError) -> str:
+    return (
+        f"txgateway: configuration error: {config.source}: [logging] file: "
+        f"{error.strerror or error}: {error.filename or config.logging.file}"
+    )
+
+
+def _supervisor_link(reactor: Any, argument: str) -> Any:
+    """The line of worker C{INDEX} to the supervisor at C{SOCKET} (C{--worker INDEX:SOCKET})."""
+    import structlog
+
+    from txgateway.workers.link import SupervisorLink
+
+    index, _, path = argument.partition(":")
+    if not index.isdigit() or not path:
+        raise SystemExit(f"txgateway: --worker expects INDEX:SOCKET, got {argument!r}")
+    log = structlog.get_logger("txgateway").bind(worker=int(index))
+    return SupervisorLink(lambda factory: reactor.connectUNIX(path, factory, timeout=5), reactor, int(index), log)
+
+
+def _supervisor(config: Any, reactor: Any, config_path: str | None, destination: Any) -> Any:
+    """
+    The supervisor of C{[gateway] workers} processes: it holds the
+    address, the shared buckets and the local ledger, and starts the workers.
+    """
+    import functools
+    import signal
+    import sys
+
+    import structlog
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    from txgateway.daemon.service import state_file_of
+    from txgateway.governance.local import LocalLedgerStore
+    from txgateway.governance.spendfile import SpendFile
+    from txgateway.observability.logs import TwistedJsonObserver, open_sink
+    from txgateway.ratelimit.memory import MemoryRateLimitStore
+    from txgateway.workers.listen import listen_address, reuseport_socket
+    from txgateway.workers.state import SharedState
+    from txgateway.workers.supervisor import WORKER_ARGUMENT, Supervisor
+
+    try:
+        address = listen_address(reactor, config.gateway.listen)
+    except ValueError as error:
+        raise SystemExit(f"txgateway: configuration error: {config.source}: [gateway] workers: {error}") from None
+    try:
+        sink = open_sink(config.logging.file, sys.stdout, reactor)
+    except OSError as error:
+        raise SystemExit(_log_file_error(config, error)) from None
+    sink.shared = True
+    destination.use(sink, config.logging.level)
+    log = structlog.get_logger("txgateway").bind(worker=0)
+    ledger = None
+    if config.governed and config.budgets.store != "redis":
+        path = state_file_of(config)
+        try:
+            spend_file = SpendFile(path)
+        except Exception as error:
+            raise SystemExit(f"txgateway: configuration error: {config.source}: [budgets] state_file: cannot open {path}: {error}") from None
+        # One thread: the file's writes happen in order, off the thread answering the workers.
+        threads = ThreadPool(1, 1, "txgateway-budgets")
+        reactor.callWhenRunning(threads.start)
+        reactor.addSystemEventTrigger("after", "shutdown", threads.stop)
+        ledger = LocalLedgerStore(reactor, spend_file, functools.partial(deferToThreadPool, reactor, threads), log)
+    state = SharedState(MemoryRateLimitStore(reactor), ledger)
+
+    def hold_address() -> Any:
+        try:
+            return reuseport_socket(address, listen=False)
+        except OSError as error:
+            raise SystemExit(
+                f"txgateway: cannot listen: {config.source}: [gateway] listen = {config.gateway.listen}: {error.strerror or error}"
+            ) from None
+
+    def worker_argv(index: int, socket_path: str) -> list[str]:
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "txgateway"]
+        if config_path:
+            argv += ["--config", config_path]
+        return argv + [WORKER_ARGUMENT, f"{index}:{socket_path}"]
+
+    def on_sighup(reload: Any) -> None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+    return Supervisor(
+        config, state, reactor.spawnProcess, reactor.listenUNIX, reactor, worker_argv,
+        functools.partial(load_config, config_path), log, hold_address, on_sighup,
+        TwistedJsonObserver(sink, config.logging.level),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway.admin.documents import health_document, spend_document, status_document
@@ -67,6 +68,10 @@ class Gateway:
         self.spans = spans
         self._sample_ratio = sample_ratio
         self._random = (rng or random.Random()).random
+        #: The other workers of a daemon of workers (a
+        #: L{txgateway.workers.link.SupervisorLink}), whose views the
+        #: operator's documents merge; L{None} for a single process.
+        self.peers: Any = None
 
     def sample(self) -> bool:
         """Whether a new trace is sampled (C{[tracing] sample_ratio}; a client's sampled flag wins over this)."""
@@ -91,13 +96,28 @@ class Gateway:
         description = self.store.description
         return description["backend"], bool(description.get("healthy", True))
 
-    def health(self) -> dict:
-        """What C{GET /health} answers."""
+    def local_health(self) -> dict:
+        """This process's C{/health} document."""
         return health_document(self.broker, self.store, self.clock.seconds() - self.started_at, self.accepting)
 
-    def status(self) -> dict:
-        """What C{/status.json} answers."""
-        return status_document(self.health(), self.metrics, self.store, self.config.source, self.last_reload)
+    def health(self) -> dict | Deferred[dict]:
+        """What C{GET /health} answers: this process's, or (workers) a L{Deferred} of the daemon's."""
+        if self.peers is not None:
+            return self.peers.health(self.local_health())
+        return self.local_health()
+
+    def status(self) -> dict | Deferred[dict]:
+        """What C{/status.json} answers (a L{Deferred} with workers)."""
+        if self.peers is not None:
+            return self.peers.status(self)
+        return status_document(self.local_health(), self.metrics, self.store, self.config.source, self.last_reload)
+
+    def exposition(self) -> bytes | Deferred[bytes]:
+        """What C{/metrics} answers (a L{Deferred} with workers: every worker's, merged)."""
+        own = self.metrics.exposition()
+        if self.peers is not None:
+            return self.peers.exposition(own)
+        return own
 
     def spend(self) -> Any:
         """A L{Deferred} of what C{/spend.json} answers, or L{None} when no key is governed."""

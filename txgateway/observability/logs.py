@@ -66,8 +66,15 @@ class JsonLineSink:
     It is also the structlog "logger" at the end of the processor chain.
     """
 
+    #: Pipe writes up to this size are never interleaved with another process's (POSIX's PIPE_BUF).
+    ATOMIC_WRITE = 4096
+
     def __init__(self, streams: Iterable[IO[str]], clock: IReactorTime | None = None) -> None:
         self._streams = list(streams)
+        #: Set when other processes (a daemon's workers) write to the same
+        #: streams: lines are then written in whole-line pieces of at most
+        #: L{ATOMIC_WRITE} bytes, so no line is ever cut by another's.
+        self.shared = False
         self._clock = clock
         self._buffer: list[str] = []
         self._timer: IDelayedCall | None = None
@@ -121,6 +128,13 @@ class JsonLineSink:
                 self._batches.task_done()
 
     def _write(self, text: str) -> None:
+        if self.shared and len(text) > self.ATOMIC_WRITE:
+            for piece in _whole_line_pieces(text, self.ATOMIC_WRITE):
+                self._write_all(piece)
+        else:
+            self._write_all(text)
+
+    def _write_all(self, text: str) -> None:
         for stream in self._streams:
             try:
                 stream.write(text)
@@ -138,6 +152,20 @@ class JsonLineSink:
         for stream in self._streams:
             if stream not in (sys.__stdout__, sys.__stderr__):
                 stream.close()
+
+
+def _whole_line_pieces(text: str, size: int) -> Iterable[str]:
+    """C{text} (whole lines) in pieces of whole lines of at most C{size} characters (a longer line alone)."""
+    piece: list[str] = []
+    length = 0
+    for line in text.splitlines(keepends=True):
+        if piece and length + len(line) > size:
+            yield "".join(piece)
+            piece, length = [], 0
+        piece.append(line)
+        length += len(line)
+    if piece:
+        yield "".join(piece)
 
 
 def open_sink(path: str, stdout: IO[str] | None, clock: IReactorTime | None = None) -> JsonLineSink:
@@ -301,8 +329,10 @@ class AccessLog:
     Dropped when the configured level is above C{info}.
     """
 
-    def __init__(self, sink: Any, level: str = "info") -> None:
+    def __init__(self, sink: Any, level: str = "info", always: dict | None = None) -> None:
         self._sink = sink
+        #: Fields every line carries (a worker's number).
+        self._always = always or {}
         self._minimum = _LEVELS[level]
         self.enabled = self._minimum <= logging.INFO
 
@@ -317,6 +347,8 @@ class AccessLog:
             "request_id": ctx.request_id,
             "trace_id": ctx.trace.trace_id if ctx.trace is not None else None,
         }
+        if self._always:
+            line.update(self._always)
         if ctx.caller is not None:
             line["api_key_name"] = ctx.caller.name
         line.update(fields)

@@ -20,7 +20,7 @@ from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentWin
 #: need none of the newer format's escaping).
 CONTENT_TYPE_LATEST = "text/plain; version=0.0.4; charset=utf-8"
 
-__all__ = ["GatewayMetrics", "CONTENT_TYPE_LATEST", "method_label", "status_class"]
+__all__ = ["GatewayMetrics", "RecentWindows", "CONTENT_TYPE_LATEST", "method_label", "status_class"]
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _CIRCUIT_STATES = ("closed", "open", "half_open")
@@ -326,3 +326,36 @@ class GatewayMetrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+    def window_state(self) -> dict:
+        """The status page's windows and events, JSON-able, for another process to merge (L{merged_windows})."""
+        return {
+            "recent": self.recent.state(),
+            "recent_models": self.recent_models.state(),
+            "recent_tokens": self.recent_tokens.state(),
+            "recent_refusals": self.recent_refusals.state(),
+            "events": self.events.recent(),
+        }
+
+
+
+class RecentWindows:
+    """
+    What the status document reads of the metrics (the windows and the
+    events), summed over several processes' L{GatewayMetrics.window_state}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.recent = RecentWindow(clock)
+        self.recent_models = RecentWindow(clock)
+        self.recent_tokens = SecondCounts(clock)
+        self.recent_refusals = SecondCounts(clock)
+        self.events = EventRing(clock)
+
+    def absorb(self, state: dict) -> None:
+        """Add one process's windows and events."""
+        self.recent.absorb(state["recent"])
+        self.recent_models.absorb(state["recent_models"])
+        self.recent_tokens.absorb(state["recent_tokens"])
+        self.recent_refusals.absorb(state["recent_refusals"])
+        self.events.absorb(state["events"])

@@ -148,6 +148,43 @@ class RecentWindow:
                 return from_state if state is None else state
         return current if state is None else state
 
+    def state(self) -> dict:
+        """
+        What this window holds, JSON-able: each endpoint's seconds still in
+        the window and its transitions (for L{absorb} in another process).
+        """
+        now = int(self._clock.seconds())
+        rings = []
+        for (service, endpoint), ring in self._rings.items():
+            seconds = [
+                [slot.second, slot.count, slot.errors, list(slot.buckets)]
+                for slot in ring
+                if now - WINDOW_SECONDS < slot.second <= now
+            ]
+            if seconds:
+                rings.append([service, endpoint, seconds])
+        transitions = [[service, endpoint, [list(t) for t in kept]] for (service, endpoint), kept in self._transitions.items()]
+        return {"rings": rings, "transitions": transitions}
+
+    def absorb(self, state: dict) -> None:
+        """Add another window's L{state} to this one (the seconds summed, the transitions merged in time order)."""
+        for service, endpoint, seconds in state["rings"]:
+            ring = self._rings.get((service, endpoint))
+            if ring is None:
+                ring = self._rings[(service, endpoint)] = [_Second() for _ in range(WINDOW_SECONDS)]
+            for second, count, errors, buckets in seconds:
+                slot = ring[second % WINDOW_SECONDS]
+                if slot.second != second:
+                    slot.reset(second)
+                slot.count += count
+                slot.errors += errors
+                for index, value in enumerate(buckets):
+                    slot.buckets[index] += value
+        for service, endpoint, kept in state["transitions"]:
+            mine = self._transitions.get((service, endpoint), ())
+            merged = sorted([*mine, *(tuple(t) for t in kept)])
+            self._transitions[(service, endpoint)] = deque(merged, maxlen=64)
+
     def summary(self, service: str, endpoint: str) -> dict[str, Any]:
         """Requests per second, error rate and p50/p99 (ms) over the window."""
         ring = self._rings.get((service, endpoint))
@@ -189,6 +226,11 @@ class EventRing:
         """The events, newest first."""
         return list(self._events)
 
+    def absorb(self, events: list[dict]) -> None:
+        """Merge another ring's L{recent} events into this one, newest first."""
+        merged = sorted([*self._events, *events], key=lambda event: event["time"], reverse=True)
+        self._events = deque(merged, maxlen=self._events.maxlen)
+
 
 class SecondCounts:
     """
@@ -225,6 +267,28 @@ class SecondCounts:
             index = second % WINDOW_SECONDS
             series.append(amounts[index] if seconds[index] == second else 0)
         return series
+
+    def state(self) -> dict:
+        """C{{name: [[second, amount], ...]}} for the seconds still in the window (see L{absorb})."""
+        now = int(self._clock.seconds())
+        return {
+            name: [[second, amount] for second, amount in zip(*slots) if now - WINDOW_SECONDS < second <= now]
+            for name, slots in self._slots.items()
+        }
+
+    def absorb(self, state: dict) -> None:
+        """Add another process's L{state} to these counts."""
+        for name, seconds in state.items():
+            slots = self._slots.get(name)
+            if slots is None:
+                slots = self._slots[name] = ([-1] * WINDOW_SECONDS, [0] * WINDOW_SECONDS)
+            mine, amounts = slots
+            for second, amount in seconds:
+                index = second % WINDOW_SECONDS
+                if mine[index] != second:
+                    mine[index] = second
+                    amounts[index] = 0
+                amounts[index] += amount
 
     def names(self) -> list[str]:
         """Every name counted in the last 60 seconds."""

@@ -361,6 +361,14 @@ class CircuitBreaker:
         """Cancel the pending cooldown timer, if any: the breaker is discarded."""
         self._machine.stop()
 
+    def open_elsewhere(self, reason: str) -> None:
+        """
+        Another process sharing this backend opened its circuit: a closed
+        circuit opens here too (with its own cooldown); an open or half-open
+        one goes on as it is.
+        """
+        self._machine.trip(None, reason)
+
     def retune(self, threshold: int, cooldown: float) -> None:
         """New settings from a reload; the state and the count are kept."""
         self._core.threshold = threshold
