@@ -163,3 +163,28 @@ def test_sigterm_drains_every_worker_with_streams_in_flight(start_gateway, backe
     stopped = {l["worker"] for l in gateway.log_lines() if l.get("event") == "gateway_stopped"}
     assert stopped == {1, 2}
     assert any(l.get("event") == "supervisor_stopped" for l in gateway.log_lines())
+
+
+def test_200_parallel_governed_requests_over_two_workers_admit_exactly_the_25_that_fit(start_gateway, tmp_path):
+    from tests.integration.test_governance import RESERVED, governed, in_parallel
+    from tests.integration.test_openai_sdk import OpenAIBackend
+
+    backend = OpenAIBackend(tmp_path)
+    try:
+        ini = governed(backend.url, f"tokens_per_minute = {25 * RESERVED}").replace("[gateway]", "[gateway]\nworkers = 2", 1)
+        gateway = start_gateway(ini)
+        wait_until(lambda: gateway.request("GET", "/health").json().get("workers", {}).get("answering") == 2, 20)
+        outcomes = in_parallel([gateway.port], 200)
+        assert outcomes.count((200, None)) == 25
+        assert outcomes.count((429, "tokens_exceeded")) == 175
+        wait_until(lambda: len(served_by_any(gateway)) == 2)
+        # The supervisor's ledger settled every worker's requests: /spend.json from either worker says so.
+        spend = gateway.request("GET", "/spend.json").json()
+        assert sum(row["requests"] for row in spend["by_day"]) == 25
+        assert (gateway.workdir / "state" / "txgateway.db").exists()
+    finally:
+        backend.process.stop()
+
+
+def served_by_any(gateway) -> set[int]:
+    return {line["worker"] for line in gateway.log_lines() if line.get("event") == "request_completed"}

@@ -15,7 +15,7 @@ import tempfile
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
@@ -294,7 +294,7 @@ class Supervisor(Service):
                     self.log.error("worker_killed", worker=slot.index, pid=slot.pid, after_s=deadline)
                     slot.process.signalProcess("KILL")
         if self._control is not None:
-            await succeed(self._control.stopListening())
+            await maybeDeferred(self._control.stopListening)
         if self.state.ledger is not None:
             await self.state.ledger.close()
         await self.state.buckets.close()
