@@ -226,12 +226,14 @@ def governance_ini(budgets: str) -> str:
 def gateway_ini(
     tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None,
     extra_sections: str = "",
+    workers: int = 1,
 ) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
     path.write_text("\n".join([
         "[gateway]",
         f"listen = tcp:{port}:interface=127.0.0.1",
+        f"workers = {workers}",
         "[logging]",
         "level = info",
         f"file = {tmp}/{name}.log",
@@ -427,6 +429,11 @@ def main() -> int:
             """))
             pids["haproxy (1 thread)"] = processes.start(["haproxy", "-f", str(conf)], port).pid
             targets["haproxy (1 thread)"] = f"http://127.0.0.1:{port}/"
+        # The same gateway as two worker processes under a supervisor (its CPU counts theirs).
+        workers_port = free_port()
+        ini = gateway_ini(tmp, workers_port, upstream, sse_port, name="gw-workers", workers=2)
+        pids["txgateway (2 workers)"] = start_gateway(processes, twistd, ini, workers_port).pid
+        targets["txgateway (2 workers)"] = f"http://127.0.0.1:{workers_port}/api/bench/"
         redis_port = redis_server(processes, tmp)
         if redis_port is not None:
             redis_gw_port = free_port()
@@ -591,6 +598,10 @@ def main() -> int:
         if plain in medians and traced in medians:
             print(f"tracing every request ({traced}): {medians[traced]['rps'] / medians[plain]['rps'] * 100:.0f}% of "
                   f"the untraced throughput, {medians[traced]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
+    if "txgateway (2 workers)" in medians and "txgateway" in medians:
+        one, two = medians["txgateway"], medians["txgateway (2 workers)"]
+        print(f"2 workers: {two['rps'] / one['rps']:.2f}x one process's req/s ({two['rps'] / 2:.0f} a worker), "
+              f"{two['cpu_us']:.0f} us CPU a request against {one['cpu_us']:.0f} us (supervisor included)")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")
