@@ -72,6 +72,10 @@ def test_new_connections_spread_over_every_worker_and_metrics_count_them_all(sta
     assert 'txgateway_requests_total{method="GET",service="data",status_class="2xx"} 90.0' in metrics
     assert 'txgateway_workers{kind="answering"} 3.0' in metrics
     assert 'txgateway_in_flight_requests{worker="3"}' in metrics
+    # The status page's window sums every worker's attempts.
+    status = gateway.request("GET", "/status.json").json()
+    assert sum(status["services"]["data"]["last_60s"]["requests_per_s"]) == 90
+    assert status["workers"]["answering"] == 3
 
 
 def test_a_memory_limit_of_ten_admits_exactly_ten_across_the_workers(start_gateway, backend):
