@@ -216,6 +216,24 @@ def state_file_of(config: GatewayConfig) -> str:
     return os.path.join(os.path.dirname(log_directory) or ".", "state", "txgateway.db")
 
 
+def open_spend_file(config: GatewayConfig) -> SpendFile:
+    """
+    The SQLite file of settled spend (L{state_file_of}).
+
+    @raise ConfigError: it cannot be opened (the message names C{[budgets] state_file}).
+    """
+    path = state_file_of(config)
+    try:
+        return SpendFile(path)
+    except Exception as error:
+        raise ConfigError(f"{config.source}: [budgets] state_file: cannot open {path}: {error}") from None
+
+
+def ledger_thread() -> ThreadPool:
+    """One thread for the spend file: its writes happen in order, off the reactor thread."""
+    return ThreadPool(1, 1, "txgateway-budgets")
+
+
 def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: GatewayMetrics) -> dict[str, ICacheStore]:
     """The memory cache store when a service caches in memory (its size reported as C{txgateway_cache_bytes})."""
     if not any(service.cache == "memory" for service in config.services.values()):
@@ -353,15 +371,9 @@ class GatewayService(MultiService):
         if self._worker is not None:
             # The supervisor holds the ledger and its spend file for every worker.
             return SharedLedgerStore(self._shared_calls(), self._clock, self.log, "sqlite")
-        path = state_file_of(config)
-        try:
-            spend_file = SpendFile(path)
-        except Exception as error:
-            source = config.source
-            raise ConfigError(f"{source}: [budgets] state_file: cannot open {path}: {error}") from None
+        spend_file = open_spend_file(config)
         if self._threads is None:
-            # One thread: the file's writes happen in order, off the reactor thread.
-            self._threads = ThreadPool(1, 1, "txgateway-budgets")
+            self._threads = ledger_thread()
             self._threads.start()
         threads = self._threads
         run = functools.partial(deferToThreadPool, self._reactor, threads)

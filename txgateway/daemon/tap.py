@@ -100,11 +100,9 @@ def _supervisor(config: Any, reactor: Any, config_path: str | None, destination:
 
     import structlog
     from twisted.internet.threads import deferToThreadPool
-    from twisted.python.threadpool import ThreadPool
 
-    from txgateway.daemon.service import state_file_of
+    from txgateway.daemon.service import ledger_thread, open_spend_file
     from txgateway.governance.local import LocalLedgerStore
-    from txgateway.governance.spendfile import SpendFile
     from txgateway.observability.logs import TwistedJsonObserver, open_sink
     from txgateway.ratelimit.memory import MemoryRateLimitStore
     from txgateway.workers.listen import listen_address, reuseport_socket
@@ -124,13 +122,12 @@ def _supervisor(config: Any, reactor: Any, config_path: str | None, destination:
     log = structlog.get_logger("txgateway").bind(worker=0)
     ledger = None
     if config.governed and config.budgets.store != "redis":
-        path = state_file_of(config)
         try:
-            spend_file = SpendFile(path)
-        except Exception as error:
-            raise SystemExit(f"txgateway: configuration error: {config.source}: [budgets] state_file: cannot open {path}: {error}") from None
-        # One thread: the file's writes happen in order, off the thread answering the workers.
-        threads = ThreadPool(1, 1, "txgateway-budgets")
+            spend_file = open_spend_file(config)
+        except ConfigError as error:
+            raise SystemExit(f"txgateway: configuration error: {error}") from None
+        # Off the thread answering the workers.
+        threads = ledger_thread()
         reactor.callWhenRunning(threads.start)
         reactor.addSystemEventTrigger("after", "shutdown", threads.stop)
         ledger = LocalLedgerStore(reactor, spend_file, functools.partial(deferToThreadPool, reactor, threads), log)

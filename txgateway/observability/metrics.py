@@ -167,11 +167,11 @@ _BUCKET_NAMES = [repr(float(bound)) for bound in LATENCY_BUCKETS] + ["+Inf"]
 disable_created_metrics()
 
 
-class GatewayMetrics:
+class RecentWindows:
     """
-    Every metric the gateway exports, and the text that C{/metrics} serves;
-    also what the status page reads: each endpoint's last 60 seconds and
-    the last circuit transitions and fallbacks, on C{clock}.
+    What the status page reads of the metrics: each endpoint's and model's
+    last 60 s, tokens and refusals per second, the last events; one
+    process's (L{GatewayMetrics}), or several processes' summed by L{absorb}.
     """
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -182,6 +182,35 @@ class GatewayMetrics:
         self.recent_tokens = SecondCounts(clock)
         self.recent_refusals = SecondCounts(clock)
         self.events = EventRing(clock)
+
+    def window_state(self) -> dict:
+        """The windows and events, JSON-able, for another process to L{absorb}."""
+        return {
+            "recent": self.recent.state(),
+            "recent_models": self.recent_models.state(),
+            "recent_tokens": self.recent_tokens.state(),
+            "recent_refusals": self.recent_refusals.state(),
+            "events": self.events.recent(),
+        }
+
+    def absorb(self, state: dict) -> None:
+        """Add one process's L{window_state}."""
+        self.recent.absorb(state["recent"])
+        self.recent_models.absorb(state["recent_models"])
+        self.recent_tokens.absorb(state["recent_tokens"])
+        self.recent_refusals.absorb(state["recent_refusals"])
+        self.events.absorb(state["events"])
+
+
+class GatewayMetrics(RecentWindows):
+    """
+    Every metric the gateway exports, and the text that C{/metrics} serves;
+    also what the status page reads: each endpoint's last 60 seconds and
+    the last circuit transitions and fallbacks, on C{clock}.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        super().__init__(clock)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._counts = _RequestCounts()
@@ -326,36 +355,3 @@ class GatewayMetrics:
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
-
-    def window_state(self) -> dict:
-        """The status page's windows and events, JSON-able, for another process to merge (L{merged_windows})."""
-        return {
-            "recent": self.recent.state(),
-            "recent_models": self.recent_models.state(),
-            "recent_tokens": self.recent_tokens.state(),
-            "recent_refusals": self.recent_refusals.state(),
-            "events": self.events.recent(),
-        }
-
-
-
-class RecentWindows:
-    """
-    What the status document reads of the metrics (the windows and the
-    events), summed over several processes' L{GatewayMetrics.window_state}.
-    """
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.recent = RecentWindow(clock)
-        self.recent_models = RecentWindow(clock)
-        self.recent_tokens = SecondCounts(clock)
-        self.recent_refusals = SecondCounts(clock)
-        self.events = EventRing(clock)
-
-    def absorb(self, state: dict) -> None:
-        """Add one process's windows and events."""
-        self.recent.absorb(state["recent"])
-        self.recent_models.absorb(state["recent_models"])
-        self.recent_tokens.absorb(state["recent_tokens"])
-        self.recent_refusals.absorb(state["recent_refusals"])
-        self.events.absorb(state["events"])
