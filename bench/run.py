@@ -279,11 +279,16 @@ def start_gateway(processes: Processes, twistd: str, ini: Path, port: int, env: 
     return processes.start([twistd, "-n", "--pidfile=", "txgateway", "--config", str(ini)], port, env=env, cwd=str(ini.parent))
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of the process and its children (nginx's worker)."""
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of the process alone (a supervisor without its workers)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of the process and its children (nginx's worker)."""
+    total = own_cpu_seconds(pid)
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as children:
             total += sum(cpu_seconds(int(child)) for child in children.read().split())
@@ -525,14 +530,17 @@ def main() -> int:
             wrk(url, 32, min(2.0, args.duration), scripts.get(name))
         rss_idle = rss_mb(gateway.pid)
 
-        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": []} for name in targets}
+        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": [], "own_cpu_us": []}
+                                            for name in targets}
         gateway_bad = 0
         for round_number in range(args.repeat):
             for name, url in targets.items():
-                cpu_before = cpu_seconds(pids[name])
+                cpu_before, own_before = cpu_seconds(pids[name]), own_cpu_seconds(pids[name])
                 many = wrk(url, 32, args.duration, scripts.get(name))
                 cpu_used = cpu_seconds(pids[name]) - cpu_before
+                own_used = own_cpu_seconds(pids[name]) - own_before
                 runs[name]["cpu_us"].append(cpu_used / max(1, many["requests"]) * 1e6)
+                runs[name]["own_cpu_us"].append(own_used / max(1, many["requests"]) * 1e6)
                 one = wrk(url, 1, args.duration, scripts.get(name))
                 runs[name]["rps"].append(many["rps"])
                 runs[name]["p50"].append(one["p50"])
@@ -601,7 +609,8 @@ def main() -> int:
     if "txgateway (2 workers)" in medians and "txgateway" in medians:
         one, two = medians["txgateway"], medians["txgateway (2 workers)"]
         print(f"2 workers: {two['rps'] / one['rps']:.2f}x one process's req/s ({two['rps'] / 2:.0f} a worker), "
-              f"{two['cpu_us']:.0f} us CPU a request against {one['cpu_us']:.0f} us (supervisor included)")
+              f"{two['cpu_us']:.0f} us CPU a request against {one['cpu_us']:.0f} us (supervisor included; "
+              f"the supervisor alone {two['own_cpu_us']:.1f} us)")
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")
