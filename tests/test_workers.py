@@ -201,3 +201,46 @@ def test_a_circuit_opened_elsewhere_opens_here_once_and_is_not_told_back():
     admission = breaker.admit("r")
     breaker.failed(admission, "refused again")
     assert told == [["ai", "http://b", "trial failed: refused again"]]
+
+
+class _Wedged:
+    """A gateway's view for a link whose supervisor never answers."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.metrics = GatewayMetrics(clock)
+
+    def local_health(self) -> dict:
+        return {"status": "ok", "uptime_s": 5.0, "services": {}}
+
+
+def test_a_probe_is_answered_by_this_worker_alone_when_the_supervisor_does_not_gather():
+    from txgateway.workers.link import GATHER_TIMEOUT, SupervisorLink
+
+    clock = Clock()
+    logged: list = []
+
+    class Log:
+        def warning(self, event: str, **fields: object) -> None:
+            logged.append(event)
+
+    sent = StringTransport()
+    link = SupervisorLink(lambda factory: None, clock, 2, Log())
+    channel = CallChannel({}, None, lambda channel: None)
+    channel.makeConnection(sent)
+    link._made(channel)
+    gateway = _Wedged(clock)
+    link.gateway = lambda: gateway
+
+    health: list = []
+    link.health(gateway.local_health()).addCallback(health.append)
+    metrics: list = []
+    link.exposition(gateway.metrics.exposition()).addCallback(metrics.append)
+    assert b"gather" in sent.value() and health == []
+    clock.advance(GATHER_TIMEOUT)
+
+    assert health[0]["status"] == "degraded"
+    assert health[0]["workers"] == {"configured": None, "answering": 1, "restarts": None, "supervisor": "not answering"}
+    assert health[0]["uptime_s"] == 5.0
+    assert 'txgateway_workers{kind="answering"} 1.0' in metrics[0].decode()
+    assert "txgateway_worker_restarts" not in metrics[0].decode()
+    assert logged == ["supervisor_gather_failed", "supervisor_gather_failed"]

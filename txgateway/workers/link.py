@@ -21,7 +21,12 @@ from txgateway.workers.channel import CallChannel, ChannelClosed
 from txgateway.workers.merge import merge_expositions, merge_health
 from txgateway.workers.shared import CircuitShare
 
-__all__ = ["SupervisorLink"]
+__all__ = ["SupervisorLink", "GATHER_TIMEOUT"]
+
+#: Seconds a worker waits for the supervisor's gathered view before it
+#: answers C{/health}, C{/status.json} or C{/metrics} with its own alone
+#: (longer than the supervisor's own wait for each worker's snapshot).
+GATHER_TIMEOUT = 3.0
 
 
 class SupervisorLink:
@@ -114,7 +119,18 @@ class SupervisorLink:
     # -- the one view
 
     def _gather(self) -> Deferred[dict]:
-        return self.call("gather")
+        """
+        Every answering worker's snapshot, through the supervisor; if it does
+        not answer within L{GATHER_TIMEOUT}, this worker's own alone (a probe
+        is answered, and shows the daemon degraded).
+        """
+        own_only = {"uptime": None, "configured": None, "restarts": None, "snapshots": [[self.index, self._snapshot(None)]]}
+
+        def alone(failure: Failure) -> dict:
+            self._log.warning("supervisor_gather_failed", reason=failure.getErrorMessage(), answering="this worker alone")
+            return own_only
+
+        return self.call("gather").addTimeout(GATHER_TIMEOUT, self._clock).addErrback(alone)
 
     def health(self, own: dict) -> Deferred[dict]:
         """C{/health} for the whole daemon (C{own}: this worker's)."""
@@ -122,10 +138,14 @@ class SupervisorLink:
 
     def _health(self, gathered: dict, own: dict) -> dict:
         documents = [snapshot["health"] for _, snapshot in gathered["snapshots"]] or [own]
-        body = merge_health(documents, gathered["uptime"])
+        uptime = gathered["uptime"] if gathered["uptime"] is not None else own.get("uptime_s", 0.0)
+        body = merge_health(documents, uptime)
         answering = len(gathered["snapshots"])
         body["workers"] = {"configured": gathered["configured"], "answering": answering, "restarts": gathered["restarts"]}
-        if answering < gathered["configured"] and body["status"] == "ok":
+        if gathered["configured"] is None:
+            body["workers"]["supervisor"] = "not answering"
+        missing = gathered["configured"] is None or answering < gathered["configured"]
+        if missing and body["status"] == "ok":
             body["status"] = "degraded"
         return body
 
@@ -148,11 +168,13 @@ class SupervisorLink:
             texts = [(index, snapshot["metrics"]) for index, snapshot in gathered["snapshots"]]
             workers = GaugeMetricFamily("txgateway_workers", "Worker processes answering, and configured.", labels=["kind"])
             workers.add_metric(["answering"], len(texts))
-            workers.add_metric(["configured"], gathered["configured"])
-            restarts = CounterMetricFamily(
-                "txgateway_worker_restarts", "Worker processes that ended unasked and were started again.",
-                value=gathered["restarts"],
-            )
-            return merge_expositions(texts or [(self.index, own.decode("utf-8"))], [workers, restarts])
+            supervisor_families: list = [workers]
+            if gathered["configured"] is not None:  # the supervisor answered
+                workers.add_metric(["configured"], gathered["configured"])
+                supervisor_families.append(CounterMetricFamily(
+                    "txgateway_worker_restarts", "Worker processes that ended unasked and were started again.",
+                    value=gathered["restarts"],
+                ))
+            return merge_expositions(texts or [(self.index, own.decode("utf-8"))], supervisor_families)
 
         return self._gather().addCallback(merged)

@@ -205,20 +205,21 @@ class Supervisor(Service):
         if slot is not None:
             slot.channel = channel
 
-    def _lost(self, channel: CallChannel) -> None:
+    def _slot_of(self, channel: CallChannel) -> _WorkerSlot | None:
         for slot in self._slots.values():
             if slot.channel is channel:
-                slot.channel = None
-
-    def _worker_of(self, channel: CallChannel) -> int | None:
-        for slot in self._slots.values():
-            if slot.channel is channel:
-                return slot.index
+                return slot
         return None
+
+    def _lost(self, channel: CallChannel) -> None:
+        slot = self._slot_of(channel)
+        if slot is not None:
+            slot.channel = None
 
     def _circuit_opened(self, channel: CallChannel, args: list) -> None:
         service, place, reason = args
-        worker = self._worker_of(channel)
+        slot = self._slot_of(channel)
+        worker = slot.index if slot is not None else None
         for slot in self._slots.values():
             if slot.channel is not None and slot.channel is not channel:
                 slot.channel.notify("open_circuit", [service, place, worker, reason])
