@@ -34,8 +34,8 @@ def test_no_jitter_means_the_exact_schedule_whatever_the_randomness():
     assert RetryPolicy().delay_before_retry(2, random.Random(3)) == 4.0
 
 
-def test_only_429_500_502_503_504_are_retried():
-    assert RETRYABLE_STATUSES == {429, 500, 502, 503, 504}
+def test_only_429_500_502_503_504_and_anthropics_529_are_retried():
+    assert RETRYABLE_STATUSES == {429, 500, 502, 503, 504, 529}
     assert not any(code in RETRYABLE_STATUSES for code in range(400, 500) if code != 429)
 
 

@@ -506,8 +506,13 @@ class ServiceConfig:
     retry_timeouts: str = _key(_choice("idempotent", "always", "never"), "idempotent")
     retry_budget: float = _key(_number(0.0, 100.0), 20.0)
     retry_budget_min: int = _key(_integer(0), 3)
-    #: C{openai}: the backend speaks OpenAI's wire format (implied for services a model names).
-    api: str = _key(_choice("http", "openai"), "http")
+    #: C{openai}: the backend speaks OpenAI's wire format (implied for services a model
+    #: names, unless they say C{anthropic}: Anthropic's Messages API).
+    api: str = _key(_choice("http", "openai", "anthropic"), "http")
+    #: C{max_tokens} sent to an C{api = anthropic} service for an OpenAI request that names none.
+    max_tokens: int = _key(_integer(1), 4096)
+    #: The C{anthropic-version} header sent to an C{api = anthropic} service (a Messages client's own wins).
+    anthropic_version: str = _key(_text, "2023-06-01")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.
@@ -533,6 +538,11 @@ class ServiceConfig:
     def speaks_openai(self) -> bool:
         """Whether the gateway reads this service's requests and answers as OpenAI's."""
         return self.api == "openai"
+
+    @property
+    def reads_answers(self) -> bool:
+        """Whether the gateway reads this service's answers as they pass (OpenAI's or Anthropic's API)."""
+        return self.api != "http"
 
     @property
     def token_timeout(self) -> float:
@@ -810,8 +820,9 @@ def _models(sections: dict[str, dict[str, _Raw]], origin: str, services: dict[st
             if target.service not in services:
                 where = raw["targets"].origin
                 raise ConfigError(f"{where}: [{section}] targets: no service is named {target.service!r}")
-            # A service a model routes to speaks OpenAI.
-            services[target.service] = attrs.evolve(services[target.service], api="openai")
+            # A service a model routes to speaks OpenAI, unless it says Anthropic.
+            if services[target.service].api == "http":
+                services[target.service] = attrs.evolve(services[target.service], api="openai")
         models[model.name] = model
     return models
 

@@ -96,6 +96,13 @@ class BodyRelay:
         # Held weakly by the canceller: no reference cycle per request.
         self.done: Deferred[None] = Deferred(functools.partial(_cancel_relay, weakref.ref(self)))
 
+    #: The C{Content-Type} the client is sent in place of the backend's (L{None}: the backend's).
+    content_type: bytes | None = None
+
+    def client_length(self, backend_length: int | None) -> int | None:
+        """The C{Content-Length} the client is sent: the backend's (a translated answer has its own)."""
+        return backend_length
+
     def watch_idle(self) -> None:
         """
         Become the client's producer and start the idle timer, unless the

@@ -1,7 +1,8 @@
 """
-The proxied paths: C{/api/<service>/...} and OpenAI's C{/v1/...}.  The
-front sends them here without URL matching (the hot path); here the API
-key is checked, the service or model found, and the broker called.
+The proxied paths: C{/api/<service>/...}, OpenAI's C{/v1/...} and
+Anthropic's C{/v1/messages}.  The front sends them here without URL
+matching (the hot path); here the API key is checked, the service or
+model found, and the broker called.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
 from txgateway.front.gateway import Gateway
+from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
 from txgateway.openai.wire import BadCall, OpenAICall
 from txgateway.routing.broker import AnswerCutShort
@@ -88,12 +90,16 @@ class ProxiedRequests:
         """
         Answer C{/v1/...}, OpenAI's API: C{GET /v1/models} (and one model)
         from the configuration, and every C{POST} routed by its body's
-        C{model} to that model's targets.
+        C{model} to that model's targets; C{POST /v1/messages} is
+        Anthropic's Messages API, answered in its shapes (errors too).
         """
         ctx: RequestContext = request.context
+        path = request.path
+        messages = path == b"/v1/messages"
+        if messages:
+            ctx.error_shape = ANTHROPIC
         if not self._authenticated(request, ctx):
             return
-        path = request.path
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)
             return
@@ -104,9 +110,10 @@ class ProxiedRequests:
             )
             return
         try:
-            call = OpenAICall.parse(request.body, path)
+            call = MessagesCall.parse(request.body) if messages else OpenAICall.parse(request.body, path)
         except BadCall as error:
-            answer_error(request, errors.BAD_REQUEST, f"{error}: an OpenAI request is a JSON object with a model")
+            api = "a Messages" if messages else "an OpenAI"
+            answer_error(request, errors.BAD_REQUEST, f"{error}: {api} request is a JSON object with a model")
             return
         if call.model is None:
             answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")

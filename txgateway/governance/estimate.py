@@ -5,7 +5,8 @@ the price of the model each target is sent.
 
 The prompt estimate is deliberately on the high side: one token per
 three bytes (UTF-8) of the text the body carries (messages' contents,
-a prompt, an embedding's input, tools), plus 4 tokens per chat message
+a prompt, an embedding's input, a Messages request's system prompt,
+tools), plus 4 tokens per chat message
 for its framing.  OpenAI's and most open models' tokenizers average
 about four bytes a token on English text, so the estimate reserves
 about a third more than the backend will report; the settle gives the
@@ -42,7 +43,7 @@ def _text_bytes(value: Any) -> int:
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The prompt tokens reserved for an OpenAI request body (see the module's rule)."""
+    """The prompt tokens reserved for an OpenAI (or Messages) request body (see the module's rule)."""
     text = 0
     framing = 0
     messages = body.get("messages")
@@ -54,10 +55,10 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
             else:
                 text += _text_bytes(message)
         framing += MESSAGE_TOKENS * len(messages)
-    for field in ("prompt", "input", "tools", "functions", "response_format"):
+    for field in ("prompt", "input", "system", "tools", "functions", "response_format"):
         if field in body:
             value = body[field]
-            text += _text_bytes(value) if field in ("prompt", "input") else len(json.dumps(value))
+            text += _text_bytes(value) if field in ("prompt", "input", "system") else len(json.dumps(value))
     return math.ceil(text / BYTES_PER_TOKEN) + framing
 
 

@@ -97,6 +97,8 @@ class CompletionFacts:
     #: The answer's id and why each of its choices ended, as the client got them.
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
+    #: The API of the backend that answered (C{gen_ai.provider.name}): C{openai} or C{anthropic}.
+    provider: str = "openai"
 
     def fields(self) -> dict[str, Any]:
         """The access line's fields."""
@@ -152,8 +154,10 @@ class RequestContext:
     fallback_from: list[str] = attrs.Factory(list)
     #: The response cache's verdict (hit, miss, bypass, coalesced), for cached services.
     cache: str | None = None
-    #: Set for OpenAI requests only.
+    #: Set for OpenAI (and Messages) requests only.
     completion: CompletionFacts | None = None
+    #: The API whose error shape the client gets: C{anthropic} on C{/v1/messages}, else L{None} (the gateway's).
+    error_shape: str | None = None
     #: Set for governed keys only.
     spend: SpendFacts | None = None
     #: Set when the request's spans are exported (it is sampled and an exporter is configured).

@@ -81,6 +81,8 @@ class AttemptSpan:
     model: str | None
     started_at: float
     resume: bool = False
+    #: The API the attempt's backend speaks (C{gen_ai.provider.name}).
+    provider: str = "openai"
     ended_at: float | None = None
     outcome: str | None = None
     status_code: int | None = None
@@ -109,9 +111,11 @@ class SpanNotes:
     events: list[tuple[float, str, dict]] = attrs.Factory(list)
     first_chunk_at: float | None = None
 
-    def attempt(self, at: float, service: str, url: str, model: str | None, resume: bool = False) -> AttemptSpan:
+    def attempt(
+        self, at: float, service: str, url: str, model: str | None, resume: bool = False, provider: str = "openai"
+    ) -> AttemptSpan:
         """A new attempt's span, started at C{at}."""
-        span = AttemptSpan(_new_span_id(), len(self.attempts) + 1, service, url, model, at, resume)
+        span = AttemptSpan(_new_span_id(), len(self.attempts) + 1, service, url, model, at, resume, provider)
         self.attempts.append(span)
         return span
 

@@ -7,16 +7,17 @@ and a JSON answer whose usage is read as it passes.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway.dataplane.client import StreamEnded
-from txgateway.dataplane.relay import BodyRelay
+from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, EventSplitter, Usage, chunk_event, read_answer, read_chunk
 
-__all__ = ["EventStreamRelay", "JsonAnswerRelay", "Transcript"]
+__all__ = ["EventStreamRelay", "JsonAnswerRelay", "TranslatedAnswerRelay", "Transcript"]
 
 #: The most of a JSON answer kept to read its usage (larger ones are relayed unread).
 JSON_USAGE_LIMIT = 1024 * 1024
@@ -57,7 +58,7 @@ class Transcript:
         if facts.tool_call:
             self.resumable = False
         if first_stream and self.chunk_id is None and facts.data is not None:
-            chunk_id = facts.data.get("id")
+            chunk_id = facts.message_id or facts.data.get("id")
             self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
 
 
@@ -79,6 +80,11 @@ class EventStreamRelay(BodyRelay):
         or not (what the backend bills).
     @param forward_usage: the client asked for the usage chunk; else it is
         not relayed.
+    @param read: what one event carries (L{read_chunk} for OpenAI's
+        stream; a Messages stream has its own reader).
+    @param write: the event as the client gets it, for a stream translated
+        to the client's API (L{None}: the event as it came); its C{finish()}
+        ends an answer whose stream ended whole without its last event.
     """
 
     resumable = True
@@ -91,8 +97,12 @@ class EventStreamRelay(BodyRelay):
         on_usage: Callable[[Usage], None],
         forward_usage: bool,
         resumed: bool = False,
+        read: Callable[[bytes], ChunkFacts] = read_chunk,
+        write: Any = None,
     ) -> None:
         super().__init__(None, clock, idle_timeout)
+        self._read = read
+        self._write = write
         self._splitter = EventSplitter()
         self._transcript = transcript
         self._on_usage = on_usage
@@ -132,9 +142,10 @@ class EventStreamRelay(BodyRelay):
         """
         out: list[bytes] = []
         ended = False
+        write = self._write
         for event, facts in ready:
             self._transcript.sent(facts, not self._resumed)
-            out.append(event)
+            out.append(event if write is None else write(event, facts))
             if facts.done:
                 ended = True
                 break
@@ -150,7 +161,7 @@ class EventStreamRelay(BodyRelay):
         one left out (a usage chunk not asked for, a resumed stream's role
         chunk) or malformed (the attempt is then stopped).
         """
-        facts = read_chunk(event)
+        facts = self._read(event)
         if facts.malformed is not None:
             self.malformed = facts.malformed
             if self._control is not None:
@@ -162,8 +173,9 @@ class EventStreamRelay(BodyRelay):
                 return None
         if self._resumed and facts.data is not None:
             if not facts.token:
-                return None  # the resumed stream's role chunk: the client has had one
-            event = self._renamed(facts.data, event)
+                return None  # the resumed stream's role chunk (or message start): the client has had one
+            if self._write is None:
+                event = self._renamed(facts.data, event)
         return event, facts
 
     def _answer_done(self) -> None:
@@ -216,18 +228,30 @@ class EventStreamRelay(BodyRelay):
             error = StreamEnded(self.malformed)
         elif error is not None and self._request is not None and self._transcript.finished:
             error = None  # the answer was whole; only the connection's end was lost
+        if error is None and self._request is not None and self._write is not None:
+            tail = self._write.finish()
+            if tail:
+                self._pass(tail)
         super().body_ended(error)
 
 
 class JsonAnswerRelay(BodyRelay):
     """
     A L{BodyRelay} that also reads the JSON answer it relays (up to
-    L{JSON_USAGE_LIMIT}): C{on_answer} gets its usage, id and finish reasons.
+    L{JSON_USAGE_LIMIT}): C{on_answer} gets its usage, id and finish reasons
+    (C{read}: how, for the API the backend speaks).
     """
 
-    def __init__(self, clock: IReactorTime, idle_timeout: float, on_answer: Callable[[AnswerFacts], None]) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        on_answer: Callable[[AnswerFacts], None],
+        read: Callable[[bytes], AnswerFacts] = read_answer,
+    ) -> None:
         super().__init__(None, clock, idle_timeout)
         self._on_answer = on_answer
+        self._read = read
         self._copy: list[bytes] | None = []
         self._copied = 0
 
@@ -242,7 +266,68 @@ class JsonAnswerRelay(BodyRelay):
 
     def body_ended(self, error: Exception | None) -> None:
         if error is None and self._copy:
-            facts = read_answer(b"".join(self._copy))
+            facts = self._read(b"".join(self._copy))
             self._copy = None
             self._on_answer(facts)
         super().body_ended(error)
+
+
+class TranslatedAnswerRelay(BodyRelay):
+    """
+    A L{BodyRelay} for a JSON answer translated to the client's API: it
+    holds the whole body (up to C{limit} bytes) and passes its commit point
+    only at the body's end, with the translation held in its place (its
+    length is the client's C{Content-Length}).  C{on_answer} reads the
+    backend's own body first (its usage, id and stop reason).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        translate: Callable[[bytes], bytes],
+        on_answer: Callable[[bytes], None] | None = None,
+        limit: int = 16 * JSON_USAGE_LIMIT,
+    ) -> None:
+        super().__init__(None, clock, idle_timeout)
+        self._translate = translate
+        self._on_answer = on_answer
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._original: bytes | None = None
+
+    #: What the translation is, whatever the backend's body was.
+    content_type = b"application/json"
+
+    def client_length(self, backend_length: int | None) -> int | None:
+        """The translated body's length, once it is held."""
+        return len(self._held[0]) if self._held else 0
+
+    def body_received(self, data: bytes) -> None:
+        if self._request is not None:
+            self._pass(data)  # never: the whole body came before the commit
+            return
+        self._size += len(data)
+        if self._size <= self._limit:
+            self._parts.append(data)
+
+    def body_ended(self, error: Exception | None) -> None:
+        if self._request is not None or self._held_end is not None:
+            super().body_ended(error)
+            return
+        if error is None and self._size > self._limit:
+            error = StreamBroken(f"an answer of more than {self._limit} bytes cannot be translated")
+        if error is None:
+            self._original = b"".join(self._parts)
+            self._parts = []
+            if self._on_answer is not None:
+                self._on_answer(self._original)
+            self._held = [self._translate(self._original)]
+        super().body_ended(error)
+
+    def held_body(self, limit: int) -> Deferred[bytes | None]:
+        """The backend's own body (untranslated), once whole."""
+        if self._held_end is not None:
+            return succeed(self._original)
+        return super().held_body(limit)

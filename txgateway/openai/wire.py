@@ -31,6 +31,10 @@ except ImportError:  # PyPy: its json is fast enough
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+#: JSON in and out, as fast as this interpreter can (for the translations too).
+encode_json = _dumps
+decode_json = _loads
+
 __all__ = [
     "AnswerFacts",
     "BadCall",
@@ -40,6 +44,8 @@ __all__ = [
     "Usage",
     "after_refusal",
     "chunk_event",
+    "decode_json",
+    "encode_json",
     "error_codes",
     "read_answer",
     "read_chunk",
@@ -53,6 +59,8 @@ COMPLETIONS = "completions"
 _NEXT_TARGET_CODES = frozenset({"context_length_exceeded"})
 #: C{error.code} (or C{type}) values of a 400 that no other target may see.
 _PASS_THROUGH_CODES = frozenset({"content_policy_violation", "content_filter"})
+#: Words of an error message (vLLM's, Anthropic's, which carry no such code) that say the prompt is too long.
+CONTEXT_PHRASES = ("maximum context length", "prompt is too long", "context limit", "context window")
 #: The most of a refusal's body read to tell what it means.
 REFUSAL_BODY_LIMIT = 64 * 1024
 
@@ -87,6 +95,8 @@ class OpenAICall:
     kind: str | None
     stream: bool
     client_wants_usage: bool
+    #: The API it speaks (a Messages request says C{anthropic}).
+    dialect = "openai"
 
     @property
     def model(self) -> str | None:
@@ -200,8 +210,9 @@ def after_refusal(code: int, body: bytes | None) -> str:
         codes, message = error_codes(body)
         if codes & _PASS_THROUGH_CODES:
             return PASS_THROUGH
-        # vLLM and others say it in words, with no code.
-        if codes & _NEXT_TARGET_CODES or "maximum context length" in message.lower():
+        # vLLM, Anthropic and others say it in words, with no code.
+        lowered = message.lower()
+        if codes & _NEXT_TARGET_CODES or any(phrase in lowered for phrase in CONTEXT_PHRASES):
             return NEXT_TARGET
     return PASS_THROUGH
 
@@ -344,6 +355,8 @@ class ChunkFacts:
     tool_call: bool = False
     malformed: str | None = None
     finish_reasons: tuple[str, ...] = ()
+    #: The answer's id, when the event names it apart from C{data["id"]} (a Messages C{message_start}).
+    message_id: str | None = None
 
 
 _NOTHING = ChunkFacts()

@@ -24,10 +24,10 @@ __all__ = [
 
 #: Upstream statuses worth another attempt: 429 (the backend's own limit;
 #: never a breaker failure) and these 5xx.  Every other status is final.
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
 #: Statuses whose Retry-After header may set the delay of the next attempt.
-RETRY_AFTER_STATUSES = frozenset({429, 503})
+RETRY_AFTER_STATUSES = frozenset({429, 503, 529})
 
 #: Methods a silent backend may be sent again (RFC 9110 9.2.2 idempotent
 #: methods); others only with an Idempotency-Key header.

@@ -9,15 +9,18 @@ L{txgateway.routing.resume}.
 
 from __future__ import annotations
 
+import functools
 from typing import Awaitable, NoReturn
 
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
+from txgateway.anthropic.wire import ANTHROPIC, gateway_error_body
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream, response_headers_for_client
 from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
 from txgateway.errors import error_body
+from txgateway.openai.relays import TranslatedAnswerRelay
 from txgateway.routing.attempt import Answer
 from txgateway.routing.call import Call
 from txgateway.routing.model import Target
@@ -56,15 +59,33 @@ class AnswerRelay:
             return self._relay_stream(call, target, answer, relay)
         return self._relay(call, target, answer, relay)
 
-    def _start(self, call: Call, response: UpstreamResponse, length: int | None) -> None:
+    def _start(self, call: Call, response: UpstreamResponse, relay: BodyRelay | None, chunked: bool = False) -> None:
         call.ctx.stamp(call.request, self._clock.seconds())
-        call.request.start(response.code, response.reason, response_headers_for_client(response), length)
+        headers = response_headers_for_client(response)
+        length = None if chunked else response.length
+        if relay is not None:
+            length = None if chunked else relay.client_length(length)
+            if relay.content_type is not None:
+                headers = [(name, value) for name, value in headers if name.lower() != b"content-type"]
+                headers.append((b"Content-Type", relay.content_type))
+        call.request.start(response.code, response.reason, headers, length)
 
     async def _relay(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
         request, response = call.request, answer.response
         with answer.lease:
-            self._start(call, response, response.length)
+            if held is None and call.model_call is not None and call.speaking(target).translate_error is not None:
+                # A last retryable answer of the other API: its error, translated, once whole.
+                held = TranslatedAnswerRelay(
+                    self._clock, target.route.config.idle_timeout,
+                    functools.partial(call.speaking(target).translate_error, response.code),
+                )
+                response.deliver_body(held)
+                try:
+                    await held.first_data
+                except StreamBroken:
+                    held = None  # nothing came to translate: the backend's answer as it is
+            self._start(call, response, held)
             if held is None:
                 relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
                 response.deliver_body(relay)
@@ -97,7 +118,7 @@ class AnswerRelay:
         answer = first
         try:
             # Chunked whatever the backend said: events may be left out or renamed.
-            self._start(call, first.response, None)
+            self._start(call, first.response, None, chunked=True)
             relay.commit(request)
             if relay.done.called and relay.complete:
                 return
@@ -146,6 +167,10 @@ class AnswerRelay:
         if is_event_stream(response):
             # One complete SSE event that says what happened (an SDK raises
             # it as an error), then the connection closes without the end.
-            request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
+            if call.model_call is not None and call.model_call.dialect == ANTHROPIC:
+                body = gateway_error_body(kind, str(error), ctx.request_id)[1]
+            else:
+                body = error_body(kind, str(error), ctx.request_id)
+            request.write(b"event: error\ndata: " + body + b"\n\n")
         request.abort()
         raise AnswerCutShort(ctx.outcome)

@@ -27,7 +27,7 @@ from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.observability.tracing import SpanNotes
-from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay
+from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay, TranslatedAnswerRelay
 from txgateway.openai.wire import AnswerFacts, Usage
 from txgateway.resilience.breaker import Admission
 from txgateway.resilience.retry import (
@@ -208,7 +208,8 @@ class Attempts:
     async def _traced_once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float, notes: SpanNotes) -> _Outcome:
         """L{once}, as a span of its own: the backend is sent that span as its parent."""
         endpoint = admitted.endpoint
-        span = notes.attempt(self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed)
+        provider = "anthropic" if state.config.api == "anthropic" else "openai"
+        span = notes.attempt(self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed, provider)
         try:
             outcome = await self.once(state, admitted, deadline_at, span.span_id)
         except CancelledError:
@@ -242,7 +243,7 @@ class Attempts:
         ctx.attempts += 1
         timeout = min(config.timeout, deadline_at - self._clock.seconds())
         upstream = endpoint.upstream
-        target = join_target(upstream.base_path, call.path)
+        target = join_target(upstream.base_path, call.path_for(state.target))
         body = call.body_for(state.target, prefill=call.transcript.text if state.resumed else None)
         sending = upstream.request(call.request.method, target, call.headers_for(config, span_id), body)
         sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
@@ -304,16 +305,34 @@ class Attempts:
         OpenAI JSON answer has its usage read as it passes.
         """
         config, call = state.config, state.call
-        if call.openai is not None and response.code == 200:
-            sent_as = state.target.model or call.openai.model
+        model_call = call.model_call
+        if model_call is None:
+            return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
+        speaking = call.speaking(state.target)
+        if response.code == 200:
+            sent_as = state.target.model or model_call.model
             if call.transcript is not None and is_event_stream(response):
                 on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as)
+                forward_usage = model_call.client_wants_usage or speaking.translated
                 relay = EventStreamRelay(
-                    self._clock, config.idle_timeout, call.transcript, on_usage, call.openai.client_wants_usage, state.resumed
+                    self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
+                    speaking.read_event(), speaking.write_events,
                 )
                 return _CommitPoint(relay, config.token_timeout, "first token")
             on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)
-            return _CommitPoint(JsonAnswerRelay(self._clock, config.idle_timeout, on_answer), config.first_byte_timeout, "first byte")
+            if speaking.translate_answer is not None:
+                read = speaking.read_answer
+                relay = TranslatedAnswerRelay(
+                    self._clock, config.idle_timeout, speaking.translate_answer, lambda body: on_answer(read(body))
+                )
+                return _CommitPoint(relay, config.first_byte_timeout, "whole answer")
+            relay = JsonAnswerRelay(self._clock, config.idle_timeout, on_answer, speaking.read_answer)
+            return _CommitPoint(relay, config.first_byte_timeout, "first byte")
+        if speaking.translate_error is not None:
+            relay = TranslatedAnswerRelay(
+                self._clock, config.idle_timeout, functools.partial(speaking.translate_error, response.code)
+            )
+            return _CommitPoint(relay, config.first_byte_timeout, "whole answer")
         return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
 
     async def _first_bytes(self, response: UpstreamResponse, commit: _CommitPoint) -> Exception | None:

@@ -21,6 +21,7 @@ from txgateway.errors import GatewayError
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.wire import BadCall, OpenAICall
+from txgateway.routing.call import ModelCall
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.routing.answer import AnswerCutShort, AnswerRelay
 from txgateway.routing.attempt import Attempts
@@ -102,29 +103,47 @@ class ServiceBroker:
             await self._governed(call, path)
 
     async def proxy_model(
-        self, request: IncomingRequest, ctx: RequestContext, openai: OpenAICall, targets: list[Target], rest: bytes, query: bytes
+        self, request: IncomingRequest, ctx: RequestContext, model_call: ModelCall, targets: list[Target], rest: bytes, query: bytes
     ) -> None:
         """
-        Answer an OpenAI request from its model's targets in order (the
-        first is the primary), each sent the body with its own model name.
+        Answer an OpenAI or Messages request from its model's targets in
+        order (the first is the primary), each sent the body with its own
+        model name, translated for a target of the other API.  A target the
+        request cannot be translated for is left out (logged); when none is
+        left, the client gets a 400 that says why.
         """
         path = _checked(rest, query)
-        call = Call.of(request, ctx, path, targets, openai)
-        await self._admit(request, ctx, targets[0].route)
+        call = Call.of(request, ctx, path, targets, model_call)
+        refused = call.untranslatable()
+        if refused:
+            call.targets = self._translatable(call, refused)
+        await self._admit(request, ctx, call.targets[0].route)
         if self.governor is None:
             await self._serve_call(call, b"/v1" + path)
         else:
             await self._governed(call, b"/v1" + path)
+
+    def _translatable(self, call: Call, refused: list[tuple[Target, str]]) -> list[Target]:
+        """C{call}'s targets less those it cannot be translated for; L{GatewayError} when none is left."""
+        left_out = {id(target) for target, _ in refused}
+        kept = [target for target in call.targets if id(target) not in left_out]
+        if not kept:
+            target, reason = refused[0]
+            api = "Anthropic's Messages API" if target.route.config.api == "anthropic" else "OpenAI's API"
+            raise GatewayError(errors.BAD_REQUEST, f"cannot be translated to {api} (target {target.label}): {reason}")
+        for target, reason in refused:
+            call.ctx.log.warning("target_skipped", target=target.label, reason=f"untranslatable: {reason}")
+        return kept
 
     async def _governed(self, call: Call, cached_as: bytes) -> None:
         """
         Serve C{call} within its caller's reservation, settled however the
         call ends (answered, refused, broken, the client gone).
         """
-        openai = call.openai
-        models = [target.model or (openai.model if openai is not None else None) for target in call.targets]
+        model_call = call.model_call
+        models = [target.model or (model_call.model if model_call is not None else None) for target in call.targets]
         deadline = call.targets[0].route.config.deadline
-        reservation = await self.governor.reserve(call.request, call.ctx, openai, models, deadline)
+        reservation = await self.governor.reserve(call.request, call.ctx, model_call, models, deadline)
         if reservation is None:
             await self._serve_call(call, cached_as)
             return

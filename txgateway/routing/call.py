@@ -1,25 +1,73 @@
 """
 L{Call}: what one client request carries through the broker (its context,
-the request, the path sent on, its targets, its deadline, the OpenAI
+the request, the path sent on, its targets, its deadline, the model
 request read from its body and the transcript of its stream), one value
-passed from part to part instead of a dozen parameters.
+passed from part to part instead of a dozen parameters.  A call in one
+API to a target of the other (OpenAI's chat completions, Anthropic's
+Messages) is translated here: its path, body and headers, and the reader
+and writer of its answer (L{Call.speaking}).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Union
 
 import attrs
 
+from txgateway.anthropic.translate import (
+    ChatToMessagesStream,
+    MessagesToChatStream,
+    Untranslatable,
+    chat_answer_to_message,
+    chat_error_to_anthropic,
+    chat_request_to_messages,
+    message_answer_to_chat,
+    messages_error_to_chat,
+    messages_request_to_chat,
+)
+from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, MessagesStreamReader, read_message
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.headers import request_headers_for_upstream
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.observability.context import CompletionFacts, RequestContext
 from txgateway.openai.relays import Transcript
-from txgateway.openai.wire import OpenAICall
+from txgateway.openai.wire import CHAT, AnswerFacts, ChunkFacts, OpenAICall, encode_json, read_answer, read_chunk
 from txgateway.routing.model import Target
 
-__all__ = ["Call"]
+__all__ = ["Call", "Speaking", "Untranslatable"]
+
+#: A request the gateway reads: OpenAI's or Anthropic's.
+ModelCall = Union[OpenAICall, MessagesCall]
+
+#: Headers of one API a backend of the other never gets.
+_ANTHROPIC_HEADERS = (b"anthropic-version", b"anthropic-beta", b"x-api-key")
+
+
+@attrs.frozen
+class Speaking:
+    """
+    How a call is spoken to one target, and its answer read back: whether
+    it is translated, the reader of the target's stream events, the writer
+    of those events in the client's API (L{None}: relayed as they are),
+    the reader of a JSON answer, and the translations of a JSON answer and
+    an error answer (L{None}: relayed as they are).
+    """
+
+    translated: bool
+    read_event: Callable[[], Callable[[bytes], ChunkFacts]]
+    read_answer: Callable[[bytes], AnswerFacts]
+    write_events: Any = None
+    translate_answer: Callable[[bytes], bytes] | None = None
+    translate_error: Callable[[int, bytes], bytes] | None = None
+
+
+def _read_chunks() -> Callable[[bytes], ChunkFacts]:
+    return read_chunk
+
+
+_NATIVE_OPENAI = Speaking(False, _read_chunks, read_answer)
+_NATIVE_ANTHROPIC = Speaking(False, MessagesStreamReader, read_message)
 
 
 @attrs.define(eq=False)
@@ -31,8 +79,10 @@ class Call:
         endpoint's base path.
     @ivar targets: where it may be served, in order (a service and its
         fallbacks, or a model's targets).
-    @ivar openai: the OpenAI request read from the body, when the gateway
-        reads it (its model is rewritten per target).
+    @ivar model_call: the model request read from the body (OpenAI's or a
+        Messages request), when the gateway reads it (its model is
+        rewritten per target, and it is translated for a target of the
+        other API).
     @ivar deadline_at: the clock time after which no attempt starts (the
         first target's C{deadline} from when the chain began serving it).
     @ivar transcript: what the client was sent of a streamed completion, for a resume.
@@ -42,38 +92,106 @@ class Call:
     ctx: RequestContext
     path: bytes
     targets: list[Target]
-    openai: OpenAICall | None = None
+    model_call: ModelCall | None = None
     transcript: Transcript | None = None
     deadline_at: float = math.inf
+    #: The body each translated target is sent (by the target's id), made once.
+    _translated: dict = attrs.Factory(dict)
+    #: The writer of a translated stream: one a call, across the attempts that continue it.
+    _writer: Any = None
 
     @classmethod
     def of(
-        cls, request: IncomingRequest, ctx: RequestContext, path: bytes, targets: list[Target], openai: OpenAICall | None = None
+        cls, request: IncomingRequest, ctx: RequestContext, path: bytes, targets: list[Target], model_call: ModelCall | None = None
     ) -> "Call":
         """
         A call of C{request} to C{targets} (its deadline starts when the
-        chain serves it); an OpenAI call's facts start on C{ctx} here.
+        chain serves it); a model call's facts start on C{ctx} here.
         """
         transcript = None
-        if openai is not None:
+        if model_call is not None:
             ctx.completion = CompletionFacts(
-                requested_model=openai.model, operation=openai.operation(path), max_tokens=openai.max_tokens,
-                stream=openai.stream,
+                requested_model=model_call.model, operation=model_call.operation(path), max_tokens=model_call.max_tokens,
+                stream=model_call.stream,
             )
-            if openai.stream:
-                transcript = Transcript(openai.resumable_kind)
-        return cls(request, ctx, path, targets, openai, transcript)
+            if model_call.stream:
+                transcript = Transcript(model_call.resumable_kind)
+        return cls(request, ctx, path, targets, model_call, transcript)
 
     @property
     def idempotency_key(self) -> bool:
         """The client sent an C{Idempotency-Key}: the request may be sent again after a silence."""
         return self.request.header(b"idempotency-key") is not None
 
+    def translates_for(self, target: Target) -> bool:
+        """Whether C{target} speaks the other API than the client's (the call is translated)."""
+        model_call = self.model_call
+        return model_call is not None and target.route.config.api != model_call.dialect
+
+    def untranslatable(self) -> list[tuple[Target, str]]:
+        """
+        The targets this call cannot be translated for, and why; the
+        others have their translated body made (once) here.
+        """
+        refused = []
+        for target in self.targets:
+            if not self.translates_for(target):
+                continue
+            try:
+                self._translated[id(target)] = encode_json(self._translation(target, None))
+            except Untranslatable as error:
+                refused.append((target, str(error)))
+        return refused
+
+    def _translation(self, target: Target, prefill: str | None) -> dict:
+        model_call, model = self.model_call, target.model or self.model_call.model
+        if model_call.dialect == ANTHROPIC:
+            return messages_request_to_chat(model_call.body, model, prefill)
+        if model_call.kind != CHAT:
+            raise Untranslatable(f"Anthropic's API has no {model_call.operation(self.path)!r} endpoint")
+        return chat_request_to_messages(model_call.body, model, target.route.config.max_tokens, prefill)
+
     def body_for(self, target: Target, prefill: str | None = None) -> bytes:
-        """The body sent to C{target} (the model renamed, the text so far as a prefill)."""
-        if self.openai is None:
+        """The body sent to C{target} (the model renamed, translated, the text so far as a prefill)."""
+        model_call = self.model_call
+        if model_call is None:
             return self.request.body
-        return self.openai.body_for(target.model, prefill=prefill)
+        if self.translates_for(target):
+            if prefill is None and id(target) in self._translated:
+                return self._translated[id(target)]
+            return encode_json(self._translation(target, prefill))
+        return model_call.body_for(target.model, prefill=prefill)
+
+    def path_for(self, target: Target) -> bytes:
+        """The path (and query) sent to C{target}: its API's own for a translated call."""
+        if not self.translates_for(target):
+            return self.path
+        query = self.path.partition(b"?")[2]
+        path = b"/messages" if target.route.config.api == ANTHROPIC else b"/chat/completions"
+        return path + b"?" + query if query else path
+
+    def speaking(self, target: Target) -> Speaking:
+        """How this call is spoken to C{target}, and how its answer is read and written back."""
+        api = target.route.config.api
+        if not self.translates_for(target):
+            return _NATIVE_ANTHROPIC if api == ANTHROPIC else _NATIVE_OPENAI
+        if api == ANTHROPIC:  # an OpenAI client, a Messages backend
+            created = int(self.ctx.started_at)
+            if self._writer is None and self.model_call.stream:
+                self._writer = MessagesToChatStream(created, self.model_call.client_wants_usage)
+            return Speaking(
+                True, MessagesStreamReader, read_message, self._writer,
+                lambda body: message_answer_to_chat(body, created), messages_error_to_chat,
+            )
+        # A Messages client, an OpenAI backend.
+        stops = self.model_call.body.get("stop_sequences")
+        stops = tuple(stop for stop in stops if isinstance(stop, str)) if isinstance(stops, list) else ()
+        if self._writer is None and self.model_call.stream:
+            self._writer = ChatToMessagesStream(stops)
+        return Speaking(
+            True, _read_chunks, read_answer, self._writer,
+            lambda body: chat_answer_to_message(body, stops), chat_error_to_anthropic,
+        )
 
     def headers_for(self, config: ServiceConfig, span_id: str | None = None) -> list[tuple[bytes, bytes]]:
         """
@@ -84,11 +202,24 @@ class Call:
         ctx = self.ctx
         extra = ctx.trace.headers(span_id) if ctx.trace is not None else []
         # The gateway's own API key stays here unless the service asks for it.
-        withheld = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
-        if config.api_key:
-            # The backend's key, in place of whatever the client sent.
-            extra.append((b"Authorization", b"Bearer " + config.api_key.encode("ascii")))
-        if config.speaks_openai:
+        withheld: tuple[bytes, ...] = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
+        if config.api == ANTHROPIC:
+            if config.api_key:
+                # The backend's key, in place of whatever the client sent.
+                extra.append((b"x-api-key", config.api_key.encode("ascii")))
+                withheld += (b"authorization",)
+            if self.request.header(b"anthropic-version") is None or self.translates_for_api(config.api):
+                extra.append((b"anthropic-version", config.anthropic_version.encode("ascii")))
+        else:
+            if config.api_key:
+                extra.append((b"Authorization", b"Bearer " + config.api_key.encode("ascii")))
+            if self.model_call is not None and self.model_call.dialect == ANTHROPIC:
+                withheld += _ANTHROPIC_HEADERS
+        if config.reads_answers:
             # The gateway reads these answers as they pass: no compression.
             extra.append((b"Accept-Encoding", b"identity"))
         return request_headers_for_upstream(self.request, ctx.request_id, ctx.client, extra=extra, withheld=withheld)
+
+    def translates_for_api(self, api: str) -> bool:
+        """Whether a target speaking C{api} gets this call translated."""
+        return self.model_call is not None and api != self.model_call.dialect

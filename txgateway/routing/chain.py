@@ -89,7 +89,7 @@ class FallbackChain:
         code = answer.response.code
         if code in RETRYABLE_STATUSES:  # a final 429 or 5xx: the next target may do better
             return succeed(f"status {code}")
-        if call.openai is None or not 400 <= code < 500 or answer.relay is None:
+        if call.model_call is None or not 400 <= code < 500 or answer.relay is None:
             return succeed(None)
         return Deferred.fromCoroutine(self._refusal_moves_on(target, answer))
 
@@ -127,8 +127,10 @@ class FallbackChain:
 
     def _answering(self, call: Call, target: Target) -> None:
         """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""
+        ctx = call.ctx
+        if ctx.completion is not None and target.route.config.api == "anthropic":
+            ctx.completion.provider = "anthropic"
         if target.model is not None:
-            ctx = call.ctx
             ctx.served_model = target.model
             if ctx.completion is not None and ctx.completion.model is None:
                 ctx.completion.model = target.model

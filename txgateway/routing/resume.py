@@ -55,7 +55,9 @@ class StreamResume:
             return None
         candidates = [broke_on, *(target for target in call.targets if target is not broke_on)]
         for target in candidates:
-            if target.route.config.resume != "prefill":
+            # Only a target of the API that broke continues its stream (the
+            # client's events so far were written from that API's).
+            if target.route.config.resume != "prefill" or target.route.config.api != broke_on.route.config.api:
                 continue
             answer = await self._try(call, target, broke_on, broke_endpoint)
             if answer is not None:
