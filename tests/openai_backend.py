@@ -24,6 +24,12 @@ the gateway sends it (any other name answers normally, naming that model):
     flap        503 while /control/flap/down was posted last, else normal
     drip        a stream of a word every 50 ms (a client can leave midway)
 
+Given C{tools}, a request whose last message is not a C{tool} result is
+answered with a call of the first tool (its arguments streamed in
+pieces), and one whose last message is a result with "The tool said:
+<result>".  A C{stop} that is one of the words ends the answer before it
+(C{finish_reason} C{stop}, and vLLM's C{stop_reason} naming it).
+
 The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
 last message is the assistant's (a prefill) is continued from there, and
 any mode but noprefill/status/context/filter then answers normally.
@@ -114,16 +120,25 @@ class Completions(Resource):
             return server.NOT_DONE_YET
         if model == "hang" and prefill is None:
             return server.NOT_DONE_YET
+        if body.get("tools"):
+            return self._tools(request, body, model)
+        seen["stop"] = body.get("stop")
         done = prefill or ""
         if not FULL.startswith(done):
             return _error(request, 400, "the prefill is not this answer's beginning", "bad_prefill")
         rest = WORDS[len(done.split()):]
+        stops = body.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        matched = next((word.strip() for word in rest if word.strip() in stops), None)
+        if matched is not None:
+            rest = rest[:[word.strip() for word in rest].index(matched)]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(rest), "total_tokens": prompt_tokens + len(rest)}
         if not body.get("stream"):
             return _json(request, {
                 "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(rest)}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(rest)}, "finish_reason": "stop",
+                             "stop_reason": matched}],
                 "usage": usage,
             })
         request.setHeader(b"content-type", b"text/event-stream")
@@ -152,6 +167,39 @@ class Completions(Resource):
             events.insert(1, ("pause", 3.0))
         if mode == "drip":
             events = [part for event in events for part in (event, ("pause", 0.05))][:-1]
+        self._send(request, events)
+        return server.NOT_DONE_YET
+
+    def _tools(self, request, body, model):
+        messages = body["messages"]
+        usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+        if messages[-1].get("role") == "tool":
+            message = {"role": "assistant", "content": f"The tool said: {messages[-1]['content']}"}
+            finish = "stop"
+        else:
+            name = body["tools"][0]["function"]["name"]
+            call = {"id": "call_fake1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            finish = "tool_calls"
+        if not body.get("stream"):
+            return _json(request, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage,
+            })
+        request.setHeader(b"content-type", b"text/event-stream")
+        events = [_chunk(model, {"role": "assistant", "content": ""})]
+        if message.get("tool_calls"):
+            call = message["tool_calls"][0]
+            first = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            events.append(_chunk(model, {"tool_calls": [first]}))
+            for part in ('{"ci', 'ty": "Pa', 'ris"}'):
+                events.append(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
+        else:
+            events.append(_chunk(model, {"content": message["content"]}))
+        events.append(_chunk(model, {}, finish=finish))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(_chunk(model, {}, usage=usage, choices=False))
+        events += [b"data: [DONE]\n\n", "end"]
         self._send(request, events)
         return server.NOT_DONE_YET
 

@@ -182,11 +182,16 @@ class MessagesStreamReader:
     tokens C{message_start} said.  An C{error} event ends the attempt like
     a malformed chunk.  Thinking, like a tool use, makes the stream one
     that cannot be continued from its text.
+
+    @param after_space: the stream continues a prefill whose trailing
+        whitespace was cut (the API refuses it): the whitespace its first
+        text begins with is left out, as the client has had it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, after_space: bool = False) -> None:
         self._model: str | None = None
         self._input: Usage | None = None
+        self._after_space = after_space
 
     def __call__(self, event: bytes) -> ChunkFacts:
         data = _event_json(event)
@@ -200,7 +205,14 @@ class MessagesStreamReader:
             delta = delta if type(delta) is dict else {}
             if delta.get("type") == "text_delta":
                 text = delta.get("text")
-                return ChunkFacts(data, text=text if type(text) is str else "", token=True)
+                text = text if type(text) is str else ""
+                if self._after_space:
+                    self._after_space = False
+                    if text[:1].isspace():
+                        text = text.lstrip()
+                        data = {**data, "delta": {**delta, "text": text}}
+                        return ChunkFacts(data, text=text, token=True, rewritten=sse_event("content_block_delta", data))
+                return ChunkFacts(data, text=text, token=True)
             return ChunkFacts(data, token=True, tool_call=True)
         if kind == "content_block_start":
             block = data.get("content_block")

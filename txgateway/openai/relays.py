@@ -171,6 +171,8 @@ class EventStreamRelay(BodyRelay):
             self._on_usage(facts.usage)
             if facts.usage_only and not self._forward_usage:
                 return None
+        if facts.rewritten is not None:
+            event = facts.rewritten
         if self._resumed and facts.data is not None:
             if not facts.token:
                 return None  # the resumed stream's role chunk (or message start): the client has had one

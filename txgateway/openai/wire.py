@@ -357,6 +357,8 @@ class ChunkFacts:
     finish_reasons: tuple[str, ...] = ()
     #: The answer's id, when the event names it apart from C{data["id"]} (a Messages C{message_start}).
     message_id: str | None = None
+    #: The event as the client gets it, when the reader changed it (else the event as it came).
+    rewritten: bytes | None = None
 
 
 _NOTHING = ChunkFacts()

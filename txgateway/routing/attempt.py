@@ -316,7 +316,7 @@ class Attempts:
                 forward_usage = model_call.client_wants_usage or speaking.translated
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
-                    speaking.read_event(), speaking.write_events,
+                    speaking.read_event(state.resumed and call.transcript.text[-1:].isspace()), speaking.write_events,
                 )
                 return _CommitPoint(relay, config.token_timeout, "first token")
             on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)

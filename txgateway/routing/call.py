@@ -55,15 +55,16 @@ class Speaking:
     """
 
     translated: bool
-    read_event: Callable[[], Callable[[bytes], ChunkFacts]]
+    #: A new reader of the target's stream (C{after_space}: see L{MessagesStreamReader}).
+    read_event: Callable[[bool], Callable[[bytes], ChunkFacts]]
     read_answer: Callable[[bytes], AnswerFacts]
     write_events: Any = None
     translate_answer: Callable[[bytes], bytes] | None = None
     translate_error: Callable[[int, bytes], bytes] | None = None
 
 
-def _read_chunks() -> Callable[[bytes], ChunkFacts]:
-    return read_chunk
+def _read_chunks(after_space: bool = False) -> Callable[[bytes], ChunkFacts]:
+    return read_chunk  # an OpenAI backend continues a prefill as it is, whitespace and all
 
 
 _NATIVE_OPENAI = Speaking(False, _read_chunks, read_answer)
