@@ -93,6 +93,21 @@ targets = claude:overloaded1
 targets = claudeonce:overloaded
 [model:claude-error-event]
 targets = claudeonce:error-event
+[service:claudecache]
+url = {claude}
+api = anthropic
+api_key = sk-ant-secret
+cache = memory
+cache_methods = POST
+[model:cached]
+targets = claudecache:claude-cached
+[price:*]
+prompt = 1
+completion = 1
+[key:governed]
+secret = governed-secret
+tokens_per_minute = 1000
+models = claude, gpt
 """
 
 
@@ -360,3 +375,29 @@ def test_a_tool_call_round_trip_with_claude_through_the_openai_sdk(openai_client
 def test_a_claude_stream_cut_midway_is_resumed_for_an_openai_client(openai_client):
     chunks = list(openai_client.chat.completions.create(model="claude-cut", messages=HELLO, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == FULL
+
+
+# -- the gateway's other guarantees on /v1/messages ------------------------------------
+
+
+def test_a_governed_key_reserves_and_settles_a_message_by_its_usage(gateway):
+    governed = anthropic.Anthropic(base_url=f"http://127.0.0.1:{gateway.port}", api_key="governed-secret", max_retries=0)
+    raw = governed.messages.with_raw_response.create(model="claude", max_tokens=100, messages=HELLO)
+    assert raw.parse().content[0].text == FULL
+    line = access_line(gateway, raw.headers["x-request-id"])
+    assert line["key"] == "governed" and line["reserved_tokens"] > 100
+    assert line["cost_usd"] == pytest.approx(62 / 1_000_000)  # 2 prompt and 60 completion tokens at $1 a million
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        governed.messages.create(model="cached", max_tokens=10, messages=HELLO)
+    assert refused.value.body["error"]["txgateway_type"] == "model_not_allowed"
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        governed.messages.create(model="claude", max_tokens=5000, messages=HELLO)
+    assert limited.value.body["error"]["txgateway_type"] == "tokens_exceeded"
+
+
+def test_a_message_answer_is_kept_in_the_response_cache(claude_client, backends):
+    first = claude_client.messages.with_raw_response.create(model="cached", max_tokens=50, messages=HELLO)
+    second = claude_client.messages.with_raw_response.create(model="cached", max_tokens=50, messages=HELLO)
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert second.parse().content[0].text == FULL
+    assert backends[0].calls()["claude-cached"]["count"] == 1
