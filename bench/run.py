@@ -187,6 +187,30 @@ JSON_COMPLETION = _compact({
 })
 
 
+def _claude_event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {_compact(data)}\n\n"
+
+
+#: The same answer in Anthropic's Messages API: its event sequence, and as JSON.
+CLAUDE_SSE = "".join(
+    [_claude_event("message_start", {"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "model": "bench", "content": [], "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+     _claude_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})]
+    + [_claude_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                             "delta": {"type": "text_delta", "text": f"w{i} "}}) for i in range(1, WORDS + 1)]
+    + [_claude_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+       _claude_event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                       "usage": {"output_tokens": WORDS}}),
+       _claude_event("message_stop", {"type": "message_stop"})]
+)
+CLAUDE_JSON = _compact({
+    "id": "m", "type": "message", "role": "assistant", "model": "bench",
+    "content": [{"type": "text", "text": "".join(f"w{i} " for i in range(1, WORDS + 1))}],
+    "stop_reason": "end_turn", "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": WORDS},
+})
+
+
 def _nginx_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -201,6 +225,8 @@ def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> t
                 location / {{ return 200 "ok\\n"; }}
                 location /sse/ {{ default_type text/event-stream; return 200 {_nginx_string(SSE_COMPLETION)}; }}
                 location /json/ {{ default_type application/json; return 200 {_nginx_string(JSON_COMPLETION)}; }}
+                location /claude-sse/ {{ default_type text/event-stream; return 200 {_nginx_string(CLAUDE_SSE)}; }}
+                location /claude-json/ {{ default_type application/json; return 200 {_nginx_string(CLAUDE_JSON)}; }}
             }}""")
         processes.start(["nginx", "-c", str(conf)], port)
         return port, "nginx (one worker)"
@@ -264,6 +290,17 @@ def gateway_ini(
         "targets = openai-sse",
         "[model:bench-json]",
         "targets = openai-json",
+        "[service:claude-sse]",
+        f"url = http://127.0.0.1:{upstream}/claude-sse",
+        "api = anthropic",
+        "resume = prefill",
+        "[service:claude-json]",
+        f"url = http://127.0.0.1:{upstream}/claude-json",
+        "api = anthropic",
+        "[model:bench-claude-sse]",
+        "targets = claude-sse",
+        "[model:bench-claude-json]",
+        "targets = claude-json",
         "[service:dead]",
         f"url = http://127.0.0.1:{free_port()}",
         "retries = 0",
@@ -464,6 +501,24 @@ def main() -> int:
                     targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
                     pids[name] = gateway.pid
                     scripts[name] = script
+            # Anthropic's Messages API: a Messages client to an OpenAI backend
+            # (translated), to an Anthropic one (native), and an OpenAI client
+            # to the Anthropic one (translated), beside the rows above.
+            for kind, stream in (("sse", True), ("json", False)):
+                for name, path, model, messages_body in (
+                    (f"txgateway {kind.upper()} Messages -> OpenAI (translated)", "/v1/messages", f"bench-{kind}", True),
+                    (f"txgateway {kind.upper()} Messages -> Anthropic (native)", "/v1/messages", f"bench-claude-{kind}", True),
+                    (f"txgateway {kind.upper()} OpenAI -> Anthropic (translated)", "/v1/chat/completions", f"bench-claude-{kind}", False),
+                ):
+                    script = tmp / f"{name.split()[1]}-{model}-{messages_body}.lua"
+                    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Count to sixty"}]}
+                    if messages_body:
+                        body["max_tokens"] = 64
+                    script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{json.dumps(body)}'\n"
+                                      "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
+                    targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
+                    pids[name] = gateway.pid
+                    scripts[name] = script
             # The same JSON completion from a governed key: reserved, then
             # settled, in memory over SQLite and in Redis.
             governed = {
@@ -565,13 +620,13 @@ def main() -> int:
           f"{platform.python_version()} (bench), gateway on {args.gateway_python}; upstream: {upstream_kind}")
     print(f"wrk -t1, {args.duration:g} s a run, {args.repeat} interleaved rounds, medians\n")
     base_cpu = medians["twisted ReverseProxyResource"]["cpu_us"]
-    header = (f"{'proxy':32} {'req/s @32':>10} {'x RPR':>6} {'CPU/req':>9} {'x RPR CPU':>9} "
+    header = (f"{'proxy':48} {'req/s @32':>10} {'x RPR':>6} {'CPU/req':>9} {'x RPR CPU':>9} "
               f"{'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'x direct':>9}")
     print(header)
     print("-" * len(header))
     for name, m in medians.items():
         added = "" if name == "direct" else f"{(m['p50'] - direct['p50']) * 1e6:7.0f} us"
-        print(f"{name:32} {m['rps']:10.0f} {m['rps'] / base_rp:6.2f} {m['cpu_us']:6.0f} us {m['cpu_us'] / base_cpu:9.2f} "
+        print(f"{name:48} {m['rps']:10.0f} {m['rps'] / base_rp:6.2f} {m['cpu_us']:6.0f} us {m['cpu_us'] / base_cpu:9.2f} "
               f"{m['p50'] * 1e6:6.0f} us {m['p99'] * 1e6:6.0f} us {added:>10} {m['rps'] / direct['rps']:9.2f}")
     print()
     print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
@@ -588,6 +643,13 @@ def main() -> int:
         if plain in medians and parsed in medians:
             print(f"OpenAI {kind} completion read as it passes: {medians[parsed]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us "
                   f"CPU a request, {medians[parsed]['rps'] / medians[plain]['rps'] * 100:.0f}% of the bytes-only throughput")
+    for kind in ("SSE", "JSON"):
+        native = medians.get(f"txgateway {kind} completion (/v1/ parsed)")
+        for row in (f"txgateway {kind} Messages -> OpenAI (translated)", f"txgateway {kind} OpenAI -> Anthropic (translated)",
+                    f"txgateway {kind} Messages -> Anthropic (native)"):
+            if native is not None and row in medians:
+                print(f"{row.removeprefix('txgateway ')}: {medians[row]['rps'] / native['rps'] * 100:.0f}% of the native OpenAI "
+                      f"{kind} completion's req/s, {medians[row]['cpu_us'] - native['cpu_us']:+.0f} us CPU a request")
     for name, m in medians.items():
         if name.endswith(" [baseline]") and name[: -len(" [baseline]")] in medians:
             now = medians[name[: -len(" [baseline]")]]

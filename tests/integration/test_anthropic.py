@@ -401,3 +401,9 @@ def test_a_message_answer_is_kept_in_the_response_cache(claude_client, backends)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     assert second.parse().content[0].text == FULL
     assert backends[0].calls()["claude-cached"]["count"] == 1
+
+
+def test_the_other_messages_endpoints_are_refused_in_anthropics_shape(gateway):
+    answer = gateway.request("POST", "/v1/messages/count_tokens", body=b"{}", headers={"x-api-key": "gateway-key"})
+    assert answer.status == 404
+    assert answer.json()["error"]["type"] == "not_found_error" and "count_tokens" in answer.json()["error"]["message"]

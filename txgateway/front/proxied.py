@@ -96,9 +96,13 @@ class ProxiedRequests:
         ctx: RequestContext = request.context
         path = request.path
         messages = path == b"/v1/messages"
-        if messages:
+        if messages or path.startswith(b"/v1/messages/"):
             ctx.error_shape = ANTHROPIC
         if not self._authenticated(request, ctx):
+            return
+        if path.startswith(b"/v1/messages/"):
+            # count_tokens, batches: the Messages API's other endpoints are not served.
+            answer_error(request, errors.NOT_FOUND, f"{path.decode('latin-1')} is not served by this gateway")
             return
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)

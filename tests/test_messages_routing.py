@@ -1,0 +1,196 @@
+"""
+Anthropic's Messages API through the whole gateway in memory, driven by a
+Clock: what each kind of target is sent (natively or translated), the
+answers and errors translated back, the commit point and failover of a
+translated stream, an open circuit as Anthropic's 529, and the provider
+named on the spans.
+"""
+
+from __future__ import annotations
+
+import json
+
+import treq
+
+from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
+from tests.test_traced_requests import TRACEPARENT, Spans
+
+SSE = {b"content-type": b"text/event-stream"}
+JSON = {b"content-type": b"application/json"}
+
+INI = GATEWAY_HEAD + """[service:claude]
+url = http://claude.test/v1
+api = anthropic
+api_key = sk-ant-secret
+retries = 0
+first_token_timeout = 3
+breaker_threshold = 1
+max_tokens = 77
+[service:gpt]
+url = http://gpt.test/v1
+api_key = sk-gpt-secret
+retries = 0
+first_token_timeout = 3
+[model:claude]
+targets = claude:claude-x
+[model:gpt]
+targets = gpt:gpt-x
+[model:both]
+targets = gpt:gpt-x, claude:claude-x
+"""
+
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+def messages(h: Harness, model: str, stream: bool = False, headers: dict | None = None, **fields):
+    body = {"model": model, "max_tokens": 50, "messages": HELLO, **fields}
+    if stream:
+        body["stream"] = True
+    return h.request(
+        "POST", "/v1/messages", data=json.dumps(body).encode(), unbuffered=stream,
+        headers={"Content-Type": "application/json", "x-api-key": "client-key", **(headers or {})},
+    )
+
+
+def chat(h: Harness, model: str, **fields):
+    body = {"model": model, "messages": HELLO, **fields}
+    return h.request("POST", "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+
+
+def body_of(d) -> tuple[int, dict]:
+    response = result_of(d)
+    return response.code, json.loads(result_of(treq.content(response)))
+
+
+def chat_answer(text: str = "Hello!") -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    }).encode()
+
+
+def claude_answer(text: str = "Hello!") -> bytes:
+    return json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 3},
+    }).encode()
+
+
+def test_a_message_to_an_anthropic_target_is_sent_natively_with_the_backends_key():
+    h = Harness(INI)
+    d = messages(h, "claude", headers={"anthropic-beta": "tools-2024"})
+    sent = h.agents["claude"].last
+    assert sent.uri == b"http://claude.test/v1/messages"
+    assert sent.headers.getRawHeaders(b"x-api-key") == [b"sk-ant-secret"]
+    assert sent.headers.getRawHeaders(b"anthropic-version") == [b"2023-06-01"]
+    assert sent.headers.getRawHeaders(b"anthropic-beta") == [b"tools-2024"]
+    assert not sent.headers.hasHeader(b"authorization")
+    assert json.loads(sent.body) == {"model": "claude-x", "max_tokens": 50, "messages": HELLO}
+    sent.respond(FakeResponse(200, JSON, claude_answer()))
+    h.flush()
+    code, body = body_of(d)
+    assert code == 200 and body["content"] == [{"type": "text", "text": "Hello!"}]
+    [line] = h.access.lines
+    assert (line["model"], line["prompt_tokens"], line["completion_tokens"]) == ("claude-x", 9, 3)
+
+
+def test_a_message_to_an_openai_target_is_translated_there_and_back():
+    h = Harness(INI)
+    d = messages(h, "gpt", system="Be brief.", headers={"anthropic-version": "2023-06-01"})
+    sent = h.agents["gpt"].last
+    assert sent.uri == b"http://gpt.test/v1/chat/completions"
+    assert json.loads(sent.body) == {
+        "model": "gpt-x", "max_tokens": 50,
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}],
+    }
+    assert not sent.headers.hasHeader(b"anthropic-version") and not sent.headers.hasHeader(b"x-api-key")
+    assert sent.headers.getRawHeaders(b"authorization") == [b"Bearer sk-gpt-secret"]
+    sent.respond(FakeResponse(200, JSON, chat_answer()))
+    h.flush()
+    response = result_of(d)
+    raw = result_of(treq.content(response))
+    assert response.length == len(raw)  # the translation's own Content-Length
+    message = json.loads(raw)
+    assert (message["type"], message["content"], message["stop_reason"]) == ("message", [{"type": "text", "text": "Hello!"}], "end_turn")
+    assert message["usage"]["input_tokens"] == 9 and message["usage"]["output_tokens"] == 3
+
+
+def test_a_chat_completion_to_claude_gets_the_services_max_tokens_and_an_openai_answer():
+    h = Harness(INI)
+    d = chat(h, "claude")
+    sent = h.agents["claude"].last
+    assert sent.uri == b"http://claude.test/v1/messages" and json.loads(sent.body)["max_tokens"] == 77
+    sent.respond(FakeResponse(200, JSON, claude_answer()))
+    h.flush()
+    code, body = body_of(d)
+    assert code == 200 and body["choices"][0]["message"]["content"] == "Hello!"
+    assert body["usage"]["prompt_tokens"] == 9 and body["object"] == "chat.completion"
+
+
+def test_a_backends_error_reaches_the_client_in_its_own_apis_shape():
+    h = Harness(INI)
+    d = messages(h, "gpt")
+    h.agents["gpt"].last.respond(FakeResponse(400, JSON, b'{"error": {"message": "bad temperature", "type": "invalid_request_error"}}'))
+    h.flush()
+    code, body = body_of(d)
+    assert (code, body) == (400, {"type": "error", "error": {"type": "invalid_request_error", "message": "bad temperature"}})
+    d = chat(h, "claude")
+    h.agents["claude"].last.respond(FakeResponse(503, {b"content-type": b"text/html"}, b"<html>down</html>"))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 503 and response.headers.getRawHeaders("content-type") == ["application/json"]
+    assert json.loads(result_of(treq.content(response)))["error"]["message"] == "<html>down</html>"
+
+
+def test_an_open_circuit_is_anthropics_overloaded_529():
+    h = Harness(INI)
+    d = messages(h, "claude")
+    h.agents["claude"].last.respond(FakeResponse(500, JSON, b'{"type": "error", "error": {"type": "api_error", "message": "x"}}'))
+    h.flush()
+    assert result_of(d).code == 500  # the backend's own answer, its breaker now open
+    code, body = body_of(messages(h, "claude"))
+    assert code == 529 and body["error"]["type"] == "overloaded_error" and body["error"]["txgateway_type"] == "circuit_open"
+
+
+def test_a_translated_stream_silent_past_its_first_token_timeout_falls_over():
+    h = Harness(INI)
+    d = messages(h, "both", stream=True)
+    silent = h.agents["gpt"].last
+    silent.respond(FakeResponse(200, SSE))
+    h.flush()
+    h.advance(3)  # no first token within first_token_timeout
+    native = h.agents["claude"].last
+    assert native.uri == b"http://claude.test/v1/messages"
+    answer = FakeResponse(200, SSE)
+    native.respond(answer)
+    h.flush()
+    answer.send(
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_2","model":"claude-x","usage":{"input_tokens":4}}}\n\n'
+        b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+        b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":1}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    answer.finish()
+    h.flush()
+    body = result_of(treq.content(result_of(d)))
+    assert body.count(b"event: message_start") == 1 and b'"text":"Hi"' in body
+    [line] = h.access.lines
+    assert line["fallback_from"] == ["gpt:gpt-x"] and (line["prompt_tokens"], line["completion_tokens"]) == (4, 1)
+
+
+def test_spans_name_the_provider_that_answered():
+    spans = Spans()
+    h = Harness(INI.replace("[service:claude]", "[tracing]\notlp_endpoint = http://collector.test/v1/traces\n[service:claude]"),
+                spans=spans)
+    d = messages(h, "claude", headers={"traceparent": TRACEPARENT})
+    h.agents["claude"].last.respond(FakeResponse(200, JSON, claude_answer()))
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    server, attempt = spans.records
+    assert server.attributes["gen_ai.provider.name"] == "anthropic"
+    assert attempt.attributes["gen_ai.provider.name"] == "anthropic"
+    assert server.attributes["gen_ai.usage.input_tokens"] == 9
