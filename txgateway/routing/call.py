@@ -126,8 +126,11 @@ class Call:
 
     def translates_for(self, target: Target) -> bool:
         """Whether C{target} speaks the other API than the client's (the call is translated)."""
+        return self._translated_to(target.route.config.api)
+
+    def _translated_to(self, api: str) -> bool:
         model_call = self.model_call
-        return model_call is not None and target.route.config.api != model_call.dialect
+        return model_call is not None and api != model_call.dialect
 
     def untranslatable(self) -> list[tuple[Target, str]]:
         """
@@ -209,7 +212,7 @@ class Call:
                 # The backend's key, in place of whatever the client sent.
                 extra.append((b"x-api-key", config.api_key.encode("ascii")))
                 withheld += (b"authorization",)
-            if self.request.header(b"anthropic-version") is None or self.translates_for_api(config.api):
+            if self.request.header(b"anthropic-version") is None or self._translated_to(config.api):
                 extra.append((b"anthropic-version", config.anthropic_version.encode("ascii")))
         else:
             if config.api_key:
@@ -220,7 +223,3 @@ class Call:
             # The gateway reads these answers as they pass: no compression.
             extra.append((b"Accept-Encoding", b"identity"))
         return request_headers_for_upstream(self.request, ctx.request_id, ctx.client, extra=extra, withheld=withheld)
-
-    def translates_for_api(self, api: str) -> bool:
-        """Whether a target speaking C{api} gets this call translated."""
-        return self.model_call is not None and api != self.model_call.dialect
