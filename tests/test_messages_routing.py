@@ -26,6 +26,12 @@ retries = 0
 first_token_timeout = 3
 breaker_threshold = 1
 max_tokens = 77
+[service:claudebare]
+url = http://claude-bare.test
+api = anthropic
+retries = 0
+[model:bare]
+targets = claudebare:claude-y
 [service:gpt]
 url = http://gpt.test/v1
 api_key = sk-gpt-secret
@@ -94,6 +100,14 @@ def test_a_message_to_an_anthropic_target_is_sent_natively_with_the_backends_key
     assert code == 200 and body["content"] == [{"type": "text", "text": "Hello!"}]
     [line] = h.access.lines
     assert (line["model"], line["prompt_tokens"], line["completion_tokens"]) == ("claude-x", 9, 3)
+
+
+def test_an_anthropic_url_without_v1_gets_it_as_the_sdks_base_url_does():
+    h = Harness(INI)
+    messages(h, "bare")
+    assert h.agents["claudebare"].last.uri == b"http://claude-bare.test/v1/messages"
+    chat(h, "bare")
+    assert h.agents["claudebare"].last.uri == b"http://claude-bare.test/v1/messages"
 
 
 def test_a_message_to_an_openai_target_is_translated_there_and_back():

@@ -51,7 +51,7 @@ def matches(expected: str, printed: str) -> bool:
 
 def test_the_readme_try_it_section_runs_as_written(tmp_path):
     blocks = try_it_blocks()
-    assert [language for language, _ in blocks] == ["sh", "sh", "text", "sh", "text", "sh", "text", "sh", "text"]
+    assert [language for language, _ in blocks] == ["sh", "sh", "text", "sh", "text", "sh", "text", "sh", "text", "sh", "text"]
     for port in (3000, 8000):
         if not port_is_free(port):
             pytest.fail(f"port {port} is taken: the Try it section uses the defaults' ports 3000 and 8000")

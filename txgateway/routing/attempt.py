@@ -243,7 +243,7 @@ class Attempts:
         ctx.attempts += 1
         timeout = min(config.timeout, deadline_at - self._clock.seconds())
         upstream = endpoint.upstream
-        target = join_target(upstream.base_path, call.path_for(state.target))
+        target = join_target(upstream.base_path, call.path_for(state.target, upstream.base_path))
         body = call.body_for(state.target, prefill=call.transcript.text if state.resumed else None)
         sending = upstream.request(call.request.method, target, call.headers_for(config, span_id), body)
         sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)

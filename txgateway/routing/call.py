@@ -166,13 +166,24 @@ class Call:
             return encode_json(self._translation(target, prefill))
         return model_call.body_for(target.model, prefill=prefill)
 
-    def path_for(self, target: Target) -> bytes:
-        """The path (and query) sent to C{target}: its API's own for a translated call."""
-        if not self.translates_for(target):
+    def path_for(self, target: Target, base_path: bytes) -> bytes:
+        """
+        The path (and query) sent to C{target}'s endpoint whose URL's path
+        is C{base_path}: its API's own for a translated call.  An Anthropic
+        endpoint may be given with or without C{/v1} (as C{ANTHROPIC_BASE_URL}
+        is): without, C{/v1} is added.
+        """
+        if self.model_call is None:
             return self.path
-        query = self.path.partition(b"?")[2]
-        path = b"/messages" if target.route.config.api == ANTHROPIC else b"/chat/completions"
-        return path + b"?" + query if query else path
+        api = target.route.config.api
+        path = self.path
+        if self._translated_to(api):
+            query = path.partition(b"?")[2]
+            path = b"/messages" if api == ANTHROPIC else b"/chat/completions"
+            path = path + b"?" + query if query else path
+        if api == ANTHROPIC and not base_path.endswith(b"/v1"):
+            path = b"/v1" + path
+        return path
 
     def speaking(self, target: Target) -> Speaking:
         """How this call is spoken to C{target}, and how its answer is read and written back."""
