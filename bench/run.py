@@ -253,6 +253,7 @@ def gateway_ini(
     tmp: Path, port: int, upstream: int, sse_upstream: int, extra_ratelimit: str = "", name: str = "gw", second: int | None = None,
     extra_sections: str = "",
     workers: int = 1,
+    anthropic: bool = True,
 ) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
@@ -290,17 +291,19 @@ def gateway_ini(
         "targets = openai-sse",
         "[model:bench-json]",
         "targets = openai-json",
-        "[service:claude-sse]",
-        f"url = http://127.0.0.1:{upstream}/claude-sse",
-        "api = anthropic",
-        "resume = prefill",
-        "[service:claude-json]",
-        f"url = http://127.0.0.1:{upstream}/claude-json",
-        "api = anthropic",
-        "[model:bench-claude-sse]",
-        "targets = claude-sse",
-        "[model:bench-claude-json]",
-        "targets = claude-json",
+        *([
+            "[service:claude-sse]",
+            f"url = http://127.0.0.1:{upstream}/claude-sse",
+            "api = anthropic",
+            "resume = prefill",
+            "[service:claude-json]",
+            f"url = http://127.0.0.1:{upstream}/claude-json",
+            "api = anthropic",
+            "[model:bench-claude-sse]",
+            "targets = claude-sse",
+            "[model:bench-claude-json]",
+            "targets = claude-json",
+        ] if anthropic else []),
         "[service:dead]",
         f"url = http://127.0.0.1:{free_port()}",
         "retries = 0",
@@ -563,7 +566,9 @@ def main() -> int:
             baseline_port = free_port()
             baseline = start_gateway(
                 processes, str(Path(args.baseline_python).with_name("twistd")),
-                gateway_ini(tmp, baseline_port, upstream, sse_port, name="gw-baseline", second=second_upstream), baseline_port,
+                # Without the Anthropic services: a baseline older than them refuses them.
+                gateway_ini(tmp, baseline_port, upstream, sse_port, name="gw-baseline", second=second_upstream, anthropic=False),
+                baseline_port,
                 env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")},
             )
             # Each twin right after its row: the two are measured seconds
@@ -571,7 +576,7 @@ def main() -> int:
             paired: dict[str, str] = {}
             for name, url in targets.items():
                 paired[name] = url
-                if pids.get(name) == gateway.pid:
+                if pids.get(name) == gateway.pid and "Anthropic" not in name and "Messages" not in name:
                     twin = f"{name} [baseline]"
                     paired[twin] = url.replace(f":{gateway_port}/", f":{baseline_port}/")
                     pids[twin] = baseline.pid

@@ -407,3 +407,12 @@ def test_the_other_messages_endpoints_are_refused_in_anthropics_shape(gateway):
     answer = gateway.request("POST", "/v1/messages/count_tokens", body=b"{}", headers={"x-api-key": "gateway-key"})
     assert answer.status == 404
     assert answer.json()["error"]["type"] == "not_found_error" and "count_tokens" in answer.json()["error"]["message"]
+
+
+def test_the_anthropic_sdk_lists_the_models_in_its_own_shape(claude_client, openai_client):
+    listed = list(claude_client.models.list())
+    assert listed[0].id == "claude" and listed[0].type == "model" and listed[0].created_at.year >= 2026
+    assert claude_client.models.retrieve("gpt").display_name == "gpt"
+    with pytest.raises(anthropic.NotFoundError):
+        claude_client.models.retrieve("no-such-model")
+    assert [model.id for model in openai_client.models.list()][:2] == ["claude", "gpt"]

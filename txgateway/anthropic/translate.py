@@ -352,7 +352,8 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
                     {"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                      "input": _tool_input(function.get("arguments"), where)}
                 )
-            _append_turn(turns, "assistant", blocks)
+            if blocks:  # the API refuses an empty turn
+                _append_turn(turns, "assistant", blocks)
         elif role == "tool":
             result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id"),
                       "content": _text_of_parts(message.get("content"), where)}

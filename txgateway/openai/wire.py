@@ -341,7 +341,9 @@ class ChunkFacts:
     @ivar finish_reasons: the C{finish_reason}s it carries, of any choice.
     @ivar usage: the usage it reports.
     @ivar usage_only: a usage chunk with no choices (the one C{include_usage} adds).
-    @ivar tool_call: choice 0 calls a tool (such a stream cannot be resumed by text).
+    @ivar tool_call: choice 0 calls a tool, or a Messages stream carries
+        anything but text (thinking, a tool use): such a stream cannot be
+        resumed by text.
     @ivar malformed: the data is not a JSON object (the reason), else L{None}.
     """
 
