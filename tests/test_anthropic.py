@@ -367,3 +367,13 @@ def test_the_gateways_own_errors_on_messages_are_anthropics_with_529_for_open_ci
         "type": "overloaded_error", "message": "service 'x' is failing", "txgateway_type": "circuit_open"}}
     assert gateway_error_body(errors.MODEL_NOT_FOUND, "no", "r")[0] == 404
     assert json.loads(gateway_error_body(errors.UPSTREAM_TIMEOUT, "late", "r")[1])["error"]["type"] == "timeout_error"
+
+
+def test_fields_at_their_no_effect_default_are_as_good_as_absent():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0, "presence_penalty": 0,
+            "logprobs": False, "response_format": {"type": "text"}, "seed": None}
+    assert chat_request_to_messages(chat, None, 10)["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(Untranslatable):
+        chat_request_to_messages({**chat, "frequency_penalty": 0.5}, None, 10)
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}}
+    assert "thinking" not in messages_request_to_chat(body, None)

@@ -208,3 +208,12 @@ def test_spans_name_the_provider_that_answered():
     assert server.attributes["gen_ai.provider.name"] == "anthropic"
     assert attempt.attributes["gen_ai.provider.name"] == "anthropic"
     assert server.attributes["gen_ai.usage.input_tokens"] == 9
+
+
+def test_the_beta_query_goes_to_an_anthropic_target_and_never_to_an_openai_one():
+    h = Harness(INI)
+    body = json.dumps({"model": "claude", "max_tokens": 5, "messages": HELLO}).encode()
+    h.request("POST", "/v1/messages?beta=true", data=body, headers={"Content-Type": "application/json"})
+    assert h.agents["claude"].last.uri == b"http://claude.test/v1/messages?beta=true"
+    h.request("POST", "/v1/messages?beta=true", data=body.replace(b'"claude"', b'"gpt"'), headers={"Content-Type": "application/json"})
+    assert h.agents["gpt"].last.uri == b"http://gpt.test/v1/chat/completions"

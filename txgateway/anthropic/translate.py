@@ -80,6 +80,15 @@ _MESSAGES_FIELDS = frozenset(
 )
 
 
+#: Messages fields at a value that changes nothing (the API's default): as good as absent.
+_MESSAGES_NO_EFFECT = {"thinking": {"type": "disabled"}, "service_tier": "auto"}
+
+
+def _asked(body: dict, no_effect: dict) -> set[str]:
+    """The fields a request really asks for: those with a value that is not null nor a no-effect default."""
+    return {field for field, value in body.items() if value is not None and no_effect.get(field, ...) != value}
+
+
 def _text_of_blocks(blocks: Any, where: str) -> str:
     """The text of a string or a list of text blocks (their C{cache_control} hints aside)."""
     if isinstance(blocks, str):
@@ -205,7 +214,7 @@ def messages_request_to_chat(body: dict, model: str | None, prefill: str | None 
     C{model} unless L{None}; with C{prefill}, the assistant text so far as
     the last message).  Raises L{Untranslatable}.
     """
-    unknown = sorted(set(body) - _MESSAGES_FIELDS)
+    unknown = sorted(_asked(body, _MESSAGES_NO_EFFECT) - _MESSAGES_FIELDS)
     if unknown:
         raise Untranslatable(f"{unknown[0]!r} has no OpenAI equivalent")
     messages: list[dict] = []
@@ -261,6 +270,13 @@ _CHAT_FIELDS = frozenset(
         "stream_options", "user", "tools", "tool_choice", "parallel_tool_calls", "n",
     }
 )
+
+
+#: Chat fields at a value that changes nothing (OpenAI's default): as good as absent.
+_CHAT_NO_EFFECT = {
+    "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "store": False,
+    "response_format": {"type": "text"}, "service_tier": "auto",
+}
 
 
 def _image_block(url: Any, where: str) -> dict:
@@ -320,8 +336,7 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
     is C{default_max_tokens} when it names none, as the API requires one).
     Raises L{Untranslatable}.
     """
-    present = {field for field, value in body.items() if value is not None}
-    unknown = sorted(present - _CHAT_FIELDS)
+    unknown = sorted(_asked(body, _CHAT_NO_EFFECT) - _CHAT_FIELDS)
     if unknown:
         raise Untranslatable(f"{unknown[0]!r} has no Anthropic equivalent")
     if body.get("n") not in (None, 1):

@@ -178,9 +178,8 @@ class Call:
         api = target.route.config.api
         path = self.path
         if self._translated_to(api):
-            query = path.partition(b"?")[2]
+            # The other API's endpoint; the client's query (Anthropic's ?beta=true) is its own API's.
             path = b"/messages" if api == ANTHROPIC else b"/chat/completions"
-            path = path + b"?" + query if query else path
         if api == ANTHROPIC and not base_path.endswith(b"/v1"):
             path = b"/v1" + path
         return path
