@@ -35,7 +35,6 @@ from txgateway.governance.ledger import (
     whole_seconds,
 )
 from txgateway.observability.context import RequestContext, SpendFacts
-from txgateway.openai.wire import OpenAICall
 
 __all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text"]
 
@@ -120,7 +119,8 @@ class Reservation:
     governor: "Governor"
     ask: Ask
     key: ApiKey
-    openai: OpenAICall | None
+    #: The OpenAI (or Messages) request; L{None}: a call whose tokens are not counted.
+    model_call: Any
     prompt_estimate: int
     completion_cap: int
     settled: bool = False
@@ -143,7 +143,7 @@ class Reservation:
         self.governor.settle(self, ctx, self._uses(ctx, answered, relayed_chunks, fallback_model))
 
     def _uses(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> list[ModelUse]:
-        if self.openai is None or ctx.cache in ("hit", "coalesced"):
+        if self.model_call is None or ctx.cache in ("hit", "coalesced"):
             return []  # no backend was asked for this answer: it costs nothing
         prices = self.governor.prices
         billed = ctx.completion.billed if ctx.completion is not None else []
@@ -155,7 +155,7 @@ class Reservation:
                 )
                 for model, usage in billed
             ]
-        model = fallback_model or self.openai.model or "unknown"
+        model = fallback_model or self.model_call.model or "unknown"
         if relayed_chunks:
             completion = relayed_tokens(relayed_chunks)
         elif 200 <= answered < 300:
@@ -237,14 +237,15 @@ class Governor:
         return GatewayError(kind, f"the key {key.name!r} may not call {what}")
 
     async def reserve(
-        self, request: Any, ctx: RequestContext, openai: OpenAICall | None, models: list[str | None], deadline: float
+        self, request: Any, ctx: RequestContext, model_call: Any, models: list[str | None], deadline: float
     ) -> Reservation | None:
         """
         Reserve the call's worst case for its caller's key (L{None}: the
         caller has no key), with OpenAI's C{x-ratelimit-*} headers on the
         answer.
 
-        @param openai: the OpenAI request (L{None}: a call whose tokens are not counted).
+        @param model_call: the OpenAI request, or a Messages request, which
+            reads alike (L{None}: a call whose tokens are not counted).
         @param models: the model each target would be sent (the dearest prices the reservation).
         @raise GatewayError: a limit refuses the call; nothing was taken.
         """
@@ -253,18 +254,18 @@ class Governor:
         if key is None:
             return None
         prompt = completion = cost = 0
-        if openai is not None:
-            model = openai.model
+        if model_call is not None:
+            model = model_call.model
             plan = self._plans.get((key.name, model, *models))
             if plan is None:
                 plan = self._plan(ctx, key, model, models)
-            body = openai.body
+            body = model_call.body
             prompt = estimate_prompt_tokens(body)
-            completion = completion_cap(body, openai.kind is not None, plan)
+            completion = completion_cap(body, model_call.kind is not None, plan)
             cost = self.prices.dearest(models or [model], prompt, completion)
         now = self._clock.seconds()
         ask = Ask(
-            next(self._ids), self._scopes[key.name, openai is not None], prompt + completion, cost,
+            next(self._ids), self._scopes[key.name, model_call is not None], prompt + completion, cost,
             now + deadline + self._expiry_margin,
         )
         verdict = await self.store.reserve(ask)
@@ -274,7 +275,7 @@ class Governor:
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
-        return Reservation(self, ask, key, openai, prompt, completion)
+        return Reservation(self, ask, key, model_call, prompt, completion)
 
     def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> int:
         """

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from txgateway import errors
+from txgateway.anthropic.wire import ANTHROPIC
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream
@@ -208,7 +209,7 @@ class Attempts:
     async def _traced_once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float, notes: SpanNotes) -> _Outcome:
         """L{once}, as a span of its own: the backend is sent that span as its parent."""
         endpoint = admitted.endpoint
-        provider = "anthropic" if state.config.api == "anthropic" else "openai"
+        provider = ANTHROPIC if state.config.api == ANTHROPIC else "openai"
         span = notes.attempt(self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed, provider)
         try:
             outcome = await self.once(state, admitted, deadline_at, span.span_id)

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Awaitable, Mapping
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
+from txgateway.anthropic.wire import ANTHROPIC
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.wire import BadCall, OpenAICall
-from txgateway.routing.call import ModelCall
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.routing.answer import AnswerCutShort, AnswerRelay
 from txgateway.routing.attempt import Attempts
-from txgateway.routing.call import Call
+from txgateway.routing.call import Call, ModelCall
 from txgateway.routing.chain import FallbackChain
 from txgateway.routing.model import ServiceRoute, Target
 from txgateway.routing.paths import UnsafePath, checked_rest
@@ -129,7 +129,7 @@ class ServiceBroker:
         kept = [target for target in call.targets if id(target) not in left_out]
         if not kept:
             target, reason = refused[0]
-            api = "Anthropic's Messages API" if target.route.config.api == "anthropic" else "OpenAI's API"
+            api = "Anthropic's Messages API" if target.route.config.api == ANTHROPIC else "OpenAI's API"
             raise GatewayError(errors.BAD_REQUEST, f"cannot be translated to {api} (target {target.label}): {reason}")
         for target, reason in refused:
             call.ctx.log.warning("target_skipped", target=target.label, reason=f"untranslatable: {reason}")

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
+from txgateway.anthropic.wire import ANTHROPIC
 from txgateway.errors import GatewayError
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.openai.wire import NEXT_TARGET, REFUSAL_BODY_LIMIT, after_refusal, error_codes
@@ -128,8 +129,8 @@ class FallbackChain:
     def _answering(self, call: Call, target: Target) -> None:
         """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""
         ctx = call.ctx
-        if ctx.completion is not None and target.route.config.api == "anthropic":
-            ctx.completion.provider = "anthropic"
+        if ctx.completion is not None and target.route.config.api == ANTHROPIC:
+            ctx.completion.provider = ANTHROPIC
         if target.model is not None:
             ctx.served_model = target.model
             if ctx.completion is not None and ctx.completion.model is None:

@@ -57,7 +57,8 @@ class StreamResume:
         for target in candidates:
             # Only a target of the API that broke continues its stream (the
             # client's events so far were written from that API's).
-            if target.route.config.resume != "prefill" or target.route.config.api != broke_on.route.config.api:
+            config = target.route.config
+            if config.resume != "prefill" or config.api != broke_on.route.config.api:
                 continue
             answer = await self._try(call, target, broke_on, broke_endpoint)
             if answer is not None:
