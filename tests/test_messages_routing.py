@@ -217,3 +217,24 @@ def test_the_beta_query_goes_to_an_anthropic_target_and_never_to_an_openai_one()
     assert h.agents["claude"].last.uri == b"http://claude.test/v1/messages?beta=true"
     h.request("POST", "/v1/messages?beta=true", data=body.replace(b'"claude"', b'"gpt"'), headers={"Content-Type": "application/json"})
     assert h.agents["gpt"].last.uri == b"http://gpt.test/v1/chat/completions"
+
+
+def test_without_a_backend_key_a_translated_call_carries_the_clients_key_in_the_backends_header():
+    ini = INI.replace("api_key = sk-ant-secret\n", "").replace("api_key = sk-gpt-secret\n", "")
+    h = Harness(ini)
+    h.request("POST", "/v1/chat/completions", data=json.dumps({"model": "claude", "messages": HELLO}).encode(),
+              headers={"Authorization": "Bearer sk-ant-clients-own"})
+    sent = h.agents["claude"].last
+    assert sent.headers.getRawHeaders(b"x-api-key") == [b"sk-ant-clients-own"] and not sent.headers.hasHeader(b"authorization")
+    messages(h, "gpt", headers={"x-api-key": "sk-clients-openai"})
+    sent = h.agents["gpt"].last
+    assert sent.headers.getRawHeaders(b"authorization") == [b"Bearer sk-clients-openai"] and not sent.headers.hasHeader(b"x-api-key")
+
+
+def test_a_gateway_key_never_travels_on_in_the_other_apis_header():
+    ini = INI.replace("api_key = sk-ant-secret\n", "") + "[auth]\nkeys = app:gateway-key\n"
+    h = Harness(ini)
+    h.request("POST", "/v1/chat/completions", data=json.dumps({"model": "claude", "messages": HELLO}).encode(),
+              headers={"Authorization": "Bearer gateway-key"})
+    sent = h.agents["claude"].last
+    assert not sent.headers.hasHeader(b"x-api-key") and not sent.headers.hasHeader(b"authorization")

@@ -207,6 +207,16 @@ class Call:
             lambda body: chat_answer_to_message(body, stops), chat_error_to_anthropic,
         )
 
+    def _clients_key(self, withheld: tuple[bytes, ...]) -> bytes | None:
+        """The key the client sent in its own API's header (L{None}: none, or it is the gateway's, withheld)."""
+        if self.model_call.dialect == ANTHROPIC:
+            key = self.request.header(b"x-api-key")
+            return key.strip() if key and b"x-api-key" not in withheld else None
+        scheme, _, token = (self.request.header(b"authorization") or b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip() or b"authorization" in withheld:
+            return None
+        return token.strip()
+
     def headers_for(self, config: ServiceConfig, span_id: str | None = None) -> list[tuple[bytes, bytes]]:
         """
         The headers the request carries to C{config}'s service (its trace
@@ -217,17 +227,21 @@ class Call:
         extra = ctx.trace.headers(span_id) if ctx.trace is not None else []
         # The gateway's own API key stays here unless the service asks for it.
         withheld: tuple[bytes, ...] = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
+        translated = self._translated_to(config.api)
+        # The backend's key, in place of whatever the client sent; without
+        # one, a translated call carries the client's own key in the
+        # backend's API's header.
+        key = config.api_key.encode("ascii") if config.api_key else (self._clients_key(withheld) if translated else None)
         if config.api == ANTHROPIC:
-            if config.api_key:
-                # The backend's key, in place of whatever the client sent.
-                extra.append((b"x-api-key", config.api_key.encode("ascii")))
+            if key is not None:
+                extra.append((b"x-api-key", key))
                 withheld += (b"authorization",)
-            if self.request.header(b"anthropic-version") is None or self._translated_to(config.api):
+            if translated or self.request.header(b"anthropic-version") is None:
                 extra.append((b"anthropic-version", config.anthropic_version.encode("ascii")))
         else:
-            if config.api_key:
-                extra.append((b"Authorization", b"Bearer " + config.api_key.encode("ascii")))
-            if self.model_call is not None and self.model_call.dialect == ANTHROPIC:
+            if key is not None:
+                extra.append((b"Authorization", b"Bearer " + key))
+            if translated:
                 withheld += _ANTHROPIC_HEADERS
         if config.reads_answers:
             # The gateway reads these answers as they pass: no compression.
