@@ -154,6 +154,12 @@ def _user_turn(content: Any, where: str) -> list[dict]:
     return messages
 
 
+def _tool_call_of(block: dict) -> dict:
+    """A Messages C{tool_use} block as an OpenAI tool call (its input as JSON text)."""
+    arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
+    return {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}}
+
+
 def _assistant_turn(content: Any, where: str) -> dict:
     """One assistant message as OpenAI's: its text, and its tool uses as C{tool_calls}."""
     if isinstance(content, str):
@@ -166,8 +172,7 @@ def _assistant_turn(content: Any, where: str) -> dict:
         if kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
-            arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
-            calls.append({"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}})
+            calls.append(_tool_call_of(block))
         else:
             raise Untranslatable(f"{where}.content[{number}]: a {kind!r} block has no OpenAI equivalent")
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
@@ -521,8 +526,7 @@ def message_answer_to_chat(body: bytes, created: int) -> bytes:
         if kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
-            arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
-            calls.append({"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": arguments}})
+            calls.append(_tool_call_of(block))
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
