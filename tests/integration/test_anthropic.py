@@ -81,6 +81,8 @@ targets = gpt:gpt-plain
 targets = claudeonce:overloaded, gpt:gpt-plain
 [model:long-then-gpt]
 targets = claudeonce:context, gpt:gpt-plain
+[model:limited-then-gpt]
+targets = claudeonce:limited, gpt:gpt-plain
 [model:claude-cut]
 targets = claude:cut40
 [model:gpt-cut]
@@ -154,6 +156,8 @@ def test_a_message_passes_natively_with_the_backends_key_and_version(claude_clie
     line = access_line(gateway, raw.headers["x-request-id"])
     assert (line["requested_model"], line["prompt_tokens"], line["completion_tokens"]) == ("claude", 2, 60)
     assert "sk-ant-secret" not in gateway.log_file.read_text()
+    metrics = gateway.request("GET", "/metrics").body.decode()
+    assert 'txgateway_tokens_total{kind="completion",model="claude-plain",service="claude"}' in metrics
 
 
 def test_a_message_streams_natively_with_its_usage(claude_client):
@@ -260,6 +264,14 @@ def test_an_overloaded_claude_falls_over_to_an_openai_target(claude_client, gate
     assert raw.headers["x-gateway-service"] == "gpt"
     line = access_line(gateway, raw.headers["x-request-id"])
     assert line["fallback_from"] == ["claudeonce:overloaded"]
+
+
+def test_a_429_from_claude_falls_over_to_the_next_target(claude_client, gateway, backends):
+    before = backends[0].calls().get("limited", {}).get("count", 0)
+    raw = claude_client.messages.with_raw_response.create(model="limited-then-gpt", max_tokens=100, messages=HELLO)
+    assert raw.parse().content[0].text == FULL and raw.headers["x-gateway-service"] == "gpt"
+    assert backends[0].calls()["limited"]["count"] == before + 1  # retries = 0 on that service
+    assert access_line(gateway, raw.headers["x-request-id"])["fallback_from"] == ["claudeonce:limited"]
 
 
 def test_a_prompt_too_long_for_claude_goes_to_the_next_target(openai_client):
