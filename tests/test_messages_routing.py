@@ -238,3 +238,15 @@ def test_a_gateway_key_never_travels_on_in_the_other_apis_header():
               headers={"Authorization": "Bearer gateway-key"})
     sent = h.agents["claude"].last
     assert not sent.headers.hasHeader(b"x-api-key") and not sent.headers.hasHeader(b"authorization")
+
+
+def test_a_last_retryable_error_whose_body_never_comes_is_the_gateways_own_error():
+    h = Harness(INI)
+    d = chat(h, "claude")
+    stalled = FakeResponse(529, JSON)
+    h.agents["claude"].last.respond(stalled)
+    h.flush()
+    stalled.send(b'{"type": "error", ')
+    h.advance(30)  # first_byte_timeout: the rest of the error never came
+    code, body = body_of(d)
+    assert code == 502 and body["error"]["type"] == "upstream_unavailable" and "answered 529" in body["error"]["message"]
