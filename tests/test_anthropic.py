@@ -377,3 +377,128 @@ def test_fields_at_their_no_effect_default_are_as_good_as_absent():
         chat_request_to_messages({**chat, "frequency_penalty": 0.5}, None, 10)
     body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "disabled"}}
     assert "thinking" not in messages_request_to_chat(body, None)
+
+
+# -- hostile bodies ---------------------------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+LEAVES = (
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4)
+    | st.sampled_from(["text", "image", "document", "tool_use", "tool_result", "base64", "url", "auto", "any", "tool",
+                       "none", "function", "data:image/png;base64,AA", "data:x", "{}", '{"a": 1}'])
+)
+ANY = st.recursive(LEAVES, lambda children: st.lists(children, max_size=2) | st.dictionaries(st.text(max_size=3), children, max_size=2),
+                   max_leaves=6)
+#: Objects shaped like the APIs' parts (the right keys, any values), to reach every branch.
+SHAPED = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "image", "document", "tool_use", "tool_result", "image_url", "file", "function",
+                              "thinking", "base64", "url"])},
+    optional={key: LEAVES | ANY for key in (
+        "text", "source", "content", "input", "id", "name", "tool_use_id", "is_error", "image_url", "file", "url",
+        "data", "media_type", "file_data", "function", "arguments", "parameters", "input_schema", "description",
+    )},
+)
+NESTED = st.recursive(SHAPED | LEAVES, lambda children: st.lists(children, max_size=3) | st.builds(
+    lambda shaped, key, child: {**shaped, key: child}, SHAPED,
+    st.sampled_from(["source", "content", "image_url", "file", "function", "input"]), children), max_leaves=8)
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "bot"])},
+    optional={"content": NESTED, "tool_calls": NESTED, "tool_call_id": LEAVES},
+)
+
+
+def bodies(fields: list[str]):
+    return st.fixed_dictionaries(
+        {"messages": st.lists(MESSAGE, max_size=4) | LEAVES},
+        optional={field: NESTED for field in fields},
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(bodies(["system", "max_tokens", "temperature", "stop_sequences", "stream", "metadata", "tools", "tool_choice"]))
+def test_any_messages_body_is_translated_or_refused_by_name_never_a_crash(body):
+    try:
+        messages_request_to_chat(body, "m", prefill="so far ")
+    except Untranslatable:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(bodies(["max_tokens", "temperature", "stop", "stream", "user", "tools", "tool_choice", "parallel_tool_calls", "n"]))
+def test_any_chat_body_is_translated_or_refused_by_name_never_a_crash(body):
+    try:
+        chat_request_to_messages(body, "m", 10, prefill="so far ")
+    except Untranslatable:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(NESTED | st.fixed_dictionaries({"content": NESTED, "choices": st.lists(st.fixed_dictionaries(
+    {"message": st.fixed_dictionaries({}, optional={"content": NESTED, "tool_calls": NESTED})},
+    optional={"finish_reason": LEAVES, "stop_reason": LEAVES}), max_size=2), "usage": NESTED, "error": NESTED}))
+def test_any_answer_or_error_body_translates_without_a_crash(value):
+    raw = json.dumps(value).encode()
+    chat_answer_to_message(raw)
+    message_answer_to_chat(raw, 0)
+    chat_error_to_anthropic(500, raw)
+    messages_error_to_chat(500, raw)
+    read_message(raw)
+
+
+@pytest.mark.parametrize(
+    ("body", "translate"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "text", "text": None}]}]}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [5]}]}, "chat"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": 5}]}, "chat"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"function": 5}]}]}, "chat"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "data:nobase64"}}]}]}, "chat"),
+        ({"messages": [], "stop": False}, "chat"),
+    ],
+)
+def test_a_body_of_the_wrong_shapes_is_refused_by_name(body, translate):
+    with pytest.raises(Untranslatable):
+        if translate == "messages":
+            messages_request_to_chat(body, "m")
+        else:
+            chat_request_to_messages(body, "m", 10)
+
+
+def test_a_backend_answer_of_the_wrong_shapes_passes_as_it_is():
+    odd = json.dumps({"choices": [{"message": {"tool_calls": ["x"]}}], "usage": 3}).encode()
+    assert chat_answer_to_message(odd) == odd
+    odd = json.dumps({"content": [{"type": "text", "text": None}]}).encode()
+    assert message_answer_to_chat(odd, 0) == odd
+
+
+EVENTS = st.lists(st.fixed_dictionaries(
+    {"type": st.sampled_from(["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                              "message_delta", "message_stop", "ping", "error"])},
+    optional={key: NESTED for key in ("message", "content_block", "delta", "index", "usage", "error")},
+), max_size=5)
+CHUNKS = st.lists(st.fixed_dictionaries({}, optional={"id": LEAVES, "usage": NESTED, "choices": NESTED | st.lists(
+    st.fixed_dictionaries({}, optional={"index": LEAVES, "finish_reason": LEAVES, "delta": NESTED | st.fixed_dictionaries(
+        {}, optional={"content": LEAVES, "tool_calls": NESTED})}), max_size=2)}), max_size=5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(EVENTS)
+def test_any_messages_stream_is_read_and_written_as_chunks_without_a_crash(events):
+    read, write = MessagesStreamReader(after_space=True), MessagesToChatStream(0, True)
+    for event in events:
+        raw = sse(str(event["type"]), event)
+        write(raw, read(raw))
+    write.finish()
+
+
+@settings(max_examples=100, deadline=None)
+@given(CHUNKS)
+def test_any_chat_stream_is_written_as_messages_events_without_a_crash(chunks):
+    write = ChatToMessagesStream(("w5",))
+    for chunk_body in chunks:
+        raw = b"data: " + json.dumps(chunk_body).encode() + b"\n\n"
+        write(raw, read_chunk(raw))
+    write.finish()

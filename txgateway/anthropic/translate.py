@@ -11,6 +11,7 @@ with a 400 rather than drop what the client asked for.  The README's
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, Iterable
 
@@ -89,6 +90,13 @@ def _asked(body: dict, no_effect: dict) -> set[str]:
     return {field for field, value in body.items() if value is not None and no_effect.get(field, ...) != value}
 
 
+def _string(value: Any, where: str) -> str:
+    """C{value}, which must be a string."""
+    if not isinstance(value, str):
+        raise Untranslatable(f"{where}: expected a string")
+    return value
+
+
 def _text_of_blocks(blocks: Any, where: str) -> str:
     """The text of a string or a list of text blocks (their C{cache_control} hints aside)."""
     if isinstance(blocks, str):
@@ -133,7 +141,7 @@ def _user_turn(content: Any, where: str) -> list[dict]:
         at = f"{where}.content[{number}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": block.get("text", "")})
+            parts.append({"type": "text", "text": _string(block.get("text", ""), f"{at}.text")})
         elif kind == "image":
             parts.append(_image_part(block.get("source"), at))
         elif kind == "document":
@@ -170,7 +178,7 @@ def _assistant_turn(content: Any, where: str) -> dict:
     for number, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(block.get("text", ""))
+            texts.append(_string(block.get("text", ""), f"{where}.content[{number}].text"))
         elif kind == "tool_use":
             calls.append(_tool_call_of(block))
         else:
@@ -284,10 +292,14 @@ _CHAT_NO_EFFECT = {
 }
 
 
+def _is_data_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("data:") and ";base64," in value
+
+
 def _image_block(url: Any, where: str) -> dict:
     if not isinstance(url, str):
         raise Untranslatable(f"{where}: an image_url needs a url")
-    if url.startswith("data:") and ";base64," in url:
+    if _is_data_url(url):
         media_type, data = url[5:].split(";base64,", 1)
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return {"type": "image", "source": {"type": "url", "url": url}}
@@ -308,7 +320,7 @@ def _blocks_of_parts(content: Any, where: str) -> str | list[dict]:
         elif kind == "image_url":
             image = part.get("image_url")
             blocks.append(_image_block(image.get("url") if isinstance(image, dict) else image, at))
-        elif kind == "file" and isinstance(part.get("file"), dict) and str(part["file"].get("file_data", "")).startswith("data:"):
+        elif kind == "file" and isinstance(part.get("file"), dict) and _is_data_url(part["file"].get("file_data")):
             media_type, data = part["file"]["file_data"][5:].split(";base64,", 1)
             blocks.append({"type": "document", "source": {"type": "base64", "media_type": media_type, "data": data}})
         else:
@@ -366,8 +378,13 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
             content = message.get("content")
             if content:
                 blocks.extend(_as_blocks(_blocks_of_parts(content, where)))
-            for call in message.get("tool_calls") or ():
-                function = call.get("function", {}) if isinstance(call, dict) else {}
+            calls = message.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise Untranslatable(f"{where}.tool_calls: expected a list")
+            for number, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict):
+                    raise Untranslatable(f"{where}.tool_calls[{number}]: expected a function call")
                 blocks.append(
                     {"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                      "input": _tool_input(function.get("arguments"), where)}
@@ -392,7 +409,9 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
             request[field] = body[field]
     stop = body.get("stop")
     if stop is not None:
-        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        if not isinstance(stop, (str, list)):
+            raise Untranslatable("stop: expected a string or a list")
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else stop
     if body.get("stream") is True:
         request["stream"] = True
     if body.get("user") is not None:
@@ -458,12 +477,23 @@ def _tool_use_block(call: Any) -> dict:
     return {"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": tool_input}
 
 
+def _as_it_is_when_malformed(translate: Callable[..., bytes]) -> Callable[..., bytes]:
+    """A backend's answer the translation cannot read (not JSON, or not the shape it claims) is returned as it is."""
+
+    @functools.wraps(translate)
+    def guarded(body: bytes, *args: Any) -> bytes:
+        try:
+            return translate(body, *args)
+        except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
+            return body
+
+    return guarded
+
+
+@_as_it_is_when_malformed
 def chat_answer_to_message(body: bytes, stop_sequences: Iterable[str] = ()) -> bytes:
     """An OpenAI chat completion (JSON) as a Messages answer; what is not one is returned as it is."""
-    try:
-        answer = _loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body
+    answer = _loads(body)
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return body
@@ -512,12 +542,10 @@ def _chat_usage(usage: Any) -> dict:
     }
 
 
+@_as_it_is_when_malformed
 def message_answer_to_chat(body: bytes, created: int) -> bytes:
     """A Messages answer (JSON) as an OpenAI chat completion; what is not one is returned as it is."""
-    try:
-        answer = _loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return body
+    answer = _loads(body)
     if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
         return body
     texts, calls = [], []
@@ -616,7 +644,8 @@ class ChatToMessagesStream:
                     out.append(self._close())
                     out.append(self._start_block({"type": "text", "text": ""}, ("text", -1)))
                 out.append(self._delta({"type": "text_delta", "text": facts.text}))
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in calls if type(calls) is list else ():
                 out.append(self._tool_delta(call))
             if choice.get("finish_reason"):
                 out.append(self._close())
@@ -726,17 +755,19 @@ class MessagesToChatStream:
             return b""
         if kind == "content_block_start":
             block = data.get("content_block") if type(data.get("content_block")) is dict else {}
-            if block.get("type") != "tool_use":
+            index = data.get("index")
+            if block.get("type") != "tool_use" or type(index) is not int:
                 return b""
-            number = self._tools[data.get("index")] = len(self._tools)
+            number = self._tools[index] = len(self._tools)
             call = {"index": number, "id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": ""}}
             return self._chunk({"tool_calls": [call]})
         if kind == "content_block_delta":
             delta = data.get("delta") if type(data.get("delta")) is dict else {}
             if facts.text:
                 return self._chunk({"content": facts.text})
-            if delta.get("type") == "input_json_delta" and data.get("index") in self._tools:
-                call = {"index": self._tools[data["index"]], "function": {"arguments": delta.get("partial_json", "")}}
+            index = data.get("index")
+            if delta.get("type") == "input_json_delta" and type(index) is int and index in self._tools:
+                call = {"index": self._tools[index], "function": {"arguments": delta.get("partial_json", "")}}
                 return self._chunk({"tool_calls": [call]})
             return b""
         if kind == "message_delta":
