@@ -502,3 +502,18 @@ def test_any_chat_stream_is_written_as_messages_events_without_a_crash(chunks):
         raw = b"data: " + json.dumps(chunk_body).encode() + b"\n\n"
         write(raw, read_chunk(raw))
     write.finish()
+
+
+def test_the_text_templates_write_what_the_dicts_would():
+    read, write = MessagesStreamReader(), MessagesToChatStream(1700000000, client_wants_usage=False)
+    [start, delta] = [CLAUDE_STREAM[0], CLAUDE_STREAM[3]]
+    write(start, read(start))
+    assert json.loads(write(delta, read(delta))[6:]) == {
+        "id": "msg_014p7gG3wDgGV9EUtLvnow3U", "object": "chat.completion.chunk", "created": 1700000000,
+        "model": "claude-sonnet-4-5", "choices": [{"index": 0, "delta": {"content": "Okay"}, "finish_reason": None}]}
+    write = ChatToMessagesStream()
+    out = b"".join(write(event, read_chunk(event)) for event in GPT_STREAM[:2])
+    assert events_of(out)[-1] == ("content_block_delta", {
+        "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me"}})
+    orphan = MessagesToChatStream(0, False)
+    assert json.loads(orphan(delta, read(delta))[6:])["choices"][0]["delta"] == {"content": "Okay"}
