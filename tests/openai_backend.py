@@ -120,7 +120,9 @@ class Completions(Resource):
             return server.NOT_DONE_YET
         if model == "hang" and prefill is None:
             return server.NOT_DONE_YET
+        seen["last_messages"] = messages
         if body.get("tools"):
+            seen["tools"] = body["tools"]
             return self._tools(request, body, model)
         seen["stop"] = body.get("stop")
         done = prefill or ""

@@ -106,11 +106,16 @@ class Process:
 
 
 class Backend:
-    def __init__(self, tmp: Path, env: dict | None = None) -> None:
-        self.process = Process([sys.executable, str(REPO / "tests" / "backends.py"), "0"], tmp, env)
+    """
+    A test backend process, tests/SCRIPT (the plain one by default; the
+    fake OpenAI and Anthropic ones serve under C{base_path} C{/v1}).
+    """
+
+    def __init__(self, tmp: Path, env: dict | None = None, script: str = "backends.py", base_path: str = "") -> None:
+        self.process = Process([sys.executable, str(REPO / "tests" / script), "0"], tmp, env)
         line = self.process.wait_for(lambda l: l.startswith("listening"))
         self.port = int(line.split()[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}{base_path}"
 
     def calls(self) -> dict:
         return request(self.port, "GET", "/calls").json()

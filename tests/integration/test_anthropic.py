@@ -10,13 +10,12 @@ way); tools, fallbacks across the two APIs, a stream cut and resumed, a
 from __future__ import annotations
 
 import json
-import sys
 
 import anthropic
 import openai
 import pytest
 
-from tests.integration.conftest import DAEMON_HEAD, REPO, Process, request
+from tests.integration.conftest import DAEMON_HEAD, Backend
 
 pytestmark = pytest.mark.integration
 
@@ -29,21 +28,10 @@ WEATHER = {
 HELLO = [{"role": "user", "content": "hi there"}]
 
 
-class Backend:
-    def __init__(self, script: str, tmp) -> None:
-        self.process = Process([sys.executable, str(REPO / "tests" / script), "0"], tmp)
-        line = self.process.wait_for(lambda l: l.startswith("listening"))
-        self.port = int(line.split()[1])
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def calls(self) -> dict:
-        return request(self.port, "GET", "/calls").json()
-
-
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    claude = Backend("anthropic_backend.py", tmp_path_factory.mktemp("claude"))
-    gpt = Backend("openai_backend.py", tmp_path_factory.mktemp("gpt"))
+    claude = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
+    gpt = Backend(tmp_path_factory.mktemp("gpt"), script="openai_backend.py", base_path="/v1")
     yield claude, gpt
     claude.process.stop()
     gpt.process.stop()
@@ -230,11 +218,18 @@ def test_a_tool_use_round_trip_is_translated_to_an_openai_backend_and_back(claud
     [tool] = [block for block in message.content if block.type == "tool_use"]
     assert (tool.id, tool.name, tool.input, message.stop_reason) == ("call_fake1", "get_weather", {"city": "Paris"}, "tool_use")
     sent = backends[1].calls()["gpt-plain"]
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "parameters": WEATHER["input_schema"], "description": WEATHER["description"]}}]
     follow_up = [*HELLO, {"role": "assistant", "content": [block.model_dump() for block in message.content]},
                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool.id, "content": "sunny"}]}]
     answer = claude_client.messages.create(model="gpt", max_tokens=100, messages=follow_up, tools=[WEATHER])
     assert answer.content[0].text == "The tool said: sunny" and answer.stop_reason == "end_turn"
     assert sent["count"] >= 1
+    # The tool result went as OpenAI's tool message, right after the call it answers.
+    call_turn, result_turn = backends[1].calls()["gpt-plain"]["last_messages"][-2:]
+    assert [call["id"] for call in call_turn["tool_calls"]] == ["call_fake1"] and call_turn["role"] == "assistant"
+    assert json.loads(call_turn["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    assert result_turn == {"role": "tool", "tool_call_id": "call_fake1", "content": "sunny"}
 
 
 def test_an_image_block_is_sent_to_an_openai_backend_as_a_data_url(claude_client, backends):

@@ -6,28 +6,21 @@ purpose in every way the gateway must survive.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import openai
 import pytest
 
-from tests.integration.conftest import DAEMON_HEAD, REPO, Process, request, wait_until
+from tests.integration.conftest import DAEMON_HEAD, Backend, request, wait_until
 
 pytestmark = pytest.mark.integration
 
 FULL = "".join(f"w{i} " for i in range(1, 61))
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     def __init__(self, tmp) -> None:
-        self.process = Process([sys.executable, str(REPO / "tests" / "openai_backend.py"), "0"], tmp)
-        line = self.process.wait_for(lambda l: l.startswith("listening"))
-        self.port = int(line.split()[1])
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def calls(self) -> dict:
-        return request(self.port, "GET", "/calls").json()
+        super().__init__(tmp, script="openai_backend.py", base_path="/v1")
 
     def flap(self, state: str) -> None:
         request(self.port, "POST", f"/v1/control/flap/{state}", body=b"")

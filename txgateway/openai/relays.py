@@ -305,18 +305,17 @@ class TranslatedAnswerRelay(BodyRelay):
         self._parts: list[bytes] = []
         self._size = 0
         self._original: bytes | None = None
+        self._translation = b""
 
     #: What the translation is, whatever the backend's body was.
     content_type = b"application/json"
 
     def client_length(self, backend_length: int | None) -> int | None:
-        """The translated body's length, once it is held."""
-        return len(self._held[0]) if self._held else 0
+        """The translated body's length."""
+        return len(self._translation)
 
     def body_received(self, data: bytes) -> None:
-        if self._request is not None:
-            self._pass(data)  # never: the whole body came before the commit
-            return
+        # Only ever before the commit: the commit point is the body's end.
         self._size += len(data)
         if self._size <= self._limit:
             self._parts.append(data)
@@ -332,7 +331,8 @@ class TranslatedAnswerRelay(BodyRelay):
             self._parts = []
             if self._on_answer is not None:
                 self._on_answer(self._original)
-            self._held = [self._translate(self._original)]
+            self._translation = self._translate(self._original)
+            self._held = [self._translation]
         super().body_ended(error)
 
     def held_body(self, limit: int) -> Deferred[bytes | None]:

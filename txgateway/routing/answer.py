@@ -9,10 +9,8 @@ L{txgateway.routing.resume}.
 
 from __future__ import annotations
 
-import functools
 from typing import Awaitable, NoReturn
 
-from twisted.internet.defer import TimeoutError
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
@@ -20,8 +18,7 @@ from txgateway.anthropic.wire import ANTHROPIC, gateway_error_body
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream, response_headers_for_client
 from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
-from txgateway.errors import GatewayError, error_body
-from txgateway.openai.relays import TranslatedAnswerRelay
+from txgateway.errors import error_body
 from txgateway.routing.attempt import Answer
 from txgateway.routing.call import Call
 from txgateway.routing.model import Target
@@ -75,8 +72,6 @@ class AnswerRelay:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
         request, response = call.request, answer.response
         with answer.lease:
-            if held is None and call.model_call is not None and call.speaking(target).translate_error is not None:
-                held = await self._translated_error(call, target, response)
             self._start(call, response, held)
             if held is None:
                 relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
@@ -97,26 +92,6 @@ class AnswerRelay:
                 # Bytes already reached the client: no retry, no error body.
                 answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
                 self.cut_short(call, target, response, error, relay.bytes_relayed)
-
-    async def _translated_error(self, call: Call, target: Target, response: UpstreamResponse) -> BodyRelay:
-        """
-        A last retryable answer of the other API than the client's: its
-        error, translated, once whole (within C{first_byte_timeout}; else
-        the gateway's own error, as nothing reached the client yet).
-        """
-        config = target.route.config
-        held = TranslatedAnswerRelay(self._clock, config.idle_timeout, functools.partial(call.speaking(target).translate_error, response.code))
-        response.deliver_body(held)
-        if not held.first_data.called:
-            held.first_data.addTimeout(config.first_byte_timeout, self._clock)
-        try:
-            await held.first_data
-        except (StreamBroken, TimeoutError) as error:
-            held.cancel()
-            raise GatewayError(
-                errors.UPSTREAM_UNAVAILABLE, f"service {config.name!r}: answered {response.code}, then its body failed: {error}"
-            ) from None
-        return held
 
     async def _relay_stream(self, call: Call, target: Target, first: Answer, relay: BodyRelay) -> None:
         """

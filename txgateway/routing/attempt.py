@@ -198,6 +198,26 @@ class Attempts:
             if retrying is not None:
                 retrying.release()
 
+    async def commit_last(self, call: Call, target: Target, answer: Answer) -> None:
+        """
+        Take a last retryable answer (a 5xx or 429 kept without a relay)
+        through its commit point after all, as the client gets it
+        translated: its body whole, within C{first_byte_timeout}.  When the
+        body fails, the answer is dropped and L{GatewayError} says so
+        (nothing reached the client yet).
+        """
+        state = _TargetAttempts(call, target, resendable=False)
+        commit = self._commit_point(state, answer.response)
+        error = await self._first_bytes(answer.response, commit)
+        if error is None:
+            answer.relay = commit.relay
+            return
+        answer.drop()
+        if call.ctx.client_gone or isinstance(error, CancelledError):
+            raise CancelledError() from None
+        code, name = answer.response.code, target.route.config.name
+        raise GatewayError(errors.UPSTREAM_UNAVAILABLE, f"service {name!r}: answered {code}, then its body failed: {error}")
+
     async def resume_once(self, call: Call, target: Target, admitted: Admitted) -> _Outcome:
         """One attempt for the rest of a broken stream: no retry, no deadline but its own timeouts."""
         state = _TargetAttempts(call, target, resendable=False, resumed=True)

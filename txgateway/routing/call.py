@@ -96,10 +96,12 @@ class Call:
     model_call: ModelCall | None = None
     transcript: Transcript | None = None
     deadline_at: float = math.inf
-    #: The body each translated target is sent (by the target's id), made once.
-    _translated: dict = attrs.Factory(dict)
-    #: The writer of a translated stream: one a call, across the attempts that continue it.
-    _writer: Any = None
+    #: The body each translated target is sent (by the target's id), made
+    #: once; L{None} until a target needs one (most calls never do).
+    _translated: dict | None = None
+    #: How the call is spoken to a target of the other API (made once: its
+    #: stream writer serves every attempt that continues the answer).
+    _translated_speaking: Speaking | None = None
 
     @classmethod
     def of(
@@ -141,6 +143,8 @@ class Call:
         for target in self.targets:
             if not self.translates_for(target):
                 continue
+            if self._translated is None:
+                self._translated = {}
             try:
                 self._translated[id(target)] = encode_json(self._translation(target, None))
             except Untranslatable as error:
@@ -161,7 +165,7 @@ class Call:
         if model_call is None:
             return self.request.body
         if self.translates_for(target):
-            if prefill is None and id(target) in self._translated:
+            if prefill is None and self._translated is not None and id(target) in self._translated:
                 return self._translated[id(target)]
             return encode_json(self._translation(target, prefill))
         return model_call.body_for(target.model, prefill=prefill)
@@ -189,21 +193,24 @@ class Call:
         api = target.route.config.api
         if not self.translates_for(target):
             return _NATIVE_ANTHROPIC if api == ANTHROPIC else _NATIVE_OPENAI
+        if self._translated_speaking is None:
+            self._translated_speaking = self._speaking_translated_to(api)
+        return self._translated_speaking
+
+    def _speaking_translated_to(self, api: str) -> Speaking:
+        model_call = self.model_call
         if api == ANTHROPIC:  # an OpenAI client, a Messages backend
             created = int(self.ctx.started_at)
-            if self._writer is None and self.model_call.stream:
-                self._writer = MessagesToChatStream(created, self.model_call.client_wants_usage)
+            writer = MessagesToChatStream(created, model_call.client_wants_usage) if model_call.stream else None
             return Speaking(
-                True, MessagesStreamReader, read_message, self._writer,
+                True, MessagesStreamReader, read_message, writer,
                 lambda body: message_answer_to_chat(body, created), messages_error_to_chat,
             )
         # A Messages client, an OpenAI backend.
-        stops = self.model_call.body.get("stop_sequences")
+        stops = model_call.body.get("stop_sequences")
         stops = tuple(stop for stop in stops if isinstance(stop, str)) if isinstance(stops, list) else ()
-        if self._writer is None and self.model_call.stream:
-            self._writer = ChatToMessagesStream(stops)
         return Speaking(
-            True, _read_chunks, read_answer, self._writer,
+            True, _read_chunks, read_answer, ChatToMessagesStream(stops) if model_call.stream else None,
             lambda body: chat_answer_to_message(body, stops), chat_error_to_anthropic,
         )
 

@@ -73,6 +73,9 @@ class FallbackChain:
                         moved_on = await self._moves_on(call, target, answer)
                     if moved_on is None:
                         self._answering(call, target)
+                        if answer.relay is None and call.translates_for(target):
+                            # A last 5xx or 429 of the other API: translated, through the commit point.
+                            await self._attempts.commit_last(call, target, answer)
                         await self._answers.relay(call, target, answer)
                         return
                     answer.drop()
