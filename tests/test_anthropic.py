@@ -108,15 +108,18 @@ def test_a_prefill_loses_its_trailing_whitespace_and_joins_a_last_assistant_turn
 # -- reading a Messages stream ---------------------------------------------------------
 
 
-def test_a_messages_stream_commits_at_its_first_delta_and_reports_usage_once_at_message_delta():
+def test_a_messages_stream_commits_at_its_first_delta_and_reports_its_whole_usage_once_at_message_delta():
     read = MessagesStreamReader()
     facts = [read(event) for event in CLAUDE_STREAM]
     assert [f.token for f in facts[:4]] == [False, False, False, True]
     assert facts[0].message_id == "msg_014p7gG3wDgGV9EUtLvnow3U"
     assert "".join(f.text for f in facts) == "Okay, let's check."
     assert [f.tool_call for f in facts].index(True) == 6
-    [usage] = [f.usage for f in facts if f.usage is not None]
+    start, usage = [f.usage for f in facts if f.usage is not None]
+    # message_start says the input at once (a client that leaves early still pays for it), not yet the whole usage.
+    assert (start.prompt_tokens, start.cached_tokens, start.final) == (572, 100, False)
     assert (usage.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == ("claude-sonnet-4-5", 572, 89, 100)
+    assert usage.final
     assert facts[-2].finish_reasons == ("tool_use",) and facts[-1].done
 
 

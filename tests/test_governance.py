@@ -196,8 +196,9 @@ def test_a_stream_whose_client_leaves_settles_what_was_relayed():
     h.agent.server_protocols[-1].transport.abortConnection()
     h.flush()
     [line] = h.access.lines
-    # No usage arrived: the prompt estimate (9) and one token a content chunk relayed (3).
-    assert line["cost_usd"] == pytest.approx((9 * 2.5 + 3 * 10) / 1e6)
+    # No usage arrived: the prompt estimate (9) and the text relayed counted by its length
+    # ("one two three": 13 bytes, 5 tokens at 3 bytes a token), not one token a chunk (3).
+    assert line["cost_usd"] == pytest.approx((9 * 2.5 + 5 * 10) / 1e6)
     assert h.gateway.broker.governor.store.ledger.holding == 0
 
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "txgateway"
 #: Every module of txgateway, by room.  A new module is added here, in the
 #: room whose rules it follows (and to the README's layout section).
 ROOMS = {
-    "txgateway": {"demo", "errors", "ids", "redispool"},
+    "txgateway": {"bodies", "demo", "errors", "ids", "redispool"},
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "retry"},
     "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},

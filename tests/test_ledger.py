@@ -9,11 +9,13 @@ from __future__ import annotations
 import calendar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from txgateway.config.keys import ModelPrice
 from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens
 from txgateway.governance.governor import duration_text
-from txgateway.governance.ledger import Ask, Ledger, ScopeLimits
+from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND, Ask, Ledger, ScopeLimits
 from txgateway.governance.periods import period_end, period_key
 
 NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
@@ -204,3 +206,30 @@ def test_prices_are_per_million_tokens_with_a_catch_all_and_cached_prompts():
 @pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (1.5, "1.5s"), (59.0, "59s"), (360.0, "6m0s"), (61.25, "1m1.25s")])
 def test_reset_durations_are_written_the_way_openai_writes_them(seconds, text):
     assert duration_text(seconds) == text
+
+
+_HOSTILE_NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([2**63 - 1, -(2**63), 2**64]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.none(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_HOSTILE_NUMBERS, _HOSTILE_NUMBERS, _HOSTILE_NUMBERS, _HOSTILE_NUMBERS), min_size=1, max_size=8))
+def test_hostile_numbers_never_refund_never_raise_and_stay_within_bounds(calls):
+    ledger = Ledger()
+    limits = ScopeLimits("key:mallory", tokens_per_minute=10**13, budget_nano=10**17, budget_period="total", max_parallel=100)
+    for n, (tokens, cost, used_tokens, used_cost) in enumerate(calls):
+        ask = Ask(f"r{n}", (limits,), tokens, cost, 1000.0)
+        verdict = ledger.reserve(ask, 0.0)
+        if verdict.allowed:
+            ledger.settle(ask, used_tokens, used_cost, 1.0)
+    committed = ledger.committed.get(("key:mallory", "total"), 0)
+    assert 0 <= committed <= len(calls) * NANO_BOUND
+    assert ledger.reserved.get(("key:mallory", "total"), 0) == 0
+    assert ledger.holding == 0 and ledger.parallel("key:mallory") == 0
+    tokens, _ = ledger.quotas(limits, 1.0)
+    assert 0 <= tokens.used <= len(calls) * TOKENS_BOUND

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txgateway.routing.paths import UnsafePath, split_api_path, upstream_url
+from txgateway.routing.paths import UnsafePath, checked_rest, split_api_path, upstream_url
 
 
 def test_prefix_is_stripped_and_rest_appended_to_the_base_path():
@@ -94,3 +94,18 @@ def test_no_spelling_of_dot_dot_survives(parts):
         decoded = unquote(decoded)
     segments = decoded.replace("\\", "/").split("/")
     assert ".." not in segments and "." not in segments
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [b"/a/..;/admin", b"/a/.;/b", b"/a/..;x=1/admin", b"/a/%2e%2e;/admin", b"/a/%2E%2E%3B/admin", b"/a/%252e%252e;/admin",
+     b"/..;", b"/a/.%3bjsessionid=1/b"],
+)
+def test_a_dot_segment_with_path_parameters_is_refused_like_a_dot_segment(rest):
+    with pytest.raises(UnsafePath):
+        checked_rest(rest)
+
+
+def test_a_segment_that_only_starts_with_dots_and_a_semicolon_is_no_dot_segment():
+    assert checked_rest(b"/a/...;/b") == b"/a/...;/b"
+    assert checked_rest(b"/a/b;c=..") == b"/a/b;c=.."

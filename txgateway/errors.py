@@ -40,6 +40,12 @@ TOO_MANY_PARALLEL = ErrorKind("too_many_parallel", 429)
 MODEL_NOT_ALLOWED = ErrorKind("model_not_allowed", 403)
 SERVICE_NOT_ALLOWED = ErrorKind("service_not_allowed", 403)
 HEADER_TOO_LARGE = ErrorKind("header_too_large", 431)
+#: A governed key's request the gateway cannot account for (no model call, no price).
+NOT_GOVERNABLE = ErrorKind("not_governable", 403)
+#: A governed key's model call whose body is not JSON (a form, a file upload).
+UNSUPPORTED_MEDIA_TYPE = ErrorKind("unsupported_media_type", 415)
+#: Two different credentials of the gateway in one request.
+AMBIGUOUS_CREDENTIALS = ErrorKind("ambiguous_credentials", 401)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
 NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
@@ -63,6 +69,9 @@ KINDS = {
         REQUEST_TIMEOUT,
         BODY_TOO_LARGE,
         HEADER_TOO_LARGE,
+        NOT_GOVERNABLE,
+        UNSUPPORTED_MEDIA_TYPE,
+        AMBIGUOUS_CREDENTIALS,
         RATE_LIMITED,
         TOKENS_EXCEEDED,
         BUDGET_EXCEEDED,

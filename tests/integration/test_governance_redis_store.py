@@ -115,3 +115,59 @@ async def test_a_lapsed_reservation_gives_everything_back_in_redis(redis_server)
         assert verdict.allowed and verdict.tokens.remaining == 0
     finally:
         await connection.disconnect()
+
+
+HOSTILE = [2**63 - 1, 2**64, -(2**63), -1, 1e300, -1e300, float("nan"), 0.5, 7]
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_numbers_never_poison_the_scripts_and_are_counted_like_the_pure_ledger(redis_server):
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        reference = Ledger()
+        limits = ScopeLimits("key:mallory", tokens_per_minute=10**13, budget_nano=10**16, budget_period="total")
+        for n, (tokens, cost) in enumerate(zip(HOSTILE, reversed(HOSTILE))):
+            ask = Ask(f"h{n}", (limits,), tokens, cost, NOON + 60)
+            expected = reference.reserve(Ask(f"h{n}", (limits,), tokens, cost, NOON + 60), NOON)
+            assert comparable(await store.reserve(ask)) == comparable(expected)
+            reference.settle(ask, cost, tokens, NOON)
+            await store.settle(ask, Settled("mallory", None, cost, tokens, (ModelUse("m", tokens, cost, tokens),)))
+            await store._settling if store._settling is not None else None
+        assert not store.serving_locally and store.journal == []
+        # The ledger still serves: an ordinary call of another key reserves and settles.
+        plain = ScopeLimits("key:bob", tokens_per_minute=1000, budget_nano=10_000, budget_period="month")
+        ask = Ask("plain", (plain,), 10, 900, NOON + 60)
+        assert (await store.reserve(ask)).allowed
+        await store.settle(ask, Settled("bob", None, 8, 700, (ModelUse("gpt-4o", 5, 3, 700),)))
+        await store._settling if store._settling is not None else None
+        report = await store.spend([limits, plain], 31)
+        # (What the spend script reports passes through cjson, 14 significant digits.)
+        assert [(pytest.approx(s.spent_nano, rel=1e-13), s.reserved_nano) for s in report.scopes] == [
+            (reference.committed[("key:mallory", "total")], 0), (700, 0),
+        ]
+        assert 0 <= report.scopes[0].spent_nano <= len(HOSTILE) * 10**15
+    finally:
+        await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded(redis_server):
+    from txgateway.governance.redis import KEY_PREFIX, RESERVE_LUA
+
+    connection = await connected(redis_server)
+    try:
+        scope = '{"s":"key:eve","tpm":0,"rpm":0,"bud":0,"bk":"total","par":0,"end":-1}'
+        for n, number in enumerate(["9223372036854775807", "1e308", "-1e308", "18446744073709551616"]):
+            ask = f'[{{"id":"raw{n}","tokens":{number},"cost":{number},"exp":{NOON + 60},"scopes":[{scope}]}}]'
+            await connection.eval(RESERVE_LUA, [KEY_PREFIX], [str(NOON), ask])
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        limits = ScopeLimits("key:eve", budget_nano=10**16, budget_period="total")
+        ask = Ask("after", (limits,), 10, 900, NOON + 60)
+        assert (await store.reserve(ask)).allowed  # no INCRBY overflowed: the key still counts
+    finally:
+        await connection.disconnect()

@@ -15,7 +15,8 @@ import attrs
 
 from txgateway import errors
 from txgateway.errors import ErrorKind
-from txgateway.openai.wire import AnswerFacts, BadCall, ChunkFacts, Usage
+from txgateway.bodies import StrictReading
+from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
 
@@ -27,6 +28,7 @@ __all__ = [
     "anthropic_error",
     "error_type_for",
     "gateway_error_body",
+    "messages_path",
     "read_message",
     "sse_event",
 ]
@@ -57,6 +59,7 @@ class MessagesCall:
     stream: bool
     dialect = ANTHROPIC
     kind = MESSAGES
+    generates = True
     #: A Messages stream always reports its usage (in C{message_delta}).
     client_wants_usage = True
     single_choice = True
@@ -82,14 +85,13 @@ class MessagesCall:
         return self.stream
 
     @classmethod
-    def parse(cls, raw: bytes) -> "MessagesCall":
-        """Read a request body, or raise L{BadCall} when it is not a JSON object."""
-        try:
-            body = _loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadCall("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise BadCall("the body is not a JSON object")
+    def parse(cls, raw: bytes, strict: StrictReading | None = None) -> "MessagesCall":
+        """
+        Read a request body, or raise L{BadCall} when it is not a JSON
+        object (with C{strict}, a governed caller's: when it is not one the
+        gateway can account for, naming the field).
+        """
+        body = read_body(raw, strict)
         return cls(body, raw, body.get("stream") is True)
 
     def body_for(self, model: str | None, prefill: str | None = None) -> bytes:
@@ -106,6 +108,12 @@ class MessagesCall:
         if not changes:
             return self.raw
         return _dumps({**self.body, **changes})
+
+
+def messages_path(path: bytes) -> bool:
+    """Whether C{path} (under a service's base URL) is the Messages API's model call, C{/messages}."""
+    bare = path.split(b"?", 1)[0].rstrip(b"/")
+    return bare.endswith(b"/messages") or bare == b"messages"
 
 
 def with_prefill(messages: Any, prefill: str) -> list:
@@ -131,15 +139,15 @@ def sse_event(name: str, data: dict) -> bytes:
     return b"event: " + name.encode("ascii") + b"\ndata: " + _dumps(data) + b"\n\n"
 
 
-def _usage_of(usage: Any, model: str | None) -> Usage | None:
+def _usage_of(usage: Any, model: str | None, final: bool = True) -> Usage | None:
     """A Messages usage object in the gateway's terms: every input token is a prompt token."""
     if not isinstance(usage, dict):
         return None
-    fresh = _integer(usage.get("input_tokens")) or 0
-    written = _integer(usage.get("cache_creation_input_tokens")) or 0
-    read = _integer(usage.get("cache_read_input_tokens")) or 0
-    output = _integer(usage.get("output_tokens")) or 0
-    return Usage(model, fresh + written + read, output, read)
+    fresh, bad_fresh = reported_count(usage.get("input_tokens"))
+    written, bad_written = reported_count(usage.get("cache_creation_input_tokens"))
+    read, bad_read = reported_count(usage.get("cache_read_input_tokens"))
+    found = Usage.reported(model, fresh + written + read, usage.get("output_tokens"), read, final)
+    return attrs.evolve(found, clamped=True) if bad_fresh or bad_written or bad_read else found
 
 
 def read_message(body: bytes) -> AnswerFacts:
@@ -225,9 +233,10 @@ class MessagesStreamReader:
             message = message if type(message) is dict else {}
             model = message.get("model")
             self._model = model if type(model) is str else None
-            self._input = _usage_of(message.get("usage"), self._model)
+            self._input = _usage_of(message.get("usage"), self._model, final=False)
             message_id = message.get("id")
-            return ChunkFacts(data, message_id=message_id if type(message_id) is str else None)
+            # What the prompt cost is known now: a stream left before its end still settles it.
+            return ChunkFacts(data, message_id=message_id if type(message_id) is str else None, usage=self._input)
         if kind == "message_delta":
             delta = data.get("delta")
             reason = delta.get("stop_reason") if type(delta) is dict else None

@@ -316,6 +316,8 @@ class GatewaySettings:
     drain_delay: float = _key(_non_negative_seconds, 0.0)
     #: Worker processes (C{auto}: one per core); more than one makes the daemon a supervisor.
     workers: int = _key(_workers, 1)
+    #: The most messages (or C{input} items) a governed caller's request may hold.
+    max_messages: int = _key(_integer(1), 10_000)
 
 
 @attrs.frozen
@@ -523,6 +525,9 @@ class ServiceConfig:
     cache_ttl: float = _key(_seconds, 300.0)
     cache_methods: tuple = _key(_methods, (b"GET", b"HEAD"))
     coalesce_wait: float | None = _key(_seconds, None)
+    #: What a governed key is charged for a request the gateway does not read as a model
+    #: call (L{None}: on a model API's service, such a request of a governed key is refused).
+    request_price_usd: float | None = _key(_number(0.0, 1e6), None)
 
     @property
     def coalesce_timeout(self) -> float:

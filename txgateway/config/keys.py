@@ -70,9 +70,9 @@ class ApiKey:
 
     @property
     def governed(self) -> bool:
-        """Whether any limit is set on the key itself."""
+        """Whether any limit, or a list of the models or services it may call, is set on the key itself."""
         limits = (self.requests_per_minute, self.tokens_per_minute, self.max_parallel, self.budget_usd)
-        return any(v is not None for v in limits)
+        return any(v is not None for v in limits) or bool(self.models) or bool(self.services)
 
     def may_call_model(self, model: str) -> bool:
         """Whether C{model} matches one of the key's C{models} (or the key names none)."""

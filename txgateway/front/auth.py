@@ -19,7 +19,11 @@ import attrs
 from txgateway.config.keys import ApiKey
 from txgateway.observability.context import Caller
 
-__all__ = ["Authenticator"]
+__all__ = ["AmbiguousCredentials", "Authenticator"]
+
+
+class AmbiguousCredentials(ValueError):
+    """Two headers carry two different keys of the gateway: which one pays cannot be told."""
 
 @attrs.frozen
 class Authenticator:
@@ -40,7 +44,13 @@ class Authenticator:
         return self._by_digest.get(hashlib.sha256(presented).digest())
 
     def caller(self, request: Any) -> Caller | None:
-        """The caller whose key the request (an L{IncomingRequest}) carries, or L{None}."""
+        """
+        The caller whose key the request (an L{IncomingRequest}) carries, or
+        L{None}.  Every header carrying one of the gateway's keys is named
+        on the caller, to be withheld from backends.
+
+        @raise AmbiguousCredentials: two headers carry two different keys.
+        """
         candidates = []
         for value in request.header_values(b"x-api-key")[:1]:
             candidates.append((value.strip(), b"x-api-key"))
@@ -48,8 +58,11 @@ class Authenticator:
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 candidates.append((token.strip(), b"authorization"))
-        for presented, header in candidates:
-            name = self._match(presented)
-            if name is not None:
-                return Caller(name, header)
-        return None
+        found = [(name, header) for name, header in ((self._match(presented), header) for presented, header in candidates) if name]
+        if not found:
+            return None
+        names = {name for name, _ in found}
+        if len(names) > 1:
+            raise AmbiguousCredentials(f"the request carries two different API keys of this gateway ({' and '.join(h.decode() for _, h in found)})")
+        name, header = found[0]
+        return Caller(name, header, tuple(header for _, header in found))

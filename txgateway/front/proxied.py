@@ -17,6 +17,7 @@ from txgateway.config.gateway import ANY_MODEL
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
+from txgateway.front.auth import AmbiguousCredentials
 from txgateway.front.gateway import Gateway
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
@@ -52,7 +53,11 @@ class ProxiedRequests:
         authenticator = self.gateway.authenticator
         if not authenticator.enabled:
             return True
-        caller = authenticator.caller(request)
+        try:
+            caller = authenticator.caller(request)
+        except AmbiguousCredentials as error:
+            answer_error(request, errors.AMBIGUOUS_CREDENTIALS, f"{error}: send one")
+            return False
         if caller is None:
             answer_error(
                 request,
@@ -119,8 +124,10 @@ class ProxiedRequests:
                 f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],
             )
             return
+        governor = self.gateway.broker.governor
+        reading = governor.reading_for(ctx) if governor is not None else None
         try:
-            call = MessagesCall.parse(request.body) if messages else OpenAICall.parse(request.body, path)
+            call = MessagesCall.parse(request.body, reading) if messages else OpenAICall.parse(request.body, path, reading)
         except BadCall as error:
             api = "a Messages" if messages else "an OpenAI"
             answer_error(request, errors.BAD_REQUEST, f"{error}: {api} request is a JSON object with a model")
@@ -128,7 +135,6 @@ class ProxiedRequests:
         if call.model is None:
             answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
             return
-        governor = self.gateway.broker.governor
         if governor is not None:
             try:
                 governor.check_model(ctx, call.model)

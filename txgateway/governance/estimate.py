@@ -71,7 +71,7 @@ def completion_cap(body: Mapping[str, Any], generates: bool, default: int) -> in
     if not generates:
         return 0
     cap = default
-    for field in ("max_completion_tokens", "max_tokens"):
+    for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             cap = value
@@ -82,13 +82,15 @@ def completion_cap(body: Mapping[str, Any], generates: bool, default: int) -> in
     return cap
 
 
-def relayed_tokens(chunks: int) -> int:
+def relayed_tokens(text_bytes: int, chunks: int) -> int:
     """
-    The completion tokens counted for a stream that ended with no usage
-    (the client left, the backend broke): one a content chunk relayed, as
-    OpenAI-style backends send a token a chunk.
+    The completion tokens counted for a stream that ended without its
+    whole usage (the client left, the backend broke): the text relayed
+    counted like a prompt (one token per L{BYTES_PER_TOKEN} bytes, on the
+    high side), and at least one a content chunk (a tool call's chunks
+    carry no text).
     """
-    return chunks
+    return max(math.ceil(text_bytes / BYTES_PER_TOKEN), chunks)
 
 
 class Prices:

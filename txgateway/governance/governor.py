@@ -19,11 +19,14 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
+from txgateway.bodies import StrictReading
 from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
 from txgateway.errors import GatewayError
 from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
 from txgateway.governance.interface import IGovernanceStore, ModelUse, Settled
 from txgateway.governance.ledger import (
+    NANO_BOUND,
+    TOKENS_BOUND,
     BUDGET_EXCEEDED,
     RATE_LIMITED,
     TOKENS_EXCEEDED,
@@ -32,6 +35,7 @@ from txgateway.governance.ledger import (
     Quota,
     ScopeLimits,
     Verdict,
+    bounded,
     whole_seconds,
 )
 from txgateway.observability.context import RequestContext, SpendFacts
@@ -123,43 +127,67 @@ class Reservation:
     model_call: Any
     prompt_estimate: int
     completion_cap: int
+    #: A request the gateway does not read as a model call: what it is charged when
+    #: answered (C{[service:NAME] request_price_usd}), and the name its spend is kept under.
+    request_price: tuple[str, int] | None = None
     settled: bool = False
 
-    def settle(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> None:
+    def settle(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> None:
         """
-        Settle with what the call used: every backend's reported usage;
-        without any, a stream's relayed content chunks (plus the prompt
-        estimate), or the whole reservation for a successful answer whose
-        usage could not be read; nothing when no backend answered (or the
-        answer came from the response cache).
+        Settle with the best evidence of what the call used: every
+        backend's reported usage (a stream that did not end whole counted
+        at least by the text it relayed); without any, a stream's relayed
+        text plus the prompt estimate, or the whole reservation for an
+        answer that was made but not read (a successful one whose usage
+        could not be read, one whose client left while the backend worked
+        on it); nothing when no backend was asked (or the answer came from
+        the response cache).
 
         @param answered: the status the client was sent (0: none).
-        @param relayed_chunks: content chunks the client was sent of a stream.
+        @param relayed: what a stream relayed to the client (a
+            L{txgateway.openai.relays.Transcript}: C{text_bytes},
+            C{content_chunks}, C{finished}), or L{None}.
         @param fallback_model: the model to price an answer with no usage at.
         """
         if self.settled:
             return
         self.settled = True
-        self.governor.settle(self, ctx, self._uses(ctx, answered, relayed_chunks, fallback_model))
+        self.governor.settle(self, ctx, self._uses(ctx, answered, relayed, fallback_model))
 
-    def _uses(self, ctx: RequestContext, answered: int, relayed_chunks: int, fallback_model: str | None) -> list[ModelUse]:
-        if self.model_call is None or ctx.cache in ("hit", "coalesced"):
+    def _uses(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> list[ModelUse]:
+        if ctx.cache in ("hit", "coalesced"):
             return []  # no backend was asked for this answer: it costs nothing
+        if self.model_call is None:
+            if self.request_price is None or not 200 <= answered < 300:
+                return []
+            name, price = self.request_price
+            return [ModelUse(name, 0, 0, price)]
         prices = self.governor.prices
         billed = ctx.completion.billed if ctx.completion is not None else []
+        streamed = relayed_tokens(relayed.text_bytes, relayed.content_chunks) if relayed is not None else 0
         if billed:
-            return [
+            uses = [
                 ModelUse(
                     model or "unknown", usage.prompt_tokens, usage.completion_tokens,
                     prices.of(model).cost_nano(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
                 )
                 for model, usage in billed
             ]
+            whole = billed[-1][1].final and (relayed is None or relayed.finished)
+            missing = streamed - sum(use.completion_tokens for use in uses)
+            if not whole and missing > 0:
+                # The stream was cut before its usage said all: what the client had counts.
+                model = billed[-1][0] or "unknown"
+                uses.append(ModelUse(model, 0, missing, prices.of(model).cost_nano(0, missing)))
+            return uses
         model = fallback_model or self.model_call.model or "unknown"
-        if relayed_chunks:
-            completion = relayed_tokens(relayed_chunks)
-        elif 200 <= answered < 300:
+        if streamed:
+            completion = streamed
+        elif 200 <= answered < 300 or (ctx.client_gone and ctx.attempts and not self.model_call.stream):
+            # Made and not read: a JSON answer the backend went on making after its client left.
             completion = self.completion_cap
+        elif ctx.client_gone and ctx.attempts:
+            completion = 0  # a stream left before its first token: the backend stopped with it
         else:
             return []
         return [ModelUse(model, self.prompt_estimate, completion, prices.of(model).cost_nano(self.prompt_estimate, completion))]
@@ -188,6 +216,7 @@ class Governor:
         metrics: Any,
         log: Any,
         expiry_margin: float = EXPIRY_MARGIN,
+        reading: StrictReading = StrictReading(10_000),
     ) -> None:
         if not IGovernanceStore.providedBy(store):
             raise TypeError(f"the governance store must provide IGovernanceStore, got {store!r}")
@@ -200,6 +229,12 @@ class Governor:
         self._metrics = metrics
         self._log = log
         self._expiry_margin = expiry_margin
+        self._reading = reading
+        #: The keys whose requests are read strictly and never relayed unaccounted:
+        #: those with a limit or a model or service list, or in a team with a limit.
+        self._governed = {
+            key.name for key in keys if key.governed or (key.team is not None and key.team in self.teams and self.teams[key.team].governed)
+        }
         self._unpriced: set[str] = set()
         #: (key, model, models sent) -> the completion reserved by default: see L{_plan}.
         self._plans: dict[tuple, int] = {}
@@ -214,6 +249,11 @@ class Governor:
     def key_of(self, ctx: RequestContext) -> ApiKey | None:
         """The key the request's caller presented, or L{None}."""
         return self.keys.get(ctx.caller.name) if ctx.caller is not None else None
+
+    def reading_for(self, ctx: RequestContext) -> StrictReading | None:
+        """How the caller's request body is read: strictly for a governed key, else L{None} (the fast reader)."""
+        caller = ctx.caller
+        return self._reading if caller is not None and caller.name in self._governed else None
 
     def check_model(self, ctx: RequestContext, model: str) -> None:
         """
@@ -237,7 +277,14 @@ class Governor:
         return GatewayError(kind, f"the key {key.name!r} may not call {what}")
 
     async def reserve(
-        self, request: Any, ctx: RequestContext, model_call: Any, models: list[str | None], deadline: float
+        self,
+        request: Any,
+        ctx: RequestContext,
+        model_call: Any,
+        models: list[str | None],
+        deadline: float,
+        completion_floor: int = 0,
+        request_price: tuple[str, float] | None = None,
     ) -> Reservation | None:
         """
         Reserve the call's worst case for its caller's key (L{None}: the
@@ -247,6 +294,10 @@ class Governor:
         @param model_call: the OpenAI request, or a Messages request, which
             reads alike (L{None}: a call whose tokens are not counted).
         @param models: the model each target would be sent (the dearest prices the reservation).
+        @param completion_floor: the most completion tokens a target is sent when the
+            request names none (a translated call's C{max_tokens}): reserved at least.
+        @param request_price: for a request that is not read as a model call, the name
+            its spend is kept under and its price in US dollars (C{request_price_usd}).
         @raise GatewayError: a limit refuses the call; nothing was taken.
         """
         caller = ctx.caller
@@ -254,6 +305,7 @@ class Governor:
         if key is None:
             return None
         prompt = completion = cost = 0
+        price = None
         if model_call is not None:
             model = model_call.model
             plan = self._plans.get((key.name, model, *models))
@@ -261,11 +313,14 @@ class Governor:
                 plan = self._plan(ctx, key, model, models)
             body = model_call.body
             prompt = estimate_prompt_tokens(body)
-            completion = completion_cap(body, model_call.kind is not None, plan)
+            completion = completion_cap(body, model_call.generates, max(plan, completion_floor))
             cost = self.prices.dearest(models or [model], prompt, completion)
+        elif request_price is not None:
+            price = (request_price[0], usd_to_nano(request_price[1]))
+            cost = price[1]
         now = self._clock.seconds()
         ask = Ask(
-            next(self._ids), self._scopes[key.name, model_call is not None], prompt + completion, cost,
+            next(self._ids), self._scopes[key.name, model_call is not None or price is not None], prompt + completion, cost,
             now + deadline + self._expiry_margin,
         )
         verdict = await self.store.reserve(ask)
@@ -275,7 +330,7 @@ class Governor:
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
-        return Reservation(self, ask, key, model_call, prompt, completion)
+        return Reservation(self, ask, key, model_call, prompt, completion, price)
 
     def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> int:
         """
@@ -325,6 +380,18 @@ class Governor:
     def settle(self, reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> None:
         """Hand C{reservation}'s settlement to the store; count it on the access line and in the metrics."""
         key = reservation.key
+        uses = [
+            ModelUse(
+                use.model, bounded(use.prompt_tokens, TOKENS_BOUND), bounded(use.completion_tokens, TOKENS_BOUND),
+                bounded(use.cost_nano, NANO_BOUND),
+            )
+            for use in uses
+        ]
+        completion = ctx.completion
+        if completion is not None and any(usage.clamped for _, usage in completion.billed):
+            reported = [(model, usage.prompt_tokens, usage.completion_tokens) for model, usage in completion.billed]
+            self._log.warning("usage_clamped", key=key.name, reason="a backend reported a token count out of bounds", used=reported)
+            self._metrics.count_clamped_usage(key.name)
         tokens = sum(use.prompt_tokens + use.completion_tokens for use in uses)
         cost = sum(use.cost_nano for use in uses)
         if ctx.spend is not None:

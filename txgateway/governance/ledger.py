@@ -33,10 +33,29 @@ import attrs
 
 from txgateway.governance.periods import period_end, period_key
 
-__all__ = ["Ask", "Ledger", "Quota", "ScopeLimits", "Verdict", "WINDOW", "REFUSAL_ORDER"]
+__all__ = ["Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded"]
 
 #: Seconds a per-minute window spans.
 WINDOW = 60.0
+
+#: The most tokens one call reserves or settles, and the most nano-dollars
+#: (US$1,000,000): what any count of the ledgers (memory, SQLite, Redis's
+#: Lua, whose numbers are doubles and 64-bit integers) is kept far within.
+TOKENS_BOUND = 10**12
+NANO_BOUND = 10**15
+
+
+def bounded(value: object, bound: int) -> int:
+    """
+    C{value} as a whole number from 0 to C{bound}: what a call may add to a
+    ledger, whatever it was handed (a negative is 0, never a refund; a
+    fraction is rounded up; what is no number is 0).
+    """
+    if type(value) is not int:
+        if type(value) is not float or value != value:
+            return 0
+        value = bound if value > bound else math.ceil(value) if value > 0 else 0
+    return 0 if value < 0 else bound if value > bound else value
 
 #: Refusal reasons, in the order they are reported when several apply: the
 #: one a client must not retry first.
@@ -74,15 +93,15 @@ class Ask:
     @ivar reservation_id: unique across every gateway sharing a store.
     @ivar scopes: the scopes it must fit (its key's first).
     @ivar tokens: prompt estimate plus the most it may complete (0 where
-        tokens are not counted).
-    @ivar cost_nano: C{tokens} at the dearest price among its targets.
+        tokens are not counted), bounded (L{bounded}) whatever it is given.
+    @ivar cost_nano: C{tokens} at the dearest price among its targets, bounded too.
     @ivar expires_at: when an unsettled reservation lapses.
     """
 
     reservation_id: str
     scopes: tuple[ScopeLimits, ...]
-    tokens: int
-    cost_nano: int
+    tokens: int = attrs.field(converter=lambda value: bounded(value, TOKENS_BOUND))
+    cost_nano: int = attrs.field(converter=lambda value: bounded(value, NANO_BOUND))
     expires_at: float
 
 
@@ -304,6 +323,8 @@ class Ledger:
         """
         if now >= self._earliest:
             self.lapse(now)
+        tokens = bounded(tokens, TOKENS_BOUND)
+        cost_nano = bounded(cost_nano, NANO_BOUND)
         held = self._held.pop(ask.reservation_id, None)
         if held is None:
             for limits in ask.scopes:

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from txgateway.errors import describe_failure
 from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
-from txgateway.governance.ledger import Ask, Ledger, Quota, ScopeLimits, Verdict
+from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
 from txgateway.governance.periods import day_of, period_end
 from txgateway.redispool import forgot_the_script
 from txgateway.resilience.breaker import CircuitBreaker
@@ -45,8 +45,20 @@ KEY_PREFIX = "txgateway:gov:"
 _COMMON_LUA = """
 local P = KEYS[1]
 local WINDOW = 60
-local function num(value) return tonumber(value) or 0 end
-local function int(value) return string.format('%d', value) end
+-- What one call adds to any count is kept within +-1e15 (a NaN or a
+-- string is 0): no INCRBY can overflow, whatever a caller sends.
+local BOUND = 1e15
+local function num(value)
+  value = tonumber(value) or 0
+  if value ~= value then return 0 end
+  return value
+end
+local function bound(value)
+  value = num(value)
+  if value > BOUND then return BOUND elseif value < -BOUND then return -BOUND end
+  return value
+end
+local function int(value) return string.format('%d', bound(value)) end
 local function refresh(scope)
   for _, kind in ipairs({'tok:', 'tokamt:', 'toksum:', 'req:'}) do
     redis.call('PEXPIRE', P .. kind .. scope, 120000)
@@ -126,6 +138,8 @@ lapse(now)
 local verdicts = {}
 local ORDER = {budget_exceeded = 1, too_many_parallel = 2, rate_limited = 3, tokens_exceeded = 4}
 for n, ask in ipairs(cjson.decode(ARGV[2])) do
+  ask.tokens = math.max(0, bound(ask.tokens))
+  ask.cost = math.max(0, bound(ask.cost))
   local refusal = nil
   local spent = {}
   for _, s in ipairs(ask.scopes) do
@@ -206,11 +220,15 @@ lapse(now)
 local applied = 0
 for _, settle in ipairs(cjson.decode(ARGV[2])) do
   local id = settle.id
+  settle.tokens = math.max(0, bound(settle.tokens))
+  settle.cost = math.max(0, bound(settle.cost))
   if redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'EX', 2 * 86400) then
     applied = applied + 1
     local raw = redis.call('GET', P .. 'r:' .. id)
     if raw then
       local ask = cjson.decode(raw)
+      ask.tokens = math.max(0, bound(ask.tokens))
+      ask.cost = math.max(0, bound(ask.cost))
       for _, s in ipairs(ask.scopes) do
         trim(s.s, now)
         if s.tpm > 0 then
@@ -313,15 +331,20 @@ def _scope_json(limits: ScopeLimits, now: float) -> str:
 def ask_json(ask: Ask, now: float) -> str:
     """An ask as the reserve script reads it, as JSON text (ids, numbers and checked names need no escaping)."""
     scopes = ",".join([_scope_json(limits, now) for limits in ask.scopes])
-    return f'{{"id":"{ask.reservation_id}","tokens":{ask.tokens},"cost":{ask.cost_nano},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
+    tokens, cost = bounded(ask.tokens, TOKENS_BOUND), bounded(ask.cost_nano, NANO_BOUND)
+    return f'{{"id":"{ask.reservation_id}","tokens":{tokens},"cost":{cost},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
 
 
 def settle_json(ask: Ask, settled: Settled, now: float) -> str:
     """A settle as the settle script reads it, as JSON text (made when settled: a replay keeps its day and periods)."""
     periods = ",".join(f'"{limits.scope}":"{limits.budget_key(now)}"' for limits in ask.scopes)
-    models = json.dumps([[use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano] for use in settled.models])
+    models = json.dumps([
+        [use.model, bounded(use.prompt_tokens, TOKENS_BOUND), bounded(use.completion_tokens, TOKENS_BOUND), bounded(use.cost_nano, NANO_BOUND)]
+        for use in settled.models
+    ])
+    tokens, cost = bounded(settled.tokens, TOKENS_BOUND), bounded(settled.cost_nano, NANO_BOUND)
     return (
-        f'{{"id":"{ask.reservation_id}","ask":{ask_json(ask, now)},"tokens":{settled.tokens},"cost":{settled.cost_nano},'
+        f'{{"id":"{ask.reservation_id}","ask":{ask_json(ask, now)},"tokens":{tokens},"cost":{cost},'
         f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","bk":{{{periods}}},"models":{models}}}'
     )
 

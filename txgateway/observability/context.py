@@ -64,12 +64,19 @@ def client_address(request: Any, trusted_proxies: Sequence[_Network] = ()) -> st
 @attrs.frozen
 class Caller:
     """
-    Who is calling, by key name, and which header carried the key (so that
-    it can be kept from the backend).
+    Who is calling, by key name, and which headers carried the gateway's
+    keys (so that they can be kept from the backend).
     """
 
     name: str
     header: bytes
+    #: Every header that carried one of the gateway's keys (C{header} first).
+    headers: tuple[bytes, ...] = ()
+
+    @property
+    def withheld(self) -> tuple[bytes, ...]:
+        """The headers a backend never gets (unless its service asks for the key)."""
+        return self.headers or (self.header,)
 
 
 @attrs.define

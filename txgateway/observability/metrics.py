@@ -254,6 +254,12 @@ class GatewayMetrics(RecentWindows):
             "Requests refused by a key's or team's limits before any backend was called, by key and reason.",
             ["key", "reason"], registry=r,
         )
+        self.usage_clamped = Counter(
+            "txgateway_usage_clamped",
+            "Settles of a governed key whose backend reported a token count out of bounds (negative, huge, "
+            "not a number), clamped before it was charged, by key.",
+            ["key"], registry=r,
+        )
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 
@@ -323,6 +329,10 @@ class GatewayMetrics(RecentWindows):
         """A governed key's request refused by its limits (before any backend was called)."""
         self.governance_refusals.labels(key, reason).inc()
         self.recent_refusals.add(reason)
+
+    def count_clamped_usage(self, key: str) -> None:
+        """A governed key's settle whose backend reported a token count out of bounds."""
+        self.usage_clamped.labels(key).inc()
 
     def observe_attempt(self, service: str, endpoint: str, outcome: str) -> None:
         """Count one upstream attempt by its outcome."""

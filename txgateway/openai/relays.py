@@ -45,6 +45,11 @@ class Transcript:
         """The assistant text sent so far."""
         return "".join(self._parts)
 
+    @property
+    def text_bytes(self) -> int:
+        """The UTF-8 bytes of the assistant text sent so far."""
+        return len(self.text.encode("utf-8", "replace"))
+
     def sent(self, facts: ChunkFacts, first_stream: bool) -> None:
         """C{facts}' event reached the client."""
         if facts.text:

@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from txgateway.bodies import BadBody, StrictReading
+
 try:
     from orjson import dumps as _orjson_dumps
     from orjson import loads as _loads  # a chunk in a fraction of json's time
@@ -41,13 +43,17 @@ __all__ = [
     "ChunkFacts",
     "EventSplitter",
     "OpenAICall",
+    "USAGE_BOUND",
     "Usage",
+    "reported_count",
     "after_refusal",
     "chunk_event",
     "decode_json",
     "encode_json",
     "error_codes",
     "read_answer",
+    "read_body",
+    "model_call_path",
     "read_chunk",
 ]
 
@@ -69,6 +75,26 @@ class BadCall(ValueError):
     """The body is not an OpenAI request the gateway can route (the message says why)."""
 
 
+def read_body(raw: bytes, strict: StrictReading | None) -> dict:
+    """
+    A request's JSON object: read fast, or with C{strict} strictly.
+
+    @raise BadCall: it is not one (the message says why).
+    """
+    if strict is not None:
+        try:
+            return strict.read(raw)
+        except BadBody as error:
+            raise BadCall(str(error)) from None
+    try:
+        body = _loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadCall("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadCall("the body is not a JSON object")
+    return body
+
+
 def _endpoint_kind(path: bytes) -> str | None:
     path = path.split(b"?", 1)[0].rstrip(b"/")
     if path.endswith(b"chat/completions"):
@@ -76,6 +102,20 @@ def _endpoint_kind(path: bytes) -> str | None:
     if path.endswith(b"/completions") or path == b"completions":
         return COMPLETIONS
     return None
+
+
+def _is_responses(path: bytes) -> bool:
+    return path.split(b"?", 1)[0].rstrip(b"/").endswith(b"/responses")
+
+
+def model_call_path(path: bytes) -> bool:
+    """
+    Whether C{path} (under a service's base URL) is one of OpenAI's model
+    calls the gateway reads: chat and text completions, embeddings, the
+    Responses API.
+    """
+    bare = path.split(b"?", 1)[0].rstrip(b"/")
+    return _endpoint_kind(bare) is not None or bare.endswith((b"/embeddings", b"/responses")) or bare in (b"embeddings", b"responses")
 
 
 @attrs.frozen
@@ -95,6 +135,9 @@ class OpenAICall:
     kind: str | None
     stream: bool
     client_wants_usage: bool
+    #: The endpoint generates text (chat, text completions, OpenAI's Responses API):
+    #: its completion is reserved.
+    generates: bool = False
     #: The API it speaks (a Messages request says C{anthropic}).
     dialect = "openai"
 
@@ -128,19 +171,18 @@ class OpenAICall:
         return self.body.get("n") in (None, 1)
 
     @classmethod
-    def parse(cls, raw: bytes, path: bytes) -> "OpenAICall":
-        """Read a request body, or raise L{BadCall} when it is not a JSON object."""
-        try:
-            body = _loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadCall("the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise BadCall("the body is not a JSON object")
+    def parse(cls, raw: bytes, path: bytes, strict: StrictReading | None = None) -> "OpenAICall":
+        """
+        Read a request body, or raise L{BadCall} when it is not a JSON
+        object (with C{strict}, a governed caller's: when it is not one the
+        gateway can account for, naming the field).
+        """
+        body = read_body(raw, strict)
         kind = _endpoint_kind(path)
         stream = kind is not None and body.get("stream") is True
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return cls(body, raw, kind, stream, wants_usage)
+        return cls(body, raw, kind, stream, wants_usage, kind is not None or _is_responses(path))
 
     def body_for(self, model: str | None, prefill: str | None = None) -> bytes:
         """
@@ -217,6 +259,31 @@ def after_refusal(code: int, body: bytes | None) -> str:
     return PASS_THROUGH
 
 
+#: The most tokens one backend answer is believed to report in any field;
+#: more (or less than 0) is a hostile or broken backend's number, clamped.
+USAGE_BOUND = 100_000_000
+
+
+def reported_count(value: Any) -> tuple[int, bool]:
+    """
+    A token count as a backend reported it, bounded: an integer from 0 to
+    L{USAGE_BOUND} (a whole float is taken as its integer), and whether it
+    had to be clamped to be one (a negative, a huge or a fractional number,
+    not a number at all).  Absent (L{None}) is 0, not clamped.
+    """
+    if value is None:
+        return 0, False
+    if type(value) is int:
+        if 0 <= value <= USAGE_BOUND:
+            return value, False
+        return (0 if value < 0 else USAGE_BOUND), True
+    if type(value) is float and value == value:
+        if value.is_integer() and 0 <= value <= USAGE_BOUND:
+            return int(value), False
+        return (0 if value < 0 else USAGE_BOUND if value > USAGE_BOUND else int(value)), True
+    return 0, True
+
+
 @attrs.frozen
 class Usage:
     """The tokens one backend answer reports, and the model it names."""
@@ -226,6 +293,37 @@ class Usage:
     completion_tokens: int
     #: Prompt tokens the backend served from its cache (C{prompt_tokens_details.cached_tokens}).
     cached_tokens: int = 0
+    #: A number the backend reported was out of bounds (negative, huge, not a number) and was clamped.
+    clamped: bool = False
+    #: The answer's whole usage; L{False}: only what it knew so far (a Messages
+    #: stream's C{message_start}), which a later report completes.
+    final: bool = True
+
+    @classmethod
+    def reported(cls, model: str | None, prompt: Any, completion: Any, cached: Any = None, final: bool = True) -> "Usage":
+        """A backend's usage with each count bounded (see L{reported_count}); the cached tokens at most the prompt's."""
+        prompt_tokens, bad_prompt = reported_count(prompt)
+        completion_tokens, bad_completion = reported_count(completion)
+        cached_tokens, bad_cached = reported_count(cached)
+        return cls(
+            model, prompt_tokens, completion_tokens, min(cached_tokens, prompt_tokens),
+            bad_prompt or bad_completion or bad_cached, final,
+        )
+
+    def merged(self, later: "Usage") -> "Usage":
+        """
+        This answer's usage with a later report of the same answer: each
+        count the most either says (a stream that reports cumulative usage
+        on every chunk is counted once, not summed).
+        """
+        return Usage(
+            later.model or self.model,
+            max(self.prompt_tokens, later.prompt_tokens),
+            max(self.completion_tokens, later.completion_tokens),
+            max(self.cached_tokens, later.cached_tokens),
+            self.clamped or later.clamped,
+            self.final or later.final,
+        )
 
 
 def _usage_from(decoded: Any) -> Usage | None:
@@ -234,15 +332,18 @@ def _usage_from(decoded: Any) -> Usage | None:
     usage = decoded.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens")
-    prompt = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0
-    completion = completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
     model = decoded.get("model")
-    details = usage.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 else 0
-    return Usage(model if isinstance(model, str) else None, prompt, completion, cached)
+    model = model if isinstance(model, str) else None
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return Usage.reported(model, usage.get("prompt_tokens"), usage.get("completion_tokens"), cached)
+    if "input_tokens" in usage or "output_tokens" in usage:
+        # OpenAI's Responses API counts input and output (reasoning included).
+        details = usage.get("input_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        return Usage.reported(model, usage.get("input_tokens"), usage.get("output_tokens"), cached)
+    return None  # no count at all: not a usage to settle by
 
 
 @attrs.frozen

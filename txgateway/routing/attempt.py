@@ -333,7 +333,7 @@ class Attempts:
         if response.code == 200:
             sent_as = state.target.model or model_call.model
             if call.transcript is not None and is_event_stream(response):
-                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as)
+                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as, [])
                 forward_usage = model_call.client_wants_usage or speaking.translated
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
@@ -447,23 +447,44 @@ class Attempts:
     def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: AnswerFacts) -> None:
         """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
         if facts.usage is not None:
-            self._count_usage(ctx, service, sent_as, facts.usage)
+            self._count_usage(ctx, service, sent_as, [], facts.usage)
         completion = ctx.completion
         completion.response_id = facts.response_id
         completion.finish_reasons = facts.finish_reasons
 
-    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, usage: Usage) -> None:
-        """One backend answer's usage (of the model sent as C{sent_as}): on the access line, in the token counts, billed."""
-        facts = ctx.completion  # made with the call: usage is read of OpenAI calls only
-        facts.billed.append((sent_as, usage))
+    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: list, usage: Usage) -> None:
+        """
+        A usage report of one backend answer (of the model sent as
+        C{sent_as}): on the access line, in the token counts, billed.
+        C{answer} holds the answer's earlier report (its place in the bill,
+        and the usage): a later one of the same answer replaces it, each
+        count the most either says, so that an answer reporting its
+        running total on every chunk is counted once.
+        """
+        facts = ctx.completion  # made with the call: usage is read of model calls only
+        if answer:
+            place, before = answer
+            usage = before.merged(usage)
+            facts.billed[place] = (sent_as, usage)
+        else:
+            before = _NO_USAGE
+            answer[:] = [len(facts.billed), usage]
+            facts.billed.append((sent_as, usage))
+        answer[1] = usage
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
-        facts.prompt_tokens = (facts.prompt_tokens or 0) + usage.prompt_tokens
-        facts.completion_tokens = (facts.completion_tokens or 0) + usage.completion_tokens
-        if usage.prompt_tokens:
-            self._metrics.count_tokens(service, model, "prompt", usage.prompt_tokens)
-        if usage.completion_tokens:
-            self._metrics.count_tokens(service, model, "completion", usage.completion_tokens)
+        prompt = usage.prompt_tokens - before.prompt_tokens
+        completion = usage.completion_tokens - before.completion_tokens
+        facts.prompt_tokens = (facts.prompt_tokens or 0) + prompt
+        facts.completion_tokens = (facts.completion_tokens or 0) + completion
+        if prompt:
+            self._metrics.count_tokens(service, model, "prompt", prompt)
+        if completion:
+            self._metrics.count_tokens(service, model, "completion", completion)
+
+
+#: What an answer reported before its first report: nothing.
+_NO_USAGE = Usage(None, 0, 0)
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:

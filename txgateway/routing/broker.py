@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Awaitable, Mapping
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.anthropic.wire import ANTHROPIC
+from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, messages_path
+from txgateway.bodies import StrictReading
+from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.openai.wire import BadCall, OpenAICall
+from txgateway.openai.wire import BadCall, OpenAICall, model_call_path
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.routing.answer import AnswerCutShort, AnswerRelay
 from txgateway.routing.attempt import Attempts
@@ -87,20 +89,26 @@ class ServiceBroker:
         answer broke midway).
         """
         path = _checked(rest, query)
-        openai = None
-        if route.config.speaks_openai and request.method == b"POST":
-            try:
-                openai = OpenAICall.parse(request.body, rest)
-            except BadCall:
-                pass  # not a body the gateway reads: relayed as it is
-        call = Call.of(request, ctx, path, self._chains[route.config.name], openai)
-        if self.governor is not None:
-            self.governor.check_service(ctx, route.config.name)
+        config = route.config
+        governor = self.governor
+        if governor is not None:
+            governor.check_service(ctx, config.name)
+        reading = governor.reading_for(ctx) if governor is not None else None
+        model_call = _model_call(request, rest, config, reading)
+        price = None
+        if reading is not None:
+            if model_call is not None:
+                if model_call.model is None:
+                    raise GatewayError(errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
+                governor.check_model(ctx, model_call.model)
+            else:
+                price = _unread_price(request, rest, config)
+        call = Call.of(request, ctx, path, self._chains[config.name], model_call, as_sent=True)
         await self._admit(request, ctx, route)
-        if self.governor is None:
+        if governor is None:
             await self._serve_call(call, path)
         else:
-            await self._governed(call, path)
+            await self._governed(call, path, price)
 
     async def proxy_model(
         self, request: IncomingRequest, ctx: RequestContext, model_call: ModelCall, targets: list[Target], rest: bytes, query: bytes
@@ -135,7 +143,7 @@ class ServiceBroker:
             call.ctx.log.warning("target_skipped", target=target.label, reason=f"untranslatable: {reason}")
         return kept
 
-    async def _governed(self, call: Call, cached_as: bytes) -> None:
+    async def _governed(self, call: Call, cached_as: bytes, request_price: tuple[str, float] | None = None) -> None:
         """
         Serve C{call} within its caller's reservation, settled however the
         call ends (answered, refused, broken, the client gone).
@@ -143,15 +151,16 @@ class ServiceBroker:
         model_call = call.model_call
         models = [target.model or (model_call.model if model_call is not None else None) for target in call.targets]
         deadline = call.targets[0].route.config.deadline
-        reservation = await self.governor.reserve(call.request, call.ctx, model_call, models, deadline)
+        reservation = await self.governor.reserve(
+            call.request, call.ctx, model_call, models, deadline, call.completion_floor(), request_price,
+        )
         if reservation is None:
             await self._serve_call(call, cached_as)
             return
         try:
             await self._serve_call(call, cached_as)
         finally:
-            chunks = call.transcript.content_chunks if call.transcript is not None else 0
-            reservation.settle(call.ctx, call.request.code, chunks, call.ctx.served_model)
+            reservation.settle(call.ctx, call.request.code, call.transcript, call.ctx.served_model)
 
     def _serve_call(self, call: Call, cached_as: bytes) -> Awaitable[None]:
         """
@@ -183,6 +192,73 @@ class ServiceBroker:
                 f"too many requests; retry in {decision.retry_after} s",
                 headers=((b"Retry-After", b"%d" % decision.retry_after),),
             )
+
+
+def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: StrictReading | None) -> ModelCall | None:
+    """
+    The model call a C{/api/} request makes, read from its body: a C{POST}
+    to one of the model calls of the service's API (chat or text
+    completions, embeddings, the Responses API; Anthropic's messages).
+    L{None}: not a model call, or (for a caller read fast) a body that is
+    not JSON, relayed as it is.
+
+    @raise GatewayError: a governed caller's body (C{reading}) that the
+        gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
+    """
+    api = config.api
+    if api == "http" or request.method != b"POST":
+        return None
+    if api == ANTHROPIC:
+        if not messages_path(rest):
+            return None
+    elif not model_call_path(rest):
+        return None
+    if reading is not None and not _says_json(request):
+        raise GatewayError(
+            errors.UNSUPPORTED_MEDIA_TYPE,
+            f"a governed key's model call must be a JSON body (Content-Type: application/json), got "
+            f"{(request.header(b'content-type') or b'none').decode('latin-1')[:60]!r}",
+        )
+    try:
+        if api == ANTHROPIC:
+            return MessagesCall.parse(request.body, reading)
+        return OpenAICall.parse(request.body, rest, reading)
+    except BadCall as error:
+        if reading is None:
+            return None  # not a body the gateway reads: relayed as it is
+        raise GatewayError(errors.BAD_REQUEST, str(error)) from None
+
+
+def _says_json(request: IncomingRequest) -> bool:
+    """Whether the request's body is declared JSON (or undeclared, as curl's default form type is not)."""
+    declared = request.header(b"content-type")
+    if declared is None:
+        return True
+    media = declared.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def _unread_price(request: IncomingRequest, rest: bytes, config: ServiceConfig) -> tuple[str, float] | None:
+    """
+    What a governed caller's request that is not a model call is charged:
+    C{request_price_usd} when the service sets one; nothing for a read
+    (C{GET} or C{HEAD} without a body) or on a service that is no model
+    API.
+
+    @raise GatewayError: C{not_governable}, for any other request to a
+        model API's service without a price: its cost cannot be known.
+    """
+    if config.request_price_usd is not None:
+        return ("service:" + config.name, config.request_price_usd)
+    if config.api == "http" or (request.method in (b"GET", b"HEAD") and not request.body):
+        return None
+    method = request.method.decode("ascii", "replace")
+    where = rest.split(b"?", 1)[0].decode("latin-1")
+    raise GatewayError(
+        errors.NOT_GOVERNABLE,
+        f"{method} {where} on the service {config.name!r} is not a model call the gateway can account for, "
+        f"and the key is governed; the operator may price such requests with [service:{config.name}] request_price_usd",
+    )
 
 
 def _checked(rest: bytes, query: bytes) -> bytes:

@@ -102,10 +102,19 @@ class Call:
     #: How the call is spoken to a target of the other API (made once: its
     #: stream writer serves every attempt that continues the answer).
     _translated_speaking: Speaking | None = None
+    #: The path is sent as the client gave it to a target of its own API
+    #: (C{/api/<service>/...}), not as the model routes' endpoint.
+    as_sent: bool = False
 
     @classmethod
     def of(
-        cls, request: IncomingRequest, ctx: RequestContext, path: bytes, targets: list[Target], model_call: ModelCall | None = None
+        cls,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        path: bytes,
+        targets: list[Target],
+        model_call: ModelCall | None = None,
+        as_sent: bool = False,
     ) -> "Call":
         """
         A call of C{request} to C{targets} (its deadline starts when the
@@ -119,7 +128,7 @@ class Call:
             )
             if model_call.stream:
                 transcript = Transcript(model_call.resumable_kind)
-        return cls(request, ctx, path, targets, model_call, transcript)
+        return cls(request, ctx, path, targets, model_call, transcript, as_sent=as_sent)
 
     @property
     def idempotency_key(self) -> bool:
@@ -159,6 +168,21 @@ class Call:
             raise Untranslatable(f"Anthropic's API has no {model_call.operation(self.path)!r} endpoint")
         return chat_request_to_messages(model_call.body, model, target.route.config.max_tokens, prefill)
 
+    def completion_floor(self) -> int:
+        """
+        The most completion tokens a target of the other API is sent when
+        the request names none (an OpenAI request translated for Claude
+        carries the service's C{max_tokens}): what its reservation must cover.
+        """
+        model_call = self.model_call
+        if model_call is None or model_call.max_tokens is not None:
+            return 0
+        return max(
+            (target.route.config.max_tokens for target in self.targets
+             if target.route.config.api == ANTHROPIC and self.translates_for(target)),
+            default=0,
+        )
+
     def body_for(self, target: Target, prefill: str | None = None) -> bytes:
         """The body sent to C{target} (the model renamed, translated, the text so far as a prefill)."""
         model_call = self.model_call
@@ -181,9 +205,12 @@ class Call:
             return self.path
         api = target.route.config.api
         path = self.path
-        if self._translated_to(api):
+        translated = self._translated_to(api)
+        if translated:
             # The other API's endpoint; the client's query (Anthropic's ?beta=true) is its own API's.
             path = b"/messages" if api == ANTHROPIC else b"/chat/completions"
+        elif self.as_sent:
+            return path
         if api == ANTHROPIC and not base_path.endswith(b"/v1"):
             path = b"/v1" + path
         return path
@@ -233,7 +260,7 @@ class Call:
         ctx = self.ctx
         extra = ctx.trace.headers(span_id) if ctx.trace is not None else []
         # The gateway's own API key stays here unless the service asks for it.
-        withheld: tuple[bytes, ...] = (ctx.caller.header,) if ctx.caller is not None and not config.forward_api_key else ()
+        withheld: tuple[bytes, ...] = ctx.caller.withheld if ctx.caller is not None and not config.forward_api_key else ()
         translated = self._translated_to(config.api)
         # The backend's key, in place of whatever the client sent; without
         # one, a translated call carries the client's own key in the

@@ -88,7 +88,8 @@ def checked_rest(rest: bytes, query: bytes = b"") -> bytes:
     The rest is forwarded as the client encoded it, with runs of slashes
     folded into one; it is refused when any spelling of it (percent-encoded
     once or many times, with '/' or '\\' as separator) holds a '.' or '..'
-    segment, a control character, or bytes outside the URL alphabet.
+    segment (with or without path parameters: C{..;}, C{.;x}), a control
+    character, or bytes outside the URL alphabet.
 
     @raise UnsafePath: the rest of the path could not be forwarded safely.
     """
@@ -106,7 +107,9 @@ def checked_rest(rest: bytes, query: bytes = b"") -> bytes:
         decoded = rest  # the alphabet check above already excluded control bytes
     if b"." in decoded:
         for segment in _SEPARATORS.split(decoded):
-            if segment in (b".", b".."):
+            # A path parameter does not hide a dot segment: Tomcat and Spring
+            # read "..;x" (and "..;") as "..", escaping the base path.
+            if segment.split(b";", 1)[0] in (b".", b".."):
                 raise UnsafePath("the path holds a '.' or '..' segment")
     if b"//" in rest:
         rest = _SLASHES.sub(b"/", rest)

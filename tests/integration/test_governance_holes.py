@@ -1,0 +1,153 @@
+"""
+No way around governance, tried as an attacker would against the running
+daemon (SQLite and a real redis-server) and a hostile backend process
+(tests/hostile_backend.py): the holes of the hardening issue, each shut.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.integration.conftest import DAEMON_HEAD, Backend, request, wait_until
+from tests.integration.test_redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+SECRET = "alice-secret"
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"}
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    server = Backend(tmp_path, script="hostile_backend.py")
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        yield ""
+        return
+    server = RedisServer(tmp_path)
+    yield f"store = redis\nredis_url = redis://127.0.0.1:{server.port}/0\nredis_timeout = 0.5"
+    server.stop()
+
+
+def ini(backend_url: str, budgets: str) -> str:
+    return DAEMON_HEAD.replace("[ratelimit]", f"[budgets]\n{budgets}\n[ratelimit]") + f"""
+[service:ai]
+url = {backend_url}/v1
+api = openai
+retries = 0
+timeout = 10
+[service:claude]
+url = {backend_url}
+api = anthropic
+retries = 0
+api_key = the-backends-own-key
+[model:*]
+targets = ai
+[key:alice]
+secret = {SECRET}
+models = negative, huge, slow-json, ignore-max, plain, claude-sonnet-4-5
+budget_usd = 1000
+[key:bob]
+secret = bob-secret
+[price:*]
+prompt = 1
+completion = 1
+"""
+
+
+def calls(backend) -> list[dict]:
+    return request(backend.port, "GET", "/calls").json()["calls"]
+
+
+def spent(gateway) -> float:
+    return gateway.request("GET", "/spend.json").json()["keys"]["alice"]["spent_usd"]
+
+
+def chat(model: str, **fields) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, **fields}).encode()
+
+
+def test_a_governed_key_under_api_to_claude_is_held_to_its_models_and_pays_for_what_it_may_call(start_gateway, hostile, store):
+    gateway = start_gateway(ini(hostile.url, store))
+    body = {"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    outside = gateway.request("POST", "/api/claude/v1/messages", body=json.dumps({**body, "model": "claude-opus-4"}).encode(), headers=HEADERS)
+    assert outside.status == 403 and outside.error["type"] == "model_not_allowed"
+    assert calls(hostile) == []
+    inside = gateway.request("POST", "/api/claude/v1/messages", body=json.dumps({**body, "model": "claude-sonnet-4-5"}).encode(), headers=HEADERS)
+    assert inside.status == 200, inside.body
+    [sent] = calls(hostile)
+    assert sent["path"] == "/v1/messages" and sent["headers"]["x-api-key"] == "the-backends-own-key"
+    assert "authorization" not in sent["headers"]
+    wait_until(lambda: spent(gateway) == pytest.approx(35 / 1e6))
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "plain", "messages": [], "temperature": NaN}',
+    b'{"model": "plain", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b'{"model": "pricey", "model": "plain", "messages": []}',
+    b'{"model": "plain", "messages": [], "max_tokens": 9223372036854775807}',
+])
+def test_a_body_the_reader_refuses_never_reaches_the_backend(start_gateway, hostile, raw):
+    gateway = start_gateway(ini(hostile.url, ""))
+    answer = gateway.request("POST", "/api/ai/chat/completions", body=raw, headers=HEADERS)
+    assert answer.status == 400 and answer.error["type"] == "bad_request"
+    multipart = gateway.request(
+        "POST", "/api/ai/audio/transcriptions", body=b"--x\r\n\r\n--x--",
+        headers={**HEADERS, "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert multipart.status == 403 and multipart.error["type"] == "not_governable"
+    assert calls(hostile) == []
+
+
+def test_hostile_usage_is_clamped_never_refunded_and_never_poisons_the_ledger(start_gateway, hostile, store):
+    gateway = start_gateway(ini(hostile.url, store))
+    plain = gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS)
+    assert plain.status == 200
+    wait_until(lambda: spent(gateway) == pytest.approx(12 / 1e6))
+    negative = gateway.request("POST", "/v1/chat/completions", body=chat("negative"), headers=HEADERS)
+    assert negative.status == 200 and negative.json()["usage"]["prompt_tokens"] == -1_000_000  # relayed as it came
+    huge = gateway.request("POST", "/v1/chat/completions", body=chat("huge"), headers=HEADERS)
+    assert huge.status == 200
+    # Clamped to 10^8 tokens a field: $200 at $1 a million, never a refund, never an overflow.
+    wait_until(lambda: spent(gateway) == pytest.approx(12 / 1e6 + 200, rel=1e-6))
+    after = gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS)
+    assert after.status == 200  # the ledger still reserves and settles
+    wait_until(lambda: spent(gateway) == pytest.approx(24 / 1e6 + 200, rel=1e-6))
+    assert gateway.logged("usage_clamped", key="alice")
+    assert b'txgateway_usage_clamped_total{key="alice"} 2.0' in gateway.request("GET", "/metrics").body
+
+
+def test_a_client_that_hangs_up_on_a_json_call_still_pays_for_the_answer_the_backend_made(start_gateway, hostile, store):
+    gateway = start_gateway(ini(hostile.url, store))
+    body = chat("slow-json", max_tokens=8000)
+    with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        wait_until(lambda: len(calls(hostile)) == 1)
+    # "hi" + "user": 2 tokens, one message 4: 6 prompt, and the 8,000 it may complete.
+    wait_until(lambda: spent(gateway) == pytest.approx((6 + 8000) / 1e6))
+    time.sleep(2)
+    assert request(hostile.port, "GET", "/calls").json()["made"] == ["slow-json"]
+
+
+def test_two_gateway_keys_in_two_headers_are_ambiguous_and_none_reaches_the_backend(start_gateway, hostile):
+    gateway = start_gateway(ini(hostile.url, ""))
+    both = {"Content-Type": "application/json", "X-API-Key": SECRET, "Authorization": "Bearer bob-secret"}
+    answer = gateway.request("POST", "/api/ai/chat/completions", body=chat("plain"), headers=both)
+    assert answer.status == 401 and answer.error["type"] == "ambiguous_credentials"
+    assert calls(hostile) == []
+    same = {"Content-Type": "application/json", "X-API-Key": "bob-secret", "Authorization": "Bearer bob-secret"}
+    assert gateway.request("POST", "/api/ai/chat/completions", body=chat("plain"), headers=same).status == 200
+    [sent] = calls(hostile)
+    assert "authorization" not in sent["headers"] and "x-api-key" not in sent["headers"]

@@ -1,0 +1,320 @@
+"""
+No way around governance, on a Clock: every path of a model API is read
+for a governed key (OpenAI's and Anthropic's under C{/api/} too), its body
+strictly (what the backend is sent is what was checked), what cannot be
+read or priced is refused, and the settle takes the best evidence of what
+a call used: a backend's hostile numbers clamped, cumulative usage counted
+once, a client that left still paying for what the backend made.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import treq
+
+from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
+from tests.test_anthropic import CLAUDE_STREAM, sse
+from tests.test_openai import JSON, SSE, chunk, completion, usage_chunk
+
+INI = GATEWAY_HEAD + """
+[service:ai]
+url = http://ai.test/v1
+retries = 0
+[service:claude]
+url = http://claude.test
+api = anthropic
+retries = 0
+max_tokens = 4000
+[service:priced]
+url = http://priced.test/v1
+api = openai
+retries = 0
+request_price_usd = 0.5
+[service:rag]
+url = http://rag.test
+retries = 0
+[model:gpt-4o]
+targets = ai
+[model:claude-sonnet-4-5]
+targets = claude
+[model:gpt-on-claude]
+targets = claude:claude-sonnet-4-5
+[key:alice]
+secret = alice-secret
+models = gpt-4o, claude-sonnet-4-5, gpt-on-claude
+budget_usd = 100
+[key:open]
+secret = open-secret
+[price:*]
+prompt = 1
+completion = 1
+"""
+
+ALICE = {"Content-Type": "application/json", "Authorization": "Bearer alice-secret"}
+OPEN = {"Content-Type": "application/json", "Authorization": "Bearer open-secret"}
+
+
+def post(h: Harness, path: str, body: bytes, headers: dict = ALICE, stream: bool = False):
+    return h.request("POST", path, data=body, headers=headers, unbuffered=stream)
+
+
+def error_of(response) -> dict:
+    return json.loads(result_of(treq.content(response)))["error"]
+
+
+def chat_body(**fields) -> bytes:
+    return json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100, **fields}).encode()
+
+
+def refused(h: Harness, d, status: int, kind: str) -> str:
+    response = result_of(d)
+    assert response.code == status
+    error = error_of(response)
+    assert error["type"] == kind
+    assert not any(upstream.requests for upstream in h.agents.values())
+    return error["message"]
+
+
+def cost_of(h: Harness) -> float:
+    [line] = [line for line in h.access.lines if line.get("event") == "request_completed" or line.get("event") == "request_aborted"]
+    return line["cost_usd"]
+
+
+# -- what the strict reader refuses, before anything is reserved ------------------
+
+
+@pytest.mark.parametrize(
+    "raw, named",
+    [
+        (b'{"model": "gpt-4o", "model": "cheap", "messages": []}', "'model' appears twice"),
+        (b'{"model": "gpt-4o", "messages": [], "temperature": NaN}', "NaN"),
+        (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+        (b'{"model": "gpt-4o", "messages": [], "temperature": 1e400}', "out of range"),
+        (b'\xef\xbb\xbf{"model": "gpt-4o", "messages": []}', "byte order mark"),
+        (b'{"model": "gpt-4o", "messages": [], "max_tokens": "5000"}', "'max_tokens' must be an integer"),
+        (b'{"model": "gpt-4o", "messages": [], "max_completion_tokens": 9223372036854775807}', "'max_completion_tokens' must be from 0"),
+        (b'{"model": "gpt-4o", "messages": [], "max_tokens": -1}', "'max_tokens' must be from 0"),
+        (b'{"model": "gpt-4o", "messages": [], "stream": 1}', "'stream' must be true or false"),
+        (b'{"model": "gpt-4o", "messages": [], "n": 0}', "'n' must be from 1"),
+        (b'{"model": "gpt-4o", "messages": "hi"}', "'messages' must be an array"),
+        (b'{"model": "gpt-4o", "messages": [], "x": ' + b"[" * 70 + b"]" * 70 + b"}", "nests deeper than 64"),
+        (b'{"model": "gpt-4o", "messages": [], "x": ' + b"[" * 900 + b"]" * 900 + b"}", "nests deeper than 64"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/ai/chat/completions"])
+def test_a_governed_keys_body_the_gateway_cannot_account_for_is_refused_naming_why(raw, named, path):
+    h = Harness(INI)
+    message = refused(h, post(h, path, raw), 400, "bad_request")
+    assert named in message
+
+
+def test_a_governed_request_with_too_many_messages_is_refused_naming_the_limit():
+    h = Harness(INI.replace("[gateway]", "[gateway]\nmax_messages = 3"))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}] * 4}).encode()
+    assert "more than the 3 a request may have" in refused(h, post(h, "/v1/chat/completions", body), 400, "bad_request")
+
+
+def test_a_key_without_limits_keeps_the_passthrough_of_a_body_the_gateway_does_not_read():
+    h = Harness(INI)
+    raw = b'{"model": "gpt-4o", "messages": [], "temperature": NaN}'
+    d = post(h, "/api/ai/chat/completions", raw, headers=OPEN)
+    assert h.agents["ai"].last.body == raw
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, completion("gpt-4o"))).finish()
+    h.flush()
+    assert result_of(d).code == 200
+
+
+def test_what_the_backend_is_sent_is_what_was_checked():
+    h = Harness(INI)
+    raw = chat_body()
+    post(h, "/api/ai/chat/completions", raw)
+    assert h.agents["ai"].last.body == raw
+
+
+# -- every path of a model API is that API -----------------------------------------
+
+
+def test_a_messages_call_under_api_to_an_anthropic_service_checks_the_keys_models():
+    h = Harness(INI)
+    body = json.dumps({"model": "claude-opus-4", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    message = refused(h, post(h, "/api/claude/v1/messages", body), 403, "model_not_allowed")
+    assert "claude-opus-4" in message
+
+
+def test_a_messages_call_under_api_is_reserved_and_settled_from_its_usage():
+    h = Harness(INI)
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    d = post(h, "/api/claude/v1/messages", body)
+    sent = h.agents["claude"].last
+    assert sent.uri == b"http://claude.test/v1/messages"  # the client's own path, not /v1/v1/messages
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+               "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 30, "output_tokens": 5}}
+    sent.respond(FakeResponse(200, JSON, json.dumps(message).encode())).finish()
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200
+    result_of(treq.content(response))
+    assert cost_of(h) == pytest.approx(35 / 1e6)
+
+
+@pytest.mark.parametrize(
+    "method, path, body, content_type, status, kind",
+    [
+        ("POST", "/api/ai/audio/transcriptions", b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x", 403, "not_governable"),
+        ("POST", "/api/ai/images/generations", b'{"model": "dall-e-3", "prompt": "a cat"}', "application/json", 403, "not_governable"),
+        ("POST", "/api/ai/chat/completions", b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x", 415, "unsupported_media_type"),
+        ("POST", "/api/claude/v1/messages/batches", b'{"requests": []}', "application/json", 403, "not_governable"),
+    ],
+)
+def test_a_governed_keys_request_the_gateway_cannot_price_is_refused(method, path, body, content_type, status, kind):
+    h = Harness(INI)
+    d = h.request(method, path, data=body, headers={**ALICE, "Content-Type": content_type})
+    refused(h, d, status, kind)
+
+
+def test_a_read_on_a_model_apis_service_is_free_for_a_governed_key():
+    h = Harness(INI)
+    d = h.request("GET", "/api/ai/models", headers=ALICE)
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, b'{"data": []}')).finish()
+    h.flush()
+    assert result_of(d).code == 200
+    assert cost_of(h) == 0
+
+
+def test_a_priced_service_charges_a_governed_key_its_request_price_for_what_it_cannot_read():
+    h = Harness(INI)
+    d = h.request("POST", "/api/priced/audio/transcriptions", data=b"--x\r\n\r\n--x--",
+                  headers={**ALICE, "Content-Type": "multipart/form-data; boundary=x"})
+    h.agents["priced"].last.respond(FakeResponse(200, JSON, b'{"text": "hello"}')).finish()
+    h.flush()
+    assert result_of(d).code == 200
+    assert cost_of(h) == pytest.approx(0.5)
+
+
+# -- the reservation covers what the backend is sent ----------------------------------
+
+
+def test_an_openai_call_translated_to_claude_reserves_the_max_tokens_claude_is_sent():
+    h = Harness(INI)
+    body = json.dumps({"model": "gpt-on-claude", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+    d = post(h, "/v1/chat/completions", body)
+    assert json.loads(h.agents["claude"].last.body)["max_tokens"] == 4000
+    h.agents["claude"].last.respond(FakeResponse(500, JSON, b'{"type": "error"}')).finish()
+    h.flush()
+    result_of(d)
+    [line] = h.access.lines
+    # "Say hello" + "user": 5 tokens, one message 4: 9 prompt, and the 4,000 Claude was sent.
+    assert line["reserved_tokens"] == 9 + 4000
+
+
+# -- the settle: the best evidence, never a refund -----------------------------------------
+
+
+def test_a_backends_negative_usage_is_clamped_never_a_refund_and_the_answer_ends():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body())
+    answer = {"id": "c", "model": "gpt-4o", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+              "finish_reason": "stop"}], "usage": {"prompt_tokens": -1000000, "completion_tokens": -5}}
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, json.dumps(answer).encode())).finish()
+    h.flush()
+    assert result_of(treq.content(result_of(d)))
+    assert cost_of(h) == 0
+    assert b'txgateway_usage_clamped_total{key="alice"} 1.0' in h.gateway.metrics.exposition()
+
+
+def test_a_backends_huge_usage_is_clamped_to_its_bound():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body())
+    answer = {"id": "c", "model": "gpt-4o", "choices": [], "usage": {"prompt_tokens": 2**63 - 1, "completion_tokens": 1e300}}
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, json.dumps(answer).encode())).finish()
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    assert cost_of(h) == pytest.approx(2 * 100_000_000 / 1e6)
+
+
+def test_a_stream_reporting_cumulative_usage_on_every_chunk_is_counted_once():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, SSE))
+    running = [
+        b"data: " + json.dumps({"id": "c1", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": word},
+                                "finish_reason": None}], "usage": {"prompt_tokens": 9, "completion_tokens": n}}).encode() + b"\n\n"
+        for n, word in enumerate(["a", "b", "c"], 1)
+    ]
+    upstream.send(b"".join(running) + chunk(finish="stop") + usage_chunk(9, 3) + b"data: [DONE]\n\n")
+    upstream.finish()
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    assert cost_of(h) == pytest.approx(12 / 1e6)
+
+
+def test_a_json_answer_whose_client_left_is_charged_its_whole_reservation():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body(max_tokens=8000))
+    assert h.agents["ai"].requests
+    h.agent.server_protocols[-1].transport.abortConnection()
+    h.flush()
+    d.addErrback(lambda failure: None)
+    # The backend goes on making the answer (and its provider bills it): the whole reservation.
+    assert cost_of(h) == pytest.approx((9 + 8000) / 1e6)
+
+
+def test_a_native_messages_stream_left_early_pays_its_input_tokens_and_the_text_relayed():
+    h = Harness(INI)
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    d = post(h, "/v1/messages", body, stream=True)
+    upstream = h.agents["claude"].last.respond(FakeResponse(200, SSE))
+    upstream.send(b"".join(CLAUDE_STREAM[:5]))  # message_start (572 input tokens) and "Okay, let's check."
+    h.flush()
+    treq.collect(result_of(d), lambda data: None)
+    h.agent.server_protocols[-1].transport.abortConnection()
+    h.flush()
+    # 572 input tokens as message_start said, and 18 bytes of text relayed: 6 tokens.
+    assert cost_of(h) == pytest.approx((572 + 6) / 1e6)
+
+
+def test_a_stream_cut_before_its_usage_counts_the_text_relayed_by_its_length():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk(role="assistant", content="") + chunk("x" * 300))
+    h.flush()
+    treq.collect(result_of(d), lambda data: None)
+    h.agent.server_protocols[-1].transport.abortConnection()
+    h.flush()
+    assert cost_of(h) == pytest.approx((9 + 100) / 1e6)
+
+
+def test_one_sse_event_type_the_messages_reader_ignores_is_no_usage():
+    # An unknown event with a usage-like field charges nothing by itself.
+    from txgateway.anthropic.wire import MessagesStreamReader
+
+    assert MessagesStreamReader()(sse("surprise", {"type": "surprise", "usage": {"input_tokens": 5}})).usage is None
+
+
+# -- one credential per request ---------------------------------------------------------
+
+
+def test_two_different_gateway_keys_in_two_headers_are_ambiguous():
+    h = Harness(INI)
+    headers = {"Content-Type": "application/json", "X-API-Key": "alice-secret", "Authorization": "Bearer open-secret"}
+    refused(h, post(h, "/api/ai/chat/completions", chat_body(), headers=headers), 401, "ambiguous_credentials")
+
+
+def test_no_gateway_key_reaches_a_backend_whichever_headers_carry_it():
+    h = Harness(INI)
+    headers = {"Content-Type": "application/json", "X-API-Key": "alice-secret", "Authorization": "Bearer alice-secret"}
+    post(h, "/api/ai/chat/completions", chat_body(), headers=headers)
+    sent = h.agents["ai"].last.headers
+    assert sent.getRawHeaders("authorization") is None and sent.getRawHeaders("x-api-key") is None
+
+
+def test_a_clients_own_provider_key_beside_its_gateway_key_still_goes_to_a_backend_without_one():
+    h = Harness(INI)
+    headers = {"Content-Type": "application/json", "X-API-Key": "alice-secret", "Authorization": "Bearer sk-its-own"}
+    post(h, "/api/ai/chat/completions", chat_body(), headers=headers)
+    assert h.agents["ai"].last.headers.getRawHeaders("authorization") == ["Bearer sk-its-own"]

@@ -1,0 +1,190 @@
+"""
+The strict reader of a governed request's JSON body, pure: what it reads
+is exactly what the backend is sent, or the request is refused naming
+why.
+
+A lax reader lets a body mean one thing to the gateway and another to
+the backend: a duplicate C{model} (the gateway reads the last, a backend
+may read the first), C{NaN} or a lone surrogate (refused by the gateway's
+fast reader, so the body passed unread; accepted by Python backends), a
+number too large for the ledger, a C{max_tokens} of the wrong type (a
+reservation of the default while a lax backend coerces C{"5000"}).  A
+governed key's body is read here instead: anything of that kind is a
+L{BadBody} naming the field, before any reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+try:
+    from orjson import loads as _verify
+except ImportError:  # PyPy: json's own strictness is checked below
+    _verify = None
+
+__all__ = [
+    "BadBody",
+    "StrictReading",
+    "MAX_CHOICES",
+    "MAX_DEPTH",
+    "MAX_TOKENS",
+    "TOKEN_FIELDS",
+    "read_strict",
+    "strict_fields",
+]
+
+#: The most completion tokens a request may name (far above any model's
+#: output limit; what the ledger's arithmetic is bounded by).
+MAX_TOKENS = 16_777_216
+#: The most choices (C{n}) a request may ask for (OpenAI's own limit).
+MAX_CHOICES = 128
+#: The deepest nesting of objects and arrays a body may have.
+MAX_DEPTH = 64
+#: The fields that bound what a call may complete.
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+_BOM = b"\xef\xbb\xbf"
+#: An escaped UTF-16 surrogate, which must come in a high-low pair.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class BadBody(ValueError):
+    """The body is not one the gateway can account for (the message names the field, or why)."""
+
+
+@attrs.frozen
+class StrictReading:
+    """
+    How a governed caller's body is read: strictly (L{read_strict} and
+    L{strict_fields}), with at most C{max_messages} messages.
+    """
+
+    max_messages: int
+
+    def read(self, raw: bytes) -> dict:
+        """The body's JSON object, its fields checked; L{BadBody} naming what is wrong."""
+        body = read_strict(raw)
+        strict_fields(body, self.max_messages)
+        return body
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise BadBody(f"the key {name!r} appears twice in one object")
+            seen.add(name)
+    return body
+
+
+def _constant(name: str) -> Any:
+    raise BadBody(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadBody(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """The nesting depth of C{value}, walked without recursion, stopping past L{MAX_DEPTH}."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_DEPTH:
+                return deepest
+        children = item.values() if type(item) is dict else item
+        pending.extend((child, depth + 1) for child in children if type(child) in (dict, list))
+    return deepest
+
+
+def read_strict(raw: bytes) -> dict:
+    """
+    The JSON object of C{raw}, read strictly.
+
+    @raise BadBody: a byte order mark, bytes that are not UTF-8, no JSON
+        object, a duplicate key, C{NaN} or C{Infinity}, a number out of a
+        double's range, a lone surrogate, nesting deeper than L{MAX_DEPTH}.
+    """
+    if raw.startswith(_BOM):
+        raise BadBody("the body starts with a byte order mark")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadBody("the body is not UTF-8") from None
+    try:
+        body = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadBody(f"the body nests deeper than {MAX_DEPTH} levels") from None
+    except BadBody:
+        raise
+    except ValueError as error:
+        raise BadBody(f"the body is not JSON ({error})") from None
+    if type(body) is not dict:
+        raise BadBody("the body is not a JSON object")
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        _check_surrogates(raw)
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _depth(body) > MAX_DEPTH:
+        raise BadBody(f"the body nests deeper than {MAX_DEPTH} levels")
+    return body
+
+
+def _check_surrogates(raw: bytes) -> None:
+    """Refuse a lone surrogate escape (a body the fast reader refuses and Python backends accept)."""
+    if _verify is not None:
+        try:
+            _verify(raw)
+        except ValueError as error:
+            raise BadBody(f"the body is not JSON ({error})") from None
+        return
+    try:
+        json.dumps(json.loads(raw), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadBody("the body holds a lone UTF-16 surrogate") from None
+
+
+def _integer(body: dict, field: str, lowest: int, highest: int) -> None:
+    value = body[field]
+    if type(value) is not int:
+        raise BadBody(f"{field!r} must be an integer, got {type(value).__name__} {str(value)[:40]!r}")
+    if not lowest <= value <= highest:
+        raise BadBody(f"{field!r} must be from {lowest} to {highest}, got {value}")
+
+
+def strict_fields(body: dict, max_messages: int) -> None:
+    """
+    Check the fields the gateway decides by: C{model} a string, C{stream}
+    a boolean, the token maxima integers up to L{MAX_TOKENS}, C{n} from 1
+    to L{MAX_CHOICES}, C{messages} (or C{input}) a list of at most
+    C{max_messages}.
+
+    @raise BadBody: naming the first field that is not.
+    """
+    if "model" in body and type(body["model"]) is not str:
+        raise BadBody("'model' must be a string")
+    if "stream" in body and type(body["stream"]) is not bool:
+        raise BadBody(f"'stream' must be true or false, got {str(body['stream'])[:40]!r}")
+    for field in TOKEN_FIELDS:
+        if field in body and body[field] is not None:
+            _integer(body, field, 0, MAX_TOKENS)
+    if "n" in body and body["n"] is not None:
+        _integer(body, "n", 1, MAX_CHOICES)
+    if "stream_options" in body and body["stream_options"] is not None and type(body["stream_options"]) is not dict:
+        raise BadBody("'stream_options' must be an object")
+    for field in ("messages", "input"):
+        items = body.get(field)
+        if type(items) is list and len(items) > max_messages:
+            raise BadBody(f"{field!r} holds {len(items)} items, more than the {max_messages} a request may have")
+    if "messages" in body and type(body["messages"]) is not list:
+        raise BadBody("'messages' must be an array")
