@@ -13,6 +13,7 @@ the C{model} it is sent:
     slow-json   a JSON answer of 8,000 completion tokens after 1.5 s, made whether or not the
                 client is still there (as a provider bills it)
     ignore-max  a stream of 200 words whatever max_tokens says, its true usage at the end
+    long        a stream of a word every 0.2 s for 4 s, its usage at the end
 
 Anything else answers normally (9 prompt tokens, 3 completion tokens).
 C{GET /calls} lists every request it got (path, headers, body as text) and
@@ -82,6 +83,23 @@ class Backend(Resource):
                     request.finish()
 
             reactor.callLater(1.5, made)
+            return server.NOT_DONE_YET
+        if model == "long":
+            request.setHeader(b"content-type", b"text/event-stream")
+
+            def word(n: int) -> None:
+                if request._disconnected:
+                    return
+                if n == 20:
+                    usage = {"id": "c", "model": model, "choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 20}}
+                    request.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
+                    request.finish()
+                    return
+                chunk = {"id": "c", "model": model, "choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}]}
+                request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                reactor.callLater(0.2, word, n + 1)
+
+            word(0)
             return server.NOT_DONE_YET
         if model == "ignore-max":
             request.setHeader(b"content-type", b"text/event-stream")

@@ -318,3 +318,43 @@ def test_a_clients_own_provider_key_beside_its_gateway_key_still_goes_to_a_backe
     headers = {"Content-Type": "application/json", "X-API-Key": "alice-secret", "Authorization": "Bearer sk-its-own"}
     post(h, "/api/ai/chat/completions", chat_body(), headers=headers)
     assert h.agents["ai"].last.headers.getRawHeaders("authorization") == ["Bearer sk-its-own"]
+
+
+# -- a reservation lives as long as its call --------------------------------------------
+
+LONG = INI.replace("[service:ai]\nurl = http://ai.test/v1\nretries = 0", "[service:ai]\nurl = http://ai.test/v1\nretries = 0\ndeadline = 2\nidle_timeout = 30").replace(
+    "budget_usd = 100", "budget_usd = 0.00015",
+) + "[budgets]\nreservation_margin = 1\n"
+
+
+def test_a_stream_longer_than_its_deadline_keeps_its_reservation_while_it_runs():
+    h = Harness(LONG)
+    first = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
+    upstream = h.agents["ai"].last.respond(FakeResponse(200, SSE))
+    upstream.send(chunk(role="assistant", content="") + chunk("a"))
+    h.flush()
+    treq.collect(result_of(first), lambda data: None)
+    for _ in range(20):  # 10 s of a slow stream: five times its deadline and margin
+        h.advance(0.5)
+        upstream.send(chunk("a"))
+    h.flush()
+    # The budget holds one call's worst case (109 tokens at $1 a million): the first still holds it.
+    second = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
+    assert error_of(result_of(second))["type"] == "budget_exceeded"
+    upstream.send(chunk(finish="stop") + usage_chunk(9, 21) + b"data: [DONE]\n\n")
+    upstream.finish()
+    h.flush()
+    assert h.gateway.broker.governor.store.ledger.holding == 0
+    assert not h.clock.getDelayedCalls() or all(call.func.__name__ != "_renew" for call in h.clock.getDelayedCalls())
+
+
+def test_a_reservation_nobody_renews_lapses_within_two_windows():
+    from txgateway.governance.ledger import Ask, Ledger, ScopeLimits
+
+    ledger = Ledger()
+    limits = ScopeLimits("key:gone", budget_nano=100, budget_period="total")
+    assert ledger.reserve(Ask("dead", (limits,), 0, 100, 10.0), 0.0).allowed
+    assert ledger.renew(["dead"], 12.0) == 1
+    assert not ledger.reserve(Ask("next", (limits,), 0, 100, 20.0), 11.0).allowed
+    assert ledger.reserve(Ask("after", (limits,), 0, 100, 20.0), 12.0).allowed  # the holder stopped renewing
+    assert ledger.renew(["dead", "unknown"], 30.0) == 0

@@ -38,13 +38,14 @@ def store(request, tmp_path):
     server.stop()
 
 
-def ini(backend_url: str, budgets: str) -> str:
-    return DAEMON_HEAD.replace("[ratelimit]", f"[budgets]\n{budgets}\n[ratelimit]") + f"""
+def ini(backend_url: str, budgets: str, budget: float = 1000, deadline: float = 30) -> str:
+    return DAEMON_HEAD.replace("[ratelimit]", f"[budgets]\n{budgets}\nreservation_margin = 1\n[ratelimit]") + f"""
 [service:ai]
 url = {backend_url}/v1
 api = openai
 retries = 0
 timeout = 10
+deadline = {deadline}
 [service:claude]
 url = {backend_url}
 api = anthropic
@@ -54,8 +55,8 @@ api_key = the-backends-own-key
 targets = ai
 [key:alice]
 secret = {SECRET}
-models = negative, huge, slow-json, ignore-max, plain, claude-sonnet-4-5
-budget_usd = 1000
+models = negative, huge, slow-json, ignore-max, long, plain, claude-sonnet-4-5
+budget_usd = {budget}
 [key:bob]
 secret = bob-secret
 [price:*]
@@ -151,3 +152,23 @@ def test_two_gateway_keys_in_two_headers_are_ambiguous_and_none_reaches_the_back
     assert gateway.request("POST", "/api/ai/chat/completions", body=chat("plain"), headers=same).status == 200
     [sent] = calls(hostile)
     assert "authorization" not in sent["headers"] and "x-api-key" not in sent["headers"]
+
+
+def test_a_stream_longer_than_its_deadline_keeps_the_budget_it_holds(start_gateway, hostile, store):
+    # One call's worst case fits the budget ("hi": 6 prompt tokens and 100 at $1 a million), two do not.
+    gateway = start_gateway(ini(hostile.url, store, budget=0.00015, deadline=1))
+    results = {}
+
+    def long_stream() -> None:
+        results["first"] = gateway.request("POST", "/v1/chat/completions", body=chat("long", stream=True), headers=HEADERS)
+
+    import threading
+
+    first = threading.Thread(target=long_stream)
+    first.start()
+    time.sleep(3)  # past deadline + reservation_margin (2 s): without renewal its reservation would have lapsed
+    second = gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS)
+    first.join(10)
+    assert second.status == 429 and second.error["type"] == "budget_exceeded"
+    assert results["first"].status == 200 and b"[DONE]" in results["first"].body
+    wait_until(lambda: spent(gateway) == pytest.approx(26 / 1e6))

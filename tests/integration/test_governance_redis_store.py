@@ -171,3 +171,22 @@ async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded
         assert (await store.reserve(ask)).allowed  # no INCRBY overflowed: the key still counts
     finally:
         await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_renewed_reservation_is_held_in_redis_until_its_new_expiry(redis_server):
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+        limits = ScopeLimits("key:long", budget_nano=100, budget_period="total")
+        running = Ask("running", (limits,), 0, 100, NOON + 10)
+        assert (await store.reserve(running)).allowed
+        await store.renew([running], NOON + 30)
+        clock.advance(20)
+        assert (await store.reserve(Ask("past", (limits,), 0, 100, NOON + 60))).reason == "budget_exceeded"
+        clock.advance(11)
+        assert (await store.reserve(Ask("later", (limits,), 0, 100, NOON + 90))).allowed  # its holder stopped renewing
+    finally:
+        await connection.disconnect()

@@ -229,6 +229,11 @@ class Governor:
         self._metrics = metrics
         self._log = log
         self._expiry_margin = expiry_margin
+        #: How close to lapsing a running call's reservation is renewed, and for how long.
+        self._renew_window = max(expiry_margin, 1.0)
+        #: The reservations of calls still running, by id (renewed while they run).
+        self._live: dict[str, Reservation] = {}
+        self._renewal: Any = None
         self._reading = reading
         #: The keys whose requests are read strictly and never relayed unaccounted:
         #: those with a limit or a model or service list, or in a team with a limit.
@@ -330,7 +335,33 @@ class Governor:
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
-        return Reservation(self, ask, key, model_call, prompt, completion, price)
+        reservation = Reservation(self, ask, key, model_call, prompt, completion, price)
+        self._live[ask.reservation_id] = reservation
+        if self._renewal is None:
+            self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
+        return reservation
+
+    def _renew(self) -> None:
+        """
+        Keep the reservations of calls still running from lapsing: those
+        within the renewal window of their expiry get another two windows
+        (a stream longer than its deadline keeps what it holds; a gateway
+        that died stops renewing, and its reservations lapse within two
+        windows).  Runs every half window while any call runs.
+        """
+        self._renewal = None
+        if not self._live:
+            return
+        now = self._clock.seconds()
+        due = [reservation.ask for reservation in self._live.values() if reservation.ask.expires_at - now <= self._renew_window]
+        if due:
+            expires_at = now + 2 * self._renew_window
+            for ask in due:
+                ask.expires_at = expires_at
+            renewing = self.store.renew(due, expires_at)
+            if not renewing.called:
+                renewing.addErrback(lambda failure: self._log.error("budgets_renew_failed", reason=failure.getErrorMessage()))
+        self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
 
     def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> int:
         """
@@ -379,6 +410,10 @@ class Governor:
 
     def settle(self, reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> None:
         """Hand C{reservation}'s settlement to the store; count it on the access line and in the metrics."""
+        self._live.pop(reservation.ask.reservation_id, None)
+        if not self._live and self._renewal is not None and self._renewal.active():
+            self._renewal.cancel()
+            self._renewal = None
         key = reservation.key
         uses = [
             ModelUse(

@@ -52,6 +52,15 @@ class IGovernanceStore(Interface):
         @return: a L{Deferred} that fires when the store has it (it never fails).
         """
 
+    def renew(asks, expires_at):
+        """
+        Keep the reservations of C{asks} (L{txgateway.governance.ledger.Ask}s
+        still held: calls still running) from lapsing before C{expires_at};
+        one already settled or lapsed is left alone.
+
+        @return: a L{Deferred} that fires when the store has it (it never fails).
+        """
+
     def spend(scopes, days):
         """
         What C{/spend.json} shows: for each L{ScopeLimits} of C{scopes}

@@ -344,6 +344,19 @@ class Ledger:
             self.reserved[key] -= ask.cost_nano
         return True
 
+    def renew(self, reservation_ids: list[str], expires_at: float) -> int:
+        """
+        Move the expiry of the reservations still held among
+        C{reservation_ids} to C{expires_at} (never earlier); how many were.
+        """
+        renewed = 0
+        for reservation_id in reservation_ids:
+            held = self._held.get(reservation_id)
+            if held is not None and held.ask.expires_at < expires_at:
+                held.ask.expires_at = expires_at
+                renewed += 1
+        return renewed
+
     def lapse(self, now: float) -> list[str]:
         """
         Give back every reservation whose expiry has passed; their ids.

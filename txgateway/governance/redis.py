@@ -36,7 +36,7 @@ from txgateway.governance.periods import day_of, period_end
 from txgateway.redispool import forgot_the_script
 from txgateway.resilience.breaker import CircuitBreaker
 
-__all__ = ["RESERVE_LUA", "SETTLE_LUA", "SPEND_LUA", "RedisLedgerStore", "connect_ledger"]
+__all__ = ["RENEW_LUA", "RESERVE_LUA", "SETTLE_LUA", "SPEND_LUA", "RedisLedgerStore", "connect_ledger"]
 
 KEY_PREFIX = "txgateway:gov:"
 
@@ -270,6 +270,23 @@ end
 return applied
 """
 
+#: KEYS[1] the prefix; ARGV[1] the new expiry, ARGV[2...] the ids of
+#: reservations still running: each one still held gets the new expiry
+#: (never an earlier one).  Returns how many did.
+RENEW_LUA = """
+local P = KEYS[1]
+local expires = tonumber(ARGV[1])
+local renewed = 0
+for i = 2, #ARGV do
+  local current = redis.call('ZSCORE', P .. 'held', ARGV[i])
+  if current and tonumber(current) < expires then
+    redis.call('ZADD', P .. 'held', 'XX', expires, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
 #: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of [scope, budget
 #: key, tpm, rpm], ARGV[3] a JSON list of days.  Returns {scopes:
 #: [[committed, reserved, parallel, tokens in window, requests in
@@ -294,7 +311,7 @@ end
 return cjson.encode({scopes = scopes, days = days})
 """
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE_LUA, SETTLE_LUA, SPEND_LUA)}
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE_LUA, SETTLE_LUA, SPEND_LUA, RENEW_LUA)}
 
 #: Seconds Redis is left alone after a failure before one call tries it again.
 RETRY_INTERVAL = 1.0
@@ -563,6 +580,25 @@ class RedisLedgerStore:
             self.serving_locally = False
             self._log.warning("budgets_redis_recovered", serving_from="redis", journal=len(self.journal))
             self._send_settles()
+
+    # -- renew
+
+    def renew(self, asks: list[Ask], expires_at: float) -> Deferred[None]:
+        ids = [ask.reservation_id for ask in asks]
+        # Held here too while Redis was away (and after, until they settle).
+        self._local.renew(ids, expires_at)
+        admission = self._breaker.admit("renew")
+        if not admission.allowed:
+            return succeed(None)
+        renewing = Deferred.fromCoroutine(self._run(RENEW_LUA, [repr(expires_at), *ids]))
+
+        def renewed(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._failed(admission, result)
+            else:
+                self._succeeded(admission)
+
+        return renewing.addBoth(renewed)
 
     # -- the operator's view
 

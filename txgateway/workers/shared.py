@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 from weakref import WeakValueDictionary
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -165,6 +165,11 @@ class SharedLedgerStore:
             "settle", [codec.ask_to(ask), codec.settled_to(settled)], lambda value: None,
             lambda: self._local.settle(ask, settled),
         )
+
+    def renew(self, asks: list[Ask], expires_at: float) -> Deferred[None]:
+        ids = [ask.reservation_id for ask in asks]
+        self._local.ledger.renew(ids, expires_at)  # those taken here while the supervisor was away
+        return self._ask("renew", [ids, expires_at], lambda value: None, lambda: succeed(None))
 
     def spend(self, scopes: list[ScopeLimits], days: int) -> Deferred[SpendReport]:
         return self._ask(
