@@ -233,3 +233,24 @@ def test_hostile_numbers_never_refund_never_raise_and_stay_within_bounds(calls):
     assert ledger.holding == 0 and ledger.parallel("key:mallory") == 0
     tokens, _ = ledger.quotas(limits, 1.0)
     assert 0 <= tokens.used <= len(calls) * TOKENS_BOUND
+
+
+def test_each_image_is_reserved_by_the_providers_largest_rule_not_by_its_url():
+    parts = [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}] * 20
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"}, *parts]}]}
+    assert estimate_prompt_tokens(body) >= 20 * 2_700
+
+
+def test_a_low_detail_image_is_85_tokens_and_its_base64_data_is_not_text():
+    data = "data:image/png;base64," + "A" * 300_000
+    low = {"type": "image_url", "image_url": {"url": data, "detail": "low"}}
+    claude = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 300_000}}
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": [low]}]}) == 85 + 2 + 4
+    assert estimate_prompt_tokens({"messages": [{"role": "user", "content": [claude]}]}) == 2_700 + 2 + 4
+
+
+def test_the_estimate_walks_any_depth_without_recursion():
+    deep: object = "x"
+    for _ in range(5_000):
+        deep = [deep]
+    assert estimate_prompt_tokens({"input": deep}) == 1

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from txgateway.config.keys import FREE, ModelPrice
 
-__all__ = ["BYTES_PER_TOKEN", "MESSAGE_TOKENS", "Prices", "completion_cap", "estimate_prompt_tokens", "relayed_tokens"]
+__all__ = ["BYTES_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS", "Prices", "completion_cap", "estimate_prompt_tokens", "relayed_tokens"]
 
 #: Bytes of text counted as one token by the estimate.
 BYTES_PER_TOKEN = 3
@@ -29,17 +29,50 @@ BYTES_PER_TOKEN = 3
 MESSAGE_TOKENS = 4
 
 
+#: The prompt tokens one image is reserved as: the most the providers'
+#: published rules count for one (OpenAI's high-detail tiles, at most 1,445;
+#: its patch-counted models, at most 1,536 patches times 1.72, 2,642;
+#: Anthropic's, about 1,600 for the largest image it takes).  An image's
+#: URL or base64 data is not counted as text.
+IMAGE_TOKENS = 2_700
+#: An image asked for at C{"detail": "low"}: OpenAI's fixed count.
+LOW_DETAIL_IMAGE_TOKENS = 85
+#: The content part types that carry an image (OpenAI's chat and Responses, Anthropic's).
+_IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
+
+
+def _image_tokens(part: dict) -> int:
+    detail = part.get("detail")
+    image = part.get("image_url")
+    if isinstance(image, dict):
+        detail = image.get("detail", detail)
+    return LOW_DETAIL_IMAGE_TOKENS if detail == "low" else IMAGE_TOKENS
+
+
 def _text_bytes(value: Any) -> int:
-    """The UTF-8 bytes of the text in a JSON value (strings anywhere in it)."""
-    if isinstance(value, str):
-        return len(value.encode("utf-8", "replace"))
-    if isinstance(value, list):
-        return sum(_text_bytes(item) for item in value)
-    if isinstance(value, dict):
-        return sum(_text_bytes(item) for item in value.values())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return len(str(value))  # token ids given as numbers count as text too
-    return 0
+    """
+    What a JSON value weighs in the estimate, in bytes of text: the UTF-8
+    bytes of its strings anywhere in it, numbers as their digits, and each
+    image part as L{IMAGE_TOKENS} (in bytes: times L{BYTES_PER_TOKEN}).
+    Walked without recursion, however deep the value nests.
+    """
+    total = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is str:
+            total += len(item.encode("utf-8", "replace"))
+        elif kind is list:
+            pending.extend(item)
+        elif kind is dict:
+            if item.get("type") in _IMAGE_PARTS:
+                total += _image_tokens(item) * BYTES_PER_TOKEN
+                continue
+            pending.extend(item.values())
+        elif kind in (int, float):
+            total += len(str(item))  # token ids given as numbers count as text too
+    return total
 
 
 def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
@@ -55,10 +88,10 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
             else:
                 text += _text_bytes(message)
         framing += MESSAGE_TOKENS * len(messages)
-    for field in ("prompt", "input", "system", "tools", "functions", "response_format"):
+    for field in ("prompt", "input", "system", "instructions", "tools", "functions", "response_format"):
         if field in body:
             value = body[field]
-            text += _text_bytes(value) if field in ("prompt", "input", "system") else len(json.dumps(value))
+            text += _text_bytes(value) if field in ("prompt", "input", "system", "instructions") else len(json.dumps(value))
     return math.ceil(text / BYTES_PER_TOKEN) + framing
 
 
