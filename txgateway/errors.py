@@ -10,11 +10,14 @@ nowhere else.
 from __future__ import annotations
 
 import json
+import re
 from typing import Iterable
 
 import attrs
 
-__all__ = ["ErrorAnswer", "ErrorKind", "GatewayError", "KINDS", "describe_failure", "error_answer", "error_body"]
+__all__ = [
+    "ErrorAnswer", "ErrorKind", "GatewayError", "KINDS", "describe_failure", "error_answer", "error_body", "without_credentials",
+]
 
 
 @attrs.frozen
@@ -140,3 +143,12 @@ def describe_failure(error: Exception) -> str:
     if reasons:
         return "; ".join(reason.getErrorMessage() for reason in reasons)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+#: The password of a URL's user information (C{scheme://user:password@host}).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^@/\s'\"]+@")
+
+
+def without_credentials(text: str) -> str:
+    """C{text} with the password of every URL in it masked (C{redis://:***@host}), for messages and documents."""
+    return _URL_PASSWORD.sub(r"\1***@", text)

@@ -113,13 +113,30 @@ class AdminRoutes:
 
     @app.route("/health", methods=["GET", "HEAD"])
     async def health(self, request: IRequest) -> bytes:
-        """Every service's and model's circuits and the stores' health."""
-        return _json(request, await maybeDeferred(self.view.health))
+        """
+        Every service's and model's circuits and the stores' health, to
+        C{[status] allow}; anyone else gets the status word alone (backend
+        URLs and the model map are the operator's).
+        """
+        document = await maybeDeferred(self.view.health)
+        if not self._may_see_status(request):
+            document = {"status": document["status"]}
+        return _json(request, document)
 
     def _may_see_status(self, request: IRequest) -> bool:
+        """
+        Whether the request comes from C{[status] allow}.  A request that
+        says it was forwarded for another client (C{Forwarded},
+        C{X-Forwarded-For}) by a peer not in C{trusted_proxies} is not
+        local, whatever its peer: a reverse proxy on the same host makes
+        every client look like 127.0.0.1.
+        """
         ctx = _context(request)
-        client = ctx.client if ctx is not None else request.getClientAddress().host
-        return self.view.may_see_status(client)
+        if ctx is None:
+            return self.view.may_see_status(request.getClientAddress().host)
+        if ctx.forwarded_untrusted:
+            return False
+        return self.view.may_see_status(ctx.client)
 
     @app.route("/status", methods=["GET", "HEAD"])
     def status_page(self, request: IRequest) -> bytes:
@@ -154,7 +171,9 @@ class AdminRoutes:
 
     @app.route("/metrics", methods=["GET", "HEAD"])
     async def metrics(self, request: IRequest) -> bytes:
-        """The Prometheus exposition."""
+        """The Prometheus exposition (key and team names, spend): to C{[status] allow} only, like C{/status}."""
+        if not self._may_see_status(request):
+            return _error(request, errors.NOT_FOUND, "nothing is served at this path")
         text = await maybeDeferred(self.view.exposition)
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         return _sized(request, text)

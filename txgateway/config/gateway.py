@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from txgateway.errors import without_credentials
+
 from txgateway.config.keys import BUDGET_PERIODS, ApiKey, ModelPrice, TeamLimits, check_key_name
 from txgateway.redispool import parse_redis_url
 
@@ -86,8 +88,12 @@ BALANCE_MODES = ("least_requests", "round_robin", "ordered")
 class ConfigError(Exception):
     """
     The configuration cannot be used; the message is one line naming the
-    origin (file or environment variable), the section and the key.
+    origin (file or environment variable), the section and the key (a
+    URL's password in it masked: the message goes to logs and C{/status.json}).
     """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(without_credentials(message))
 
 
 # -- value parsers: each takes the raw string and returns a value or raises
