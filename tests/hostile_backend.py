@@ -12,7 +12,8 @@ the C{model} it is sent:
     huge        a JSON answer reporting 2**63 - 1 prompt tokens and 1e300 completion tokens
     slow-json   a JSON answer of 8,000 completion tokens after 1.5 s, made whether or not the
                 client is still there (as a provider bills it)
-    ignore-max  a stream of 200 words whatever max_tokens says, its true usage at the end
+    ignore-max  a stream of 200 words whatever max_tokens says, its usage at the end (5 prompt
+                tokens: within the gateway's estimate, so that only the completion is at stake)
     long        a stream of a word every 0.2 s for 4 s, its usage at the end
 
 Anything else answers normally (9 prompt tokens, 3 completion tokens).
@@ -106,7 +107,7 @@ class Backend(Resource):
             for n in range(200):
                 chunk = {"id": "c", "model": model, "choices": [{"index": 0, "delta": {"content": f"w{n} "}, "finish_reason": None}]}
                 request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-            usage = {"id": "c", "model": model, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 200}}
+            usage = {"id": "c", "model": model, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 200}}
             request.write(b"data: " + json.dumps(usage).encode() + b"\n\ndata: [DONE]\n\n")
             request.finish()
             return server.NOT_DONE_YET

@@ -358,3 +358,99 @@ def test_a_reservation_nobody_renews_lapses_within_two_windows():
     assert not ledger.reserve(Ask("next", (limits,), 0, 100, 20.0), 11.0).allowed
     assert ledger.reserve(Ask("after", (limits,), 0, 100, 20.0), 12.0).allowed  # the holder stopped renewing
     assert ledger.renew(["dead", "unknown"], 30.0) == 0
+
+
+# -- the gateway enforces what it reserved ---------------------------------------------
+
+from tests.test_anthropic import chunks_of, events_of as messages_events_of  # noqa: E402
+from txgateway.routing.broker import CUT_SLACK  # noqa: E402
+
+WORDS = b"".join(chunk(f"w{n} ") for n in range(60))
+
+
+def streamed(h: Harness, path: str, body: dict, upstream_name: str, events: bytes):
+    d = post(h, path, json.dumps(body).encode(), stream=True)
+    upstream = h.agents[upstream_name].last.respond(FakeResponse(200, SSE))
+    upstream.send(events)
+    h.flush()
+    received = []
+    done = treq.collect(result_of(d), received.append)
+    h.flush()
+    result_of(done)
+    return upstream, b"".join(received)
+
+
+def test_an_openai_stream_past_its_max_tokens_is_cut_at_the_bound_and_ends_for_length():
+    h = Harness(INI)
+    upstream, body = streamed(h, "/v1/chat/completions", json.loads(chat_body(stream=True, max_tokens=10)), "ai", WORDS)
+    chunks = chunks_of(body)
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks[:-2]]
+    assert len(texts) == 10 + CUT_SLACK and texts[-1] == f"w{10 + CUT_SLACK - 1} "
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1] == "[DONE]"
+    assert upstream.transport.stopped  # the backend is not read (nor its generation paid) any further
+    assert cost_of(h) == pytest.approx((9 + 10) / 1e6)  # settled at the bound
+    assert b'txgateway_completion_over_bound_total{how="stream_cut",key="alice"} 1.0' in h.gateway.metrics.exposition()
+
+
+def test_a_stream_that_keeps_to_its_max_tokens_is_never_cut():
+    h = Harness(INI)
+    events = b"".join(chunk(f"w{n} ") for n in range(10)) + chunk(finish="length") + usage_chunk(9, 10) + b"data: [DONE]\n\n"
+    upstream, body = streamed(h, "/v1/chat/completions", json.loads(chat_body(stream=True, max_tokens=10)), "ai", events)
+    upstream.finish()
+    assert len(chunks_of(body)) == 12 and not upstream.transport.stopped
+    assert cost_of(h) == pytest.approx(19 / 1e6)
+    assert b"txgateway_completion_over_bound_total{" not in h.gateway.metrics.exposition()
+
+
+def _claude_words(count: int) -> bytes:
+    start = sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+        "stop_reason": None, "usage": {"input_tokens": 20, "output_tokens": 1}}})
+    block = sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    deltas = b"".join(
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"w{n} "}})
+        for n in range(count)
+    )
+    return start + block + deltas
+
+
+def test_a_messages_stream_past_its_max_tokens_is_cut_and_ends_as_the_api_ends_one():
+    h = Harness(INI)
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    upstream, received = streamed(h, "/v1/messages", body, "claude", _claude_words(60))
+    events = messages_events_of(received)
+    assert [name for name, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    assert sum(1 for name, _ in events if name == "content_block_delta") == 10 + CUT_SLACK
+    assert upstream.transport.stopped
+    assert cost_of(h) == pytest.approx((20 + 10) / 1e6)
+
+
+def test_an_openai_client_of_claude_cut_at_its_bound_gets_a_length_finish():
+    h = Harness(INI)
+    body = {"model": "gpt-on-claude", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    upstream, received = streamed(h, "/v1/chat/completions", body, "claude", _claude_words(60))
+    chunks = chunks_of(received)
+    assert [c["choices"][0]["finish_reason"] for c in chunks if isinstance(c, dict) and c.get("choices")][-1] == "length"
+    assert chunks[-1] == "[DONE]" and upstream.transport.stopped
+
+
+def test_a_messages_client_of_an_openai_backend_cut_at_its_bound_gets_max_tokens():
+    h = Harness(INI.replace("[model:gpt-4o]\ntargets = ai", "[model:gpt-4o]\ntargets = ai\n[model:via-gpt]\ntargets = ai:gpt-4o")
+                .replace("models = gpt-4o,", "models = via-gpt, gpt-4o,"))
+    body = {"model": "via-gpt", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    upstream, received = streamed(h, "/v1/messages", body, "ai", WORDS)
+    events = messages_events_of(received)
+    assert [name for name, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    assert upstream.transport.stopped
+
+
+def test_a_json_answer_over_its_bound_is_settled_at_what_it_reported_and_counted():
+    h = Harness(INI)
+    d = post(h, "/v1/chat/completions", chat_body(max_tokens=10))
+    h.agents["ai"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=9, done=500))).finish()
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    assert cost_of(h) == pytest.approx(509 / 1e6)
+    assert b'txgateway_completion_over_bound_total{how="json_over",key="alice"} 1.0' in h.gateway.metrics.exposition()

@@ -172,3 +172,37 @@ def test_a_stream_longer_than_its_deadline_keeps_the_budget_it_holds(start_gatew
     assert second.status == 429 and second.error["type"] == "budget_exceeded"
     assert results["first"].status == 200 and b"[DONE]" in results["first"].body
     wait_until(lambda: spent(gateway) == pytest.approx(26 / 1e6))
+
+
+def test_a_backend_ignoring_max_tokens_is_cut_at_the_bound_for_the_official_sdk(start_gateway, hostile, store):
+    import openai
+
+    gateway = start_gateway(ini(hostile.url, store))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key=SECRET, max_retries=0, timeout=10)
+    stream = client.chat.completions.create(
+        model="ignore-max", messages=[{"role": "user", "content": "hi"}], max_tokens=20, stream=True,
+    )
+    chunks = list(stream)
+    words = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert 20 <= len(words) <= 28  # 200 sent: cut at the 20 reserved (and the slack of 8 events)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # The prompt the backend reported (read past the cut) and the 20 completion tokens reserved.
+    wait_until(lambda: spent(gateway) == pytest.approx((5 + 20) / 1e6))
+    assert gateway.logged("completion_over_bound", key="alice", how="stream_cut")
+
+
+def test_a_race_of_streams_from_a_backend_ignoring_max_tokens_never_spends_past_the_budget(start_gateway, hostile, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Each call's worst case: 6 prompt tokens and 20 completion at $1 a million; the budget holds 10.
+    gateway = start_gateway(ini(hostile.url, store, budget=10 * 26 / 1e6))
+
+    def one(_: int) -> int:
+        return gateway.request(
+            "POST", "/v1/chat/completions", body=chat("ignore-max", max_tokens=20, stream=True), headers=HEADERS,
+        ).status
+
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(one, range(30)))
+    assert statuses.count(200) == 10 and statuses.count(429) == 20
+    wait_until(lambda: spent(gateway) == pytest.approx(10 * 25 / 1e6))  # each cut at its 20 tokens: within the budget

@@ -200,6 +200,25 @@ class MessagesStreamReader:
         self._model: str | None = None
         self._input: Usage | None = None
         self._after_space = after_space
+        #: The index of the content block open now (started, not stopped), or L{None}.
+        self._open_block: Any = None
+
+    def closing_events(self, last: dict | None, bound: int) -> list[bytes]:
+        """
+        The events that end a Messages stream the gateway cut at C{bound}
+        output tokens, as the API ends one that reached C{max_tokens}: the
+        open content block stopped, C{message_delta} with C{stop_reason}
+        C{max_tokens} and the bound as its output, C{message_stop}.
+        """
+        events = []
+        if self._open_block is not None:
+            events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": self._open_block}))
+        events.append(sse_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+            "usage": {"output_tokens": bound},
+        }))
+        events.append(sse_event("message_stop", {"type": "message_stop"}))
+        return events
 
     def __call__(self, event: bytes) -> ChunkFacts:
         data = _event_json(event)
@@ -223,6 +242,7 @@ class MessagesStreamReader:
                 return ChunkFacts(data, text=text, token=True)
             return ChunkFacts(data, token=True, tool_call=True)
         if kind == "content_block_start":
+            self._open_block = data.get("index")
             block = data.get("content_block")
             block_type = block.get("type") if type(block) is dict else None
             if block_type == "text":
@@ -246,6 +266,7 @@ class MessagesStreamReader:
             reasons = (reason,) if type(reason) is str else ()
             return ChunkFacts(data, token=True, finished=bool(reasons), usage=usage, finish_reasons=reasons)
         if kind == "content_block_stop":
+            self._open_block = None
             return ChunkFacts(data, token=True)
         if kind == "message_stop":
             return ChunkFacts(data, done=True, token=True, finished=True)

@@ -152,6 +152,8 @@ class Reservation:
         if self.settled:
             return
         self.settled = True
+        if relayed is not None and relayed.cut and ctx.completion is not None:
+            ctx.completion.stream_cut = True
         self.governor.settle(self, ctx, self._uses(ctx, answered, relayed, fallback_model))
 
     def _uses(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> list[ModelUse]:
@@ -173,6 +175,16 @@ class Reservation:
                 )
                 for model, usage in billed
             ]
+            if relayed is not None and relayed.cut:
+                # Cut at the bound: the completion reserved, whatever the backend said of it.
+                model, last = billed[-1]
+                others = sum(use.completion_tokens for use in uses[:-1])
+                completion = max(0, self.completion_cap - others)
+                uses[-1] = ModelUse(
+                    model or "unknown", last.prompt_tokens, completion,
+                    prices.of(model).cost_nano(last.prompt_tokens, completion, last.cached_tokens),
+                )
+                return uses
             whole = billed[-1][1].final and (relayed is None or relayed.finished)
             missing = streamed - sum(use.completion_tokens for use in uses)
             if not whole and missing > 0:
@@ -181,7 +193,9 @@ class Reservation:
                 uses.append(ModelUse(model, 0, missing, prices.of(model).cost_nano(0, missing)))
             return uses
         model = fallback_model or self.model_call.model or "unknown"
-        if streamed:
+        if relayed is not None and relayed.cut:
+            completion = self.completion_cap
+        elif streamed:
             completion = streamed
         elif 200 <= answered < 300 or (ctx.client_gone and ctx.attempts and not self.model_call.stream):
             # Made and not read: a JSON answer the backend went on making after its client left.
@@ -423,6 +437,11 @@ class Governor:
             for use in uses
         ]
         completion = ctx.completion
+        if reservation.model_call is not None and reservation.model_call.generates:
+            over = self._over_bound(reservation, ctx, uses)
+            if over is not None:
+                self._metrics.count_over_bound(key.name, over)
+                self._log.warning("completion_over_bound", key=key.name, how=over, reserved=reservation.completion_cap)
         if completion is not None and any(usage.clamped for _, usage in completion.billed):
             reported = [(model, usage.prompt_tokens, usage.completion_tokens) for model, usage in completion.billed]
             self._log.warning("usage_clamped", key=key.name, reason="a backend reported a token count out of bounds", used=reported)
@@ -437,6 +456,22 @@ class Governor:
         settling = self.store.settle(reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses)))
         if not settling.called:  # a store in this process has settled already
             settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
+
+    @staticmethod
+    def _over_bound(reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> str | None:
+        """
+        How a call went past the completion it reserved (a backend that
+        ignores C{max_tokens}): C{stream_cut} (the gateway cut its stream at
+        the bound), C{json_over} (a JSON answer reported more; it is
+        settled at what it reported), or L{None}.
+        """
+        completion = ctx.completion
+        if completion is None:
+            return None
+        if completion.stream_cut:
+            return "stream_cut"
+        reported = sum(usage.completion_tokens for _, usage in completion.billed)
+        return "json_over" if not completion.stream and reported > reservation.completion_cap else None
 
     def scopes(self) -> list[ScopeLimits]:
         """Every key's and team's scope, for the operator's view."""

@@ -117,10 +117,12 @@ class CompletionFacts:
     finish_reasons: tuple[str, ...] = ()
     #: The API of the backend that answered (C{gen_ai.provider.name}): C{openai} or C{anthropic}.
     provider: str = "openai"
+    #: The gateway cut the stream at the completion its key reserved (the backend went past it).
+    stream_cut: bool = False
 
     def fields(self) -> dict[str, Any]:
         """The access line's fields."""
-        return {
+        fields = {
             "requested_model": self.requested_model,
             "model": self.model,
             "prompt_tokens": self.prompt_tokens,
@@ -128,6 +130,9 @@ class CompletionFacts:
             "resumed": self.resumed,
             "resumed_on": self.resumed_on,
         }
+        if self.stream_cut:
+            fields["stream_cut"] = True
+        return fields
 
 
 @attrs.define

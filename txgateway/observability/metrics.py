@@ -260,6 +260,12 @@ class GatewayMetrics(RecentWindows):
             "not a number), clamped before it was charged, by key.",
             ["key"], registry=r,
         )
+        self.over_bound = Counter(
+            "txgateway_completion_over_bound",
+            "Calls of a governed key whose backend went past the completion tokens reserved (ignoring "
+            "max_tokens), by key and how: stream_cut (cut at the bound), json_over (settled at what it reported).",
+            ["key", "how"], registry=r,
+        )
         self._scraped = _ScrapeTimeCollector()
         r.register(self._scraped)
 
@@ -329,6 +335,10 @@ class GatewayMetrics(RecentWindows):
         """A governed key's request refused by its limits (before any backend was called)."""
         self.governance_refusals.labels(key, reason).inc()
         self.recent_refusals.add(reason)
+
+    def count_over_bound(self, key: str, how: str) -> None:
+        """A governed key's call whose backend went past the completion it reserved."""
+        self.over_bound.labels(key, how).inc()
 
     def count_clamped_usage(self, key: str) -> None:
         """A governed key's settle whose backend reported a token count out of bounds."""

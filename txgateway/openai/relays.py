@@ -39,6 +39,8 @@ class Transcript:
         #: Chunks with content (text or a tool call) relayed, across every attempt.
         self.content_chunks = 0
         self.finish_reasons: tuple[str, ...] = ()
+        #: The gateway cut the stream at its bound (a backend that went past the completion reserved).
+        self.cut = False
 
     @property
     def text(self) -> str:
@@ -98,6 +100,11 @@ class EventStreamRelay(BodyRelay):
     # them faster (measured: 4 us a 19-event stream with two more).
     _read = staticmethod(read_chunk)
     _write: Any = None
+    #: The most content events relayed before the stream is cut (L{None}: no bound), and how it is ended.
+    _bound: int | None = None
+    _closing: Any = None
+    #: The last chunk's data (kept only with a bound: the closing chunk names its id and model).
+    _last_data: dict | None = None
 
     def __init__(
         self,
@@ -109,12 +116,17 @@ class EventStreamRelay(BodyRelay):
         resumed: bool = False,
         read: Callable[[bytes], ChunkFacts] = read_chunk,
         write: Any = None,
+        bound: int | None = None,
+        closing: Callable[[dict | None, int], list[bytes]] | None = None,
     ) -> None:
         super().__init__(None, clock, idle_timeout)
         if read is not read_chunk:
             self._read = read
         if write is not None:
             self._write = write
+        if bound is not None:
+            self._bound = bound
+            self._closing = closing
         self._splitter = EventSplitter()
         self._transcript = transcript
         self._on_usage = on_usage
@@ -154,10 +166,16 @@ class EventStreamRelay(BodyRelay):
         client's answer; returns whether it did.
         """
         out: list[bytes] = []
-        ended = False
+        ended = cut = False
         write = self._write
+        bound = self._bound
+        transcript = self._transcript
         for event, facts in ready:
-            self._transcript.sent(facts, not self._resumed)
+            if bound is not None and (facts.text or facts.tool_call) and transcript.content_chunks >= bound:
+                out += self._closed(write)
+                ended = cut = True
+                break
+            transcript.sent(facts, not self._resumed)
             out.append(event if write is None else write(event, facts))
             if facts.done:
                 ended = True
@@ -166,7 +184,25 @@ class EventStreamRelay(BodyRelay):
             self._pass(b"".join(out))
         if ended:
             self._answer_done()
+        if cut and self._control is not None:
+            self._control.stopProducing()
         return ended
+
+    def _closed(self, write: Any) -> list[bytes]:
+        """
+        The end of a stream cut at its bound: the backend API's own closing
+        events (a finish for C{length}, C{max_tokens}), read and written to
+        the client like the backend's.
+        """
+        transcript = self._transcript
+        transcript.cut = True
+        out = []
+        for event in self._closing(self._last_data, self._bound):
+            kept = self._kept(event, self._read(event))
+            if kept is not None:
+                transcript.sent(kept[1], not self._resumed)
+                out.append(kept[0] if write is None else write(*kept))
+        return out
 
     def _kept(self, event: bytes, facts: ChunkFacts) -> tuple[bytes, ChunkFacts] | None:
         """
@@ -185,6 +221,8 @@ class EventStreamRelay(BodyRelay):
                 return None
         if facts.rewritten is not None:
             event = facts.rewritten
+        if self._bound is not None and facts.data is not None:
+            self._last_data = facts.data
         if self._resumed and facts.data is not None:
             if not facts.token:
                 return None  # the resumed stream's role chunk (or message start): the client has had one

@@ -48,6 +48,7 @@ __all__ = [
     "reported_count",
     "after_refusal",
     "chunk_event",
+    "closing_events",
     "decode_json",
     "encode_json",
     "error_codes",
@@ -416,6 +417,25 @@ class EventSplitter:
 def chunk_event(chunk: dict) -> bytes:
     """One server-sent event carrying C{chunk}."""
     return b"data: " + _dumps(chunk) + b"\n\n"
+
+
+def closing_events(last: dict | None, bound: int) -> list[bytes]:
+    """
+    The events that end a completion stream the gateway cut at C{bound}
+    completion tokens, as an OpenAI backend would have ended it: choice 0
+    finished for C{length}, then C{[DONE]}.  C{last}: the stream's last
+    chunk, whose id, creation time and model the closing chunk carries.
+    """
+    last = last or {}
+    chunk = {
+        "id": last.get("id") or "chatcmpl-cut", "object": last.get("object") or "chat.completion.chunk",
+        "created": last.get("created") or 0, "model": last.get("model") or "",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+    }
+    if "choices" in last and isinstance(last["choices"], list) and last["choices"] and isinstance(last["choices"][0], dict) \
+            and "text" in last["choices"][0]:
+        chunk["choices"] = [{"index": 0, "text": "", "finish_reason": "length"}]  # a text completion
+    return [chunk_event(chunk), b"data: [DONE]\n\n"]
 
 
 def _event_end(buffer: bytes, start: int) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.observability.tracing import SpanNotes
 from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay, TranslatedAnswerRelay
-from txgateway.openai.wire import AnswerFacts, Usage
+from txgateway.openai.wire import AnswerFacts, Usage, closing_events
 from txgateway.resilience.breaker import Admission
 from txgateway.resilience.retry import (
     RETRY_AFTER_STATUSES,
@@ -335,9 +335,12 @@ class Attempts:
             if call.transcript is not None and is_event_stream(response):
                 on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as, [])
                 forward_usage = model_call.client_wants_usage or speaking.translated
+                reader = speaking.read_event(state.resumed and call.transcript.text[-1:].isspace())
+                bound = call.completion_bound
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
-                    speaking.read_event(state.resumed and call.transcript.text[-1:].isspace()), speaking.write_events,
+                    reader, speaking.write_events, bound,
+                    None if bound is None else getattr(reader, "closing_events", closing_events),
                 )
                 return _CommitPoint(relay, config.token_timeout, "first token")
             on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)

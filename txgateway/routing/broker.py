@@ -38,7 +38,12 @@ if TYPE_CHECKING:
     from txgateway.governance.governor import Governor
     from txgateway.routing.deployments import ModelTable
 
-__all__ = ["AnswerCutShort", "ServiceBroker"]
+__all__ = ["AnswerCutShort", "CUT_SLACK", "ServiceBroker"]
+
+#: Content events a governed stream may relay past its reserved completion
+#: tokens before it is cut: an event carries at least one token, but a few
+#: carry none (a tool use's or a thinking block's start, a signature).
+CUT_SLACK = 8
 
 
 class ServiceBroker:
@@ -157,6 +162,8 @@ class ServiceBroker:
         if reservation is None:
             await self._serve_call(call, cached_as)
             return
+        if model_call is not None and model_call.stream and reservation.completion_cap:
+            call.completion_bound = reservation.completion_cap + CUT_SLACK
         try:
             await self._serve_call(call, cached_as)
         finally:
