@@ -206,3 +206,57 @@ def test_a_race_of_streams_from_a_backend_ignoring_max_tokens_never_spends_past_
         statuses = list(pool.map(one, range(30)))
     assert statuses.count(200) == 10 and statuses.count(429) == 20
     wait_until(lambda: spent(gateway) == pytest.approx(10 * 25 / 1e6))  # each cut at its 20 tokens: within the budget
+
+
+def _control_socket_of(gateway) -> str:
+    """The control socket the supervisor's workers were started with (from a worker's command line)."""
+    import os
+
+    supervisor = gateway.process.proc.pid
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            if parent != supervisor:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in argv:
+            return argv[argv.index(b"--worker") + 1].decode().split(":", 1)[1]
+    raise AssertionError("no worker found")
+
+
+def test_the_control_socket_answers_only_the_workers_the_supervisor_spawned(start_gateway, hostile):
+    import struct
+
+    gateway = start_gateway(ini(hostile.url, "").replace("[gateway]", "[gateway]\nworkers = 2"))
+    wait_until(lambda: gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS).status == 200)
+    wait_until(lambda: spent(gateway) > 0)
+    before = spent(gateway)
+    refund = ["settle", [["forged", [["key:alice", None, None, 1e11, "total", None]], 0, 10**12, 0.0],
+                         ["alice", None, 0, -10**12, []]]]
+    messages = [{"call": "hello", "args": {"worker": 1, "secret": "guessed"}},
+                {"id": 1, "call": "batch", "args": [refund]}]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(_control_socket_of(gateway))
+        for message in messages:
+            data = json.dumps(message).encode()
+            sock.sendall(struct.pack("!I", len(data)) + data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    answers = []
+    while received:
+        (size,) = struct.unpack("!I", received[:4])
+        answers.append(json.loads(received[4:4 + size]))
+        received = received[4 + size:]
+    # Refused and closed: no answer but an error, and nothing settled.
+    assert all("result" not in answer for answer in answers)
+    assert all("not a worker of this supervisor" in answer["error"] for answer in answers)
+    assert gateway.logged("control_socket_refused")
+    time.sleep(0.5)
+    assert spent(gateway) == before
+    assert gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS).status == 200

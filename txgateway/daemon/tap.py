@@ -5,6 +5,8 @@ that touches the global reactor.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from twisted.python import usage
@@ -85,8 +87,11 @@ def _supervisor_link(reactor: Any, argument: str) -> Any:
     index, _, path = argument.partition(":")
     if not index.isdigit() or not path:
         raise SystemExit(f"txgateway: --worker expects INDEX:SOCKET, got {argument!r}")
+    from txgateway.workers.supervisor import WORKER_SECRET_ENV
+
     log = structlog.get_logger("txgateway").bind(worker=int(index))
-    return SupervisorLink(lambda factory: reactor.connectUNIX(path, factory, timeout=5), reactor, int(index), log)
+    secret = os.environ.pop(WORKER_SECRET_ENV, "")
+    return SupervisorLink(lambda factory: reactor.connectUNIX(path, factory, timeout=5), reactor, int(index), log, secret)
 
 
 def _supervisor(config: Any, reactor: Any, config_path: str | None, destination: Any) -> Any:

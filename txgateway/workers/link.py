@@ -42,10 +42,14 @@ class SupervisorLink:
         must not keep the port).
     """
 
-    def __init__(self, connector: Callable[[ClientFactory], Any], clock: IReactorTime, index: int, log: Any) -> None:
+    def __init__(
+        self, connector: Callable[[ClientFactory], Any], clock: IReactorTime, index: int, log: Any, secret: str = "",
+    ) -> None:
         self._connector = connector
         self._clock = clock
         self.index = index
+        #: What proves to the supervisor that this process is the worker it spawned.
+        self._secret = secret
         self._log = log
         self._channel: CallChannel | None = None
         self._connecting: list[Deferred] = []
@@ -71,7 +75,7 @@ class SupervisorLink:
 
     def _made(self, channel: CallChannel) -> None:
         self._channel = channel
-        channel.notify("hello", {"worker": self.index})
+        channel.notify("hello", {"worker": self.index, "secret": self._secret})
         waiting, self._connecting = self._connecting, []
         for waiter in waiting:
             waiter.callback(channel)

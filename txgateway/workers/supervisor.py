@@ -8,7 +8,9 @@ passes it on, and stops when every worker has drained.
 
 from __future__ import annotations
 
+import hmac
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -25,10 +27,12 @@ from txgateway.config.gateway import ConfigError, GatewayConfig
 from txgateway.workers.channel import CallChannel
 from txgateway.workers.state import SharedState
 
-__all__ = ["Supervisor", "restart_delay", "WORKER_ARGUMENT"]
+__all__ = ["Supervisor", "restart_delay", "WORKER_ARGUMENT", "WORKER_SECRET_ENV"]
 
 #: The twistd option that makes a process a worker: C{--worker INDEX:SOCKET}.
 WORKER_ARGUMENT = "--worker"
+#: The environment variable a worker finds its secret in (its hello on the control socket carries it).
+WORKER_SECRET_ENV = "TXGATEWAY_WORKER_SECRET"
 
 #: A worker that lived this long before it ended starts again at once.
 STEADY_SECONDS = 30.0
@@ -59,6 +63,8 @@ class _WorkerSlot:
         self.quick_deaths = 0
         self.ended: Deferred | None = None
         self.restart: Any = None
+        #: The secret this slot's current process proves itself with (new at each spawn).
+        self.secret = ""
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -162,8 +168,12 @@ class Supervisor(Service):
         slot.ended = Deferred()
         slot.started_at = self._clock.seconds()
         argv = self._worker_argv(slot.index, self.socket_path)
+        # In its environment, not its argv (which any user may read): only the process
+        # spawned here knows it, and its hello on the control socket must carry it.
+        slot.secret = secrets.token_hex(16)
         slot.process = self._spawn(
-            _WorkerProcess(slot, self._ended), argv[0], argv, env=os.environ, childFDs={0: 0, 1: 1, 2: 2}
+            _WorkerProcess(slot, self._ended), argv[0], argv, env={**os.environ, WORKER_SECRET_ENV: slot.secret},
+            childFDs={0: 0, 1: 1, 2: 2},
         )
         slot.pid = slot.process.pid
         self.log.info("worker_started", worker=slot.index, pid=slot.pid)
@@ -193,17 +203,38 @@ class Supervisor(Service):
         """A worker's end of the control socket, answering its calls."""
         channel = CallChannel({}, None, self._lost)
         channel.handlers = {
-            "batch": self.state.batch,
-            "circuit_opened": lambda args: self._circuit_opened(channel, args),
-            "gather": lambda args: self._gather(),
+            "batch": self._trusted(channel, self.state.batch),
+            "circuit_opened": self._trusted(channel, lambda args: self._circuit_opened(channel, args)),
+            "gather": self._trusted(channel, lambda args: self._gather()),
             "hello": lambda args: self._hello(channel, args),
         }
         return channel
 
-    def _hello(self, channel: CallChannel, args: dict) -> None:
+    def _trusted(self, channel: CallChannel, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """C{handler}, answered only on the channel of a worker this supervisor spawned (its hello proved it)."""
+
+        def answer(args: Any) -> Any:
+            if self._slot_of(channel) is None:
+                self._refuse(channel, "a call before a proven hello")
+                raise PermissionError("not a worker of this supervisor")
+            return handler(args)
+
+        return answer
+
+    def _hello(self, channel: CallChannel, args: Any) -> None:
+        args = args if isinstance(args, dict) else {}
         slot = self._slots.get(args.get("worker"))
-        if slot is not None:
-            slot.channel = channel
+        secret = args.get("secret")
+        if slot is None or not slot.secret or not isinstance(secret, str) or not hmac.compare_digest(secret, slot.secret):
+            self._refuse(channel, "a hello without its worker's secret")
+            return
+        slot.channel = channel
+
+    def _refuse(self, channel: CallChannel, why: str) -> None:
+        """Close a control connection that is not one of this supervisor's workers."""
+        self.log.warning("control_socket_refused", reason=why)
+        if channel.transport is not None:
+            channel.transport.loseConnection()
 
     def _slot_of(self, channel: CallChannel) -> _WorkerSlot | None:
         for slot in self._slots.values():
