@@ -322,7 +322,9 @@ def test_a_failed_write_is_kept_for_the_next_one(tmp_path):
             return maybeDeferred(lambda: 1 / 0)
         return maybeDeferred(f, *args)
 
-    log = type("Log", (), {"errors": [], "error": lambda self, event, **kw: self.errors.append(event)})()
+    log = type("Log", (), {
+        "errors": [], "error": lambda self, event, **kw: self.errors.append(event), "warning": lambda self, event, **kw: None,
+    })()
     store = LocalLedgerStore(clock, SpendFile(path), failing_once, log)
     ask = Ask("r1", (ScopeLimits("key:alice"),), 0, 5, 60.0)
     result_of(store.reserve(ask))
@@ -419,3 +421,30 @@ def test_a_model_with_no_price_costs_nothing_and_says_so_once():
             result_of(treq.content(result_of(d)))
     assert [entry["model"] for entry in logs if entry["event"] == "model_unpriced"] == ["gpt-4o-mini"]
     assert [line["cost_usd"] for line in h.access.lines] == [0, 0, 0]
+
+
+def test_a_spend_file_that_stays_unwritable_is_said_once_and_makes_the_store_unhealthy_until_it_writes(tmp_path):
+    path = str(tmp_path / "spend.db")
+    clock = Clock()
+    broken = {"on": True}
+
+    def writes(f, *args):
+        return maybeDeferred(lambda: 1 / 0) if broken["on"] else maybeDeferred(f, *args)
+
+    log = type("Log", (), {
+        "lines": [], "error": lambda self, event, **kw: self.lines.append(event),
+        "warning": lambda self, event, **kw: self.lines.append(event),
+    })()
+    store = LocalLedgerStore(clock, SpendFile(path), writes, log)
+    for n in range(3):
+        ask = Ask(f"r{n}", (ScopeLimits("key:alice"),), 0, 5, 60.0)
+        result_of(store.reserve(ask))
+        result_of(store.settle(ask, settled(5)))
+        clock.advance(FLUSH_INTERVAL)
+    assert log.lines == ["budgets_write_failed"]
+    assert store.description["healthy"] is False and "division" in store.description["write_failure"]
+    broken["on"] = False
+    clock.advance(FLUSH_INTERVAL)
+    assert log.lines == ["budgets_write_failed", "budgets_write_recovered"]
+    assert store.description["healthy"] is True and [row[6] for row in SpendFile(path).rows()] == [15]
+    result_of(store.close())

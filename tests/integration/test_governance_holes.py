@@ -260,3 +260,23 @@ def test_the_control_socket_answers_only_the_workers_the_supervisor_spawned(star
     time.sleep(0.5)
     assert spent(gateway) == before
     assert gateway.request("POST", "/v1/chat/completions", body=chat("plain"), headers=HEADERS).status == 200
+
+
+def test_a_spend_file_that_cannot_be_opened_at_start_is_one_line_naming_its_key(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "file").write_text("")
+    config = tmp_path / "gateway.ini"
+    config.write_text(
+        "[gateway]\nlisten = tcp:0:interface=127.0.0.1\n[logging]\nfile =\n[budgets]\n"
+        f"state_file = {tmp_path / 'file' / 'spend.db'}\n[service:a]\nurl = http://127.0.0.1:9\n"
+        "[key:k]\nsecret = s\nbudget_usd = 1\n"
+    )
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    done = subprocess.run([twistd, "-n", "--pidfile=", "txgateway", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode != 0 and "Traceback" not in output
+    assert output.splitlines() == [output] and "[budgets] state_file: cannot open" in output

@@ -69,6 +69,8 @@ def makeService(options: Options):
         return GatewayService(config, reactor, config_path=options["config"], log_destination=destination, worker=worker)
     except OSError as error:
         raise SystemExit(_log_file_error(config, error)) from None
+    except ConfigError as error:  # a file it could not open (the spend file): one line, no traceback
+        raise SystemExit(f"txgateway: configuration error: {error}") from None
 
 
 def _log_file_error(config: Any, error: OSError) -> str:

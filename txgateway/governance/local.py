@@ -60,6 +60,8 @@ class LocalLedgerStore:
         self._days: dict[tuple, list[int]] = {}
         self._pending: dict[tuple, list[int]] = {}
         self._writing: Deferred | None = None
+        #: Why the last write of the spend file failed (L{None}: it did not): the store is unhealthy meanwhile.
+        self.write_failure: str | None = None
         self._flusher: LoopingCall | None = None
         if spend_file is not None:
             for row in spend_file.rows():
@@ -89,7 +91,8 @@ class LocalLedgerStore:
     def description(self) -> dict:
         return {
             "backend": "sqlite" if self._file is not None else "memory",
-            "healthy": True,
+            "healthy": self.write_failure is None,
+            **({"write_failure": self.write_failure} if self.write_failure is not None else {}),
             "state_file": self._file.path if self._file is not None else None,
             "reserved": self.ledger.holding,
             "unwritten_rows": len(self._pending),
@@ -144,13 +147,22 @@ class LocalLedgerStore:
         def written(result: object) -> None:
             self._writing = None
 
+        def succeeded(result: object) -> None:
+            if self.write_failure is not None:
+                self.write_failure = None
+                self._log.warning("budgets_write_recovered", state_file=self._file.path, rows=len(rows))
+
         def failed(failure: Any) -> None:
             # Kept for the next write: spend is never dropped for a full disk.
             for where, counts in batch.items():
                 self._add_day(where, tuple(counts), self._pending)
-            self._log.error("budgets_write_failed", state_file=self._file.path, reason=failure.getErrorMessage())
+            if self.write_failure is None:
+                # Said once when writes start failing (and once when they work again), not every flush.
+                self._log.error("budgets_write_failed", state_file=self._file.path, reason=failure.getErrorMessage(),
+                                kept_in_memory=True)
+            self.write_failure = failure.getErrorMessage()
 
-        writing.addErrback(failed).addBoth(written)
+        writing.addCallbacks(succeeded, failed).addBoth(written)
         return writing
 
     def close(self) -> Deferred[None]:
