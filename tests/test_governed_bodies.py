@@ -454,3 +454,52 @@ def test_a_json_answer_over_its_bound_is_settled_at_what_it_reported_and_counted
     result_of(treq.content(result_of(d)))
     assert cost_of(h) == pytest.approx(509 / 1e6)
     assert b'txgateway_completion_over_bound_total{how="json_over",key="alice"} 1.0' in h.gateway.metrics.exposition()
+
+
+# -- bounded work, for every body the gateway reads ------------------------------------
+
+HUGE = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}] * 120_000}).encode()
+
+
+@pytest.mark.parametrize("headers", [ALICE, OPEN])
+def test_a_body_of_more_objects_than_any_model_takes_is_refused_before_it_is_parsed(headers):
+    h = Harness(INI)
+    message = refused(h, post(h, "/v1/chat/completions", HUGE, headers=headers), 400, "bad_request")
+    assert "more than 100000 objects and arrays" in message
+
+
+def test_a_key_without_limits_is_held_to_the_messages_limit_on_v1_too():
+    h = Harness(INI.replace("[gateway]", "[gateway]\nmax_messages = 3"))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}] * 4}).encode()
+    assert "more than the 3" in refused(h, post(h, "/v1/chat/completions", body, headers=OPEN), 400, "bad_request")
+
+
+def test_a_key_without_limits_gets_a_huge_body_under_api_relayed_unread():
+    h = Harness(INI)
+    post(h, "/api/ai/chat/completions", HUGE, headers=OPEN)
+    assert h.agents["ai"].last.body == HUGE
+
+
+def test_the_containers_bound_counts_only_bodies_that_could_exceed_it():
+    from txgateway.bodies import MAX_CONTAINERS, BadBody, check_containers
+
+    check_containers(b"{" * 1000)  # too small to hold the bound: not counted
+    check_containers(b"x" * (3 * MAX_CONTAINERS) + b"{" * MAX_CONTAINERS)
+    with pytest.raises(BadBody):
+        check_containers(b"x" * (3 * MAX_CONTAINERS) + b"[" * (MAX_CONTAINERS + 1))
+
+
+def test_client_chosen_model_names_label_at_most_a_thousand_series():
+    from twisted.internet.task import Clock
+
+    from txgateway.observability.metrics import MAX_MODEL_LABELS, GatewayMetrics
+
+    metrics = GatewayMetrics(Clock())
+    for n in range(MAX_MODEL_LABELS + 500):
+        metrics.count_tokens("ai", f"made-up-{n}", "prompt", 1)
+        metrics.count_spend("alice", "", f"made-up-{n}", 0.001, 1, 1)
+    exposition = metrics.exposition().decode()
+    token_series = [line for line in exposition.splitlines() if line.startswith("txgateway_tokens_total{")]
+    assert len(token_series) == MAX_MODEL_LABELS + 1
+    assert 'txgateway_tokens_total{kind="prompt",model="other",service="ai"} 500.0' in exposition
+    assert metrics.model_label("made-up-3") == "made-up-3" and metrics.model_label("new-one") == "other"

@@ -28,7 +28,9 @@ except ImportError:  # PyPy: json's own strictness is checked below
 
 __all__ = [
     "BadBody",
-    "StrictReading",
+    "BodyReading",
+    "MAX_CONTAINERS",
+    "check_containers",
     "MAX_CHOICES",
     "MAX_DEPTH",
     "MAX_TOKENS",
@@ -44,6 +46,11 @@ MAX_TOKENS = 16_777_216
 MAX_CHOICES = 128
 #: The deepest nesting of objects and arrays a body may have.
 MAX_DEPTH = 64
+#: The most objects and arrays (C{{} and C{[} bytes) a body may hold: no model
+#: takes a prompt that needs more (a 10 MB body of 290,000 messages would).
+MAX_CONTAINERS = 100_000
+#: Bodies smaller than this cannot hold L{MAX_CONTAINERS}: they are not counted.
+_CONTAINERS_CHECKED_FROM = 2 * MAX_CONTAINERS
 #: The fields that bound what a call may complete.
 TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
@@ -57,19 +64,50 @@ class BadBody(ValueError):
 
 
 @attrs.frozen
-class StrictReading:
+class BodyReading:
     """
-    How a governed caller's body is read: strictly (L{read_strict} and
-    L{strict_fields}), with at most C{max_messages} messages.
+    How a request's body is read: for a governed caller strictly
+    (L{read_strict} and L{strict_fields}), for any other by the fast
+    reader; either way with at most C{max_messages} messages, and a body
+    holding more than L{MAX_CONTAINERS} objects and arrays refused before
+    it is parsed.
     """
 
     max_messages: int
+    strict: bool = True
 
-    def read(self, raw: bytes) -> dict:
-        """The body's JSON object, its fields checked; L{BadBody} naming what is wrong."""
-        body = read_strict(raw)
-        strict_fields(body, self.max_messages)
+    def read(self, raw: bytes, fast_loads: Any = json.loads) -> dict:
+        """
+        The body's JSON object, its fields checked; L{BadBody} naming what
+        is wrong.  C{fast_loads}: the fast reader, for a caller not read strictly.
+        """
+        check_containers(raw)
+        if self.strict:
+            body = read_strict(raw)
+            strict_fields(body, self.max_messages)
+            return body
+        try:
+            body = fast_loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadBody("the body is not JSON") from None
+        if type(body) is not dict:
+            raise BadBody("the body is not a JSON object")
+        for field in ("messages", "input"):
+            items = body.get(field)
+            if type(items) is list and len(items) > self.max_messages:
+                raise BadBody(f"{field!r} holds {len(items)} items, more than the {self.max_messages} a request may have")
         return body
+
+
+def check_containers(raw: bytes) -> None:
+    """
+    Refuse, before parsing it, a body that may hold more than
+    L{MAX_CONTAINERS} objects and arrays (its C{{} and C{[} bytes counted,
+    those inside strings too: an upper bound, at C speed).  Parsing one
+    costs the reactor a fraction of a second and a hundred MB.
+    """
+    if len(raw) > _CONTAINERS_CHECKED_FROM and raw.count(b"{") + raw.count(b"[") > MAX_CONTAINERS:
+        raise BadBody(f"the body holds more than {MAX_CONTAINERS} objects and arrays")
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict:

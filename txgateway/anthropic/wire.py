@@ -15,7 +15,7 @@ import attrs
 
 from txgateway import errors
 from txgateway.errors import ErrorKind
-from txgateway.bodies import StrictReading
+from txgateway.bodies import BodyReading
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
@@ -85,13 +85,13 @@ class MessagesCall:
         return self.stream
 
     @classmethod
-    def parse(cls, raw: bytes, strict: StrictReading | None = None) -> "MessagesCall":
+    def parse(cls, raw: bytes, reading: BodyReading | None = None) -> "MessagesCall":
         """
         Read a request body, or raise L{BadCall} when it is not a JSON
-        object (with C{strict}, a governed caller's: when it is not one the
-        gateway can account for, naming the field).
+        object (or, as C{reading} says, one over its bounds or, for a
+        governed caller, one the gateway cannot account for, naming the field).
         """
-        body = read_body(raw, strict)
+        body = read_body(raw, reading)
         return cls(body, raw, body.get("stream") is True)
 
     def body_for(self, model: str | None, prefill: str | None = None) -> bytes:

@@ -37,7 +37,7 @@ from txgateway.dataplane.server import HTTPServerFactory
 from txgateway.front.door import GatewayFront
 from txgateway.front.gateway import Gateway
 from txgateway.governance.estimate import Prices
-from txgateway.bodies import StrictReading
+from txgateway.bodies import BodyReading
 from txgateway.governance.governor import Governor
 from txgateway.governance.interface import IGovernanceStore
 from txgateway.governance.local import LocalLedgerStore
@@ -199,7 +199,7 @@ def build_gateway(
         governor = Governor(
             clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
             config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
-            StrictReading(config.gateway.max_messages),
+            BodyReading(config.gateway.max_messages),
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None

@@ -13,6 +13,7 @@ from typing import Awaitable
 from urllib.parse import unquote_to_bytes
 
 from txgateway import errors
+from txgateway.bodies import BodyReading
 from txgateway.config.gateway import ANY_MODEL
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
@@ -47,6 +48,14 @@ class ProxiedRequests:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        #: How the body of a caller that is not governed is read: fast, bounded.
+        self._fast_reading = BodyReading(gateway.config.gateway.max_messages, strict=False)
+
+    def _reading_for(self, ctx: RequestContext) -> BodyReading:
+        """How the caller's body is read: strictly for a governed key, else fast; bounded either way."""
+        governor = self.gateway.broker.governor
+        strict = governor.reading_for(ctx) if governor is not None else None
+        return strict if strict is not None else self._fast_reading
 
     def _authenticated(self, request: IncomingRequest, ctx: RequestContext) -> bool:
         """Whether the caller may go on (with the gateway's API keys on); else it was answered 401."""
@@ -85,7 +94,8 @@ class ProxiedRequests:
             answer_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
             return
         ctx.service = service
-        await self._brokered(request, ctx, self.gateway.broker.proxy(request, ctx, route, rest, request.query))
+        reading = self._reading_for(ctx)
+        await self._brokered(request, ctx, self.gateway.broker.proxy(request, ctx, route, rest, request.query, reading))
 
     async def _brokered(self, request: IncomingRequest, ctx: RequestContext, answering: Awaitable[None]) -> None:
         """Await the broker's answer; a L{GatewayError} becomes the error shape."""
@@ -125,7 +135,7 @@ class ProxiedRequests:
             )
             return
         governor = self.gateway.broker.governor
-        reading = governor.reading_for(ctx) if governor is not None else None
+        reading = self._reading_for(ctx)
         try:
             call = MessagesCall.parse(request.body, reading) if messages else OpenAICall.parse(request.body, path, reading)
         except BadCall as error:

@@ -151,6 +151,8 @@ class Prices:
         prices = self._dearest.get(key)
         if prices is None:
             # The distinct prices of these models, once (free ones left out: they cost 0).
+            if len(self._dearest) >= 10_000:
+                self._dearest.clear()  # client-chosen model names ([model:*]) must not grow it without bound
             distinct = {(price.prompt, price.completion, price.cached_prompt): price for price in map(self.of, models)}
             prices = self._dearest[key] = [price for price in distinct.values() if price.prompt or price.completion]
         if not prices:

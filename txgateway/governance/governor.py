@@ -19,7 +19,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.bodies import StrictReading
+from txgateway.bodies import BodyReading
 from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
 from txgateway.errors import GatewayError
 from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
@@ -44,6 +44,8 @@ __all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text"]
 
 #: Seconds past a call's deadline its reservation lapses when never settled (C{[budgets] reservation_margin}).
 EXPIRY_MARGIN = 5.0
+#: The most (key, model) plans kept before they are made anew.
+_MAX_PLANS = 10_000
 
 _REFUSALS = {
     BUDGET_EXCEEDED: errors.BUDGET_EXCEEDED,
@@ -230,7 +232,7 @@ class Governor:
         metrics: Any,
         log: Any,
         expiry_margin: float = EXPIRY_MARGIN,
-        reading: StrictReading = StrictReading(10_000),
+        reading: BodyReading = BodyReading(10_000),
     ) -> None:
         if not IGovernanceStore.providedBy(store):
             raise TypeError(f"the governance store must provide IGovernanceStore, got {store!r}")
@@ -269,7 +271,7 @@ class Governor:
         """The key the request's caller presented, or L{None}."""
         return self.keys.get(ctx.caller.name) if ctx.caller is not None else None
 
-    def reading_for(self, ctx: RequestContext) -> StrictReading | None:
+    def reading_for(self, ctx: RequestContext) -> BodyReading | None:
         """How the caller's request body is read: strictly for a governed key, else L{None} (the fast reader)."""
         caller = ctx.caller
         return self._reading if caller is not None and caller.name in self._governed else None
@@ -387,6 +389,8 @@ class Governor:
         if model is not None:
             self.check_model(ctx, model)
         self._say_unpriced(models or [model])
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()  # client-chosen model names ([model:*]) must not grow it without bound
         plan = self._plans[(key.name, model, *models)] = self._reserve_completion_tokens(model or "")
         return plan
 

@@ -36,6 +36,11 @@ def method_label(method: str) -> str:
     return method if method in _KNOWN_METHODS else "other"
 
 
+#: The most distinct model names that label metric series (see L{GatewayMetrics.model_label}).
+MAX_MODEL_LABELS = 1000
+#: The label of every model name past L{MAX_MODEL_LABELS}.
+OTHER_MODELS = "other"
+
 class _ScrapeTimeCollector:
     """
     Gauges computed when scraped, from whatever C{circuits} and
@@ -254,6 +259,7 @@ class GatewayMetrics(RecentWindows):
             "Requests refused by a key's or team's limits before any backend was called, by key and reason.",
             ["key", "reason"], registry=r,
         )
+        self._model_labels: set[str] = set()
         self.usage_clamped = Counter(
             "txgateway_usage_clamped",
             "Settles of a governed key whose backend reported a token count out of bounds (negative, huge, "
@@ -311,8 +317,23 @@ class GatewayMetrics(RecentWindows):
             child = self._cache_children[key] = self.cache_requests.labels(service, result)
         child.inc()
 
+    def model_label(self, model: str) -> str:
+        """
+        C{model} as a metric label: the first L{MAX_MODEL_LABELS} model
+        names seen keep theirs, any later one is C{other} (under
+        C{[model:*]} clients choose the names: each would be new series).
+        """
+        labels = self._model_labels
+        if model in labels:
+            return model
+        if len(labels) < MAX_MODEL_LABELS:
+            labels.add(model)
+            return model
+        return OTHER_MODELS
+
     def count_tokens(self, service: str, model: str, kind: str, tokens: int) -> None:
         """Add the tokens one backend answer reported."""
+        model = self.model_label(model)
         key = (service, model, kind)
         child = self._token_children.get(key)
         if child is None:
@@ -321,6 +342,7 @@ class GatewayMetrics(RecentWindows):
 
     def count_spend(self, key: str, team: str, model: str, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         """One model's share of a governed request, settled: its cost and tokens, by key."""
+        model = self.model_label(model)
         counts = self._spend
         if usd:
             labels = (key, team, model)

@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from txgateway.bodies import BadBody, StrictReading
+from txgateway.bodies import BadBody, BodyReading
 
 try:
     from orjson import dumps as _orjson_dumps
@@ -76,15 +76,16 @@ class BadCall(ValueError):
     """The body is not an OpenAI request the gateway can route (the message says why)."""
 
 
-def read_body(raw: bytes, strict: StrictReading | None) -> dict:
+def read_body(raw: bytes, reading: BodyReading | None) -> dict:
     """
-    A request's JSON object: read fast, or with C{strict} strictly.
+    A request's JSON object: read as C{reading} says (bounded, and strictly
+    for a governed caller), or with L{None} fast and unbounded.
 
     @raise BadCall: it is not one (the message says why).
     """
-    if strict is not None:
+    if reading is not None:
         try:
-            return strict.read(raw)
+            return reading.read(raw, _loads)
         except BadBody as error:
             raise BadCall(str(error)) from None
     try:
@@ -172,13 +173,13 @@ class OpenAICall:
         return self.body.get("n") in (None, 1)
 
     @classmethod
-    def parse(cls, raw: bytes, path: bytes, strict: StrictReading | None = None) -> "OpenAICall":
+    def parse(cls, raw: bytes, path: bytes, reading: BodyReading | None = None) -> "OpenAICall":
         """
         Read a request body, or raise L{BadCall} when it is not a JSON
-        object (with C{strict}, a governed caller's: when it is not one the
-        gateway can account for, naming the field).
+        object (or, as C{reading} says, one over its bounds or, for a
+        governed caller, one the gateway cannot account for, naming the field).
         """
-        body = read_body(raw, strict)
+        body = read_body(raw, reading)
         kind = _endpoint_kind(path)
         stream = kind is not None and body.get("stream") is True
         options = body.get("stream_options")

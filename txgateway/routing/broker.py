@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, messages_path
-from txgateway.bodies import StrictReading
+from txgateway.bodies import BodyReading
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
@@ -86,7 +86,15 @@ class ServiceBroker:
         attempts = Attempts(clock, metrics, rng or random.Random())
         self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(clock, attempts, metrics)), metrics)
 
-    async def proxy(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute, rest: bytes, query: bytes) -> None:
+    async def proxy(
+        self,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        route: ServiceRoute,
+        rest: bytes,
+        query: bytes,
+        reading: BodyReading | None = None,
+    ) -> None:
         """
         Answer C{request} from C{route}'s backends (or its fallbacks'):
         write the status, headers and streamed body, or raise
@@ -98,10 +106,9 @@ class ServiceBroker:
         governor = self.governor
         if governor is not None:
             governor.check_service(ctx, config.name)
-        reading = governor.reading_for(ctx) if governor is not None else None
         model_call = _model_call(request, rest, config, reading)
         price = None
-        if reading is not None:
+        if reading is not None and reading.strict:
             if model_call is not None:
                 if model_call.model is None:
                     raise GatewayError(errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
@@ -201,17 +208,18 @@ class ServiceBroker:
             )
 
 
-def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: StrictReading | None) -> ModelCall | None:
+def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: BodyReading | None) -> ModelCall | None:
     """
     The model call a C{/api/} request makes, read from its body: a C{POST}
     to one of the model calls of the service's API (chat or text
     completions, embeddings, the Responses API; Anthropic's messages).
     L{None}: not a model call, or (for a caller read fast) a body that is
-    not JSON, relayed as it is.
+    not JSON or is over the reading's bounds, relayed as it is.
 
-    @raise GatewayError: a governed caller's body (C{reading}) that the
-        gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
+    @raise GatewayError: a governed caller's body (C{reading} strict) that
+        the gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
     """
+    strict = reading is not None and reading.strict
     api = config.api
     if api == "http" or request.method != b"POST":
         return None
@@ -220,7 +228,7 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
             return None
     elif not model_call_path(rest):
         return None
-    if reading is not None and not _says_json(request):
+    if strict and not _says_json(request):
         raise GatewayError(
             errors.UNSUPPORTED_MEDIA_TYPE,
             f"a governed key's model call must be a JSON body (Content-Type: application/json), got "
@@ -231,7 +239,7 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
             return MessagesCall.parse(request.body, reading)
         return OpenAICall.parse(request.body, rest, reading)
     except BadCall as error:
-        if reading is None:
+        if not strict:
             return None  # not a body the gateway reads: relayed as it is
         raise GatewayError(errors.BAD_REQUEST, str(error)) from None
 
