@@ -503,3 +503,63 @@ def test_client_chosen_model_names_label_at_most_a_thousand_series():
     assert len(token_series) == MAX_MODEL_LABELS + 1
     assert 'txgateway_tokens_total{kind="prompt",model="other",service="ai"} 500.0' in exposition
     assert metrics.model_label("made-up-3") == "made-up-3" and metrics.model_label("new-one") == "other"
+
+
+# -- cached prompt tokens and resumed calls, through the governor ------------------------
+
+PRICED = GATEWAY_HEAD + """
+[service:primary]
+url = http://primary.test/v1
+retries = 0
+resume = prefill
+idle_timeout = 4
+[model:gpt-4o]
+targets = primary
+[key:alice]
+secret = alice-secret
+budget_usd = 100
+[price:gpt-4o]
+prompt = 2
+completion = 10
+cached_prompt = 0.5
+"""
+
+
+def test_cached_prompt_tokens_are_settled_at_the_cached_price():
+    h = Harness(PRICED)
+    d = post(h, "/v1/chat/completions", chat_body())
+    answer = json.loads(completion("gpt-4o", prompt=1000, done=10))
+    answer["usage"]["prompt_tokens_details"] = {"cached_tokens": 800}
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, json.dumps(answer).encode())).finish()
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    # 200 fresh at $2, 800 cached at $0.50, 10 completion at $10 a million.
+    assert cost_of(h) == pytest.approx((200 * 2 + 800 * 0.5 + 10 * 10) / 1e6)
+
+
+def test_a_resumed_call_settles_every_attempts_use():
+    h = Harness(PRICED)
+    d = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
+    first = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    first.send(chunk(role="assistant", content="") + chunk("x" * 60))  # 60 bytes, then it breaks
+    h.flush()
+    received = []
+    done = treq.collect(result_of(d), received.append)
+    first.fail("connection reset")
+    h.flush()
+    second = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    second.send(chunk("y" * 30) + chunk(finish="stop") + usage_chunk(40, 12) + b"data: [DONE]\n\n")
+    second.finish()
+    h.flush()
+    result_of(done)
+    assert len(h.agents["primary"].requests) == 2
+    # The second attempt's usage (40 prompt, 12 completion), and what the first made before it broke:
+    # the 90 bytes relayed count 30 tokens, 18 beyond the 12 reported.
+    assert cost_of(h) == pytest.approx((40 * 2 + 12 * 10 + 18 * 10) / 1e6)
+
+
+def test_a_governed_keys_form_upload_on_v1_is_415():
+    h = Harness(INI)
+    d = h.request("POST", "/v1/audio/transcriptions", data=b"--x\r\n\r\n--x--",
+                  headers={**ALICE, "Content-Type": "multipart/form-data; boundary=x"})
+    refused(h, d, 415, "unsupported_media_type")

@@ -23,7 +23,7 @@ from txgateway.front.gateway import Gateway
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
 from txgateway.openai.wire import BadCall, OpenAICall
-from txgateway.routing.broker import AnswerCutShort
+from txgateway.routing.broker import AnswerCutShort, refuse_unless_json
 from txgateway.routing.paths import UnsafePath, split_api_path
 
 __all__ = ["ProxiedRequests"]
@@ -136,6 +136,12 @@ class ProxiedRequests:
             return
         governor = self.gateway.broker.governor
         reading = self._reading_for(ctx)
+        if reading.strict:
+            try:
+                refuse_unless_json(request)
+            except GatewayError as error:
+                answer_error(request, error.kind, error.message)
+                return
         try:
             call = MessagesCall.parse(request.body, reading) if messages else OpenAICall.parse(request.body, path, reading)
         except BadCall as error:

@@ -187,7 +187,9 @@ class Reservation:
                     prices.of(model).cost_nano(last.prompt_tokens, completion, last.cached_tokens),
                 )
                 return uses
-            whole = billed[-1][1].final and (relayed is None or relayed.finished)
+            # Whole: the last answer said its usage and the client had all of it, in one
+            # attempt (a resumed call's broken attempts said nothing of what they made).
+            whole = billed[-1][1].final and (relayed is None or relayed.finished) and not ctx.completion.resumed
             missing = streamed - sum(use.completion_tokens for use in uses)
             if not whole and missing > 0:
                 # The stream was cut before its usage said all: what the client had counts.

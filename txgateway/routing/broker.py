@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from txgateway.governance.governor import Governor
     from txgateway.routing.deployments import ModelTable
 
-__all__ = ["AnswerCutShort", "CUT_SLACK", "ServiceBroker"]
+__all__ = ["AnswerCutShort", "CUT_SLACK", "ServiceBroker", "refuse_unless_json"]
 
 #: Content events a governed stream may relay past its reserved completion
 #: tokens before it is cut: an event carries at least one token, but a few
@@ -208,6 +208,25 @@ class ServiceBroker:
             )
 
 
+def refuse_unless_json(request: IncomingRequest) -> None:
+    """
+    @raise GatewayError: C{unsupported_media_type} (415), for a governed
+        key's model call whose body is declared other than JSON (a form, a
+        file upload): the gateway cannot read, so cannot account for, it.
+    """
+    declared = request.header(b"content-type")
+    if declared is None:
+        return
+    media = declared.split(b";", 1)[0].strip().lower()
+    if media == b"application/json" or media.endswith(b"+json"):
+        return
+    raise GatewayError(
+        errors.UNSUPPORTED_MEDIA_TYPE,
+        f"a governed key's model call must be a JSON body (Content-Type: application/json), got "
+        f"{declared.decode('latin-1')[:60]!r}",
+    )
+
+
 def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: BodyReading | None) -> ModelCall | None:
     """
     The model call a C{/api/} request makes, read from its body: a C{POST}
@@ -228,12 +247,8 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
             return None
     elif not model_call_path(rest):
         return None
-    if strict and not _says_json(request):
-        raise GatewayError(
-            errors.UNSUPPORTED_MEDIA_TYPE,
-            f"a governed key's model call must be a JSON body (Content-Type: application/json), got "
-            f"{(request.header(b'content-type') or b'none').decode('latin-1')[:60]!r}",
-        )
+    if strict:
+        refuse_unless_json(request)
     try:
         if api == ANTHROPIC:
             return MessagesCall.parse(request.body, reading)
@@ -242,15 +257,6 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
         if not strict:
             return None  # not a body the gateway reads: relayed as it is
         raise GatewayError(errors.BAD_REQUEST, str(error)) from None
-
-
-def _says_json(request: IncomingRequest) -> bool:
-    """Whether the request's body is declared JSON (or undeclared, as curl's default form type is not)."""
-    declared = request.header(b"content-type")
-    if declared is None:
-        return True
-    media = declared.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or media.endswith(b"+json")
 
 
 def _unread_price(request: IncomingRequest, rest: bytes, config: ServiceConfig) -> tuple[str, float] | None:
