@@ -81,6 +81,7 @@ MAY_IMPORT = {
 #: Pure cores: given a clock and inputs they decide; they import no I/O
 #: (no sockets, protocols, reactor, HTTP, Redis) and no room but config.
 PURE_CORES = {
+    "txgateway.bodies",
     "txgateway.resilience.breaker",
     "txgateway.resilience.retry",
     "txgateway.ratelimit.bucket",

@@ -81,7 +81,8 @@ class BodyReading:
         The body's JSON object, its fields checked; L{BadBody} naming what
         is wrong.  C{fast_loads}: the fast reader, for a caller not read strictly.
         """
-        check_containers(raw)
+        if len(raw) > _CONTAINERS_CHECKED_FROM:
+            check_containers(raw)
         if self.strict:
             body = read_strict(raw)
             strict_fields(body, self.max_messages)

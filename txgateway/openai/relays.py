@@ -103,8 +103,6 @@ class EventStreamRelay(BodyRelay):
     #: The most content events relayed before the stream is cut (L{None}: no bound), and how it is ended.
     _bound: int | None = None
     _closing: Any = None
-    #: The last chunk's data (kept only with a bound: the closing chunk names its id and model).
-    _last_data: dict | None = None
 
     def __init__(
         self,
@@ -165,14 +163,37 @@ class EventStreamRelay(BodyRelay):
         Relay these events in one write, up to C{[DONE]}, which ends the
         client's answer; returns whether it did.
         """
+        if self._bound is not None:
+            return self._relay_bounded(ready)
+        out: list[bytes] = []
+        ended = False
+        write = self._write
+        for event, facts in ready:
+            self._transcript.sent(facts, not self._resumed)
+            out.append(event if write is None else write(event, facts))
+            if facts.done:
+                ended = True
+                break
+        if out:
+            self._pass(b"".join(out))
+        if ended:
+            self._answer_done()
+        return ended
+
+    def _relay_bounded(self, ready: list[tuple[bytes, ChunkFacts]]) -> bool:
+        """
+        L{_relay_events} for a governed stream: past its bound of content
+        events, the stream is ended as its backend's API ends one at its
+        limit and the backend is no longer read.
+        """
         out: list[bytes] = []
         ended = cut = False
         write = self._write
         bound = self._bound
         transcript = self._transcript
         for event, facts in ready:
-            if bound is not None and (facts.text or facts.tool_call) and transcript.content_chunks >= bound:
-                out += self._closed(write)
+            if (facts.text or facts.tool_call) and transcript.content_chunks >= bound:
+                out += self._closed(write, facts.data)
                 ended = cut = True
                 break
             transcript.sent(facts, not self._resumed)
@@ -188,16 +209,17 @@ class EventStreamRelay(BodyRelay):
             self._control.stopProducing()
         return ended
 
-    def _closed(self, write: Any) -> list[bytes]:
+    def _closed(self, write: Any, last: dict | None) -> list[bytes]:
         """
         The end of a stream cut at its bound: the backend API's own closing
         events (a finish for C{length}, C{max_tokens}), read and written to
-        the client like the backend's.
+        the client like the backend's.  C{last}: the data of the event the
+        cut fell on (its id and model name the closing chunk's).
         """
         transcript = self._transcript
         transcript.cut = True
         out = []
-        for event in self._closing(self._last_data, self._bound):
+        for event in self._closing(last, self._bound):
             kept = self._kept(event, self._read(event))
             if kept is not None:
                 transcript.sent(kept[1], not self._resumed)
@@ -221,8 +243,6 @@ class EventStreamRelay(BodyRelay):
                 return None
         if facts.rewritten is not None:
             event = facts.rewritten
-        if self._bound is not None and facts.data is not None:
-            self._last_data = facts.data
         if self._resumed and facts.data is not None:
             if not facts.token:
                 return None  # the resumed stream's role chunk (or message start): the client has had one

@@ -304,6 +304,9 @@ class Usage:
     @classmethod
     def reported(cls, model: str | None, prompt: Any, completion: Any, cached: Any = None, final: bool = True) -> "Usage":
         """A backend's usage with each count bounded (see L{reported_count}); the cached tokens at most the prompt's."""
+        if (type(prompt) is int and type(completion) is int and 0 <= prompt <= USAGE_BOUND
+                and 0 <= completion <= USAGE_BOUND and (cached is None or (type(cached) is int and 0 <= cached <= prompt))):
+            return cls(model, prompt, completion, cached or 0, False, final)  # what every honest backend reports
         prompt_tokens, bad_prompt = reported_count(prompt)
         completion_tokens, bad_completion = reported_count(completion)
         cached_tokens, bad_cached = reported_count(cached)

@@ -99,7 +99,9 @@ class ServiceBroker:
         Answer C{request} from C{route}'s backends (or its fallbacks'):
         write the status, headers and streamed body, or raise
         L{GatewayError} (nothing was written yet) or L{AnswerCutShort} (the
-        answer broke midway).
+        answer broke midway).  A model call of the service's API is read
+        as C{reading} says: strictly for a governed key, whose requests the
+        gateway cannot read are refused or priced (see L{_unread_price}).
         """
         path = _checked(rest, query)
         config = route.config
