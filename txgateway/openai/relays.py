@@ -165,6 +165,10 @@ class EventStreamRelay(BodyRelay):
         """
         if self._bound is not None:
             return self._relay_bounded(ready)
+        return self._relay_plain(ready)
+
+    def _relay_plain(self, ready: list[tuple[bytes, ChunkFacts]]) -> bool:
+        """Relay these events in one write, up to C{[DONE]}; returns whether the answer ended."""
         out: list[bytes] = []
         ended = False
         write = self._write
@@ -182,32 +186,26 @@ class EventStreamRelay(BodyRelay):
 
     def _relay_bounded(self, ready: list[tuple[bytes, ChunkFacts]]) -> bool:
         """
-        L{_relay_events} for a governed stream: past its bound of content
-        events, the stream is ended as its backend's API ends one at its
-        limit and the backend is no longer read.
+        L{_relay_events} for a governed stream: the events up to its bound
+        of content events are relayed as any are; at the first past it,
+        the stream is ended as its backend's API ends one at its limit, and
+        the backend is no longer read.
         """
-        out: list[bytes] = []
-        ended = cut = False
-        write = self._write
-        bound = self._bound
-        transcript = self._transcript
-        for event, facts in ready:
-            if (facts.text or facts.tool_call) and transcript.content_chunks >= bound:
-                out += self._closed(write, facts.data)
-                ended = cut = True
-                break
-            transcript.sent(facts, not self._resumed)
-            out.append(event if write is None else write(event, facts))
-            if facts.done:
-                ended = True
-                break
-        if out:
-            self._pass(b"".join(out))
-        if ended:
-            self._answer_done()
-        if cut and self._control is not None:
+        room = self._bound - self._transcript.content_chunks
+        for position, (_, facts) in enumerate(ready):
+            if facts.text or facts.tool_call:
+                if room <= 0:
+                    break
+                room -= 1
+        else:
+            return self._relay_plain(ready)
+        if self._relay_plain(ready[:position]):
+            return True  # it ended whole before the bound
+        self._pass(b"".join(self._closed(self._write, facts.data)))
+        self._answer_done()
+        if self._control is not None:
             self._control.stopProducing()
-        return ended
+        return True
 
     def _closed(self, write: Any, last: dict | None) -> list[bytes]:
         """
