@@ -483,3 +483,82 @@ def test_admin_answers_leave_twisted_web_no_error_to_log(raw):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert failures == []
+
+
+# -- the request bodies held across every connection ----------------------------------
+
+BUSY_INI = SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_bodies_in_flight = 100\n")
+
+
+def second_connection(first: Connection) -> Connection:
+    """Another client connection to the same gateway as C{first}."""
+    other = Connection.__new__(Connection)
+    other.harness = first.harness
+    other.clock = first.clock
+    other.channel = first.harness.server_factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 5556))
+    other.transport = HalfClosableTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 5556))
+    other.channel.makeConnection(other.transport)
+    return other
+
+
+def test_a_body_past_what_all_connections_may_hold_is_503_before_it_arrives():
+    first = Connection(BUSY_INI)
+    first.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"x" * 80)  # still arriving
+    second = second_connection(first)
+    second.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+    error = json_error(second, 503)
+    assert error["type"] == "gateway_busy" and "(100)" in error["message"]
+    assert second.closing
+
+
+def test_a_chunked_body_that_fills_what_all_may_hold_is_503_as_it_arrives():
+    first = Connection(BUSY_INI)
+    first.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"x" * 80)
+    second = second_connection(first)
+    second.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1e\r\n" + b"y" * 30 + b"\r\n")
+    assert json_error(second, 503)["type"] == "gateway_busy"
+
+
+def test_the_bytes_a_connection_held_come_back_when_it_goes_and_when_its_request_ends():
+    first = Connection(BUSY_INI)
+    factory = first.harness.server_factory
+    first.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"x" * 80)
+    assert factory.bodies_held == 80
+    first.channel.connectionLost(Failure(ConnectionDone()))
+    assert factory.bodies_held == 0
+    second = second_connection(first)
+    second.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"z" * 90)
+    assert factory.bodies_held == 90  # held while its request is answered
+    first.harness.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/plain"}, b"ok"))
+    assert factory.bodies_held == 0
+    third = second_connection(first)
+    third.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"w" * 90)
+    assert third.transport.value() == b""  # no refusal: everything came back
+
+
+def test_queued_pipelined_bodies_come_back_when_the_connection_goes():
+    first = Connection(BUSY_INI)
+    factory = first.harness.server_factory
+    request = b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n" + b"q" * 20
+    first.send(request * 3)  # one answered now, two queued behind it
+    assert factory.bodies_held == 60
+    first.channel.connectionLost(Failure(ConnectionDone()))
+    assert factory.bodies_held == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.booleans()), min_size=1, max_size=5), st.integers(0, 400), st.booleans())
+def test_whatever_a_connection_did_its_bytes_all_come_back_when_it_goes(requests, cut_at, answer_first):
+    connection = Connection(BUSY_INI.replace("max_bodies_in_flight = 100", "max_bodies_in_flight = 1000"))
+    factory = connection.harness.server_factory
+    raw = b"".join(
+        (b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % size + b"b" * size + b"\r\n0\r\n\r\n")
+        if chunked and size else (b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"b" * size)
+        for size, chunked in requests
+    )
+    connection.send(raw[:cut_at])
+    upstream = connection.harness.agents.get("ai")
+    if answer_first and upstream is not None and upstream.requests:
+        upstream.last.respond(FakeResponse(200, {b"content-type": b"text/plain"}, b"ok"))
+    connection.channel.connectionLost(Failure(ConnectionDone()))
+    assert factory.bodies_held == 0

@@ -54,6 +54,8 @@ NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
 BUDGETS_UNAVAILABLE = ErrorKind("budgets_unavailable", 503)
+#: The request bodies held across all connections reached C{[gateway] max_bodies_in_flight}.
+GATEWAY_BUSY = ErrorKind("gateway_busy", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
 #: Only in the SSE ``event: error`` that ends a stream broken after its
 #: status was sent (the status here is what it would have been before).
@@ -86,6 +88,7 @@ KINDS = {
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
         BUDGETS_UNAVAILABLE,
+        GATEWAY_BUSY,
         UPSTREAM_TIMEOUT,
         STREAM_BROKEN,
         STREAM_IDLE,

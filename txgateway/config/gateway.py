@@ -322,8 +322,10 @@ class GatewaySettings:
     drain_delay: float = _key(_non_negative_seconds, 0.0)
     #: Worker processes (C{auto}: one per core); more than one makes the daemon a supervisor.
     workers: int = _key(_workers, 1)
-    #: The most messages (or C{input} items) a governed caller's request may hold.
+    #: The most messages (or C{input} items) a request read as a model call may hold.
     max_messages: int = _key(_integer(1), 10_000)
+    #: The most request body bytes held at once across every connection (per process).
+    max_bodies_in_flight: int = _key(_integer(1), 256 * 1024 * 1024)
 
 
 @attrs.frozen

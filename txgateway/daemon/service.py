@@ -257,6 +257,7 @@ def build_server_factory(front: GatewayFront, clock: IReactorTime) -> HTTPServer
         header_timeout=settings.header_timeout,
         idle_timeout=settings.client_idle_timeout,
         secure=settings.listen.startswith("ssl:"),
+        max_bodies_held=settings.max_bodies_in_flight,
     )
 
 
@@ -519,6 +520,7 @@ class GatewayService(MultiService):
             self._retired_ledgers.append(retired_ledger)
         gateway.accepting = old.accepting
         self.server_factory.max_body_size = config.gateway.max_body_size
+        self.server_factory.max_bodies_held = config.gateway.max_bodies_in_flight
         self.server_factory.header_timeout = config.gateway.header_timeout
         self.server_factory.idle_timeout = config.gateway.client_idle_timeout
         self.server_factory.log = self.log

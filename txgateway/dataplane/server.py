@@ -100,6 +100,9 @@ class _DateHeader:
         return self._value
 
 
+#: The refusal of a body past C{max_bodies_held} (its limit filled in).
+_BUSY_MESSAGE = "the gateway holds as many request body bytes (%d) as it may at once; retry shortly"
+
 class IncomingRequest:
     """
     One client request, complete with its body, and the writer of its answer.
@@ -349,6 +352,8 @@ class IncomingRequest:
         if self._ended:
             return
         self._ended = True
+        if self._channel is not None and self.body:
+            self._channel.body_released(len(self.body))
         if self.on_end is not None:
             self.on_end(self, aborted)
 
@@ -397,6 +402,8 @@ class HTTPServerProtocol(Protocol):
         self._pending_refusal: bytes | None = None
         self._peer = "unknown"
         self._secure = False
+        #: Request body bytes this connection holds (being read, queued, or of the request answered now).
+        self._body_bytes = 0
 
     # -- connection
 
@@ -413,6 +420,9 @@ class HTTPServerProtocol(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.connection_closed(self)
         self._closing = True
+        # Everything it held goes back at once (its requests' ends then find nothing to give).
+        self.factory.bodies_held -= self._body_bytes
+        self._body_bytes = 0
         for call in (self._idle_timer, self._header_timer, self._linger_ends, self._linger_idle):
             _cancel(call)
         self._idle_timer = self._header_timer = self._linger_ends = self._linger_idle = None
@@ -499,10 +509,14 @@ class HTTPServerProtocol(Protocol):
         _cancel(self._header_timer)
         self._header_timer = None
         limit = self.factory.max_body_size
+        factory = self.factory
         for name, value in reading.headers:
-            if len(name) == 14 and name.lower() == b"content-length" and int(value) > limit:
+            if len(name) == 14 and name.lower() == b"content-length":
                 # Refused before the body arrives: it is never read.
-                self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
+                if int(value) > limit:
+                    self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
+                if factory.bodies_held + int(value) > factory.max_bodies_held:
+                    self._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
         if self._current is None and not self._queue:
             for name, value in reading.headers:
                 if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
@@ -511,10 +525,22 @@ class HTTPServerProtocol(Protocol):
 
     def on_body(self, data: bytes) -> None:
         reading = self._reading
-        reading.body_size += len(data)
+        size = len(data)
+        reading.body_size += size
         if reading.body_size > self.factory.max_body_size:
             self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {self.factory.max_body_size} bytes")
+        factory = self.factory
+        self._body_bytes += size
+        factory.bodies_held += size
+        if factory.bodies_held > factory.max_bodies_held:
+            self._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
         reading.body.append(data)
+
+    def body_released(self, size: int) -> None:
+        """A request of this connection ended: its body's C{size} bytes go back (unless the connection gave all back)."""
+        if self._body_bytes >= size:
+            self._body_bytes -= size
+            self.factory.bodies_held -= size
 
     def on_message_complete(self) -> None:
         reading, self._reading = self._reading, None
@@ -712,6 +738,7 @@ class HTTPServerFactory(Factory):
 
     @ivar handler: has C{handle(request)}; it answers through the request.
     @ivar max_body_size: the largest request body accepted, in bytes.
+    @ivar bodies_held: request body bytes held now, across every connection.
     @ivar header_timeout: seconds a client has to send its request line and
         headers once it started.
     @ivar idle_timeout: seconds a connection may stay silent while no
@@ -730,11 +757,17 @@ class HTTPServerFactory(Factory):
         header_timeout: float,
         idle_timeout: float,
         secure: bool = False,
+        max_bodies_held: int = 256 * 1024 * 1024,
     ) -> None:
         self.handler = handler
         self.clock = clock
         self.log = log
         self.max_body_size = max_body_size
+        #: The most request body bytes held across every connection at once
+        #: (being received, or held by requests not yet answered); past it a
+        #: new body is refused 503 C{gateway_busy}.
+        self.max_bodies_held = max_bodies_held
+        self.bodies_held = 0
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.secure = secure
