@@ -284,19 +284,23 @@ def test_a_keys_file_in_ini_syntax_is_read_again_on_sighup(start_gateway, backen
     assert request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=second).status == 200
 
 
-def test_the_overspend_of_requests_without_room_for_their_answer_is_what_they_used_beyond_it(start_gateway, backend):
-    # max_tokens 10 reserves 6 + 10 = 16 tokens; the fake backend ignores it and writes 60 (usage: 1 + 60).
-    gateway = start_gateway(governed(backend.url, f"tokens_per_minute = {20 * 16}"))
-    body = chat_body("slow", stream=True, max_tokens=10)
+def _twenty_calls(gateway, body: bytes) -> dict:
     with ThreadPoolExecutor(20) as pool:
         statuses = list(pool.map(
             lambda _: request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=HEADERS, timeout=30).status,
             range(20),
         ))
     assert statuses == [200] * 20
-    tokens = spend(gateway)["keys"]["team"]["tokens_per_minute"]
-    # The bound the README states: the requests in flight, each by what it used beyond its reservation.
-    assert tokens["used"] == 20 * 61 and tokens["remaining"] == 0
+    return spend(gateway)["keys"]["team"]["tokens_per_minute"]
+
+
+def test_streams_of_a_backend_ignoring_max_tokens_are_cut_and_spend_no_more_than_they_reserved(start_gateway, backend):
+    # max_tokens 10 reserves 6 + 10 = 16 tokens; the fake backend ignores it and would write 60.
+    gateway = start_gateway(governed(backend.url, f"tokens_per_minute = {20 * 16}"))
+    body = chat_body("slow", stream=True, max_tokens=10)
+    tokens = _twenty_calls(gateway, body)
+    # Each stream cut at its bound and settled at it: the minute is full, not overspent.
+    assert tokens["used"] == 20 * 16 and tokens["remaining"] == 0
     refused = request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=HEADERS)
     assert refused.status == 429 and refused.error["type"] == "tokens_exceeded"
-    assert 50 <= int(refused.headers["Retry-After"]) <= 60  # until the overspent entries leave the minute
+    assert 50 <= int(refused.headers["Retry-After"]) <= 60
