@@ -251,15 +251,45 @@ def test_a_stream_reporting_cumulative_usage_on_every_chunk_is_counted_once():
     assert cost_of(h) == pytest.approx(12 / 1e6)
 
 
-def test_a_json_answer_whose_client_left_is_charged_its_whole_reservation():
-    h = Harness(INI)
-    d = post(h, "/v1/chat/completions", chat_body(max_tokens=8000))
-    assert h.agents["ai"].requests
+def spent_usd(h: Harness) -> float:
+    """What alice's key has spent, from the ledger (an access line is written when the client leaves, before a late settle)."""
+    ledger = h.gateway.broker.governor.store.ledger
+    return sum(nano for (scope, _), nano in ledger.committed.items() if scope == "key:alice") / 1e9
+
+
+def left_before_the_answer(h: Harness, **fields):
+    d = post(h, "/v1/chat/completions", chat_body(**fields))
+    sent = h.agents["ai"].last
     h.agent.server_protocols[-1].transport.abortConnection()
     h.flush()
     d.addErrback(lambda failure: None)
-    # The backend goes on making the answer (and its provider bills it): the whole reservation.
-    assert cost_of(h) == pytest.approx((9 + 8000) / 1e6)
+    return sent
+
+
+def test_a_json_call_whose_client_left_is_read_on_and_pays_what_the_backend_made():
+    h = Harness(INI)
+    sent = left_before_the_answer(h, max_tokens=8000)
+    assert h.agents["ai"].cancelled == []  # not cut off: the backend goes on making it, its provider bills it
+    sent.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=9, done=7_900))).finish()
+    h.flush()
+    assert spent_usd(h) == pytest.approx((9 + 7_900) / 1e6)
+    assert h.gateway.broker.governor.store.ledger.holding == 0
+
+
+def test_a_json_call_whose_client_left_is_not_retried_and_a_refusal_costs_nothing():
+    h = Harness(INI.replace("[service:ai]\nurl = http://ai.test/v1\nretries = 0", "[service:ai]\nurl = http://ai.test/v1\nretries = 3"))
+    sent = left_before_the_answer(h)
+    sent.respond(FakeResponse(503, JSON, b'{"error": "busy"}')).finish()
+    h.advance(60)
+    assert len(h.agents["ai"].requests) == 1
+    assert spent_usd(h) == 0 and h.gateway.broker.governor.store.ledger.holding == 0
+
+
+def test_a_json_call_whose_client_left_and_whose_backend_fell_silent_pays_its_reservation():
+    h = Harness(INI)
+    left_before_the_answer(h, max_tokens=500)
+    h.advance(60)  # past the service's timeout: nothing was read, the backend may have made it all
+    assert spent_usd(h) == pytest.approx((9 + 500) / 1e6)
 
 
 def test_a_native_messages_stream_left_early_pays_its_input_tokens_and_the_text_relayed():

@@ -136,10 +136,10 @@ def test_a_client_that_hangs_up_on_a_json_call_still_pays_for_the_answer_the_bac
             + f"Authorization: Bearer {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
         )
         wait_until(lambda: len(calls(hostile)) == 1)
-    # "hi" + "user": 2 tokens, one message 4: 6 prompt, and the 8,000 it may complete.
-    wait_until(lambda: spent(gateway) == pytest.approx((6 + 8000) / 1e6))
-    time.sleep(2)
+    # The gateway read the answer on after its client left: what the backend reported (9 + 8,000).
+    wait_until(lambda: spent(gateway) == pytest.approx((9 + 8000) / 1e6))
     assert request(hostile.port, "GET", "/calls").json()["made"] == ["slow-json"]
+    assert gateway.logged("settled_after_client_left", ended="answered")
 
 
 def test_two_gateway_keys_in_two_headers_are_ambiguous_and_none_reaches_the_backend(start_gateway, hostile):

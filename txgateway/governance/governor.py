@@ -201,11 +201,12 @@ class Reservation:
             completion = self.completion_cap
         elif streamed:
             completion = streamed
-        elif 200 <= answered < 300 or (ctx.client_gone and ctx.attempts and not self.model_call.stream):
-            # Made and not read: a JSON answer the backend went on making after its client left.
-            completion = self.completion_cap
-        elif ctx.client_gone and ctx.attempts:
-            completion = 0  # a stream left before its first token: the backend stopped with it
+        elif 200 <= answered < 300:
+            completion = self.completion_cap  # answered, its usage unread
+        elif answered == 0 and ctx.client_gone and ctx.attempts:
+            # Its client left and no answer was read: a JSON answer the backend may have gone on
+            # making (its whole reservation); a stream the backend stopped with its client.
+            completion = 0 if self.model_call.stream else self.completion_cap
         else:
             return []
         return [ModelUse(model, self.prompt_estimate, completion, prices.of(model).cost_nano(self.prompt_estimate, completion))]

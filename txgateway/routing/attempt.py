@@ -179,6 +179,8 @@ class Attempts:
                 failed_on = admitted.endpoint
                 delay = self._delay_before_retry(outcome, target.route, call.ctx.attempts)
                 stop = self._why_no_retry(state, delay, retrying is not None)
+                if call.ctx.client_gone:
+                    stop = _FINAL  # a call carried on for its usage after its client left: no retry
                 self._log_attempt(call.ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
                 if stop in (_FINAL, _SILENT_LEFT, _BUDGET_SPENT):
                     if outcome.failure is not None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import TYPE_CHECKING, Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Mapping
 
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from txgateway import errors
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, messages_path
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
     from txgateway.routing.deployments import ModelTable
 
 __all__ = ["AnswerCutShort", "CUT_SLACK", "ServiceBroker", "refuse_unless_json"]
+
+#: How a call ends when no backend made anything for it (refused connections, open circuits).
+_NOTHING_MADE = (errors.UPSTREAM_UNAVAILABLE, errors.CIRCUIT_OPEN)
 
 #: Content events a governed stream may relay past its reserved completion
 #: tokens before it is cut: an event carries at least one token, but a few
@@ -173,10 +178,50 @@ class ServiceBroker:
             return
         if model_call is not None and model_call.stream and reservation.completion_cap:
             call.completion_bound = reservation.completion_cap + CUT_SLACK
+        if model_call is not None and model_call.generates and not model_call.stream:
+            await self._served_even_if_left(call, cached_as, reservation)
+            return
         try:
             await self._serve_call(call, cached_as)
         finally:
             reservation.settle(call.ctx, call.request.code, call.transcript, call.ctx.served_model)
+
+    def _served_even_if_left(self, call: Call, cached_as: bytes, reservation: Any) -> Deferred[None]:
+        """
+        Serve a governed JSON call so that its client leaving does not stop
+        it: the backend goes on making the answer (and its provider bills
+        it), so the gateway goes on reading it, the bytes dropped, within
+        the call's own timeouts, and settles what the answer reports.  No
+        retry and no other target is tried for a client that left.  The
+        L{Deferred} returned is the client's: cancelling it leaves the
+        call running.
+        """
+        ctx = call.ctx
+        serving = ensureDeferred(self._serve_call(call, cached_as))
+        client: Deferred[None] = Deferred()
+
+        def settled(result: Any) -> None:
+            answered = call.request.code
+            if isinstance(result, Failure) and result.check(GatewayError) and result.value.kind in _NOTHING_MADE:
+                answered = result.value.kind.status  # no backend made anything: nothing to pay
+            reservation.settle(ctx, answered, call.transcript, ctx.served_model)
+            if not client.called:
+                if isinstance(result, Failure):
+                    client.errback(result)
+                else:
+                    client.callback(None)
+                return
+            # The client left: how the call ended is said on the log, not raised to anyone.
+            ended = "answered" if not isinstance(result, Failure) else (
+                "stopped" if result.check(CancelledError) else getattr(getattr(result.value, "kind", None), "type", result.type.__name__)
+            )
+            ctx.log.info(
+                "settled_after_client_left", ended=ended, cost_usd=ctx.spend.cost_usd if ctx.spend is not None else None,
+                completion_tokens=ctx.completion.completion_tokens if ctx.completion is not None else None,
+            )
+
+        serving.addBoth(settled)
+        return client
 
     def _serve_call(self, call: Call, cached_as: bytes) -> Awaitable[None]:
         """

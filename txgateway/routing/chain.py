@@ -63,13 +63,13 @@ class FallbackChain:
                 try:
                     answer = await self._attempts.until_final(call, target)
                 except GatewayError as error:
-                    if following is None or error.kind not in _GIVING_UP or self._past_deadline(call):
+                    if following is None or error.kind not in _GIVING_UP or self._stops_here(call):
                         self._answering(call, target)
                         raise
                     moved_on = error.message
                 else:
                     moved_on = None
-                    if following is not None and not self._past_deadline(call):
+                    if following is not None and not self._stops_here(call):
                         moved_on = await self._moves_on(call, target, answer)
                     if moved_on is None:
                         self._answering(call, target)
@@ -81,8 +81,12 @@ class FallbackChain:
                     answer.drop()
             self._fall_over(call, target, following, moved_on)
 
-    def _past_deadline(self, call: Call) -> bool:
-        return self._clock.seconds() >= call.deadline_at
+    def _stops_here(self, call: Call) -> bool:
+        """
+        No next target: the deadline passed, or the client left (a call
+        carried on for its usage after its client left tries nothing more).
+        """
+        return self._clock.seconds() >= call.deadline_at or call.ctx.client_gone
 
     def _moves_on(self, call: Call, target: Target, answer: Answer) -> Awaitable[str | None]:
         """
