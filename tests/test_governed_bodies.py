@@ -593,3 +593,15 @@ def test_a_governed_keys_form_upload_on_v1_is_415():
     d = h.request("POST", "/v1/audio/transcriptions", data=b"--x\r\n\r\n--x--",
                   headers={**ALICE, "Content-Type": "multipart/form-data; boundary=x"})
     refused(h, d, 415, "unsupported_media_type")
+
+
+def test_a_models_image_tokens_are_what_each_of_its_images_reserves():
+    h = Harness(INI.replace("[model:gpt-4o]\ntargets = ai", "[model:gpt-4o]\ntargets = ai\nimage_tokens = 48169"))
+    image = {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}
+    body = json.dumps({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": [image, image]}]}).encode()
+    d = post(h, "/v1/chat/completions", body)
+    h.agents["ai"].last.respond(FakeResponse(500, JSON, b"{}")).finish()
+    h.flush()
+    result_of(d)
+    [line] = h.access.lines
+    assert line["reserved_tokens"] == 2 * 48_169 + 2 + 4 + 10  # two images, "user", one message, max_tokens

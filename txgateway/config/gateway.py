@@ -586,6 +586,9 @@ class ModelConfig:
     targets: tuple = _key(_model_targets)
     #: Completion tokens reserved for a request that names no C{max_tokens}.
     reserve_completion_tokens: int = _key(_integer(1), 1024)
+    #: Prompt tokens reserved for each image a request carries (the providers' largest
+    #: published count by default; more for a model that counts images as more tokens).
+    image_tokens: int = _key(_integer(1), 2_700)
 
 
 @attrs.frozen
@@ -617,6 +620,11 @@ class GatewayConfig:
         """The completion tokens reserved for C{model} when a request names no maximum."""
         config = self.models.get(model) or self.models.get(ANY_MODEL)
         return config.reserve_completion_tokens if config is not None else 1024
+
+    def image_tokens(self, model: str) -> int:
+        """The prompt tokens reserved for each image of a request to C{model}."""
+        config = self.models.get(model) or self.models.get(ANY_MODEL)
+        return config.image_tokens if config is not None else 2_700
 
 
 # -- parsing

@@ -199,7 +199,7 @@ def build_gateway(
         governor = Governor(
             clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
             config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
-            BodyReading(config.gateway.max_messages),
+            BodyReading(config.gateway.max_messages), config.image_tokens,
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None

@@ -41,19 +41,19 @@ LOW_DETAIL_IMAGE_TOKENS = 85
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 
 
-def _image_tokens(part: dict) -> int:
+def _image_tokens(part: dict, image_tokens: int) -> int:
     detail = part.get("detail")
     image = part.get("image_url")
     if isinstance(image, dict):
         detail = image.get("detail", detail)
-    return LOW_DETAIL_IMAGE_TOKENS if detail == "low" else IMAGE_TOKENS
+    return min(LOW_DETAIL_IMAGE_TOKENS, image_tokens) if detail == "low" else image_tokens
 
 
-def _text_bytes(value: Any) -> int:
+def _text_bytes(value: Any, image_tokens: int = IMAGE_TOKENS) -> int:
     """
     What a JSON value weighs in the estimate, in bytes of text: the UTF-8
     bytes of its strings anywhere in it, numbers as their digits, and each
-    image part as L{IMAGE_TOKENS} (in bytes: times L{BYTES_PER_TOKEN}).
+    image part as C{image_tokens} (in bytes: times L{BYTES_PER_TOKEN}).
     Walked without recursion, however deep the value nests.
     """
     total = 0
@@ -67,7 +67,7 @@ def _text_bytes(value: Any) -> int:
             pending.extend(item)
         elif kind is dict:
             if item.get("type") in _IMAGE_PARTS:
-                total += _image_tokens(item) * BYTES_PER_TOKEN
+                total += _image_tokens(item, image_tokens) * BYTES_PER_TOKEN
                 continue
             pending.extend(item.values())
         elif kind in (int, float):
@@ -75,8 +75,11 @@ def _text_bytes(value: Any) -> int:
     return total
 
 
-def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The prompt tokens reserved for an OpenAI (or Messages) request body (see the module's rule)."""
+def estimate_prompt_tokens(body: Mapping[str, Any], image_tokens: int = IMAGE_TOKENS) -> int:
+    """
+    The prompt tokens reserved for an OpenAI (or Messages) request body
+    (see the module's rule), each image counted as C{image_tokens}.
+    """
     text = 0
     framing = 0
     messages = body.get("messages")
@@ -86,12 +89,12 @@ def estimate_prompt_tokens(body: Mapping[str, Any]) -> int:
                 # The common message, {"role": ..., "content": "..."}, without the walk.
                 text += len(message["content"].encode("utf-8", "replace")) + len(str(message.get("role", "")).encode("utf-8", "replace"))
             else:
-                text += _text_bytes(message)
+                text += _text_bytes(message, image_tokens)
         framing += MESSAGE_TOKENS * len(messages)
     for field in ("prompt", "input", "system", "instructions", "tools", "functions", "response_format"):
         if field in body:
             value = body[field]
-            text += _text_bytes(value) if field in ("prompt", "input", "system", "instructions") else len(json.dumps(value))
+            text += _text_bytes(value, image_tokens) if field in ("prompt", "input", "system", "instructions") else len(json.dumps(value))
     return math.ceil(text / BYTES_PER_TOKEN) + framing
 
 

@@ -22,7 +22,7 @@ from txgateway import errors
 from txgateway.bodies import BodyReading
 from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
 from txgateway.errors import GatewayError
-from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
+from txgateway.governance.estimate import IMAGE_TOKENS, Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
 from txgateway.governance.interface import IGovernanceStore, ModelUse, Settled
 from txgateway.governance.ledger import (
     NANO_BOUND,
@@ -236,6 +236,7 @@ class Governor:
         log: Any,
         expiry_margin: float = EXPIRY_MARGIN,
         reading: BodyReading = BodyReading(10_000),
+        image_tokens: Callable[[str], int] = lambda model: IMAGE_TOKENS,
     ) -> None:
         if not IGovernanceStore.providedBy(store):
             raise TypeError(f"the governance store must provide IGovernanceStore, got {store!r}")
@@ -245,6 +246,7 @@ class Governor:
         self.teams = dict(teams)
         self.prices = prices
         self._reserve_completion_tokens = reserve_completion_tokens
+        self._image_tokens = image_tokens
         self._metrics = metrics
         self._log = log
         self._expiry_margin = expiry_margin
@@ -335,9 +337,10 @@ class Governor:
             plan = self._plans.get((key.name, model, *models))
             if plan is None:
                 plan = self._plan(ctx, key, model, models)
+            default_completion, image_tokens = plan
             body = model_call.body
-            prompt = estimate_prompt_tokens(body)
-            completion = completion_cap(body, model_call.generates, max(plan, completion_floor))
+            prompt = estimate_prompt_tokens(body, image_tokens)
+            completion = completion_cap(body, model_call.generates, max(default_completion, completion_floor))
             cost = self.prices.dearest(models or [model], prompt, completion)
         elif request_price is not None:
             price = (request_price[0], usd_to_nano(request_price[1]))
@@ -382,19 +385,21 @@ class Governor:
                 renewing.addErrback(lambda failure: self._log.error("budgets_renew_failed", reason=failure.getErrorMessage()))
         self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
 
-    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> int:
+    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> tuple[int, int]:
         """
         What a call of C{key} to C{model} (sent as C{models}) reserves for
-        its completion when the request names no maximum, once the key was
-        found allowed to call it (said once per key and model; a model it
-        may not call is refused each time).
+        its completion when the request names no maximum, and for each
+        image, once the key was found allowed to call it (said once per key
+        and model; a model it may not call is refused each time).
         """
         if model is not None:
             self.check_model(ctx, model)
         self._say_unpriced(models or [model])
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()  # client-chosen model names ([model:*]) must not grow it without bound
-        plan = self._plans[(key.name, model, *models)] = self._reserve_completion_tokens(model or "")
+        plan = self._plans[(key.name, model, *models)] = (
+            self._reserve_completion_tokens(model or ""), self._image_tokens(model or ""),
+        )
         return plan
 
     def _refusal(self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]]) -> GatewayError:
