@@ -7,6 +7,7 @@ verdicts, quotas and spend; and what Redis keeps for /spend.json.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import random
 
 import pytest
@@ -37,6 +38,18 @@ async def connected(redis_server):
     import txredisapi
 
     return await txredisapi.Connection("127.0.0.1", redis_server.port, reconnect=False)
+
+
+@contextlib.asynccontextmanager
+async def store_at_noon(redis_server):
+    """A Redis ledger on a clock at noon of 2026-12-03, its connection closed after."""
+    connection = await connected(redis_server)
+    try:
+        clock = Clock()
+        clock.advance(NOON)
+        yield clock, RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    finally:
+        await connection.disconnect()
 
 
 def comparable(verdict):
@@ -122,11 +135,7 @@ HOSTILE = [2**63 - 1, 2**64, -(2**63), -1, 1e300, -1e300, float("nan"), 0.5, 7]
 
 @pytest_twisted.ensureDeferred
 async def test_hostile_numbers_never_poison_the_scripts_and_are_counted_like_the_pure_ledger(redis_server):
-    connection = await connected(redis_server)
-    try:
-        clock = Clock()
-        clock.advance(NOON)
-        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    async with store_at_noon(redis_server) as (clock, store):
         reference = Ledger()
         limits = ScopeLimits("key:mallory", tokens_per_minute=10**13, budget_nano=10**16, budget_period="total")
         for n, (tokens, cost) in enumerate(zip(HOSTILE, reversed(HOSTILE))):
@@ -149,8 +158,6 @@ async def test_hostile_numbers_never_poison_the_scripts_and_are_counted_like_the
             (reference.committed[("key:mallory", "total")], 0), (700, 0),
         ]
         assert 0 <= report.scopes[0].spent_nano <= len(HOSTILE) * 10**15
-    finally:
-        await connection.disconnect()
 
 
 @pytest_twisted.ensureDeferred
@@ -175,11 +182,7 @@ async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded
 
 @pytest_twisted.ensureDeferred
 async def test_a_renewed_reservation_is_held_in_redis_until_its_new_expiry(redis_server):
-    connection = await connected(redis_server)
-    try:
-        clock = Clock()
-        clock.advance(NOON)
-        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    async with store_at_noon(redis_server) as (clock, store):
         limits = ScopeLimits("key:long", budget_nano=100, budget_period="total")
         running = Ask("running", (limits,), 0, 100, NOON + 10)
         assert (await store.reserve(running)).allowed
@@ -188,5 +191,3 @@ async def test_a_renewed_reservation_is_held_in_redis_until_its_new_expiry(redis
         assert (await store.reserve(Ask("past", (limits,), 0, 100, NOON + 60))).reason == "budget_exceeded"
         clock.advance(11)
         assert (await store.reserve(Ask("later", (limits,), 0, 100, NOON + 90))).allowed  # its holder stopped renewing
-    finally:
-        await connection.disconnect()
