@@ -292,30 +292,30 @@ def test_a_json_call_whose_client_left_and_whose_backend_fell_silent_pays_its_re
     assert spent_usd(h) == pytest.approx((9 + 500) / 1e6)
 
 
-def test_a_native_messages_stream_left_early_pays_its_input_tokens_and_the_text_relayed():
-    h = Harness(INI)
-    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
-    d = post(h, "/v1/messages", body, stream=True)
-    upstream = h.agents["claude"].last.respond(FakeResponse(200, SSE))
-    upstream.send(b"".join(CLAUDE_STREAM[:5]))  # message_start (572 input tokens) and "Okay, let's check."
+def left_mid_stream(h: Harness, path: str, body: bytes, upstream_name: str, events: bytes) -> None:
+    """A stream whose backend sent C{events}, then whose client left."""
+    d = post(h, path, body, stream=True)
+    upstream = h.agents[upstream_name].last.respond(FakeResponse(200, SSE))
+    upstream.send(events)
     h.flush()
     treq.collect(result_of(d), lambda data: None)
     h.agent.server_protocols[-1].transport.abortConnection()
     h.flush()
+
+
+def test_a_native_messages_stream_left_early_pays_its_input_tokens_and_the_text_relayed():
+    h = Harness(INI)
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1000, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    # message_start (572 input tokens) and "Okay, let's check.", then the client leaves.
+    left_mid_stream(h, "/v1/messages", body, "claude", b"".join(CLAUDE_STREAM[:5]))
     # 572 input tokens as message_start said, and 18 bytes of text relayed: 6 tokens.
     assert cost_of(h) == pytest.approx((572 + 6) / 1e6)
 
 
 def test_a_stream_cut_before_its_usage_counts_the_text_relayed_by_its_length():
     h = Harness(INI)
-    d = post(h, "/v1/chat/completions", chat_body(stream=True), stream=True)
-    upstream = h.agents["ai"].last.respond(FakeResponse(200, SSE))
-    upstream.send(chunk(role="assistant", content="") + chunk("x" * 300))
-    h.flush()
-    treq.collect(result_of(d), lambda data: None)
-    h.agent.server_protocols[-1].transport.abortConnection()
-    h.flush()
+    left_mid_stream(h, "/v1/chat/completions", chat_body(stream=True), "ai", chunk(role="assistant", content="") + chunk("x" * 300))
     assert cost_of(h) == pytest.approx((9 + 100) / 1e6)
 
 
@@ -393,7 +393,7 @@ def test_a_reservation_nobody_renews_lapses_within_two_windows():
 # -- the gateway enforces what it reserved ---------------------------------------------
 
 from tests.test_anthropic import chunks_of, events_of as messages_events_of  # noqa: E402
-from txgateway.routing.broker import CUT_SLACK  # noqa: E402
+from txgateway.openai.relays import CUT_SLACK  # noqa: E402
 
 WORDS = b"".join(chunk(f"w{n} ") for n in range(60))
 
@@ -452,6 +452,7 @@ def test_a_messages_stream_past_its_max_tokens_is_cut_and_ends_as_the_api_ends_o
     assert [name for name, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
     assert sum(1 for name, _ in events if name == "content_block_delta") == 10 + CUT_SLACK
+    assert events[-2][1]["usage"]["output_tokens"] == 10  # what it reserved, as the API says at max_tokens
     assert upstream.transport.stopped
     assert cost_of(h) == pytest.approx((20 + 10) / 1e6)
 
@@ -605,3 +606,37 @@ def test_a_models_image_tokens_are_what_each_of_its_images_reserves():
     result_of(d)
     [line] = h.access.lines
     assert line["reserved_tokens"] == 2 * 48_169 + 2 + 4 + 10  # two images, "user", one message, max_tokens
+
+
+def test_a_governed_keys_call_to_an_endpoint_that_is_no_model_call_is_refused_on_v1_too():
+    h = Harness(INI)
+    body = json.dumps({"model": "gpt-4o", "prompt": "a cat", "n": 4}).encode()
+    message = refused(h, post(h, "/v1/images/generations", body), 403, "not_governable")
+    assert "request_price_usd" in message
+
+
+def test_a_governed_keys_call_to_a_priced_service_on_v1_pays_the_request_price():
+    h = Harness(INI.replace("[model:gpt-4o]\ntargets = ai", "[model:gpt-4o]\ntargets = priced"))
+    d = post(h, "/v1/images/generations", json.dumps({"model": "gpt-4o", "prompt": "a cat"}).encode())
+    h.agents["priced"].last.respond(FakeResponse(200, JSON, b'{"data": []}')).finish()
+    h.flush()
+    result_of(treq.content(result_of(d)))
+    assert cost_of(h) == pytest.approx(0.5)
+
+
+def test_an_ungoverned_keys_call_to_any_v1_endpoint_is_routed_as_before():
+    h = Harness(INI)
+    post(h, "/v1/images/generations", json.dumps({"model": "gpt-4o", "prompt": "a cat"}).encode(), headers=OPEN)
+    assert h.agents["ai"].last.uri == b"http://ai.test/v1/images/generations"
+
+
+def test_every_choice_of_a_stream_counts_toward_its_bound():
+    h = Harness(INI)
+    choice = lambda index, word: b"data: " + json.dumps({"id": "c1", "model": "gpt-4o", "choices": [
+        {"index": index, "delta": {"content": word}, "finish_reason": None}]}).encode() + b"\n\n"
+    events = b"".join(choice(n % 2, f"w{n} ") for n in range(200))
+    upstream, body = streamed(h, "/v1/chat/completions", json.loads(chat_body(stream=True, max_tokens=10, n=2)), "ai", events)
+    relayed = [c for c in chunks_of(body) if isinstance(c, dict) and c["choices"][0]["delta"].get("content")]
+    # n = 2 choices of at most 10 each: 20 reserved, and the slack; choice 1's words count as choice 0's do.
+    assert len(relayed) == 2 * 10 + CUT_SLACK
+    assert upstream.transport.stopped

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Any
 
 import attrs
@@ -29,6 +30,7 @@ except ImportError:  # PyPy: json's own strictness is checked below
 __all__ = [
     "BadBody",
     "BodyReading",
+    "FAST",
     "MAX_CONTAINERS",
     "check_containers",
     "MAX_CHOICES",
@@ -81,8 +83,7 @@ class BodyReading:
         The body's JSON object, its fields checked; L{BadBody} naming what
         is wrong.  C{fast_loads}: the fast reader, for a caller not read strictly.
         """
-        if len(raw) > _CONTAINERS_CHECKED_FROM:
-            check_containers(raw)
+        check_containers(raw)
         if self.strict:
             body = read_strict(raw)
             strict_fields(body, self.max_messages)
@@ -93,11 +94,12 @@ class BodyReading:
             raise BadBody("the body is not JSON") from None
         if type(body) is not dict:
             raise BadBody("the body is not a JSON object")
-        for field in ("messages", "input"):
-            items = body.get(field)
-            if type(items) is list and len(items) > self.max_messages:
-                raise BadBody(f"{field!r} holds {len(items)} items, more than the {self.max_messages} a request may have")
+        _check_items(body, self.max_messages)
         return body
+
+
+#: The fast reader with no bound on messages (the containers' bound holds for every body).
+FAST = BodyReading(sys.maxsize, strict=False)
 
 
 def check_containers(raw: bytes) -> None:
@@ -221,9 +223,14 @@ def strict_fields(body: dict, max_messages: int) -> None:
         _integer(body, "n", 1, MAX_CHOICES)
     if "stream_options" in body and body["stream_options"] is not None and type(body["stream_options"]) is not dict:
         raise BadBody("'stream_options' must be an object")
+    if "messages" in body and type(body["messages"]) is not list:
+        raise BadBody("'messages' must be an array")
+    _check_items(body, max_messages)
+
+
+def _check_items(body: dict, max_messages: int) -> None:
+    """Refuse C{messages} (or C{input}) of more than C{max_messages} items."""
     for field in ("messages", "input"):
         items = body.get(field)
         if type(items) is list and len(items) > max_messages:
             raise BadBody(f"{field!r} holds {len(items)} items, more than the {max_messages} a request may have")
-    if "messages" in body and type(body["messages"]) is not list:
-        raise BadBody("'messages' must be an array")

@@ -282,3 +282,11 @@ def test_a_spend_file_that_cannot_be_opened_at_start_is_one_line_naming_its_key(
     output = (done.stdout + done.stderr).strip()
     assert done.returncode != 0 and "Traceback" not in output
     assert output.splitlines() == [output] and "[budgets] state_file: cannot open" in output
+
+
+def test_a_governed_keys_v1_call_to_an_endpoint_the_gateway_cannot_price_is_refused(start_gateway, hostile):
+    gateway = start_gateway(ini(hostile.url, ""))
+    body = json.dumps({"model": "plain", "prompt": "a cat", "n": 4}).encode()
+    answer = gateway.request("POST", "/v1/images/generations", body=body, headers=HEADERS)
+    assert answer.status == 403 and answer.error["type"] == "not_governable"
+    assert calls(hostile) == []

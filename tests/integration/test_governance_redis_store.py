@@ -60,11 +60,7 @@ def comparable(verdict):
 
 @pytest_twisted.ensureDeferred
 async def test_the_scripts_decide_like_the_pure_ledger(redis_server):
-    connection = await connected(redis_server)
-    try:
-        clock = Clock()
-        clock.advance(NOON)
-        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    async with store_at_noon(redis_server) as (clock, store):
         reference = Ledger()
         rng = random.Random(11)
         held = []
@@ -87,17 +83,11 @@ async def test_the_scripts_decide_like_the_pure_ledger(redis_server):
             if got.allowed:
                 held.append(ask)
         assert not store.serving_locally and store.journal == []
-    finally:
-        await connection.disconnect()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_settle_replayed_is_counted_once_and_spend_per_day_is_kept(redis_server):
-    connection = await connected(redis_server)
-    try:
-        clock = Clock()
-        clock.advance(NOON)
-        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    async with store_at_noon(redis_server) as (clock, store):
         limits = ScopeLimits("key:bob", budget_nano=10_000, budget_period="month")
         ask = Ask("once", (limits,), 10, 900, NOON + 60)
         assert (await store.reserve(ask)).allowed
@@ -109,25 +99,17 @@ async def test_a_settle_replayed_is_counted_once_and_spend_per_day_is_kept(redis
         [scope] = report.scopes
         assert (scope.spent_nano, scope.reserved_nano, scope.parallel) == (700, 0, 0)
         assert report.days == (("2026-12-03", "bob", "", "gpt-4o", 5, 3, 700, 1),)
-    finally:
-        await connection.disconnect()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_lapsed_reservation_gives_everything_back_in_redis(redis_server):
-    connection = await connected(redis_server)
-    try:
-        clock = Clock()
-        clock.advance(NOON)
-        store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())
+    async with store_at_noon(redis_server) as (clock, store):
         limits = ScopeLimits("key:carol", tokens_per_minute=100, budget_nano=100, budget_period="total", max_parallel=1)
         assert (await store.reserve(Ask("a", (limits,), 100, 100, NOON + 10))).allowed
         assert (await store.reserve(Ask("b", (limits,), 1, 1, NOON + 10))).reason == "budget_exceeded"
         clock.advance(10)
         verdict = await store.reserve(Ask("c", (limits,), 100, 100, NOON + 20))
         assert verdict.allowed and verdict.tokens.remaining == 0
-    finally:
-        await connection.disconnect()
 
 
 HOSTILE = [2**63 - 1, 2**64, -(2**63), -1, 1e300, -1e300, float("nan"), 0.5, 7]
@@ -186,7 +168,7 @@ async def test_a_renewed_reservation_is_held_in_redis_until_its_new_expiry(redis
         limits = ScopeLimits("key:long", budget_nano=100, budget_period="total")
         running = Ask("running", (limits,), 0, 100, NOON + 10)
         assert (await store.reserve(running)).allowed
-        await store.renew([running], NOON + 30)
+        await store.renew(["running"], NOON + 30)
         clock.advance(20)
         assert (await store.reserve(Ask("past", (limits,), 0, 100, NOON + 60))).reason == "budget_exceeded"
         clock.advance(11)

@@ -45,8 +45,11 @@ class OperatorView(Protocol):
     def exposition(self) -> Any:
         """The C{/metrics} text, or a L{Deferred} of it."""
 
-    def may_see_status(self, client: str) -> bool:
-        """Whether C{client} (an address) may see C{/status}."""
+    def may_see_status(self, client: str, forwarded_by: str | None = None) -> bool:
+        """
+        Whether C{client} (an address) may see C{/status}; C{forwarded_by}:
+        the peer that said it forwarded the request for another client.
+        """
 
     def spend(self) -> Any:
         """A L{Deferred} of the C{/spend.json} document, or L{None} when no key is governed."""
@@ -124,19 +127,11 @@ class AdminRoutes:
         return _json(request, document)
 
     def _may_see_status(self, request: IRequest) -> bool:
-        """
-        Whether the request comes from C{[status] allow}.  A request that
-        says it was forwarded for another client (C{Forwarded},
-        C{X-Forwarded-For}) by a peer not in C{trusted_proxies} is not
-        local, whatever its peer: a reverse proxy on the same host makes
-        every client look like 127.0.0.1.
-        """
+        """Whether the request comes from C{[status] allow} (a forwarded one: see L{OperatorView.may_see_status})."""
         ctx = _context(request)
-        if ctx is None:
-            return self.view.may_see_status(request.getClientAddress().host)
-        if ctx.forwarded_untrusted:
-            return False
-        return self.view.may_see_status(ctx.client)
+        peer = request.getClientAddress().host
+        forwarded = request.getHeader(b"forwarded") is not None or request.getHeader(b"x-forwarded-for") is not None
+        return self.view.may_see_status(ctx.client if ctx is not None else peer, peer if forwarded else None)
 
     @app.route("/status", methods=["GET", "HEAD"])
     def status_page(self, request: IRequest) -> bytes:

@@ -15,7 +15,7 @@ import attrs
 
 from txgateway import errors
 from txgateway.errors import ErrorKind
-from txgateway.bodies import BodyReading
+from txgateway.bodies import FAST, BodyReading
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
@@ -85,7 +85,7 @@ class MessagesCall:
         return self.stream
 
     @classmethod
-    def parse(cls, raw: bytes, reading: BodyReading | None = None) -> "MessagesCall":
+    def parse(cls, raw: bytes, reading: BodyReading = FAST) -> "MessagesCall":
         """
         Read a request body, or raise L{BadCall} when it is not a JSON
         object (or, as C{reading} says, one over its bounds or, for a
@@ -203,19 +203,20 @@ class MessagesStreamReader:
         #: The index of the content block open now (started, not stopped), or L{None}.
         self._open_block: Any = None
 
-    def closing_events(self, last: dict | None, bound: int) -> list[bytes]:
+    def closing_events(self, last: dict | None, reserved: int) -> list[bytes]:
         """
-        The events that end a Messages stream the gateway cut at C{bound}
-        output tokens, as the API ends one that reached C{max_tokens}: the
-        open content block stopped, C{message_delta} with C{stop_reason}
-        C{max_tokens} and the bound as its output, C{message_stop}.
+        The events that end a Messages stream the gateway cut at the
+        C{reserved} output tokens, as the API ends one that reached
+        C{max_tokens}: the open content block stopped, C{message_delta}
+        with C{stop_reason} C{max_tokens} and those tokens as its output,
+        C{message_stop}.
         """
         events = []
         if self._open_block is not None:
             events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": self._open_block}))
         events.append(sse_event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-            "usage": {"output_tokens": bound},
+            "usage": {"output_tokens": reserved},
         }))
         events.append(sse_event("message_stop", {"type": "message_stop"}))
         return events

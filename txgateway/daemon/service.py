@@ -37,7 +37,6 @@ from txgateway.dataplane.server import HTTPServerFactory
 from txgateway.front.door import GatewayFront
 from txgateway.front.gateway import Gateway
 from txgateway.governance.estimate import Prices
-from txgateway.bodies import BodyReading
 from txgateway.governance.governor import Governor
 from txgateway.governance.interface import IGovernanceStore
 from txgateway.governance.local import LocalLedgerStore
@@ -199,7 +198,7 @@ def build_gateway(
         governor = Governor(
             clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
             config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
-            BodyReading(config.gateway.max_messages), config.image_tokens,
+            image_tokens=config.image_tokens,
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
     started_at = previous.started_at if previous is not None else None

@@ -103,6 +103,7 @@ class _DateHeader:
 #: The refusal of a body past C{max_bodies_held} (its limit filled in).
 _BUSY_MESSAGE = "the gateway holds as many request body bytes (%d) as it may at once; retry shortly"
 
+
 class IncomingRequest:
     """
     One client request, complete with its body, and the writer of its answer.
@@ -513,9 +514,10 @@ class HTTPServerProtocol(Protocol):
         for name, value in reading.headers:
             if len(name) == 14 and name.lower() == b"content-length":
                 # Refused before the body arrives: it is never read.
-                if int(value) > limit:
+                declared = int(value)
+                if declared > limit:
                     self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
-                if factory.bodies_held + int(value) > factory.max_bodies_held:
+                if factory.bodies_held + declared > factory.max_bodies_held:
                     self._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
         if self._current is None and not self._queue:
             for name, value in reading.headers:

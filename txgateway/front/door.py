@@ -23,7 +23,7 @@ from txgateway.front.answers import answer_error
 from txgateway.front.gateway import Gateway
 from txgateway.front.proxied import ProxiedRequests
 from txgateway.ids import request_id_for
-from txgateway.observability.context import RequestContext, client_address, forwarded_by_untrusted
+from txgateway.observability.context import RequestContext, client_address
 from txgateway.observability.tracing import SpanNotes, trace_context_for
 
 __all__ = ["GatewayFront"]
@@ -119,7 +119,6 @@ class GatewayFront:
                 ctx.handling = handled
             handled.addCallbacks(_api_done, _api_failed, callbackArgs=(request,), errbackArgs=(request, gateway))
         else:
-            ctx.forwarded_untrusted = forwarded_by_untrusted(request, gateway.config.ratelimit.trusted_proxies)
             serving.admin.serve(request, ctx)
 
     def _ended(self, gateway: Gateway, request: IncomingRequest, aborted: bool) -> None:

@@ -16,6 +16,7 @@ from txgateway.admin.documents import health_document, spend_document, status_do
 from txgateway.admin.routes import may_see_status
 from txgateway.config.gateway import GatewayConfig
 from txgateway.front.auth import Authenticator
+from txgateway.observability.context import is_trusted_proxy
 from txgateway.observability.logs import AccessLog
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
@@ -127,6 +128,13 @@ class Gateway:
         spending = governor.store.spend(governor.scopes(), SPEND_DAYS)
         return spending.addCallback(spend_document, governor)
 
-    def may_see_status(self, client: str) -> bool:
-        """Whether C{client} is in C{[status] allow}."""
+    def may_see_status(self, client: str, forwarded_by: str | None = None) -> bool:
+        """
+        Whether C{client} is in C{[status] allow}.  A request forwarded
+        (C{forwarded_by}: its peer) by a proxy not in C{trusted_proxies} is
+        not local, whatever its peer: a reverse proxy on the same host makes
+        every client look like 127.0.0.1.
+        """
+        if forwarded_by is not None and not is_trusted_proxy(forwarded_by, self.config.ratelimit.trusted_proxies):
+            return False
         return may_see_status(self.config.status.allow, client)

@@ -48,14 +48,14 @@ class ProxiedRequests:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        #: How the body of a caller that is not governed is read: fast, bounded.
-        self._fast_reading = BodyReading(gateway.config.gateway.max_messages, strict=False)
+        max_messages = gateway.config.gateway.max_messages
+        self._strict_reading = BodyReading(max_messages, strict=True)
+        self._fast_reading = BodyReading(max_messages, strict=False)
 
     def _reading_for(self, ctx: RequestContext) -> BodyReading:
         """How the caller's body is read: strictly for a governed key, else fast; bounded either way."""
         governor = self.gateway.broker.governor
-        strict = governor.reading_for(ctx) if governor is not None else None
-        return strict if strict is not None else self._fast_reading
+        return self._strict_reading if governor is not None and governor.governs(ctx) else self._fast_reading
 
     def _authenticated(self, request: IncomingRequest, ctx: RequestContext) -> bool:
         """Whether the caller may go on (with the gateway's API keys on); else it was answered 401."""
@@ -168,7 +168,7 @@ class ProxiedRequests:
         ctx.service = targets[0].route.config.name
         ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
         rest = path[len(b"/v1"):]
-        await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query))
+        await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
 
     def _models(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
         """

@@ -19,7 +19,6 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.bodies import BodyReading
 from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
 from txgateway.errors import GatewayError
 from txgateway.governance.estimate import IMAGE_TOKENS, Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
@@ -132,6 +131,8 @@ class Reservation:
     #: A request the gateway does not read as a model call: what it is charged when
     #: answered (C{[service:NAME] request_price_usd}), and the name its spend is kept under.
     request_price: tuple[str, int] | None = None
+    #: Until when the store holds it (its ask's expiry, moved on by each renewal).
+    held_until: float = 0.0
     settled: bool = False
 
     def settle(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> None:
@@ -161,11 +162,13 @@ class Reservation:
     def _uses(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> list[ModelUse]:
         if ctx.cache in ("hit", "coalesced"):
             return []  # no backend was asked for this answer: it costs nothing
-        if self.model_call is None:
-            if self.request_price is None or not 200 <= answered < 300:
+        if self.request_price is not None:
+            if not 200 <= answered < 300:
                 return []
             name, price = self.request_price
             return [ModelUse(name, 0, 0, price)]
+        if self.model_call is None:
+            return []
         prices = self.governor.prices
         billed = ctx.completion.billed if ctx.completion is not None else []
         streamed = relayed_tokens(relayed.text_bytes, relayed.content_chunks) if relayed is not None else 0
@@ -235,7 +238,6 @@ class Governor:
         metrics: Any,
         log: Any,
         expiry_margin: float = EXPIRY_MARGIN,
-        reading: BodyReading = BodyReading(10_000),
         image_tokens: Callable[[str], int] = lambda model: IMAGE_TOKENS,
     ) -> None:
         if not IGovernanceStore.providedBy(store):
@@ -255,7 +257,6 @@ class Governor:
         #: The reservations of calls still running, by id (renewed while they run).
         self._live: dict[str, Reservation] = {}
         self._renewal: Any = None
-        self._reading = reading
         #: The keys whose requests are read strictly and never relayed unaccounted:
         #: those with a limit or a model or service list, or in a team with a limit.
         self._governed = {
@@ -276,10 +277,14 @@ class Governor:
         """The key the request's caller presented, or L{None}."""
         return self.keys.get(ctx.caller.name) if ctx.caller is not None else None
 
-    def reading_for(self, ctx: RequestContext) -> BodyReading | None:
-        """How the caller's request body is read: strictly for a governed key, else L{None} (the fast reader)."""
+    def governs(self, ctx: RequestContext) -> bool:
+        """
+        Whether the caller's key is governed (a limit, a model or service
+        list, a team with a limit): its requests are read strictly and
+        never relayed unaccounted.
+        """
         caller = ctx.caller
-        return self._reading if caller is not None and caller.name in self._governed else None
+        return caller is not None and caller.name in self._governed
 
     def check_model(self, ctx: RequestContext, model: str) -> None:
         """
@@ -332,7 +337,10 @@ class Governor:
             return None
         prompt = completion = cost = 0
         price = None
-        if model_call is not None:
+        if request_price is not None:  # its model (if any) was checked by the caller
+            price = (request_price[0], usd_to_nano(request_price[1]))
+            cost = price[1]
+        elif model_call is not None:
             model = model_call.model
             plan = self._plans.get((key.name, model, *models))
             if plan is None:
@@ -342,9 +350,6 @@ class Governor:
             prompt = estimate_prompt_tokens(body, image_tokens)
             completion = completion_cap(body, model_call.generates, max(default_completion, completion_floor))
             cost = self.prices.dearest(models or [model], prompt, completion)
-        elif request_price is not None:
-            price = (request_price[0], usd_to_nano(request_price[1]))
-            cost = price[1]
         now = self._clock.seconds()
         ask = Ask(
             next(self._ids), self._scopes[key.name, model_call is not None or price is not None], prompt + completion, cost,
@@ -357,7 +362,7 @@ class Governor:
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
-        reservation = Reservation(self, ask, key, model_call, prompt, completion, price)
+        reservation = Reservation(self, ask, key, model_call, prompt, completion, price, ask.expires_at)
         self._live[ask.reservation_id] = reservation
         if self._renewal is None:
             self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
@@ -375,12 +380,12 @@ class Governor:
         if not self._live:
             return
         now = self._clock.seconds()
-        due = [reservation.ask for reservation in self._live.values() if reservation.ask.expires_at - now <= self._renew_window]
+        due = [reservation for reservation in self._live.values() if reservation.held_until - now <= self._renew_window]
         if due:
             expires_at = now + 2 * self._renew_window
-            for ask in due:
-                ask.expires_at = expires_at
-            renewing = self.store.renew(due, expires_at)
+            for reservation in due:
+                reservation.held_until = expires_at
+            renewing = self.store.renew([reservation.ask.reservation_id for reservation in due], expires_at)
             if not renewing.called:
                 renewing.addErrback(lambda failure: self._log.error("budgets_renew_failed", reason=failure.getErrorMessage()))
         self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
@@ -449,8 +454,8 @@ class Governor:
             for use in uses
         ]
         completion = ctx.completion
-        if reservation.model_call is not None and reservation.model_call.generates:
-            over = self._over_bound(reservation, ctx, uses)
+        if reservation.request_price is None and reservation.model_call is not None and reservation.model_call.generates:
+            over = self._over_bound(reservation, ctx)
             if over is not None:
                 self._metrics.count_over_bound(key.name, over)
                 self._log.warning("completion_over_bound", key=key.name, how=over, reserved=reservation.completion_cap)
@@ -470,7 +475,7 @@ class Governor:
             settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
 
     @staticmethod
-    def _over_bound(reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> str | None:
+    def _over_bound(reservation: Reservation, ctx: RequestContext) -> str | None:
         """
         How a call went past the completion it reserved (a backend that
         ignores C{max_tokens}): C{stream_cut} (the gateway cut its stream at

@@ -52,11 +52,11 @@ class IGovernanceStore(Interface):
         @return: a L{Deferred} that fires when the store has it (it never fails).
         """
 
-    def renew(asks, expires_at):
+    def renew(reservation_ids, expires_at):
         """
-        Keep the reservations of C{asks} (L{txgateway.governance.ledger.Ask}s
-        still held: calls still running) from lapsing before C{expires_at};
-        one already settled or lapsed is left alone.
+        Keep the reservations of C{reservation_ids} (calls still running)
+        from lapsing before C{expires_at}; one already settled or lapsed is
+        left alone.
 
         @return: a L{Deferred} that fires when the store has it (it never fails).
         """

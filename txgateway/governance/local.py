@@ -114,8 +114,8 @@ class LocalLedgerStore:
                     self._add_day(where, amounts, self._pending)
         return succeed(None)
 
-    def renew(self, asks: list[Ask], expires_at: float) -> Deferred[None]:
-        self.ledger.renew([ask.reservation_id for ask in asks], expires_at)
+    def renew(self, reservation_ids: list[str], expires_at: float) -> Deferred[None]:
+        self.ledger.renew(reservation_ids, expires_at)
         return succeed(None)
 
     def spend(self, scopes: list[ScopeLimits], days: int) -> Deferred[SpendReport]:

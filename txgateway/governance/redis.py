@@ -348,8 +348,8 @@ def _scope_json(limits: ScopeLimits, now: float) -> str:
 def ask_json(ask: Ask, now: float) -> str:
     """An ask as the reserve script reads it, as JSON text (ids, numbers and checked names need no escaping)."""
     scopes = ",".join([_scope_json(limits, now) for limits in ask.scopes])
-    tokens, cost = bounded(ask.tokens, TOKENS_BOUND), bounded(ask.cost_nano, NANO_BOUND)
-    return f'{{"id":"{ask.reservation_id}","tokens":{tokens},"cost":{cost},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
+    # An Ask's numbers are bounded when it is made (and the script bounds them again).
+    return f'{{"id":"{ask.reservation_id}","tokens":{ask.tokens},"cost":{ask.cost_nano},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
 
 
 def settle_json(ask: Ask, settled: Settled, now: float) -> str:
@@ -583,8 +583,8 @@ class RedisLedgerStore:
 
     # -- renew
 
-    def renew(self, asks: list[Ask], expires_at: float) -> Deferred[None]:
-        ids = [ask.reservation_id for ask in asks]
+    def renew(self, reservation_ids: list[str], expires_at: float) -> Deferred[None]:
+        ids = list(reservation_ids)
         # Held here too while Redis was away (and after, until they settle).
         self._local.renew(ids, expires_at)
         admission = self._breaker.admit("renew")

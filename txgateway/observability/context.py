@@ -15,7 +15,7 @@ from zope.interface import Interface
 
 from txgateway.observability.tracing import SpanNotes, TraceContext
 
-__all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "SpendFacts", "client_address", "forwarded_by_untrusted"]
+__all__ = ["Caller", "IRequestContext", "CompletionFacts", "RequestContext", "SpendFacts", "client_address", "is_trusted_proxy"]
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -61,15 +61,9 @@ def client_address(request: Any, trusted_proxies: Sequence[_Network] = ()) -> st
     return address
 
 
-def forwarded_by_untrusted(request: Any, trusted_proxies: Sequence[_Network] = ()) -> bool:
-    """
-    Whether C{request} carries C{Forwarded} or C{X-Forwarded-For} from a
-    socket peer that is not one of the C{trusted_proxies}: someone else's
-    request relayed by a proxy the gateway was not told of.
-    """
-    if request.header(b"forwarded") is None and request.header(b"x-forwarded-for") is None:
-        return False
-    return not (trusted_proxies and _is_trusted(request.client_host, trusted_proxies))
+def is_trusted_proxy(address: str, trusted_proxies: Sequence[_Network]) -> bool:
+    """Whether the peer C{address} is one of the C{trusted_proxies} (whose C{X-Forwarded-For} is believed)."""
+    return bool(trusted_proxies) and _is_trusted(address, trusted_proxies)
 
 
 @attrs.frozen
@@ -187,9 +181,6 @@ class RequestContext:
     span_notes: SpanNotes | None = None
     #: The C{[model:NAME]} section (or C{*}) that routed an OpenAI request.
     model_section: str | None = None
-    #: The request says it was forwarded for another client by a peer the
-    #: gateway does not trust (set for the operator's paths only).
-    forwarded_untrusted: bool = False
     #: When the answer's status and headers started (the clock's time), once they did.
     answered_at: float | None = None
     _bound_log: Any = None

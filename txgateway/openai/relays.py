@@ -17,8 +17,12 @@ from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, EventSplitter, Usage, chunk_event, read_answer, read_chunk
 
-__all__ = ["EventStreamRelay", "JsonAnswerRelay", "TranslatedAnswerRelay", "Transcript"]
+__all__ = ["CUT_SLACK", "EventStreamRelay", "JsonAnswerRelay", "TranslatedAnswerRelay", "Transcript"]
 
+#: Content events a governed stream may relay past the completion tokens it
+#: reserved before it is cut: an event carries at least one token, but a few
+#: carry none (a tool use's or a thinking block's start, a signature).
+CUT_SLACK = 8
 #: The most of a JSON answer kept to read its usage (larger ones are relayed unread).
 JSON_USAGE_LIMIT = 1024 * 1024
 
@@ -100,7 +104,9 @@ class EventStreamRelay(BodyRelay):
     # them faster (measured: 4 us a 19-event stream with two more).
     _read = staticmethod(read_chunk)
     _write: Any = None
-    #: The most content events relayed before the stream is cut (L{None}: no bound), and how it is ended.
+    #: The completion tokens reserved (L{None}: no bound), the most content
+    #: events relayed before the stream is cut, and how it is ended.
+    _reserved: int | None = None
     _bound: int | None = None
     _closing: Any = None
 
@@ -114,7 +120,7 @@ class EventStreamRelay(BodyRelay):
         resumed: bool = False,
         read: Callable[[bytes], ChunkFacts] = read_chunk,
         write: Any = None,
-        bound: int | None = None,
+        reserved: int | None = None,
         closing: Callable[[dict | None, int], list[bytes]] | None = None,
     ) -> None:
         super().__init__(None, clock, idle_timeout)
@@ -122,9 +128,12 @@ class EventStreamRelay(BodyRelay):
             self._read = read
         if write is not None:
             self._write = write
-        if bound is not None:
-            self._bound = bound
+        if reserved is not None:
+            self._reserved = reserved
+            self._bound = reserved + CUT_SLACK
             self._closing = closing
+            #: Content events of choices other than the first (C{n} above 1), which the transcript does not count.
+            self._other_choices = 0
         self._splitter = EventSplitter()
         self._transcript = transcript
         self._on_usage = on_usage
@@ -191,14 +200,21 @@ class EventStreamRelay(BodyRelay):
         the stream is ended as its backend's API ends one at its limit, and
         the backend is no longer read.
         """
-        room = self._bound - self._transcript.content_chunks
+        room = self._bound - self._transcript.content_chunks - self._other_choices
+        others = 0
         for position, (_, facts) in enumerate(ready):
+            pieces = _other_choices_content(facts.data)
             if facts.text or facts.tool_call:
-                if room <= 0:
+                pieces += 1
+            if pieces:
+                if room < pieces:
                     break
-                room -= 1
+                room -= pieces
+                others += pieces - (1 if facts.text or facts.tool_call else 0)
         else:
+            self._other_choices += others
             return self._relay_plain(ready)
+        self._other_choices += others
         if self._relay_plain(ready[:position]):
             return True  # it ended whole before the bound
         self._pass(b"".join(self._closed(self._write, facts.data)))
@@ -217,7 +233,7 @@ class EventStreamRelay(BodyRelay):
         transcript = self._transcript
         transcript.cut = True
         out = []
-        for event in self._closing(last, self._bound):
+        for event in self._closing(last, self._reserved):
             kept = self._kept(event, self._read(event))
             if kept is not None:
                 transcript.sent(kept[1], not self._resumed)
@@ -303,6 +319,18 @@ class EventStreamRelay(BodyRelay):
             if tail:
                 self._pass(tail)
         super().body_ended(error)
+
+
+def _other_choices_content(data: dict | None) -> int:
+    """How many choices but the first carry content in one chunk's C{data} (a stream of C{n} above 1)."""
+    choices = data.get("choices") if data is not None else None
+    if type(choices) is not list:
+        return 0
+    return sum(
+        1 for choice in choices
+        if type(choice) is dict and choice.get("index", 0) != 0 and type(choice.get("delta")) is dict
+        and any(value for key, value in choice["delta"].items() if key != "role")
+    )
 
 
 class JsonAnswerRelay(BodyRelay):

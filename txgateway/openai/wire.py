@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from txgateway.bodies import BadBody, BodyReading
+from txgateway.bodies import FAST, BadBody, BodyReading
 
 try:
     from orjson import dumps as _orjson_dumps
@@ -76,25 +76,17 @@ class BadCall(ValueError):
     """The body is not an OpenAI request the gateway can route (the message says why)."""
 
 
-def read_body(raw: bytes, reading: BodyReading | None) -> dict:
+def read_body(raw: bytes, reading: BodyReading = FAST) -> dict:
     """
-    A request's JSON object: read as C{reading} says (bounded, and strictly
-    for a governed caller), or with L{None} fast and unbounded.
+    A request's JSON object, read as C{reading} says (bounded, and strictly
+    for a governed caller).
 
     @raise BadCall: it is not one (the message says why).
     """
-    if reading is not None:
-        try:
-            return reading.read(raw, _loads)
-        except BadBody as error:
-            raise BadCall(str(error)) from None
     try:
-        body = _loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadCall("the body is not JSON") from None
-    if not isinstance(body, dict):
-        raise BadCall("the body is not a JSON object")
-    return body
+        return reading.read(raw, _loads)
+    except BadBody as error:
+        raise BadCall(str(error)) from None
 
 
 def _endpoint_kind(path: bytes) -> str | None:
@@ -173,7 +165,7 @@ class OpenAICall:
         return self.body.get("n") in (None, 1)
 
     @classmethod
-    def parse(cls, raw: bytes, path: bytes, reading: BodyReading | None = None) -> "OpenAICall":
+    def parse(cls, raw: bytes, path: bytes, reading: BodyReading = FAST) -> "OpenAICall":
         """
         Read a request body, or raise L{BadCall} when it is not a JSON
         object (or, as C{reading} says, one over its bounds or, for a
@@ -423,10 +415,10 @@ def chunk_event(chunk: dict) -> bytes:
     return b"data: " + _dumps(chunk) + b"\n\n"
 
 
-def closing_events(last: dict | None, bound: int) -> list[bytes]:
+def closing_events(last: dict | None, reserved: int) -> list[bytes]:
     """
-    The events that end a completion stream the gateway cut at C{bound}
-    completion tokens, as an OpenAI backend would have ended it: choice 0
+    The events that end a completion stream the gateway cut at the
+    C{reserved} completion tokens, as an OpenAI backend would have ended it: choice 0
     finished for C{length}, then C{[DONE]}.  C{last}: the stream's last
     chunk, whose id, creation time and model the closing chunk carries.
     """

@@ -335,14 +335,14 @@ class Attempts:
         if response.code == 200:
             sent_as = state.target.model or model_call.model
             if call.transcript is not None and is_event_stream(response):
-                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as, [])
+                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as, _AnswerUsage())
                 forward_usage = model_call.client_wants_usage or speaking.translated
                 reader = speaking.read_event(state.resumed and call.transcript.text[-1:].isspace())
-                bound = call.completion_bound
+                reserved = call.completion_reserved
                 relay = EventStreamRelay(
                     self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
-                    reader, speaking.write_events, bound,
-                    None if bound is None else getattr(reader, "closing_events", closing_events),
+                    reader, speaking.write_events, reserved,
+                    None if reserved is None else getattr(reader, "closing_events", closing_events),
                 )
                 return _CommitPoint(relay, config.token_timeout, "first token")
             on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)
@@ -452,30 +452,28 @@ class Attempts:
     def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: AnswerFacts) -> None:
         """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
         if facts.usage is not None:
-            self._count_usage(ctx, service, sent_as, [], facts.usage)
+            self._count_usage(ctx, service, sent_as, _AnswerUsage(), facts.usage)
         completion = ctx.completion
         completion.response_id = facts.response_id
         completion.finish_reasons = facts.finish_reasons
 
-    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: list, usage: Usage) -> None:
+    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: "_AnswerUsage", usage: Usage) -> None:
         """
         A usage report of one backend answer (of the model sent as
-        C{sent_as}): on the access line, in the token counts, billed.
-        C{answer} holds the answer's earlier report (its place in the bill,
-        and the usage): a later one of the same answer replaces it, each
-        count the most either says, so that an answer reporting its
-        running total on every chunk is counted once.
+        C{sent_as}): on the access line, in the token counts, billed.  A
+        later report of the same C{answer} replaces its earlier one, each
+        count the most either says, so that an answer reporting its running
+        total on every chunk is counted once.
         """
         facts = ctx.completion  # made with the call: usage is read of model calls only
-        if answer:
-            place, before = answer
-            usage = before.merged(usage)
-            facts.billed[place] = (sent_as, usage)
-        else:
-            before = _NO_USAGE
-            answer[:] = [len(facts.billed), usage]
+        before = answer.usage
+        if answer.place is None:
+            answer.place = len(facts.billed)
             facts.billed.append((sent_as, usage))
-        answer[1] = usage
+        else:
+            usage = before.merged(usage)
+            facts.billed[answer.place] = (sent_as, usage)
+        answer.usage = usage
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
         prompt = usage.prompt_tokens - before.prompt_tokens
@@ -488,8 +486,14 @@ class Attempts:
             self._metrics.count_tokens(service, model, "completion", completion)
 
 
-#: What an answer reported before its first report: nothing.
-_NO_USAGE = Usage(None, 0, 0)
+class _AnswerUsage:
+    """One backend answer's usage so far, and its place on the call's bill (L{None}: none reported yet)."""
+
+    __slots__ = ("place", "usage")
+
+    def __init__(self) -> None:
+        self.place: int | None = None
+        self.usage = Usage(None, 0, 0)
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from txgateway import errors
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, messages_path
-from txgateway.bodies import BodyReading
+from txgateway.bodies import FAST, BodyReading
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
@@ -40,15 +40,10 @@ if TYPE_CHECKING:
     from txgateway.governance.governor import Governor
     from txgateway.routing.deployments import ModelTable
 
-__all__ = ["AnswerCutShort", "CUT_SLACK", "ServiceBroker", "refuse_unless_json"]
+__all__ = ["AnswerCutShort", "ServiceBroker", "refuse_unless_json"]
 
 #: How a call ends when no backend made anything for it (refused connections, open circuits).
 _NOTHING_MADE = (errors.UPSTREAM_UNAVAILABLE, errors.CIRCUIT_OPEN)
-
-#: Content events a governed stream may relay past its reserved completion
-#: tokens before it is cut: an event carries at least one token, but a few
-#: carry none (a tool use's or a thinking block's start, a signature).
-CUT_SLACK = 8
 
 
 class ServiceBroker:
@@ -98,7 +93,7 @@ class ServiceBroker:
         route: ServiceRoute,
         rest: bytes,
         query: bytes,
-        reading: BodyReading | None = None,
+        reading: BodyReading = FAST,
     ) -> None:
         """
         Answer C{request} from C{route}'s backends (or its fallbacks'):
@@ -115,7 +110,7 @@ class ServiceBroker:
             governor.check_service(ctx, config.name)
         model_call = _model_call(request, rest, config, reading)
         price = None
-        if reading is not None and reading.strict:
+        if reading.strict:
             if model_call is not None:
                 if model_call.model is None:
                     raise GatewayError(errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
@@ -130,16 +125,29 @@ class ServiceBroker:
             await self._governed(call, path, price)
 
     async def proxy_model(
-        self, request: IncomingRequest, ctx: RequestContext, model_call: ModelCall, targets: list[Target], rest: bytes, query: bytes
+        self,
+        request: IncomingRequest,
+        ctx: RequestContext,
+        model_call: ModelCall,
+        targets: list[Target],
+        rest: bytes,
+        query: bytes,
+        reading: BodyReading = FAST,
     ) -> None:
         """
         Answer an OpenAI or Messages request from its model's targets in
         order (the first is the primary), each sent the body with its own
         model name, translated for a target of the other API.  A target the
         request cannot be translated for is left out (logged); when none is
-        left, the client gets a 400 that says why.
+        left, the client gets a 400 that says why.  A governed key's call
+        (C{reading} strict) to an endpoint that is no model call the
+        gateway reads (images, speech, moderations...) is priced or refused
+        as under C{/api/} (see L{_unread_price}).
         """
         path = _checked(rest, query)
+        price = None
+        if reading.strict and model_call.dialect != ANTHROPIC and not model_call_path(rest):
+            price = _unread_price(request, rest, targets[0].route.config)
         call = Call.of(request, ctx, path, targets, model_call)
         refused = call.untranslatable()
         if refused:
@@ -148,7 +156,7 @@ class ServiceBroker:
         if self.governor is None:
             await self._serve_call(call, b"/v1" + path)
         else:
-            await self._governed(call, b"/v1" + path)
+            await self._governed(call, b"/v1" + path, price)
 
     def _translatable(self, call: Call, refused: list[tuple[Target, str]]) -> list[Target]:
         """C{call}'s targets less those it cannot be translated for; L{GatewayError} when none is left."""
@@ -177,7 +185,7 @@ class ServiceBroker:
             await self._serve_call(call, cached_as)
             return
         if model_call is not None and model_call.stream and reservation.completion_cap:
-            call.completion_bound = reservation.completion_cap + CUT_SLACK
+            call.completion_reserved = reservation.completion_cap
         if model_call is not None and model_call.generates and not model_call.stream:
             await self._served_even_if_left(call, cached_as, reservation)
             return
@@ -274,7 +282,7 @@ def refuse_unless_json(request: IncomingRequest) -> None:
     )
 
 
-def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: BodyReading | None) -> ModelCall | None:
+def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: BodyReading) -> ModelCall | None:
     """
     The model call a C{/api/} request makes, read from its body: a C{POST}
     to one of the model calls of the service's API (chat or text
@@ -285,7 +293,7 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
     @raise GatewayError: a governed caller's body (C{reading} strict) that
         the gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
     """
-    strict = reading is not None and reading.strict
+    strict = reading.strict
     api = config.api
     if api == "http" or request.method != b"POST":
         return None

@@ -105,10 +105,9 @@ class Call:
     #: The path is sent as the client gave it to a target of its own API
     #: (C{/api/<service>/...}), not as the model routes' endpoint.
     as_sent: bool = False
-    #: The most content events a stream of this call relays before the
-    #: gateway cuts it (its reservation's completion and a little slack),
-    #: or L{None}: not bounded (no governed key).
-    completion_bound: int | None = None
+    #: The completion tokens its key reserved, past which a stream of this
+    #: call is cut (L{None}: not bounded, no governed key).
+    completion_reserved: int | None = None
 
     @classmethod
     def of(

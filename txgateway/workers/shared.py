@@ -166,8 +166,8 @@ class SharedLedgerStore:
             lambda: self._local.settle(ask, settled),
         )
 
-    def renew(self, asks: list[Ask], expires_at: float) -> Deferred[None]:
-        ids = [ask.reservation_id for ask in asks]
+    def renew(self, reservation_ids: list[str], expires_at: float) -> Deferred[None]:
+        ids = list(reservation_ids)
         self._local.ledger.renew(ids, expires_at)  # those taken here while the supervisor was away
         return self._ask("renew", [ids, expires_at], lambda value: None, lambda: succeed(None))
 

@@ -17,15 +17,6 @@ from txgateway.workers import codec
 __all__ = ["SharedState"]
 
 
-class _Renewed:
-    """A reservation named by its id alone, as a renewal needs it."""
-
-    __slots__ = ("reservation_id",)
-
-    def __init__(self, reservation_id: str) -> None:
-        self.reservation_id = str(reservation_id)
-
-
 class SharedState:
     """
     The state behind L{txgateway.workers.shared}'s stores.
@@ -56,7 +47,7 @@ class SharedState:
             return self.ledger.settle(codec.ask_from(ask), codec.settled_from(settled))
         if name == "renew":
             ids, expires_at = args
-            return self.ledger.renew([_Renewed(reservation_id) for reservation_id in ids], float(expires_at))
+            return self.ledger.renew([str(reservation_id) for reservation_id in ids], float(expires_at))
         if name == "spend":
             scopes, days = args
             return self.ledger.spend(codec.limits_of(scopes), days).addCallback(codec.report_to)
