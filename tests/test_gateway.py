@@ -673,6 +673,24 @@ def test_a_service_that_gives_up_falls_over_to_its_fallback_with_the_same_reques
     assert (line["service"], line["served_by"], line["fallback_from"]) == ("data", "ai", ["data"])
 
 
+@pytest.mark.parametrize("primary_retries", [0, 1, 2, 3])
+def test_a_fallback_gets_its_own_retries_however_many_the_primary_spent(primary_retries):
+    config = SERVICE_INI.replace("[service:data]\n", f"[service:data]\nfallback = ai\nretries = {primary_retries}\nretry_delay = 0.1\n")
+    h = Harness(config.replace("[service:ai]\n", "[service:ai]\nretries = 3\nretry_delay = 0.1\n"))
+    d = h.request("GET", "/api/data/x")
+    for _ in range(20):
+        for name in ("data", "ai"):
+            for sent in h.agents[name].requests:
+                if not sent.answer.called:
+                    sent.respond(FakeResponse(503, {}, b"down"))
+        h.advance(1)
+    assert len(h.agents["data"].requests) == primary_retries + 1
+    assert len(h.agents["ai"].requests) == 4
+    response = result_of(d)
+    assert response.code == 503
+    assert response.headers.getRawHeaders("x-gateway-attempts") == [str(primary_retries + 5)]
+
+
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 def test_a_final_backend_failure_falls_over(status):
     h = Harness(FALLBACK)

@@ -81,6 +81,26 @@ def test_the_openai_client_is_served_by_the_fallback_when_the_primary_is_down(st
     assert 'txgateway_fallbacks_total{service="primary",to="local"} 2.0' in metrics
 
 
+def test_a_fallback_gets_its_own_retries_after_the_primary_spent_its(start_gateway, fresh_backend, tmp_path):
+    second = Backend(tmp_path)
+    try:
+        gateway = start_gateway(
+            "[gateway]\nlisten = tcp:{port}:interface=127.0.0.1\n[logging]\nfile = logs/combined.log\n"
+            "[ratelimit]\nrequests = 100000\n"
+            f"[service:primary]\nurl = {fresh_backend.url}\nfallback = second\nretries = 2\nretry_delay = 0.05\n"
+            "breaker_threshold = 100\n"
+            f"[service:second]\nurl = {second.url}\nretries = 3\nretry_delay = 0.05\nbreaker_threshold = 100\n"
+        )
+        answer = gateway.request("GET", "/api/primary/status/503")
+        assert answer.status == 503
+        assert answer.headers["X-Gateway-Service"] == "second"
+        assert answer.headers["X-Gateway-Attempts"] == "7"
+        assert fresh_backend.calls()["by_path"]["/status/503"] == 3
+        assert second.calls()["by_path"]["/status/503"] == 4
+    finally:
+        second.process.stop()
+
+
 def test_a_silent_backend_gets_a_post_once_and_the_client_a_504(start_gateway, fresh_backend):
     gateway = start_gateway(service_ini(fresh_backend.url, timeout=0.5, retries=3))
     answer = gateway.request("POST", "/api/pool/hang", body=b'{"prompt": "a long generation"}')

@@ -118,6 +118,9 @@ class _TargetAttempts:
     target: Target
     resendable: bool
     resumed: bool = False
+    #: The attempts made on this target so far (its retries are its own:
+    #: a fallback's are not spent by the targets before it).
+    made: int = 0
     #: Endpoints this request must not be sent to again (they stayed silent).
     silent: set[Endpoint] = attrs.Factory(set)
 
@@ -177,7 +180,7 @@ class Attempts:
                 if outcome.committed:
                     return outcome.answer
                 failed_on = admitted.endpoint
-                delay = self._delay_before_retry(outcome, target.route, call.ctx.attempts)
+                delay = self._delay_before_retry(outcome, target.route, state.made)
                 stop = self._why_no_retry(state, delay, retrying is not None)
                 if call.ctx.client_gone:
                     stop = _FINAL  # a call carried on for its usage after its client left: no retry
@@ -263,7 +266,8 @@ class Attempts:
         call, config = state.call, state.config
         endpoint, admission = admitted.endpoint, admitted.admission
         ctx = call.ctx
-        ctx.attempts += 1
+        ctx.attempts += 1  # the request's report: X-Gateway-Attempts, the access line
+        state.made += 1
         timeout = min(config.timeout, deadline_at - self._clock.seconds())
         upstream = endpoint.upstream
         target = join_target(upstream.base_path, call.path_for(state.target, upstream.base_path))
@@ -410,7 +414,7 @@ class Attempts:
         """
         route, config, ctx = state.route, state.config, state.call.ctx
         stop = None
-        if delay is None or not route.policy.attempts_left(ctx.attempts) or self._clock.seconds() + delay >= state.call.deadline_at:
+        if delay is None or not route.policy.attempts_left(state.made) or self._clock.seconds() + delay >= state.call.deadline_at:
             stop = _FINAL
         elif not route.any_may_admit(state.silent):
             # Nowhere left to go: every breaker is open, or the only endpoints
