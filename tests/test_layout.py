@@ -16,13 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "txgateway"
 #: Every module of txgateway, by room.  A new module is added here, in the
 #: room whose rules it follows (and to the README's layout section).
 ROOMS = {
-    "txgateway": {"bodies", "demo", "errors", "ids", "redispool"},
+    "txgateway": {"bodies", "demo", "errors", "ids", "redispool", "speaking"},
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "retry"},
     "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},
     "txgateway.dataplane": {"client", "eager", "headers", "relay", "server"},
-    "txgateway.openai": {"relays", "wire"},
-    "txgateway.anthropic": {"translate", "wire"},
+    "txgateway.openai": {"relays", "speaker", "wire"},
+    "txgateway.anthropic": {"speakers", "translate", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},
     "txgateway.cache": {"policy", "stores", "responses"},
     "txgateway.governance": {"estimate", "governor", "interface", "ledger", "local", "periods", "redis", "spendfile"},
@@ -44,19 +44,18 @@ MAY_IMPORT = {
     "txgateway.resilience": set(),
     "txgateway.observability": set(),
     "txgateway.dataplane": set(),
-    "txgateway.openai": {"txgateway.dataplane"},
-    "txgateway.anthropic": {"txgateway.openai"},
+    "txgateway.openai": {"txgateway.config", "txgateway.dataplane"},
+    "txgateway.anthropic": {"txgateway.config", "txgateway.dataplane", "txgateway.openai"},
     "txgateway.ratelimit": {"txgateway.config", "txgateway.resilience"},
     "txgateway.cache": {"txgateway.config", "txgateway.dataplane", "txgateway.observability", "txgateway.resilience"},
     "txgateway.governance": {"txgateway.config", "txgateway.observability", "txgateway.openai", "txgateway.resilience"},
+    # Routing holds the speakers' interface (txgateway.speaking), never an API's package.
     "txgateway.routing": {
         "txgateway.cache",
         "txgateway.governance",
         "txgateway.config",
         "txgateway.dataplane",
         "txgateway.observability",
-        "txgateway.openai",
-        "txgateway.anthropic",
         "txgateway.ratelimit",
         "txgateway.resilience",
     },
@@ -82,6 +81,7 @@ MAY_IMPORT = {
 #: (no sockets, protocols, reactor, HTTP, Redis) and no room but config.
 PURE_CORES = {
     "txgateway.bodies",
+    "txgateway.speaking",
     "txgateway.resilience.breaker",
     "txgateway.resilience.retry",
     "txgateway.ratelimit.bucket",
@@ -196,6 +196,51 @@ def test_the_shared_vocabulary_imports_no_room():
     modules = set(all_modules())
     for name in ("txgateway.errors", "txgateway.ids"):
         assert own_imports(all_modules()[name], modules) == set()
+
+
+#: The model APIs' packages: routing speaks none of them.
+API_PACKAGES = ("txgateway.openai", "txgateway.anthropic")
+
+
+def test_routing_imports_no_api_package():
+    for name, path in all_modules().items():
+        if name.startswith("txgateway.routing"):
+            assert not {i for i in imports_of(path) if i.startswith(API_PACKAGES)}, name
+
+
+def code_words(path: Path) -> set[str]:
+    """The names and the strings (docstrings left out) of a module's code, lowercased."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    words = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.add(node.id.lower())
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr.lower())
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)) and id(node) not in docstrings:
+            value = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
+            words.add(value.lower())
+    return words
+
+
+@pytest.mark.parametrize("api", ["anthropic", "openai", "messages", "chat/completions", "dialect"])
+def test_routing_holds_no_branch_on_an_api(api):
+    # No API's name in routing's code: a new API is a new package and its speakers.
+    for name, path in all_modules().items():
+        if name.startswith("txgateway.routing"):
+            assert not [word for word in code_words(path) if api in word], name
+
+
+def test_the_branch_finder_finds_an_api_name(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""Speaks to Anthropic."""\nif config.api == ANTHROPIC:\n    pass\n')
+    assert "anthropic" in code_words(module)
+    assert "speaks to anthropic." not in code_words(module)
 
 
 def test_the_data_plane_knows_nothing_of_routing_or_openai():

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 from txgateway.anthropic.wire import error_type_for, sse_event, with_prefill
 from txgateway.openai.wire import CONTEXT_PHRASES, ChunkFacts, chunk_event, error_codes
 from txgateway.openai.wire import decode_json as _loads
+from txgateway.speaking import Untranslatable
 from txgateway.openai.wire import encode_json as _dumps
 
 __all__ = [
@@ -32,10 +33,6 @@ __all__ = [
     "messages_error_to_chat",
     "messages_request_to_chat",
 ]
-
-
-class Untranslatable(ValueError):
-    """A request the other API cannot be asked (the message names the field and why)."""
 
 
 # -- the stop reasons ------------------------------------------------------

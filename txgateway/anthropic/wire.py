@@ -12,12 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+from zope.interface import implementer
 
 from txgateway import errors
 from txgateway.errors import ErrorKind
 from txgateway.bodies import FAST, BodyReading
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
+from txgateway.speaking import IModelCall
 from txgateway.openai.wire import encode_json as _dumps
 
 __all__ = [
@@ -33,7 +35,7 @@ __all__ = [
     "sse_event",
 ]
 
-#: The dialect name of Anthropic's API (a service's C{api}, a call's C{dialect}).
+#: The name of Anthropic's API (a service's C{api}, a call's C{api}).
 ANTHROPIC = "anthropic"
 #: The kind of a Messages request (as C{chat} is of an OpenAI chat completion).
 MESSAGES = "messages"
@@ -42,6 +44,7 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+@implementer(IModelCall)
 @attrs.frozen
 class MessagesCall:
     """
@@ -57,7 +60,7 @@ class MessagesCall:
     body: dict
     raw: bytes
     stream: bool
-    dialect = ANTHROPIC
+    api = ANTHROPIC
     kind = MESSAGES
     generates = True
     #: A Messages stream always reports its usage (in C{message_delta}).

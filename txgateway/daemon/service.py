@@ -29,6 +29,7 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
+from txgateway.anthropic import speakers as anthropic_speakers
 from txgateway.cache.responses import ResponseCache
 from txgateway.cache.stores import ICacheStore, MemoryCacheStore, connect_cache
 from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, load_config
@@ -44,6 +45,7 @@ from txgateway.governance.spendfile import SpendFile
 from txgateway.observability.export import OTLPHttpPost, SpanExport
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
+from txgateway.openai import speaker as openai_speaker
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.ratelimit.memory import MemoryRateLimitStore
@@ -51,6 +53,7 @@ from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.deployments import ModelTable
 from txgateway.routing.model import Endpoint, ServiceRoute
+from txgateway.speaking import PlainHttp, Speakers
 from txgateway.workers.listen import ReusePortListener, listen_address
 from txgateway.workers.shared import BatchedCalls, SharedLedgerStore, SharedRateLimitStore
 
@@ -145,6 +148,15 @@ def _transitioned(
         circuits.transitioned(service, endpoint, to_state, reason)
 
 
+
+def every_speaker() -> Speakers:
+    """Every API the gateway speaks (a service's C{api}) and the speakers of each pair of them the API packages provide."""
+    return Speakers(
+        {"http": PlainHttp(), openai_speaker.OPENAI.name: openai_speaker.OPENAI, anthropic_speakers.MESSAGES_API.name: anthropic_speakers.MESSAGES_API},
+        {**openai_speaker.PAIRS, **anthropic_speakers.PAIRS},
+    )
+
+
 def build_gateway(
     config: GatewayConfig,
     clock: IReactorTime,
@@ -200,7 +212,7 @@ def build_gateway(
             config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
             image_tokens=config.image_tokens,
         )
-    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, governor)
+    broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, every_speaker(), governor)
     started_at = previous.started_at if previous is not None else None
     gateway = Gateway(
         config, clock, broker, store, log, metrics, access_log, started_at, spans, config.tracing.sample_ratio, rng,

@@ -16,6 +16,7 @@ from txgateway.dataplane.client import StreamEnded
 from txgateway.dataplane.relay import BodyRelay, StreamBroken
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, EventSplitter, Usage, chunk_event, read_answer, read_chunk
+from txgateway.speaking import Transcript
 
 __all__ = ["CUT_SLACK", "EventStreamRelay", "JsonAnswerRelay", "TranslatedAnswerRelay", "Transcript"]
 
@@ -25,52 +26,6 @@ __all__ = ["CUT_SLACK", "EventStreamRelay", "JsonAnswerRelay", "TranslatedAnswer
 CUT_SLACK = 8
 #: The most of a JSON answer kept to read its usage (larger ones are relayed unread).
 JSON_USAGE_LIMIT = 1024 * 1024
-
-
-class Transcript:
-    """
-    What the client has been sent of one streamed answer, across every
-    attempt that made it: choice 0's text, whether it finished (and why
-    each choice did), the first stream's chunk id (resumed chunks carry it
-    too), and whether its text alone could be continued (no tool call).
-    """
-
-    def __init__(self, resumable: bool) -> None:
-        self._parts: list[str] = []
-        self.finished = False
-        self.resumable = resumable
-        self.chunk_id: str | None = None
-        #: Chunks with content (text or a tool call) relayed, across every attempt.
-        self.content_chunks = 0
-        self.finish_reasons: tuple[str, ...] = ()
-        #: The gateway cut the stream at its bound (a backend that went past the completion reserved).
-        self.cut = False
-
-    @property
-    def text(self) -> str:
-        """The assistant text sent so far."""
-        return "".join(self._parts)
-
-    @property
-    def text_bytes(self) -> int:
-        """The UTF-8 bytes of the assistant text sent so far."""
-        return len(self.text.encode("utf-8", "replace"))
-
-    def sent(self, facts: ChunkFacts, first_stream: bool) -> None:
-        """C{facts}' event reached the client."""
-        if facts.text:
-            self._parts.append(facts.text)
-        if facts.text or facts.tool_call:
-            self.content_chunks += 1
-        if facts.finished:
-            self.finished = True
-        if facts.finish_reasons:
-            self.finish_reasons += facts.finish_reasons
-        if facts.tool_call:
-            self.resumable = False
-        if first_stream and self.chunk_id is None and facts.data is not None:
-            chunk_id = facts.message_id or facts.data.get("id")
-            self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
 
 
 class EventStreamRelay(BodyRelay):

@@ -15,8 +15,10 @@ import json
 from typing import Any
 
 import attrs
+from zope.interface import implementer
 
 from txgateway.bodies import FAST, BadBody, BodyReading
+from txgateway.speaking import BadCall, IModelCall
 
 try:
     from orjson import dumps as _orjson_dumps
@@ -68,12 +70,6 @@ _NEXT_TARGET_CODES = frozenset({"context_length_exceeded"})
 _PASS_THROUGH_CODES = frozenset({"content_policy_violation", "content_filter"})
 #: Words of an error message (vLLM's, Anthropic's, which carry no such code) that say the prompt is too long.
 CONTEXT_PHRASES = ("maximum context length", "prompt is too long", "context limit", "context window")
-#: The most of a refusal's body read to tell what it means.
-REFUSAL_BODY_LIMIT = 64 * 1024
-
-
-class BadCall(ValueError):
-    """The body is not an OpenAI request the gateway can route (the message says why)."""
 
 
 def read_body(raw: bytes, reading: BodyReading = FAST) -> dict:
@@ -112,6 +108,7 @@ def model_call_path(path: bytes) -> bool:
     return _endpoint_kind(bare) is not None or bare.endswith((b"/embeddings", b"/responses")) or bare in (b"embeddings", b"responses")
 
 
+@implementer(IModelCall)
 @attrs.frozen
 class OpenAICall:
     """
@@ -132,8 +129,8 @@ class OpenAICall:
     #: The endpoint generates text (chat, text completions, OpenAI's Responses API):
     #: its completion is reserved.
     generates: bool = False
-    #: The API it speaks (a Messages request says C{anthropic}).
-    dialect = "openai"
+    #: The client's API (a Messages request says C{anthropic}).
+    api = "openai"
 
     @property
     def model(self) -> str | None:

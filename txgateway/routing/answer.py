@@ -14,7 +14,6 @@ from typing import Awaitable, NoReturn
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.anthropic.wire import ANTHROPIC, gateway_error_body
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream, response_headers_for_client
 from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
@@ -154,10 +153,9 @@ class AnswerRelay:
         if is_event_stream(response):
             # One complete SSE event that says what happened (an SDK raises
             # it as an error), then the connection closes without the end.
-            if call.model_call is not None and call.model_call.dialect == ANTHROPIC:
-                body = gateway_error_body(kind, str(error), ctx.request_id)[1]
+            if call.model_call is not None:
+                request.write(call.speaker(target).broken_event(kind, str(error), ctx.request_id))
             else:
-                body = error_body(kind, str(error), ctx.request_id)
-            request.write(b"event: error\ndata: " + body + b"\n\n")
+                request.write(b"event: error\ndata: " + error_body(kind, str(error), ctx.request_id) + b"\n\n")
         request.abort()
         raise AnswerCutShort(ctx.outcome)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, TimeoutError
@@ -19,7 +20,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from txgateway import errors
-from txgateway.anthropic.wire import ANTHROPIC
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream
@@ -28,8 +28,6 @@ from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.observability.tracing import SpanNotes
-from txgateway.openai.relays import EventStreamRelay, JsonAnswerRelay, TranslatedAnswerRelay
-from txgateway.openai.wire import AnswerFacts, Usage, closing_events
 from txgateway.resilience.breaker import Admission
 from txgateway.resilience.retry import (
     RETRY_AFTER_STATUSES,
@@ -44,6 +42,7 @@ from txgateway.routing.call import Call
 from txgateway.routing.lease import InFlight
 from txgateway.routing.model import Admitted, Endpoint, ServiceRoute, Target
 from txgateway.routing.paths import join_target
+from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, AnswerReading
 
 __all__ = ["Answer", "Attempts", "circuit_open"]
 
@@ -234,8 +233,9 @@ class Attempts:
     async def _traced_once(self, state: _TargetAttempts, admitted: Admitted, deadline_at: float, notes: SpanNotes) -> _Outcome:
         """L{once}, as a span of its own: the backend is sent that span as its parent."""
         endpoint = admitted.endpoint
-        provider = ANTHROPIC if state.config.api == ANTHROPIC else "openai"
-        span = notes.attempt(self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed, provider)
+        span = notes.attempt(
+            self._clock.seconds(), state.config.name, endpoint.url, state.target.model, state.resumed, state.config.api
+        )
         try:
             outcome = await self.once(state, admitted, deadline_at, span.span_id)
         except CancelledError:
@@ -272,7 +272,7 @@ class Attempts:
         upstream = endpoint.upstream
         target = join_target(upstream.base_path, call.path_for(state.target, upstream.base_path))
         body = call.body_for(state.target, prefill=call.transcript.text if state.resumed else None)
-        sending = upstream.request(call.request.method, target, call.headers_for(config, span_id), body)
+        sending = upstream.request(call.request.method, target, call.headers_for(config, state.target, span_id), body)
         sending.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out)
         sent_at = self._clock.seconds()
         lease = endpoint.lease()
@@ -332,38 +332,20 @@ class Attempts:
         OpenAI JSON answer has its usage read as it passes.
         """
         config, call = state.config, state.call
-        model_call = call.model_call
-        if model_call is None:
-            return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
-        speaking = call.speaking(state.target)
-        if response.code == 200:
-            sent_as = state.target.model or model_call.model
-            if call.transcript is not None and is_event_stream(response):
-                on_usage = functools.partial(self._count_usage, call.ctx, config.name, sent_as, _AnswerUsage())
-                forward_usage = model_call.client_wants_usage or speaking.translated
-                reader = speaking.read_event(state.resumed and call.transcript.text[-1:].isspace())
-                reserved = call.completion_reserved
-                relay = EventStreamRelay(
-                    self._clock, config.idle_timeout, call.transcript, on_usage, forward_usage, state.resumed,
-                    reader, speaking.write_events, reserved,
-                    None if reserved is None else getattr(reader, "closing_events", closing_events),
-                )
-                return _CommitPoint(relay, config.token_timeout, "first token")
-            on_answer = functools.partial(self._read_answer, call.ctx, config.name, sent_as)
-            if speaking.translate_answer is not None:
-                read = speaking.read_answer
-                relay = TranslatedAnswerRelay(
-                    self._clock, config.idle_timeout, speaking.translate_answer, lambda body: on_answer(read(body))
-                )
-                return _CommitPoint(relay, config.first_byte_timeout, "whole answer")
-            relay = JsonAnswerRelay(self._clock, config.idle_timeout, on_answer, speaking.read_answer)
-            return _CommitPoint(relay, config.first_byte_timeout, "first byte")
-        if speaking.translate_error is not None:
-            relay = TranslatedAnswerRelay(
-                self._clock, config.idle_timeout, functools.partial(speaking.translate_error, response.code)
+        if call.model_call is not None:
+            sent_as = state.target.model or call.model_call.model
+            ctx = call.ctx
+            reading = AnswerReading(
+                self._clock, config.idle_timeout, call.transcript, state.resumed, call.completion_reserved,
+                functools.partial(self._count_usage, ctx, config.name, sent_as, _AnswerUsage()),
+                functools.partial(self._read_answer, ctx, config.name, sent_as),
             )
-            return _CommitPoint(relay, config.first_byte_timeout, "whole answer")
-        return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, "first byte")
+            made = call.speaker(state.target).answer_relay(response.code, is_event_stream(response), reading)
+            if made is not None:
+                relay, waits_for = made
+                timeout = config.token_timeout if waits_for == FIRST_TOKEN else config.first_byte_timeout
+                return _CommitPoint(relay, timeout, waits_for)
+        return _CommitPoint(BodyRelay(None, self._clock, config.idle_timeout), config.first_byte_timeout, FIRST_BYTE)
 
     async def _first_bytes(self, response: UpstreamResponse, commit: _CommitPoint) -> Exception | None:
         """
@@ -453,7 +435,7 @@ class Attempts:
             ctx.span_notes.event(self._clock.seconds(), "circuit_open", **{"txgateway.service": service})
         return circuit_open(service, retry_after)
 
-    def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: AnswerFacts) -> None:
+    def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: Any) -> None:
         """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
         if facts.usage is not None:
             self._count_usage(ctx, service, sent_as, _AnswerUsage(), facts.usage)
@@ -461,7 +443,7 @@ class Attempts:
         completion.response_id = facts.response_id
         completion.finish_reasons = facts.finish_reasons
 
-    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: "_AnswerUsage", usage: Usage) -> None:
+    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: "_AnswerUsage", usage: Any) -> None:
         """
         A usage report of one backend answer (of the model sent as
         C{sent_as}): on the access line, in the token counts, billed.  A
@@ -471,17 +453,18 @@ class Attempts:
         """
         facts = ctx.completion  # made with the call: usage is read of model calls only
         before = answer.usage
-        if answer.place is None:
+        if before is None:
             answer.place = len(facts.billed)
             facts.billed.append((sent_as, usage))
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
         else:
             usage = before.merged(usage)
             facts.billed[answer.place] = (sent_as, usage)
+            prompt = usage.prompt_tokens - before.prompt_tokens
+            completion = usage.completion_tokens - before.completion_tokens
         answer.usage = usage
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
-        prompt = usage.prompt_tokens - before.prompt_tokens
-        completion = usage.completion_tokens - before.completion_tokens
         facts.prompt_tokens = (facts.prompt_tokens or 0) + prompt
         facts.completion_tokens = (facts.completion_tokens or 0) + completion
         if prompt:
@@ -497,7 +480,7 @@ class _AnswerUsage:
 
     def __init__(self) -> None:
         self.place: int | None = None
-        self.usage = Usage(None, 0, 0)
+        self.usage: Any = None
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:

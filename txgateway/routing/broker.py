@@ -1,7 +1,7 @@
 """
 L{ServiceBroker}: where a proxied request enters routing.  It checks the
-path, takes the rate limit, reads an OpenAI body where the service speaks
-OpenAI, makes the L{Call}, and serves it through the response cache (when
+path, takes the rate limit, reads a model call's body where the service
+speaks a model API (through that API's L{IApi}), makes the L{Call}, and serves it through the response cache (when
 the first target's service caches) or straight through the fallback
 chain, whose parts (the attempts, the relay of the answer, the resume of
 a stream) it assembles once.
@@ -18,22 +18,21 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from txgateway import errors
-from txgateway.anthropic.wire import ANTHROPIC, MessagesCall, messages_path
 from txgateway.bodies import FAST, BodyReading
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.openai.wire import BadCall, OpenAICall, model_call_path
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.routing.answer import AnswerCutShort, AnswerRelay
 from txgateway.routing.attempt import Attempts
-from txgateway.routing.call import Call, ModelCall
+from txgateway.routing.call import Call
 from txgateway.routing.chain import FallbackChain
 from txgateway.routing.model import ServiceRoute, Target
 from txgateway.routing.paths import UnsafePath, checked_rest
 from txgateway.routing.resume import StreamResume
+from txgateway.speaking import BadCall, IApi, IModelCall, Speakers
 
 if TYPE_CHECKING:
     from txgateway.cache.responses import ResponseCache
@@ -57,6 +56,7 @@ class ServiceBroker:
     @param rng: the randomness behind retry jitter.
     @param models: the models' deployments.
     @param cache: the response cache, when a service caches.
+    @param speakers: every API the gateway speaks, and a speaker per pair of them.
     @param governor: governs API keys' calls (limits, budgets, models), or L{None}.
     """
 
@@ -69,9 +69,13 @@ class ServiceBroker:
         rng: random.Random | None,
         models: "ModelTable",
         cache: "ResponseCache | None",
+        speakers: Speakers,
         governor: "Governor | None" = None,
     ) -> None:
+        if not isinstance(speakers, Speakers):
+            raise TypeError(f"speakers must be Speakers, not {speakers!r}")
         self._clock = clock
+        self.speakers = speakers
         self.routes = dict(routes)
         #: Each service's targets: itself, then its fallbacks (made once, not per request).
         self._chains = {
@@ -108,7 +112,7 @@ class ServiceBroker:
         governor = self.governor
         if governor is not None:
             governor.check_service(ctx, config.name)
-        model_call = _model_call(request, rest, config, reading)
+        model_call = _model_call(request, rest, self.speakers.api(config.api), reading)
         price = None
         if reading.strict:
             if model_call is not None:
@@ -117,7 +121,7 @@ class ServiceBroker:
                 governor.check_model(ctx, model_call.model)
             else:
                 price = _unread_price(request, rest, config)
-        call = Call.of(request, ctx, path, self._chains[config.name], model_call, as_sent=True)
+        call = Call.of(request, ctx, path, self._chains[config.name], self.speakers, model_call, as_sent=True)
         await self._admit(request, ctx, route)
         if governor is None:
             await self._serve_call(call, path)
@@ -128,7 +132,7 @@ class ServiceBroker:
         self,
         request: IncomingRequest,
         ctx: RequestContext,
-        model_call: ModelCall,
+        model_call: IModelCall,
         targets: list[Target],
         rest: bytes,
         query: bytes,
@@ -146,9 +150,9 @@ class ServiceBroker:
         """
         path = _checked(rest, query)
         price = None
-        if reading.strict and model_call.dialect != ANTHROPIC and not model_call_path(rest):
+        if reading.strict and not self.speakers.api(model_call.api).model_call_path(rest):
             price = _unread_price(request, rest, targets[0].route.config)
-        call = Call.of(request, ctx, path, targets, model_call)
+        call = Call.of(request, ctx, path, targets, self.speakers, model_call)
         refused = call.untranslatable()
         if refused:
             call.targets = self._translatable(call, refused)
@@ -164,7 +168,7 @@ class ServiceBroker:
         kept = [target for target in call.targets if id(target) not in left_out]
         if not kept:
             target, reason = refused[0]
-            api = "Anthropic's Messages API" if target.route.config.api == ANTHROPIC else "OpenAI's API"
+            api = self.speakers.api(target.route.config.api).title
             raise GatewayError(errors.BAD_REQUEST, f"cannot be translated to {api} (target {target.label}): {reason}")
         for target, reason in refused:
             call.ctx.log.warning("target_skipped", target=target.label, reason=f"untranslatable: {reason}")
@@ -282,7 +286,7 @@ def refuse_unless_json(request: IncomingRequest) -> None:
     )
 
 
-def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, reading: BodyReading) -> ModelCall | None:
+def _model_call(request: IncomingRequest, rest: bytes, api: IApi, reading: BodyReading) -> IModelCall | None:
     """
     The model call a C{/api/} request makes, read from its body: a C{POST}
     to one of the model calls of the service's API (chat or text
@@ -294,20 +298,12 @@ def _model_call(request: IncomingRequest, rest: bytes, config: ServiceConfig, re
         the gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
     """
     strict = reading.strict
-    api = config.api
-    if api == "http" or request.method != b"POST":
-        return None
-    if api == ANTHROPIC:
-        if not messages_path(rest):
-            return None
-    elif not model_call_path(rest):
+    if request.method != b"POST" or not api.model_call_path(rest):
         return None
     if strict:
         refuse_unless_json(request)
     try:
-        if api == ANTHROPIC:
-            return MessagesCall.parse(request.body, reading)
-        return OpenAICall.parse(request.body, rest, reading)
+        return api.read_call(rest, request.body, reading)
     except BadCall as error:
         if not strict:
             return None  # not a body the gateway reads: relayed as it is

@@ -4,8 +4,9 @@ C{fallback} services; or a model's targets, primary first), each with its
 retries, until one answers in a way the client should see.  Before any
 byte reached the client a target gives up on a gateway error (no endpoint
 answered, all circuits open, timeouts), a final 429 or 5xx, and for
-OpenAI calls on a 401, 403, 404 or a context length exceeded; the next
-target is tried while the call's deadline allows.
+model calls on a refusal its speaker says another target may serve (a
+401, 403, 404 or a context length exceeded); the next target is tried
+while the call's deadline allows.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.anthropic.wire import ANTHROPIC
 from txgateway.errors import GatewayError
 from txgateway.observability.metrics import GatewayMetrics
-from txgateway.openai.wire import NEXT_TARGET, REFUSAL_BODY_LIMIT, after_refusal, error_codes
 from txgateway.resilience.retry import RETRYABLE_STATUSES
 from txgateway.routing.answer import AnswerRelay
 from txgateway.routing.attempt import Answer, Attempts
 from txgateway.routing.call import Call
 from txgateway.routing.model import Target
+from txgateway.speaking import ISpeaker
 
 __all__ = ["FallbackChain"]
 
+#: The most of a refusal's body read to tell what it means.
+_REFUSAL_BODY_LIMIT = 64 * 1024
 #: Gateway errors after which a target gives up and the next is tried.
 _GIVING_UP = frozenset({errors.UPSTREAM_UNAVAILABLE, errors.CIRCUIT_OPEN, errors.UPSTREAM_TIMEOUT})
 
@@ -99,28 +101,27 @@ class FallbackChain:
             return succeed(f"status {code}")
         if call.model_call is None or not 400 <= code < 500 or answer.relay is None:
             return succeed(None)
-        return Deferred.fromCoroutine(self._refusal_moves_on(target, answer))
+        speaker = call.speaker(target)
+        if not speaker.refusal_body_needed(code):
+            return succeed(speaker.refusal_moves_on(code, None))
+        return Deferred.fromCoroutine(self._refusal_moves_on(target, speaker, answer))
 
-    async def _refusal_moves_on(self, target: Target, answer: Answer) -> str | None:
-        """Whether an OpenAI backend's 4xx (its body read when it is a 400) sends the call on."""
+    async def _refusal_moves_on(self, target: Target, speaker: ISpeaker, answer: Answer) -> str | None:
+        """Whether a model backend's refusal, its body read (within C{first_byte_timeout}), sends the call on."""
         code = answer.response.code
         body = None
         try:
-            if code == 400:
-                read = answer.relay.held_body(REFUSAL_BODY_LIMIT)
-                if not read.called:
-                    read.addTimeout(target.route.config.first_byte_timeout, self._clock)
-                try:
-                    body = await read
-                except TimeoutError:
-                    body = None
+            read = answer.relay.held_body(_REFUSAL_BODY_LIMIT)
+            if not read.called:
+                read.addTimeout(target.route.config.first_byte_timeout, self._clock)
+            try:
+                body = await read
+            except TimeoutError:
+                body = None
         except BaseException:  # the client left while the refusal was read
             answer.drop()
             raise
-        if after_refusal(code, body) == NEXT_TARGET:
-            codes = f" ({_error_code_of(body)})" if body else ""
-            return f"status {code}{codes}"
-        return None
+        return speaker.refusal_moves_on(code, body)
 
     def _fall_over(self, call: Call, gave_up: Target, to: Target, reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
@@ -136,14 +137,10 @@ class FallbackChain:
     def _answering(self, call: Call, target: Target) -> None:
         """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""
         ctx = call.ctx
-        if ctx.completion is not None and target.route.config.api == ANTHROPIC:
-            ctx.completion.provider = ANTHROPIC
+        if ctx.completion is not None:
+            ctx.completion.provider = target.route.config.api
         if target.model is not None:
             ctx.served_model = target.model
             if ctx.completion is not None and ctx.completion.model is None:
                 ctx.completion.model = target.model
 
-
-def _error_code_of(body: bytes | None) -> str:
-    codes, _ = error_codes(body)
-    return ", ".join(sorted(codes)) or "no code"

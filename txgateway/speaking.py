@@ -1,0 +1,276 @@
+"""
+The seam between routing and the APIs it carries: routing decides where a
+call goes and when to try again; how a call is said to a target and its
+answer read back belongs to the API's own package, behind L{ISpeaker}.
+
+One name says "which API" everywhere: C{api} (a service's C{api}, a model
+call's C{api}, a speaker's C{client_api} and C{target_api}).  A speaker
+serves one pair of them (OpenAI to OpenAI, Messages to OpenAI, ...); a new
+API is a new package with its L{IApi} and its speakers, registered in
+L{Speakers}, and no change to routing.
+
+Also the vocabulary both sides share: L{BadCall}, L{Untranslatable}, the
+L{Transcript} of a streamed answer, and the L{AnswerReading} routing hands
+a speaker for one attempt's answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import attrs
+from zope.interface import Attribute, Interface, implementer
+
+__all__ = [
+    "BadCall",
+    "FIRST_BYTE",
+    "FIRST_TOKEN",
+    "WHOLE_ANSWER",
+    "AnswerReading",
+    "IApi",
+    "IModelCall",
+    "ISpeaker",
+    "PlainHttp",
+    "Speakers",
+    "Transcript",
+    "Untranslatable",
+]
+
+#: What an attempt waits for before its answer is final (its commit point):
+#: the first body byte, a completion stream's first token, or (for an
+#: answer translated whole) all of it.
+FIRST_BYTE, FIRST_TOKEN, WHOLE_ANSWER = "first byte", "first token", "whole answer"
+
+
+class BadCall(ValueError):
+    """The body is not a model request the gateway can route (the message says why)."""
+
+
+class Untranslatable(ValueError):
+    """
+    A request field (or endpoint) that has no equivalent in the target's
+    API: the target is left out, or the client gets a 400 naming it.
+    """
+
+
+class Transcript:
+    """
+    What the client has been sent of one streamed answer, across every
+    attempt that made it: choice 0's text, whether it finished (and why
+    each choice did), the first stream's chunk id (resumed chunks carry it
+    too), and whether its text alone could be continued (no tool call).
+    """
+
+    def __init__(self, resumable: bool) -> None:
+        self._parts: list[str] = []
+        self.finished = False
+        self.resumable = resumable
+        self.chunk_id: str | None = None
+        #: Chunks with content (text or a tool call) relayed, across every attempt.
+        self.content_chunks = 0
+        self.finish_reasons: tuple[str, ...] = ()
+        #: The gateway cut the stream at its bound (a backend that went past the completion reserved).
+        self.cut = False
+
+    @property
+    def text(self) -> str:
+        """The assistant text sent so far."""
+        return "".join(self._parts)
+
+    @property
+    def text_bytes(self) -> int:
+        """The UTF-8 bytes of the assistant text sent so far."""
+        return len(self.text.encode("utf-8", "replace"))
+
+    def sent(self, facts: Any, first_stream: bool) -> None:
+        """
+        C{facts}' event reached the client (a chunk's facts: its C{text},
+        C{tool_call}, C{finished}, C{finish_reasons}, C{message_id}, C{data}).
+        """
+        if facts.text:
+            self._parts.append(facts.text)
+        if facts.text or facts.tool_call:
+            self.content_chunks += 1
+        if facts.finished:
+            self.finished = True
+        if facts.finish_reasons:
+            self.finish_reasons += facts.finish_reasons
+        if facts.tool_call:
+            self.resumable = False
+        if first_stream and self.chunk_id is None and facts.data is not None:
+            chunk_id = facts.message_id or facts.data.get("id")
+            self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
+
+
+class IModelCall(Interface):
+    """A model request the gateway read from a client's body, in the client's API."""
+
+    api = Attribute("The client's API by name (C{openai}, C{anthropic}): which speakers speak it.")
+    model = Attribute("The model asked for (a string), or L{None}.")
+    stream = Attribute("The client asked for a stream the gateway follows event by event.")
+    max_tokens = Attribute("The most the client lets it complete, or L{None}.")
+    generates = Attribute("The call generates text: its completion is reserved.")
+    resumable_kind = Attribute("A broken stream of it can be asked for again with its text as a prefill.")
+
+    def operation(path: bytes) -> str:
+        """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""
+
+
+@attrs.define(eq=False)
+class AnswerReading:
+    """
+    What routing hands a speaker to read one attempt's answer with: the
+    clock and idle timeout of its relay, the call's transcript, whether
+    the attempt resumes a broken stream, the completion tokens reserved
+    (past which a stream is cut; L{None}: unbounded), and where what the
+    answer says of itself goes (C{on_usage}: a usage report of this
+    answer; C{on_answer}: a JSON answer's facts).
+    """
+
+    clock: Any
+    idle_timeout: float
+    transcript: Transcript | None
+    resumed: bool
+    completion_reserved: int | None
+    on_usage: Callable[[Any], None]
+    on_answer: Callable[[Any], None]
+
+
+class ISpeaker(Interface):
+    """
+    How one call in its client's API is spoken to targets of one API, and
+    their answers read back in the client's API.  Made once per call and
+    target API (a translated stream's writer serves every attempt that
+    continues the answer).
+    """
+
+    client_api = Attribute("The client's API by name.")
+    target_api = Attribute("The target's API by name.")
+    translated = Attribute("The two differ: the call is translated.")
+
+    def path(path: bytes, base_path: bytes, as_sent: bool) -> bytes:
+        """
+        The path (and query) sent to an endpoint whose URL's path is
+        C{base_path}, for the client's C{path}; C{as_sent}: the client named
+        the target's own path (C{/api/<service>/...}).
+        """
+
+    def body(config: Any, model: str | None, prefill: str | None) -> bytes:
+        """
+        The body sent to a target of C{config}'s service: the C{model} named (L{None}: as the client named
+        it), with C{prefill} (the text sent so far) when resuming.
+
+        @raise Untranslatable: the call has no equivalent in the target's API.
+        """
+
+    def headers(request: Any, config: Any, withheld: tuple[bytes, ...]) -> tuple[list, tuple[bytes, ...]]:
+        """
+        The target's credentials and API headers for C{config}'s service,
+        given the client headers already C{withheld}: the headers added,
+        and every header withheld.
+        """
+
+    def completion_floor(config: Any) -> int:
+        """The completion tokens a target of C{config}'s service is sent when the client names none (0: none)."""
+
+    def answer_relay(code: int, event_stream: bool, reading: AnswerReading) -> tuple[Any, str] | None:
+        """
+        The relay that reads an answer of status C{code} up to its commit
+        point, and what it waits for there (L{FIRST_TOKEN},
+        L{WHOLE_ANSWER}, L{FIRST_BYTE}); L{None}: its bytes are relayed as
+        they are.
+        """
+
+    def refusal_body_needed(code: int) -> bool:
+        """Whether a refusal of status C{code} (a 4xx but 429) is read before L{refusal_moves_on}."""
+
+    def refusal_moves_on(code: int, body: bytes | None) -> str | None:
+        """Why a refusal sends the call to the next target (for the log), or L{None}: the client sees it."""
+
+    def broken_event(kind: Any, message: str, request_id: str) -> bytes:
+        """The one event that tells the client, in its API, that its stream broke (an C{ErrorKind})."""
+
+
+class IApi(Interface):
+    """
+    One API as the gateway speaks it: which requests of it are model calls
+    (read, governed), and how a target of it is given its credentials.
+    """
+
+    name = Attribute("The API's name, as a service's C{api} says it.")
+    title = Attribute("How a refusal names it (C{OpenAI's API}).")
+
+    def read_call(rest: bytes, body: bytes, reading: Any) -> IModelCall | None:
+        """
+        The model call a C{POST} to C{rest} (under a service of this API)
+        makes, read as C{reading} says; L{None}: C{rest} is no model call.
+
+        @raise BadCall: the body is not one the gateway can read.
+        """
+
+    def model_call_path(rest: bytes) -> bool:
+        """Whether a C{POST} to C{rest} is one of the model calls the gateway reads."""
+
+    def credentials(request: Any, config: Any, key: bytes | None, translated: bool) -> tuple[list, tuple[bytes, ...]]:
+        """
+        The headers a target of this API is given (its C{key}, its API's
+        version) and the client headers it must not get.
+        """
+
+
+@implementer(IApi)
+class PlainHttp:
+    """A service that speaks no model API (C{api = http}): bytes relayed, its key as a bearer token."""
+
+    name = "http"
+    title = "plain HTTP"
+
+    def read_call(self, rest: bytes, body: bytes, reading: Any) -> None:
+        """No request of it is a model call."""
+        return None
+
+    def model_call_path(self, rest: bytes) -> bool:
+        """No path of it is a model call."""
+        return False
+
+    def credentials(self, request: Any, config: Any, key: bytes | None, translated: bool) -> tuple[list, tuple[bytes, ...]]:
+        """Its key, when it has one, as C{Authorization: Bearer}."""
+        return ([(b"Authorization", b"Bearer " + key)] if key is not None else []), ()
+
+
+#: Makes the speaker of one model call (its client's API) to one target API,
+#: given the path the client called and the request's start (a translated
+#: answer's C{created}).
+SpeakerFactory = Callable[[Any, bytes, float], ISpeaker]
+
+
+@attrs.frozen
+class Speakers:
+    """
+    Every API the gateway speaks, by name, and a speaker for each pair of
+    client and target API it can carry.  Routing holds this and nothing
+    of any API's package.
+    """
+
+    apis: Mapping[str, IApi]
+    pairs: Mapping[tuple[str, str], SpeakerFactory]
+
+    def __attrs_post_init__(self) -> None:
+        for api in self.apis.values():
+            if not IApi.providedBy(api):
+                raise TypeError(f"{api!r} does not provide IApi")
+
+    def api(self, name: str) -> IApi:
+        """The API named C{name}; L{KeyError} when none is (a config names only known ones)."""
+        return self.apis[name]
+
+    def speaker(self, call: IModelCall, target_api: str, path: bytes, started_at: float) -> ISpeaker:
+        """
+        The speaker of C{call} to a target of C{target_api}.
+
+        @raise Untranslatable: the gateway cannot carry the client's API to that one.
+        """
+        factory = self.pairs.get((call.api, target_api))
+        if factory is None:
+            raise Untranslatable(f"no translation from {self.apis[call.api].title} to {self.apis[target_api].title}")
+        return factory(call, path, started_at)
