@@ -146,7 +146,11 @@ class SpendFacts:
 @attrs.define
 class RequestContext:
     """
-    What the gateway knows about one request while it is in flight.
+    What the gateway reports of one request while it is in flight: what its
+    access line, its spans and its answer's C{X-Gateway-*} headers say.  It
+    is a report, not a blackboard: the rooms write what happened here, and
+    decide by their own objects (routing by its call and each target's
+    attempts, the data plane by its request).
 
     @ivar started_at: the injected clock's time when the request arrived.
     @ivar base_log: the gateway's structlog logger; L{log} binds it to the

@@ -181,7 +181,7 @@ class Attempts:
                 failed_on = admitted.endpoint
                 delay = self._delay_before_retry(outcome, target.route, state.made)
                 stop = self._why_no_retry(state, delay, retrying is not None)
-                if call.ctx.client_gone:
+                if call.client_gone:
                     stop = _FINAL  # a call carried on for its usage after its client left: no retry
                 self._log_attempt(call.ctx, config.name, outcome.reason, final=stop is not None, delay=delay)
                 if stop in (_FINAL, _SILENT_LEFT, _BUDGET_SPENT):
@@ -217,7 +217,7 @@ class Attempts:
             answer.relay = commit.relay
             return
         answer.drop()
-        if call.ctx.client_gone or isinstance(error, CancelledError):
+        if call.client_gone or isinstance(error, CancelledError):
             raise CancelledError() from None
         code, name = answer.response.code, target.route.config.name
         raise GatewayError(errors.UPSTREAM_UNAVAILABLE, f"service {name!r}: answered {code}, then its body failed: {error}")
@@ -300,7 +300,7 @@ class Attempts:
             answer.relay = commit.relay
             return _Outcome(answer=answer)
         lease.release()
-        if ctx.client_gone or isinstance(error, CancelledError):
+        if state.call.client_gone or isinstance(error, CancelledError):
             raise CancelledError() from None
         # Its headers were a success for the breaker; the missing body is a
         # failure all the same.
@@ -312,7 +312,7 @@ class Attempts:
     ) -> _Outcome:
         """An attempt that got no headers: the client left, the deadline passed, or a failure of the backend."""
         config, ctx = state.config, state.call.ctx
-        if ctx.client_gone or isinstance(error, CancelledError):
+        if state.call.client_gone or isinstance(error, CancelledError):
             self._count_attempt(config.name, endpoint, "abandoned")
             # The client left: whatever the upstream reports of its
             # cancellation, it is no failure of the backend and nothing to retry.

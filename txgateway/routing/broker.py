@@ -196,7 +196,7 @@ class ServiceBroker:
         try:
             await self._serve_call(call, cached_as)
         finally:
-            reservation.settle(call.ctx, call.request.code, call.transcript, call.ctx.served_model)
+            reservation.settle(call.ctx, call.request.code, call.transcript, call.served_model)
 
     def _served_even_if_left(self, call: Call, cached_as: bytes, reservation: Any) -> Deferred[None]:
         """
@@ -216,7 +216,7 @@ class ServiceBroker:
             answered = call.request.code
             if isinstance(result, Failure) and result.check(GatewayError) and result.value.kind in _NOTHING_MADE:
                 answered = result.value.kind.status  # no backend made anything: nothing to pay
-            reservation.settle(ctx, answered, call.transcript, ctx.served_model)
+            reservation.settle(ctx, answered, call.transcript, call.served_model)
             if not client.called:
                 if isinstance(result, Failure):
                     client.errback(result)

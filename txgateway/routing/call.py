@@ -61,6 +61,8 @@ class Call:
     #: The completion tokens its key reserved, past which a stream of this
     #: call is cut (L{None}: not bounded, no governed key).
     completion_reserved: int | None = None
+    #: The target that gives the client its answer (or its error), once one does.
+    answering: Target | None = None
 
     @classmethod
     def of(
@@ -86,6 +88,20 @@ class Call:
             if model_call.stream:
                 transcript = Transcript(model_call.resumable_kind)
         return cls(request, ctx, path, targets, speakers, model_call, transcript, as_sent=as_sent)
+
+    @property
+    def client_gone(self) -> bool:
+        """
+        The client's connection ended before its answer did: no retry and
+        no next target (a governed call carried on for its usage tries
+        nothing more).
+        """
+        return self.request.gone
+
+    @property
+    def served_model(self) -> str | None:
+        """The model name the answering target was sent (L{None}: none answered, or the client's own name went)."""
+        return self.answering.model if self.answering is not None else None
 
     @property
     def idempotency_key(self) -> bool:

@@ -88,7 +88,7 @@ class FallbackChain:
         No next target: the deadline passed, or the client left (a call
         carried on for its usage after its client left tries nothing more).
         """
-        return self._clock.seconds() >= call.deadline_at or call.ctx.client_gone
+        return self._clock.seconds() >= call.deadline_at or call.client_gone
 
     def _moves_on(self, call: Call, target: Target, answer: Answer) -> Awaitable[str | None]:
         """
@@ -137,6 +137,7 @@ class FallbackChain:
     def _answering(self, call: Call, target: Target) -> None:
         """C{target} gives the client its answer (or its error): the model it was sent, for the stamp and the access line."""
         ctx = call.ctx
+        call.answering = target
         if ctx.completion is not None:
             ctx.completion.provider = target.route.config.api
         if target.model is not None:
