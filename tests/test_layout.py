@@ -20,7 +20,7 @@ ROOMS = {
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "retry"},
     "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},
-    "txgateway.dataplane": {"client", "eager", "headers", "relay", "server"},
+    "txgateway.dataplane": {"client", "eager", "flow", "headers", "relay", "server"},
     "txgateway.openai": {"relays", "speaker", "wire"},
     "txgateway.anthropic": {"speakers", "translate", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},

@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import Attribute, Interface, implementer
 
 from txgateway.dataplane.eager import no_delay, writer_for
+from txgateway.dataplane.flow import ReadingControl
 
 __all__ = [
     "IBodyConsumer",
@@ -105,16 +106,16 @@ class BodyControl:
         self._exchange = exchange
 
     def pauseProducing(self) -> None:
-        """Stop reading the backend until L{resumeProducing}."""
+        """Stop reading the backend until L{resumeProducing} (idempotent)."""
         connection = self._exchange.connection
-        if connection is not None and connection.transport is not None:
-            connection.transport.pauseProducing()
+        if connection is not None and connection.reading is not None:
+            connection.reading.pause_reading()
 
     def resumeProducing(self) -> None:
-        """Read the backend again."""
+        """Read the backend again (idempotent)."""
         connection = self._exchange.connection
-        if connection is not None and connection.transport is not None:
-            connection.transport.resumeProducing()
+        if connection is not None and connection.reading is not None:
+            connection.reading.resume_reading()
 
     def stopProducing(self) -> None:
         """The body is not wanted any more: the connection is dropped."""
@@ -280,9 +281,12 @@ class _UpstreamConnection(Protocol):
         self.feeding = False
         self.idle_since = 0.0
         self.lost = False
+        #: Pauses and resumes reading the backend (a slow client's backpressure).
+        self.reading: ReadingControl | None = None
 
     def connectionMade(self) -> None:
         self._write = writer_for(self.transport)
+        self.reading = ReadingControl(self.transport)
         no_delay(self.transport)
 
     def abandon(self) -> None:
@@ -581,6 +585,7 @@ class UpstreamPool:
             connection.transport.loseConnection()
             return
         connection.idle_since = self._reactor.seconds()
+        connection.reading.resume_reading()  # an idle connection is read: its close is seen at once
         self._idle.append(connection)
 
     def forget(self, connection: _UpstreamConnection) -> None:

@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from txgateway import errors
 from txgateway.dataplane.eager import no_delay, writer_for
+from txgateway.dataplane.flow import ReadingControl
 from txgateway.errors import ErrorKind, error_answer
 from txgateway.ids import request_id_for
 
@@ -392,7 +393,7 @@ class HTTPServerProtocol(Protocol):
         self._phase_bytes = 0  # bytes received since the current request began, while in its headers
         self._queue: deque[IncomingRequest] = deque()
         self._current: IncomingRequest | None = None
-        self._reading_paused = False
+        self._flow: ReadingControl | None = None
         self._closing = False
         self._last_read = 0.0
         self._idle_timer: IDelayedCall | None = None
@@ -410,6 +411,7 @@ class HTTPServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.write = writer_for(self.transport)
+        self._flow = ReadingControl(self.transport)
         no_delay(self.transport)
         self.factory.connections.add(self)
         peer = self.transport.getPeer()
@@ -562,9 +564,8 @@ class HTTPServerProtocol(Protocol):
             self._dispatch(request)
         else:
             self._queue.append(request)
-            if len(self._queue) >= MAX_QUEUED and not self._reading_paused:
-                self._reading_paused = True
-                self.transport.pauseProducing()
+            if len(self._queue) >= MAX_QUEUED:
+                self._flow.pause_reading()
 
     def _stop_parsing(self, kind: ErrorKind, message: str) -> None:
         self._refusal = (kind, message)
@@ -597,9 +598,8 @@ class HTTPServerProtocol(Protocol):
             self._pending_refusal = None
             self._linger()
             return
-        if self._reading_paused and len(self._queue) < MAX_QUEUED:
-            self._reading_paused = False
-            self.transport.resumeProducing()
+        if len(self._queue) < MAX_QUEUED:
+            self._flow.resume_reading()
 
     def close_when_idle(self) -> None:
         """Close now if no answer is in progress, else right after it (a drain)."""
@@ -628,9 +628,7 @@ class HTTPServerProtocol(Protocol):
             self._closing = True
             self.transport.loseConnection()
             return
-        if not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self._flow.pause_reading()
 
     # -- timers
 
