@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "txgateway"
 ROOMS = {
     "txgateway": {"bodies", "demo", "errors", "ids", "redispool", "speaking"},
     "txgateway.config": {"gateway", "keys"},
-    "txgateway.resilience": {"breaker", "retry"},
+    "txgateway.resilience": {"breaker", "guarded", "retry"},
     "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},
     "txgateway.dataplane": {"client", "eager", "flow", "headers", "relay", "server"},
     "txgateway.openai": {"relays", "speaker", "wire"},

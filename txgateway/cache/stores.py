@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from txgateway.cache.policy import CachedAnswer
+from txgateway.resilience.guarded import GuardedRedis
 
 __all__ = ["ICacheStore", "MemoryCacheStore", "RedisCacheStore", "connect_cache", "decode_entry", "encode_entry"]
 
@@ -120,29 +121,24 @@ class RedisCacheStore:
     def __init__(
         self, redis: Any, clock: IReactorTime, timeout: float, log: Any, retry_interval: float = 5.0, disconnect: Any = None
     ) -> None:
-        self._redis = redis
         self._clock = clock
-        self._timeout = timeout
-        self._log = log
-        self._retry_interval = retry_interval
-        self._disconnect = disconnect
-        self._down_until: float | None = None
+        self._redis = GuardedRedis(redis, clock, timeout, retry_interval, log, "cache", {"backend": "redis"}, disconnect)
 
     @property
     def healthy(self) -> bool:
         """Whether Redis is asked (it answered last time, or it is time to try again)."""
-        return self._down_until is None or self._clock.seconds() >= self._down_until
+        return self._redis.may_ask
 
     @property
     def description(self) -> dict:
-        return {"backend": "redis", "healthy": self._down_until is None}
+        return {"backend": "redis", "healthy": not self._redis.down}
 
     def get(self, key: str) -> Deferred[CachedAnswer | None]:
         """The fresh entry under C{key}, or L{None} (also when Redis fails)."""
         return Deferred.fromCoroutine(self._get(key))
 
     async def _get(self, key: str) -> CachedAnswer | None:
-        raw = await self._call(self._redis.get(key), None)
+        raw = await self._call("get", key, None)
         if raw is None:
             return None
         try:
@@ -154,27 +150,28 @@ class RedisCacheStore:
     def put(self, key: str, entry: CachedAnswer) -> Deferred[None]:
         """Keep C{entry} until it expires (a failure is logged by the store, never raised)."""
         milliseconds = max(1, int((entry.expires_at - self._clock.seconds()) * 1000))
-        return Deferred.fromCoroutine(self._call(self._redis.set(key, encode_entry(entry), pexpire=milliseconds), None))
+        return Deferred.fromCoroutine(self._call("set", key, None, encode_entry(entry), pexpire=milliseconds))
 
-    async def _call(self, call: Deferred, failed: Any) -> Any:
-        call.addTimeout(self._timeout, self._clock)
+    async def _call(self, command: str, key: str, failed: Any, *args: Any, **options: Any) -> Any:
+        """One Redis command on C{key}; C{failed} when Redis fails (or is left alone after a failure)."""
+        guarded = self._redis
+        admission = guarded.admit(key)
+        if not admission.allowed:
+            return failed
         try:
-            result = await call
+            result = await guarded.call(getattr(guarded.redis, command)(key, *args, **options))
         except CancelledError:
+            guarded.abandoned(admission)
             raise
         except Exception as error:
-            if self._down_until is None:
-                self._log.warning("cache_unavailable", backend="redis", reason=f"{type(error).__name__}: {error}")
-            self._down_until = self._clock.seconds() + self._retry_interval
+            guarded.failed(admission, error)
             return failed
-        if self._down_until is not None:
-            self._down_until = None
-            self._log.warning("cache_recovered", backend="redis")
+        guarded.succeeded(admission, backend="redis")
         return result
 
     def close(self) -> Deferred[None] | None:
         """Close the connections."""
-        return self._disconnect() if self._disconnect is not None else None
+        return self._redis.close()
 
 
 def connect_cache(url: str, clock: IReactorTime, timeout: float, log: Any) -> RedisCacheStore:

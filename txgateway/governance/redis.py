@@ -19,9 +19,8 @@ the gateway itself dies before Redis is back: the journal is in memory).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -29,12 +28,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.errors import describe_failure
 from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
 from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
 from txgateway.governance.periods import day_of, period_end
-from txgateway.redispool import forgot_the_script
-from txgateway.resilience.breaker import CircuitBreaker
+from txgateway.resilience.guarded import GuardedRedis
 
 __all__ = ["RENEW_LUA", "RESERVE_LUA", "SETTLE_LUA", "SPEND_LUA", "RedisLedgerStore", "connect_ledger"]
 
@@ -311,7 +308,6 @@ end
 return cjson.encode({scopes = scopes, days = days})
 """
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (RESERVE_LUA, SETTLE_LUA, SPEND_LUA, RENEW_LUA)}
 
 #: Seconds Redis is left alone after a failure before one call tries it again.
 RETRY_INTERVAL = 1.0
@@ -410,15 +406,13 @@ class RedisLedgerStore:
         retry_interval: float = RETRY_INTERVAL,
         disconnect: Callable[[], Deferred] | None = None,
     ) -> None:
-        self._redis = redis
         self._clock = clock
-        self._timeout = timeout
         self._log = log
-        self._disconnect = disconnect
-        self._breaker = CircuitBreaker("budgets-redis", clock, 1, retry_interval, log, transition_level="debug")
+        self._redis = GuardedRedis(
+            redis, clock, timeout, retry_interval, log, "budgets_redis", {"serving_from": "memory"}, disconnect,
+        )
         self._retry_interval = retry_interval
         self._replay: Any = None
-        self._loaded: set[str] = set()
         self._local = Ledger()
         #: Budget totals Redis last told, by (scope, period key): the local ledger starts from them.
         self._last_known: dict[tuple[str, str], int] = {}
@@ -429,7 +423,11 @@ class RedisLedgerStore:
         #: Settles not yet in Redis, as the script's JSON, oldest first (the journal while Redis is away).
         self.journal: list[str] = []
         self._settling: Deferred | None = None
-        self.serving_locally = False
+
+    @property
+    def serving_locally(self) -> bool:
+        """Redis failed last: the ledger in memory decides meanwhile."""
+        return self._redis.down
 
     @property
     def description(self) -> dict:
@@ -455,7 +453,7 @@ class RedisLedgerStore:
     def _ask(self) -> None:
         while self._reserves and self._reserving < RESERVES_IN_FLIGHT:
             batch, self._reserves = self._reserves, []
-            admission = self._breaker.admit("reserve")
+            admission = self._redis.admit("reserve")
             if not admission.allowed:
                 self._decide_locally(batch)
                 continue
@@ -516,7 +514,7 @@ class RedisLedgerStore:
     def _send_settles(self) -> None:
         if not self.journal or self._settling is not None:
             return
-        admission = self._breaker.admit("settle")
+        admission = self._redis.admit("settle")
         if not admission.allowed:
             self._replay_later()  # kept in the journal: replayed when Redis answers again
             return
@@ -545,40 +543,19 @@ class RedisLedgerStore:
 
     # -- Redis itself
 
-    async def _run(self, script: str, args: list) -> Any:
-        sha = _SHA[script]
-        if sha not in self._loaded:
-            await self._call(self._redis.script_load(script))
-            self._loaded.add(sha)
-        try:
-            return await self._call(self._redis.evalsha(sha, [KEY_PREFIX], args))
-        except Exception as error:
-            if not forgot_the_script(error):
-                raise
-            # Redis restarted and forgot its scripts: load this one again.
-            await self._call(self._redis.script_load(script))
-            return await self._call(self._redis.evalsha(sha, [KEY_PREFIX], args))
-
-    def _call(self, d: Deferred) -> Deferred:
-        return d.addTimeout(self._timeout, self._clock)
+    def _run(self, script: str, args: list) -> Coroutine[Any, Any, Any]:
+        """One of the ledger's scripts, through the guarded client (its timeout, NOSCRIPT reload)."""
+        return self._redis.script(script, [KEY_PREFIX], args)
 
     def _failed(self, admission: Any, failure: Failure) -> None:
         self._replay_later()
-        self._breaker.failed(admission, describe_failure(failure.value))
-        self._loaded.clear()  # a Redis that comes back may be a new one
-        if not self.serving_locally:
-            self.serving_locally = True
+        if self._redis.failed(admission, failure.value):
+            # Redis just went away: the ledger in memory starts afresh from what Redis last told.
             self._seeded.clear()
             self._local = Ledger()
-            self._log.warning(
-                "budgets_redis_unavailable", reason=describe_failure(failure.value), serving_from="memory",
-            )
 
     def _succeeded(self, admission: Any) -> None:
-        self._breaker.succeeded(admission)
-        if self.serving_locally:
-            self.serving_locally = False
-            self._log.warning("budgets_redis_recovered", serving_from="redis", journal=len(self.journal))
+        if self._redis.succeeded(admission, serving_from="redis", journal=len(self.journal)):
             self._send_settles()
 
     # -- renew
@@ -587,7 +564,7 @@ class RedisLedgerStore:
         ids = list(reservation_ids)
         # Held here too while Redis was away (and after, until they settle).
         self._local.renew(ids, expires_at)
-        admission = self._breaker.admit("renew")
+        admission = self._redis.admit("renew")
         if not admission.allowed:
             return succeed(None)
         renewing = Deferred.fromCoroutine(self._run(RENEW_LUA, [repr(expires_at), *ids]))
@@ -646,9 +623,9 @@ class RedisLedgerStore:
             self._log.error("budgets_journal_lost_at_stop", settles=len(self.journal))
         if self._replay is not None and self._replay.active():
             self._replay.cancel()
-        self._breaker.stop()
-        if self._disconnect is not None:
-            await self._disconnect()
+        closing = self._redis.close()
+        if closing is not None:
+            await closing
 
 
 def connect_ledger(url: str, clock: IReactorTime, timeout: float, log: Any) -> RedisLedgerStore:

@@ -18,7 +18,6 @@ the shared buckets back.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -26,12 +25,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.errors import describe_failure
-from txgateway.redispool import forgot_the_script
 from txgateway.ratelimit.bucket import BucketSpec, Decision, decision_after
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.memory import MemoryRateLimitStore
-from txgateway.resilience.breaker import CircuitBreaker
+from txgateway.resilience.guarded import GuardedRedis, script_sha
 
 __all__ = ["RedisRateLimitStore", "TOKEN_BUCKET_LUA", "connect_redis"]
 
@@ -73,7 +70,7 @@ end
 return table.concat(answers, ' ')
 """
 
-TOKEN_BUCKET_SHA = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
+TOKEN_BUCKET_SHA = script_sha(TOKEN_BUCKET_LUA)
 
 KEY_PREFIX = "txgateway:ratelimit:"
 
@@ -106,30 +103,25 @@ class RedisRateLimitStore:
         log: Any,
         disconnect: Any = None,
     ) -> None:
-        self._redis = redis
         self._clock = clock
-        self._timeout = timeout
-        self._log = log
-        self._disconnect = disconnect
+        self._redis = GuardedRedis(
+            redis, clock, timeout, retry_interval, log, "ratelimit_redis", {"serving_from": "memory"}, disconnect,
+        )
         self._local = MemoryRateLimitStore(clock)
-        # Its transitions are debug lines: the store logs the change itself, once.
-        self._breaker = CircuitBreaker("ratelimit-redis", clock, 1, retry_interval, log, transition_level="debug")
-        self._script_loaded = False
-        self._serving_locally = False
         self._waiting: list[_Take] = []
         self._asking: Deferred | None = None
 
     @property
     def healthy(self) -> bool:
         """Whether decisions come from Redis (the breaker is closed)."""
-        return self._breaker.status().state == "closed"
+        return self._redis.healthy
 
     @property
     def description(self) -> dict:
         return {
             "backend": "redis",
             "healthy": self.healthy,
-            "serving_from": "memory" if self._serving_locally else "redis",
+            "serving_from": "memory" if self._redis.down else "redis",
         }
 
     def take(self, key: str, spec: BucketSpec) -> Deferred[Decision]:
@@ -147,7 +139,7 @@ class RedisRateLimitStore:
             self._waiting = []
             if not batch:
                 return
-            admission = self._breaker.admit(batch[0].key)
+            admission = self._redis.admit(batch[0].key)
             if not admission.allowed:
                 self._decide_locally(batch)
                 continue
@@ -165,19 +157,12 @@ class RedisRateLimitStore:
         if isinstance(result, Failure):
             if result.check(CancelledError):
                 # Every client of the batch left while Redis was asked: no verdict on Redis.
-                self._breaker.abandoned(admission)
+                self._redis.abandoned(admission)
             else:
-                error = result.value
-                self._breaker.failed(admission, describe_failure(error))
-                if not self._serving_locally:
-                    self._serving_locally = True
-                    self._log.warning("ratelimit_redis_unavailable", reason=describe_failure(error), serving_from="memory")
+                self._redis.failed(admission, result.value)
                 self._decide_locally(batch)
         else:
-            self._breaker.succeeded(admission)
-            if self._serving_locally:
-                self._serving_locally = False
-                self._log.warning("ratelimit_redis_recovered", serving_from="redis")
+            self._redis.succeeded(admission, serving_from="redis")
             for wanted, decision in zip(batch, result):
                 if not wanted.decided.called:
                     wanted.decided.callback(decision)
@@ -194,34 +179,20 @@ class RedisRateLimitStore:
         args: list = [repr(float(self._clock.seconds()))]
         for wanted in batch:
             args += [wanted.spec.capacity, repr(float(wanted.spec.window))]
-        if not self._script_loaded:
-            await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
-            self._script_loaded = True
-        try:
-            reply = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
-        except Exception as error:
-            if not forgot_the_script(error):
-                raise
-            # Redis restarted and forgot the script: load it again, once.
-            await self._call(self._redis.script_load(TOKEN_BUCKET_LUA))
-            reply = await self._call(self._redis.evalsha(TOKEN_BUCKET_SHA, keys, args))
+        reply = await self._redis.script(TOKEN_BUCKET_LUA, keys, args)
         words = (reply.decode() if isinstance(reply, bytes) else str(reply)).split()
         return [
             decision_after(wanted.spec, allowed == "1", float(tokens))
             for wanted, allowed, tokens in zip(batch, words[0::2], words[1::2])
         ]
 
-    def _call(self, d: Deferred) -> Deferred:
-        return d.addTimeout(self._timeout, self._clock)
-
     def close(self) -> Deferred[None]:
-        self._breaker.stop()
-        if self._disconnect is not None:
-            return Deferred.fromCoroutine(self._close())
-        return self._local.close()
+        return Deferred.fromCoroutine(self._close())
 
     async def _close(self) -> None:
-        await self._disconnect()
+        closing = self._redis.close()
+        if closing is not None:
+            await closing
         await self._local.close()
 
 
