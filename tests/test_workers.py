@@ -244,3 +244,66 @@ def test_a_probe_is_answered_by_this_worker_alone_when_the_supervisor_does_not_g
     assert 'txgateway_workers{kind="answering"} 1.0' in metrics[0].decode()
     assert "txgateway_worker_restarts" not in metrics[0].decode()
     assert logged == ["supervisor_gather_failed", "supervisor_gather_failed"]
+
+
+def _two_workers(threshold: int = 3) -> tuple[Clock, list[CircuitBreaker]]:
+    """Two workers' breakers of one backend, their counts told to each other as the supervisor passes them on."""
+    clock = Clock()
+    breakers: list[CircuitBreaker] = []
+    shares: list[CircuitShare] = []
+
+    def teller(me: int):
+        def tell(name: str, args: list) -> None:
+            other = shares[1 - me]
+            if name == "circuit_counted":
+                service, place, failed, reason = args
+                other.count_here(service, place, me, failed, reason)
+            elif name == "circuit_opened":
+                service, place, reason = args
+                other.open_here(service, place, me, reason)
+        return tell
+
+    for me in (0, 1):
+        share = CircuitShare(teller(me))
+        breaker = CircuitBreaker(
+            "ai", clock, threshold, 10.0, NoLog(),
+            lambda service, f, to, reason, rid, share=share: share.transitioned(service, "http://b", to, reason),
+            on_count=lambda failed, reason, share=share: share.counted("ai", "http://b", failed, reason),
+        )
+        share.register("ai", "http://b", breaker)
+        shares.append(share)
+        breakers.append(breaker)
+    return clock, breakers
+
+
+def _fail(breaker: CircuitBreaker) -> None:
+    breaker.failed(breaker.admit("r"), "refused")
+
+
+def test_three_failures_spread_over_two_workers_open_the_circuit_in_both():
+    _, (one, two) = _two_workers(threshold=3)
+    _fail(one)
+    _fail(two)
+    assert one.status().state == two.status().state == "closed"
+    _fail(one)
+    assert one.status().state == two.status().state == "open"
+
+
+def test_a_success_in_either_worker_starts_the_count_over_in_both():
+    _, (one, two) = _two_workers(threshold=3)
+    _fail(one)
+    _fail(one)
+    two.succeeded(two.admit("r"))
+    assert one.status().consecutive_failures == two.status().consecutive_failures == 0
+    _fail(two)
+    _fail(one)
+    assert one.status().state == "closed"
+
+
+def test_an_ordinary_success_with_no_failure_counted_tells_nobody():
+    told = []
+    share = CircuitShare(lambda name, args: told.append(name))
+    breaker = CircuitBreaker("ai", Clock(), 3, 10.0, NoLog(), on_count=lambda f, r: share.counted("ai", "u", f, r))
+    for _ in range(5):
+        breaker.succeeded(breaker.admit("r"))
+    assert told == []

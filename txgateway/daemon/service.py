@@ -102,6 +102,7 @@ def build_routes(
                     log,
                     functools.partial(_transitioned, metrics, circuits, url),
                     endpoint=url if len(service.endpoint_urls) > 1 else None,
+                    on_count=functools.partial(circuits.counted, name, url) if circuits is not None else None,
                 )
                 if circuits is not None:
                     circuits.register(name, url, breaker)

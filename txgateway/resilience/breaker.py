@@ -76,6 +76,12 @@ class _BreakerInputs(Protocol):
     def trip(self, request_id: str, reason: str) -> None:
         "The consecutive failures reached the threshold."
 
+    def failed_elsewhere(self, reason: str) -> None:
+        "Another process sharing this backend counted a failure of it: one more here."
+
+    def succeeded_elsewhere(self) -> None:
+        "Another process sharing this backend counted a success that ended its failures."
+
     def cooldown_elapsed(self) -> None:
         "The open state's timer fired."
 
@@ -100,6 +106,13 @@ class _BreakerCore:
     transition_level: str = "warning"
     endpoint: str | None = None
     consecutive_failures: int = 0
+    #: Told (failed, reason) of each failure this process counts while closed, and
+    #: (False, "") of the success that ends them: other processes count them too.
+    on_count: Callable[[bool, str], None] | None = None
+
+    def counted(self, failed: bool, reason: str) -> None:
+        if self.on_count is not None:
+            self.on_count(failed, reason)
 
     def transition(self, from_state: str, to_state: str, reason: str, request_id: str | None) -> None:
         if self.on_transition is not None:
@@ -152,15 +165,30 @@ def _admit_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str) -
 
 @_closed.upon(_BreakerInputs.succeeded).loop()
 def _success_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str) -> None:
-    core.consecutive_failures = 0
+    if core.consecutive_failures:
+        core.consecutive_failures = 0
+        core.counted(False, "")
 
 
 @_closed.upon(_BreakerInputs.failed).loop()
 def _failure_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str, reason: str) -> None:
     core.consecutive_failures += 1
+    core.counted(True, reason)
     if core.consecutive_failures >= core.threshold:
         # Re-entrant input: Automat runs it once this transition is done.
         inputs.trip(request_id, reason)
+
+
+@_closed.upon(_BreakerInputs.failed_elsewhere).loop()
+def _failure_elsewhere_closed(inputs: _BreakerInputs, core: _BreakerCore, reason: str) -> None:
+    core.consecutive_failures += 1
+    if core.consecutive_failures >= core.threshold:
+        inputs.trip(None, reason)
+
+
+@_closed.upon(_BreakerInputs.succeeded_elsewhere).loop()
+def _success_elsewhere_closed(inputs: _BreakerInputs, core: _BreakerCore) -> None:
+    core.consecutive_failures = 0
 
 
 @_closed.upon(_BreakerInputs.trip).to(_open)
@@ -187,7 +215,7 @@ def _late_trial_failure_closed(inputs: _BreakerInputs, core: _BreakerCore, reque
 
 @_closed.upon(_BreakerInputs.trial_succeeded).loop()
 def _late_trial_success_closed(inputs: _BreakerInputs, core: _BreakerCore, request_id: str) -> None:
-    core.consecutive_failures = 0
+    _success_closed(inputs, core, request_id)
 
 
 _closed.upon(_BreakerInputs.trial_abandoned).loop().returns(None)
@@ -216,6 +244,9 @@ _open.upon(_BreakerInputs.trial_failed, nodata=True).loop().returns(None)
 _open.upon(_BreakerInputs.trial_abandoned, nodata=True).loop().returns(None)
 # Already open: the threshold reached again by late failures changes nothing.
 _open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
+# Another process's count changes nothing until the cooldown is over.
+_open.upon(_BreakerInputs.failed_elsewhere, nodata=True).loop().returns(None)
+_open.upon(_BreakerInputs.succeeded_elsewhere, nodata=True).loop().returns(None)
 _open.upon(_BreakerInputs.may_admit, nodata=True).loop().returns(False)
 
 
@@ -290,6 +321,8 @@ _half_open.upon(_BreakerInputs.may_admit, nodata=True).loop().returns(True)
 # and no timer runs.
 _half_open.upon(_BreakerInputs.trip, nodata=True).loop().returns(None)
 _half_open.upon(_BreakerInputs.cooldown_elapsed, nodata=True).loop().returns(None)
+_half_open.upon(_BreakerInputs.failed_elsewhere, nodata=True).loop().returns(None)
+_half_open.upon(_BreakerInputs.succeeded_elsewhere, nodata=True).loop().returns(None)
 
 _BreakerMachine = _builder.build()
 
@@ -307,6 +340,10 @@ class CircuitBreaker:
     @param transition_level: the log level of transition lines.
     @param endpoint: the endpoint's URL, for the transition lines of a
         service's endpoint.
+    @param on_count: told C{(True, reason)} of each failure counted here
+        while closed and C{(False, "")} of the success that ends them, for
+        other processes sharing the backend (L{failed_elsewhere},
+        L{succeeded_elsewhere} is what they do with it).
     """
 
     def __init__(
@@ -319,8 +356,11 @@ class CircuitBreaker:
         on_transition: Callable[[str, str, str, str, str | None], None] | None = None,
         transition_level: str = "warning",
         endpoint: str | None = None,
+        on_count: Callable[[bool, str], None] | None = None,
     ) -> None:
-        self._core = _BreakerCore(service, clock, threshold, cooldown, log, on_transition, transition_level, endpoint)
+        self._core = _BreakerCore(
+            service, clock, threshold, cooldown, log, on_transition, transition_level, endpoint, on_count=on_count,
+        )
         self._machine = _BreakerMachine(self._core)
 
     def admit(self, request_id: str) -> Admission:
@@ -368,6 +408,18 @@ class CircuitBreaker:
         one goes on as it is.
         """
         self._machine.trip(None, reason)
+
+    def failed_elsewhere(self, reason: str) -> None:
+        """
+        Another process sharing this backend counted a failure: a closed
+        circuit counts it too (and opens at the threshold, counted across
+        processes); an open or half-open one goes on as it is.
+        """
+        self._machine.failed_elsewhere(reason)
+
+    def succeeded_elsewhere(self) -> None:
+        """Another process sharing this backend got a success after failures: a closed circuit's count starts over."""
+        self._machine.succeeded_elsewhere()
 
     def retune(self, threshold: int, cooldown: float) -> None:
         """New settings from a reload; the state and the count are kept."""

@@ -66,7 +66,7 @@ class SupervisorLink:
 
         class _Factory(ClientFactory):
             def buildProtocol(self, addr: Any) -> CallChannel:
-                return CallChannel({"snapshot": link._snapshot, "open_circuit": link._open_circuit}, link._made, link._lost)
+                return CallChannel({"snapshot": link._snapshot, "open_circuit": link._open_circuit, "count_circuit": link._count_circuit}, link._made, link._lost)
 
             def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
                 link._failed(reason)
@@ -119,6 +119,10 @@ class SupervisorLink:
     def _open_circuit(self, args: list) -> None:
         service, place, worker, reason = args
         self.circuits.open_here(service, place, worker, reason)
+
+    def _count_circuit(self, args: list) -> None:
+        service, place, worker, failed, reason = args
+        self.circuits.count_here(service, place, worker, bool(failed), reason)
 
     # -- the one view
 

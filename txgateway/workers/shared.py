@@ -27,10 +27,12 @@ from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.ratelimit.memory import MemoryRateLimitStore
 from txgateway.workers import codec
 
-__all__ = ["BatchedCalls", "CircuitShare", "SharedLedgerStore", "SharedRateLimitStore", "OPENED_ELSEWHERE"]
+__all__ = ["BatchedCalls", "CircuitShare", "FAILED_ELSEWHERE", "OPENED_ELSEWHERE", "SharedLedgerStore", "SharedRateLimitStore"]
 
 #: The reason a circuit gives when another worker opened it.
 OPENED_ELSEWHERE = "opened by worker"
+#: The reason a circuit gives when failures counted with other workers opened it.
+FAILED_ELSEWHERE = "counted with worker"
 
 
 class BatchedCalls:
@@ -183,8 +185,11 @@ class SharedLedgerStore:
 class CircuitShare:
     """
     A worker's breakers by place (service, endpoint), so that a circuit one
-    worker opens opens in every worker: L{opened} tells the supervisor,
-    L{open_here} is what the supervisor's notice does.
+    worker opens opens in every worker (L{transitioned} tells the
+    supervisor, L{open_here} is what its notice does), and so that the
+    consecutive failures that open it are counted across workers, however
+    they were spread (L{counted} tells, L{count_here} counts).  Messages go
+    only on failures and on the success that ends them: none per request.
     """
 
     def __init__(self, tell: Callable[[str, Any], None]) -> None:
@@ -199,6 +204,20 @@ class CircuitShare:
         """A breaker of this worker changed state: an opening of its own is told to the others."""
         if to_state == "open" and not reason.startswith(OPENED_ELSEWHERE):
             self._tell("circuit_opened", [service, place, reason])
+
+    def counted(self, service: str, place: str, failed: bool, reason: str) -> None:
+        """A breaker of this worker counted a failure (or the success that ends them): the others count it too."""
+        self._tell("circuit_counted", [service, place, failed, reason])
+
+    def count_here(self, service: str, place: str, worker: int, failed: bool, reason: str) -> None:
+        """Another worker counted a failure of this backend (or a success after them): counted here too."""
+        breaker = self._breakers.get((service, place))
+        if breaker is None:
+            return
+        if failed:
+            breaker.failed_elsewhere(f"{FAILED_ELSEWHERE} {worker}: {reason}")
+        else:
+            breaker.succeeded_elsewhere()
 
     def open_here(self, service: str, place: str, worker: int, reason: str) -> None:
         """Another worker opened this circuit: open it here too (a closed one; open and half-open stay)."""

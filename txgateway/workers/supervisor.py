@@ -205,6 +205,7 @@ class Supervisor(Service):
         channel.handlers = {
             "batch": self._trusted(channel, self.state.batch),
             "circuit_opened": self._trusted(channel, lambda args: self._circuit_opened(channel, args)),
+            "circuit_counted": self._trusted(channel, lambda args: self._circuit_counted(channel, args)),
             "gather": self._trusted(channel, lambda args: self._gather()),
             "hello": lambda args: self._hello(channel, args),
         }
@@ -254,6 +255,15 @@ class Supervisor(Service):
         for slot in self._slots.values():
             if slot.channel is not None and slot.channel is not channel:
                 slot.channel.notify("open_circuit", [service, place, worker, reason])
+
+    def _circuit_counted(self, channel: CallChannel, args: list) -> None:
+        """A worker counted a failure of a backend (or the success that ends them): every other worker counts it."""
+        service, place, failed, reason = args
+        slot = self._slot_of(channel)
+        worker = slot.index if slot is not None else None
+        for slot in self._slots.values():
+            if slot.channel is not None and slot.channel is not channel:
+                slot.channel.notify("count_circuit", [service, place, worker, failed, reason])
 
     def _gather(self) -> Deferred[dict]:
         slots = [slot for slot in self._slots.values() if slot.channel is not None]
