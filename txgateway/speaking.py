@@ -4,7 +4,8 @@ call goes and when to try again; how a call is said to a target and its
 answer read back belongs to the API's own package, behind L{ISpeaker}.
 
 One name says "which API" everywhere: C{api} (a service's C{api}, a model
-call's C{api}, a speaker's C{client_api} and C{target_api}).  A speaker
+call's C{api}), C{client_api} and C{target_api} (a speaker's, the request
+context's, an attempt span's).  A speaker
 serves one pair of them (OpenAI to OpenAI, Messages to OpenAI, ...); a new
 API is a new package with its L{IApi} and its speakers, registered in
 L{Speakers}, and no change to routing.
@@ -175,8 +176,8 @@ class ISpeaker(Interface):
 
     def answer_relay(code: int, event_stream: bool, reading: AnswerReading) -> tuple[Any, str] | None:
         """
-        The relay that reads an answer of status C{code} up to its commit
-        point, and what it waits for there (L{FIRST_TOKEN},
+        The relay (an C{IAnswerRelay} of the data plane) that reads an
+        answer of status C{code} up to its commit point, and what it waits for there (L{FIRST_TOKEN},
         L{WHOLE_ANSWER}, L{FIRST_BYTE}); L{None}: its bytes are relayed as
         they are.
         """

@@ -52,7 +52,7 @@ from txgateway.ratelimit.memory import MemoryRateLimitStore
 from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.deployments import ModelTable
-from txgateway.routing.model import Endpoint, ServiceRoute
+from txgateway.routing.model import Backend, ServiceRoute
 from txgateway.speaking import PlainHttp, Speakers
 from txgateway.workers.listen import ReusePortListener, listen_address
 from txgateway.workers.shared import BatchedCalls, SharedLedgerStore, SharedRateLimitStore
@@ -106,7 +106,7 @@ def build_routes(
                 )
                 if circuits is not None:
                     circuits.register(name, url, breaker)
-                endpoint = Endpoint(url, upstream_for(service, url), breaker)
+                endpoint = Backend(url, upstream_for(service, url), breaker)
             endpoints.append(endpoint)
         routes[name] = ServiceRoute(config=service, endpoints=endpoints)
     return routes
@@ -128,7 +128,7 @@ def _one_line_when_the_port_is_taken(config: GatewayConfig) -> Iterator[None]:
         ) from None
 
 
-def _every_endpoint(gateway: Gateway) -> list[Endpoint]:
+def _every_endpoint(gateway: Gateway) -> list[Backend]:
     """The endpoints of every service and of every model's deployment, each with its breaker."""
     routes = [*gateway.broker.routes.values(), *gateway.broker.models.deployments()]
     return [endpoint for route in routes for endpoint in route.endpoints]

@@ -37,7 +37,11 @@ class IAnswerRelay(Interface):
     done = Attribute("A Deferred firing once the body is complete (see L{BodyRelay}).")
     complete = Attribute("The body ended whole.")
     bytes_relayed = Attribute("Body bytes written to the client.")
-    resumable = Attribute("A broken answer may be continued by another attempt (an OpenAI completion stream).")
+    resumable = Attribute("A broken answer may be continued by another attempt (a completion stream).")
+    content_type = Attribute("The Content-Type the client gets in place of the backend's (L{None}: the backend's).")
+
+    def client_length(backend_length):
+        """The body length the client is told, given the backend's (L{None}: unknown, chunked)."""
 
     def commit(request):
         """Start relaying to C{request}: what was held first."""

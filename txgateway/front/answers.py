@@ -25,7 +25,7 @@ def answer_error(
     ctx: RequestContext = request.context
     ctx.outcome = kind.type
     answer = error_answer(kind, message, ctx.request_id, headers)
-    if ctx.error_shape == ANTHROPIC:
+    if ctx.client_api == ANTHROPIC:
         status, body = gateway_error_body(kind, message, ctx.request_id)
         request.respond(status, body, answer.headers)
         return

@@ -118,7 +118,7 @@ class ProxiedRequests:
         path = request.path
         messages = path == b"/v1/messages"
         if messages or path.startswith(b"/v1/messages/"):
-            ctx.error_shape = ANTHROPIC
+            ctx.client_api = ANTHROPIC
         if not self._authenticated(request, ctx):
             return
         if path.startswith(b"/v1/messages/"):
@@ -178,7 +178,7 @@ class ProxiedRequests:
         """
         anthropic = request.header(b"anthropic-version") is not None
         if anthropic:
-            ctx.error_shape = ANTHROPIC
+            ctx.client_api = ANTHROPIC
         models = self.gateway.broker.models
         if request.method not in (b"GET", b"HEAD"):
             answer_error(request, errors.METHOD_NOT_ALLOWED, "only GET is allowed here", [(b"Allow", b"GET, HEAD")])

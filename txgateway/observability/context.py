@@ -110,7 +110,7 @@ class CompletionFacts:
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
     #: The API of the backend that answered (C{gen_ai.provider.name}): C{openai} or C{anthropic}.
-    provider: str = "openai"
+    target_api: str = "openai"
     #: The gateway cut the stream at the completion its key reserved (the backend went past it).
     stream_cut: bool = False
 
@@ -177,8 +177,8 @@ class RequestContext:
     cache: str | None = None
     #: Set for OpenAI (and Messages) requests only.
     completion: CompletionFacts | None = None
-    #: The API whose error shape the client gets: C{anthropic} on C{/v1/messages}, else L{None} (the gateway's).
-    error_shape: str | None = None
+    #: The client's API when its errors take that API's shape: C{anthropic} on C{/v1/messages}, else L{None} (the gateway's).
+    client_api: str | None = None
     #: Set for governed keys only.
     spend: SpendFacts | None = None
     #: Set when the request's spans are exported (it is sampled and an exporter is configured).

@@ -88,7 +88,7 @@ def server_span(ctx: RequestContext, method: str, path: str, status: int, end: f
 def _add_gen_ai_attributes(facts: CompletionFacts, common: list[tuple[str, Any]], own: dict[str, Any]) -> None:
     """The GenAI semantic conventions' attributes of an OpenAI request (never its text)."""
     common.append(("gen_ai.operation.name", facts.operation or "other"))
-    common.append(("gen_ai.provider.name", facts.provider))
+    common.append(("gen_ai.provider.name", facts.target_api))
     common.append(("gen_ai.request.stream", facts.stream))
     if facts.requested_model is not None:
         common.append(("gen_ai.request.model", facts.requested_model))
@@ -125,7 +125,7 @@ def _attempt_span(ctx: RequestContext, method: str, attempt: AttemptSpan, end: f
     model = attempt.model or (facts.requested_model if facts is not None else None)
     if facts is not None:
         common.append(("gen_ai.operation.name", facts.operation or "other"))
-        common.append(("gen_ai.provider.name", attempt.provider))
+        common.append(("gen_ai.provider.name", attempt.target_api))
         if model is not None:
             common.append(("gen_ai.request.model", model))
         name = f"{facts.operation or 'other'} {model}" if model is not None else facts.operation or "other"

@@ -82,7 +82,7 @@ class AttemptSpan:
     started_at: float
     resume: bool = False
     #: The API the attempt's backend speaks (C{gen_ai.provider.name}).
-    provider: str = "openai"
+    target_api: str = "openai"
     ended_at: float | None = None
     outcome: str | None = None
     status_code: int | None = None
@@ -112,10 +112,10 @@ class SpanNotes:
     first_chunk_at: float | None = None
 
     def attempt(
-        self, at: float, service: str, url: str, model: str | None, resume: bool = False, provider: str = "openai"
+        self, at: float, service: str, url: str, model: str | None, resume: bool = False, target_api: str = "openai"
     ) -> AttemptSpan:
         """A new attempt's span, started at C{at}."""
-        span = AttemptSpan(_new_span_id(), len(self.attempts) + 1, service, url, model, at, resume, provider)
+        span = AttemptSpan(_new_span_id(), len(self.attempts) + 1, service, url, model, at, resume, target_api)
         self.attempts.append(span)
         return span
 

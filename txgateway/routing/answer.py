@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from txgateway import errors
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream, response_headers_for_client
-from txgateway.dataplane.relay import BodyRelay, StreamBroken, StreamIdle
+from txgateway.dataplane.relay import BodyRelay, IAnswerRelay, StreamBroken, StreamIdle
 from txgateway.errors import error_body
 from txgateway.routing.attempt import Answer
 from txgateway.routing.call import Call
@@ -56,7 +56,7 @@ class AnswerRelay:
             return self._relay_stream(call, target, answer, relay)
         return self._relay(call, target, answer, relay)
 
-    def _start(self, call: Call, response: UpstreamResponse, relay: BodyRelay | None, chunked: bool = False) -> None:
+    def _start(self, call: Call, response: UpstreamResponse, relay: IAnswerRelay | None, chunked: bool = False) -> None:
         call.ctx.stamp(call.request, self._clock.seconds())
         headers = response_headers_for_client(response)
         length = None if chunked else response.length
@@ -67,7 +67,7 @@ class AnswerRelay:
                 headers.append((b"Content-Type", relay.content_type))
         call.request.start(response.code, response.reason, headers, length)
 
-    async def _relay(self, call: Call, target: Target, answer: Answer, held: BodyRelay | None) -> None:
+    async def _relay(self, call: Call, target: Target, answer: Answer, held: IAnswerRelay | None) -> None:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
         request, response = call.request, answer.response
         with answer.lease:
@@ -92,7 +92,7 @@ class AnswerRelay:
                 answer.endpoint.breaker.failed(answer.admission, f"stream: {error}")
                 self.cut_short(call, target, response, error, relay.bytes_relayed)
 
-    async def _relay_stream(self, call: Call, target: Target, first: Answer, relay: BodyRelay) -> None:
+    async def _relay_stream(self, call: Call, target: Target, first: Answer, relay: IAnswerRelay) -> None:
         """
         Relay a completion stream committed at its first token.  When it
         breaks or stalls before its end, the resume is asked to go on from

@@ -23,7 +23,7 @@ from txgateway import errors
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse
 from txgateway.dataplane.headers import is_event_stream
-from txgateway.dataplane.relay import BodyRelay, StreamBroken
+from txgateway.dataplane.relay import BodyRelay, IAnswerRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
@@ -40,7 +40,7 @@ from txgateway.resilience.retry import (
 from txgateway.routing.balance import decayed
 from txgateway.routing.call import Call
 from txgateway.routing.lease import InFlight
-from txgateway.routing.model import Admitted, Endpoint, ServiceRoute, Target
+from txgateway.routing.model import Admitted, Backend, ServiceRoute, Target
 from txgateway.routing.paths import join_target
 from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, AnswerReading
 
@@ -58,10 +58,10 @@ class Answer:
     """
 
     response: UpstreamResponse
-    endpoint: Endpoint
+    endpoint: Backend
     admission: Admission
     lease: InFlight
-    relay: BodyRelay | None = None
+    relay: IAnswerRelay | None = None
 
     def drop(self) -> None:
         """The client will not see this answer: stop its body and give the slot back."""
@@ -104,7 +104,7 @@ class _Outcome:
 class _CommitPoint:
     """Where an answer becomes final: the relay holding what comes first, how long to wait, and for what."""
 
-    relay: BodyRelay
+    relay: IAnswerRelay
     timeout: float
     waits_for: str
 
@@ -121,7 +121,7 @@ class _TargetAttempts:
     #: a fallback's are not spent by the targets before it).
     made: int = 0
     #: Endpoints this request must not be sent to again (they stayed silent).
-    silent: set[Endpoint] = attrs.Factory(set)
+    silent: set[Backend] = attrs.Factory(set)
 
     @property
     def route(self) -> ServiceRoute:
@@ -164,7 +164,7 @@ class Attempts:
         config = target.route.config
         method = call.request.method
         state = _TargetAttempts(call, target, may_resend_after_silence(config.retry_timeouts, method, call.idempotency_key))
-        failed_on: Endpoint | None = None
+        failed_on: Backend | None = None
         retrying: InFlight | None = None
         try:
             notes = call.ctx.span_notes
@@ -308,7 +308,7 @@ class Attempts:
         return _Outcome(failure=self._attempt_failed(state, endpoint, admission, error, waited))
 
     def _not_answered(
-        self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, error: Exception, timeout: float
+        self, state: _TargetAttempts, endpoint: Backend, admission: Admission, error: Exception, timeout: float
     ) -> _Outcome:
         """An attempt that got no headers: the client left, the deadline passed, or a failure of the backend."""
         config, ctx = state.config, state.call.ctx
@@ -367,7 +367,7 @@ class Attempts:
         return None
 
     def _attempt_failed(
-        self, state: _TargetAttempts, endpoint: Endpoint, admission: Admission, error: Exception, silence: str
+        self, state: _TargetAttempts, endpoint: Backend, admission: Admission, error: Exception, silence: str
     ) -> _Failed:
         """
         An attempt that got no usable answer: a silent backend (C{silence}
@@ -422,7 +422,7 @@ class Attempts:
                 return asked if asked <= policy.max_delay else None
         return policy.delay_before_retry(attempts - 1, self._rng)
 
-    def _count_attempt(self, service: str, endpoint: Endpoint, outcome: str) -> None:
+    def _count_attempt(self, service: str, endpoint: Backend, outcome: str) -> None:
         self._metrics.observe_attempt(service, endpoint.url, outcome)
 
     def _log_attempt(self, ctx: RequestContext, service: str, reason: str, final: bool, delay: float | None = None) -> None:

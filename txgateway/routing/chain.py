@@ -139,7 +139,7 @@ class FallbackChain:
         ctx = call.ctx
         call.answering = target
         if ctx.completion is not None:
-            ctx.completion.provider = target.route.config.api
+            ctx.completion.target_api = target.route.config.api
         if target.model is not None:
             ctx.served_model = target.model
             if ctx.completion is not None and ctx.completion.model is None:

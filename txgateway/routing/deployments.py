@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 from txgateway.config.gateway import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
 from txgateway.resilience.breaker import CircuitBreaker
-from txgateway.routing.model import Endpoint, ServiceRoute, Target
+from txgateway.routing.model import Backend, ServiceRoute, Target
 
 __all__ = ["ModelTable"]
 
@@ -82,7 +82,7 @@ class ModelTable:
                 mine.breaker.retune(serving.config.breaker_threshold, serving.config.breaker_cooldown)
                 mine.upstream = endpoint.upstream
             else:
-                mine = Endpoint(endpoint.url, endpoint.upstream, self._make_breaker(serving.config, endpoint.url, model))
+                mine = Backend(endpoint.url, endpoint.upstream, self._make_breaker(serving.config, endpoint.url, model))
             endpoints.append(mine)
         if len(self._deployments) >= MAX_OPEN_DEPLOYMENTS:
             self._forget_healthy()

@@ -19,7 +19,7 @@ from txgateway.resilience.retry import RetryPolicy
 from txgateway.routing.balance import Balancer
 from txgateway.routing.lease import InFlight, Retrying
 
-__all__ = ["Admitted", "Endpoint", "ServiceRoute", "Target"]
+__all__ = ["Admitted", "Backend", "ServiceRoute", "Target"]
 
 
 def _policy_of(route: "ServiceRoute") -> RetryPolicy:
@@ -28,7 +28,7 @@ def _policy_of(route: "ServiceRoute") -> RetryPolicy:
 
 
 @attrs.define(eq=False)
-class Endpoint:
+class Backend:
     """
     One backend instance of a service: its URL, its connections, its
     breaker, and what balancing reads (requests in flight, the decayed time
@@ -60,7 +60,7 @@ class Endpoint:
 class Admitted:
     """An endpoint an attempt may go to, and its breaker's admission (settled exactly once)."""
 
-    endpoint: Endpoint
+    endpoint: Backend
     admission: Admission
 
 
@@ -76,7 +76,7 @@ class ServiceRoute:
     """
 
     config: ServiceConfig
-    endpoints: list[Endpoint]
+    endpoints: list[Backend]
     policy: RetryPolicy = attrs.field(default=attrs.Factory(_policy_of, takes_self=True))
     balancer: Balancer = attrs.field(default=attrs.Factory(_balancer_of, takes_self=True))
     #: Requests of the service in flight, and those of them that are retrying (the
@@ -98,7 +98,7 @@ class ServiceRoute:
         return self.endpoints[0].breaker
 
     def choose(
-        self, request_id: str, avoid: Endpoint | None, excluded: AbstractSet[Endpoint] = frozenset()
+        self, request_id: str, avoid: Backend | None, excluded: AbstractSet[Backend] = frozenset()
     ) -> Admitted | None:
         """
         The endpoint an attempt goes to, with its breaker's admission; not
@@ -119,7 +119,7 @@ class ServiceRoute:
         """Whole seconds until the soonest trial of any endpoint (at least 1)."""
         return max(1, math.ceil(min(endpoint.trial_in() for endpoint in self.endpoints)))
 
-    def any_may_admit(self, excluded: AbstractSet[Endpoint] = frozenset()) -> bool:
+    def any_may_admit(self, excluded: AbstractSet[Backend] = frozenset()) -> bool:
         """Whether some endpoint (not one of C{excluded}) may let an attempt through."""
         return any(endpoint.may_admit() for endpoint in self.endpoints if endpoint not in excluded)
 

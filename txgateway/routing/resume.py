@@ -15,7 +15,7 @@ from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.attempt import Answer, Attempts
 from txgateway.routing.call import Call
-from txgateway.routing.model import Admitted, Endpoint, Target
+from txgateway.routing.model import Admitted, Backend, Target
 
 __all__ = ["MAX_RESUMES", "Resumed", "StreamResume"]
 
@@ -45,7 +45,7 @@ class StreamResume:
         self._attempts = attempts
         self._metrics = metrics
 
-    async def resumed(self, call: Call, broke_on: Target, broke_endpoint: Endpoint) -> Resumed | None:
+    async def resumed(self, call: Call, broke_on: Target, broke_endpoint: Backend) -> Resumed | None:
         """
         The stream that continues C{call}'s answer, or L{None} when it may
         not be continued (a tool call, too many resumes) or no target can.
@@ -67,7 +67,7 @@ class StreamResume:
                 return Resumed(target, answer)
         return None
 
-    async def _try(self, call: Call, target: Target, broke_on: Target, broke_endpoint: Endpoint) -> Answer | None:
+    async def _try(self, call: Call, target: Target, broke_on: Target, broke_endpoint: Backend) -> Answer | None:
         """One candidate: its stream holding a first token, or L{None} (refused, failed, nowhere admitted)."""
         ctx, route, config = call.ctx, target.route, target.route.config
         admitted = None
