@@ -397,7 +397,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def main() -> int:
+GC_ENV = {"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (default 5)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
@@ -405,226 +408,244 @@ def main() -> int:
                         help="the interpreter whose twistd runs the gateway (e.g. a PyPy venv's python)")
     parser.add_argument("--baseline-python", help="also run the txgateway installed with this python, "
                         "as '[baseline]' rows interleaved with the others (before/after a change)")
+    parser.add_argument("--baseline-anthropic", action="store_true", help="the baseline speaks Anthropic's "
+                        "Messages API too (any version since it did): the translated rows get twins")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--only", help="comma-separated proxies to drive (names as in the table; 'direct' "
                         "and 'twisted ReverseProxyResource' are always kept, for the ratios)")
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("bench: wrk is needed (Debian: apt-get install wrk); nothing was installed", file=sys.stderr)
-        return 2
-    twistd = str(Path(args.gateway_python).with_name("twistd"))
-    if not Path(twistd).exists():
-        print(f"bench: no twistd next to {args.gateway_python}: install txgateway there first", file=sys.stderr)
-        return 2
+    return parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="txgateway-bench-"))
-    processes = Processes(tmp)
-    try:
-        upstream, upstream_kind = start_upstream(processes, tmp)
-        second_upstream, _ = start_upstream(processes, tmp, "upstream2")
-        sse_port = free_port()
-        processes.start([sys.executable, str(HERE / "upstream.py"), str(sse_port)], sse_port)
 
-        targets: dict[str, str] = {"direct": f"http://127.0.0.1:{upstream}/"}
-        pids: dict[str, int] = {"direct": processes.started[0].pid}
-        gateway_port = free_port()
-        gateway = start_gateway(processes, twistd, gateway_ini(tmp, gateway_port, upstream, sse_port, second=second_upstream), gateway_port,
-                                env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")})
-        targets["txgateway"] = f"http://127.0.0.1:{gateway_port}/api/bench/"
-        pids["txgateway"] = gateway.pid
-        targets["txgateway (two endpoints)"] = f"http://127.0.0.1:{gateway_port}/api/two/"
-        pids["txgateway (two endpoints)"] = gateway.pid
-        targets["txgateway cache hit"] = f"http://127.0.0.1:{gateway_port}/api/cached/"
-        pids["txgateway cache hit"] = gateway.pid
-        rp_port = free_port()
-        pids["twisted ReverseProxyResource"] = processes.start(
-            [sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port).pid
-        targets["twisted ReverseProxyResource"] = f"http://127.0.0.1:{rp_port}/"
-        bare_port = free_port()
-        pids["bare Agent proxy (no features)"] = processes.start(
-            [sys.executable, str(HERE / "bare_agent_proxy.py"), str(bare_port), str(upstream)], bare_port).pid
-        targets["bare Agent proxy (no features)"] = f"http://127.0.0.1:{bare_port}/"
-        if shutil.which("nginx"):
-            port = free_port()
-            conf = nginx_conf(tmp, "proxy", f"""
-                upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-                server {{
-                    listen 127.0.0.1:{port};
-                    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-                }}""")
-            pids["nginx proxy"] = processes.start(["nginx", "-c", str(conf)], port).pid
-            targets["nginx proxy"] = f"http://127.0.0.1:{port}/"
-        if shutil.which("haproxy"):
-            port = free_port()
-            conf = tmp / "haproxy.cfg"
-            conf.write_text(textwrap.dedent(f"""
-                global
-                    nbthread 1
-                defaults
-                    mode http
-                    timeout connect 5s
-                    timeout client 30s
-                    timeout server 30s
-                    http-reuse always
-                frontend f
-                    bind 127.0.0.1:{port}
-                    default_backend b
-                backend b
-                    server s1 127.0.0.1:{upstream}
-            """))
-            pids["haproxy (1 thread)"] = processes.start(["haproxy", "-f", str(conf)], port).pid
-            targets["haproxy (1 thread)"] = f"http://127.0.0.1:{port}/"
-        # The same gateway as two worker processes under a supervisor (its CPU counts theirs).
-        workers_port = free_port()
-        ini = gateway_ini(tmp, workers_port, upstream, sse_port, name="gw-workers", workers=2)
-        pids["txgateway (2 workers)"] = start_gateway(processes, twistd, ini, workers_port).pid
-        targets["txgateway (2 workers)"] = f"http://127.0.0.1:{workers_port}/api/bench/"
-        redis_port = redis_server(processes, tmp)
-        if redis_port is not None:
-            redis_gw_port = free_port()
-            ini = gateway_ini(tmp, redis_gw_port, upstream, sse_port, name="gw-redis",
-                              extra_ratelimit=f"backend = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
-            pids["txgateway + Redis limiter"] = start_gateway(
-                processes, twistd, ini, redis_gw_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
-            targets["txgateway + Redis limiter"] = f"http://127.0.0.1:{redis_gw_port}/api/bench/"
+class Rows:
+    """What is driven: each row's URL, the process whose CPU it counts, and its wrk script (if any)."""
 
-        scripts: dict[str, Path] = {}
-        if shutil.which("nginx"):
-            # OpenAI traffic: a chat completion, streamed and not, relayed
-            # as bytes (/api/, api = http) and read as it passes (/v1/).
-            for kind, stream in (("sse", "true"), ("json", "false")):
-                for model_routed in (False, True):
-                    name = f"txgateway {kind.upper()} completion ({'/v1/ parsed' if model_routed else '/api/ bytes'})"
-                    script = tmp / f"{kind}.lua"
-                    body = json.dumps({"model": f"bench-{kind}", "stream": stream == "true",
-                                       "messages": [{"role": "user", "content": "Count to sixty"}]})
-                    script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
-                                      "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
-                    path = "/v1/chat/completions" if model_routed else f"/api/chat-{kind}/chat/completions"
-                    targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
-                    pids[name] = gateway.pid
-                    scripts[name] = script
-            # Anthropic's Messages API: a Messages client to an OpenAI backend
-            # (translated), to an Anthropic one (native), and an OpenAI client
-            # to the Anthropic one (translated), beside the rows above.
-            for kind, stream in (("sse", True), ("json", False)):
-                for name, path, model, messages_body in (
-                    (f"txgateway {kind.upper()} Messages -> OpenAI (translated)", "/v1/messages", f"bench-{kind}", True),
-                    (f"txgateway {kind.upper()} Messages -> Anthropic (native)", "/v1/messages", f"bench-claude-{kind}", True),
-                    (f"txgateway {kind.upper()} OpenAI -> Anthropic (translated)", "/v1/chat/completions", f"bench-claude-{kind}", False),
-                ):
-                    script = tmp / f"{name.split()[1]}-{model}-{messages_body}.lua"
-                    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Count to sixty"}]}
-                    if messages_body:
-                        body["max_tokens"] = 64
-                    script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{json.dumps(body)}'\n"
-                                      "wrk.headers[\"Content-Type\"] = \"application/json\"\n")
-                    targets[name] = f"http://127.0.0.1:{gateway_port}{path}"
-                    pids[name] = gateway.pid
-                    scripts[name] = script
-            # The same JSON completion from a governed key: reserved, then
-            # settled, in memory over SQLite and in Redis.
-            governed = {
-                # The same key with no limits and no prices: authentication without governance, the fair baseline.
-                "txgateway JSON completion (/v1/ key: no limits)": None,
-                "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {tmp}/spend.db",
-            }
-            # Every request traced (sample_ratio 1, the worst case) and its spans
-            # exported to a sink on loopback: a gateway of its own, beside the untraced one.
-            collector_port = free_port()
-            processes.start([sys.executable, str(HERE / "collector.py"), str(collector_port)], collector_port)
-            traced_port = free_port()
-            tracing = f"[tracing]\notlp_endpoint = http://127.0.0.1:{collector_port}/v1/traces\nsample_ratio = 1"
-            ini = gateway_ini(tmp, traced_port, upstream, sse_port, name="gw-traced", extra_sections=tracing)
-            traced_pid = start_gateway(processes, twistd, ini, traced_port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
-            for name, path, script in (
-                ("txgateway (traced)", "/api/bench/", None),
-                ("txgateway JSON completion (/v1/ traced)", "/v1/chat/completions", scripts["txgateway JSON completion (/v1/ parsed)"]),
-            ):
-                targets[name] = f"http://127.0.0.1:{traced_port}{path}"
-                pids[name] = traced_pid
-                if script is not None:
-                    scripts[name] = script
-            if redis_port is not None:
-                governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
-                    f"store = redis\nredis_url = redis://127.0.0.1:{redis_port}/0")
-            script = tmp / "governed.lua"
-            body = json.dumps({"model": "bench-json", "max_tokens": 64, "messages": [{"role": "user", "content": "Count to sixty"}]})
-            script.write_text(f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
-                              "wrk.headers[\"Content-Type\"] = \"application/json\"\n"
-                              f"wrk.headers[\"Authorization\"] = \"Bearer {GOVERNED_KEY}\"\n")
-            for number, (name, budgets) in enumerate(governed.items()):
-                port = free_port()
-                sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
-                ini = gateway_ini(tmp, port, upstream, sse_port, name=f"gw-governed{number}", extra_sections=sections)
-                pids[name] = start_gateway(processes, twistd, ini, port, env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")}).pid
-                targets[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
-                scripts[name] = script
-        if args.baseline_python:
-            # The same configuration on another version: every row of the
-            # main gateway gets a twin, driven in the same rounds.
-            baseline_port = free_port()
-            baseline = start_gateway(
-                processes, str(Path(args.baseline_python).with_name("twistd")),
-                # Without the Anthropic services: a baseline older than them refuses them.
-                gateway_ini(tmp, baseline_port, upstream, sse_port, name="gw-baseline", second=second_upstream, anthropic=False),
-                baseline_port,
-                env={"PYPY_GC_NURSERY": os.environ.get("PYPY_GC_NURSERY", "64M")},
-            )
-            # Each twin right after its row: the two are measured seconds
-            # apart, so the machine's drift over a round touches both alike.
-            paired: dict[str, str] = {}
-            for name, url in targets.items():
-                paired[name] = url
-                if pids.get(name) == gateway.pid and "Anthropic" not in name and "Messages" not in name:
-                    twin = f"{name} [baseline]"
-                    paired[twin] = url.replace(f":{gateway_port}/", f":{baseline_port}/")
-                    pids[twin] = baseline.pid
-                    if name in scripts:
-                        scripts[twin] = scripts[name]
-            targets = paired
-        if args.only:
-            wanted = {name.strip() for name in args.only.split(",")} | {"direct", "twisted ReverseProxyResource"}
-            targets = {name: url for name, url in targets.items() if name.removesuffix(" [baseline]") in wanted}
-        for name, url in targets.items():  # warm up: pools, JITs, caches
-            wrk(url, 32, min(2.0, args.duration), scripts.get(name))
-        rss_idle = rss_mb(gateway.pid)
+    def __init__(self) -> None:
+        self.targets: dict[str, str] = {}
+        self.pids: dict[str, int] = {}
+        self.scripts: dict[str, Path] = {}
 
-        runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": [], "own_cpu_us": []}
-                                            for name in targets}
-        gateway_bad = 0
-        for round_number in range(args.repeat):
-            for name, url in targets.items():
-                cpu_before, own_before = cpu_seconds(pids[name]), own_cpu_seconds(pids[name])
-                many = wrk(url, 32, args.duration, scripts.get(name))
-                cpu_used = cpu_seconds(pids[name]) - cpu_before
-                own_used = own_cpu_seconds(pids[name]) - own_before
-                runs[name]["cpu_us"].append(cpu_used / max(1, many["requests"]) * 1e6)
-                runs[name]["own_cpu_us"].append(own_used / max(1, many["requests"]) * 1e6)
-                one = wrk(url, 1, args.duration, scripts.get(name))
-                runs[name]["rps"].append(many["rps"])
-                runs[name]["p50"].append(one["p50"])
-                runs[name]["p99"].append(one["p99"])
-                if name.startswith("txgateway"):  # the baseline's rows too
-                    gateway_bad += many["non_2xx"] + one["non_2xx"] + many["socket_errors"] + one["socket_errors"]
-            print(f"bench: round {round_number + 1}/{args.repeat} done", file=sys.stderr)
-        rss_loaded = rss_mb(gateway.pid)
+    def add(self, name: str, url: str, pid: int, script: Path | None = None) -> None:
+        self.targets[name] = url
+        self.pids[name] = pid
+        if script is not None:
+            self.scripts[name] = script
 
-        fast = fail_fast(gateway_port, args.duration)
-        direct_sse = sse_first_byte(sse_port, "/sse")
-        gateway_sse = sse_first_byte(gateway_port, "/api/sse/sse")
-        rss_after = rss_mb(gateway.pid)
-    finally:
-        processes.stop_all()
 
-    medians = {name: {key: statistics.median(values) for key, values in run.items()} for name, run in runs.items()}
+class Setup:
+    """The processes started for one run: the upstreams, the main gateway, and the rows to drive."""
+
+    def __init__(self, processes: Processes, tmp: Path, twistd: str) -> None:
+        self.processes = processes
+        self.tmp = tmp
+        self.twistd = twistd
+        self.rows = Rows()
+        self.upstream, self.upstream_kind = start_upstream(processes, tmp)
+        self.second_upstream, _ = start_upstream(processes, tmp, "upstream2")
+        self.sse_port = free_port()
+        processes.start([sys.executable, str(HERE / "upstream.py"), str(self.sse_port)], self.sse_port)
+        self.rows.add("direct", f"http://127.0.0.1:{self.upstream}/", processes.started[0].pid)
+        self.gateway_port = free_port()
+        self.gateway = self.start_gateway(
+            gateway_ini(tmp, self.gateway_port, self.upstream, self.sse_port, second=self.second_upstream), self.gateway_port,
+        )
+        self.redis_port = redis_server(processes, tmp)
+
+    def start_gateway(self, ini: Path, port: int, twistd: str | None = None) -> subprocess.Popen:
+        return start_gateway(self.processes, twistd or self.twistd, ini, port, env=GC_ENV)
+
+    def gateway_ini(self, port: int, **options) -> Path:
+        return gateway_ini(self.tmp, port, self.upstream, self.sse_port, **options)
+
+    def script(self, name: str, body: dict, headers: dict | None = None) -> Path:
+        """A wrk script POSTing C{body} as JSON."""
+        script = self.tmp / name
+        lines = [f"wrk.method = \"POST\"\nwrk.body = '{json.dumps(body)}'\n", "wrk.headers[\"Content-Type\"] = \"application/json\"\n"]
+        lines += [f"wrk.headers[\"{key}\"] = \"{value}\"\n" for key, value in (headers or {}).items()]
+        script.write_text("".join(lines))
+        return script
+
+
+def add_plain_rows(setup: Setup) -> None:
+    """The gateway's /api/ rows, the Twisted proxies, nginx and haproxy when installed, 2 workers, the Redis limiter."""
+    rows, processes, tmp, upstream = setup.rows, setup.processes, setup.tmp, setup.upstream
+    port = setup.gateway_port
+    for name, path in (("txgateway", "bench"), ("txgateway (two endpoints)", "two"), ("txgateway cache hit", "cached")):
+        rows.add(name, f"http://127.0.0.1:{port}/api/{path}/", setup.gateway.pid)
+    rp_port = free_port()
+    pid = processes.start([sys.executable, str(HERE / "reverse_proxy.py"), str(rp_port), str(upstream)], rp_port).pid
+    rows.add("twisted ReverseProxyResource", f"http://127.0.0.1:{rp_port}/", pid)
+    bare_port = free_port()
+    pid = processes.start([sys.executable, str(HERE / "bare_agent_proxy.py"), str(bare_port), str(upstream)], bare_port).pid
+    rows.add("bare Agent proxy (no features)", f"http://127.0.0.1:{bare_port}/", pid)
+    if shutil.which("nginx"):
+        nginx_port = free_port()
+        conf = nginx_conf(tmp, "proxy", f"""
+            upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+            server {{
+                listen 127.0.0.1:{nginx_port};
+                location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+            }}""")
+        rows.add("nginx proxy", f"http://127.0.0.1:{nginx_port}/", processes.start(["nginx", "-c", str(conf)], nginx_port).pid)
+    if shutil.which("haproxy"):
+        haproxy_port = free_port()
+        conf = tmp / "haproxy.cfg"
+        conf.write_text(textwrap.dedent(f"""
+            global
+                nbthread 1
+            defaults
+                mode http
+                timeout connect 5s
+                timeout client 30s
+                timeout server 30s
+                http-reuse always
+            frontend f
+                bind 127.0.0.1:{haproxy_port}
+                default_backend b
+            backend b
+                server s1 127.0.0.1:{upstream}
+        """))
+        pid = processes.start(["haproxy", "-f", str(conf)], haproxy_port).pid
+        rows.add("haproxy (1 thread)", f"http://127.0.0.1:{haproxy_port}/", pid)
+    # The same gateway as two worker processes under a supervisor (its CPU counts theirs).
+    workers_port = free_port()
+    ini = setup.gateway_ini(workers_port, name="gw-workers", workers=2)
+    rows.add("txgateway (2 workers)", f"http://127.0.0.1:{workers_port}/api/bench/",
+             start_gateway(processes, setup.twistd, ini, workers_port).pid)
+    if setup.redis_port is not None:
+        redis_gw_port = free_port()
+        ini = setup.gateway_ini(redis_gw_port, name="gw-redis",
+                                extra_ratelimit=f"backend = redis\nredis_url = redis://127.0.0.1:{setup.redis_port}/0")
+        rows.add("txgateway + Redis limiter", f"http://127.0.0.1:{redis_gw_port}/api/bench/",
+                 setup.start_gateway(ini, redis_gw_port).pid)
+
+
+def add_model_rows(setup: Setup) -> None:
+    """
+    OpenAI traffic (a chat completion, streamed and not, relayed as bytes
+    under /api/ and read as it passes under /v1/), Anthropic's Messages API
+    both ways, traced requests, and a governed key's JSON completion.
+    """
+    rows, port, pid = setup.rows, setup.gateway_port, setup.gateway.pid
+    for kind, stream in (("sse", True), ("json", False)):
+        script = setup.script(f"{kind}.lua", {"model": f"bench-{kind}", "stream": stream,
+                                              "messages": [{"role": "user", "content": "Count to sixty"}]})
+        for model_routed in (False, True):
+            name = f"txgateway {kind.upper()} completion ({'/v1/ parsed' if model_routed else '/api/ bytes'})"
+            path = "/v1/chat/completions" if model_routed else f"/api/chat-{kind}/chat/completions"
+            rows.add(name, f"http://127.0.0.1:{port}{path}", pid, script)
+    # A Messages client to an OpenAI backend (translated), to an Anthropic
+    # one (native), and an OpenAI client to the Anthropic one (translated).
+    for kind, stream in (("sse", True), ("json", False)):
+        for name, path, model, messages_body in (
+            (f"txgateway {kind.upper()} Messages -> OpenAI (translated)", "/v1/messages", f"bench-{kind}", True),
+            (f"txgateway {kind.upper()} Messages -> Anthropic (native)", "/v1/messages", f"bench-claude-{kind}", True),
+            (f"txgateway {kind.upper()} OpenAI -> Anthropic (translated)", "/v1/chat/completions", f"bench-claude-{kind}", False),
+        ):
+            body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Count to sixty"}]}
+            if messages_body:
+                body["max_tokens"] = 64
+            script = setup.script(f"{name.split()[1]}-{model}-{messages_body}.lua", body)
+            rows.add(name, f"http://127.0.0.1:{port}{path}", pid, script)
+    add_traced_rows(setup)
+    add_governed_rows(setup)
+
+
+def add_traced_rows(setup: Setup) -> None:
+    """Every request traced (sample_ratio 1, the worst case), its spans exported to a sink on loopback: a gateway of its own."""
+    collector_port = free_port()
+    setup.processes.start([sys.executable, str(HERE / "collector.py"), str(collector_port)], collector_port)
+    traced_port = free_port()
+    tracing = f"[tracing]\notlp_endpoint = http://127.0.0.1:{collector_port}/v1/traces\nsample_ratio = 1"
+    traced_pid = setup.start_gateway(setup.gateway_ini(traced_port, name="gw-traced", extra_sections=tracing), traced_port).pid
+    json_script = setup.rows.scripts["txgateway JSON completion (/v1/ parsed)"]
+    setup.rows.add("txgateway (traced)", f"http://127.0.0.1:{traced_port}/api/bench/", traced_pid)
+    setup.rows.add("txgateway JSON completion (/v1/ traced)", f"http://127.0.0.1:{traced_port}/v1/chat/completions", traced_pid, json_script)
+
+
+def add_governed_rows(setup: Setup) -> None:
+    """The same JSON completion from a governed key, reserved then settled, in memory over SQLite and in Redis."""
+    governed = {
+        # The same key with no limits and no prices: authentication without governance, the fair baseline.
+        "txgateway JSON completion (/v1/ key: no limits)": None,
+        "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {setup.tmp}/spend.db",
+    }
+    if setup.redis_port is not None:
+        governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
+            f"store = redis\nredis_url = redis://127.0.0.1:{setup.redis_port}/0")
+    script = setup.script(
+        "governed.lua", {"model": "bench-json", "max_tokens": 64, "messages": [{"role": "user", "content": "Count to sixty"}]},
+        {"Authorization": f"Bearer {GOVERNED_KEY}"},
+    )
+    for number, (name, budgets) in enumerate(governed.items()):
+        port = free_port()
+        sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
+        pid = setup.start_gateway(setup.gateway_ini(port, name=f"gw-governed{number}", extra_sections=sections), port).pid
+        setup.rows.add(name, f"http://127.0.0.1:{port}/v1/chat/completions", pid, script)
+
+
+def add_baseline_twins(setup: Setup, baseline_python: str, anthropic: bool = False) -> None:
+    """
+    The same configuration on another version: every row of the main
+    gateway gets a twin right after it, so that the two are measured
+    seconds apart and the machine's drift over a round touches both alike.
+    """
+    rows = setup.rows
+    baseline_port = free_port()
+    baseline = setup.start_gateway(
+        # Without the Anthropic services unless asked: a baseline older than them refuses them.
+        setup.gateway_ini(baseline_port, name="gw-baseline", second=setup.second_upstream, anthropic=anthropic),
+        baseline_port, twistd=str(Path(baseline_python).with_name("twistd")),
+    )
+    paired = Rows()
+    for name, url in rows.targets.items():
+        paired.add(name, url, rows.pids[name], rows.scripts.get(name))
+        translated = "Anthropic" in name or "Messages" in name
+        if rows.pids[name] == setup.gateway.pid and (anthropic or not translated):
+            twin_url = url.replace(f":{setup.gateway_port}/", f":{baseline_port}/")
+            paired.add(f"{name} [baseline]", twin_url, baseline.pid, rows.scripts.get(name))
+    setup.rows = paired
+
+
+def keep_only(rows: Rows, only: str) -> None:
+    """Drive only the rows named (and their twins), and always 'direct' and 'twisted ReverseProxyResource'."""
+    wanted = {name.strip() for name in only.split(",")} | {"direct", "twisted ReverseProxyResource"}
+    rows.targets = {name: url for name, url in rows.targets.items() if name.removesuffix(" [baseline]") in wanted}
+
+
+def run_rounds(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, dict[str, list]], int]:
+    """Every row driven once a round, for C{args.repeat} rounds: each run's req/s, CPU per request, p50 and p99."""
+    rows = setup.rows
+    runs: dict[str, dict[str, list]] = {name: {"rps": [], "p50": [], "p99": [], "cpu_us": [], "own_cpu_us": []}
+                                        for name in rows.targets}
+    gateway_bad = 0
+    for round_number in range(args.repeat):
+        for name, url in rows.targets.items():
+            pid, script = rows.pids[name], rows.scripts.get(name)
+            cpu_before, own_before = cpu_seconds(pid), own_cpu_seconds(pid)
+            many = wrk(url, 32, args.duration, script)
+            cpu_used = cpu_seconds(pid) - cpu_before
+            own_used = own_cpu_seconds(pid) - own_before
+            runs[name]["cpu_us"].append(cpu_used / max(1, many["requests"]) * 1e6)
+            runs[name]["own_cpu_us"].append(own_used / max(1, many["requests"]) * 1e6)
+            one = wrk(url, 1, args.duration, script)
+            runs[name]["rps"].append(many["rps"])
+            runs[name]["p50"].append(one["p50"])
+            runs[name]["p99"].append(one["p99"])
+            if name.startswith("txgateway"):  # the baseline's rows too
+                gateway_bad += many["non_2xx"] + one["non_2xx"] + many["socket_errors"] + one["socket_errors"]
+        print(f"bench: round {round_number + 1}/{args.repeat} done", file=sys.stderr)
+    return runs, gateway_bad
+
+
+def print_table(medians: dict[str, dict], args: argparse.Namespace, upstream_kind: str) -> None:
+    """The table: each row's req/s, CPU per request and latency, against ReverseProxyResource and direct."""
     base_rp = medians["twisted ReverseProxyResource"]["rps"]
+    base_cpu = medians["twisted ReverseProxyResource"]["cpu_us"]
     direct = medians["direct"]
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
           f"{platform.python_version()} (bench), gateway on {args.gateway_python}; upstream: {upstream_kind}")
     print(f"wrk -t1, {args.duration:g} s a run, {args.repeat} interleaved rounds, medians\n")
-    base_cpu = medians["twisted ReverseProxyResource"]["cpu_us"]
     header = (f"{'proxy':48} {'req/s @32':>10} {'x RPR':>6} {'CPU/req':>9} {'x RPR CPU':>9} "
               f"{'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'x direct':>9}")
     print(header)
@@ -634,9 +655,10 @@ def main() -> int:
         print(f"{name:48} {m['rps']:10.0f} {m['rps'] / base_rp:6.2f} {m['cpu_us']:6.0f} us {m['cpu_us'] / base_cpu:9.2f} "
               f"{m['p50'] * 1e6:6.0f} us {m['p99'] * 1e6:6.0f} us {added:>10} {m['rps'] / direct['rps']:9.2f}")
     print()
-    print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
-    print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "
-          f"through txgateway p50 {percentile(gateway_sse, 0.5) * 1e3:.2f} ms, p99 {percentile(gateway_sse, 0.99) * 1e3:.2f} ms")
+
+
+def print_comparisons(medians: dict[str, dict]) -> None:
+    """The ratios between rows: balancing, the cache, reading, translating, the baseline, governance, tracing, workers, Redis."""
     if "txgateway (two endpoints)" in medians and "txgateway" in medians:
         ratio = medians["txgateway (two endpoints)"]["rps"] / medians["txgateway"]["rps"]
         print(f"balancing over two endpoints keeps {ratio * 100:.0f}% of one endpoint's throughput")
@@ -681,12 +703,53 @@ def main() -> int:
     if "txgateway + Redis limiter" in medians and "txgateway" in medians:
         ratio = medians["txgateway + Redis limiter"]["rps"] / medians["txgateway"]["rps"]
         print(f"Redis rate limiter keeps {ratio * 100:.0f}% of the in-memory throughput")
+
+
+def main() -> int:
+    args = parse_args()
+    if not shutil.which("wrk"):
+        print("bench: wrk is needed (Debian: apt-get install wrk); nothing was installed", file=sys.stderr)
+        return 2
+    twistd = str(Path(args.gateway_python).with_name("twistd"))
+    if not Path(twistd).exists():
+        print(f"bench: no twistd next to {args.gateway_python}: install txgateway there first", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="txgateway-bench-"))
+    processes = Processes(tmp)
+    try:
+        setup = Setup(processes, tmp, twistd)
+        add_plain_rows(setup)
+        if shutil.which("nginx"):
+            add_model_rows(setup)
+        if args.baseline_python:
+            add_baseline_twins(setup, args.baseline_python, args.baseline_anthropic)
+        if args.only:
+            keep_only(setup.rows, args.only)
+        for name, url in setup.rows.targets.items():  # warm up: pools, JITs, caches
+            wrk(url, 32, min(2.0, args.duration), setup.rows.scripts.get(name))
+        gateway = setup.gateway
+        rss_idle = rss_mb(gateway.pid)
+        runs, gateway_bad = run_rounds(setup, args)
+        rss_loaded = rss_mb(gateway.pid)
+        fast = fail_fast(setup.gateway_port, args.duration)
+        direct_sse = sse_first_byte(setup.sse_port, "/sse")
+        gateway_sse = sse_first_byte(setup.gateway_port, "/api/sse/sse")
+        rss_after = rss_mb(gateway.pid)
+    finally:
+        processes.stop_all()
+
+    medians = {name: {key: statistics.median(values) for key, values in run.items()} for name, run in runs.items()}
+    print_table(medians, args, setup.upstream_kind)
+    print(f"open circuit fail-fast (503) @1: p50 {fast['p50'] * 1e6:.0f} us, p99 {fast['p99'] * 1e6:.0f} us")
+    print(f"SSE first byte, upstream write -> client read: direct p50 {percentile(direct_sse, 0.5) * 1e3:.2f} ms, "
+          f"through txgateway p50 {percentile(gateway_sse, 0.5) * 1e3:.2f} ms, p99 {percentile(gateway_sse, 0.99) * 1e3:.2f} ms")
+    print_comparisons(medians)
     print(f"gateway RSS: {rss_idle:.1f} MB after warm-up, {rss_loaded:.1f} MB after the rounds, {rss_after:.1f} MB at the end")
     results = {
         "medians": medians, "fail_fast": fast, "sse_ms": {"direct_p50": percentile(direct_sse, 0.5) * 1e3,
         "gateway_p50": percentile(gateway_sse, 0.5) * 1e3, "gateway_p99": percentile(gateway_sse, 0.99) * 1e3},
         "rss_mb": {"idle": rss_idle, "loaded": rss_loaded, "end": rss_after}, "gateway_non_2xx": gateway_bad,
-        "upstream": upstream_kind, "gateway_python": args.gateway_python,
+        "upstream": setup.upstream_kind, "gateway_python": args.gateway_python,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
