@@ -105,6 +105,9 @@ class MessagesToMessages(_MessagesClient):
     read_events = MessagesStreamReader
     read_answer = staticmethod(read_message)
 
+    def __init__(self, call: MessagesCall, path: bytes, started_at: float) -> None:
+        self.call = call
+
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The client's path (with C{/v1} when the endpoint's base lacks it and the client did not name it)."""
         return path if as_sent else _messages_path(path, base_path)
@@ -177,13 +180,9 @@ class MessagesToChat(_MessagesClient):
         return encode_json(messages_request_to_chat(call.body, model or call.model, prefill))
 
 
-def _messages_to_messages(call: MessagesCall, path: bytes, started_at: float) -> MessagesToMessages:
-    return MessagesToMessages(call)
-
-
 #: The speakers this package provides, by (client API, target API).
 PAIRS = {
-    (ANTHROPIC, ANTHROPIC): _messages_to_messages,
+    (ANTHROPIC, ANTHROPIC): MessagesToMessages,
     (OPENAI_API, ANTHROPIC): ChatToMessages,
     (ANTHROPIC, OPENAI_API): MessagesToChat,
 }

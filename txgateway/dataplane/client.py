@@ -585,7 +585,8 @@ class UpstreamPool:
             connection.transport.loseConnection()
             return
         connection.idle_since = self._reactor.seconds()
-        connection.reading.resume_reading()  # an idle connection is read: its close is seen at once
+        if connection.reading.paused:
+            connection.reading.resume_reading()  # an idle connection is read: its close is seen at once
         self._idle.append(connection)
 
     def forget(self, connection: _UpstreamConnection) -> None:

@@ -598,7 +598,7 @@ class HTTPServerProtocol(Protocol):
             self._pending_refusal = None
             self._linger()
             return
-        if len(self._queue) < MAX_QUEUED:
+        if self._flow.paused and len(self._queue) < MAX_QUEUED:
             self._flow.resume_reading()
 
     def close_when_idle(self) -> None:

@@ -30,7 +30,7 @@ from txgateway.openai.wire import (
     read_answer,
     read_chunk,
 )
-from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, WHOLE_ANSWER, AnswerReading, IApi, ISpeaker, PlainHttp
+from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, WHOLE_ANSWER, AnswerReading, IApi, ISpeaker
 
 __all__ = ["OPENAI", "OpenAIApi", "OpenAIToOpenAI", "PAIRS", "Speaker"]
 
@@ -59,10 +59,9 @@ class OpenAIApi:
         self, request: IncomingRequest, config: ServiceConfig, key: bytes | None, translated: bool
     ) -> tuple[list, tuple[bytes, ...]]:
         """Its key as C{Authorization: Bearer}, as a plain service's."""
-        return _PLAIN.credentials(request, config, key, translated)
+        return ([(b"Authorization", b"Bearer " + key)] if key is not None else []), ()
 
 
-_PLAIN = PlainHttp()
 #: The one L{OpenAIApi}.
 OPENAI = OpenAIApi()
 
@@ -180,6 +179,9 @@ class Speaker:
 class OpenAIToOpenAI(Speaker):
     """An OpenAI call to an OpenAI target: sent as it is, its model renamed, its stream's usage asked for."""
 
+    def __init__(self, call: OpenAICall, path: bytes, started_at: float) -> None:
+        self.call = call
+
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The client's path, under the endpoint's base."""
         return path
@@ -189,9 +191,5 @@ class OpenAIToOpenAI(Speaker):
         return self.call.body_for(model, prefill=prefill)
 
 
-def _openai_to_openai(call: OpenAICall, path: bytes, started_at: float) -> OpenAIToOpenAI:
-    return OpenAIToOpenAI(call)
-
-
 #: The speakers this package provides, by (client API, target API).
-PAIRS = {(OPENAI_API, OPENAI_API): _openai_to_openai}
+PAIRS = {(OPENAI_API, OPENAI_API): OpenAIToOpenAI}

@@ -335,12 +335,15 @@ class Attempts:
         if call.model_call is not None:
             sent_as = state.target.model or call.model_call.model
             ctx = call.ctx
+            transcript = call.transcript
             reading = AnswerReading(
-                self._clock, config.idle_timeout, call.transcript, state.resumed, call.completion_reserved,
-                functools.partial(self._count_usage, ctx, config.name, sent_as, _AnswerUsage()),
+                self._clock, config.idle_timeout, transcript, state.resumed, call.completion_reserved,
+                # A stream reports usage as it goes (one answer's reports merged); a JSON answer once, read whole.
+                functools.partial(self._count_usage, ctx, config.name, sent_as, _AnswerUsage()) if transcript is not None else _no_usage,
                 functools.partial(self._read_answer, ctx, config.name, sent_as),
             )
-            made = call.speaker(state.target).answer_relay(response.code, is_event_stream(response), reading)
+            event_stream = transcript is not None and is_event_stream(response)  # only a streamed call's answer streams
+            made = call.speaker(state.target).answer_relay(response.code, event_stream, reading)
             if made is not None:
                 relay, waits_for = made
                 timeout = config.token_timeout if waits_for == FIRST_TOKEN else config.first_byte_timeout
@@ -481,6 +484,10 @@ class _AnswerUsage:
     def __init__(self) -> None:
         self.place: int | None = None
         self.usage: Any = None
+
+
+def _no_usage(usage: Any) -> None:
+    """A JSON answer's usage is read with its other facts (L{Attempts._read_answer}), not reported alone."""
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:

@@ -198,9 +198,11 @@ class Call:
             added, withheld = self.speaker(target).headers(self.request, config, withheld)
         else:
             key = config.api_key.encode("ascii") if config.api_key else None
-            added, kept_back = self.speakers.api(config.api).credentials(self.request, config, key, False)
-            withheld += kept_back
-        extra.extend(added)
+            added, kept_back = self.speakers.apis[config.api].credentials(self.request, config, key, False)
+            if kept_back:
+                withheld += kept_back
+        if added:
+            extra.extend(added)
         if config.reads_answers:
             # The gateway reads these answers as they pass: no compression.
             extra.append((b"Accept-Encoding", b"identity"))
