@@ -52,6 +52,7 @@ class FakeCall:
     api = FAKE
     max_tokens = None
     generates = True
+    client_wants_usage = False
 
     @property
     def resumable_kind(self) -> bool:

@@ -112,6 +112,7 @@ class IModelCall(Interface):
     max_tokens = Attribute("The most the client lets it complete, or L{None}.")
     generates = Attribute("The call generates text: its completion is reserved.")
     resumable_kind = Attribute("A broken stream of it can be asked for again with its text as a prefill.")
+    client_wants_usage = Attribute("The client asked for its stream's usage event itself.")
 
     def operation(path: bytes) -> str:
         """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""

@@ -99,7 +99,7 @@ class Speaker:
     @property
     def forwards_usage(self) -> bool:
         """The stream's usage event goes to the client (it asked, or a translation writes its own)."""
-        return self.translated or bool(getattr(self.call, "client_wants_usage", False))
+        return self.translated or self.call.client_wants_usage
 
     def clients_key(self, request: IncomingRequest, withheld: tuple[bytes, ...]) -> bytes | None:
         """The key the client sent in its API's header (L{None}: none, or it is the gateway's, withheld)."""

@@ -63,6 +63,8 @@ class Call:
     completion_reserved: int | None = None
     #: The target that gives the client its answer (or its error), once one does.
     answering: Target | None = None
+    #: The times its stream was resumed (at most L{txgateway.routing.resume.MAX_RESUMES}).
+    resumes: int = 0
 
     @classmethod
     def of(

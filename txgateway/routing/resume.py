@@ -51,7 +51,7 @@ class StreamResume:
         not be continued (a tool call, too many resumes) or no target can.
         """
         facts = call.ctx.completion
-        if not call.transcript.resumable or facts is None or facts.resumed >= MAX_RESUMES:
+        if not call.transcript.resumable or facts is None or call.resumes >= MAX_RESUMES:
             return None
         candidates = [broke_on, *(target for target in call.targets if target is not broke_on)]
         for target in candidates:
@@ -62,7 +62,8 @@ class StreamResume:
                 continue
             answer = await self._try(call, target, broke_on, broke_endpoint)
             if answer is not None:
-                facts.resumed += 1
+                call.resumes += 1
+                facts.resumed = call.resumes  # the report
                 facts.resumed_on.append(target.label)
                 return Resumed(target, answer)
         return None
