@@ -100,13 +100,17 @@ def test_a_memory_limit_of_ten_admits_exactly_ten_across_the_workers(start_gatew
     assert len(served_by(gateway)) == 2  # both workers decided some of them
 
 
-def test_a_circuit_opened_in_one_worker_opens_in_every_worker(start_gateway, backend):
-    gateway = start(start_gateway, backend, extra="breaker_threshold = 2\nretries = 0\nbreaker_cooldown = 60")
-    # A service on a closed port: its failures open the circuit wherever they happen.
+def on_a_closed_port(gateway, backend):
+    """The gateway's service moved to a closed port (reloaded in both workers): its failures open the circuit wherever they happen."""
     gateway.config.write_text(gateway.config.read_text().replace(backend.url, "http://127.0.0.1:1"))
     os.kill(gateway.process.proc.pid, signal.SIGHUP)
     gateway.logged("config_reloaded", worker=1)
     gateway.logged("config_reloaded", worker=2)
+    return gateway
+
+
+def test_a_circuit_opened_in_one_worker_opens_in_every_worker(start_gateway, backend):
+    gateway = on_a_closed_port(start(start_gateway, backend, extra="breaker_threshold = 2\nretries = 0\nbreaker_cooldown = 60"), backend)
     for _ in range(6):
         gateway.request("GET", "/api/data/echo")
     wait_until(lambda: {l["worker"] for l in gateway.logged("circuit_transition", to="open")} == {1, 2})
@@ -116,11 +120,7 @@ def test_a_circuit_opened_in_one_worker_opens_in_every_worker(start_gateway, bac
 
 
 def test_three_failures_in_total_open_the_circuit_in_every_worker(start_gateway, backend):
-    gateway = start(start_gateway, backend, extra="breaker_threshold = 3\nretries = 0\nbreaker_cooldown = 60")
-    gateway.config.write_text(gateway.config.read_text().replace(backend.url, "http://127.0.0.1:1"))
-    os.kill(gateway.process.proc.pid, signal.SIGHUP)
-    gateway.logged("config_reloaded", worker=1)
-    gateway.logged("config_reloaded", worker=2)
+    gateway = on_a_closed_port(start(start_gateway, backend, extra="breaker_threshold = 3\nretries = 0\nbreaker_cooldown = 60"), backend)
     # However the kernel spreads these three over the two workers, their failures are counted together.
     statuses = [gateway.request("GET", "/api/data/echo").status for _ in range(3)]
     assert statuses == [502, 502, 502]
