@@ -92,6 +92,8 @@ class Completions(Resource):
         if path.endswith("/control/flap/down") or path.endswith("/control/flap/up"):
             FLAP["down"] = path.endswith("/down")
             return _json(request, FLAP)
+        if path.endswith("/responses"):
+            return self._responses(request, json.loads(request.content.read()))
         if not path.endswith("/chat/completions"):
             return _json(request, {"error": {"message": "not here"}}, 404)
         body = json.loads(request.content.read())
@@ -202,6 +204,50 @@ class Completions(Resource):
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append(_chunk(model, {}, usage=usage, choices=False))
         events += [b"data: [DONE]\n\n", "end"]
+        self._send(request, events)
+        return server.NOT_DONE_YET
+
+    def _responses(self, request, body):
+        """OpenAI's Responses API, natively: a JSON Response, or its documented event sequence (model C{cut}: broken after its first delta)."""
+        model = body["model"]
+        seen = CALLS.setdefault("responses:" + model, {"count": 0})
+        seen["count"] += 1
+        seen["last_body"] = body
+        words = ["Hello", " from", " the", " test", " backend."]
+        text = "".join(words)
+        usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11 + len(words)}
+        response = {"id": "resp_fake", "object": "response", "created_at": int(time.time()), "model": model,
+                    "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        message = {"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        done = {**response, "status": "completed", "output": [message], "usage": usage}
+        if not body.get("stream"):
+            return _json(request, done)
+        sequence = iter(range(1000))
+
+        def event(kind, **data):
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **data})}\n\n".encode()
+
+        opened = {**message, "status": "in_progress", "content": []}
+        events = [
+            event("response.created", response=response), event("response.in_progress", response=response),
+            event("response.output_item.added", output_index=0, item=opened),
+            event("response.content_part.added", item_id="msg_fake", output_index=0, content_index=0,
+                  part={"type": "output_text", "text": "", "annotations": []}),
+        ]
+        for number, word in enumerate(words):
+            events.append(event("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0, delta=word))
+            if model == "cut" and number == 0:
+                events.append("cut")
+        events += [
+            event("response.output_text.done", item_id="msg_fake", output_index=0, content_index=0, text=text),
+            event("response.content_part.done", item_id="msg_fake", output_index=0, content_index=0,
+                  part={"type": "output_text", "text": text, "annotations": []}),
+            event("response.output_item.done", output_index=0, item=message),
+            event("response.completed", response=done), "end",
+        ]
+        request.setHeader(b"content-type", b"text/event-stream")
         self._send(request, events)
         return server.NOT_DONE_YET
 

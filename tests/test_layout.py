@@ -23,6 +23,7 @@ ROOMS = {
     "txgateway.dataplane": {"client", "eager", "flow", "headers", "relay", "server"},
     "txgateway.openai": {"relays", "speaker", "wire"},
     "txgateway.anthropic": {"speakers", "translate", "wire"},
+    "txgateway.responses": {"speakers", "wire"},
     "txgateway.ratelimit": {"bucket", "interface", "limiter", "memory", "redis"},
     "txgateway.cache": {"policy", "stores", "responses"},
     "txgateway.governance": {"estimate", "governor", "interface", "ledger", "local", "periods", "redis", "spendfile"},
@@ -46,6 +47,7 @@ MAY_IMPORT = {
     "txgateway.dataplane": set(),
     "txgateway.openai": {"txgateway.config", "txgateway.dataplane"},
     "txgateway.anthropic": {"txgateway.config", "txgateway.dataplane", "txgateway.openai"},
+    "txgateway.responses": {"txgateway.config", "txgateway.dataplane", "txgateway.openai"},
     "txgateway.ratelimit": {"txgateway.config", "txgateway.resilience"},
     "txgateway.cache": {"txgateway.config", "txgateway.dataplane", "txgateway.observability", "txgateway.resilience"},
     "txgateway.governance": {"txgateway.config", "txgateway.observability", "txgateway.openai", "txgateway.resilience"},
@@ -70,6 +72,7 @@ MAY_IMPORT = {
         "txgateway.observability",
         "txgateway.openai",
         "txgateway.anthropic",
+        "txgateway.responses",
         "txgateway.ratelimit",
         "txgateway.routing",
     },
@@ -90,6 +93,7 @@ PURE_CORES = {
     "txgateway.openai.wire",
     "txgateway.anthropic.wire",
     "txgateway.anthropic.translate",
+    "txgateway.responses.wire",
     "txgateway.cache.policy",
     "txgateway.config.gateway",
     "txgateway.config.keys",
@@ -199,7 +203,7 @@ def test_the_shared_vocabulary_imports_no_room():
 
 
 #: The model APIs' packages: routing speaks none of them.
-API_PACKAGES = ("txgateway.openai", "txgateway.anthropic")
+API_PACKAGES = ("txgateway.openai", "txgateway.anthropic", "txgateway.responses")
 
 
 def test_routing_imports_no_api_package():
@@ -228,7 +232,7 @@ def code_words(path: Path) -> set[str]:
     return words
 
 
-@pytest.mark.parametrize("api", ["anthropic", "openai", "messages", "chat/completions", "dialect"])
+@pytest.mark.parametrize("api", ["anthropic", "openai", "messages", "chat/completions", "responses", "dialect"])
 def test_routing_holds_no_branch_on_an_api(api):
     # No API's name in routing's code: a new API is a new package and its speakers.
     for name, path in all_modules().items():

@@ -199,8 +199,9 @@ class IApi(Interface):
     (read, governed), and how a target of it is given its credentials.
     """
 
-    name = Attribute("The API's name, as a service's C{api} says it.")
+    name = Attribute("The API's name (a model call's C{api}, a speaker's C{target_api}).")
     title = Attribute("How a refusal names it (C{OpenAI's API}).")
+    service_api = Attribute("The C{api} of the services whose C{/api/} paths it reads (OpenAI's and its Responses API: C{openai}).")
 
     def read_call(rest: bytes, body: bytes, reading: Any) -> IModelCall | None:
         """
@@ -226,6 +227,7 @@ class PlainHttp:
 
     name = "http"
     title = "plain HTTP"
+    service_api = "http"
 
     def read_call(self, rest: bytes, body: bytes, reading: Any) -> None:
         """No request of it is a model call."""
@@ -261,6 +263,23 @@ class Speakers:
         for api in self.apis.values():
             if not IApi.providedBy(api):
                 raise TypeError(f"{api!r} does not provide IApi")
+
+    def read_call(self, service_api: str, rest: bytes, body: bytes, reading: Any) -> IModelCall | None:
+        """
+        The model call a C{POST} to C{rest} under a service of C{service_api}
+        makes, read by the first API of that service whose model call
+        C{rest} is; L{None}: none is.
+
+        @raise BadCall: the body is not one the gateway can read.
+        """
+        for api in self.apis.values():
+            if api.service_api == service_api and api.model_call_path(rest):
+                return api.read_call(rest, body, reading)
+        return None
+
+    def reads(self, service_api: str, rest: bytes) -> bool:
+        """Whether a C{POST} to C{rest} under a service of C{service_api} is a model call the gateway reads."""
+        return any(api.service_api == service_api and api.model_call_path(rest) for api in self.apis.values())
 
     def api(self, name: str) -> IApi:
         """The API named C{name}; L{KeyError} when none is (a config names only known ones)."""

@@ -42,6 +42,7 @@ class MessagesApi:
 
     name = ANTHROPIC
     title = "Anthropic's Messages API"
+    service_api = ANTHROPIC
 
     def read_call(self, rest: bytes, body: bytes, reading: Any) -> MessagesCall | None:
         """The Messages request a C{POST} to C{rest} makes, or L{None} for a path that is no model call."""

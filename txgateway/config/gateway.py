@@ -523,6 +523,9 @@ class ServiceConfig:
     max_tokens: int = _key(_integer(1), 4096)
     #: The C{anthropic-version} header sent to an C{api = anthropic} service (a Messages client's own wins).
     anthropic_version: str = _key(_text, "2023-06-01")
+    #: How an C{api = openai} service takes OpenAI's Responses API: C{native}, as it is
+    #: (the only kind built so far; C{chat}, translated to chat completions, is next).
+    responses: str = _key(_choice("native"), "native")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.
@@ -536,6 +539,16 @@ class ServiceConfig:
     #: What a governed key is charged for a request the gateway does not read as a model
     #: call (L{None}: on a model API's service, such a request of a governed key is refused).
     request_price_usd: float | None = _key(_number(0.0, 1e6), None)
+
+    def speaks(self, client_api: str) -> str:
+        """
+        The API this service is spoken to in for a call of C{client_api}:
+        its C{api}, or the Responses API itself for a Responses call to an
+        C{api = openai} service that takes it natively.
+        """
+        if client_api == "responses" and self.api == "openai" and self.responses == "native":
+            return "responses"
+        return self.api
 
     @property
     def coalesce_timeout(self) -> float:

@@ -53,6 +53,7 @@ from txgateway.resilience.breaker import CircuitBreaker
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.deployments import ModelTable
 from txgateway.routing.model import Backend, ServiceRoute
+from txgateway.responses import speakers as responses_speakers
 from txgateway.speaking import PlainHttp, Speakers
 from txgateway.workers.listen import ReusePortListener, listen_address
 from txgateway.workers.shared import BatchedCalls, SharedLedgerStore, SharedRateLimitStore
@@ -152,9 +153,11 @@ def _transitioned(
 
 def every_speaker() -> Speakers:
     """Every API the gateway speaks (a service's C{api}) and the speakers of each pair of them the API packages provide."""
+    # In the order an /api/ path is read: the Responses API before OpenAI's others.
+    apis = [PlainHttp(), responses_speakers.RESPONSES_API, openai_speaker.OPENAI, anthropic_speakers.MESSAGES_API]
     return Speakers(
-        {"http": PlainHttp(), openai_speaker.OPENAI.name: openai_speaker.OPENAI, anthropic_speakers.MESSAGES_API.name: anthropic_speakers.MESSAGES_API},
-        {**openai_speaker.PAIRS, **anthropic_speakers.PAIRS},
+        {api.name: api for api in apis},
+        {**openai_speaker.PAIRS, **anthropic_speakers.PAIRS, **responses_speakers.PAIRS},
     )
 
 

@@ -23,6 +23,7 @@ from txgateway.front.gateway import Gateway
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
 from txgateway.openai.wire import BadCall, OpenAICall
+from txgateway.responses.wire import ResponsesCall
 from txgateway.routing.broker import AnswerCutShort, refuse_unless_json
 from txgateway.routing.paths import UnsafePath, split_api_path
 
@@ -143,9 +144,14 @@ class ProxiedRequests:
                 answer_error(request, error.kind, error.message)
                 return
         try:
-            call = MessagesCall.parse(request.body, reading) if messages else OpenAICall.parse(request.body, path, reading)
+            if messages:
+                call = MessagesCall.parse(request.body, reading)
+            elif path == b"/v1/responses":
+                call = ResponsesCall.parse(request.body, reading)
+            else:
+                call = OpenAICall.parse(request.body, path, reading)
         except BadCall as error:
-            api = "a Messages" if messages else "an OpenAI"
+            api = "a Messages" if messages else ("a Responses" if path == b"/v1/responses" else "an OpenAI")
             answer_error(request, errors.BAD_REQUEST, f"{error}: {api} request is a JSON object with a model")
             return
         if call.model is None:

@@ -267,6 +267,10 @@ class EventStreamRelay(BodyRelay):
                     return
         if self.malformed is not None:
             error = StreamEnded(self.malformed)
+        elif error is None and getattr(self._read, "needs_end", False) and not self._transcript.finished:
+            # A stream whole only with its end event (the Responses API's response.completed)
+            # that ended without it is broken, never a truncated success.
+            error = StreamEnded("the stream ended before its end event")
         elif error is not None and self._request is not None and self._transcript.finished:
             error = None  # the answer was whole; only the connection's end was lost
         if error is None and self._request is not None and self._write is not None:

@@ -40,10 +40,11 @@ OPENAI_API = "openai"
 
 @implementer(IApi)
 class OpenAIApi:
-    """OpenAI's API: its model calls (chat and text completions, embeddings, Responses), its key as a bearer token."""
+    """OpenAI's API: its model calls (chat and text completions, embeddings), its key as a bearer token."""
 
     name = OPENAI_API
     title = "OpenAI's API"
+    service_api = OPENAI_API
 
     def read_call(self, rest: bytes, body: bytes, reading: Any) -> OpenAICall | None:
         """The OpenAI request a C{POST} to C{rest} makes, or L{None} for a path that is no model call."""
@@ -52,7 +53,7 @@ class OpenAIApi:
         return OpenAICall.parse(body, rest, reading)
 
     def model_call_path(self, rest: bytes) -> bool:
-        """Chat and text completions, embeddings, the Responses API."""
+        """Chat and text completions, embeddings."""
         return model_call_path(rest)
 
     def credentials(

@@ -94,18 +94,14 @@ def _endpoint_kind(path: bytes) -> str | None:
     return None
 
 
-def _is_responses(path: bytes) -> bool:
-    return path.split(b"?", 1)[0].rstrip(b"/").endswith(b"/responses")
-
-
 def model_call_path(path: bytes) -> bool:
     """
     Whether C{path} (under a service's base URL) is one of OpenAI's model
-    calls the gateway reads: chat and text completions, embeddings, the
-    Responses API.
+    calls the gateway reads: chat and text completions, embeddings (the
+    Responses API is L{txgateway.responses}').
     """
     bare = path.split(b"?", 1)[0].rstrip(b"/")
-    return _endpoint_kind(bare) is not None or bare.endswith((b"/embeddings", b"/responses")) or bare in (b"embeddings", b"responses")
+    return _endpoint_kind(bare) is not None or bare.endswith(b"/embeddings") or bare == b"embeddings"
 
 
 @implementer(IModelCall)
@@ -173,7 +169,7 @@ class OpenAICall:
         stream = kind is not None and body.get("stream") is True
         options = body.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return cls(body, raw, kind, stream, wants_usage, kind is not None or _is_responses(path))
+        return cls(body, raw, kind, stream, wants_usage, kind is not None)
 
     def body_for(self, model: str | None, prefill: str | None = None) -> bytes:
         """

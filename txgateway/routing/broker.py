@@ -32,7 +32,7 @@ from txgateway.routing.chain import FallbackChain
 from txgateway.routing.model import ServiceRoute, Target
 from txgateway.routing.paths import UnsafePath, checked_rest
 from txgateway.routing.resume import StreamResume
-from txgateway.speaking import BadCall, IApi, IModelCall, Speakers
+from txgateway.speaking import BadCall, IModelCall, Speakers
 
 if TYPE_CHECKING:
     from txgateway.cache.responses import ResponseCache
@@ -112,7 +112,7 @@ class ServiceBroker:
         governor = self.governor
         if governor is not None:
             governor.check_service(ctx, config.name)
-        model_call = _model_call(request, rest, self.speakers.api(config.api), reading)
+        model_call = _model_call(request, rest, config.api, self.speakers, reading)
         price = None
         if reading.strict:
             if model_call is not None:
@@ -286,7 +286,7 @@ def refuse_unless_json(request: IncomingRequest) -> None:
     )
 
 
-def _model_call(request: IncomingRequest, rest: bytes, api: IApi, reading: BodyReading) -> IModelCall | None:
+def _model_call(request: IncomingRequest, rest: bytes, service_api: str, speakers: Speakers, reading: BodyReading) -> IModelCall | None:
     """
     The model call a C{/api/} request makes, read from its body: a C{POST}
     to one of the model calls of the service's API (chat or text
@@ -298,12 +298,12 @@ def _model_call(request: IncomingRequest, rest: bytes, api: IApi, reading: BodyR
         the gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
     """
     strict = reading.strict
-    if request.method != b"POST" or not api.model_call_path(rest):
+    if request.method != b"POST" or not speakers.reads(service_api, rest):
         return None
     if strict:
         refuse_unless_json(request)
     try:
-        return api.read_call(rest, request.body, reading)
+        return speakers.read_call(service_api, rest, request.body, reading)
     except BadCall as error:
         if not strict:
             return None  # not a body the gateway reads: relayed as it is

@@ -118,7 +118,7 @@ class Call:
 
         @raise Untranslatable: no speaker carries the call's API to the target's.
         """
-        api = target.route.config.api
+        api = target.route.config.speaks(self.model_call.api)
         speaker = self._speaker
         if speaker is not None and speaker.target_api == api:
             return speaker
@@ -135,7 +135,7 @@ class Call:
     def translates_for(self, target: Target) -> bool:
         """Whether C{target} speaks another API than the client's (the call is translated)."""
         model_call = self.model_call
-        return model_call is not None and target.route.config.api != model_call.api
+        return model_call is not None and target.route.config.speaks(model_call.api) != model_call.api
 
     def untranslatable(self) -> list[tuple[Target, str]]:
         """

@@ -1,0 +1,74 @@
+"""
+OpenAI's Responses API through the running daemon with the official
+C{openai} client, to a backend process that speaks it natively
+(tests/openai_backend.py): JSON, a stream, its usage on the access line,
+and a stream broken after its first output.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.integration.conftest import DAEMON_HEAD, Backend, Gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    server = Backend(tmp_path_factory.mktemp("responses"), script="openai_backend.py", base_path="/v1")
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, backend):
+    daemon = Gateway(tmp_path_factory.mktemp("gateway"), DAEMON_HEAD + f"""[auth]
+keys = sdk:gateway-key
+[service:native]
+url = {backend.url}
+api = openai
+responses = native
+retries = 0
+first_token_timeout = 2
+idle_timeout = 2
+[model:agent]
+targets = native:resp-model
+[model:cut]
+targets = native:cut
+""")
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="gateway-key", max_retries=0)
+
+
+def test_responses_create_is_answered_by_the_native_target_and_its_usage_read(client, gateway):
+    raw = client.responses.with_raw_response.create(model="agent", input="Say hello", max_output_tokens=64)
+    response = raw.parse()
+    assert response.output_text == "Hello from the test backend."
+    [line] = [l for l in gateway.logged("request_completed") if l["request_id"] == raw.headers["x-request-id"]]
+    assert (line["model"], line["prompt_tokens"], line["completion_tokens"]) == ("resp-model", 11, 5)
+
+
+def test_a_responses_stream_comes_whole_through_the_sdks_stream_helper(client, gateway):
+    with client.responses.stream(model="agent", input="Say hello") as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == "Hello from the test backend."
+    assert final.usage.output_tokens == 5 and final.status == "completed"
+
+
+def test_a_stream_broken_after_its_first_output_ends_with_an_error_event_and_no_completion(client):
+    events = []
+    # The SDK reads the error event, then the connection's end without the body's: it raises.
+    with pytest.raises(openai.APIConnectionError):
+        for event in client.responses.create(model="cut", input="Say hello", stream=True):
+            events.append(event)
+    kinds = [event.type for event in events]
+    assert "response.output_text.delta" in kinds and "response.completed" not in kinds
+    assert kinds[-1] == "error" and events[-1].code == "stream_broken"

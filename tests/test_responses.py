@@ -1,0 +1,175 @@
+"""
+OpenAI's Responses API on a Clock, to native targets: routed by model, its
+stream read event by event (the commit point, the end event, errors), its
+usage settled from response.completed, and no translation yet to Claude.
+"""
+
+from __future__ import annotations
+
+import json
+
+import treq
+
+from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
+from tests.test_openai import SSE, JSON, error_of, harness, stream_of
+from tests import test_governance
+from txgateway.responses.wire import ResponsesCall, ResponsesStreamReader, read_response
+
+
+def responses(h: Harness, model: str = "gpt-4o", stream: bool = False, key: str = "client-key", **fields):
+    body = {"model": model, "input": "Say hello", **fields}
+    if stream:
+        body["stream"] = True
+    return h.request(
+        "POST", "/v1/responses", data=json.dumps(body).encode(), unbuffered=stream,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
+
+
+def event(kind: str, sequence: int, **data) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, "sequence_number": sequence, **data}).encode() + b"\n\n"
+
+
+RESPONSE = {"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-4o", "status": "in_progress"}
+USAGE = {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 5}, "output_tokens": 13,
+         "output_tokens_details": {"reasoning_tokens": 4}, "total_tokens": 34}
+
+
+def created() -> bytes:
+    return event("response.created", 0, response=RESPONSE)
+
+
+def text_delta(text: str, sequence: int) -> bytes:
+    return event("response.output_text.delta", sequence, item_id="msg_1", output_index=0, content_index=0, delta=text)
+
+
+def completed(sequence: int) -> bytes:
+    return event("response.completed", sequence, response={**RESPONSE, "status": "completed", "usage": USAGE})
+
+
+def test_a_responses_call_is_routed_by_its_model_and_sent_as_it_is_with_the_targets_model():
+    h = harness()
+    d = responses(h, model="gpt-4o", max_output_tokens=50)
+    sent = h.agents["primary"].last
+    assert sent.uri == b"http://primary.test/v1/responses"
+    assert json.loads(sent.body) == {"model": "gpt-4o", "input": "Say hello", "max_output_tokens": 50}
+    answer = {**RESPONSE, "status": "completed", "output": [], "usage": USAGE}
+    sent.respond(FakeResponse(200, JSON, json.dumps(answer).encode()))
+    h.flush()
+    assert result_of(d).code == 200
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"], line["model"]) == (21, 13, "gpt-4o")
+
+
+def test_a_stream_commits_at_its_first_output_delta_and_is_whole_at_response_completed():
+    h = harness()
+    d = responses(h, stream=True)
+    backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    backend.send(created() + event("response.in_progress", 1, response=RESPONSE))
+    h.flush()
+    backend.send(text_delta("Hello", 2) + text_delta(" there", 3) + completed(4))
+    backend.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    h.flush()
+    body = b"".join(received)
+    assert body.count(b"event: response.output_text.delta") == 2 and b"event: response.completed" in body
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"], line["status"]) == (21, 13, 200)
+
+
+def test_a_stream_that_ends_before_response_completed_and_its_first_output_is_a_failed_attempt():
+    h = harness()
+    d = responses(h, stream=True)
+    backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    backend.send(created())
+    backend.finish()
+    h.flush()
+    # The next target serves it.
+    local = h.agents["local"].last
+    assert json.loads(local.body)["model"] == "llama3"
+    answer = local.respond(FakeResponse(200, SSE))
+    answer.send(created() + text_delta("Hi", 1) + completed(2))
+    answer.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    h.flush()
+    assert response.headers.getRawHeaders("x-gateway-fallback-from") == ["primary:gpt-4o"]
+
+
+def test_a_response_failed_event_before_the_first_output_is_a_failed_attempt():
+    h = harness()
+    d = responses(h, stream=True)
+    backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    backend.send(created() + event("response.failed", 1, response={**RESPONSE, "status": "failed",
+                                                                    "error": {"code": "server_error", "message": "boom"}}))
+    backend.finish()
+    h.flush()
+    assert h.agents["local"].requests  # moved on
+    d.cancel()
+
+
+def test_a_stream_broken_after_its_first_output_ends_with_the_apis_error_event_and_no_end():
+    h = harness()
+    d = responses(h, stream=True)
+    backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    backend.send(created() + text_delta("Hello", 1))
+    h.flush()
+    response, received, done = stream_of(h, d)
+    backend.finish()  # ended without response.completed
+    h.flush()
+    body = b"".join(received)
+    assert b"event: error" in body
+    error = json.loads(body.split(b"event: error\ndata: ", 1)[1].split(b"\n\n", 1)[0])
+    assert error["type"] == "error" and error["code"] == "stream_broken" and error["request_id"]
+    assert b"response.completed" not in body
+    assert h.agents["local"].requests == []  # a Responses stream is not resumed
+
+
+def test_a_responses_call_to_a_claude_target_only_is_refused_by_name():
+    h = Harness(GATEWAY_HEAD + "[service:claude]\nurl = http://claude.test\napi = anthropic\n[model:claude-x]\ntargets = claude\n")
+    response = result_of(responses(h, model="claude-x"))
+    assert response.code == 400
+    assert "Responses API" in error_of(response)["message"] and "Anthropic" in error_of(response)["message"]
+
+
+def test_a_governed_responses_call_reserves_max_output_tokens_and_settles_what_response_completed_says():
+    h = test_governance.harness()
+    d = responses(h, key="alice-secret", max_output_tokens=100)
+    sent = h.agents["primary"].last
+    answer = {**RESPONSE, "status": "completed", "output": [], "usage": USAGE}
+    sent.respond(FakeResponse(200, JSON, json.dumps(answer).encode()))
+    h.flush()
+    assert result_of(d).code == 200
+    [line] = h.access.lines
+    assert line["reserved_tokens"] >= 100
+    # 21 input tokens (5 of them cached, which this price does not set apart) at $2.5/M, 13 output at $10/M.
+    assert abs(line["cost_usd"] - (21 * 2.5 + 13 * 10) / 1e6) < 1e-9
+
+
+def test_the_reader_reads_usage_and_the_function_call_as_a_commit():
+    reader = ResponsesStreamReader()
+    added = reader(event("response.output_item.added", 1, output_index=0, item={"type": "function_call", "id": "fc_1"}))
+    assert added.token and added.tool_call
+    end = reader(completed(5))
+    assert end.done and end.finished and (end.usage.prompt_tokens, end.usage.completion_tokens, end.usage.cached_tokens) == (21, 13, 5)
+    assert reader(b"data: [DONE]\n\n").malformed  # not this API's
+
+
+def test_a_json_answer_says_its_usage_id_and_status():
+    facts = read_response(json.dumps({**RESPONSE, "status": "completed", "usage": USAGE}).encode())
+    assert (facts.response_id, facts.finish_reasons, facts.usage.completion_tokens) == ("resp_1", ("completed",), 13)
+    assert ResponsesCall.parse(b'{"model": "m", "max_output_tokens": 7}').max_tokens == 7
+
+
+def test_a_responses_call_under_api_is_read_the_same_way():
+    h = harness()
+    d = h.request("POST", "/api/primary/responses", data=json.dumps({"model": "gpt-4o", "input": "hi"}).encode(),
+                  headers={"Content-Type": "application/json"})
+    sent = h.agents["primary"].last
+    assert sent.uri == b"http://primary.test/v1/responses"
+    sent.respond(FakeResponse(200, JSON, json.dumps({**RESPONSE, "status": "completed", "usage": USAGE}).encode()))
+    h.flush()
+    assert result_of(d).code == 200
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (21, 13)

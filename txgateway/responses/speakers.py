@@ -1,0 +1,85 @@
+"""
+The Responses API as the gateway speaks it (L{RESPONSES_API}), and its
+speaker to a target that speaks it (L{ResponsesToResponses}): an
+C{api = openai} service with C{responses = native}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zope.interface import implementer
+
+from txgateway.config.gateway import ServiceConfig
+from txgateway.dataplane.server import IncomingRequest
+from txgateway.errors import ErrorKind
+from txgateway.openai.speaker import Speaker
+from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
+from txgateway.speaking import IApi, ISpeaker
+
+__all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToResponses"]
+
+
+@implementer(IApi)
+class ResponsesApi:
+    """OpenAI's Responses API: its model call (C{/responses}) under an C{api = openai} service, its key as a bearer token."""
+
+    name = RESPONSES
+    title = "OpenAI's Responses API"
+    #: The services whose C{/api/} paths it reads: OpenAI's.
+    service_api = "openai"
+
+    def read_call(self, rest: bytes, body: bytes, reading: Any) -> ResponsesCall | None:
+        """The Responses request a C{POST} to C{rest} makes, or L{None} for a path that is no Responses call."""
+        if not responses_path(rest):
+            return None
+        return ResponsesCall.parse(body, reading)
+
+    def model_call_path(self, rest: bytes) -> bool:
+        """C{/responses}."""
+        return responses_path(rest)
+
+    def credentials(
+        self, request: IncomingRequest, config: ServiceConfig, key: bytes | None, translated: bool
+    ) -> tuple[list, tuple[bytes, ...]]:
+        """Its key as C{Authorization: Bearer}, as OpenAI's."""
+        return ([(b"Authorization", b"Bearer " + key)] if key is not None else []), ()
+
+
+#: The one L{ResponsesApi}.
+RESPONSES_API = ResponsesApi()
+
+
+@implementer(ISpeaker)
+class ResponsesToResponses(Speaker):
+    """
+    A Responses call to a target that speaks it: sent as it is (its model
+    renamed), its events read for the commit point, the text and the
+    usage of C{response.completed}; a broken stream ends with the API's
+    C{error} event (a Responses target takes no prefill to go on from).
+    """
+
+    client_api = RESPONSES
+    target_api = RESPONSES
+    target = RESPONSES_API
+    read_events = ResponsesStreamReader
+    read_answer = staticmethod(read_response)
+
+    def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
+        self.call = call
+
+    def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
+        """The client's path, under the endpoint's base."""
+        return path
+
+    def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
+        """The client's body, the model renamed."""
+        return self.call.body_for(model)
+
+    def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
+        """The Responses API's C{error} event."""
+        return error_event(kind, message, request_id)
+
+
+#: The speakers this package provides, by (client API, target API).
+PAIRS = {(RESPONSES, RESPONSES): ResponsesToResponses}
