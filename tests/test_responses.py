@@ -1,7 +1,9 @@
 """
-OpenAI's Responses API on a Clock, to native targets: routed by model, its
-stream read event by event (the commit point, the end event, errors), its
-usage settled from response.completed, and no translation yet to Claude.
+OpenAI's Responses API on a Clock: to native targets (routed by model, its
+stream read event by event: the commit point, the end event, errors; its
+usage settled from response.completed), translated to chat completions
+(requests, JSON answers, the event sequence of a stream), and no
+translation yet to Claude.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ import json
 import treq
 
 from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
-from tests.test_openai import SSE, JSON, error_of, harness, stream_of
+from tests.test_openai import SSE, JSON, chunk, completion, error_of, harness, stream_of, usage_chunk
 from tests import test_governance
 from txgateway.responses.wire import ResponsesCall, ResponsesStreamReader, read_response
+
+
+def native() -> Harness:
+    """The OpenAI test gateway with both services taking the Responses API as it is."""
+    return harness(primary="responses = native", local="responses = native")
 
 
 def responses(h: Harness, model: str = "gpt-4o", stream: bool = False, key: str = "client-key", **fields):
@@ -48,7 +55,7 @@ def completed(sequence: int) -> bytes:
 
 
 def test_a_responses_call_is_routed_by_its_model_and_sent_as_it_is_with_the_targets_model():
-    h = harness()
+    h = native()
     d = responses(h, model="gpt-4o", max_output_tokens=50)
     sent = h.agents["primary"].last
     assert sent.uri == b"http://primary.test/v1/responses"
@@ -62,7 +69,7 @@ def test_a_responses_call_is_routed_by_its_model_and_sent_as_it_is_with_the_targ
 
 
 def test_a_stream_commits_at_its_first_output_delta_and_is_whole_at_response_completed():
-    h = harness()
+    h = native()
     d = responses(h, stream=True)
     backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
     backend.send(created() + event("response.in_progress", 1, response=RESPONSE))
@@ -79,7 +86,7 @@ def test_a_stream_commits_at_its_first_output_delta_and_is_whole_at_response_com
 
 
 def test_a_stream_that_ends_before_response_completed_and_its_first_output_is_a_failed_attempt():
-    h = harness()
+    h = native()
     d = responses(h, stream=True)
     backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
     backend.send(created())
@@ -98,7 +105,7 @@ def test_a_stream_that_ends_before_response_completed_and_its_first_output_is_a_
 
 
 def test_a_response_failed_event_before_the_first_output_is_a_failed_attempt():
-    h = harness()
+    h = native()
     d = responses(h, stream=True)
     backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
     backend.send(created() + event("response.failed", 1, response={**RESPONSE, "status": "failed",
@@ -110,7 +117,7 @@ def test_a_response_failed_event_before_the_first_output_is_a_failed_attempt():
 
 
 def test_a_stream_broken_after_its_first_output_ends_with_the_apis_error_event_and_no_end():
-    h = harness()
+    h = native()
     d = responses(h, stream=True)
     backend = h.agents["primary"].last.respond(FakeResponse(200, SSE))
     backend.send(created() + text_delta("Hello", 1))
@@ -134,7 +141,8 @@ def test_a_responses_call_to_a_claude_target_only_is_refused_by_name():
 
 
 def test_a_governed_responses_call_reserves_max_output_tokens_and_settles_what_response_completed_says():
-    h = test_governance.harness()
+    h = Harness(test_governance.INI.format(alice="").replace(
+        "[service:primary]\nurl = http://primary.test/v1\n", "[service:primary]\nurl = http://primary.test/v1\nresponses = native\n"))
     d = responses(h, key="alice-secret", max_output_tokens=100)
     sent = h.agents["primary"].last
     answer = {**RESPONSE, "status": "completed", "output": [], "usage": USAGE}
@@ -163,7 +171,7 @@ def test_a_json_answer_says_its_usage_id_and_status():
 
 
 def test_a_responses_call_under_api_is_read_the_same_way():
-    h = harness()
+    h = native()
     d = h.request("POST", "/api/primary/responses", data=json.dumps({"model": "gpt-4o", "input": "hi"}).encode(),
                   headers={"Content-Type": "application/json"})
     sent = h.agents["primary"].last
@@ -173,3 +181,105 @@ def test_a_responses_call_under_api_is_read_the_same_way():
     assert result_of(d).code == 200
     [line] = h.access.lines
     assert (line["prompt_tokens"], line["completion_tokens"]) == (21, 13)
+
+
+# -- translated to chat completions (responses = chat, the default)
+
+
+def events_of(body: bytes) -> list[dict]:
+    return [json.loads(part.split(b"data: ", 1)[1]) for part in body.split(b"\n\n") if b"data: " in part]
+
+
+def test_a_responses_call_to_a_chat_target_is_sent_as_a_chat_request():
+    h = harness()
+    responses(h, instructions="Be brief.", input=[
+        {"role": "developer", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "input_text", "text": "What is 2+2?"},
+                                     {"type": "input_image", "image_url": "data:image/png;base64,AA"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "function_call", "call_id": "call_1", "name": "add", "arguments": "{\"a\": 2}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "4"},
+    ], tools=[{"type": "function", "name": "add", "parameters": {"type": "object"}}, {"type": "web_search"}],
+        tool_choice="auto", max_output_tokens=64, reasoning={"effort": "low"}, text={"format": {"type": "json_object"}},
+        prompt_cache_key="k", store=True, safety_identifier="user-7")
+    sent = h.agents["primary"].last
+    assert sent.uri == b"http://primary.test/v1/chat/completions"
+    body = json.loads(sent.body)
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 2+2?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+    ]
+    assert body["tools"] == [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    assert (body["max_tokens"], body["reasoning_effort"], body["response_format"], body["user"]) == (64, "low", {"type": "json_object"}, "user-7")
+    assert "prompt_cache_key" not in body and "store" not in body
+
+
+def test_a_field_with_no_chat_equivalent_is_refused_by_name():
+    h = harness()
+    response = result_of(responses(h, previous_response_id="resp_0"))
+    assert response.code == 400 and "previous_response_id" in error_of(response)["message"]
+
+
+def test_a_chat_answer_comes_back_as_a_response_with_its_usage_counted():
+    h = harness()
+    d = responses(h)
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", text="Hello!", prompt=9, done=3)))
+    h.flush()
+    answer = json.loads(result_of(treq.content(result_of(d))))
+    assert answer["object"] == "response" and answer["status"] == "completed"
+    assert answer["output"][0]["content"][0] == {"type": "output_text", "text": "Hello!", "annotations": []}
+    assert answer["usage"]["input_tokens"] == 9 and answer["usage"]["output_tokens"] == 3
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (9, 3)
+
+
+def test_a_chat_stream_comes_back_as_the_responses_event_sequence():
+    h = harness()
+    d = responses(h, stream=True)
+    backend = h.agents["primary"].last
+    assert json.loads(backend.body)["stream_options"] == {"include_usage": True}
+    answer = backend.respond(FakeResponse(200, SSE))
+    answer.send(chunk(role="assistant") + chunk("Hel") + chunk("lo") + chunk(finish="stop") + usage_chunk(9, 2) + b"data: [DONE]\n\n")
+    answer.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    h.flush()
+    events = events_of(b"".join(received))
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed",
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert final["output"][0]["content"][0]["text"] == "Hello" and final["usage"]["output_tokens"] == 2
+
+
+def test_a_tool_call_stream_becomes_a_function_call_item():
+    from txgateway.openai.wire import read_chunk
+    from txgateway.responses.translate import ChatToResponsesStream
+
+    writer = ChatToResponsesStream(1)
+    out = b""
+    for data in (
+        {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_9", "type": "function", "function": {"name": "add", "arguments": ""}}]}}]},
+        {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]}}]},
+        {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": " 1}"}}]}}]},
+        {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    ):
+        event = b"data: " + json.dumps(data).encode() + b"\n\n"
+        out += writer(event, read_chunk(event))
+    out += writer(b"data: [DONE]\n\n", read_chunk(b"data: [DONE]\n\n"))
+    events = events_of(out)
+    kinds = [e["type"] for e in events]
+    assert kinds[2:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                         "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                         "response.output_item.done", "response.completed"]
+    item = events[-1]["response"]["output"][0]
+    assert (item["type"], item["call_id"], item["name"], item["arguments"]) == ("function_call", "call_9", "add", "{\"a\": 1}")

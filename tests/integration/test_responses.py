@@ -1,8 +1,9 @@
 """
 OpenAI's Responses API through the running daemon with the official
-C{openai} client, to a backend process that speaks it natively
-(tests/openai_backend.py): JSON, a stream, its usage on the access line,
-and a stream broken after its first output.
+C{openai} client, to a backend process (tests/openai_backend.py) that
+speaks it natively (JSON, a stream, its usage on the access line, a
+stream broken after its first output) and to one that speaks only chat
+completions (translated both ways: JSON, a stream, a function tool).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ idle_timeout = 2
 targets = native:resp-model
 [model:cut]
 targets = native:cut
+[service:chatonly]
+url = {backend.url}
+api = openai
+retries = 0
+[model:selfhosted]
+targets = chatonly:plain-model
 """)
     yield daemon
     daemon.stop()
@@ -51,7 +58,7 @@ def test_responses_create_is_answered_by_the_native_target_and_its_usage_read(cl
     raw = client.responses.with_raw_response.create(model="agent", input="Say hello", max_output_tokens=64)
     response = raw.parse()
     assert response.output_text == "Hello from the test backend."
-    [line] = [l for l in gateway.logged("request_completed") if l["request_id"] == raw.headers["x-request-id"]]
+    [line] = gateway.logged("request_completed", request_id=raw.headers["x-request-id"])
     assert (line["model"], line["prompt_tokens"], line["completion_tokens"]) == ("resp-model", 11, 5)
 
 
@@ -72,3 +79,34 @@ def test_a_stream_broken_after_its_first_output_ends_with_an_error_event_and_no_
     kinds = [event.type for event in events]
     assert "response.output_text.delta" in kinds and "response.completed" not in kinds
     assert kinds[-1] == "error" and events[-1].code == "stream_broken"
+
+
+FULL = "".join(f"w{i} " for i in range(1, 61))
+
+
+def test_responses_create_on_a_chat_only_backend_is_translated_both_ways(client, gateway, backend):
+    raw = client.responses.with_raw_response.create(model="selfhosted", instructions="Be brief.", input="Count", max_output_tokens=100)
+    response = raw.parse()
+    assert response.output_text == FULL and response.status == "completed"
+    assert response.usage.output_tokens == 60
+    sent = backend.calls()["plain-model"]["last_messages"]
+    assert sent == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count"}]
+    [line] = gateway.logged("request_completed", request_id=raw.headers["x-request-id"])
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (response.usage.input_tokens, 60)
+
+
+def test_a_responses_stream_from_a_chat_only_backend_is_the_apis_event_sequence(client):
+    with client.responses.stream(model="selfhosted", input="Count") as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == FULL and final.output_text == FULL
+    assert final.usage.output_tokens == 60
+
+
+def test_a_function_tool_goes_to_a_chat_only_backend_and_comes_back_as_a_function_call(client, backend):
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    response = client.responses.create(model="selfhosted", input="Weather in Paris?", tools=[tool, {"type": "web_search"}])
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather"
+    assert backend.calls()["plain-model"]["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]

@@ -523,9 +523,9 @@ class ServiceConfig:
     max_tokens: int = _key(_integer(1), 4096)
     #: The C{anthropic-version} header sent to an C{api = anthropic} service (a Messages client's own wins).
     anthropic_version: str = _key(_text, "2023-06-01")
-    #: How an C{api = openai} service takes OpenAI's Responses API: C{native}, as it is
-    #: (the only kind built so far; C{chat}, translated to chat completions, is next).
-    responses: str = _key(_choice("native"), "native")
+    #: How an C{api = openai} service takes OpenAI's Responses API: C{chat}, translated to
+    #: chat completions (which every OpenAI-compatible server speaks), or C{native}, as it is.
+    responses: str = _key(_choice("chat", "native"), "chat")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.
@@ -544,7 +544,8 @@ class ServiceConfig:
         """
         The API this service is spoken to in for a call of C{client_api}:
         its C{api}, or the Responses API itself for a Responses call to an
-        C{api = openai} service that takes it natively.
+        C{api = openai} service that takes it natively (C{responses = native};
+        else the call is translated to its chat completions).
         """
         if client_api == "responses" and self.api == "openai" and self.responses == "native":
             return "responses"

@@ -1,7 +1,8 @@
 """
 The Responses API as the gateway speaks it (L{RESPONSES_API}), and its
-speaker to a target that speaks it (L{ResponsesToResponses}): an
-C{api = openai} service with C{responses = native}.
+speakers: to a target that speaks it (L{ResponsesToResponses}: an
+C{api = openai} service with C{responses = native}), and translated to
+chat completions (L{ResponsesToChat}: C{responses = chat}, the default).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from zope.interface import implementer
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import ErrorKind
-from txgateway.openai.speaker import Speaker
+from txgateway.openai.speaker import OPENAI, OPENAI_API, Speaker
+from txgateway.openai.wire import encode_json
+from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, responses_request_to_chat
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
 from txgateway.speaking import IApi, ISpeaker
 
-__all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToResponses"]
+__all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToResponses"]
 
 
 @implementer(IApi)
@@ -81,5 +84,40 @@ class ResponsesToResponses(Speaker):
         return error_event(kind, message, request_id)
 
 
+@implementer(ISpeaker)
+class ResponsesToChat(Speaker):
+    """
+    A Responses call translated to chat completions (what every
+    OpenAI-compatible server speaks), its answer rebuilt as a Response: a
+    JSON one, or a stream as the Responses API's event sequence.  Errors
+    are OpenAI's shape both ways.  A broken stream ends with the API's
+    C{error} event.
+    """
+
+    client_api = RESPONSES
+    target_api = OPENAI_API
+    translated = True
+    target = OPENAI
+
+    def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
+        self.call = call
+        created = int(started_at)
+        self.write_events = ChatToResponsesStream(created) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(body, created)
+
+    def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
+        """The chat completions endpoint."""
+        return b"/chat/completions"
+
+    def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
+        """The Responses request as a chat request (built-in tools left out)."""
+        chat, _ = responses_request_to_chat(self.call.body, model)
+        return encode_json(chat)
+
+    def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
+        """The Responses API's C{error} event."""
+        return error_event(kind, message, request_id)
+
+
 #: The speakers this package provides, by (client API, target API).
-PAIRS = {(RESPONSES, RESPONSES): ResponsesToResponses}
+PAIRS = {(RESPONSES, RESPONSES): ResponsesToResponses, (RESPONSES, OPENAI_API): ResponsesToChat}

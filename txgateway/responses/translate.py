@@ -1,0 +1,395 @@
+"""
+The translation between OpenAI's Responses API and chat completions, as
+pure functions and one small stateful writer with no I/O: a Responses
+request as a chat request, a chat answer as a Response, and a chat stream
+as the Responses API's documented event sequence.
+
+A request field with no equivalent in chat completions raises
+L{Untranslatable} naming it; a hint with no effect on the meaning of the
+answer is dropped (L{_DROPPED}); built-in tools (web search, file search,
+code interpreter...) reach only native targets and are left out here.
+The README's "OpenAI's Responses API" has the table this module implements.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from txgateway.openai.wire import ChunkFacts
+from txgateway.openai.wire import decode_json as _loads
+from txgateway.openai.wire import encode_json as _dumps
+from txgateway.responses.wire import sse_event
+from txgateway.speaking import Untranslatable
+
+__all__ = ["ChatToResponsesStream", "chat_answer_to_response", "responses_request_to_chat"]
+
+#: Fields carried over to chat completions under their own name.
+_SAME = ("temperature", "top_p", "parallel_tool_calls", "user")
+#: Hints with no effect on the meaning of the answer: dropped.
+_DROPPED = frozenset({
+    "prompt_cache_key", "client_metadata", "include", "service_tier", "store", "metadata", "truncation",
+    "stream_options", "background", "prompt_cache_retention", "top_logprobs",
+})
+_KNOWN = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "text", "max_output_tokens", "reasoning", "stream",
+    "safety_identifier", *_SAME, *_DROPPED,
+})
+#: Tools the Responses API runs itself: a chat target has none of them.
+_BUILTIN_TOOLS = frozenset({
+    "web_search", "web_search_preview", "file_search", "code_interpreter", "computer_use_preview", "mcp",
+    "image_generation", "local_shell", "web_search_preview_2025_03_11",
+})
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise Untranslatable(f"{where} is not a string")
+    return value
+
+
+def _chat_part(part: Any, where: str) -> dict:
+    """One content part of a Responses message as a chat content part."""
+    if not isinstance(part, dict):
+        raise Untranslatable(f"{where} is not an object")
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text"):
+        return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
+    if kind == "refusal":
+        return {"type": "text", "text": _text(part.get("refusal"), f"{where}.refusal")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise Untranslatable(f"{where}: an image by file_id has no chat completions equivalent")
+        image = {"url": url}
+        if isinstance(part.get("detail"), str) and part["detail"] != "auto":
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        file = {key: part[key] for key in ("file_data", "file_id", "filename") if isinstance(part.get(key), str)}
+        if not file or "file_url" in part:
+            raise Untranslatable(f"{where}: a file by URL has no chat completions equivalent")
+        return {"type": "file", "file": file}
+    raise Untranslatable(f"{where}: content of type {kind!r} has no chat completions equivalent")
+
+
+def _content(content: Any, where: str, text_only: bool) -> str | list[dict]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise Untranslatable(f"{where}.content is neither a string nor a list of parts")
+    parts = [_chat_part(part, f"{where}.content[{n}]") for n, part in enumerate(content)]
+    if text_only or all(part["type"] == "text" for part in parts):
+        if not all(part["type"] == "text" for part in parts):
+            raise Untranslatable(f"{where}: only text can be said in this role")
+        return "".join(part["text"] for part in parts)
+    return parts
+
+
+def _messages(items: Any, instructions: Any) -> list[dict]:
+    """The Responses C{input} (and C{instructions}) as chat messages."""
+    messages: list[dict] = []
+    if instructions is not None:
+        messages.append({"role": "system", "content": _text(instructions, "instructions")})
+    if isinstance(items, str):
+        messages.append({"role": "user", "content": items})
+        return messages
+    if not isinstance(items, list):
+        raise Untranslatable("input is neither a string nor a list of items")
+    for n, item in enumerate(items):
+        where = f"input[{n}]"
+        if not isinstance(item, dict):
+            raise Untranslatable(f"{where} is not an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise Untranslatable(f"{where}.role {role!r} has no chat completions equivalent")
+            role = "system" if role == "developer" else role
+            messages.append({"role": role, "content": _content(item.get("content"), where, role != "user")})
+        elif kind == "function_call":
+            call = {
+                "id": _text(item.get("call_id"), f"{where}.call_id"), "type": "function",
+                "function": {"name": _text(item.get("name"), f"{where}.name"), "arguments": _text(item.get("arguments"), f"{where}.arguments")},
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            content = output if isinstance(output, str) else _content(output, where, True)
+            messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{where}.call_id"), "content": content})
+        elif kind == "reasoning":
+            continue  # reasoning from one provider is never sent to another
+        else:
+            raise Untranslatable(f"{where}: an item of type {kind!r} has no chat completions equivalent")
+    return messages
+
+
+def _tools(tools: Any) -> tuple[list[dict], list[str]]:
+    """The function tools as chat tools, and the names of the built-in ones left out."""
+    if not isinstance(tools, list):
+        raise Untranslatable("tools is not a list")
+    chat, left_out = [], []
+    for n, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "function":
+            function = {"name": _text(tool.get("name"), f"tools[{n}].name")}
+            for field in ("description", "parameters", "strict"):
+                if tool.get(field) is not None:
+                    function[field] = tool[field]
+            chat.append({"type": "function", "function": function})
+        elif kind in _BUILTIN_TOOLS:
+            left_out.append(kind)
+        else:
+            raise Untranslatable(f"tools[{n}]: a tool of type {kind!r} has no chat completions equivalent")
+    return chat, left_out
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise Untranslatable(f"tool_choice {choice!r} has no chat completions equivalent")
+
+
+def _response_format(text: Any) -> dict | None:
+    if not isinstance(text, dict):
+        raise Untranslatable("text is not an object")
+    shape = text.get("format")
+    if shape is None or shape == {"type": "text"}:
+        return None
+    if isinstance(shape, dict) and shape.get("type") == "json_object":
+        return {"type": "json_object"}
+    if isinstance(shape, dict) and shape.get("type") == "json_schema":
+        schema = {key: shape[key] for key in ("name", "schema", "strict", "description") if key in shape}
+        return {"type": "json_schema", "json_schema": schema}
+    raise Untranslatable(f"text.format {shape!r} has no chat completions equivalent")
+
+
+def responses_request_to_chat(body: dict, model: str | None) -> tuple[dict, list[str]]:
+    """
+    A Responses request as a chat completions request for C{model}, and
+    the built-in tools left out of it.
+
+    @raise Untranslatable: a field (named) that chat completions cannot be asked.
+    """
+    unknown = sorted(set(body) - _KNOWN)
+    if unknown:
+        raise Untranslatable(f"{unknown[0]!r} has no chat completions equivalent")
+    for field in ("previous_response_id", "conversation", "prompt"):
+        if body.get(field) is not None:
+            raise Untranslatable(f"{field!r} needs a conversation this gateway does not hold yet")
+    if body.get("background") is True:
+        raise Untranslatable("'background' mode is not served for a chat completions target")
+    chat: dict[str, Any] = {"model": model or body.get("model"), "messages": _messages(body.get("input"), body.get("instructions"))}
+    for field in _SAME:
+        if body.get(field) is not None:
+            chat[field] = body[field]
+    if chat.get("user") is None and isinstance(body.get("safety_identifier"), str):
+        chat["user"] = body["safety_identifier"]
+    left_out: list[str] = []
+    if body.get("tools"):
+        tools, left_out = _tools(body["tools"])
+        if tools:
+            chat["tools"] = tools
+            if body.get("tool_choice") is not None:
+                chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        else:
+            chat.pop("parallel_tool_calls", None)
+    if body.get("text") is not None:
+        shape = _response_format(body["text"])
+        if shape is not None:
+            chat["response_format"] = shape
+    if isinstance(body.get("max_output_tokens"), int):
+        chat["max_tokens"] = body["max_output_tokens"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
+        chat["reasoning_effort"] = reasoning["effort"]
+    if body.get("stream") is True:
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
+    return chat, left_out
+
+
+def _usage(usage: Any) -> dict | None:
+    """A chat usage object in the Responses API's words."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    prompt_details = usage.get("prompt_tokens_details")
+    completion_details = usage.get("completion_tokens_details")
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else 0
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else 0
+    return {
+        "input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached or 0},
+        "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning or 0},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+def _response(response_id: str, model: Any, created: int, output: list, usage: dict | None, finish: Any) -> dict:
+    incomplete = finish == "length"
+    return {
+        "id": response_id, "object": "response", "created_at": created, "model": model,
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None, "output": output, "usage": usage,
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+    }
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
+    return {
+        "type": "message", "id": item_id, "role": "assistant", "status": status,
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+
+
+def chat_answer_to_response(body: bytes, created: int) -> bytes:
+    """A chat completion as a Response (an answer that is not one passes as it is)."""
+    try:
+        answer = _loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) or not answer["choices"]:
+        return body
+    choice = answer["choices"][0] if isinstance(answer["choices"][0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    base = str(answer.get("id") or "chat")
+    output: list[dict] = []
+    if isinstance(message.get("content"), str) and message["content"]:
+        output.append(_message_item("msg_" + base, message["content"]))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            output.append(_call_item(str(call.get("id")), str(function.get("name")), str(function.get("arguments") or "")))
+    return _dumps(_response("resp_" + base, answer.get("model"), created, output, _usage(answer.get("usage")), choice.get("finish_reason")))
+
+
+class ChatToResponsesStream:
+    """
+    Writes a chat completion stream as the Responses API's event sequence,
+    one call per event of the chat stream (and L{finish} for one that
+    ended whole without C{[DONE]}): C{response.created} and
+    C{response.in_progress} first; a message item (C{output_item.added},
+    C{content_part.added}, C{output_text.delta}..., their C{done}s) for
+    text; a function call item (C{function_call_arguments.delta}...) for
+    each tool call; C{response.completed} (C{incomplete} at a length
+    finish) with the usage last.  Every event has its C{sequence_number}.
+    """
+
+    def __init__(self, created: int | None = None) -> None:
+        self._created = int(created if created is not None else time.time())
+        self._sequence = 0
+        self._response: dict | None = None
+        self._output: list[dict] = []
+        #: The item open now: ("message", index, text parts) or ("call", index, id, name, arguments parts).
+        self._open: list | None = None
+        self._calls: dict[int, list] = {}
+        self._usage: dict | None = None
+        self._finish: Any = None
+        self._ended = False
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        event = sse_event(kind, {"type": kind, "sequence_number": self._sequence, **data})
+        self._sequence += 1
+        return event
+
+    def _start(self, chunk: dict) -> bytes:
+        base = str(chunk.get("id") or "chat")
+        self._response = _response("resp_" + base, chunk.get("model"), self._created, [], None, None)
+        self._response["status"] = "in_progress"
+        self._base = base
+        return self._event("response.created", response=self._response) + self._event("response.in_progress", response=self._response)
+
+    def _close(self) -> bytes:
+        """The open item's done events."""
+        if self._open is None:
+            return b""
+        opened, self._open = self._open, None
+        index = opened[1]
+        if opened[0] == "message":
+            text = "".join(opened[2])
+            item = _message_item(opened[3], text)
+            part = item["content"][0]
+            out = self._event("response.output_text.done", item_id=opened[3], output_index=index, content_index=0, text=text)
+            out += self._event("response.content_part.done", item_id=opened[3], output_index=index, content_index=0, part=part)
+        else:
+            arguments = "".join(opened[4])
+            item = _call_item(opened[2], opened[3], arguments)
+            out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=arguments)
+        self._output.append(item)
+        return out + self._event("response.output_item.done", output_index=index, item=item)
+
+    def _text(self, text: str) -> bytes:
+        out = b""
+        if self._open is None or self._open[0] != "message":
+            out += self._close()
+            item_id = f"msg_{self._base}_{len(self._output)}"
+            self._open = ["message", len(self._output), [], item_id]
+            opened = {**_message_item(item_id, "", "in_progress"), "content": []}
+            out += self._event("response.output_item.added", output_index=self._open[1], item=opened)
+            out += self._event("response.content_part.added", item_id=item_id, output_index=self._open[1], content_index=0,
+                               part={"type": "output_text", "text": "", "annotations": []})
+        self._open[2].append(text)
+        return out + self._event("response.output_text.delta", item_id=self._open[3], output_index=self._open[1], content_index=0, delta=text)
+
+    def _tool(self, call: dict) -> bytes:
+        out = b""
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        if call.get("id") is not None or self._open is None or self._open[0] != "call":
+            out += self._close()
+            call_id = str(call.get("id") or f"call_{len(self._output)}")
+            self._open = ["call", len(self._output), call_id, str(function.get("name") or ""), []]
+            out += self._event("response.output_item.added", output_index=self._open[1],
+                               item=_call_item(call_id, self._open[3], "", "in_progress"))
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            self._open[4].append(arguments)
+            out += self._event("response.function_call_arguments.delta", item_id="fc_" + self._open[2],
+                               output_index=self._open[1], delta=arguments)
+        return out
+
+    def _end(self) -> bytes:
+        if self._ended or self._response is None:
+            return b""
+        self._ended = True
+        out = self._close()
+        response = _response(self._response["id"], self._response["model"], self._created, self._output, self._usage, self._finish)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        return out + self._event(kind, response=response)
+
+    def finish(self) -> bytes:
+        """The end events of a stream that ended whole without C{[DONE]}."""
+        return self._end()
+
+    def __call__(self, event: bytes, facts: ChunkFacts) -> bytes:
+        if facts.done:
+            return self._end()
+        chunk = facts.data
+        if chunk is None:
+            return b""  # a comment
+        out = self._start(chunk) if self._response is None else b""
+        if chunk.get("usage") is not None:
+            self._usage = _usage(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            if isinstance(delta.get("content"), str) and delta["content"]:
+                out += self._text(delta["content"])
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    out += self._tool(call)
+            if choice.get("finish_reason") is not None:
+                self._finish = choice["finish_reason"]
+                out += self._close()
+        return out
