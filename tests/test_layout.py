@@ -47,7 +47,7 @@ MAY_IMPORT = {
     "txgateway.dataplane": set(),
     "txgateway.openai": {"txgateway.config", "txgateway.dataplane"},
     "txgateway.anthropic": {"txgateway.config", "txgateway.dataplane", "txgateway.openai"},
-    "txgateway.responses": {"txgateway.config", "txgateway.dataplane", "txgateway.openai"},
+    "txgateway.responses": {"txgateway.anthropic", "txgateway.config", "txgateway.dataplane", "txgateway.openai"},
     "txgateway.ratelimit": {"txgateway.config", "txgateway.resilience"},
     "txgateway.cache": {"txgateway.config", "txgateway.dataplane", "txgateway.observability", "txgateway.resilience"},
     "txgateway.governance": {"txgateway.config", "txgateway.observability", "txgateway.openai", "txgateway.resilience"},

@@ -133,11 +133,56 @@ def test_a_stream_broken_after_its_first_output_ends_with_the_apis_error_event_a
     assert h.agents["local"].requests == []  # a Responses stream is not resumed
 
 
-def test_a_responses_call_to_a_claude_target_only_is_refused_by_name():
-    h = Harness(GATEWAY_HEAD + "[service:claude]\nurl = http://claude.test\napi = anthropic\n[model:claude-x]\ntargets = claude\n")
-    response = result_of(responses(h, model="claude-x"))
-    assert response.code == 400
-    assert "Responses API" in error_of(response)["message"] and "Anthropic" in error_of(response)["message"]
+CLAUDE = GATEWAY_HEAD + "[service:claude]\nurl = http://claude.test\napi = anthropic\nmax_tokens = 300\n[model:claude-x]\ntargets = claude:claude-real\n"
+
+
+def claude_event(kind: str, **data) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + json.dumps({"type": kind, **data}).encode() + b"\n\n"
+
+
+def test_a_responses_call_to_claude_is_sent_as_messages_and_answered_as_a_response():
+    h = Harness(CLAUDE)
+    d = responses(h, model="claude-x", instructions="Be brief.")
+    sent = h.agents["claude"].last
+    assert sent.uri == b"http://claude.test/v1/messages"
+    body = json.loads(sent.body)
+    assert (body["model"], body["max_tokens"], body["system"]) == ("claude-real", 300, "Be brief.")
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Say hello"}]}]
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-real",
+               "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+               "usage": {"input_tokens": 12, "output_tokens": 3}}
+    sent.respond(FakeResponse(200, JSON, json.dumps(message).encode()))
+    h.flush()
+    answer = json.loads(result_of(treq.content(result_of(d))))
+    assert answer["object"] == "response" and answer["output"][0]["content"][0]["text"] == "Hello!"
+    assert (answer["usage"]["input_tokens"], answer["usage"]["output_tokens"]) == (12, 3)
+    [line] = h.access.lines
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (12, 3)
+
+
+def test_a_claude_stream_comes_back_as_the_responses_event_sequence():
+    h = Harness(CLAUDE)
+    d = responses(h, model="claude-x", stream=True)
+    backend = h.agents["claude"].last.respond(FakeResponse(200, SSE))
+    backend.send(
+        claude_event("message_start", message={"id": "msg_1", "model": "claude-real", "usage": {"input_tokens": 12, "output_tokens": 1}})
+        + claude_event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        + claude_event("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hel"})
+        + claude_event("content_block_delta", index=0, delta={"type": "text_delta", "text": "lo"})
+        + claude_event("content_block_stop", index=0)
+        + claude_event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 2})
+        + claude_event("message_stop")
+    )
+    backend.finish()
+    h.flush()
+    response, received, done = stream_of(h, d)
+    h.flush()
+    events = events_of(b"".join(received))
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello"
+    assert events[-1]["response"]["usage"]["output_tokens"] == 2
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
 
 
 def test_a_governed_responses_call_reserves_max_output_tokens_and_settles_what_response_completed_says():

@@ -2,8 +2,9 @@
 OpenAI's Responses API through the running daemon with the official
 C{openai} client, to a backend process (tests/openai_backend.py) that
 speaks it natively (JSON, a stream, its usage on the access line, a
-stream broken after its first output) and to one that speaks only chat
-completions (translated both ways: JSON, a stream, a function tool).
+stream broken after its first output) to one that speaks only chat
+completions (translated both ways: JSON, a stream, a function tool), and
+to Claude (tests/anthropic_backend.py, translated by way of chat).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ def backend(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, backend):
+def claude(tmp_path_factory):
+    server = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, backend, claude):
     daemon = Gateway(tmp_path_factory.mktemp("gateway"), DAEMON_HEAD + f"""[auth]
 keys = sdk:gateway-key
 [service:native]
@@ -44,6 +52,12 @@ api = openai
 retries = 0
 [model:selfhosted]
 targets = chatonly:plain-model
+[service:anthropic]
+url = {claude.url}
+api = anthropic
+retries = 0
+[model:claude]
+targets = anthropic:claude-test
 """)
     yield daemon
     daemon.stop()
@@ -110,3 +124,26 @@ def test_a_function_tool_goes_to_a_chat_only_backend_and_comes_back_as_a_functio
     calls = [item for item in response.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather"
     assert backend.calls()["plain-model"]["tools"] == [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}]
+
+
+def test_responses_on_a_claude_backend_are_translated_both_ways(client):
+    response = client.responses.create(model="claude", input="Count", max_output_tokens=200)
+    assert response.output_text == FULL and response.status == "completed"
+    with client.responses.stream(model="claude", input="Count") as stream:
+        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == FULL and final.usage.output_tokens > 0
+
+
+def test_a_function_tool_goes_to_claude_and_comes_back_as_a_function_call(client):
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    response = client.responses.create(model="claude", input="Weather in Paris?", tools=[tool])
+    [call] = [item for item in response.output if item.type == "function_call"]
+    assert (call.name, call.call_id) == ("get_weather", "toolu_fake1")
+    follow_up = client.responses.create(model="claude", tools=[tool], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+    ])
+    assert follow_up.output_text == "The tool said: Sunny, 21 C"

@@ -11,16 +11,19 @@ from typing import Any
 
 from zope.interface import implementer
 
+from txgateway.anthropic.speakers import MESSAGES_API
+from txgateway.anthropic.translate import MessagesToChatStream, chat_request_to_messages, message_answer_to_chat, messages_error_to_chat
+from txgateway.anthropic.wire import ANTHROPIC, MessagesStreamReader, read_message
 from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import ErrorKind
 from txgateway.openai.speaker import OPENAI, OPENAI_API, Speaker
-from txgateway.openai.wire import encode_json
+from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
 from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, responses_request_to_chat
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
 from txgateway.speaking import IApi, ISpeaker
 
-__all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToResponses"]
+__all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToMessages", "ResponsesToResponses"]
 
 
 @implementer(IApi)
@@ -119,5 +122,77 @@ class ResponsesToChat(Speaker):
         return error_event(kind, message, request_id)
 
 
+class _ThroughChat:
+    """
+    A Messages stream written as the Responses API's events by way of chat
+    completions: each Messages event as chat chunks (L{MessagesToChatStream}),
+    each chunk as Responses events (L{ChatToResponsesStream}).
+    """
+
+    def __init__(self, created: int) -> None:
+        self._to_chat = MessagesToChatStream(created, True)  # the usage chunk too: the Response carries it
+        self._to_responses = ChatToResponsesStream(created)
+
+    def _on(self, chat: bytes) -> bytes:
+        out = b""
+        for part in chat.split(b"\n\n"):
+            if part:
+                event = part + b"\n\n"
+                out += self._to_responses(event, read_chunk(event))
+        return out
+
+    def finish(self) -> bytes:
+        """The end events of a stream that ended whole without C{message_stop}."""
+        return self._on(self._to_chat.finish()) + self._to_responses.finish()
+
+    def __call__(self, event: bytes, facts: ChunkFacts) -> bytes:
+        return self._on(self._to_chat(event, facts))
+
+
+@implementer(ISpeaker)
+class ResponsesToMessages(Speaker):
+    """
+    A Responses call translated for Claude by way of chat completions (the
+    Messages translation the gateway already has): the request as chat,
+    then as Messages; the answer as chat, then as a Response (a stream as
+    the API's event sequence).  Errors come back in OpenAI's shape.
+    """
+
+    client_api = RESPONSES
+    target_api = ANTHROPIC
+    translated = True
+    target = MESSAGES_API
+    read_events = MessagesStreamReader
+    read_answer = staticmethod(read_message)
+    translate_error = staticmethod(messages_error_to_chat)
+
+    def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
+        self.call = call
+        created = int(started_at)
+        self.write_events = _ThroughChat(created) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created)
+
+    def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
+        """The Messages endpoint (with C{/v1} when the endpoint's base lacks it)."""
+        return b"/messages" if base_path.endswith(b"/v1") else b"/v1/messages"
+
+    def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
+        """The Responses request as chat, then as Messages (C{max_tokens} the service's when the client names none)."""
+        chat, _ = responses_request_to_chat(self.call.body, model)
+        return encode_json(chat_request_to_messages(chat, model or self.call.model, config.max_tokens, prefill))
+
+    def completion_floor(self, config: ServiceConfig) -> int:
+        """The service's C{max_tokens}, which Claude is sent when the client names none."""
+        return config.max_tokens if self.call.max_tokens is None else 0
+
+    def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
+        """The Responses API's C{error} event."""
+        return error_event(kind, message, request_id)
+
+
 #: The speakers this package provides, by (client API, target API).
-PAIRS = {(RESPONSES, RESPONSES): ResponsesToResponses, (RESPONSES, OPENAI_API): ResponsesToChat}
+PAIRS = {
+    (RESPONSES, RESPONSES): ResponsesToResponses,
+    (RESPONSES, OPENAI_API): ResponsesToChat,
+    (RESPONSES, ANTHROPIC): ResponsesToMessages,
+}
