@@ -328,3 +328,52 @@ def test_a_tool_call_stream_becomes_a_function_call_item():
                          "response.output_item.done", "response.completed"]
     item = events[-1]["response"]["output"][0]
     assert (item["type"], item["call_id"], item["name"], item["arguments"]) == ("function_call", "call_9", "add", "{\"a\": 1}")
+
+
+# -- Codex's transports
+
+
+def test_a_websocket_upgrade_is_refused_with_426_so_the_client_uses_http():
+    h = harness()
+    response = result_of(h.request("GET", "/v1/responses", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                                     "Authorization": "Bearer client-key"}))
+    assert response.code == 426 and error_of(response)["type"] == "upgrade_required"
+
+
+def gzipped_responses(h: Harness, raw: bytes, encoding: str = "gzip"):
+    return h.request("POST", "/v1/responses", data=raw, headers={
+        "Content-Type": "application/json", "Content-Encoding": encoding, "Authorization": "Bearer client-key"})
+
+
+def test_a_gzip_body_is_decoded_and_sent_on_decoded():
+    import gzip
+
+    h = native()
+    body = json.dumps({"model": "gpt-4o", "input": "Say hello"}).encode()
+    d = gzipped_responses(h, gzip.compress(body))
+    sent = h.agents["primary"].last
+    assert json.loads(sent.body) == {"model": "gpt-4o", "input": "Say hello"}
+    assert not sent.headers.hasHeader(b"content-encoding")
+    sent.respond(FakeResponse(200, JSON, json.dumps({**RESPONSE, "status": "completed", "usage": USAGE}).encode()))
+    h.flush()
+    assert result_of(d).code == 200
+    assert h.server_factory.bodies_held == 0  # the compressed bytes held were given back, not the decoded ones
+
+
+def test_a_body_in_an_encoding_the_gateway_does_not_decode_is_415_never_read_as_json():
+    h = harness()
+    response = result_of(gzipped_responses(h, b"\x28\xb5\x2f\xfd...", "zstd"))
+    assert response.code == 415 and "zstd" in error_of(response)["message"]
+    assert h.agents["primary"].requests == []
+
+
+def test_a_gzip_body_over_the_limit_once_decoded_is_413_and_a_broken_one_400():
+    import gzip
+
+    h = Harness(GATEWAY_HEAD.replace("[gateway]\n", "[gateway]\nmax_body_size = 1000\n", 1)
+                + "[service:primary]\nurl = http://primary.test/v1\napi = openai\n[model:gpt-4o]\ntargets = primary\n")
+    bomb = gzip.compress(json.dumps({"model": "gpt-4o", "input": "x" * 100_000}).encode())
+    response = result_of(gzipped_responses(h, bomb))
+    assert response.code == 413 and error_of(response)["type"] == "body_too_large"
+    response = result_of(gzipped_responses(h, gzip.compress(b'{"model": "gpt-4o"}')[:-10]))
+    assert response.code == 400

@@ -42,6 +42,8 @@ BUDGET_EXCEEDED = ErrorKind("budget_exceeded", 429)
 TOO_MANY_PARALLEL = ErrorKind("too_many_parallel", 429)
 MODEL_NOT_ALLOWED = ErrorKind("model_not_allowed", 403)
 SERVICE_NOT_ALLOWED = ErrorKind("service_not_allowed", 403)
+#: A request to change protocols (a WebSocket) where the gateway serves only HTTP: the client retries over HTTP.
+UPGRADE_REQUIRED = ErrorKind("upgrade_required", 426)
 HEADER_TOO_LARGE = ErrorKind("header_too_large", 431)
 #: A governed key's request the gateway cannot account for (no model call, no price).
 NOT_GOVERNABLE = ErrorKind("not_governable", 403)
@@ -74,6 +76,7 @@ KINDS = {
         REQUEST_TIMEOUT,
         BODY_TOO_LARGE,
         HEADER_TOO_LARGE,
+        UPGRADE_REQUIRED,
         NOT_GOVERNABLE,
         UNSUPPORTED_MEDIA_TYPE,
         AMBIGUOUS_CREDENTIALS,

@@ -152,6 +152,7 @@ class IncomingRequest:
         "_producer",
         "_ended",
         "_cut",
+        "_held",
         "recorder",
     )
 
@@ -182,6 +183,8 @@ class IncomingRequest:
         self.headers = headers
         self._lookup: dict[bytes, list[bytes]] | None = None
         self.body = body
+        #: The body bytes the connection holds for this request (as read, before any decoding).
+        self._held = len(body)
         self.client_host = client_host
         self.http10 = http10
         self.keep_alive = keep_alive
@@ -201,6 +204,17 @@ class IncomingRequest:
         self._cut = False
 
     # -- the request
+
+    def replace_body(self, body: bytes, dropped_header: bytes) -> None:
+        """
+        The body as the gateway decoded it (a compressed request's), and
+        the header that described the old one (C{Content-Encoding}) gone:
+        what a backend is sent from now on.  The bytes the connection holds
+        are still the ones it read.
+        """
+        self.body = body
+        self.headers = [(name, value) for name, value in self.headers if name.lower() != dropped_header]
+        self._lookup = None
 
     def header_values(self, name: bytes) -> list[bytes]:
         """Every value of the header C{name} (lower case), in order."""
@@ -354,8 +368,8 @@ class IncomingRequest:
         if self._ended:
             return
         self._ended = True
-        if self._channel is not None and self.body:
-            self._channel.body_released(len(self.body))
+        if self._channel is not None and self._held:
+            self._channel.body_released(self._held)
         if self.on_end is not None:
             self.on_end(self, aborted)
 

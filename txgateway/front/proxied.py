@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import zlib
 from typing import Awaitable
 from urllib.parse import unquote_to_bytes
 
@@ -37,6 +38,41 @@ def _model_object(name: str, created: int) -> dict:
 def _anthropic_model_object(name: str, created: int) -> dict:
     created_at = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"type": "model", "id": name, "display_name": name, "created_at": created_at}
+
+
+#: The C{Content-Encoding}s of a request body the gateway decodes (zlib's window bits for each).
+_DECODED = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def _decoded(request: IncomingRequest, limit: int) -> None:
+    """
+    A body in a C{Content-Encoding} (Codex compresses its requests) decoded
+    in place, within C{limit} bytes after decoding, so that it is read as
+    what it is, never as if it were JSON.
+
+    @raise GatewayError: 415 for an encoding the gateway does not decode
+        (C{zstd}, C{br}), 413 past the limit, 400 for a body that does not decode.
+    """
+    encoding = (request.header(b"content-encoding") or b"").strip().lower()
+    if encoding in (b"", b"identity"):
+        return
+    bits = _DECODED.get(encoding)
+    if bits is None:
+        raise GatewayError(
+            errors.UNSUPPORTED_MEDIA_TYPE,
+            f"a body in Content-Encoding {encoding.decode('latin-1')[:20]!r} is not decoded by this gateway: "
+            "send it uncompressed, or in gzip",
+        )
+    decompressor = zlib.decompressobj(bits)
+    try:
+        body = decompressor.decompress(request.body, limit + 1)
+    except zlib.error as error:
+        raise GatewayError(errors.BAD_REQUEST, f"the {encoding.decode()} body does not decode: {error}") from None
+    if len(body) > limit or decompressor.unconsumed_tail:
+        raise GatewayError(errors.BODY_TOO_LARGE, f"the body is over {limit} bytes once decoded")
+    if not decompressor.eof:
+        raise GatewayError(errors.BAD_REQUEST, f"the {encoding.decode()} body is cut short")
+    request.replace_body(body, b"content-encoding")
 
 
 def _answer_json(request: IncomingRequest, body: dict) -> None:
@@ -129,11 +165,23 @@ class ProxiedRequests:
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)
             return
+        if (request.header(b"upgrade") or b"").strip().lower() == b"websocket":
+            # Codex asks for its WebSocket transport first; a 426 sends it to HTTP.
+            answer_error(
+                request, errors.UPGRADE_REQUIRED,
+                "this gateway serves the API over HTTP only, not over a WebSocket: send the request over HTTP",
+            )
+            return
         if request.method != b"POST":
             answer_error(
                 request, errors.METHOD_NOT_ALLOWED,
                 f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],
             )
+            return
+        try:
+            _decoded(request, self.gateway.config.gateway.max_body_size)
+        except GatewayError as error:
+            answer_error(request, error.kind, error.message)
             return
         governor = self.gateway.broker.governor
         reading = self._reading_for(ctx)
