@@ -377,3 +377,20 @@ def test_a_gzip_body_over_the_limit_once_decoded_is_413_and_a_broken_one_400():
     assert response.code == 413 and error_of(response)["type"] == "body_too_large"
     response = result_of(gzipped_responses(h, gzip.compress(b'{"model": "gpt-4o"}')[:-10]))
     assert response.code == 400
+
+
+def test_built_in_tools_left_out_for_a_chat_target_are_named_in_the_answer():
+    h = harness()
+    d = responses(h, tools=[{"type": "web_search"}, {"type": "function", "name": "f", "parameters": {}}])
+    sent = h.agents["primary"].last
+    assert [tool["function"]["name"] for tool in json.loads(sent.body)["tools"]] == ["f"]
+    sent.respond(FakeResponse(200, JSON, completion("gpt-4o")))
+    h.flush()
+    assert result_of(d).headers.getRawHeaders("x-gateway-dropped-tools") == ["web_search"]
+
+
+def test_a_service_that_refuses_built_in_tools_is_left_out_and_the_call_refused_by_name():
+    h = harness(primary="builtin_tools = refuse", local="builtin_tools = refuse")
+    response = result_of(responses(h, tools=[{"type": "web_search"}]))
+    assert response.code == 400 and "web_search" in error_of(response)["message"]
+    assert h.agents["primary"].requests == []

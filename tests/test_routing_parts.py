@@ -79,6 +79,7 @@ class FakeSpeaker:
 
     client_api = target_api = FAKE
     translated = False
+    answer_headers = ((b"X-Fake-Speaker", b"said"),)
 
     def __init__(self, call: FakeCall, path: bytes, started_at: float) -> None:
         self.call = call
@@ -239,6 +240,7 @@ def test_the_attempt_sends_the_path_body_and_headers_the_speaker_says():
     sent.respond(FakeResponse(200, {}, b"done"))
     assert served.called
     assert routing.channel.body == b"done"
+    assert b"X-Fake-Speaker: said\r\n" in b"".join(routing.channel.written)  # the speaker's answer headers
 
 
 @pytest.mark.parametrize("first_retries", [0, 1, 2, 3])

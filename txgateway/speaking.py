@@ -149,6 +149,7 @@ class ISpeaker(Interface):
     client_api = Attribute("The client's API by name.")
     target_api = Attribute("The target's API by name.")
     translated = Attribute("The two differ: the call is translated.")
+    answer_headers = Attribute("Headers the client's answer carries from the translation (what it left out), as pairs of bytes.")
 
     def path(path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """

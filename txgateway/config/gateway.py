@@ -526,6 +526,10 @@ class ServiceConfig:
     #: How an C{api = openai} service takes OpenAI's Responses API: C{chat}, translated to
     #: chat completions (which every OpenAI-compatible server speaks), or C{native}, as it is.
     responses: str = _key(_choice("chat", "native"), "chat")
+    #: What becomes of the Responses API's built-in tools (web search...) in a call translated for
+    #: this service, which runs none of them: C{drop} (left out, named in C{X-Gateway-Dropped-Tools})
+    #: or C{refuse} (the target is left out, or the call refused by name).
+    builtin_tools: str = _key(_choice("drop", "refuse"), "drop")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.

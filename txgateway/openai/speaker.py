@@ -91,6 +91,7 @@ class Speaker:
     read_events: Callable[[bool], Callable[[bytes], ChunkFacts]] = staticmethod(_read_chunks)
     read_answer: Callable[[bytes], AnswerFacts] = staticmethod(read_answer)
     write_events: Any = None
+    answer_headers: tuple = ()
     translate_answer: Callable[[bytes], bytes] | None = None
     translate_error: Callable[[int, bytes], bytes] | None = None
 

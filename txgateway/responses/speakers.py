@@ -21,7 +21,7 @@ from txgateway.openai.speaker import OPENAI, OPENAI_API, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
 from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, responses_request_to_chat
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
-from txgateway.speaking import IApi, ISpeaker
+from txgateway.speaking import IApi, ISpeaker, Untranslatable
 
 __all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToMessages", "ResponsesToResponses"]
 
@@ -113,13 +113,27 @@ class ResponsesToChat(Speaker):
         return b"/chat/completions"
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
-        """The Responses request as a chat request (built-in tools left out)."""
-        chat, _ = responses_request_to_chat(self.call.body, model)
-        return encode_json(chat)
+        """The Responses request as a chat request (built-in tools left out, or refused as the service says)."""
+        return encode_json(_as_chat(self, config, model))
 
     def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
         """The Responses API's C{error} event."""
         return error_event(kind, message, request_id)
+
+
+def _as_chat(speaker: Speaker, config: ServiceConfig, model: str | None) -> dict:
+    """
+    A Responses request as chat for C{speaker}'s target: the built-in
+    tools left out (named in its answer's C{X-Gateway-Dropped-Tools}), or
+    refused when the service says C{builtin_tools = refuse}.
+    """
+    chat, left_out = responses_request_to_chat(speaker.call.body, model)
+    if left_out:
+        names = ", ".join(sorted(set(left_out)))
+        if config.builtin_tools == "refuse":
+            raise Untranslatable(f"the built-in tools {names} are not run by {config.name!r} (builtin_tools = refuse)")
+        speaker.answer_headers = ((b"X-Gateway-Dropped-Tools", names.encode("ascii", "replace")),)
+    return chat
 
 
 class _ThroughChat:
@@ -178,7 +192,7 @@ class ResponsesToMessages(Speaker):
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
         """The Responses request as chat, then as Messages (C{max_tokens} the service's when the client names none)."""
-        chat, _ = responses_request_to_chat(self.call.body, model)
+        chat = _as_chat(self, config, model)
         return encode_json(chat_request_to_messages(chat, model or self.call.model, config.max_tokens, prefill))
 
     def completion_floor(self, config: ServiceConfig) -> int:

@@ -56,9 +56,15 @@ class AnswerRelay:
             return self._relay_stream(call, target, answer, relay)
         return self._relay(call, target, answer, relay)
 
-    def _start(self, call: Call, response: UpstreamResponse, relay: IAnswerRelay | None, chunked: bool = False) -> None:
+    def _start(
+        self, call: Call, target: Target, response: UpstreamResponse, relay: IAnswerRelay | None, chunked: bool = False
+    ) -> None:
         call.ctx.stamp(call.request, self._clock.seconds())
         headers = response_headers_for_client(response)
+        if call.model_call is not None:
+            told = call.speaker(target).answer_headers
+            if told:
+                headers.extend(told)
         length = None if chunked else response.length
         if relay is not None:
             length = None if chunked else relay.client_length(length)
@@ -71,7 +77,7 @@ class AnswerRelay:
         """Stream the backend's answer to the client as it arrives (the held part first)."""
         request, response = call.request, answer.response
         with answer.lease:
-            self._start(call, response, held)
+            self._start(call, target, response, held)
             if held is None:
                 relay = BodyRelay(request, self._clock, target.route.config.idle_timeout)
                 response.deliver_body(relay)
@@ -104,7 +110,7 @@ class AnswerRelay:
         answer = first
         try:
             # Chunked whatever the backend said: events may be left out or renamed.
-            self._start(call, first.response, None, chunked=True)
+            self._start(call, target, first.response, None, chunked=True)
             relay.commit(request)
             if relay.done.called and relay.complete:
                 return
