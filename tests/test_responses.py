@@ -394,3 +394,25 @@ def test_a_service_that_refuses_built_in_tools_is_left_out_and_the_call_refused_
     response = result_of(responses(h, tools=[{"type": "web_search"}]))
     assert response.code == 400 and "web_search" in error_of(response)["message"]
     assert h.agents["primary"].requests == []
+
+
+def test_namespace_tools_are_flattened_for_a_chat_target_and_named_back_in_the_answer():
+    h = harness()
+    namespace = {"type": "namespace", "name": "multi_agent_v1", "tools": [{"type": "function", "name": "spawn", "parameters": {}}]}
+    d = responses(h, tools=[namespace], input=[
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c0", "name": "spawn", "namespace": "multi_agent_v1", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c0", "output": "spawned"},
+    ])
+    sent = h.agents["primary"].last
+    body = json.loads(sent.body)
+    assert [tool["function"]["name"] for tool in body["tools"]] == ["multi_agent_v1__spawn"]
+    assert body["messages"][1]["tool_calls"][0]["function"]["name"] == "multi_agent_v1__spawn"
+    answer = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "tool_calls",
+              "message": {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "call_2", "type": "function", "function": {"name": "multi_agent_v1__spawn", "arguments": "{}"}}]}}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+    sent.respond(FakeResponse(200, JSON, json.dumps(answer).encode()))
+    h.flush()
+    [item] = json.loads(result_of(treq.content(result_of(d))))["output"]
+    assert (item["type"], item["namespace"], item["name"], item["call_id"]) == ("function_call", "multi_agent_v1", "spawn", "call_2")

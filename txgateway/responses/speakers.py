@@ -19,7 +19,7 @@ from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import ErrorKind
 from txgateway.openai.speaker import OPENAI, OPENAI_API, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
-from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, responses_request_to_chat
+from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, namespaced_names, responses_request_to_chat
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
 from txgateway.speaking import IApi, ISpeaker, Untranslatable
 
@@ -105,8 +105,9 @@ class ResponsesToChat(Speaker):
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         self.call = call
         created = int(started_at)
-        self.write_events = ChatToResponsesStream(created) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(body, created)
+        names = namespaced_names(call.body.get("tools"))
+        self.write_events = ChatToResponsesStream(created, names) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(body, created, names)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The chat completions endpoint."""
@@ -143,9 +144,9 @@ class _ThroughChat:
     each chunk as Responses events (L{ChatToResponsesStream}).
     """
 
-    def __init__(self, created: int) -> None:
+    def __init__(self, created: int, names: dict) -> None:
         self._to_chat = MessagesToChatStream(created, True)  # the usage chunk too: the Response carries it
-        self._to_responses = ChatToResponsesStream(created)
+        self._to_responses = ChatToResponsesStream(created, names)
 
     def _on(self, chat: bytes) -> bytes:
         out = b""
@@ -183,8 +184,9 @@ class ResponsesToMessages(Speaker):
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         self.call = call
         created = int(started_at)
-        self.write_events = _ThroughChat(created) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created)
+        names = namespaced_names(call.body.get("tools"))
+        self.write_events = _ThroughChat(created, names) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created, names)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The Messages endpoint (with C{/v1} when the endpoint's base lacks it)."""

@@ -22,7 +22,10 @@ from txgateway.openai.wire import encode_json as _dumps
 from txgateway.responses.wire import sse_event
 from txgateway.speaking import Untranslatable
 
-__all__ = ["ChatToResponsesStream", "chat_answer_to_response", "responses_request_to_chat"]
+__all__ = ["ChatToResponsesStream", "chat_answer_to_response", "namespaced_names", "responses_request_to_chat"]
+
+#: How a tool of a C{namespace} is named to a chat target: C{namespace__name}.
+_NAMESPACE_JOIN = "__"
 
 #: Fields carried over to chat completions under their own name.
 _SAME = ("temperature", "top_p", "parallel_tool_calls", "user")
@@ -108,9 +111,12 @@ def _messages(items: Any, instructions: Any) -> list[dict]:
             role = "system" if role == "developer" else role
             messages.append({"role": role, "content": _content(item.get("content"), where, role != "user")})
         elif kind == "function_call":
+            name = _text(item.get("name"), f"{where}.name")
+            if isinstance(item.get("namespace"), str):
+                name = item["namespace"] + _NAMESPACE_JOIN + name  # as its tool was named to the target
             call = {
                 "id": _text(item.get("call_id"), f"{where}.call_id"), "type": "function",
-                "function": {"name": _text(item.get("name"), f"{where}.name"), "arguments": _text(item.get("arguments"), f"{where}.arguments")},
+                "function": {"name": name, "arguments": _text(item.get("arguments"), f"{where}.arguments")},
             }
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
@@ -128,19 +134,44 @@ def _messages(items: Any, instructions: Any) -> list[dict]:
     return messages
 
 
+def _function(tool: dict, where: str, namespace: str | None = None) -> dict:
+    name = _text(tool.get("name"), f"{where}.name")
+    function = {"name": name if namespace is None else namespace + _NAMESPACE_JOIN + name}
+    for field in ("description", "parameters", "strict"):
+        if tool.get(field) is not None:
+            function[field] = tool[field]
+    return {"type": "function", "function": function}
+
+
+def namespaced_names(tools: Any) -> dict[str, tuple[str, str]]:
+    """The chat names of a request's C{namespace} tools, each with its namespace and its own name."""
+    names = {}
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("name"), str):
+            for inner in tool.get("tools") or ():
+                if isinstance(inner, dict) and isinstance(inner.get("name"), str):
+                    names[tool["name"] + _NAMESPACE_JOIN + inner["name"]] = (tool["name"], inner["name"])
+    return names
+
+
 def _tools(tools: Any) -> tuple[list[dict], list[str]]:
-    """The function tools as chat tools, and the names of the built-in ones left out."""
+    """
+    The function tools as chat tools (a C{namespace}'s flattened to
+    C{namespace__name}), and the names of the built-in ones left out.
+    """
     if not isinstance(tools, list):
         raise Untranslatable("tools is not a list")
     chat, left_out = [], []
     for n, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == "function":
-            function = {"name": _text(tool.get("name"), f"tools[{n}].name")}
-            for field in ("description", "parameters", "strict"):
-                if tool.get(field) is not None:
-                    function[field] = tool[field]
-            chat.append({"type": "function", "function": function})
+            chat.append(_function(tool, f"tools[{n}]"))
+        elif kind == "namespace":
+            namespace = _text(tool.get("name"), f"tools[{n}].name")
+            for m, inner in enumerate(tool.get("tools") or ()):
+                if not isinstance(inner, dict) or inner.get("type", "function") != "function":
+                    raise Untranslatable(f"tools[{n}].tools[{m}]: only function tools can be said in a namespace")
+                chat.append(_function(inner, f"tools[{n}].tools[{m}]", namespace))
         elif kind in _BUILTIN_TOOLS:
             left_out.append(kind)
         else:
@@ -249,11 +280,14 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
     }
 
 
-def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
-    return {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+def _call_item(call_id: str, name: str, arguments: str, status: str = "completed", names: dict | None = None) -> dict:
+    item = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+    if names and name in names:
+        item["namespace"], item["name"] = names[name]  # a namespace's tool, as the client named it
+    return item
 
 
-def chat_answer_to_response(body: bytes, created: int) -> bytes:
+def chat_answer_to_response(body: bytes, created: int, names: dict | None = None) -> bytes:
     """A chat completion as a Response (an answer that is not one passes as it is)."""
     try:
         answer = _loads(body)
@@ -270,7 +304,7 @@ def chat_answer_to_response(body: bytes, created: int) -> bytes:
     for call in message.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
-            output.append(_call_item(str(call.get("id")), str(function.get("name")), str(function.get("arguments") or "")))
+            output.append(_call_item(str(call.get("id")), str(function.get("name")), str(function.get("arguments") or ""), names=names))
     return _dumps(_response("resp_" + base, answer.get("model"), created, output, _usage(answer.get("usage")), choice.get("finish_reason")))
 
 
@@ -286,8 +320,10 @@ class ChatToResponsesStream:
     finish) with the usage last.  Every event has its C{sequence_number}.
     """
 
-    def __init__(self, created: int | None = None) -> None:
+    def __init__(self, created: int | None = None, names: dict | None = None) -> None:
         self._created = int(created if created is not None else time.time())
+        #: The chat names of namespace tools, each with its namespace and own name (L{namespaced_names}).
+        self._names = names
         self._sequence = 0
         self._response: dict | None = None
         self._output: list[dict] = []
@@ -324,7 +360,7 @@ class ChatToResponsesStream:
             out += self._event("response.content_part.done", item_id=opened[3], output_index=index, content_index=0, part=part)
         else:
             arguments = "".join(opened[4])
-            item = _call_item(opened[2], opened[3], arguments)
+            item = _call_item(opened[2], opened[3], arguments, names=self._names)
             out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=arguments)
         self._output.append(item)
         return out + self._event("response.output_item.done", output_index=index, item=item)
@@ -350,7 +386,7 @@ class ChatToResponsesStream:
             call_id = str(call.get("id") or f"call_{len(self._output)}")
             self._open = ["call", len(self._output), call_id, str(function.get("name") or ""), []]
             out += self._event("response.output_item.added", output_index=self._open[1],
-                               item=_call_item(call_id, self._open[3], "", "in_progress"))
+                               item=_call_item(call_id, self._open[3], "", "in_progress", self._names))
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             self._open[4].append(arguments)
