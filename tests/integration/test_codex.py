@@ -1,0 +1,126 @@
+"""
+The real Codex CLI (npm's C{@openai/codex}, run by Debian's C{node}) through
+the running daemon, C{codex exec} to each kind of target: a chat-only
+backend (translated), Claude (translated by way of chat) and a native
+Responses backend.  Codex sends its real request: developer messages,
+eight function tools and a namespace of more, the built-in web search,
+reasoning, a stream.  The fake backends call the first tool they are
+given; Codex runs it (it fails: the arguments are the weather's), sends
+the tool's output back, and the backend's last answer quotes it: a whole
+round trip of a tool call through the translation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import DAEMON_HEAD, Backend, Gateway, wait_until
+
+pytestmark = pytest.mark.integration
+
+#: Where the tests keep the Codex CLI they install (outside the tree, across runs).
+CODEX_HOME = Path(os.environ.get("TXGATEWAY_TEST_TOOLS", Path.home() / ".cache" / "txgateway-tests")) / "codex"
+CODEX_VERSION = "0.171.0"
+
+
+def codex_binary() -> Path:
+    """The Codex CLI, installed from npm when missing."""
+    binary = CODEX_HOME / "node_modules" / ".bin" / "codex"
+    if binary.exists():
+        return binary
+    npm = shutil.which("npm")
+    if npm is None and os.geteuid() == 0:
+        # As the status page's test does for chromium: Debian's packages, installed when missing.
+        subprocess.run(["apt-get", "install", "-y", "-q", "nodejs", "npm"], capture_output=True, timeout=900)
+        npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("the Codex tests need Debian's node and npm (apt-get install nodejs npm)")
+    CODEX_HOME.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(CODEX_HOME), f"@openai/codex@{CODEX_VERSION}"],
+        check=True, capture_output=True, timeout=600,
+    )
+    return binary
+
+
+@pytest.fixture(scope="module")
+def codex():
+    return codex_binary()
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    chat = Backend(tmp_path_factory.mktemp("chat"), script="openai_backend.py", base_path="/v1")
+    claude = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
+    yield chat, claude
+    chat.process.stop()
+    claude.process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, backends):
+    chat, claude = backends
+    daemon = Gateway(tmp_path_factory.mktemp("gateway"), DAEMON_HEAD + f"""[auth]
+keys = codex:gateway-key
+[service:chatonly]
+url = {chat.url}
+api = openai
+retries = 0
+[service:native]
+url = {chat.url}
+api = openai
+responses = native
+retries = 0
+[service:claude]
+url = {claude.url}
+api = anthropic
+retries = 0
+[model:selfhosted]
+targets = chatonly:plain-model
+[model:claude]
+targets = claude:claude-test
+[model:openai]
+targets = native:resp-model
+""")
+    yield daemon
+    daemon.stop()
+
+
+def codex_exec(codex: Path, gateway: Gateway, tmp_path: Path, model: str) -> subprocess.CompletedProcess:
+    home = tmp_path / "home"
+    (home / ".codex").mkdir(parents=True)
+    (home / ".codex" / "config.toml").write_text(
+        f'model = "{model}"\nmodel_provider = "gateway"\n'
+        f'[model_providers.gateway]\nname = "gateway"\nbase_url = "http://127.0.0.1:{gateway.port}/v1"\n'
+        'env_key = "GATEWAY_KEY"\nwire_api = "responses"\n'
+    )
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(home / ".codex"), "GATEWAY_KEY": "gateway-key"}
+    return subprocess.run(
+        [str(codex), "exec", "--skip-git-repo-check", "Say hello"], env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("model", ["selfhosted", "claude"])
+def test_codex_runs_a_tool_round_trip_on_a_translated_target(codex, gateway, tmp_path, model):
+    done = codex_exec(codex, gateway, tmp_path, model)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "The tool said:" in done.stdout
+    def completed() -> list:
+        return [line for line in gateway.log_lines()
+                if line.get("event") == "request_completed" and line.get("path") == "/v1/responses" and line.get("model")]
+
+    # The tool's call, then its output back: two calls at least, all answered.
+    wait_until(lambda: len(completed()) >= 2)
+    assert {line["status"] for line in completed()} == {200}
+
+
+def test_codex_is_answered_by_a_native_responses_target(codex, gateway, tmp_path):
+    done = codex_exec(codex, gateway, tmp_path, "openai")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Hello from the test backend." in done.stdout
