@@ -211,6 +211,28 @@ CLAUDE_JSON = _compact({
 })
 
 
+def _responses_event(kind: str, sequence: int, **data) -> str:
+    return f"event: {kind}\ndata: {_compact({'type': kind, 'sequence_number': sequence, **data})}\n\n"
+
+
+_RESPONSE = {"id": "r", "object": "response", "created_at": 1, "model": "bench", "status": "in_progress", "output": []}
+_RESPONSE_DONE = {
+    **_RESPONSE, "status": "completed",
+    "output": [{"type": "message", "id": "i", "role": "assistant", "status": "completed",
+                "content": [{"type": "output_text", "text": "".join(f"w{i} " for i in range(1, WORDS + 1)), "annotations": []}]}],
+    "usage": {"input_tokens": 9, "output_tokens": WORDS, "total_tokens": WORDS + 9},
+}
+#: The same answer in OpenAI's Responses API: its event sequence (the boundaries kept short), and as JSON.
+RESPONSES_SSE = "".join(
+    [_responses_event("response.created", 0, response=_RESPONSE),
+     _responses_event("response.output_item.added", 1, output_index=0, item={"type": "message", "id": "i", "role": "assistant", "content": []})]
+    + [_responses_event("response.output_text.delta", 1 + i, item_id="i", output_index=0, content_index=0, delta=f"w{i} ")
+       for i in range(1, WORDS + 1)]
+    + [_responses_event("response.completed", WORDS + 2, response={**_RESPONSE_DONE, "output": []})]
+)
+RESPONSES_JSON = _compact(_RESPONSE_DONE)
+
+
 def _nginx_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -227,6 +249,8 @@ def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> t
                 location /json/ {{ default_type application/json; return 200 {_nginx_string(JSON_COMPLETION)}; }}
                 location /claude-sse/ {{ default_type text/event-stream; return 200 {_nginx_string(CLAUDE_SSE)}; }}
                 location /claude-json/ {{ default_type application/json; return 200 {_nginx_string(CLAUDE_JSON)}; }}
+                location /responses-sse/ {{ default_type text/event-stream; return 200 {_nginx_string(RESPONSES_SSE)}; }}
+                location /responses-json/ {{ default_type application/json; return 200 {_nginx_string(RESPONSES_JSON)}; }}
             }}""")
         processes.start(["nginx", "-c", str(conf)], port)
         return port, "nginx (one worker)"
@@ -254,6 +278,7 @@ def gateway_ini(
     extra_sections: str = "",
     workers: int = 1,
     anthropic: bool = True,
+    responses: bool = True,
 ) -> Path:
     """The full gateway: routing, ids, breakers, retries, a limiter that never refuses, a JSON line per request."""
     path = tmp / f"{name}.ini"
@@ -304,6 +329,20 @@ def gateway_ini(
             "[model:bench-claude-json]",
             "targets = claude-json",
         ] if anthropic else []),
+        *([
+            "[service:responses-sse]",
+            f"url = http://127.0.0.1:{upstream}/responses-sse",
+            "api = openai",
+            "responses = native",
+            "[service:responses-json]",
+            f"url = http://127.0.0.1:{upstream}/responses-json",
+            "api = openai",
+            "responses = native",
+            "[model:bench-responses-sse]",
+            "targets = responses-sse",
+            "[model:bench-responses-json]",
+            "targets = responses-json",
+        ] if responses else []),
         "[service:dead]",
         f"url = http://127.0.0.1:{free_port()}",
         "retries = 0",
@@ -546,6 +585,15 @@ def add_model_rows(setup: Setup) -> None:
                 body["max_tokens"] = 64
             script = setup.script(f"{name.split()[1]}-{model}-{messages_body}.lua", body)
             rows.add(name, f"http://127.0.0.1:{port}{path}", pid, script)
+    # OpenAI's Responses API: to a target that speaks it, and translated to chat completions.
+    for kind, stream in (("sse", True), ("json", False)):
+        for name, model in (
+            (f"txgateway {kind.upper()} Responses (native)", f"bench-responses-{kind}"),
+            (f"txgateway {kind.upper()} Responses -> chat (translated)", f"bench-{kind}"),
+        ):
+            body = {"model": model, "stream": stream, "input": "Count to sixty"}
+            script = setup.script(f"responses-{model}.lua", body)
+            rows.add(name, f"http://127.0.0.1:{port}/v1/responses", pid, script)
     add_traced_rows(setup)
     add_governed_rows(setup)
 
@@ -593,14 +641,14 @@ def add_baseline_twins(setup: Setup, baseline_python: str, anthropic: bool = Fal
     baseline_port = free_port()
     baseline = setup.start_gateway(
         # Without the Anthropic services unless asked: a baseline older than them refuses them.
-        setup.gateway_ini(baseline_port, name="gw-baseline", second=setup.second_upstream, anthropic=anthropic),
+        setup.gateway_ini(baseline_port, name="gw-baseline", second=setup.second_upstream, anthropic=anthropic, responses=False),
         baseline_port, twistd=str(Path(baseline_python).with_name("twistd")),
     )
     paired = Rows()
     for name, url in rows.targets.items():
         paired.add(name, url, rows.pids[name], rows.scripts.get(name))
         translated = "Anthropic" in name or "Messages" in name
-        if rows.pids[name] == setup.gateway.pid and (anthropic or not translated):
+        if rows.pids[name] == setup.gateway.pid and (anthropic or not translated) and "Responses" not in name:
             twin_url = url.replace(f":{setup.gateway_port}/", f":{baseline_port}/")
             paired.add(f"{name} [baseline]", twin_url, baseline.pid, rows.scripts.get(name))
     setup.rows = paired
@@ -677,6 +725,12 @@ def print_comparisons(medians: dict[str, dict]) -> None:
             if native is not None and row in medians:
                 print(f"{row.removeprefix('txgateway ')}: {medians[row]['rps'] / native['rps'] * 100:.0f}% of the native OpenAI "
                       f"{kind} completion's req/s, {medians[row]['cpu_us'] - native['cpu_us']:+.0f} us CPU a request")
+    for kind in ("SSE", "JSON"):
+        native = medians.get(f"txgateway {kind} completion (/v1/ parsed)")
+        for row in (f"txgateway {kind} Responses (native)", f"txgateway {kind} Responses -> chat (translated)"):
+            if native is not None and row in medians:
+                print(f"{row.removeprefix('txgateway ')}: {medians[row]['rps'] / native['rps'] * 100:.0f}% of the chat "
+                      f"completion's req/s, {medians[row]['cpu_us'] - native['cpu_us']:+.0f} us CPU a request")
     for name, m in medians.items():
         if name.endswith(" [baseline]") and name[: -len(" [baseline]")] in medians:
             now = medians[name[: -len(" [baseline]")]]

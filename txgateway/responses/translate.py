@@ -320,6 +320,9 @@ class ChatToResponsesStream:
     finish) with the usage last.  Every event has its C{sequence_number}.
     """
 
+    _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+    _delta_middle = b""
+
     def __init__(self, created: int | None = None, names: dict | None = None) -> None:
         self._created = int(created if created is not None else time.time())
         #: The chat names of namespace tools, each with its namespace and own name (L{namespaced_names}).
@@ -344,7 +347,15 @@ class ChatToResponsesStream:
         self._response = _response("resp_" + base, chunk.get("model"), self._created, [], None, None)
         self._response["status"] = "in_progress"
         self._base = base
-        return self._event("response.created", response=self._response) + self._event("response.in_progress", response=self._response)
+        # The two first events carry the same Response: encoded once.
+        response = _dumps(self._response)
+        sequence = self._sequence
+        self._sequence = sequence + 2
+        return b"".join((
+            b'event: response.created\ndata: {"type":"response.created","sequence_number":%d,"response":' % sequence, response,
+            b'}\n\nevent: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":%d,"response":' % (sequence + 1),
+            response, b"}\n\n",
+        ))
 
     def _close(self) -> bytes:
         """The open item's done events."""
@@ -366,6 +377,13 @@ class ChatToResponsesStream:
         return out + self._event("response.output_item.done", output_index=index, item=item)
 
     def _text(self, text: str) -> bytes:
+        opened = self._open
+        if opened is not None and opened[0] == "message":
+            # The most common event: from a template, not a dict (each delta is its own event).
+            opened[2].append(text)
+            sequence = self._sequence
+            self._sequence = sequence + 1
+            return b"".join((self._delta_head, b"%d" % sequence, self._delta_middle, _dumps(text), b"}\n\n"))
         out = b""
         if self._open is None or self._open[0] != "message":
             out += self._close()
@@ -375,6 +393,7 @@ class ChatToResponsesStream:
             out += self._event("response.output_item.added", output_index=self._open[1], item=opened)
             out += self._event("response.content_part.added", item_id=item_id, output_index=self._open[1], content_index=0,
                                part={"type": "output_text", "text": "", "annotations": []})
+            self._delta_middle = b',"item_id":' + _dumps(item_id) + b',"output_index":%d,"content_index":0,"delta":' % self._open[1]
         self._open[2].append(text)
         return out + self._event("response.output_text.delta", item_id=self._open[3], output_index=self._open[1], content_index=0, delta=text)
 
