@@ -128,6 +128,39 @@ def backend(tmp_path_factory):
     server.process.stop()
 
 
+@pytest.fixture(scope="module")
+def chat_and_claude(tmp_path_factory):
+    """A backend speaking only chat completions and a Claude backend, for a module's agent tests."""
+    chat = Backend(tmp_path_factory.mktemp("chat"), script="openai_backend.py", base_path="/v1")
+    claude = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
+    yield chat, claude
+    chat.process.stop()
+    claude.process.stop()
+
+
+def agents_gateway_ini(chat: Backend, claude: Backend, more: str = "") -> str:
+    """
+    A daemon with the key C{gateway-key} and the models an agent is pointed
+    at: C{selfhosted} (the chat-only backend, translated), C{claude}
+    (translated), and C{more}.
+    """
+    return DAEMON_HEAD + f"""[auth]
+keys = agent:gateway-key
+[service:chatonly]
+url = {chat.url}
+api = openai
+retries = 0
+[service:claude]
+url = {claude.url}
+api = anthropic
+retries = 0
+[model:selfhosted]
+targets = chatonly:plain-model
+[model:claude]
+targets = claude:claude-test
+{more}"""
+
+
 @pytest.fixture
 def fresh_backend(tmp_path):
     """A backend of one test's own, for counting its calls."""

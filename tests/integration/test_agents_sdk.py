@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.integration.conftest import DAEMON_HEAD, Backend, Gateway
+from tests.integration.conftest import Gateway, agents_gateway_ini
 
 pytestmark = pytest.mark.integration
 
@@ -20,32 +20,8 @@ agents = pytest.importorskip("agents")
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    chat = Backend(tmp_path_factory.mktemp("chat"), script="openai_backend.py", base_path="/v1")
-    claude = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
-    yield chat, claude
-    chat.process.stop()
-    claude.process.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, backends):
-    chat, claude = backends
-    daemon = Gateway(tmp_path_factory.mktemp("gateway"), DAEMON_HEAD + f"""[auth]
-keys = agents:gateway-key
-[service:chatonly]
-url = {chat.url}
-api = openai
-retries = 0
-[service:claude]
-url = {claude.url}
-api = anthropic
-retries = 0
-[model:selfhosted]
-targets = chatonly:plain-model
-[model:claude]
-targets = claude:claude-test
-""")
+def gateway(tmp_path_factory, chat_and_claude):
+    daemon = Gateway(tmp_path_factory.mktemp("gateway"), agents_gateway_ini(*chat_and_claude))
     yield daemon
     daemon.stop()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import DAEMON_HEAD, Backend, Gateway, wait_until
+from tests.integration.conftest import Gateway, agents_gateway_ini, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -54,39 +54,10 @@ def codex():
 
 
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
-    chat = Backend(tmp_path_factory.mktemp("chat"), script="openai_backend.py", base_path="/v1")
-    claude = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
-    yield chat, claude
-    chat.process.stop()
-    claude.process.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, backends):
-    chat, claude = backends
-    daemon = Gateway(tmp_path_factory.mktemp("gateway"), DAEMON_HEAD + f"""[auth]
-keys = codex:gateway-key
-[service:chatonly]
-url = {chat.url}
-api = openai
-retries = 0
-[service:native]
-url = {chat.url}
-api = openai
-responses = native
-retries = 0
-[service:claude]
-url = {claude.url}
-api = anthropic
-retries = 0
-[model:selfhosted]
-targets = chatonly:plain-model
-[model:claude]
-targets = claude:claude-test
-[model:openai]
-targets = native:resp-model
-""")
+def gateway(tmp_path_factory, chat_and_claude):
+    chat, claude = chat_and_claude
+    native = f"[service:native]\nurl = {chat.url}\napi = openai\nresponses = native\nretries = 0\n[model:openai]\ntargets = native:resp-model\n"
+    daemon = Gateway(tmp_path_factory.mktemp("gateway"), agents_gateway_ini(chat, claude, native))
     yield daemon
     daemon.stop()
 

@@ -32,6 +32,7 @@ __all__ = [
     "gateway_error_body",
     "messages_path",
     "read_message",
+    "event_json",
     "sse_event",
 ]
 
@@ -168,7 +169,7 @@ def read_message(body: bytes) -> AnswerFacts:
     return AnswerFacts(usage, message_id if isinstance(message_id, str) else None, (reason,) if isinstance(reason, str) else ())
 
 
-def _event_json(event: bytes) -> Any:
+def event_json(event: bytes) -> Any:
     """The decoded C{data:} of one event, L{None} when it has none, or the bytes when it is not JSON."""
     data = None
     for line in event.replace(b"\r\n", b"\n").split(b"\n"):
@@ -225,7 +226,7 @@ class MessagesStreamReader:
         return events
 
     def __call__(self, event: bytes) -> ChunkFacts:
-        data = _event_json(event)
+        data = event_json(event)
         if data is None:
             return ChunkFacts()
         if type(data) is not dict:

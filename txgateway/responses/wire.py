@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 from zope.interface import implementer
 
+from txgateway.anthropic.wire import event_json
 from txgateway.bodies import FAST, BodyReading
 from txgateway.errors import ErrorKind
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body
@@ -116,21 +117,6 @@ def read_response(body: bytes) -> AnswerFacts:
     )
 
 
-def _event_json(event: bytes) -> Any:
-    """The decoded C{data:} of one event, L{None} when it has none, or the bytes when it is not JSON."""
-    data = None
-    for line in event.replace(b"\r\n", b"\n").split(b"\n"):
-        if line.startswith(b"data:"):
-            value = line[5:].lstrip(b" ")
-            data = value if data is None else data + b"\n" + value
-    if data is None:
-        return None
-    try:
-        return _loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return data
-
-
 def sse_event(name: str, data: dict) -> bytes:
     """One server-sent event of the Responses API: its type named twice, as the API does."""
     return b"event: " + name.encode("ascii") + b"\ndata: " + _dumps(data) + b"\n\n"
@@ -181,7 +167,7 @@ class ResponsesStreamReader:
         return [sse_event("response.incomplete", data)]
 
     def __call__(self, event: bytes) -> ChunkFacts:
-        data = _event_json(event)
+        data = event_json(event)
         if data is None:
             return ChunkFacts()
         if type(data) is not dict:
