@@ -416,3 +416,25 @@ def test_namespace_tools_are_flattened_for_a_chat_target_and_named_back_in_the_a
     h.flush()
     [item] = json.loads(result_of(treq.content(result_of(d))))["output"]
     assert (item["type"], item["namespace"], item["name"], item["call_id"]) == ("function_call", "multi_agent_v1", "spawn", "call_2")
+
+
+def test_input_tokens_for_a_chat_target_are_the_gateways_estimate_said_in_a_header():
+    h = harness()
+    response = result_of(h.request("POST", "/v1/responses/input_tokens", data=json.dumps(
+        {"model": "gpt-4o", "input": "Say hello to the whole wide world"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer client-key"}))
+    assert response.code == 200 and response.headers.getRawHeaders("x-gateway-token-count") == ["estimated"]
+    counted = json.loads(result_of(treq.content(response)))
+    assert counted["object"] == "response.input_tokens" and counted["input_tokens"] > 5
+    assert h.agents["primary"].requests == []
+
+
+def test_input_tokens_for_a_native_target_are_its_own():
+    h = native()
+    d = h.request("POST", "/v1/responses/input_tokens", data=json.dumps({"model": "gpt-4o", "input": "hi"}).encode(),
+                  headers={"Content-Type": "application/json", "Authorization": "Bearer client-key"})
+    sent = h.agents["primary"].last
+    assert sent.uri == b"http://primary.test/v1/responses/input_tokens"
+    sent.respond(FakeResponse(200, JSON, b'{"object": "response.input_tokens", "input_tokens": 7}'))
+    h.flush()
+    assert json.loads(result_of(treq.content(result_of(d))))["input_tokens"] == 7

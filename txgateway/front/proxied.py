@@ -21,6 +21,7 @@ from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
 from txgateway.front.auth import AmbiguousCredentials
 from txgateway.front.gateway import Gateway
+from txgateway.governance.estimate import estimate_prompt_tokens
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
 from txgateway.openai.wire import BadCall, OpenAICall
@@ -73,6 +74,20 @@ def _decoded(request: IncomingRequest, limit: int) -> None:
     if not decompressor.eof:
         raise GatewayError(errors.BAD_REQUEST, f"the {encoding.decode()} body is cut short")
     request.replace_body(body, b"content-encoding")
+
+
+def _estimated_input_tokens(request: IncomingRequest, ctx: RequestContext, body: dict, now: float) -> None:
+    """
+    C{POST /v1/responses/input_tokens} for a model whose first target does
+    not speak the Responses API: the gateway's estimate (the one its keys
+    reserve by), said in C{X-Gateway-Token-Count: estimated}.
+    """
+    counted = {"messages": [{"role": "system", "content": body.get("instructions")}, {"role": "user", "content": body.get("input")}]}
+    if body.get("tools"):
+        counted["tools"] = body["tools"]
+    ctx.stamp(request, now)
+    request.set_header(b"X-Gateway-Token-Count", b"estimated")
+    _answer_json(request, {"object": "response.input_tokens", "input_tokens": estimate_prompt_tokens(counted)})
 
 
 def _answer_json(request: IncomingRequest, body: dict) -> None:
@@ -221,6 +236,10 @@ class ProxiedRequests:
             return
         ctx.service = targets[0].route.config.name
         ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
+        if path == b"/v1/responses/input_tokens" and targets[0].route.config.speaks("responses") != "responses":
+            # Only a target that speaks the Responses API counts its tokens: the others get the gateway's estimate.
+            _estimated_input_tokens(request, ctx, call.body, self.gateway.clock.seconds())
+            return
         rest = path[len(b"/v1"):]
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
 
