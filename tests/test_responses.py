@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import treq
 
 from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
@@ -438,3 +439,37 @@ def test_input_tokens_for_a_native_target_are_its_own():
     sent.respond(FakeResponse(200, JSON, b'{"object": "response.input_tokens", "input_tokens": 7}'))
     h.flush()
     assert json.loads(result_of(treq.content(result_of(d))))["input_tokens"] == 7
+
+
+def test_hostile_fields_of_a_translated_call_are_refused_by_name_never_a_crash():
+    from txgateway.responses.translate import responses_request_to_chat
+    from txgateway.speaking import Untranslatable
+
+    for body in (
+        {"model": "m", "input": "x", "max_output_tokens": True},
+        {"model": "m", "input": 7},
+        {"model": "m", "input": [None]},
+        {"model": "m", "input": [{"type": "message", "role": "boss", "content": "x"}]},
+        {"model": "m", "input": [{"role": "assistant", "content": [{"type": "input_image", "file_id": "f"}]}]},
+        {"model": "m", "input": "x", "tools": "all"},
+        {"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search"}},
+        {"model": "m", "input": "x", "text": {"format": {"type": "grammar"}}},
+        {"model": "m", "input": "x", "surprise": 1},
+    ):
+        with pytest.raises(Untranslatable):
+            responses_request_to_chat(body, "m")
+
+
+def test_a_hostile_chat_answer_is_translated_or_passed_as_it_is_never_a_crash():
+    from txgateway.openai.wire import read_chunk
+    from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response
+
+    for answer in (b"not json", b"[]", b'{"choices": 5}', b'{"choices": [{"message": {"tool_calls": 7, "content": 3}}]}',
+                   b'{"choices": [{"message": {"tool_calls": ["x", {"function": 1}]}}], "usage": "lots"}'):
+        chat_answer_to_response(answer, 1)
+    writer = ChatToResponsesStream(1)
+    for data in (b'{"choices": 5}', b'{"id": 3, "choices": [{"delta": {"tool_calls": 9, "content": 4}}]}',
+                 b'{"choices": [{"delta": {"tool_calls": [{"function": "f"}]}, "finish_reason": "stop"}], "usage": 1}'):
+        event = b"data: " + data + b"\n\n"
+        writer(event, read_chunk(event))
+    writer(b"data: [DONE]\n\n", read_chunk(b"data: [DONE]\n\n"))

@@ -235,8 +235,11 @@ def responses_request_to_chat(body: dict, model: str | None) -> tuple[dict, list
         shape = _response_format(body["text"])
         if shape is not None:
             chat["response_format"] = shape
-    if isinstance(body.get("max_output_tokens"), int):
-        chat["max_tokens"] = body["max_output_tokens"]
+    limit = body.get("max_output_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        chat["max_tokens"] = limit
+    elif limit is not None:
+        raise Untranslatable("max_output_tokens is not an integer")
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         chat["reasoning_effort"] = reasoning["effort"]
@@ -301,7 +304,8 @@ def chat_answer_to_response(body: bytes, created: int, names: dict | None = None
     output: list[dict] = []
     if isinstance(message.get("content"), str) and message["content"]:
         output.append(_message_item("msg_" + base, message["content"]))
-    for call in message.get("tool_calls") or []:
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
             output.append(_call_item(str(call.get("id")), str(function.get("name")), str(function.get("arguments") or ""), names=names))
@@ -435,13 +439,15 @@ class ChatToResponsesStream:
         out = self._start(chunk) if self._response is None else b""
         if chunk.get("usage") is not None:
             self._usage = _usage(chunk["usage"])
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             if isinstance(delta.get("content"), str) and delta["content"]:
                 out += self._text(delta["content"])
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     out += self._tool(call)
             if choice.get("finish_reason") is not None:
