@@ -265,22 +265,16 @@ class Speakers:
             if not IApi.providedBy(api):
                 raise TypeError(f"{api!r} does not provide IApi")
 
-    def read_call(self, service_api: str, rest: bytes, body: bytes, reading: Any) -> IModelCall | None:
+    def reader(self, service_api: str, rest: bytes) -> IApi | None:
         """
-        The model call a C{POST} to C{rest} under a service of C{service_api}
-        makes, read by the first API of that service whose model call
-        C{rest} is; L{None}: none is.
-
-        @raise BadCall: the body is not one the gateway can read.
+        The API that reads a C{POST} to C{rest} under a service of
+        C{service_api} as its model call: the first of that service's whose
+        model call C{rest} is; L{None}: none is (its bytes are relayed).
         """
         for api in self.apis.values():
             if api.service_api == service_api and api.model_call_path(rest):
-                return api.read_call(rest, body, reading)
+                return api
         return None
-
-    def reads(self, service_api: str, rest: bytes) -> bool:
-        """Whether a C{POST} to C{rest} under a service of C{service_api} is a model call the gateway reads."""
-        return any(api.service_api == service_api and api.model_call_path(rest) for api in self.apis.values())
 
     def api(self, name: str) -> IApi:
         """The API named C{name}; L{KeyError} when none is (a config names only known ones)."""

@@ -106,9 +106,6 @@ class MessagesToMessages(_MessagesClient):
     read_events = MessagesStreamReader
     read_answer = staticmethod(read_message)
 
-    def __init__(self, call: MessagesCall, path: bytes, started_at: float) -> None:
-        self.call = call
-
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The client's path (with C{/v1} when the endpoint's base lacks it and the client did not name it)."""
         return path if as_sent else _messages_path(path, base_path)
@@ -133,7 +130,7 @@ class ChatToMessages(Speaker):
     translate_error = staticmethod(messages_error_to_chat)
 
     def __init__(self, call: OpenAICall, path: bytes, started_at: float) -> None:
-        super().__init__(call)
+        super().__init__(call, path, started_at)
         self._operation = call.operation(path)
         created = int(started_at)
         self.write_events = MessagesToChatStream(created, call.client_wants_usage) if call.stream else None
@@ -165,7 +162,7 @@ class MessagesToChat(_MessagesClient):
     translate_error = staticmethod(chat_error_to_anthropic)
 
     def __init__(self, call: MessagesCall, path: bytes, started_at: float) -> None:
-        super().__init__(call)
+        super().__init__(call, path, started_at)
         stops = call.body.get("stop_sequences")
         stops = tuple(stop for stop in stops if isinstance(stop, str)) if isinstance(stops, list) else ()
         self.write_events = ChatToMessagesStream(stops) if call.stream else None

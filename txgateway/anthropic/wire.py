@@ -17,7 +17,7 @@ from zope.interface import implementer
 from txgateway import errors
 from txgateway.errors import ErrorKind
 from txgateway.bodies import FAST, BodyReading
-from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body, reported_count
+from txgateway.openai.wire import AnswerFacts, ChunkFacts, ModelNamed, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.speaking import IModelCall
 from txgateway.openai.wire import encode_json as _dumps
@@ -47,7 +47,7 @@ def _integer(value: Any) -> int | None:
 
 @implementer(IModelCall)
 @attrs.frozen
-class MessagesCall:
+class MessagesCall(ModelNamed):
     """
     One Messages request (C{POST /v1/messages}), parsed once.  It answers
     the same questions as L{txgateway.openai.wire.OpenAICall}, so the
@@ -67,12 +67,6 @@ class MessagesCall:
     #: A Messages stream always reports its usage (in C{message_delta}).
     client_wants_usage = True
     single_choice = True
-
-    @property
-    def model(self) -> str | None:
-        """The C{model} the client asked for (a string, or L{None})."""
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
 
     @property
     def max_tokens(self) -> int | None:

@@ -180,14 +180,14 @@ class ProxiedRequests:
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)
             return
-        if (request.header(b"upgrade") or b"").strip().lower() == b"websocket":
-            # Codex asks for its WebSocket transport first; a 426 sends it to HTTP.
-            answer_error(
-                request, errors.UPGRADE_REQUIRED,
-                "this gateway serves the API over HTTP only, not over a WebSocket: send the request over HTTP",
-            )
-            return
         if request.method != b"POST":
+            if (request.header(b"upgrade") or b"").strip().lower() == b"websocket":
+                # Codex asks for its WebSocket transport first (a GET); a 426 sends it to HTTP.
+                answer_error(
+                    request, errors.UPGRADE_REQUIRED,
+                    "this gateway serves the API over HTTP only, not over a WebSocket: send the request over HTTP",
+                )
+                return
             answer_error(
                 request, errors.METHOD_NOT_ALLOWED,
                 f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],

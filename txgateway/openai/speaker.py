@@ -30,7 +30,7 @@ from txgateway.openai.wire import (
     read_answer,
     read_chunk,
 )
-from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, WHOLE_ANSWER, AnswerReading, IApi, ISpeaker
+from txgateway.speaking import FIRST_BYTE, FIRST_TOKEN, WHOLE_ANSWER, AnswerReading, IApi, ISpeaker, PlainHttp
 
 __all__ = ["OPENAI", "OpenAIApi", "OpenAIToOpenAI", "PAIRS", "Speaker"]
 
@@ -39,8 +39,8 @@ OPENAI_API = "openai"
 
 
 @implementer(IApi)
-class OpenAIApi:
-    """OpenAI's API: its model calls (chat and text completions, embeddings), its key as a bearer token."""
+class OpenAIApi(PlainHttp):
+    """OpenAI's API: its model calls (chat and text completions, embeddings); its key as a plain service's, a bearer token."""
 
     name = OPENAI_API
     title = "OpenAI's API"
@@ -55,12 +55,6 @@ class OpenAIApi:
     def model_call_path(self, rest: bytes) -> bool:
         """Chat and text completions, embeddings."""
         return model_call_path(rest)
-
-    def credentials(
-        self, request: IncomingRequest, config: ServiceConfig, key: bytes | None, translated: bool
-    ) -> tuple[list, tuple[bytes, ...]]:
-        """Its key as C{Authorization: Bearer}, as a plain service's."""
-        return ([(b"Authorization", b"Bearer " + key)] if key is not None else []), ()
 
 
 #: The one L{OpenAIApi}.
@@ -95,7 +89,7 @@ class Speaker:
     translate_answer: Callable[[bytes], bytes] | None = None
     translate_error: Callable[[int, bytes], bytes] | None = None
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, path: bytes = b"", started_at: float = 0.0) -> None:
         self.call = call
 
     @property
@@ -180,9 +174,6 @@ class Speaker:
 @implementer(ISpeaker)
 class OpenAIToOpenAI(Speaker):
     """An OpenAI call to an OpenAI target: sent as it is, its model renamed, its stream's usage asked for."""
-
-    def __init__(self, call: OpenAICall, path: bytes, started_at: float) -> None:
-        self.call = call
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The client's path, under the endpoint's base."""

@@ -104,9 +104,22 @@ def model_call_path(path: bytes) -> bool:
     return _endpoint_kind(bare) is not None or bare.endswith(b"/embeddings") or bare == b"embeddings"
 
 
+class ModelNamed:
+    """What every model call's body says alike: the model the client asked for."""
+
+    __slots__ = ()
+    body: dict
+
+    @property
+    def model(self) -> str | None:
+        """The C{model} the client asked for (a string, or L{None})."""
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+
 @implementer(IModelCall)
 @attrs.frozen
-class OpenAICall:
+class OpenAICall(ModelNamed):
     """
     One OpenAI request, parsed once.
 
@@ -127,12 +140,6 @@ class OpenAICall:
     generates: bool = False
     #: The client's API (a Messages request says C{anthropic}).
     api = "openai"
-
-    @property
-    def model(self) -> str | None:
-        """The C{model} the client asked for (a string, or L{None})."""
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
 
     @property
     def max_tokens(self) -> int | None:

@@ -15,9 +15,8 @@ from txgateway.anthropic.speakers import MESSAGES_API
 from txgateway.anthropic.translate import MessagesToChatStream, chat_request_to_messages, message_answer_to_chat, messages_error_to_chat
 from txgateway.anthropic.wire import ANTHROPIC, MessagesStreamReader, read_message
 from txgateway.config.gateway import ServiceConfig
-from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import ErrorKind
-from txgateway.openai.speaker import OPENAI, OPENAI_API, Speaker
+from txgateway.openai.speaker import OPENAI, OPENAI_API, OpenAIApi, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
 from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, namespaced_names, responses_request_to_chat
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
@@ -27,13 +26,11 @@ __all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "Respons
 
 
 @implementer(IApi)
-class ResponsesApi:
-    """OpenAI's Responses API: its model call (C{/responses}) under an C{api = openai} service, its key as a bearer token."""
+class ResponsesApi(OpenAIApi):
+    """OpenAI's Responses API: its model call (C{/responses}) under an C{api = openai} service, its key as OpenAI's."""
 
     name = RESPONSES
     title = "OpenAI's Responses API"
-    #: The services whose C{/api/} paths it reads: OpenAI's.
-    service_api = "openai"
 
     def read_call(self, rest: bytes, body: bytes, reading: Any) -> ResponsesCall | None:
         """The Responses request a C{POST} to C{rest} makes, or L{None} for a path that is no Responses call."""
@@ -44,12 +41,6 @@ class ResponsesApi:
     def model_call_path(self, rest: bytes) -> bool:
         """C{/responses}."""
         return responses_path(rest)
-
-    def credentials(
-        self, request: IncomingRequest, config: ServiceConfig, key: bytes | None, translated: bool
-    ) -> tuple[list, tuple[bytes, ...]]:
-        """Its key as C{Authorization: Bearer}, as OpenAI's."""
-        return ([(b"Authorization", b"Bearer " + key)] if key is not None else []), ()
 
 
 #: The one L{ResponsesApi}.
@@ -70,9 +61,6 @@ class ResponsesToResponses(Speaker):
     target = RESPONSES_API
     read_events = ResponsesStreamReader
     read_answer = staticmethod(read_response)
-
-    def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
-        self.call = call
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The client's path, under the endpoint's base."""
@@ -103,7 +91,7 @@ class ResponsesToChat(Speaker):
     target = OPENAI
 
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
-        self.call = call
+        super().__init__(call, path, started_at)
         created = int(started_at)
         names = namespaced_names(call.body.get("tools"))
         self.write_events = ChatToResponsesStream(created, names) if call.stream else None
@@ -182,7 +170,7 @@ class ResponsesToMessages(Speaker):
     translate_error = staticmethod(messages_error_to_chat)
 
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
-        self.call = call
+        super().__init__(call, path, started_at)
         created = int(started_at)
         names = namespaced_names(call.body.get("tools"))
         self.write_events = _ThroughChat(created, names) if call.stream else None

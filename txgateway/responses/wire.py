@@ -16,7 +16,7 @@ from zope.interface import implementer
 from txgateway.anthropic.wire import event_json
 from txgateway.bodies import FAST, BodyReading
 from txgateway.errors import ErrorKind
-from txgateway.openai.wire import AnswerFacts, ChunkFacts, Usage, read_body
+from txgateway.openai.wire import AnswerFacts, ChunkFacts, ModelNamed, Usage, read_body
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
 from txgateway.speaking import IModelCall
@@ -35,7 +35,7 @@ def responses_path(path: bytes) -> bool:
 
 @implementer(IModelCall)
 @attrs.frozen
-class ResponsesCall:
+class ResponsesCall(ModelNamed):
     """
     One Responses request, parsed once: it answers the same questions as
     the other model calls, so the broker, the governor and the access line
@@ -55,12 +55,6 @@ class ResponsesCall:
     client_wants_usage = True
     #: A Responses target takes no assistant prefill: a broken stream ends with its error event.
     resumable_kind = False
-
-    @property
-    def model(self) -> str | None:
-        """The C{model} the client asked for (a string, or L{None})."""
-        model = self.body.get("model")
-        return model if isinstance(model, str) else None
 
     @property
     def max_tokens(self) -> int | None:

@@ -298,12 +298,13 @@ def _model_call(request: IncomingRequest, rest: bytes, service_api: str, speaker
         the gateway cannot read: 415 when it is not JSON at all, else 400 naming why.
     """
     strict = reading.strict
-    if request.method != b"POST" or not speakers.reads(service_api, rest):
+    api = speakers.reader(service_api, rest) if request.method == b"POST" else None
+    if api is None:
         return None
     if strict:
         refuse_unless_json(request)
     try:
-        return speakers.read_call(service_api, rest, request.body, reading)
+        return api.read_call(rest, request.body, reading)
     except BadCall as error:
         if not strict:
             return None  # not a body the gateway reads: relayed as it is
