@@ -13,7 +13,6 @@ The README's "OpenAI's Responses API" has the table this module implements.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from txgateway.openai.wire import ChunkFacts
@@ -327,8 +326,8 @@ class ChatToResponsesStream:
     _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
     _delta_middle = b""
 
-    def __init__(self, created: int | None = None, names: dict | None = None) -> None:
-        self._created = int(created if created is not None else time.time())
+    def __init__(self, created: int, names: dict | None = None) -> None:
+        self._created = created  # the request's start on the gateway's clock, as every translated answer's
         #: The chat names of namespace tools, each with its namespace and own name (L{namespaced_names}).
         self._names = names
         self._sequence = 0

@@ -54,6 +54,8 @@ class Call:
     _translated: dict | None = None
     #: The speaker of the first target API asked for (most calls have one) and any others.
     _speaker: ISpeaker | None = None
+    #: The last target L{_speaker} was asked for by (L{speaker}'s shortcut).
+    _speaker_target: Target | None = None
     _other_speakers: dict | None = None
     #: The path is sent as the client gave it to a target of its own API
     #: (C{/api/<service>/...}), not as the model routes' endpoint.
@@ -118,12 +120,16 @@ class Call:
 
         @raise Untranslatable: no speaker carries the call's API to the target's.
         """
+        if target is self._speaker_target:
+            return self._speaker  # the target asked for last (each attempt asks four times)
         api = target.route.config.speaks(self.model_call.api)
         speaker = self._speaker
         if speaker is not None and speaker.target_api == api:
+            self._speaker_target = target
             return speaker
         if speaker is None:
             speaker = self._speaker = self.speakers.speaker(self.model_call, api, self.path, self.ctx.started_at)
+            self._speaker_target = target
             return speaker
         if self._other_speakers is None:
             self._other_speakers = {}
