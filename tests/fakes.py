@@ -288,6 +288,8 @@ listen = tcp:0
 file =
 [ratelimit]
 requests = 1000
+[responses]
+store = memory
 """
 
 SERVICE_INI = GATEWAY_HEAD + """[service:ai]

@@ -39,6 +39,7 @@ C{Authorization} each saw, and every C{traceparent} it was sent.
 
 from __future__ import annotations
 
+import os
 import json
 import sys
 import time
@@ -217,7 +218,7 @@ class Completions(Resource):
         text = "".join(words)
         usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11 + len(words)}
-        response = {"id": "resp_fake", "object": "response", "created_at": int(time.time()), "model": model,
+        response = {"id": "resp_fake" + os.urandom(8).hex(), "object": "response", "created_at": int(time.time()), "model": model,
                     "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
         message = {"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}

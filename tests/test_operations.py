@@ -247,6 +247,8 @@ RELOADABLE = """
 listen = tcp:0
 [logging]
 file =
+[responses]
+store = memory
 [service:ai]
 url = http://ai.backend:8000
 breaker_threshold = 1

@@ -53,6 +53,7 @@ class FakeCall:
     max_tokens = None
     generates = True
     client_wants_usage = False
+    cacheable = True
 
     @property
     def resumable_kind(self) -> bool:

@@ -33,6 +33,8 @@ UNAUTHORIZED = ErrorKind("unauthorized", 401)
 NOT_FOUND = ErrorKind("not_found", 404)
 UNKNOWN_SERVICE = ErrorKind("unknown_service", 404)
 MODEL_NOT_FOUND = ErrorKind("model_not_found", 404)
+#: A Responses call going on from a response the gateway does not hold for its caller.
+PREVIOUS_RESPONSE_NOT_FOUND = ErrorKind("previous_response_not_found", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
 REQUEST_TIMEOUT = ErrorKind("request_timeout", 408)
 BODY_TOO_LARGE = ErrorKind("body_too_large", 413)
@@ -56,6 +58,8 @@ NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
 CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
 BUDGETS_UNAVAILABLE = ErrorKind("budgets_unavailable", 503)
+#: The store of the Responses the gateway holds cannot be asked.
+RESPONSES_UNAVAILABLE = ErrorKind("responses_unavailable", 503)
 #: The request bodies held across all connections reached C{[gateway] max_bodies_in_flight}.
 GATEWAY_BUSY = ErrorKind("gateway_busy", 503)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
@@ -72,6 +76,7 @@ KINDS = {
         NOT_FOUND,
         UNKNOWN_SERVICE,
         MODEL_NOT_FOUND,
+        PREVIOUS_RESPONSE_NOT_FOUND,
         METHOD_NOT_ALLOWED,
         REQUEST_TIMEOUT,
         BODY_TOO_LARGE,
@@ -91,6 +96,7 @@ KINDS = {
         UPSTREAM_UNAVAILABLE,
         CIRCUIT_OPEN,
         BUDGETS_UNAVAILABLE,
+        RESPONSES_UNAVAILABLE,
         GATEWAY_BUSY,
         UPSTREAM_TIMEOUT,
         STREAM_BROKEN,

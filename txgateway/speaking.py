@@ -113,6 +113,7 @@ class IModelCall(Interface):
     generates = Attribute("The call generates text: its completion is reserved.")
     resumable_kind = Attribute("A broken stream of it can be asked for again with its text as a prefill.")
     client_wants_usage = Attribute("The client asked for its stream's usage event itself.")
+    cacheable = Attribute("Its answer may be kept by the response cache (one with an id of its own may not).")
 
     def operation(path: bytes) -> str:
         """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""

@@ -62,6 +62,7 @@ class MessagesCall(ModelNamed):
     raw: bytes
     stream: bool
     api = ANTHROPIC
+    cacheable = True
     kind = MESSAGES
     generates = True
     #: A Messages stream always reports its usage (in C{message_delta}).

@@ -26,6 +26,7 @@ from txgateway.redispool import parse_redis_url
 __all__ = [
     "AuthConfig",
     "BudgetsConfig",
+    "ResponsesConfig",
     "TracingConfig",
     "CacheConfig",
     "StatusConfig",
@@ -492,6 +493,31 @@ class BudgetsConfig:
 
 
 @attrs.frozen
+class ResponsesConfig:
+    """
+    The C{[responses]} section: where the gateway keeps the Responses it
+    answers (OpenAI's Responses API with C{store}), so that conversations
+    go on by C{previous_response_id} on any target.  C{store = sqlite}
+    keeps them in C{state_file} (empty: C{responses.db} beside the
+    budgets' state file), shared by the workers of one machine; C{redis}
+    in C{redis_url} (empty: the rate limiter's), shared by every gateway;
+    C{memory} in the one process; C{off} keeps none (a call going on from
+    a response is refused).
+    """
+
+    store: str = _key(_choice("sqlite", "redis", "memory", "off"), "sqlite")
+    state_file: str = _key(_text, "")
+    redis_url: str = _key(_redis_url, "")
+    redis_timeout: float = _key(_seconds, 0.5)
+    #: Seconds a kept Response lives (30 days); a conversation going on keeps its earlier turns with it.
+    ttl: float = _key(_seconds, 30 * 24 * 3600.0)
+    #: One kept Response (its own input and the Response itself) at most; a larger one is not kept.
+    max_response_bytes: int = _key(_integer(1024), 4 * 1024 * 1024)
+    #: Responses kept at most by the memory and SQLite stores (the oldest go first).
+    max_entries: int = _key(_integer(1), 100_000)
+
+
+@attrs.frozen
 class ServiceConfig:
     """One C{[service:NAME]} section: a backend served under C{/api/NAME/}."""
 
@@ -625,6 +651,7 @@ class GatewayConfig:
     prices: Mapping[str, ModelPrice] = attrs.Factory(dict)
     budgets: BudgetsConfig = BudgetsConfig()
     tracing: TracingConfig = TracingConfig()
+    responses: ResponsesConfig = ResponsesConfig()
     source: str = "<embedded defaults>"
 
     @property
@@ -761,6 +788,12 @@ def parse_config(
     ratelimit = _build(RateLimitConfig, origin, "ratelimit", sections.get("ratelimit", {}))
     if ratelimit.key == "api_key" and not auth.enabled:
         raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
+    responses = _build(ResponsesConfig, origin, "responses", sections.get("responses", {}))
+    if responses.store == "memory" and gateway.workers > 1:
+        raise ConfigError(
+            f"{origin}: [responses] store: memory keeps each worker's own responses, and a conversation moves "
+            "between workers: use sqlite or redis with [gateway] workers above 1"
+        )
     return GatewayConfig(
         gateway=gateway,
         logging=_build(LoggingConfig, origin, "logging", sections.get("logging", {})),
@@ -774,6 +807,7 @@ def parse_config(
         prices=_prices(sections, origin),
         budgets=_build(BudgetsConfig, origin, "budgets", sections.get("budgets", {})),
         tracing=_build(TracingConfig, origin, "tracing", sections.get("tracing", {})),
+        responses=responses,
         source=origin,
     )
 
@@ -795,11 +829,11 @@ def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
         raise ConfigError(f"{origin}: {message}") from None
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets", "tracing")
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets", "tracing", "responses")
         if not known and not section.startswith(("service:", "model:", "key:", "team:", "price:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section (known: gateway, logging, ratelimit, auth, cache, "
-                "status, budgets, tracing, service:NAME, model:NAME, key:NAME, team:NAME, price:MODEL)"
+                "status, budgets, tracing, responses, service:NAME, model:NAME, key:NAME, team:NAME, price:MODEL)"
             )
         _check_section_name(section, origin)
         if section.startswith("service:") and not SERVICE_NAME.match(section[len("service:"):]):

@@ -42,6 +42,8 @@ from txgateway.governance.governor import Governor
 from txgateway.governance.interface import IGovernanceStore
 from txgateway.governance.local import LocalLedgerStore
 from txgateway.governance.spendfile import SpendFile
+from txgateway.responses.conversations import Conversations
+from txgateway.responses.store import IResponseStore, MemoryResponseStore, SqliteResponseStore, connect_response_store
 from txgateway.observability.export import OTLPHttpPost, SpanExport
 from txgateway.observability.logs import AccessLog, LogDestination, TwistedJsonObserver, open_sink
 from txgateway.observability.metrics import GatewayMetrics
@@ -175,6 +177,7 @@ def build_gateway(
     governance_store: IGovernanceStore | None = None,
     spans: Any = None,
     peers: Any = None,
+    response_store: IResponseStore | None = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, the rate
@@ -184,6 +187,7 @@ def build_gateway(
     services keep their breakers and connections, and the uptime goes on.
     With C{peers} (a worker's L{txgateway.workers.link.SupervisorLink}),
     circuits open across workers and the operator's documents are the daemon's.
+    With C{response_store}, the gateway holds Responses conversations in it.
     """
     circuits = peers.circuits if peers is not None else None
     routes = build_routes(
@@ -222,6 +226,9 @@ def build_gateway(
         config, clock, broker, store, log, metrics, access_log, started_at, spans, config.tracing.sample_ratio, rng,
     )
     gateway.peers = peers
+    if response_store is not None:
+        settings = config.responses
+        gateway.conversations = Conversations(response_store, clock, settings.ttl, settings.max_response_bytes, log)
     return gateway
 
 
@@ -231,6 +238,13 @@ def state_file_of(config: GatewayConfig) -> str:
         return config.budgets.state_file
     log_directory = os.path.dirname(config.logging.file) if config.logging.file else ""
     return os.path.join(os.path.dirname(log_directory) or ".", "state", "txgateway.db")
+
+
+def response_file_of(config: GatewayConfig) -> str:
+    """The SQLite file of C{[responses]}: C{state_file}, else C{responses.db} beside the budgets' state file."""
+    if config.responses.state_file:
+        return config.responses.state_file
+    return os.path.join(os.path.dirname(state_file_of(config)), "responses.db")
 
 
 def open_spend_file(config: GatewayConfig) -> SpendFile:
@@ -318,11 +332,13 @@ class GatewayService(MultiService):
         self._cache_stores = self._cache_stores_for(config, {})
         self._threads: ThreadPool | None = None
         self._governance_store = self._governance_store_for(config)
+        self._response_threads: ThreadPool | None = None
+        self._response_store = self._response_store_for(config)
         self._spans = self._span_export_for(config)
         self.gateway = build_gateway(
             config, self._clock, self._upstream_for, store, self.log, self.metrics, self._access_log(config),
             cache_stores=self._cache_stores, governance_store=self._governance_store, spans=self._spans,
-            peers=worker,
+            peers=worker, response_store=self._response_store,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
@@ -397,6 +413,31 @@ class GatewayService(MultiService):
         run = functools.partial(deferToThreadPool, self._reactor, threads)
         return LocalLedgerStore(self._clock, spend_file, run, self.log)
 
+    def _response_store_for(self, config: GatewayConfig) -> IResponseStore | None:
+        """
+        The store of C{[responses]} (L{None} when it is C{off}); it lives as
+        long as the daemon (a reload that changes C{[responses]} needs a restart).
+
+        @raise ConfigError: the SQLite file cannot be opened.
+        """
+        settings = config.responses
+        if settings.store == "off":
+            return None
+        if settings.store == "memory":
+            return MemoryResponseStore(self._clock, settings.max_entries)
+        if settings.store == "redis":
+            url = settings.redis_url or config.ratelimit.redis_url
+            return connect_response_store(url, self._clock, settings.redis_timeout, self.log)
+        path = response_file_of(config)
+        if self._response_threads is None:
+            # A thread of its own (started with the service): a slow disk never holds the budgets' writes.
+            self._response_threads = ThreadPool(1, 1, "txgateway-responses")
+        run = functools.partial(deferToThreadPool, self._reactor, self._response_threads)
+        try:
+            return SqliteResponseStore(path, self._clock, run, settings.max_entries)
+        except Exception as error:
+            raise ConfigError(f"{config.source}: [responses] state_file: cannot open {path}: {error}") from None
+
     def _cache_stores_for(self, config: GatewayConfig, kept: Mapping[str, ICacheStore]) -> dict[str, ICacheStore]:
         """The cache stores C{config}'s services use, keeping those of C{kept} (same [cache] settings)."""
         stores = dict(kept)
@@ -436,6 +477,8 @@ class GatewayService(MultiService):
             super().startService()
         if self._spans is not None:
             self._spans.start()
+        if self._response_threads is not None:
+            self._response_threads.start()
         # What was built so far (modules, configuration) lives as long as the
         # daemon: out of the collector's sight, full collections stay short
         # (measured: 38 ms pauses before).  PyPy's collector has no freeze.
@@ -529,6 +572,7 @@ class GatewayService(MultiService):
             governance_store=self._governance_store,
             spans=self._spans,
             peers=self._worker,
+            response_store=self._response_store,
         )
         if retired_ledger is not None:
             # Reservations in flight settle on the old store (their governor holds it): close it after the drain.
@@ -594,8 +638,13 @@ class GatewayService(MultiService):
         for ledger in [*self._retired_ledgers, self._governance_store]:
             if ledger is not None:
                 await ledger.close()
-        if self._threads is not None:
-            self._threads.stop()
+        for threads in (self._threads, self._response_threads):
+            if threads is not None:
+                threads.stop()  # what was queued on them is done first
+        if self._response_store is not None:
+            closing = self._response_store.close()
+            if closing is not None:
+                await closing
         for spans in self._retired_spans + ([self._spans] if self._spans is not None else []):
             spans.stop()  # what waits is exported first (a few seconds at most)
         self.log.info("gateway_stopped")

@@ -64,6 +64,8 @@ class Gateway:
         self.authenticator = Authenticator(config.auth.keys)
         self.started_at = clock.seconds() if started_at is None else started_at
         self.accepting = True
+        #: The Responses conversations the gateway holds (L{None}: C{[responses] store = off}).
+        self.conversations: Any = None
         self.last_reload: dict | None = None
         #: Where sampled requests' spans go (a L{txgateway.observability.export.SpanExport}), or L{None}.
         self.spans = spans

@@ -11,7 +11,7 @@ import datetime
 import json
 import zlib
 from typing import Awaitable
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from txgateway import errors
 from txgateway.bodies import BodyReading
@@ -24,7 +24,7 @@ from txgateway.front.gateway import Gateway
 from txgateway.governance.estimate import estimate_prompt_tokens
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
 from txgateway.observability.context import RequestContext
-from txgateway.openai.wire import BadCall, OpenAICall
+from txgateway.openai.wire import BadCall, OpenAICall, encode_json
 from txgateway.responses.wire import ResponsesCall
 from txgateway.routing.broker import AnswerCutShort, refuse_unless_json
 from txgateway.routing.paths import UnsafePath, split_api_path
@@ -40,6 +40,12 @@ def _anthropic_model_object(name: str, created: int) -> dict:
     created_at = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"type": "model", "id": name, "display_name": name, "created_at": created_at}
 
+
+#: Responses request fields the gateway refuses by name, and why.
+_NOT_SERVED = {
+    "background": "background responses are not run; send the call without it (and stream it for a long one)",
+    "conversation": "the Conversations API is not served; go on from a response with previous_response_id",
+}
 
 #: The C{Content-Encoding}s of a request body the gateway decodes (zlib's window bits for each).
 _DECODED = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
@@ -180,6 +186,15 @@ class ProxiedRequests:
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)
             return
+        if path.startswith(b"/v1/responses/") and path != b"/v1/responses/input_tokens":
+            await self._held_response(request, ctx, path)
+            return
+        if path == b"/v1/conversations" or path.startswith(b"/v1/conversations/"):
+            answer_error(
+                request, errors.NOT_FOUND,
+                "the Conversations API is not served by this gateway: go on from a response with previous_response_id",
+            )
+            return
         if request.method != b"POST":
             if (request.header(b"upgrade") or b"").strip().lower() == b"websocket":
                 # Codex asks for its WebSocket transport first (a GET); a 426 sends it to HTTP.
@@ -241,7 +256,97 @@ class ProxiedRequests:
             _estimated_input_tokens(request, ctx, call.body, self.gateway.clock.seconds())
             return
         rest = path[len(b"/v1"):]
+        if path == b"/v1/responses":
+            await self._conversation_turn(request, ctx, call, targets, rest, reading)
+            return
         await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+
+    async def _conversation_turn(
+        self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
+    ) -> None:
+        """
+        A Responses call, its conversation held by the gateway: sent on
+        with the earlier turns when it goes on from one
+        (C{previous_response_id}), and its Response kept unless the
+        client says C{store: false}.
+        """
+        body = call.body
+        for field, why in _NOT_SERVED.items():
+            if body.get(field) not in (None, False):
+                answer_error(request, errors.BAD_REQUEST, f"{field!r} is not served by this gateway: {why}")
+                return
+        conversations = self.gateway.conversations
+        if conversations is None:
+            if body.get("previous_response_id") is not None:
+                answer_error(
+                    request, errors.BAD_REQUEST,
+                    "'previous_response_id' needs the responses the gateway holds, and it holds none ([responses] store = off): "
+                    "send the whole conversation as input",
+                )
+                return
+            await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+            return
+        owner = ctx.caller.name if ctx.caller is not None else ""
+        try:
+            expanded, chain = await conversations.continued(body, owner)
+            if chain:
+                call = ResponsesCall.parse(encode_json(expanded), reading)
+        except GatewayError as error:
+            answer_error(request, error.kind, error.message)
+            return
+        except BadCall as error:
+            answer_error(request, errors.BAD_REQUEST, f"the conversation with its earlier turns: {error}")
+            return
+        recorder = None
+        if body.get("store") is not False:
+            recorder = request.recorder = conversations.recorder()
+        try:
+            await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+        finally:
+            request.recorder = None
+        # The answer is all written (a stream's last chunk goes when this returns): keep it before its client has its end.
+        if recorder is not None and not request.gone:
+            keeping = conversations.keep(body, owner, chain, recorder, call.stream)
+            if keeping is not None:
+                await keeping
+
+    async def _held_response(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
+        """
+        C{GET}/C{DELETE /v1/responses/{id}} and C{GET
+        /v1/responses/{id}/input_items}: answered from the Responses the
+        gateway holds for this caller (another caller's id is unknown).
+        """
+        conversations = self.gateway.conversations
+        parts = path[len(b"/v1/responses/"):].split(b"/")
+        response_id = unquote_to_bytes(parts[0]).decode("utf-8", "replace")
+        tail = parts[1:]
+        if conversations is None:
+            answer_error(request, errors.NOT_FOUND, "this gateway holds no responses ([responses] store = off)")
+            return
+        owner = ctx.caller.name if ctx.caller is not None else ""
+        method = request.method
+        try:
+            if not tail and method in (b"GET", b"HEAD"):
+                _answer_json(request, await conversations.retrieve(response_id, owner))
+            elif not tail and method == b"DELETE":
+                _answer_json(request, await conversations.delete(response_id, owner))
+            elif tail == [b"input_items"] and method in (b"GET", b"HEAD"):
+                query = {
+                    name.decode("utf-8", "replace"): value.decode("utf-8", "replace")
+                    for name, value in parse_qsl(request.query, keep_blank_values=True)
+                }
+                _answer_json(request, await conversations.input_items(response_id, owner, query))
+            elif tail == [b"cancel"] and method == b"POST":
+                raise GatewayError(errors.BAD_REQUEST, "only a background response can be cancelled, and this gateway runs none")
+            elif len(tail) > 1 or tail not in ([], [b"input_items"], [b"cancel"]):
+                raise GatewayError(errors.NOT_FOUND, f"{path.decode('latin-1')[:200]} is not served by this gateway")
+            else:
+                allowed = b"GET, HEAD, DELETE" if not tail else (b"POST" if tail == [b"cancel"] else b"GET, HEAD")
+                answer_error(
+                    request, errors.METHOD_NOT_ALLOWED, f"{method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", allowed)],
+                )
+        except GatewayError as error:
+            answer_error(request, error.kind, error.message)
 
     def _models(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
         """

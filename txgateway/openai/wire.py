@@ -140,6 +140,8 @@ class OpenAICall(ModelNamed):
     generates: bool = False
     #: The client's API (a Messages request says C{anthropic}).
     api = "openai"
+    #: Its answer may be kept by the response cache (a service with C{cache}).
+    cacheable = True
 
     @property
     def max_tokens(self) -> int | None:

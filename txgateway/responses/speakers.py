@@ -16,6 +16,7 @@ from txgateway.anthropic.translate import MessagesToChatStream, chat_request_to_
 from txgateway.anthropic.wire import ANTHROPIC, MessagesStreamReader, read_message
 from txgateway.config.gateway import ServiceConfig
 from txgateway.errors import ErrorKind
+from txgateway.ids import random_hex
 from txgateway.openai.speaker import OPENAI, OPENAI_API, OpenAIApi, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
 from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, namespaced_names, responses_request_to_chat
@@ -23,6 +24,14 @@ from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamRe
 from txgateway.speaking import IApi, ISpeaker, Untranslatable
 
 __all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToMessages", "ResponsesToResponses"]
+
+
+def new_response_id() -> str:
+    """
+    The id of a Response the gateway makes (a translated answer): random,
+    so that no two are alike, whichever target answered, and none is guessed.
+    """
+    return "resp_" + random_hex(24)
 
 
 @implementer(IApi)
@@ -94,8 +103,9 @@ class ResponsesToChat(Speaker):
         super().__init__(call, path, started_at)
         created = int(started_at)
         names = namespaced_names(call.body.get("tools"))
-        self.write_events = ChatToResponsesStream(created, names) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(body, created, names)
+        response_id = new_response_id()
+        self.write_events = ChatToResponsesStream(created, names, response_id) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(body, created, names, response_id)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The chat completions endpoint."""
@@ -132,9 +142,9 @@ class _ThroughChat:
     each chunk as Responses events (L{ChatToResponsesStream}).
     """
 
-    def __init__(self, created: int, names: dict) -> None:
+    def __init__(self, created: int, names: dict, response_id: str) -> None:
         self._to_chat = MessagesToChatStream(created, True)  # the usage chunk too: the Response carries it
-        self._to_responses = ChatToResponsesStream(created, names)
+        self._to_responses = ChatToResponsesStream(created, names, response_id)
 
     def _on(self, chat: bytes) -> bytes:
         out = b""
@@ -173,8 +183,9 @@ class ResponsesToMessages(Speaker):
         super().__init__(call, path, started_at)
         created = int(started_at)
         names = namespaced_names(call.body.get("tools"))
-        self.write_events = _ThroughChat(created, names) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created, names)
+        response_id = new_response_id()
+        self.write_events = _ThroughChat(created, names, response_id) if call.stream else None
+        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created, names, response_id)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The Messages endpoint (with C{/v1} when the endpoint's base lacks it)."""

@@ -212,7 +212,7 @@ def responses_request_to_chat(body: dict, model: str | None) -> tuple[dict, list
         raise Untranslatable(f"{unknown[0]!r} has no chat completions equivalent")
     for field in ("previous_response_id", "conversation", "prompt"):
         if body.get(field) is not None:
-            raise Untranslatable(f"{field!r} needs a conversation this gateway does not hold yet")
+            raise Untranslatable(f"{field!r} needs a conversation the gateway holds (on /v1/responses) or the target holds")
     if body.get("background") is True:
         raise Untranslatable("'background' mode is not served for a chat completions target")
     chat: dict[str, Any] = {"model": model or body.get("model"), "messages": _messages(body.get("input"), body.get("instructions"))}
@@ -289,8 +289,12 @@ def _call_item(call_id: str, name: str, arguments: str, status: str = "completed
     return item
 
 
-def chat_answer_to_response(body: bytes, created: int, names: dict | None = None) -> bytes:
-    """A chat completion as a Response (an answer that is not one passes as it is)."""
+def chat_answer_to_response(body: bytes, created: int, names: dict | None = None, response_id: str | None = None) -> bytes:
+    """
+    A chat completion as a Response named C{response_id} (the gateway's
+    own; L{None}: one made from the chat id), its items named after it.
+    An answer that is not a chat completion passes as it is.
+    """
     try:
         answer = _loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -299,7 +303,7 @@ def chat_answer_to_response(body: bytes, created: int, names: dict | None = None
         return body
     choice = answer["choices"][0] if isinstance(answer["choices"][0], dict) else {}
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    base = str(answer.get("id") or "chat")
+    base = response_id[len("resp_"):] if response_id else str(answer.get("id") or "chat")
     output: list[dict] = []
     if isinstance(message.get("content"), str) and message["content"]:
         output.append(_message_item("msg_" + base, message["content"]))
@@ -326,8 +330,10 @@ class ChatToResponsesStream:
     _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
     _delta_middle = b""
 
-    def __init__(self, created: int, names: dict | None = None) -> None:
+    def __init__(self, created: int, names: dict | None = None, response_id: str | None = None) -> None:
         self._created = created  # the request's start on the gateway's clock, as every translated answer's
+        #: The Response's id: the gateway's own (L{None}: one made from the chat stream's id).
+        self._response_id = response_id
         #: The chat names of namespace tools, each with its namespace and own name (L{namespaced_names}).
         self._names = names
         self._sequence = 0
@@ -346,7 +352,7 @@ class ChatToResponsesStream:
         return event
 
     def _start(self, chunk: dict) -> bytes:
-        base = str(chunk.get("id") or "chat")
+        base = self._response_id[len("resp_"):] if self._response_id else str(chunk.get("id") or "chat")
         self._response = _response("resp_" + base, chunk.get("model"), self._created, [], None, None)
         self._response["status"] = "in_progress"
         self._base = base

@@ -51,6 +51,8 @@ class ResponsesCall(ModelNamed):
     stream: bool
     api = RESPONSES
     generates = True
+    #: Never cached: each Response has an id of its own, which a replay must not repeat.
+    cacheable = False
     #: Every Responses stream reports its usage in C{response.completed}: nothing is asked for.
     client_wants_usage = True
     #: A Responses target takes no assistant prefill: a broken stream ends with its error event.

@@ -1,0 +1,306 @@
+"""
+The Responses the gateway holds: the stores (memory, a SQLite file) and
+L{Conversations} (a conversation followed back, a Response kept from its
+answer's bytes, the owner's check, retention, the input items' pages),
+on a fake clock.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred
+from twisted.internet.task import Clock
+
+from tests.fakes import result_of
+from txgateway import errors
+from txgateway.errors import GatewayError
+from txgateway.responses.conversations import (
+    AnswerRecorder, Conversations, answered_response, conversation_items, input_item_page, listed_items, turn_input,
+)
+from txgateway.responses.store import MemoryResponseStore, SqliteResponseStore, StoredResponse, StoreFailed
+
+DAY = 24 * 3600.0
+
+
+def done(coroutine):
+    """The result of a coroutine that finishes at once (unit tests never wait)."""
+    return result_of(ensureDeferred(coroutine))
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def __getattr__(self, level: str):
+        return lambda event, **fields: self.lines.append((level, event, fields))
+
+
+def record(response_id: str, owner: str = "alice", previous: str | None = None, text: str = "hi", at: float = 0.0) -> StoredResponse:
+    response = {"id": response_id, "object": "response", "status": "completed",
+                "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text.upper()}]}]}
+    return StoredResponse(response_id, owner, previous, [{"type": "message", "role": "user", "content": text}], response, at, at + DAY)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_and_clock(request, tmp_path):
+    clock = Clock()
+    if request.param == "memory":
+        return MemoryResponseStore(clock, 3), clock
+    return SqliteResponseStore(str(tmp_path / "state" / "responses.db"), clock, maybeDeferred, 3), clock
+
+
+def test_a_kept_response_comes_back_whole_until_it_expires(store_and_clock):
+    store, clock = store_and_clock
+    assert result_of(store.put(record("resp_1"))) is True
+    assert result_of(store.get("resp_1")) == record("resp_1")
+    assert result_of(store.get("resp_other")) is None
+    clock.advance(DAY)
+    assert result_of(store.get("resp_1")) is None
+
+
+def test_another_owner_never_replaces_a_kept_response(store_and_clock):
+    store, _ = store_and_clock
+    result_of(store.put(record("resp_1", text="mine")))
+    assert result_of(store.put(record("resp_1", owner="mallory", text="theirs"))) is False
+    assert result_of(store.get("resp_1")).input[0]["content"] == "mine"
+    assert result_of(store.put(record("resp_1", text="again"))) is True
+
+
+def test_a_deleted_response_is_gone_and_deleting_it_again_says_so(store_and_clock):
+    store, _ = store_and_clock
+    result_of(store.put(record("resp_1")))
+    assert result_of(store.delete("resp_1")) is True
+    assert result_of(store.get("resp_1")) is None
+    assert result_of(store.delete("resp_1")) is False
+
+
+def test_extending_keeps_earlier_turns_as_long_as_the_newest(store_and_clock):
+    store, clock = store_and_clock
+    result_of(store.put(record("resp_1")))
+    result_of(store.extend(["resp_1"], 2 * DAY))
+    clock.advance(1.5 * DAY)
+    assert result_of(store.get("resp_1")) is not None
+    result_of(store.extend(["resp_1"], DAY))  # never shortened
+    assert result_of(store.get("resp_1")) is not None
+
+
+def test_the_memory_store_keeps_max_entries_the_oldest_going_first():
+    store = MemoryResponseStore(Clock(), 3)
+    for n in range(5):
+        result_of(store.put(record(f"resp_{n}")))
+    assert len(store) == 3
+    assert result_of(store.get("resp_1")) is None and result_of(store.get("resp_4")) is not None
+
+
+def test_the_sqlite_file_survives_a_restart_and_sweeps_past_max_entries(tmp_path):
+    path = str(tmp_path / "responses.db")
+    clock = Clock()
+    first = SqliteResponseStore(path, clock, maybeDeferred, 3)
+    for n in range(200):
+        clock.advance(1)
+        result_of(first.put(record(f"resp_{n}", at=clock.seconds())))
+    first.close()
+    again = SqliteResponseStore(path, clock, maybeDeferred, 3)
+    assert result_of(again.get("resp_199")) is not None  # a restart keeps them
+    assert result_of(again.get("resp_0")) is None  # the sweep at the 200th put kept the 3 newest
+    again.close()
+
+
+def test_a_sqlite_file_that_fails_is_a_store_failure(tmp_path):
+    store = SqliteResponseStore(str(tmp_path / "responses.db"), Clock(), maybeDeferred, 3)
+    store.close()
+    failure = []
+    store.get("resp_1").addErrback(failure.append)
+    assert failure and failure[0].check(StoreFailed)
+
+
+def test_a_record_of_another_version_reads_as_none():
+    with pytest.raises(ValueError):
+        StoredResponse.decode(b'{"id": "x"}')
+    assert StoredResponse.decode(record("resp_1").encode()) == record("resp_1")
+
+
+# -- the pure parts
+
+
+def test_a_turns_input_is_items_and_a_conversation_is_each_turns_input_then_output():
+    assert turn_input({"input": "hello"}) == [{"type": "message", "role": "user", "content": "hello"}]
+    assert turn_input({}) == []
+    items = conversation_items([record("resp_1", text="one"), record("resp_2", text="two")])
+    assert [item.get("content") for item in items] == [
+        "one", [{"type": "output_text", "text": "ONE"}], "two", [{"type": "output_text", "text": "TWO"}],
+    ]
+
+
+def test_the_response_is_read_from_a_json_answer_or_from_a_streams_end_event():
+    response = {"id": "resp_1", "object": "response", "output": []}
+    assert answered_response(json.dumps(response).encode(), False) == response
+    assert answered_response(b'{"error": {"type": "x"}}', False) is None
+    assert answered_response(b"not json", False) is None
+    stream = (
+        b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1"}}\n\n'
+        b'event: response.completed\ndata: ' + json.dumps({"type": "response.completed", "response": response}).encode() + b"\n\n"
+    )
+    assert answered_response(stream, True) == response
+    broken = stream + b'event: error\ndata: {"type":"error","code":"stream_broken"}\n\n'
+    assert answered_response(broken, True) is None
+    assert answered_response(stream[: stream.index(b"event: response.completed")], True) is None
+
+
+def test_listed_input_items_have_ids_the_same_on_every_listing_and_text_as_parts():
+    items = [{"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "c1", "output": "ok", "id": "own"}]
+    listed = listed_items("resp_1", items)
+    assert listed == listed_items("resp_1", items)
+    assert listed[0]["id"].startswith("msg_") and listed[0]["content"] == [{"type": "input_text", "text": "hi"}]
+    assert listed[1]["id"] == "own"
+    assert listed_items("resp_2", items)[0]["id"] != listed[0]["id"]
+
+
+def test_input_items_are_paged_as_the_api_pages_them():
+    items = [{"id": f"i{n}"} for n in range(5)]
+    page = input_item_page(items, {"limit": "2"})
+    assert [i["id"] for i in page["data"]] == ["i4", "i3"] and page["has_more"] and page["last_id"] == "i3"
+    page = input_item_page(items, {"limit": "2", "after": "i3"})
+    assert [i["id"] for i in page["data"]] == ["i2", "i1"]
+    page = input_item_page(items, {"order": "asc", "after": "i2"})
+    assert [i["id"] for i in page["data"]] == ["i3", "i4"] and not page["has_more"]
+    for query in ({"limit": "0"}, {"limit": "x"}, {"order": "up"}, {"after": "nothing"}):
+        with pytest.raises(GatewayError) as caught:
+            input_item_page(items, query)
+        assert caught.value.kind is errors.BAD_REQUEST
+
+
+# -- Conversations
+
+
+def answered(recorder: AnswerRecorder, response: dict, code: int = 200) -> AnswerRecorder:
+    recorder.started(code, None, [])
+    recorder.wrote(json.dumps(response).encode())
+    return recorder
+
+
+def make(max_bytes: int = 100_000) -> tuple[Conversations, MemoryResponseStore, Clock, Log]:
+    clock, log = Clock(), Log()
+    store = MemoryResponseStore(clock, 100)
+    return Conversations(store, clock, DAY, max_bytes, log), store, clock, log
+
+
+def test_a_response_is_kept_with_its_owner_and_its_turns_input():
+    conversations, store, _, _ = make()
+    body = {"model": "m", "input": "hello"}
+    result_of(conversations.keep(body, "alice", [], answered(conversations.recorder(), record("resp_1").response), False))
+    kept = result_of(store.get("resp_1"))
+    assert (kept.owner, kept.input, kept.previous_id) == ("alice", [{"type": "message", "role": "user", "content": "hello"}], None)
+    assert done(conversations.retrieve("resp_1", "alice"))["id"] == "resp_1"
+
+
+def test_a_call_going_on_is_sent_with_every_earlier_turn_and_without_the_previous_id():
+    conversations, store, _, _ = make()
+    result_of(store.put(record("resp_1", text="one")))
+    result_of(store.put(record("resp_2", previous="resp_1", text="two")))
+    body, chain = done(conversations.continued({"model": "m", "previous_response_id": "resp_2", "input": "three"}, "alice"))
+    assert "previous_response_id" not in body and [turn.id for turn in chain] == ["resp_1", "resp_2"]
+    assert [item["content"] if isinstance(item["content"], str) else item["content"][0]["text"] for item in body["input"]] == [
+        "one", "ONE", "two", "TWO", "three",
+    ]
+    assert done(conversations.continued({"input": "x"}, "alice")) == ({"input": "x"}, [])
+
+
+def test_another_callers_response_is_not_found_whichever_way_it_is_asked_for():
+    conversations, store, _, _ = make()
+    result_of(store.put(record("resp_1")))
+    for asking in (
+        lambda: conversations.continued({"previous_response_id": "resp_1"}, "mallory"),
+        lambda: conversations.retrieve("resp_1", "mallory"),
+        lambda: conversations.delete("resp_1", "mallory"),
+        lambda: conversations.input_items("resp_1", "mallory", {}),
+    ):
+        failure = []
+        ensureDeferred(asking()).addErrback(failure.append)
+        assert failure[0].value.kind in (errors.NOT_FOUND, errors.PREVIOUS_RESPONSE_NOT_FOUND)
+    assert result_of(store.get("resp_1")) is not None  # mallory's delete did nothing
+
+
+def test_a_missing_earlier_turn_is_named_and_a_failed_store_is_503():
+    conversations, store, _, _ = make()
+    result_of(store.put(record("resp_2", previous="resp_1")))
+    failure = []
+    ensureDeferred(conversations.continued({"previous_response_id": "resp_2"}, "alice")).addErrback(failure.append)
+    assert failure[0].value.kind is errors.PREVIOUS_RESPONSE_NOT_FOUND and "resp_1" in failure[0].value.message
+
+    class Failing(MemoryResponseStore):
+        def get(self, response_id):
+            return fail(StoreFailed("Redis went away"))
+
+    broken = Conversations(Failing(Clock(), 1), Clock(), DAY, 1000, Log())
+    failure = []
+    ensureDeferred(broken.retrieve("resp_1", "alice")).addErrback(failure.append)
+    assert failure[0].value.kind is errors.RESPONSES_UNAVAILABLE
+
+
+def test_keeping_a_turn_keeps_its_earlier_turns_as_long():
+    conversations, store, clock, _ = make()
+    result_of(store.put(record("resp_1")))
+    clock.advance(0.9 * DAY)
+    chain = [result_of(store.get("resp_1"))]
+    body = {"previous_response_id": "resp_1", "input": "more"}
+    result_of(conversations.keep(body, "alice", chain, answered(conversations.recorder(), record("resp_2").response), False))
+    clock.advance(0.5 * DAY)
+    assert result_of(store.get("resp_1")) is not None
+    assert result_of(store.get("resp_2")).previous_id == "resp_1"
+
+
+def test_errors_broken_streams_and_too_large_responses_are_not_kept():
+    conversations, store, _, log = make(max_bytes=2000)
+    assert conversations.keep({}, "alice", [], answered(conversations.recorder(), {"error": {}}, 400), False) is None
+    assert conversations.keep({}, "alice", [], answered(conversations.recorder(), {"error": {}}), False) is None
+    large = record("resp_big", text="x" * 3000).response
+    assert conversations.keep({}, "alice", [], answered(conversations.recorder(), large), False) is None
+    assert len(store) == 0
+    assert [event for _, event, _ in log.lines] == ["response_not_stored"]
+
+
+def test_a_next_turn_waits_for_its_previous_one_still_being_kept():
+    clock = Clock()
+    store = MemoryResponseStore(clock, 10)
+    held: list[Deferred] = []
+
+    class Slow(MemoryResponseStore):
+        def put(self, kept):
+            d = Deferred()
+            held.append(d)
+            d.addCallback(lambda _: store.put(kept))
+            return d
+
+        def get(self, response_id):
+            return store.get(response_id)
+
+    conversations = Conversations(Slow(clock, 10), clock, DAY, 10_000, Log())
+    conversations.keep({"input": "one"}, "alice", [], answered(conversations.recorder(), record("resp_1").response), False)
+    going_on = ensureDeferred(conversations.continued({"previous_response_id": "resp_1", "input": "two"}, "alice"))
+    assert not going_on.called
+    held[0].callback(None)
+    body, chain = result_of(going_on)
+    assert [turn.id for turn in chain] == ["resp_1"]
+
+
+def test_a_deleted_response_is_answered_as_the_api_does_and_gone_after():
+    conversations, store, _, _ = make()
+    result_of(store.put(record("resp_1")))
+    assert done(conversations.delete("resp_1", "alice")) == {"id": "resp_1", "object": "response", "deleted": True}
+    assert result_of(store.get("resp_1")) is None
+
+
+def test_input_items_are_the_earlier_turns_and_the_responses_own_input():
+    conversations, store, _, _ = make()
+    result_of(store.put(record("resp_1", text="one")))
+    result_of(store.put(record("resp_2", previous="resp_1", text="two")))
+    page = done(conversations.input_items("resp_2", "alice", {"order": "asc"}))
+    assert [item["content"][0]["text"] for item in page["data"]] == ["one", "ONE", "two"]
+
+
+def test_conversations_need_a_response_store():
+    with pytest.raises(TypeError):
+        Conversations(object(), Clock(), DAY, 1, Log())
