@@ -26,6 +26,11 @@ C{tools}, a request whose last turn holds no C{tool_result} is answered
 with a C{tool_use} of the first tool (its input streamed in pieces), and
 one that holds a result with "The tool said: <result>".  A stop sequence
 that is one of the words ends the answer before it (C{stop_sequence}).
+With C{thinking} enabled it checks what the API checks (a budget of
+1024 or more below C{max_tokens}, no C{temperature}, and an assistant
+turn with a tool use that begins with the signed thinking block this
+backend gave, as it gave it) and begins its answer with that block
+(streamed as C{thinking_delta}s and a C{signature_delta}).
 C{GET /calls} says, per model, how many requests came, the last one's
 headers of interest and body.
 """
@@ -43,6 +48,29 @@ WORDS = [f"w{i} " for i in range(1, 61)]
 FULL = "".join(WORDS)
 CALLS: dict[str, dict] = {}
 INTERVAL = 0.003
+THOUGHT = "The user wants the weather; I will call the tool."
+SIGNATURE = "sig_fake_EqQBCkYIBRgCIkDm"
+THINKING_BLOCK = {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE}
+
+
+def _thinking_refusal(body: dict) -> str | None:
+    """What the real API says of a request with thinking enabled that it refuses, or None."""
+    thinking = body.get("thinking") or {}
+    if thinking.get("type") != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget < 1024 or budget >= body.get("max_tokens", 0):
+        return "thinking.budget_tokens: must be at least 1024 and less than max_tokens"
+    if body.get("temperature") not in (None, 1):
+        return "temperature may only be set to 1 when thinking is enabled"
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, list):
+            continue
+        if any(block.get("type") == "tool_use" for block in content) and content[0] != THINKING_BLOCK:
+            return ("messages: Expected `thinking` or `redacted_thinking`, but found `" + str(content[0].get("type"))
+                    + "`. When `thinking` is enabled, an assistant message with a tool use must start with its thinking block")
+    return None
 
 
 def _json(request, body, code=200, headers=()) -> bytes:
@@ -129,7 +157,12 @@ class Messages(Resource):
             return _error(request, 429, "rate_limit_error", "slow down", [(b"retry-after", b"1")])
         if model == "context":
             return _error(request, 400, "invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum")
+        refusal = _thinking_refusal(body)
+        if refusal is not None:
+            return _error(request, 400, "invalid_request_error", refusal)
         blocks, stop_reason, stop_sequence, pieces = _answer(body)
+        if (body.get("thinking") or {}).get("type") == "enabled":
+            blocks = [THINKING_BLOCK, *blocks]
         input_tokens = sum(len(_text_of(m.get("content", "")).split()) for m in messages if m.get("role") == "user")
         output_tokens = len(pieces) + (5 if len(blocks) > 1 else 0)
         message = {
@@ -150,7 +183,16 @@ class Messages(Resource):
             self._send(request, events)
             return server.NOT_DONE_YET
         for index, block in enumerate(blocks):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                events.append(_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                             "content_block": {"type": "thinking", "thinking": "", "signature": ""}}))
+                half = len(THOUGHT) // 2
+                for piece in (THOUGHT[:half], THOUGHT[half:]):
+                    events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                                 "delta": {"type": "thinking_delta", "thinking": piece}}))
+                events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                             "delta": {"type": "signature_delta", "signature": SIGNATURE}}))
+            elif block["type"] == "text":
                 events.append(_event("content_block_start", {"type": "content_block_start", "index": index,
                                                              "content_block": {"type": "text", "text": ""}}))
                 if index == 0:

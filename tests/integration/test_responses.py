@@ -9,6 +9,8 @@ to Claude (tests/anthropic_backend.py, translated by way of chat).
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -147,3 +149,60 @@ def test_a_function_tool_goes_to_claude_and_comes_back_as_a_function_call(client
         {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
     ])
     assert follow_up.output_text == "The tool said: Sunny, 21 C"
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def _claude_reasoning(item) -> bool:
+    return item.type == "reasoning" and (item.encrypted_content or "").startswith("txgateway.claude-thinking.v1:")
+
+
+def test_claudes_signed_thinking_comes_back_as_a_reasoning_item_and_goes_back_to_claude(client, claude):
+    first = client.responses.create(model="claude", input="Weather in Paris?", tools=[WEATHER], reasoning={"effort": "low"},
+                                    max_output_tokens=4000, store=False)
+    reasoning, call = first.output[0], first.output[-1]
+    assert _claude_reasoning(reasoning) and reasoning.summary[0].text == "The user wants the weather; I will call the tool."
+    assert call.type == "function_call"
+    assert claude.calls()["claude-test"]["body"]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    # The SDK's own pattern: the output sent back as it came, then the tool's output.  The backend
+    # refuses (as Claude does) an assistant turn with a tool use that does not begin with its thinking.
+    follow_up = client.responses.create(
+        model="claude", tools=[WEATHER], reasoning={"effort": "low"}, max_output_tokens=4000, store=False,
+        input=[{"role": "user", "content": "Weather in Paris?"}, *[item.model_dump(exclude_none=True) for item in first.output],
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+    )
+    assert follow_up.output_text == "The tool said: Sunny, 21 C"
+    sent = claude.calls()["claude-test"]["body"]["messages"][1]["content"]
+    assert sent[0] == {"type": "thinking", "thinking": "The user wants the weather; I will call the tool.",
+                       "signature": "sig_fake_EqQBCkYIBRgCIkDm"}
+
+
+def test_a_streamed_thinking_is_a_reasoning_items_events_and_a_held_conversation_keeps_it(client):
+    with client.responses.stream(model="claude", input="Weather in Paris?", tools=[WEATHER], reasoning={"effort": "medium"},
+                                 max_output_tokens=8000) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_summary_text.delta" in kinds
+    assert kinds.index("response.reasoning_summary_text.delta") < kinds.index("response.function_call_arguments.delta")
+    assert _claude_reasoning(final.output[0])
+    [call] = [item for item in final.output if item.type == "function_call"]
+    # Going on from the response the gateway holds: its thinking goes back to Claude with it.
+    going_on = client.responses.create(
+        model="claude", previous_response_id=final.id, tools=[WEATHER], reasoning={"effort": "medium"}, max_output_tokens=8000,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Rain"}],
+    )
+    assert going_on.output_text == "The tool said: Rain"
+
+
+def test_claudes_thinking_never_reaches_another_provider(client, backend):
+    first = client.responses.create(model="claude", input="Weather in Paris?", tools=[WEATHER], reasoning={"effort": "low"},
+                                    max_output_tokens=4000)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    tool_output = [{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
+    client.responses.create(model="agent", previous_response_id=first.id, input=tool_output)
+    sent = backend.calls()["responses:resp-model"]["last_body"]["input"]
+    assert [item.get("type", "message") for item in sent] == ["message", "message", "function_call", "function_call_output"]
+    client.responses.create(model="selfhosted", previous_response_id=first.id, input=tool_output, tools=[WEATHER])
+    assert "thinking_blocks" not in json.dumps(backend.calls()["plain-model"]["last_messages"])

@@ -277,9 +277,51 @@ def messages_request_to_chat(body: dict, model: str | None, prefill: str | None 
 _CHAT_FIELDS = frozenset(
     {
         "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
-        "stream_options", "user", "tools", "tool_choice", "parallel_tool_calls", "n",
+        "stream_options", "user", "tools", "tool_choice", "parallel_tool_calls", "n", "reasoning_effort",
     }
 )
+
+#: The thinking budget Claude gets for each chat C{reasoning_effort} (none for C{minimal} and C{none}).
+THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+#: The least thinking budget the Messages API takes.
+_LEAST_THINKING = 1024
+
+
+def _thinking_blocks(blocks: Any, where: str) -> list[dict]:
+    """
+    An assistant message's C{thinking_blocks} (Claude's own thinking,
+    signed, as an earlier answer gave it: the chat convention LiteLLM
+    uses too), checked: each goes back to Claude as it came.
+    """
+    if not isinstance(blocks, list):
+        raise Untranslatable(f"{where}.thinking_blocks: expected a list")
+    kept = []
+    for number, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "thinking" and isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str):
+            kept.append({"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]})
+        elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
+            kept.append({"type": "redacted_thinking", "data": block["data"]})
+        else:
+            raise Untranslatable(f"{where}.thinking_blocks[{number}]: not a signed thinking block of Claude's")
+    return kept
+
+
+def _thinking(body: dict, max_tokens: int, choice: Any) -> dict | None:
+    """
+    The C{thinking} a chat C{reasoning_effort} asks Claude for, or L{None}
+    when it asks for none, or when the request cannot think (the API
+    refuses thinking with C{temperature} or C{top_p} changed, with a
+    forced tool, or with a C{max_tokens} at or below the least budget).
+    """
+    budget = THINKING_BUDGETS.get(body.get("reasoning_effort"))
+    if budget is None:
+        return None
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    if temperature not in (None, 1) or (top_p is not None and top_p < 0.95) or choice not in (None, "auto", "none"):
+        return None
+    budget = min(budget, max_tokens - 1)
+    return {"type": "enabled", "budget_tokens": budget} if budget >= _LEAST_THINKING else None
 
 
 #: Chat fields at a value that changes nothing (OpenAI's default): as good as absent.
@@ -372,6 +414,8 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
             _append_turn(turns, "user", _as_blocks(_blocks_of_parts(message.get("content"), where)))
         elif role == "assistant":
             blocks: list[dict] = []
+            if message.get("thinking_blocks"):
+                blocks.extend(_thinking_blocks(message["thinking_blocks"], where))  # first, as Claude gave them
             content = message.get("content")
             if content:
                 blocks.extend(_as_blocks(_blocks_of_parts(content, where)))
@@ -416,6 +460,9 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
     if body.get("tools") is not None:
         request["tools"] = _messages_tools(body["tools"])
     choice = body.get("tool_choice")
+    thinking = _thinking(body, request["max_tokens"], choice)
+    if thinking is not None:
+        request["thinking"] = thinking
     serial = body.get("parallel_tool_calls") is False
     if choice is not None or (serial and "tools" in request):
         request["tool_choice"] = _messages_tool_choice(choice if choice is not None else "auto", serial)
@@ -545,16 +592,22 @@ def message_answer_to_chat(body: bytes, created: int) -> bytes:
     answer = _loads(body)
     if not isinstance(answer, dict) or not isinstance(answer.get("content"), list):
         return body
-    texts, calls = [], []
+    texts, calls, thinking = [], [], []
     for block in answer["content"]:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             texts.append(block.get("text", ""))
         elif kind == "tool_use":
             calls.append(_tool_call_of(block))
+        elif kind in ("thinking", "redacted_thinking"):
+            thinking.append(block)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
+    if thinking:
+        # Claude's signed thinking, as chat says it (LiteLLM's convention): the text, and the blocks to send back.
+        message["reasoning_content"] = "".join(str(block.get("thinking", "")) for block in thinking)
+        message["thinking_blocks"] = thinking
     reason = answer.get("stop_reason")
     return _dumps(
         {
@@ -718,8 +771,10 @@ class MessagesToChatStream:
     completion stream: a role chunk at C{message_start}, a content chunk
     for each text delta, C{tool_calls} chunks for tool uses, the finish
     reason at C{message_delta} (then its usage, when the client asked for
-    it), C{data: [DONE]} at C{message_stop}; thinking is left out.  One
-    writer serves one client's answer, across the attempts that continue it.
+    it), C{data: [DONE]} at C{message_stop}.  Thinking is said as chat
+    says it (LiteLLM's convention): C{reasoning_content} deltas, then the
+    whole signed block in C{thinking_blocks} when it ends.  One writer
+    serves one client's answer, across the attempts that continue it.
 
     @param created: the C{created} time of every chunk.
     """
@@ -730,6 +785,8 @@ class MessagesToChatStream:
         self._id: str | None = None
         self._model: str | None = None
         self._tools: dict[int, int] = {}  # Messages block index -> tool call index
+        #: The thinking blocks open now, by Messages block index: their text so far and signature.
+        self._thinking: dict[int, list] = {}
         #: Every content chunk's bytes before its text, made at message_start.
         self._content_head: bytes | None = None
         self._ended = False
@@ -769,6 +826,11 @@ class MessagesToChatStream:
         if kind == "content_block_start":
             block = data.get("content_block") if type(data.get("content_block")) is dict else {}
             index = data.get("index")
+            if block.get("type") == "thinking" and type(index) is int:
+                self._thinking[index] = [[], block.get("signature") or ""]
+                return b""
+            if block.get("type") == "redacted_thinking":
+                return self._chunk({"thinking_blocks": [block]})
             if block.get("type") != "tool_use" or type(index) is not int:
                 return b""
             number = self._tools[index] = len(self._tools)
@@ -782,6 +844,13 @@ class MessagesToChatStream:
                 # The most common chunk: from a template, not a dict (the writer's stream 41% faster).
                 return b"".join((self._content_head, _dumps(facts.text), _CONTENT_TAIL))
             index = data.get("index")
+            if type(index) is int and index in self._thinking:
+                if delta.get("type") == "thinking_delta" and type(delta.get("thinking")) is str:
+                    self._thinking[index][0].append(delta["thinking"])
+                    return self._chunk({"reasoning_content": delta["thinking"]})
+                if delta.get("type") == "signature_delta" and type(delta.get("signature")) is str:
+                    self._thinking[index][1] += delta["signature"]
+                return b""
             if delta.get("type") == "input_json_delta" and type(index) is int and index in self._tools:
                 call = {"index": self._tools[index], "function": {"arguments": delta.get("partial_json", "")}}
                 return self._chunk({"tool_calls": [call]})
@@ -801,6 +870,9 @@ class MessagesToChatStream:
                      "choices": [], "usage": usage}
                 )
             return out
+        if kind == "content_block_stop" and type(data.get("index")) is int and data["index"] in self._thinking:
+            parts, signature = self._thinking.pop(data["index"])
+            return self._chunk({"thinking_blocks": [{"type": "thinking", "thinking": "".join(parts), "signature": signature}]})
         return b""  # content_block_stop, ping, and what OpenAI's stream has no place for
 
 

@@ -19,7 +19,9 @@ from txgateway.errors import ErrorKind
 from txgateway.ids import random_hex
 from txgateway.openai.speaker import OPENAI, OPENAI_API, OpenAIApi, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
-from txgateway.responses.translate import ChatToResponsesStream, chat_answer_to_response, namespaced_names, responses_request_to_chat
+from txgateway.responses.translate import (
+    CLAUDE_THINKING, ChatToResponsesStream, chat_answer_to_response, claude_thinking, namespaced_names, responses_request_to_chat,
+)
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
 from txgateway.speaking import IApi, ISpeaker, Untranslatable
 
@@ -32,6 +34,10 @@ def new_response_id() -> str:
     so that no two are alike, whichever target answered, and none is guessed.
     """
     return "resp_" + random_hex(24)
+
+
+#: A body holding Claude's thinking holds these bytes (a reasoning item's C{encrypted_content} begins with them).
+_CLAUDE_THINKING = CLAUDE_THINKING.encode("ascii")
 
 
 @implementer(IApi)
@@ -76,8 +82,15 @@ class ResponsesToResponses(Speaker):
         return path
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
-        """The client's body, the model renamed."""
-        return self.call.body_for(model)
+        """The client's body, the model renamed; Claude's thinking (reasoning items of the gateway's making) left out."""
+        if _CLAUDE_THINKING not in self.call.raw:
+            return self.call.body_for(model)
+        body = dict(self.call.body)
+        if model is not None:
+            body["model"] = model
+        if isinstance(body.get("input"), list):
+            body["input"] = [item for item in body["input"] if claude_thinking(item) is None]
+        return encode_json(body)
 
     def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
         """The Responses API's C{error} event."""
@@ -120,13 +133,14 @@ class ResponsesToChat(Speaker):
         return error_event(kind, message, request_id)
 
 
-def _as_chat(speaker: Speaker, config: ServiceConfig, model: str | None) -> dict:
+def _as_chat(speaker: Speaker, config: ServiceConfig, model: str | None, thinking: bool = False) -> dict:
     """
     A Responses request as chat for C{speaker}'s target: the built-in
     tools left out (named in its answer's C{X-Gateway-Dropped-Tools}), or
-    refused when the service says C{builtin_tools = refuse}.
+    refused when the service says C{builtin_tools = refuse}; with
+    C{thinking} (Claude), Claude's own reasoning items sent back.
     """
-    chat, left_out = responses_request_to_chat(speaker.call.body, model)
+    chat, left_out = responses_request_to_chat(speaker.call.body, model, thinking)
     if left_out:
         names = ", ".join(sorted(set(left_out)))
         if config.builtin_tools == "refuse":
@@ -193,7 +207,7 @@ class ResponsesToMessages(Speaker):
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
         """The Responses request as chat, then as Messages (C{max_tokens} the service's when the client names none)."""
-        chat = _as_chat(self, config, model)
+        chat = _as_chat(self, config, model, thinking=True)
         return encode_json(chat_request_to_messages(chat, model or self.call.model, config.max_tokens, prefill))
 
     def completion_floor(self, config: ServiceConfig) -> int:

@@ -13,6 +13,8 @@ The README's "OpenAI's Responses API" has the table this module implements.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from txgateway.openai.wire import ChunkFacts
@@ -22,6 +24,27 @@ from txgateway.responses.wire import sse_event
 from txgateway.speaking import Untranslatable
 
 __all__ = ["ChatToResponsesStream", "chat_answer_to_response", "namespaced_names", "responses_request_to_chat"]
+
+#: What begins the C{encrypted_content} of a reasoning item holding Claude's signed thinking (base64 JSON after it).
+CLAUDE_THINKING = "txgateway.claude-thinking.v1:"
+
+
+def thinking_content(blocks: list) -> str:
+    """Claude's signed thinking blocks as a reasoning item's opaque C{encrypted_content}."""
+    return CLAUDE_THINKING + base64.b64encode(_dumps(blocks)).decode("ascii")
+
+
+def claude_thinking(item: Any) -> list | None:
+    """The thinking blocks a reasoning item holds from Claude (L{thinking_content}), or L{None} for any other."""
+    content = item.get("encrypted_content") if isinstance(item, dict) else None
+    if not isinstance(content, str) or not content.startswith(CLAUDE_THINKING):
+        return None
+    try:
+        blocks = _loads(base64.b64decode(content[len(CLAUDE_THINKING):], validate=True))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return blocks if isinstance(blocks, list) else None
+
 
 #: How a tool of a C{namespace} is named to a chat target: C{namespace__name}.
 _NAMESPACE_JOIN = "__"
@@ -88,9 +111,15 @@ def _content(content: Any, where: str, text_only: bool) -> str | list[dict]:
     return parts
 
 
-def _messages(items: Any, instructions: Any) -> list[dict]:
-    """The Responses C{input} (and C{instructions}) as chat messages."""
+def _messages(items: Any, instructions: Any, thinking: bool = False) -> list[dict]:
+    """
+    The Responses C{input} (and C{instructions}) as chat messages.  With
+    C{thinking} (the target is Claude), a reasoning item holding Claude's
+    own signed thinking goes back on the assistant message after it
+    (C{thinking_blocks}); any other reasoning is left out.
+    """
     messages: list[dict] = []
+    pending: list = []  # Claude's thinking, for the next assistant message
     if instructions is not None:
         messages.append({"role": "system", "content": _text(instructions, "instructions")})
     if isinstance(items, str):
@@ -109,6 +138,8 @@ def _messages(items: Any, instructions: Any) -> list[dict]:
                 raise Untranslatable(f"{where}.role {role!r} has no chat completions equivalent")
             role = "system" if role == "developer" else role
             messages.append({"role": role, "content": _content(item.get("content"), where, role != "user")})
+            if role == "assistant" and pending:
+                messages[-1]["thinking_blocks"], pending = pending, []
         elif kind == "function_call":
             name = _text(item.get("name"), f"{where}.name")
             if isinstance(item.get("namespace"), str):
@@ -122,11 +153,17 @@ def _messages(items: Any, instructions: Any) -> list[dict]:
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if pending:
+                messages[-1].setdefault("thinking_blocks", []).extend(pending)
+                pending = []
         elif kind == "function_call_output":
             output = item.get("output")
             content = output if isinstance(output, str) else _content(output, where, True)
             messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{where}.call_id"), "content": content})
         elif kind == "reasoning":
+            blocks = claude_thinking(item) if thinking else None
+            if blocks:
+                pending.extend(blocks)
             continue  # reasoning from one provider is never sent to another
         else:
             raise Untranslatable(f"{where}: an item of type {kind!r} has no chat completions equivalent")
@@ -200,10 +237,12 @@ def _response_format(text: Any) -> dict | None:
     raise Untranslatable(f"text.format {shape!r} has no chat completions equivalent")
 
 
-def responses_request_to_chat(body: dict, model: str | None) -> tuple[dict, list[str]]:
+def responses_request_to_chat(body: dict, model: str | None, thinking: bool = False) -> tuple[dict, list[str]]:
     """
     A Responses request as a chat completions request for C{model}, and
-    the built-in tools left out of it.
+    the built-in tools left out of it.  With C{thinking} (the chat request
+    goes on to Claude), Claude's own reasoning items go back as the
+    assistant messages' C{thinking_blocks}.
 
     @raise Untranslatable: a field (named) that chat completions cannot be asked.
     """
@@ -215,7 +254,9 @@ def responses_request_to_chat(body: dict, model: str | None) -> tuple[dict, list
             raise Untranslatable(f"{field!r} needs a conversation the gateway holds (on /v1/responses) or the target holds")
     if body.get("background") is True:
         raise Untranslatable("'background' mode is not served for a chat completions target")
-    chat: dict[str, Any] = {"model": model or body.get("model"), "messages": _messages(body.get("input"), body.get("instructions"))}
+    chat: dict[str, Any] = {
+        "model": model or body.get("model"), "messages": _messages(body.get("input"), body.get("instructions"), thinking),
+    }
     for field in _SAME:
         if body.get(field) is not None:
             chat[field] = body[field]
@@ -282,6 +323,17 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict:
     }
 
 
+def _reasoning_item(item_id: str, text: str, blocks: list) -> dict:
+    """
+    A reasoning item: its text as the summary, and Claude's signed
+    thinking blocks (when there are) as its opaque C{encrypted_content}.
+    """
+    return {
+        "type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}] if text else [],
+        "encrypted_content": thinking_content(blocks) if blocks else None,
+    }
+
+
 def _call_item(call_id: str, name: str, arguments: str, status: str = "completed", names: dict | None = None) -> dict:
     item = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
     if names and name in names:
@@ -305,6 +357,12 @@ def chat_answer_to_response(body: bytes, created: int, names: dict | None = None
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     base = response_id[len("resp_"):] if response_id else str(answer.get("id") or "chat")
     output: list[dict] = []
+    reasoning = message.get("reasoning_content")
+    blocks = message.get("thinking_blocks")
+    if (isinstance(reasoning, str) and reasoning) or (isinstance(blocks, list) and blocks):
+        output.append(_reasoning_item(
+            "rs_" + base, reasoning if isinstance(reasoning, str) else "", blocks if isinstance(blocks, list) else [],
+        ))
     if isinstance(message.get("content"), str) and message["content"]:
         output.append(_message_item("msg_" + base, message["content"]))
     calls = message.get("tool_calls")
@@ -339,7 +397,8 @@ class ChatToResponsesStream:
         self._sequence = 0
         self._response: dict | None = None
         self._output: list[dict] = []
-        #: The item open now: ("message", index, text parts) or ("call", index, id, name, arguments parts).
+        #: The item open now: ["message", index, text parts, item id], ["call", index, id, name, arguments
+        #: parts] or ["reasoning", index, text parts, item id, thinking blocks].
         self._open: list | None = None
         self._calls: dict[int, list] = {}
         self._usage: dict | None = None
@@ -378,6 +437,14 @@ class ChatToResponsesStream:
             part = item["content"][0]
             out = self._event("response.output_text.done", item_id=opened[3], output_index=index, content_index=0, text=text)
             out += self._event("response.content_part.done", item_id=opened[3], output_index=index, content_index=0, part=part)
+        elif opened[0] == "reasoning":
+            text = "".join(opened[2])
+            item = _reasoning_item(opened[3], text, opened[4])
+            out = b""
+            if opened[2]:
+                part = {"type": "summary_text", "text": text}
+                out += self._event("response.reasoning_summary_text.done", item_id=opened[3], output_index=index, summary_index=0, text=text)
+                out += self._event("response.reasoning_summary_part.done", item_id=opened[3], output_index=index, summary_index=0, part=part)
         else:
             arguments = "".join(opened[4])
             item = _call_item(opened[2], opened[3], arguments, names=self._names)
@@ -405,6 +472,24 @@ class ChatToResponsesStream:
             self._delta_middle = b',"item_id":' + _dumps(item_id) + b',"output_index":%d,"content_index":0,"delta":' % self._open[1]
         self._open[2].append(text)
         return out + self._event("response.output_text.delta", item_id=self._open[3], output_index=self._open[1], content_index=0, delta=text)
+
+    def _reasoning(self, text: str, blocks: list) -> bytes:
+        """Reasoning (a chat stream's C{reasoning_content}, Claude's signed C{thinking_blocks}) as a reasoning item's events."""
+        out = b""
+        if self._open is None or self._open[0] != "reasoning":
+            out += self._close()
+            item_id = f"rs_{self._base}_{len(self._output)}"
+            self._open = ["reasoning", len(self._output), [], item_id, []]
+            out += self._event("response.output_item.added", output_index=self._open[1], item=_reasoning_item(item_id, "", []))
+        opened = self._open
+        if text:
+            if not opened[2]:
+                out += self._event("response.reasoning_summary_part.added", item_id=opened[3], output_index=opened[1], summary_index=0,
+                                   part={"type": "summary_text", "text": ""})
+            opened[2].append(text)
+            out += self._event("response.reasoning_summary_text.delta", item_id=opened[3], output_index=opened[1], summary_index=0, delta=text)
+        opened[4].extend(blocks)
+        return out
 
     def _tool(self, call: dict) -> bytes:
         out = b""
@@ -449,6 +534,9 @@ class ChatToResponsesStream:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            reasoning, blocks = delta.get("reasoning_content"), delta.get("thinking_blocks")
+            if (isinstance(reasoning, str) and reasoning) or (isinstance(blocks, list) and blocks):
+                out += self._reasoning(reasoning if isinstance(reasoning, str) else "", blocks if isinstance(blocks, list) else [])
             if isinstance(delta.get("content"), str) and delta["content"]:
                 out += self._text(delta["content"])
             calls = delta.get("tool_calls")
