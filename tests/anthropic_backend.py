@@ -109,9 +109,12 @@ def _answer(body: dict) -> tuple[list[dict], str, str | None, list[str]]:
             text = f"The tool said: {said}"
             return [{"type": "text", "text": text}], "end_turn", None, [text]
         tool = body["tools"][0]
+        # A tool of one string "input" (what a custom tool becomes) gets a patch; any other, a city.
+        properties = (tool.get("input_schema") or {}).get("properties") or {}
+        given = {"input": "*** Begin Patch\n*** End Patch"} if "input" in properties else {"city": "Paris"}
         blocks = [
             {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": "toolu_fake1", "name": tool["name"], "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_fake1", "name": tool["name"], "input": given},
         ]
         return blocks, "tool_use", None, ["Let me check."]
     prefill = _text_of(last.get("content", "")) if last.get("role") == "assistant" else ""
@@ -207,7 +210,8 @@ class Messages(Resource):
             else:
                 events.append(_event("content_block_start", {"type": "content_block_start", "index": index,
                                                              "content_block": {**block, "input": {}}}))
-                for part in ('{"ci', 'ty": "Pa', 'ris"}'):
+                given = json.dumps(block["input"])
+                for part in (given[:3], given[3:9], given[9:]):
                     events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
                                                                  "delta": {"type": "input_json_delta", "partial_json": part}}))
             events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))

@@ -182,8 +182,11 @@ class Completions(Resource):
             message = {"role": "assistant", "content": f"The tool said: {messages[-1]['content']}"}
             finish = "stop"
         else:
-            name = body["tools"][0]["function"]["name"]
-            call = {"id": "call_fake1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+            function = body["tools"][0]["function"]
+            # A function of one string "input" (what a custom tool becomes) gets a patch; any other, a city.
+            properties = (function.get("parameters") or {}).get("properties") or {}
+            arguments = '{"input": "*** Begin Patch\\n*** End Patch"}' if "input" in properties else '{"city": "Paris"}'
+            call = {"id": "call_fake1", "type": "function", "function": {"name": function["name"], "arguments": arguments}}
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
             finish = "tool_calls"
         if not body.get("stream"):
@@ -197,7 +200,8 @@ class Completions(Resource):
             call = message["tool_calls"][0]
             first = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
             events.append(_chunk(model, {"tool_calls": [first]}))
-            for part in ('{"ci', 'ty": "Pa', 'ris"}'):
+            arguments = call["function"]["arguments"]
+            for part in (arguments[:3], arguments[3:9], arguments[9:]):
                 events.append(_chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": part}}]}))
         else:
             events.append(_chunk(model, {"content": message["content"]}))

@@ -206,3 +206,25 @@ def test_claudes_thinking_never_reaches_another_provider(client, backend):
     assert [item.get("type", "message") for item in sent] == ["message", "message", "function_call", "function_call_output"]
     client.responses.create(model="selfhosted", previous_response_id=first.id, input=tool_output, tools=[WEATHER])
     assert "thinking_blocks" not in json.dumps(backend.calls()["plain-model"]["last_messages"])
+
+
+PATCH = {"type": "custom", "name": "apply_patch", "description": "Apply a patch to the files.",
+         "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "*** Begin Patch" /(.|\\n)*/ "*** End Patch"'}}
+
+
+@pytest.mark.parametrize("model", ["selfhosted", "claude"])
+def test_a_custom_tool_is_called_and_its_output_goes_back_on_a_translated_target(client, model):
+    first = client.responses.create(model=model, input="Fix the bug", tools=[PATCH], store=False)
+    [call] = [item for item in first.output if item.type == "custom_tool_call"]
+    assert (call.name, call.input) == ("apply_patch", "*** Begin Patch\n*** End Patch")
+    with client.responses.stream(model=model, input="Fix the bug", tools=[PATCH], store=False) as stream:
+        streamed = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.custom_tool_call_input.done" in streamed
+    assert [item.input for item in final.output if item.type == "custom_tool_call"] == [call.input]
+    follow_up = client.responses.create(model=model, tools=[PATCH], store=False, input=[
+        {"role": "user", "content": "Fix the bug"},
+        {"type": "custom_tool_call", "call_id": call.call_id, "name": call.name, "input": call.input},
+        {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Applied"},
+    ])
+    assert follow_up.output_text == "The tool said: Applied"

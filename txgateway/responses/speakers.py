@@ -20,7 +20,7 @@ from txgateway.ids import random_hex
 from txgateway.openai.speaker import OPENAI, OPENAI_API, OpenAIApi, Speaker
 from txgateway.openai.wire import ChunkFacts, encode_json, read_chunk
 from txgateway.responses.translate import (
-    CLAUDE_THINKING, ChatToResponsesStream, chat_answer_to_response, claude_thinking, namespaced_names, responses_request_to_chat,
+    CLAUDE_THINKING, ChatToResponsesStream, chat_answer_to_response, claude_thinking, tool_names, responses_request_to_chat,
 )
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
 from txgateway.speaking import IApi, ISpeaker, Untranslatable
@@ -115,7 +115,7 @@ class ResponsesToChat(Speaker):
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         super().__init__(call, path, started_at)
         created = int(started_at)
-        names = namespaced_names(call.body.get("tools"))
+        names = tool_names(call.body.get("tools"))
         response_id = new_response_id()
         self.write_events = ChatToResponsesStream(created, names, response_id) if call.stream else None
         self.translate_answer = lambda body: chat_answer_to_response(body, created, names, response_id)
@@ -196,7 +196,7 @@ class ResponsesToMessages(Speaker):
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         super().__init__(call, path, started_at)
         created = int(started_at)
-        names = namespaced_names(call.body.get("tools"))
+        names = tool_names(call.body.get("tools"))
         response_id = new_response_id()
         self.write_events = _ThroughChat(created, names, response_id) if call.stream else None
         self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created, names, response_id)

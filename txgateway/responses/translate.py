@@ -23,7 +23,7 @@ from txgateway.openai.wire import encode_json as _dumps
 from txgateway.responses.wire import sse_event
 from txgateway.speaking import Untranslatable
 
-__all__ = ["ChatToResponsesStream", "chat_answer_to_response", "namespaced_names", "responses_request_to_chat"]
+__all__ = ["ChatToResponsesStream", "chat_answer_to_response", "responses_request_to_chat", "tool_names"]
 
 #: What begins the C{encrypted_content} of a reasoning item holding Claude's signed thinking (base64 JSON after it).
 CLAUDE_THINKING = "txgateway.claude-thinking.v1:"
@@ -148,15 +148,18 @@ def _messages(items: Any, instructions: Any, thinking: bool = False) -> list[dic
                 "id": _text(item.get("call_id"), f"{where}.call_id"), "type": "function",
                 "function": {"name": name, "arguments": _text(item.get("arguments"), f"{where}.arguments")},
             }
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
-                last.setdefault("tool_calls", []).append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-            if pending:
-                messages[-1].setdefault("thinking_blocks", []).extend(pending)
-                pending = []
-        elif kind == "function_call_output":
+            _add_call(messages, call, pending)
+            pending = []
+        elif kind == "custom_tool_call":
+            # A custom tool is a function of one string to the target: its input goes as {"input": ...}.
+            call = {
+                "id": _text(item.get("call_id"), f"{where}.call_id"), "type": "function",
+                "function": {"name": _text(item.get("name"), f"{where}.name"),
+                             "arguments": _dumps({"input": _text(item.get("input"), f"{where}.input")}).decode("utf-8")},
+            }
+            _add_call(messages, call, pending)
+            pending = []
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             content = output if isinstance(output, str) else _content(output, where, True)
             messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{where}.call_id"), "content": content})
@@ -170,6 +173,38 @@ def _messages(items: Any, instructions: Any, thinking: bool = False) -> list[dic
     return messages
 
 
+def _add_call(messages: list[dict], call: dict, thinking: list) -> None:
+    """A tool call on the assistant message it belongs to (a new one unless the last is an assistant's), with Claude's thinking before it."""
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
+        last.setdefault("tool_calls", []).append(call)
+    else:
+        messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    if thinking:
+        messages[-1].setdefault("thinking_blocks", []).extend(thinking)
+
+
+def _custom_function(tool: dict, where: str) -> dict:
+    """
+    A C{custom} tool (free-form text in, as Codex's C{apply_patch}) as a
+    chat function of one string, C{input}; its grammar, when it has one,
+    said in the description (a chat target cannot be held to it).
+    """
+    name = _text(tool.get("name"), f"{where}.name")
+    description = tool.get("description") if isinstance(tool.get("description"), str) else ""
+    shape = tool.get("format")
+    if isinstance(shape, dict) and shape.get("type") == "grammar" and isinstance(shape.get("definition"), str):
+        description += f"\n\nThe input follows this {shape.get('syntax', 'lark')} grammar:\n{shape['definition']}"
+    elif shape not in (None, {"type": "text"}):
+        raise Untranslatable(f"{where}.format {shape!r} has no chat completions equivalent")
+    function = {
+        "name": name, "parameters": {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]},
+    }
+    if description:
+        function["description"] = description.strip()
+    return {"type": "function", "function": function}
+
+
 def _function(tool: dict, where: str, namespace: str | None = None) -> dict:
     name = _text(tool.get("name"), f"{where}.name")
     function = {"name": name if namespace is None else namespace + _NAMESPACE_JOIN + name}
@@ -179,14 +214,21 @@ def _function(tool: dict, where: str, namespace: str | None = None) -> dict:
     return {"type": "function", "function": function}
 
 
-def namespaced_names(tools: Any) -> dict[str, tuple[str, str]]:
-    """The chat names of a request's C{namespace} tools, each with its namespace and its own name."""
-    names = {}
+def tool_names(tools: Any) -> dict[str, tuple[str | None, str]]:
+    """
+    The chat names of a request's tools that are not plain functions to
+    the client: each C{namespace} tool's with its namespace and its own
+    name, each C{custom} tool's with L{None} for namespace (its calls
+    come back as C{custom_tool_call}s).
+    """
+    names: dict[str, tuple[str | None, str]] = {}
     for tool in tools if isinstance(tools, list) else ():
         if isinstance(tool, dict) and tool.get("type") == "namespace" and isinstance(tool.get("name"), str):
             for inner in tool.get("tools") or ():
                 if isinstance(inner, dict) and isinstance(inner.get("name"), str):
                     names[tool["name"] + _NAMESPACE_JOIN + inner["name"]] = (tool["name"], inner["name"])
+        elif isinstance(tool, dict) and tool.get("type") == "custom" and isinstance(tool.get("name"), str):
+            names[tool["name"]] = (None, tool["name"])
     return names
 
 
@@ -208,6 +250,8 @@ def _tools(tools: Any) -> tuple[list[dict], list[str]]:
                 if not isinstance(inner, dict) or inner.get("type", "function") != "function":
                     raise Untranslatable(f"tools[{n}].tools[{m}]: only function tools can be said in a namespace")
                 chat.append(_function(inner, f"tools[{n}].tools[{m}]", namespace))
+        elif kind == "custom":
+            chat.append(_custom_function(tool, f"tools[{n}]"))
         elif kind in _BUILTIN_TOOLS:
             left_out.append(kind)
         else:
@@ -218,7 +262,7 @@ def _tools(tools: Any) -> tuple[list[dict], list[str]]:
 def _tool_choice(choice: Any) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom") and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise Untranslatable(f"tool_choice {choice!r} has no chat completions equivalent")
 
@@ -334,10 +378,25 @@ def _reasoning_item(item_id: str, text: str, blocks: list) -> dict:
     }
 
 
+def _custom_input(arguments: str) -> str:
+    """A custom tool's input from the arguments of the chat function it was said as (C{{"input": ...}})."""
+    try:
+        decoded = _loads(arguments) if arguments else {}
+    except (ValueError, UnicodeDecodeError):
+        return arguments  # the target wrote the input itself: as it is
+    value = decoded.get("input") if isinstance(decoded, dict) else None
+    return value if isinstance(value, str) else arguments
+
+
 def _call_item(call_id: str, name: str, arguments: str, status: str = "completed", names: dict | None = None) -> dict:
+    said = names.get(name) if names else None
+    if said is not None and said[0] is None:
+        # A custom tool, as the client named it: its input is the text the function was given.
+        return {"type": "custom_tool_call", "id": "ctc_" + call_id, "call_id": call_id, "name": said[1],
+                "input": _custom_input(arguments), "status": status}
     item = {"type": "function_call", "id": "fc_" + call_id, "call_id": call_id, "name": name, "arguments": arguments, "status": status}
-    if names and name in names:
-        item["namespace"], item["name"] = names[name]  # a namespace's tool, as the client named it
+    if said is not None:
+        item["namespace"], item["name"] = said  # a namespace's tool, as the client named it
     return item
 
 
@@ -392,7 +451,7 @@ class ChatToResponsesStream:
         self._created = created  # the request's start on the gateway's clock, as every translated answer's
         #: The Response's id: the gateway's own (L{None}: one made from the chat stream's id).
         self._response_id = response_id
-        #: The chat names of namespace tools, each with its namespace and own name (L{namespaced_names}).
+        #: The chat names of namespace and custom tools, as the client named them (L{tool_names}).
         self._names = names
         self._sequence = 0
         self._response: dict | None = None
@@ -448,7 +507,12 @@ class ChatToResponsesStream:
         else:
             arguments = "".join(opened[4])
             item = _call_item(opened[2], opened[3], arguments, names=self._names)
-            out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=arguments)
+            if item["type"] == "custom_tool_call":
+                # Its input is known whole only now (it came inside the function's JSON arguments).
+                out = self._event("response.custom_tool_call_input.delta", item_id=item["id"], output_index=index, delta=item["input"])
+                out += self._event("response.custom_tool_call_input.done", item_id=item["id"], output_index=index, input=item["input"])
+            else:
+                out = self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, arguments=arguments)
         self._output.append(item)
         return out + self._event("response.output_item.done", output_index=index, item=item)
 
@@ -503,8 +567,10 @@ class ChatToResponsesStream:
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             self._open[4].append(arguments)
-            out += self._event("response.function_call_arguments.delta", item_id="fc_" + self._open[2],
-                               output_index=self._open[1], delta=arguments)
+            said = self._names.get(self._open[3]) if self._names else None
+            if said is None or said[0] is not None:  # a custom tool's input is said whole when its call ends
+                out += self._event("response.function_call_arguments.delta", item_id="fc_" + self._open[2],
+                                   output_index=self._open[1], delta=arguments)
         return out
 
     def _end(self) -> bytes:
