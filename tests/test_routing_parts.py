@@ -81,6 +81,7 @@ class FakeSpeaker:
     client_api = target_api = FAKE
     translated = False
     answer_headers = ((b"X-Fake-Speaker", b"said"),)
+    takes_prefill = True
 
     def __init__(self, call: FakeCall, path: bytes, started_at: float) -> None:
         self.call = call

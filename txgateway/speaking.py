@@ -151,6 +151,9 @@ class ISpeaker(Interface):
     target_api = Attribute("The target's API by name.")
     translated = Attribute("The two differ: the call is translated.")
     answer_headers = Attribute("Headers the client's answer carries from the translation (what it left out), as pairs of bytes.")
+    takes_prefill = Attribute(
+        "A broken stream can go on from the text sent so far (C{body} with a prefill); L{False}: the target's API has no prefill."
+    )
 
     def path(path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """

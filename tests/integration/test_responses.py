@@ -60,6 +60,20 @@ api = anthropic
 retries = 0
 [model:claude]
 targets = anthropic:claude-test
+[service:chatresume]
+url = {backend.url}
+api = openai
+retries = 0
+resume = prefill
+[model:cutchat]
+targets = chatresume:cut40
+[service:clauderesume]
+url = {claude.url}
+api = anthropic
+retries = 0
+resume = prefill
+[model:cutclaude]
+targets = clauderesume:cut40
 """)
     yield daemon
     daemon.stop()
@@ -228,3 +242,16 @@ def test_a_custom_tool_is_called_and_its_output_goes_back_on_a_translated_target
         {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Applied"},
     ])
     assert follow_up.output_text == "The tool said: Applied"
+
+
+@pytest.mark.parametrize("model", ["cutchat", "cutclaude"])
+def test_a_translated_stream_broken_midway_is_resumed_from_its_text_as_one_response(client, gateway, model):
+    with client.responses.stream(model=model, input="Count") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == FULL and final.output_text == FULL and final.status == "completed"
+    assert [event.type for event in events].count("response.created") == 1
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    line = gateway.logged("request_completed", requested_model=model)[-1]
+    assert line["resumed"] == 1

@@ -76,6 +76,9 @@ class Speaker:
     and an error answer.
     """
 
+    #: Chat completions and Messages go on from an assistant prefill.
+    takes_prefill = True
+
     client_api = OPENAI_API
     target_api = OPENAI_API
     translated = False

@@ -74,6 +74,8 @@ class ResponsesToResponses(Speaker):
     client_api = RESPONSES
     target_api = RESPONSES
     target = RESPONSES_API
+    #: The Responses API has no assistant prefill: a broken stream ends with its error event.
+    takes_prefill = False
     read_events = ResponsesStreamReader
     read_answer = staticmethod(read_response)
 
@@ -125,8 +127,15 @@ class ResponsesToChat(Speaker):
         return b"/chat/completions"
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
-        """The Responses request as a chat request (built-in tools left out, or refused as the service says)."""
-        return encode_json(_as_chat(self, config, model))
+        """
+        The Responses request as a chat request (built-in tools left out,
+        or refused as the service says), with the text so far as an
+        assistant prefill when a broken stream goes on.
+        """
+        chat = _as_chat(self, config, model)
+        if prefill is not None:
+            chat["messages"].append({"role": "assistant", "content": prefill})
+        return encode_json(chat)
 
     def broken_event(self, kind: ErrorKind, message: str, request_id: str) -> bytes:
         """The Responses API's C{error} event."""

@@ -55,8 +55,9 @@ class ResponsesCall(ModelNamed):
     cacheable = False
     #: Every Responses stream reports its usage in C{response.completed}: nothing is asked for.
     client_wants_usage = True
-    #: A Responses target takes no assistant prefill: a broken stream ends with its error event.
-    resumable_kind = False
+    #: A broken stream goes on from its text where its target takes a prefill (a translated one:
+    #: chat completions, Claude); a native target takes none (its speaker says so).
+    resumable_kind = True
 
     @property
     def max_tokens(self) -> int | None:

@@ -54,11 +54,13 @@ class StreamResume:
         if not call.transcript.resumable or facts is None or call.resumes >= MAX_RESUMES:
             return None
         candidates = [broke_on, *(target for target in call.targets if target is not broke_on)]
+        broken_api = call.speaker(broke_on).target_api
         for target in candidates:
-            # Only a target of the API that broke continues its stream (the
-            # client's events so far were written from that API's).
-            config = target.route.config
-            if config.resume != "prefill" or config.api != broke_on.route.config.api:
+            # Only a target spoken to in the API that broke continues its
+            # stream (the client's events so far were written from that
+            # API's), and only one whose API goes on from a prefill.
+            speaker = call.speaker(target)
+            if target.route.config.resume != "prefill" or speaker.target_api != broken_api or not speaker.takes_prefill:
                 continue
             answer = await self._try(call, target, broke_on, broke_endpoint)
             if answer is not None:
