@@ -289,6 +289,8 @@ def gateway_ini(
         "[logging]",
         "level = info",
         f"file = {tmp}/{name}.log",
+        "[responses]",
+        f"state_file = {tmp}/{name}-responses.db",
         "[ratelimit]",
         "requests = 1000000000",
         "window = 60",
@@ -585,14 +587,19 @@ def add_model_rows(setup: Setup) -> None:
                 body["max_tokens"] = 64
             script = setup.script(f"{name.split()[1]}-{model}-{messages_body}.lua", body)
             rows.add(name, f"http://127.0.0.1:{port}{path}", pid, script)
-    # OpenAI's Responses API: to a target that speaks it, and translated to chat completions.
+    # OpenAI's Responses API: to a target that speaks it, and translated to chat completions, with
+    # store: false (what Codex and the Agents SDK send); then kept in the gateway's SQLite store
+    # (the API's default), what a held conversation costs.
     for kind, stream in (("sse", True), ("json", False)):
-        for name, model in (
-            (f"txgateway {kind.upper()} Responses (native)", f"bench-responses-{kind}"),
-            (f"txgateway {kind.upper()} Responses -> chat (translated)", f"bench-{kind}"),
+        for name, model, store in (
+            (f"txgateway {kind.upper()} Responses (native)", f"bench-responses-{kind}", False),
+            (f"txgateway {kind.upper()} Responses -> chat (translated)", f"bench-{kind}", False),
+            (f"txgateway {kind.upper()} Responses -> chat (stored)", f"bench-{kind}", True),
         ):
             body = {"model": model, "stream": stream, "input": "Count to sixty"}
-            script = setup.script(f"responses-{model}.lua", body)
+            if not store:
+                body["store"] = False
+            script = setup.script(f"responses-{model}-{store}.lua", body)
             rows.add(name, f"http://127.0.0.1:{port}/v1/responses", pid, script)
     add_traced_rows(setup)
     add_governed_rows(setup)

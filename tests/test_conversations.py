@@ -37,6 +37,12 @@ class Log:
         return lambda event, **fields: self.lines.append((level, event, fields))
 
 
+def kept(*args, **kwargs) -> tuple:
+    """A record and its encoding, as a store is given them."""
+    made = record(*args, **kwargs)
+    return made, made.encode()
+
+
 def record(response_id: str, owner: str = "alice", previous: str | None = None, text: str = "hi", at: float = 0.0) -> StoredResponse:
     response = {"id": response_id, "object": "response", "status": "completed",
                 "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text.upper()}]}]}
@@ -53,7 +59,7 @@ def store_and_clock(request, tmp_path):
 
 def test_a_kept_response_comes_back_whole_until_it_expires(store_and_clock):
     store, clock = store_and_clock
-    assert result_of(store.put(record("resp_1"))) is True
+    assert result_of(store.put(*kept("resp_1"))) is True
     assert result_of(store.get("resp_1")) == record("resp_1")
     assert result_of(store.get("resp_other")) is None
     clock.advance(DAY)
@@ -62,15 +68,15 @@ def test_a_kept_response_comes_back_whole_until_it_expires(store_and_clock):
 
 def test_another_owner_never_replaces_a_kept_response(store_and_clock):
     store, _ = store_and_clock
-    result_of(store.put(record("resp_1", text="mine")))
-    assert result_of(store.put(record("resp_1", owner="mallory", text="theirs"))) is False
+    result_of(store.put(*kept("resp_1", text="mine")))
+    assert result_of(store.put(*kept("resp_1", owner="mallory", text="theirs"))) is False
     assert result_of(store.get("resp_1")).input[0]["content"] == "mine"
-    assert result_of(store.put(record("resp_1", text="again"))) is True
+    assert result_of(store.put(*kept("resp_1", text="again"))) is True
 
 
 def test_a_deleted_response_is_gone_and_deleting_it_again_says_so(store_and_clock):
     store, _ = store_and_clock
-    result_of(store.put(record("resp_1")))
+    result_of(store.put(*kept("resp_1")))
     assert result_of(store.delete("resp_1")) is True
     assert result_of(store.get("resp_1")) is None
     assert result_of(store.delete("resp_1")) is False
@@ -78,7 +84,7 @@ def test_a_deleted_response_is_gone_and_deleting_it_again_says_so(store_and_cloc
 
 def test_extending_keeps_earlier_turns_as_long_as_the_newest(store_and_clock):
     store, clock = store_and_clock
-    result_of(store.put(record("resp_1")))
+    result_of(store.put(*kept("resp_1")))
     result_of(store.extend(["resp_1"], 2 * DAY))
     clock.advance(1.5 * DAY)
     assert result_of(store.get("resp_1")) is not None
@@ -89,7 +95,7 @@ def test_extending_keeps_earlier_turns_as_long_as_the_newest(store_and_clock):
 def test_the_memory_store_keeps_max_entries_the_oldest_going_first():
     store = MemoryResponseStore(Clock(), 3)
     for n in range(5):
-        result_of(store.put(record(f"resp_{n}")))
+        result_of(store.put(*kept(f"resp_{n}")))
     assert len(store) == 3
     assert result_of(store.get("resp_1")) is None and result_of(store.get("resp_4")) is not None
 
@@ -98,13 +104,13 @@ def test_the_sqlite_file_survives_a_restart_and_sweeps_past_max_entries(tmp_path
     path = str(tmp_path / "responses.db")
     clock = Clock()
     first = SqliteResponseStore(path, clock, maybeDeferred, 3)
-    for n in range(200):
+    for n in range(500):
         clock.advance(1)
-        result_of(first.put(record(f"resp_{n}", at=clock.seconds())))
+        result_of(first.put(*kept(f"resp_{n}", at=clock.seconds())))
     first.close()
     again = SqliteResponseStore(path, clock, maybeDeferred, 3)
-    assert result_of(again.get("resp_199")) is not None  # a restart keeps them
-    assert result_of(again.get("resp_0")) is None  # the sweep at the 200th put kept the 3 newest
+    assert result_of(again.get("resp_498")) is not None  # a restart keeps them
+    assert result_of(again.get("resp_0")) is None  # the upkeep at the 500th put kept the 3 newest
     again.close()
 
 
@@ -198,8 +204,8 @@ def test_a_response_is_kept_with_its_owner_and_its_turns_input():
 
 def test_a_call_going_on_is_sent_with_every_earlier_turn_and_without_the_previous_id():
     conversations, store, _, _ = make()
-    result_of(store.put(record("resp_1", text="one")))
-    result_of(store.put(record("resp_2", previous="resp_1", text="two")))
+    result_of(store.put(*kept("resp_1", text="one")))
+    result_of(store.put(*kept("resp_2", previous="resp_1", text="two")))
     body, chain = done(conversations.continued({"model": "m", "previous_response_id": "resp_2", "input": "three"}, "alice"))
     assert "previous_response_id" not in body and [turn.id for turn in chain] == ["resp_1", "resp_2"]
     assert [item["content"] if isinstance(item["content"], str) else item["content"][0]["text"] for item in body["input"]] == [
@@ -210,7 +216,7 @@ def test_a_call_going_on_is_sent_with_every_earlier_turn_and_without_the_previou
 
 def test_another_callers_response_is_not_found_whichever_way_it_is_asked_for():
     conversations, store, _, _ = make()
-    result_of(store.put(record("resp_1")))
+    result_of(store.put(*kept("resp_1")))
     for asking in (
         lambda: conversations.continued({"previous_response_id": "resp_1"}, "mallory"),
         lambda: conversations.retrieve("resp_1", "mallory"),
@@ -225,7 +231,7 @@ def test_another_callers_response_is_not_found_whichever_way_it_is_asked_for():
 
 def test_a_missing_earlier_turn_is_named_and_a_failed_store_is_503():
     conversations, store, _, _ = make()
-    result_of(store.put(record("resp_2", previous="resp_1")))
+    result_of(store.put(*kept("resp_2", previous="resp_1")))
     failure = []
     ensureDeferred(conversations.continued({"previous_response_id": "resp_2"}, "alice")).addErrback(failure.append)
     assert failure[0].value.kind is errors.PREVIOUS_RESPONSE_NOT_FOUND and "resp_1" in failure[0].value.message
@@ -242,7 +248,7 @@ def test_a_missing_earlier_turn_is_named_and_a_failed_store_is_503():
 
 def test_keeping_a_turn_keeps_its_earlier_turns_as_long():
     conversations, store, clock, _ = make()
-    result_of(store.put(record("resp_1")))
+    result_of(store.put(*kept("resp_1")))
     clock.advance(0.9 * DAY)
     chain = [result_of(store.get("resp_1"))]
     body = {"previous_response_id": "resp_1", "input": "more"}
@@ -268,10 +274,10 @@ def test_a_next_turn_waits_for_its_previous_one_still_being_kept():
     held: list[Deferred] = []
 
     class Slow(MemoryResponseStore):
-        def put(self, kept):
+        def put(self, kept, encoded):
             d = Deferred()
             held.append(d)
-            d.addCallback(lambda _: store.put(kept))
+            d.addCallback(lambda _: store.put(kept, encoded))
             return d
 
         def get(self, response_id):
@@ -288,15 +294,15 @@ def test_a_next_turn_waits_for_its_previous_one_still_being_kept():
 
 def test_a_deleted_response_is_answered_as_the_api_does_and_gone_after():
     conversations, store, _, _ = make()
-    result_of(store.put(record("resp_1")))
+    result_of(store.put(*kept("resp_1")))
     assert done(conversations.delete("resp_1", "alice")) == {"id": "resp_1", "object": "response", "deleted": True}
     assert result_of(store.get("resp_1")) is None
 
 
 def test_input_items_are_the_earlier_turns_and_the_responses_own_input():
     conversations, store, _, _ = make()
-    result_of(store.put(record("resp_1", text="one")))
-    result_of(store.put(record("resp_2", previous="resp_1", text="two")))
+    result_of(store.put(*kept("resp_1", text="one")))
+    result_of(store.put(*kept("resp_2", previous="resp_1", text="two")))
     page = done(conversations.input_items("resp_2", "alice", {"order": "asc"}))
     assert [item["content"][0]["text"] for item in page["data"]] == ["one", "ONE", "two"]
 

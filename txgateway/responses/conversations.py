@@ -264,10 +264,11 @@ class Conversations:
         record = StoredResponse(
             response["id"], owner, previous if isinstance(previous, str) else None, turn_input(body), response, now, now + self._ttl,
         )
-        if len(record.encode()) > self._max_bytes:
+        encoded = record.encode()
+        if len(encoded) > self._max_bytes:
             self._log.warning("response_not_stored", response_id=record.id, reason=f"over [responses] max_response_bytes ({self._max_bytes})")
             return None
-        putting = self._kept(record, [turn.id for turn in chain])
+        putting = self._kept(record, encoded, [turn.id for turn in chain])
         self._pending[record.id] = putting
 
         def kept(result: Any) -> Any:
@@ -277,10 +278,10 @@ class Conversations:
 
         return putting.addBoth(kept)
 
-    def _kept(self, record: StoredResponse, earlier: list[str]) -> Deferred[None]:
+    def _kept(self, record: StoredResponse, encoded: bytes, earlier: list[str]) -> Deferred[None]:
         async def put() -> None:
             try:
-                kept = await self.store.put(record)
+                kept = await self.store.put(record, encoded)
                 if earlier:
                     await self.store.extend(earlier, record.expires_at)
             except StoreFailed as error:

@@ -587,6 +587,17 @@ class ChatToResponsesStream:
         return self._end()
 
     def __call__(self, event: bytes, facts: ChunkFacts) -> bytes:
+        opened = self._open
+        text = facts.text
+        if (
+            text and opened is not None and opened[0] == "message" and not facts.tool_call and not facts.finish_reasons
+            and facts.usage is None and b'"reasoning' not in event
+        ):
+            # The most common chunk, more text of the message open: its delta event from the template, inline.
+            opened[2].append(text)
+            sequence = self._sequence
+            self._sequence = sequence + 1
+            return b"".join((self._delta_head, b"%d" % sequence, self._delta_middle, _dumps(text), b"}\n\n"))
         if facts.done:
             return self._end()
         chunk = facts.data
