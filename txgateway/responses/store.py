@@ -163,7 +163,6 @@ CREATE TABLE IF NOT EXISTS responses (
     record BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS responses_by_expiry ON responses (expires_at);
-CREATE INDEX IF NOT EXISTS responses_by_age ON responses (stored_at);
 """
 
 #: A record replaces one of the same id only for the same owner.
