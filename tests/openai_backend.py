@@ -77,6 +77,16 @@ def _chunk(model: str, delta: dict, finish=None, usage=None, choices=True) -> by
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def _example_of(schema: dict):
+    """A value of a JSON schema (the object, string, number, integer and boolean kinds)."""
+    kind = schema.get("type")
+    if kind == "object":
+        return {name: _example_of(inner) for name, inner in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_example_of(schema.get("items") or {})]
+    return {"string": "Paris", "number": 21.5, "integer": 21, "boolean": True}.get(kind)
+
+
 class Completions(Resource):
     isLeaf = True
 
@@ -127,6 +137,10 @@ class Completions(Resource):
         if body.get("tools"):
             seen["tools"] = body["tools"]
             return self._tools(request, body, model)
+        shape = body.get("response_format") or {}
+        if shape.get("type") == "json_schema":
+            seen["response_format"] = shape
+            return self._structured(request, model, shape["json_schema"].get("schema") or {}, body.get("stream"))
         seen["stop"] = body.get("stop")
         done = prefill or ""
         if not FULL.startswith(done):
@@ -175,6 +189,22 @@ class Completions(Resource):
         self._send(request, events)
         return server.NOT_DONE_YET
 
+    def _structured(self, request, model, schema, stream):
+        """An answer that is a JSON object of C{schema}'s properties (strings "Paris", numbers 21, booleans true)."""
+        text = json.dumps(_example_of(schema))
+        usage = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
+        if not stream:
+            return _json(request, {
+                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}], "usage": usage,
+            })
+        request.setHeader(b"content-type", b"text/event-stream")
+        events = [_chunk(model, {"role": "assistant", "content": ""}), _chunk(model, {"content": text[:5]}),
+                  _chunk(model, {"content": text[5:]}), _chunk(model, {}, finish="stop"),
+                  _chunk(model, {}, usage=usage, choices=False), b"data: [DONE]\n\n", "end"]
+        self._send(request, events)
+        return server.NOT_DONE_YET
+
     def _tools(self, request, body, model):
         messages = body["messages"]
         usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
@@ -219,6 +249,10 @@ class Completions(Resource):
         seen["count"] += 1
         seen["last_body"] = body
         words = ["Hello", " from", " the", " test", " backend."]
+        shape = (body.get("text") or {}).get("format") or {}
+        if shape.get("type") == "json_schema":
+            answer = json.dumps(_example_of(shape.get("schema") or {}))
+            words = [answer[:5], answer[5:]]
         text = "".join(words)
         usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 11 + len(words)}

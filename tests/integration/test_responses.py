@@ -255,3 +255,21 @@ def test_a_translated_stream_broken_midway_is_resumed_from_its_text_as_one_respo
     assert [event.sequence_number for event in events] == list(range(len(events)))
     line = gateway.logged("request_completed", requested_model=model)[-1]
     assert line["resumed"] == 1
+
+
+@pytest.mark.parametrize("model", ["agent", "selfhosted"])
+def test_structured_output_comes_back_parsed_by_the_sdk(client, backend, model):
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        city: str
+        celsius: int
+        sunny: bool
+
+    parsed = client.responses.parse(model=model, input="Weather in Paris as JSON", text_format=Weather).output_parsed
+    assert parsed == Weather(city="Paris", celsius=21, sunny=True)
+    with client.responses.stream(model=model, input="Weather in Paris as JSON", text_format=Weather) as stream:
+        final = stream.get_final_response()
+    assert final.output_parsed == parsed
+    if model == "selfhosted":
+        assert backend.calls()["plain-model"]["response_format"]["json_schema"]["name"] == "Weather"
