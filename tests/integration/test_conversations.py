@@ -210,3 +210,18 @@ def test_a_bad_input_items_query_is_a_400_in_the_error_shape(gateway):
     made = client_of(gateway).responses.create(model="selfhosted", input="Count")
     answer = request(gateway.port, "GET", f"/v1/responses/{made.id}/input_items?limit=500", headers={"Authorization": "Bearer alice-key"})
     assert answer.status == 400 and json.loads(answer.body)["error"]["type"] == "bad_request"
+
+
+def test_workers_share_the_sqlite_file_so_a_conversation_moves_between_them(start_gateway, backend, claude):
+    ini = conversations_ini(backend, claude).replace("[gateway]\n", "[gateway]\nworkers = 2\n", 1)
+    gateway = start_gateway(ini)
+    made = client_of(gateway).responses.create(model="selfhosted", input="Count")
+    served_by = set()
+    for _ in range(20):  # all 20 on one worker: one chance in half a million
+        fresh = client_of(gateway)  # a new connection each time: the kernel spreads them over the workers
+        raw = fresh.responses.with_raw_response.retrieve(made.id)
+        assert raw.parse().id == made.id
+        going_on = fresh.responses.with_raw_response.create(model="selfhosted", previous_response_id=made.id, input="more")
+        served_by.add(gateway.logged("request_completed", request_id=going_on.headers["x-request-id"])[0].get("worker"))
+        fresh.close()
+    assert len(served_by) == 2
