@@ -184,8 +184,14 @@ class Conversations:
         """The record of C{response_id} if C{owner} may see it (L{StoreFailed} when the store fails)."""
         pending = self._pending.get(response_id)
         if pending is not None:
+            # Its turn is still being kept (by this process): wait for it, whatever the put's outcome.
             waiting: Deferred = Deferred()
-            pending.addBoth(lambda result: (waiting.callback(None), result)[1])
+
+            def kept(result: Any) -> Any:
+                waiting.callback(None)
+                return result
+
+            pending.addBoth(kept)
             await waiting
         record = await self.store.get(response_id)
         return record if record is not None and record.owner == owner else None
