@@ -192,8 +192,10 @@ def test_a_pdf_document_becomes_a_file_part():
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        ({"top_k": 5}, "'top_k' has no OpenAI equivalent"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "'thinking' has no OpenAI equivalent"),
+        ({"thinking": {"type": "interleaved"}}, "thinking: the type 'interleaved'"),
+        ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "the edit 'clear_tool_uses_20250919'"),
+        ({"output_config": {"effort": "extreme"}}, "output_config.effort: 'extreme'"),
+        ({"container": "c1"}, "'container' has no OpenAI equivalent"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "the server tool 'web_search_20250305'"),
         ({"metadata": {"user_id": "u", "other": 1}}, "metadata: only user_id"),
         ({"messages": [{"role": "user", "content": [{"type": "search_result", "source": "x"}]}]}, "'search_result' block"),
@@ -204,6 +206,45 @@ def test_a_field_with_no_openai_equivalent_is_named_never_dropped(change, named)
     with pytest.raises(Untranslatable) as raised:
         messages_request_to_chat(body, None)
     assert named in str(raised.value)
+
+
+@pytest.mark.parametrize(("thinking", "output", "effort"), [
+    ({"type": "enabled", "budget_tokens": 1024}, None, "low"),
+    ({"type": "enabled", "budget_tokens": 8000}, None, "medium"),
+    ({"type": "enabled", "budget_tokens": 31999}, None, "high"),
+    ({"type": "adaptive"}, {"effort": "max"}, "high"),
+    ({"type": "adaptive"}, None, None),
+    ({"type": "disabled"}, {"effort": "low"}, None),
+])
+def test_thinking_is_a_reasoning_effort_by_its_budget_or_its_effort(thinking, output, effort):
+    body = {"model": "m", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}], "thinking": thinking}
+    if output is not None:
+        body["output_config"] = output
+    assert messages_request_to_chat(body, None).get("reasoning_effort") == effort
+    assert "reasoning_effort" not in messages_request_to_chat(body, None, effort=False)
+
+
+def test_what_claude_code_sends_beside_its_messages_is_translated_or_dropped_as_a_hint():
+    body = {
+        "model": "m", "max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 31999},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": '{"session_id": "s1"}'}, "service_tier": "standard_only", "top_k": 40,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"}, {"type": "text", "text": "Hello"}]},
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "more"},
+        ],
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+    }
+    chat = messages_request_to_chat(body, None)
+    assert [m["role"] for m in chat["messages"]] == ["system", "user", "assistant", "system", "user"]
+    assert chat["messages"][2] == {"role": "assistant", "content": "Hello"}  # earlier thinking never sent on
+    assert (chat["reasoning_effort"], chat["user"]) == ("high", '{"session_id": "s1"}')
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": {"type": "object"}}}
+    assert "top_k" not in chat and "service_tier" not in chat
+    assert messages_request_to_chat(body, None, top_k=True)["top_k"] == 40
 
 
 # -- requests, chat to Messages ---------------------------------------------------------------
@@ -520,3 +561,25 @@ def test_the_text_templates_write_what_the_dicts_would():
         "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me"}})
     orphan = MessagesToChatStream(0, False)
     assert json.loads(orphan(delta, read(delta))[6:])["choices"][0]["delta"] == {"content": "Okay"}
+
+
+def test_a_backends_reasoning_comes_back_as_a_thinking_block_json_and_streamed():
+    from txgateway.anthropic.translate import ChatToMessagesStream, chat_answer_to_message
+    from txgateway.openai.wire import read_chunk
+
+    answer = {"id": "c", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": "Hi", "reasoning_content": "Think first."}}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
+    content = json.loads(chat_answer_to_message(json.dumps(answer).encode()))["content"]
+    assert content == [{"type": "thinking", "thinking": "Think first.", "signature": ""}, {"type": "text", "text": "Hi"}]
+    writer = ChatToMessagesStream()
+    chunks = [{"role": "assistant", "content": ""}, {"reasoning_content": "Think "}, {"reasoning": "first."}, {"content": "Hi"}]
+    out = b"".join(
+        writer(event, read_chunk(event)) for event in (
+            b"data: " + json.dumps({"id": "c", "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}).encode()
+            + b"\n\n" for delta in chunks
+        )
+    ) + writer(b"data: [DONE]\n\n", read_chunk(b"data: [DONE]\n\n"))
+    events = [json.loads(part.split(b"data: ", 1)[1]) for part in out.split(b"\n\n") if part]
+    starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+    thoughts = [e["delta"]["thinking"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "thinking_delta"]
+    assert starts == ["thinking", "text"] and thoughts == ["Think ", "first."]

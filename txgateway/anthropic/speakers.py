@@ -173,9 +173,11 @@ class MessagesToChat(_MessagesClient):
         return b"/chat/completions"
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
-        """The Messages request as a chat request."""
+        """The Messages request as a chat request (its thinking and C{top_k} as the service says)."""
         call = self.call
-        return encode_json(messages_request_to_chat(call.body, model or call.model, prefill))
+        return encode_json(messages_request_to_chat(
+            call.body, model or call.model, prefill, effort=config.reasoning_effort == "send", top_k=config.top_k == "pass",
+        ))
 
 
 #: The speakers this package provides, by (client API, target API).

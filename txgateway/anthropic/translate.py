@@ -73,9 +73,59 @@ def _stop_reason(finish: Any, matched: Any, stop_sequences: Iterable[str]) -> tu
 # -- requests: Messages to chat ----------------------------------------------
 
 #: The Messages request fields that have an OpenAI equivalent.
-_MESSAGES_FIELDS = frozenset(
-    {"model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "stream", "metadata", "tools", "tool_choice"}
-)
+_MESSAGES_FIELDS = frozenset({
+    "model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "stream", "metadata", "tools",
+    "tool_choice", "thinking", "output_config", "context_management", "service_tier", "top_k",
+})
+
+
+def effort_of_budget(budget: Any) -> str:
+    """The chat C{reasoning_effort} of a Messages thinking budget (the inverse of L{THINKING_BUDGETS}, by range)."""
+    if not isinstance(budget, int) or budget <= 2048:
+        return "low"
+    return "medium" if budget <= 8192 else "high"
+
+
+#: Messages C{output_config.effort} as chat's C{reasoning_effort}.
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+
+
+def _effort(body: dict) -> str | None:
+    """
+    The C{reasoning_effort} a Messages call's thinking asks for: its
+    C{output_config.effort}, else by its C{budget_tokens}; L{None} for no
+    thinking (absent, C{disabled}, or C{adaptive} with no effort).
+    """
+    thinking = body.get("thinking")
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    if thinking is not None and not isinstance(thinking, dict):
+        raise Untranslatable("thinking: expected an object")
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in (None, "enabled", "adaptive", "disabled"):
+        raise Untranslatable(f"thinking: the type {kind!r} has no OpenAI equivalent")
+    if kind == "disabled":
+        return None
+    effort = config.get("effort")
+    if effort is not None:
+        if effort not in _EFFORTS:
+            raise Untranslatable(f"output_config.effort: {effort!r} has no OpenAI equivalent")
+        return _EFFORTS[effort]
+    return effort_of_budget(thinking.get("budget_tokens")) if kind == "enabled" else None
+
+
+def _context_edits(management: Any) -> None:
+    """
+    A Messages C{context_management}: edits that only clear earlier
+    thinking change nothing for a chat backend (it never gets earlier
+    thinking); any other edit is refused by name.
+    """
+    edits = management.get("edits") if isinstance(management, dict) else None
+    if not isinstance(edits, list) or set(management) - {"edits"}:
+        raise Untranslatable("context_management: expected {\"edits\": [...]}")
+    for number, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking")):
+            raise Untranslatable(f"context_management.edits[{number}]: the edit {kind!r} has no OpenAI equivalent")
 
 
 #: Messages fields at a value that changes nothing (the API's default): as good as absent.
@@ -178,6 +228,8 @@ def _assistant_turn(content: Any, where: str) -> dict:
             texts.append(_string(block.get("text", ""), f"{where}.content[{number}].text"))
         elif kind == "tool_use":
             calls.append(_tool_call_of(block))
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # earlier thinking never goes to another provider
         else:
             raise Untranslatable(f"{where}.content[{number}]: a {kind!r} block has no OpenAI equivalent")
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
@@ -218,11 +270,14 @@ def _chat_tool_choice(choice: Any) -> tuple[Any, bool]:
     raise Untranslatable(f"tool_choice: the type {kind!r} has no OpenAI equivalent")
 
 
-def messages_request_to_chat(body: dict, model: str | None, prefill: str | None = None) -> dict:
+def messages_request_to_chat(
+    body: dict, model: str | None, prefill: str | None = None, effort: bool = True, top_k: bool = False,
+) -> dict:
     """
     A Messages request as an OpenAI chat completion request (sent as
     C{model} unless L{None}; with C{prefill}, the assistant text so far as
-    the last message).  Raises L{Untranslatable}.
+    the last message); its thinking as C{reasoning_effort} unless not
+    C{effort}, its C{top_k} only with C{top_k}.  Raises L{Untranslatable}.
     """
     unknown = sorted(_asked(body, _MESSAGES_NO_EFFECT) - _MESSAGES_FIELDS)
     if unknown:
@@ -240,8 +295,11 @@ def messages_request_to_chat(body: dict, model: str | None, prefill: str | None 
             messages.extend(_user_turn(turn.get("content"), where))
         elif role == "assistant":
             messages.append(_assistant_turn(turn.get("content"), where))
+        elif role == "system":
+            # Claude Code says some instructions as system turns among the messages.
+            messages.append({"role": "system", "content": _text_of_blocks(turn.get("content"), f"{where}.content")})
         else:
-            raise Untranslatable(f"{where}.role: expected user or assistant")
+            raise Untranslatable(f"{where}.role: expected user, assistant or system")
     if prefill is not None:
         if messages and messages[-1]["role"] == "assistant" and isinstance(messages[-1]["content"], str):
             messages[-1] = {**messages[-1], "content": messages[-1]["content"] + prefill}
@@ -268,6 +326,22 @@ def messages_request_to_chat(body: dict, model: str | None, prefill: str | None 
         chat["tool_choice"], serial = _chat_tool_choice(body["tool_choice"])
         if serial:
             chat["parallel_tool_calls"] = False
+    reasoning = _effort(body)
+    if reasoning is not None and effort:
+        chat["reasoning_effort"] = reasoning
+    output = body.get("output_config")
+    if output is not None:
+        if not isinstance(output, dict) or set(output) - {"effort", "format"}:
+            raise Untranslatable("output_config: only effort and format have OpenAI equivalents")
+        shape = output.get("format")
+        if isinstance(shape, dict) and shape.get("type") == "json_schema" and isinstance(shape.get("schema"), dict):
+            chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": shape["schema"]}}
+        elif shape is not None:
+            raise Untranslatable(f"output_config.format {shape!r} has no OpenAI equivalent")
+    if body.get("context_management") is not None:
+        _context_edits(body["context_management"])
+    if top_k and body.get("top_k") is not None:
+        chat["top_k"] = body["top_k"]
     return chat
 
 
@@ -534,6 +608,15 @@ def _as_it_is_when_malformed(translate: Callable[..., bytes]) -> Callable[..., b
     return guarded
 
 
+def _reasoning_of(delta: dict) -> str:
+    """A chat message's (or delta's) reasoning text: C{reasoning_content} (vLLM, DeepSeek) or C{reasoning} (newer vLLM)."""
+    for field in ("reasoning_content", "reasoning"):
+        value = delta.get(field)
+        if type(value) is str and value:
+            return value
+    return ""
+
+
 @_as_it_is_when_malformed
 def chat_answer_to_message(body: bytes, stop_sequences: Iterable[str] = ()) -> bytes:
     """An OpenAI chat completion (JSON) as a Messages answer; what is not one is returned as it is."""
@@ -544,6 +627,10 @@ def chat_answer_to_message(body: bytes, stop_sequences: Iterable[str] = ()) -> b
     choice = choices[0]
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     content: list[dict] = []
+    reasoning = _reasoning_of(message)
+    if reasoning:
+        # A backend's reasoning (vLLM's, DeepSeek's) as a thinking block: unsigned, as no provider signed it.
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
     if isinstance(message.get("content"), str) and message["content"]:
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or ():
@@ -659,8 +746,9 @@ class ChatToMessagesStream:
     """
     Writes an OpenAI chat completion stream, event by event, as the
     Messages API's event sequence: C{message_start} (and a C{ping}) at its
-    first chunk, a text block for its text, a C{tool_use} block for each
-    tool call (its arguments as C{input_json_delta}s), and at C{[DONE]}
+    first chunk, a thinking block for its reasoning (C{reasoning_content}),
+    a text block for its text, a C{tool_use} block for each tool call (its
+    arguments as C{input_json_delta}s), and at C{[DONE]}
     the C{message_delta} with the stop reason and usage, then
     C{message_stop}.  One writer serves one client's answer, across the
     attempts that continue it.
@@ -695,6 +783,12 @@ class ChatToMessagesStream:
         choice = choices[0] if type(choices) is list and choices and type(choices[0]) is dict else None
         if choice is not None:
             delta = choice.get("delta") if type(choice.get("delta")) is dict else {}
+            reasoning = _reasoning_of(delta) if len(delta) > 1 or not facts.text else ""
+            if reasoning:
+                if self._open is None or self._open[0] != "thinking":
+                    out.append(self._close())
+                    out.append(self._start_block({"type": "thinking", "thinking": "", "signature": ""}, ("thinking", -1)))
+                out.append(self._delta({"type": "thinking_delta", "thinking": reasoning}))
             if facts.text:
                 if self._open is None or self._open[0] != "text":
                     out.append(self._close())

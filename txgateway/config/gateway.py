@@ -556,6 +556,13 @@ class ServiceConfig:
     #: this service, which runs none of them: C{drop} (left out, named in C{X-Gateway-Dropped-Tools})
     #: or C{refuse} (the target is left out, or the call refused by name).
     builtin_tools: str = _key(_choice("drop", "refuse"), "drop")
+    #: What a Messages call's thinking becomes for this C{api = openai} service: C{send}, a
+    #: C{reasoning_effort} (by its budget or C{output_config.effort}), or C{drop} (a backend whose
+    #: models take no C{reasoning_effort}, such as OpenAI's gpt-4o, refuses it).
+    reasoning_effort: str = _key(_choice("send", "drop"), "send")
+    #: A Messages call's C{top_k} for this C{api = openai} service: C{drop} (OpenAI refuses it) or
+    #: C{pass} (vLLM, llama.cpp and SGLang take it).
+    top_k: str = _key(_choice("drop", "pass"), "drop")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.
