@@ -138,6 +138,11 @@ class Messages(Resource):
         return _error(request, 404, "not_found_error", "not here")
 
     def render_POST(self, request):
+        if request.path.decode().endswith("/v1/messages/count_tokens"):
+            body = json.loads(request.content.read())
+            CALLS.setdefault("count_tokens", {"count": 0})["count"] += 1
+            words = sum(len(_text_of(m.get("content", "")).split()) for m in body.get("messages", []))
+            return _json(request, {"input_tokens": words + 3})
         if not request.path.decode().endswith("/v1/messages"):
             return _error(request, 404, "not_found_error", "not here")
         body = json.loads(request.content.read())

@@ -250,3 +250,59 @@ def test_a_last_retryable_error_whose_body_never_comes_is_the_gateways_own_error
     h.advance(30)  # first_byte_timeout: the rest of the error never came
     code, body = body_of(d)
     assert code == 502 and body["error"]["type"] == "upstream_unavailable" and "answered 529" in body["error"]["message"]
+
+
+def count_tokens(h: Harness, model: str, key: str = "client-key"):
+    body = {"model": model, "messages": HELLO, "system": "Be brief.", "tools": [{"name": "f", "input_schema": {"type": "object"}}]}
+    return h.request(
+        "POST", "/v1/messages/count_tokens", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "x-api-key": key},
+    )
+
+
+def test_count_tokens_goes_to_an_anthropic_target_as_it_is():
+    h = Harness(INI)
+    d = count_tokens(h, "claude")
+    sent = h.agents["claude"].last
+    assert sent.uri == b"http://claude.test/v1/messages/count_tokens"
+    assert json.loads(sent.body)["model"] == "claude-x"
+    sent.respond(FakeResponse(200, JSON, b'{"input_tokens": 42}'))
+    h.flush()
+    assert body_of(d) == (200, {"input_tokens": 42})
+
+
+def test_count_tokens_for_an_openai_target_is_the_gateways_estimate_said_in_a_header():
+    h = Harness(INI)
+    response = result_of(count_tokens(h, "gpt"))
+    assert response.code == 200 and response.headers.getRawHeaders("x-gateway-token-count") == ["estimated"]
+    assert json.loads(result_of(treq.content(response)))["input_tokens"] > 0
+    assert not h.agents["gpt"].requests
+
+
+GOVERNED = INI + """[key:alice]
+secret = alice-key
+models = claude
+budget_usd = 0.000001
+budget_period = day
+[price:*]
+prompt = 1000
+completion = 1000
+"""
+
+
+def test_a_governed_keys_count_is_checked_against_its_models_and_never_charged():
+    h = Harness(GOVERNED)
+    for _ in range(3):  # a budget a single real call would spend: a count costs nothing
+        d = count_tokens(h, "claude", key="alice-key")
+        h.agents["claude"].last.respond(FakeResponse(200, JSON, b'{"input_tokens": 42}'))
+        h.flush()
+        assert body_of(d) == (200, {"input_tokens": 42})
+    code, body = body_of(count_tokens(h, "gpt", key="alice-key"))
+    assert code == 403 and body["error"]["type"] == "permission_error"
+    assert "gpt" in body["error"]["message"]
+
+
+def test_the_messages_apis_other_endpoints_are_still_not_served():
+    h = Harness(INI)
+    response = result_of(h.request("POST", "/v1/messages/batches", data=b"{}", headers={"Content-Type": "application/json"}))
+    assert response.code == 404

@@ -73,3 +73,12 @@ def test_a_configuration_error_never_echoes_a_urls_password():
     with pytest.raises(ConfigError) as raised:
         parse_config("[service:a]\nurl = http://user:hunter2@backend:99999/x\n", "gateway.ini", {})
     assert "hunter2" not in str(raised.value) and "user:***@" in str(raised.value)
+
+
+def test_the_root_says_what_is_served_here_to_a_probe():
+    h = Harness(SERVICE_INI)
+    for method in ("GET", "HEAD"):
+        response = result_of(h.request(method, "/"))
+        assert response.code == 200
+    body = json.loads(result_of(treq.content(result_of(h.request("GET", "/")))))
+    assert body["name"] == "txgateway" and "/v1/messages" in body["apis"]["anthropic"]

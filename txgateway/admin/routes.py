@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from txgateway import errors
+from txgateway import __version__, errors
 from txgateway.admin.page import STATUS_PAGE
 from txgateway.errors import ErrorKind, describe_failure, error_answer
 from txgateway.ids import request_id_for
@@ -94,6 +94,18 @@ def may_see_status(allow: Iterable[Any], client: str) -> bool:
     return any(ip in network for network in allow)
 
 
+#: The root document: the gateway's name, its version and the APIs it serves.
+_ROOT = {
+    "name": "txgateway",
+    "version": __version__,
+    "apis": {
+        "openai": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"],
+        "anthropic": ["/v1/messages", "/v1/messages/count_tokens", "/v1/models"],
+        "services": "/api/<service>/",
+    },
+}
+
+
 class AdminRoutes:
     """The Klein routes of one gateway's operator view."""
 
@@ -101,6 +113,11 @@ class AdminRoutes:
 
     def __init__(self, view: OperatorView) -> None:
         self.view = view
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        """What is served here, for the clients that probe a base URL (Claude Code sends C{HEAD /} first)."""
+        return _json(request, _ROOT)
 
     @app.route("/health/live", methods=["GET", "HEAD"])
     def live(self, request: IRequest) -> bytes:

@@ -96,6 +96,27 @@ def _estimated_input_tokens(request: IncomingRequest, ctx: RequestContext, body:
     _answer_json(request, {"object": "response.input_tokens", "input_tokens": estimate_prompt_tokens(counted)})
 
 
+def _estimated_message_tokens(request: IncomingRequest, ctx: RequestContext, body: dict, now: float) -> None:
+    """
+    C{POST /v1/messages/count_tokens} for a model whose first target does
+    not speak the Messages API: the gateway's estimate, said in
+    C{X-Gateway-Token-Count: estimated}, in the API's shape.
+    """
+    counted = {"messages": [{"role": "system", "content": body.get("system")}, *(body.get("messages") or [])]}
+    if body.get("tools"):
+        counted["tools"] = body["tools"]
+    ctx.stamp(request, now)
+    request.set_header(b"X-Gateway-Token-Count", b"estimated")
+    _answer_json(request, {"input_tokens": estimate_prompt_tokens(counted)})
+
+
+#: The APIs' token counts, each with what answers it when the model's first target speaks another API.
+_TOKEN_COUNTS = {
+    b"/v1/responses/input_tokens": _estimated_input_tokens,
+    b"/v1/messages/count_tokens": _estimated_message_tokens,
+}
+
+
 def _answer_json(request: IncomingRequest, body: dict) -> None:
     encoded = json.dumps(body).encode("utf-8")
     request.respond(200, encoded, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")])
@@ -174,13 +195,14 @@ class ProxiedRequests:
         """
         ctx: RequestContext = request.context
         path = request.path
-        messages = path == b"/v1/messages"
+        counting = path in _TOKEN_COUNTS
+        messages = path in (b"/v1/messages", b"/v1/messages/count_tokens")
         if messages or path.startswith(b"/v1/messages/"):
             ctx.client_api = ANTHROPIC
         if not self._authenticated(request, ctx):
             return
-        if path.startswith(b"/v1/messages/"):
-            # count_tokens, batches: the Messages API's other endpoints are not served.
+        if path.startswith(b"/v1/messages/") and not counting:
+            # Batches: the Messages API's other endpoints are not served.
             answer_error(request, errors.NOT_FOUND, f"{path.decode('latin-1')} is not served by this gateway")
             return
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
@@ -224,7 +246,7 @@ class ProxiedRequests:
         try:
             if messages:
                 call = MessagesCall.parse(request.body, reading)
-            elif path == b"/v1/responses":
+            elif path in (b"/v1/responses", b"/v1/responses/input_tokens"):
                 call = ResponsesCall.parse(request.body, reading)
             else:
                 call = OpenAICall.parse(request.body, path, reading)
@@ -251,11 +273,16 @@ class ProxiedRequests:
             return
         ctx.service = targets[0].route.config.name
         ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
-        if path == b"/v1/responses/input_tokens" and targets[0].route.config.speaks("responses") != "responses":
-            # Only a target that speaks the Responses API counts its tokens: the others get the gateway's estimate.
-            _estimated_input_tokens(request, ctx, call.body, self.gateway.clock.seconds())
+        if counting and targets[0].route.config.speaks(call.api) != call.api:
+            # Only a target that speaks the client's API counts its tokens: the others get the gateway's estimate.
+            _TOKEN_COUNTS[path](request, ctx, call.body, self.gateway.clock.seconds())
             return
         rest = path[len(b"/v1"):]
+        if counting:
+            # A count is no model call: its key and model were checked, and it costs nothing.
+            proxied = self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading, uncharged=True)
+            await self._brokered(request, ctx, proxied)
+            return
         if path == b"/v1/responses":
             await self._conversation_turn(request, ctx, call, targets, rest, reading)
             return

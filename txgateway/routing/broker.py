@@ -137,6 +137,7 @@ class ServiceBroker:
         rest: bytes,
         query: bytes,
         reading: BodyReading = FAST,
+        uncharged: bool = False,
     ) -> None:
         """
         Answer an OpenAI or Messages request from its model's targets in
@@ -146,18 +147,19 @@ class ServiceBroker:
         left, the client gets a 400 that says why.  A governed key's call
         (C{reading} strict) to an endpoint that is no model call the
         gateway reads (images, speech, moderations...) is priced or refused
-        as under C{/api/} (see L{_unread_price}).
+        as under C{/api/} (see L{_unread_price}), unless C{uncharged} (a
+        count of tokens: its key and model were checked, and it costs nothing).
         """
         path = _checked(rest, query)
         price = None
-        if reading.strict and not self.speakers.api(model_call.api).model_call_path(rest):
+        if reading.strict and not uncharged and not self.speakers.api(model_call.api).model_call_path(rest):
             price = _unread_price(request, rest, targets[0].route.config)
         call = Call.of(request, ctx, path, targets, self.speakers, model_call)
         refused = call.untranslatable()
         if refused:
             call.targets = self._translatable(call, refused)
         await self._admit(request, ctx, call.targets[0].route)
-        if self.governor is None:
+        if self.governor is None or uncharged:
             await self._serve_call(call, b"/v1" + path)
         else:
             await self._governed(call, b"/v1" + path, price)
