@@ -72,6 +72,15 @@ def test_the_server_span_carries_http_the_request_and_the_genai_conventions():
     assert not span.error
 
 
+def test_the_server_span_says_who_the_call_is_for():
+    ctx = context()
+    ctx.completion = CompletionFacts(requested_model="m", operation="chat", end_user="dev-1", session="sess-9")
+    span = server_span(ctx, "POST", "/v1/messages", 200, 100.25)
+    assert (span.attributes["enduser.id"], span.attributes["session.id"]) == ("dev-1", "sess-9")
+    ctx.completion = CompletionFacts(requested_model="m", operation="chat")
+    assert "enduser.id" not in server_span(ctx, "POST", "/v1/messages", 200, 100.25).attributes
+
+
 def test_each_attempt_is_a_client_span_under_the_request_with_its_outcome():
     ctx = context()
     ctx.completion = CompletionFacts(requested_model="m", operation="chat")

@@ -62,6 +62,9 @@ class FakeCall:
     def operation(self, path: bytes) -> str:
         return "fake"
 
+    def end_user(self) -> tuple:
+        return "fake-user", None
+
 
 def read_fake_event(event: bytes) -> ChunkFacts:
     """The fake API's stream: C{data: WORD} per event, C{data: END} last."""

@@ -118,6 +118,18 @@ class IModelCall(Interface):
     def operation(path: bytes) -> str:
         """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""
 
+    def end_user() -> tuple:
+        """Who the call is for, as its body says: (the end user, their session), each a string or L{None}."""
+
+
+#: The longest end user or session id kept (a longer one is cut): they go on every access line.
+MOST_ID_CHARACTERS = 128
+
+
+def bounded_id(value: Any) -> str | None:
+    """An end user's or a session's id as the gateway keeps it: a non-empty string, cut to L{MOST_ID_CHARACTERS}."""
+    return value[:MOST_ID_CHARACTERS] if isinstance(value, str) and value else None
+
 
 @attrs.define(eq=False)
 class AnswerReading:

@@ -9,6 +9,7 @@ and the error shape of the API.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -19,7 +20,7 @@ from txgateway.errors import ErrorKind
 from txgateway.bodies import FAST, BodyReading
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, ModelNamed, Usage, read_body, reported_count
 from txgateway.openai.wire import decode_json as _loads
-from txgateway.speaking import IModelCall
+from txgateway.speaking import IModelCall, bounded_id
 from txgateway.openai.wire import encode_json as _dumps
 
 __all__ = [
@@ -73,6 +74,24 @@ class MessagesCall(ModelNamed):
     def max_tokens(self) -> int | None:
         """C{max_tokens}, which the API requires."""
         return _integer(self.body.get("max_tokens"))
+
+    def end_user(self) -> tuple[str | None, str | None]:
+        """
+        C{metadata.user_id}; Claude Code's is a JSON string, whose
+        C{account_uuid} (else C{device_id}) is the user and C{session_id}
+        the session.
+        """
+        metadata = self.body.get("metadata")
+        said = metadata.get("user_id") if isinstance(metadata, dict) else None
+        if isinstance(said, str) and said.startswith("{"):
+            try:
+                fields = json.loads(said)
+            except ValueError:
+                fields = None
+            if isinstance(fields, dict):
+                user = bounded_id(fields.get("account_uuid")) or bounded_id(fields.get("device_id"))
+                return user, bounded_id(fields.get("session_id"))
+        return bounded_id(said), None
 
     def operation(self, path: bytes) -> str:
         """The GenAI operation: always C{chat}."""

@@ -113,6 +113,9 @@ class CompletionFacts:
     target_api: str = "openai"
     #: The gateway cut the stream at the completion its key reserved (the backend went past it).
     stream_cut: bool = False
+    #: Who the call is for (the client's end user) and their session, as the call says them.
+    end_user: str | None = None
+    session: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The access line's fields."""
@@ -126,6 +129,10 @@ class CompletionFacts:
         }
         if self.stream_cut:
             fields["stream_cut"] = True
+        if self.end_user is not None:
+            fields["end_user"] = self.end_user
+        if self.session is not None:
+            fields["session"] = self.session
         return fields
 
 

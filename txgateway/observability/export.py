@@ -98,6 +98,10 @@ def _add_gen_ai_attributes(facts: CompletionFacts, common: list[tuple[str, Any]]
         common.append(("gen_ai.request.max_tokens", facts.max_tokens))
     if facts.finish_reasons:
         common.append(("gen_ai.response.finish_reasons", facts.finish_reasons))
+    if facts.end_user is not None:
+        common.append(("enduser.id", facts.end_user))
+    if facts.session is not None:
+        common.append(("session.id", facts.session))
     if facts.prompt_tokens is not None:
         own["gen_ai.usage.input_tokens"] = facts.prompt_tokens
     if facts.completion_tokens is not None:

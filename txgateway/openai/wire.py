@@ -18,7 +18,7 @@ import attrs
 from zope.interface import implementer
 
 from txgateway.bodies import FAST, BadBody, BodyReading
-from txgateway.speaking import BadCall, IModelCall
+from txgateway.speaking import BadCall, IModelCall, bounded_id
 
 try:
     from orjson import dumps as _orjson_dumps
@@ -151,6 +151,10 @@ class OpenAICall(ModelNamed):
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         return None
+
+    def end_user(self) -> tuple[str | None, None]:
+        """OpenAI's C{user}, else its C{safety_identifier}; no session."""
+        return bounded_id(self.body.get("user")) or bounded_id(self.body.get("safety_identifier")), None
 
     def operation(self, path: bytes) -> str:
         """The GenAI operation: C{chat}, C{text_completion}, C{embeddings}, or the path's last word."""

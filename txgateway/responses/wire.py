@@ -19,7 +19,7 @@ from txgateway.errors import ErrorKind
 from txgateway.openai.wire import AnswerFacts, ChunkFacts, ModelNamed, Usage, read_body
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
-from txgateway.speaking import IModelCall
+from txgateway.speaking import IModelCall, bounded_id
 
 __all__ = ["RESPONSES", "ResponsesCall", "ResponsesStreamReader", "error_event", "read_response", "responses_path"]
 
@@ -64,6 +64,10 @@ class ResponsesCall(ModelNamed):
         """The most the client lets it write: C{max_output_tokens} (reasoning included)."""
         value = self.body.get("max_output_tokens")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def end_user(self) -> tuple[str | None, None]:
+        """The Responses API's C{safety_identifier}, else its C{user}; no session (Codex names it in a header)."""
+        return bounded_id(self.body.get("safety_identifier")) or bounded_id(self.body.get("user")), None
 
     def operation(self, path: bytes) -> str:
         """The GenAI operation, named for the endpoint: C{responses}."""

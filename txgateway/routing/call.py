@@ -18,7 +18,7 @@ from txgateway.dataplane.headers import request_headers_for_upstream
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.observability.context import CompletionFacts, RequestContext
 from txgateway.routing.model import Target
-from txgateway.speaking import IModelCall, ISpeaker, Speakers, Transcript, Untranslatable
+from txgateway.speaking import IModelCall, ISpeaker, Speakers, Transcript, Untranslatable, bounded_id
 
 __all__ = ["Call"]
 
@@ -85,9 +85,12 @@ class Call:
         """
         transcript = None
         if model_call is not None:
+            end_user, session = model_call.end_user()
             ctx.completion = CompletionFacts(
                 requested_model=model_call.model, operation=model_call.operation(path), max_tokens=model_call.max_tokens,
-                stream=model_call.stream,
+                stream=model_call.stream, end_user=end_user,
+                # Codex names its session in a header.
+                session=session or bounded_id((request.header(b"session-id") or b"").decode("latin-1")),
             )
             if model_call.stream:
                 transcript = Transcript(model_call.resumable_kind)
