@@ -16,8 +16,9 @@ from twisted.internet.task import Clock
 from tests.fakes import result_of
 from txgateway import errors
 from txgateway.errors import GatewayError
+from txgateway.dataplane.server import AnswerRecorder
 from txgateway.responses.conversations import (
-    AnswerRecorder, Conversations, answered_response, conversation_items, input_item_page, listed_items, turn_input,
+    Conversations, answered_response, conversation_items, input_item_page, listed_items, turn_input,
 )
 from txgateway.responses.store import MemoryResponseStore, SqliteResponseStore, StoredResponse, StoreFailed
 

@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,6 +172,31 @@ def fresh_backend(tmp_path):
 
 #: The start of a daemon's gateway.ini: its port (filled in by L{Gateway}), its
 #: log file, and a rate limit no test reaches by accident.
+#: Where the tests keep the agent CLIs they install from npm (outside the tree, across runs).
+TEST_TOOLS = Path(os.environ.get("TXGATEWAY_TEST_TOOLS", Path.home() / ".cache" / "txgateway-tests"))
+
+
+def npm_binary(home: Path, package: str, version: str, name: str) -> Path:
+    """The binary C{name} of npm's C{package} at C{version}, installed under C{home} when missing."""
+    binary = home / "node_modules" / ".bin" / name
+    if binary.exists():
+        return binary
+    npm = shutil.which("npm")
+    if npm is None and os.geteuid() == 0:
+        # As the status page's test does for chromium: Debian's packages, installed when missing.
+        subprocess.run(["apt-get", "install", "-y", "-q", "nodejs", "npm"], capture_output=True, timeout=900)
+        npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail(f"the tests of {package} need Debian's node and npm (apt-get install nodejs npm)")
+    home.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(home), f"{package}@{version}"],
+        check=True, capture_output=True, timeout=600,
+    )
+    return binary
+
+
+
 DAEMON_HEAD = """
 [gateway]
 listen = tcp:{port}:interface=127.0.0.1

@@ -15,44 +15,22 @@ through the translation.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Gateway, agents_gateway_ini, wait_until
-from tests.integration.test_codex import CODEX_HOME
+from tests.integration.conftest import TEST_TOOLS, Gateway, agents_gateway_ini, npm_binary, wait_until
 
 pytestmark = pytest.mark.integration
 
-#: Where the tests keep the Claude Code CLI they install (beside Codex, outside the tree).
-CLAUDE_HOME = CODEX_HOME.parent / "claude-code"
+CLAUDE_HOME = TEST_TOOLS / "claude-code"
 CLAUDE_VERSION = "2.1.197"
-
-
-def claude_binary() -> Path:
-    """The Claude Code CLI, installed from npm when missing."""
-    binary = CLAUDE_HOME / "node_modules" / ".bin" / "claude"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "nodejs", "npm"], capture_output=True, timeout=900)
-        npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail("the Claude Code tests need Debian's node and npm (apt-get install nodejs npm)")
-    CLAUDE_HOME.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(CLAUDE_HOME), f"@anthropic-ai/claude-code@{CLAUDE_VERSION}"],
-        check=True, capture_output=True, timeout=600,
-    )
-    return binary
 
 
 @pytest.fixture(scope="module")
 def claude_code():
-    return claude_binary()
+    return npm_binary(CLAUDE_HOME, "@anthropic-ai/claude-code", CLAUDE_VERSION, "claude")
 
 
 @pytest.fixture(scope="module")

@@ -13,44 +13,22 @@ round trip of a tool call through the translation.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Gateway, agents_gateway_ini, wait_until
+from tests.integration.conftest import TEST_TOOLS, Gateway, agents_gateway_ini, npm_binary, wait_until
 
 pytestmark = pytest.mark.integration
 
-#: Where the tests keep the Codex CLI they install (outside the tree, across runs).
-CODEX_HOME = Path(os.environ.get("TXGATEWAY_TEST_TOOLS", Path.home() / ".cache" / "txgateway-tests")) / "codex"
+CODEX_HOME = TEST_TOOLS / "codex"
 CODEX_VERSION = "0.171.0"
-
-
-def codex_binary() -> Path:
-    """The Codex CLI, installed from npm when missing."""
-    binary = CODEX_HOME / "node_modules" / ".bin" / "codex"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None and os.geteuid() == 0:
-        # As the status page's test does for chromium: Debian's packages, installed when missing.
-        subprocess.run(["apt-get", "install", "-y", "-q", "nodejs", "npm"], capture_output=True, timeout=900)
-        npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail("the Codex tests need Debian's node and npm (apt-get install nodejs npm)")
-    CODEX_HOME.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(CODEX_HOME), f"@openai/codex@{CODEX_VERSION}"],
-        check=True, capture_output=True, timeout=600,
-    )
-    return binary
 
 
 @pytest.fixture(scope="module")
 def codex():
-    return codex_binary()
+    return npm_binary(CODEX_HOME, "@openai/codex", CODEX_VERSION, "codex")
 
 
 @pytest.fixture(scope="module")

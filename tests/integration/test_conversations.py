@@ -21,17 +21,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    server = Backend(tmp_path_factory.mktemp("responses"), script="openai_backend.py", base_path="/v1")
-    yield server
-    server.process.stop()
+def backend(chat_and_claude):
+    return chat_and_claude[0]
 
 
 @pytest.fixture(scope="module")
-def claude(tmp_path_factory):
-    server = Backend(tmp_path_factory.mktemp("claude"), script="anthropic_backend.py", base_path="/v1")
-    yield server
-    server.process.stop()
+def claude(chat_and_claude):
+    return chat_and_claude[1]
 
 
 def conversations_ini(backend: Backend, claude: Backend, responses: str = "") -> str:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from txgateway.cache.policy import NO_DIRECTIVES, CachedAnswer, cache_key, directives, freshness, varied_key, vary_names
 from txgateway.cache.stores import ICacheStore
 from txgateway.config.gateway import ServiceConfig
-from txgateway.dataplane.server import IncomingRequest
+from txgateway.dataplane.server import AnswerRecorder, IncomingRequest
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
 
@@ -32,36 +32,6 @@ def _control_of(request: IncomingRequest) -> "set[bytes] | frozenset[bytes]":
     control = directives(control) if control is not None else NO_DIRECTIVES
     pragma = request.header(b"pragma")
     return control if pragma is None else control | directives(pragma)
-
-
-class _Recorder:
-    """Keeps a copy of the answer the request writes, up to C{limit} body bytes."""
-
-    __slots__ = ("code", "reason", "headers", "parts", "size", "limit", "overflowed")
-
-    def __init__(self, limit: int) -> None:
-        self.code = 0
-        self.reason = b""
-        self.headers: list = []
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.limit = limit
-        self.overflowed = False
-
-    def started(self, code: int, reason: bytes | None, headers: list) -> None:
-        self.code = code
-        self.reason = reason or b""
-        self.headers = headers
-
-    def wrote(self, data: bytes) -> None:
-        if self.overflowed:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.overflowed = True
-            self.parts = []
-        else:
-            self.parts.append(data)
 
 
 class _Flight:
@@ -173,7 +143,7 @@ class ResponseCache:
         flight = None  # only the first miss of a key leads; later ones went on alone
         if key not in self._flights:
             flight = self._flights[key] = _Flight()
-        recorder = request.recorder = _Recorder(self._max_entry_bytes)
+        recorder = request.recorder = AnswerRecorder(self._max_entry_bytes)
         kept = None
         try:
             await proxied()
@@ -203,7 +173,7 @@ class ResponseCache:
                 flight.waiters.remove(waiter)
             raise
 
-    def _keep(self, store: ICacheStore, key: str, recorder: _Recorder, request: IncomingRequest, config: ServiceConfig) -> CachedAnswer | None:
+    def _keep(self, store: ICacheStore, key: str, recorder: AnswerRecorder, request: IncomingRequest, config: ServiceConfig) -> CachedAnswer | None:
         """Keep the answer C{recorder} saw when it may be kept; returns it (for the waiters) or L{None}."""
         if recorder.overflowed or request.gone:
             return None

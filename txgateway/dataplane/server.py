@@ -39,6 +39,7 @@ from txgateway.errors import ErrorKind, error_answer
 from txgateway.ids import request_id_for
 
 __all__ = [
+    "AnswerRecorder",
     "HTTPServerFactory",
     "HTTPServerProtocol",
     "IncomingRequest",
@@ -103,6 +104,42 @@ class _DateHeader:
 
 #: The refusal of a body past C{max_bodies_held} (its limit filled in).
 _BUSY_MESSAGE = "the gateway holds as many request body bytes (%d) as it may at once; retry shortly"
+
+
+class AnswerRecorder:
+    """
+    Keeps a copy of the answer a request writes (its C{recorder}): the
+    status, reason and headers, and up to C{limit} body bytes (past them,
+    C{overflowed} and nothing kept).
+    """
+
+    __slots__ = ("code", "reason", "headers", "parts", "size", "limit", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self.code = 0
+        self.reason = b""
+        self.headers: list = []
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.overflowed = False
+
+    def started(self, code: int, reason: bytes | None, headers: list) -> None:
+        """The answer's status line and headers were decided."""
+        self.code = code
+        self.reason = reason or b""
+        self.headers = headers
+
+    def wrote(self, data: bytes) -> None:
+        """Body bytes were written."""
+        if self.overflowed:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.overflowed = True
+            self.parts = []
+        else:
+            self.parts.append(data)
 
 
 class IncomingRequest:

@@ -22,12 +22,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
 from txgateway.anthropic.wire import event_json
+from txgateway.dataplane.server import AnswerRecorder
 from txgateway.errors import GatewayError
 from txgateway.openai.wire import decode_json
 from txgateway.responses.store import IResponseStore, StoredResponse, StoreFailed
 
 __all__ = [
-    "AnswerRecorder", "Conversations", "answered_response", "conversation_items", "input_item_page", "listed_items", "turn_input",
+    "Conversations", "answered_response", "conversation_items", "input_item_page", "listed_items", "turn_input",
 ]
 
 #: The most turns a conversation is followed back (each is one look in the store).
@@ -131,32 +132,6 @@ def input_item_page(items: list, query: dict[str, str]) -> dict:
         "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
         "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit,
     }
-
-
-class AnswerRecorder:
-    """Keeps a copy of the answer a request writes (the data plane's C{recorder}), up to C{limit} body bytes."""
-
-    __slots__ = ("code", "parts", "size", "limit", "overflowed")
-
-    def __init__(self, limit: int) -> None:
-        self.code = 0
-        self.parts: list[bytes] = []
-        self.size = 0
-        self.limit = limit
-        self.overflowed = False
-
-    def started(self, code: int, reason: bytes | None, headers: list) -> None:
-        self.code = code
-
-    def wrote(self, data: bytes) -> None:
-        if self.overflowed:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.overflowed = True
-            self.parts = []
-        else:
-            self.parts.append(data)
 
 
 class Conversations:
