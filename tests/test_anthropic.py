@@ -287,7 +287,8 @@ def test_a_chat_request_becomes_a_messages_request_with_the_default_max_tokens()
         ({"logprobs": True}, "'logprobs' has no Anthropic equivalent"),
         ({"n": 2}, "'n' above 1"),
         ({"temperature": 1.5}, "'temperature' above 1"),
-        ({"response_format": {"type": "json_object"}}, "'response_format'"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"response_format": {"type": "grammar"}}, "response_format"),
     ],
 )
 def test_a_chat_field_with_no_anthropic_equivalent_is_named(change, named):
@@ -583,3 +584,15 @@ def test_a_backends_reasoning_comes_back_as_a_thinking_block_json_and_streamed()
     starts = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
     thoughts = [e["delta"]["thinking"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "thinking_delta"]
     assert starts == ["thinking", "text"] and thoughts == ["Think ", "first."]
+
+
+@pytest.mark.parametrize(("response_format", "shape"), [
+    ({"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}},
+     {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}),
+    ({"type": "json_object"}, {"type": "json_schema", "schema": {"type": "object"}}),
+    ({"type": "text"}, None),
+])
+def test_structured_output_goes_to_claude_as_its_output_format(response_format, shape):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": response_format}
+    request = chat_request_to_messages(body, None, 4096)
+    assert request.get("output_config") == ({"format": shape} if shape else None)

@@ -257,7 +257,7 @@ def test_a_translated_stream_broken_midway_is_resumed_from_its_text_as_one_respo
     assert line["resumed"] == 1
 
 
-@pytest.mark.parametrize("model", ["agent", "selfhosted"])
+@pytest.mark.parametrize("model", ["agent", "selfhosted", "claude"])
 def test_structured_output_comes_back_parsed_by_the_sdk(client, backend, model):
     from pydantic import BaseModel
 

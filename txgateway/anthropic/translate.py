@@ -351,7 +351,7 @@ def messages_request_to_chat(
 _CHAT_FIELDS = frozenset(
     {
         "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
-        "stream_options", "user", "tools", "tool_choice", "parallel_tool_calls", "n", "reasoning_effort",
+        "stream_options", "user", "tools", "tool_choice", "parallel_tool_calls", "n", "reasoning_effort", "response_format",
     }
 )
 
@@ -379,6 +379,23 @@ def _thinking_blocks(blocks: Any, where: str) -> list[dict]:
         else:
             raise Untranslatable(f"{where}.thinking_blocks[{number}]: not a signed thinking block of Claude's")
     return kept
+
+
+def _output_format(response_format: Any) -> dict | None:
+    """
+    A chat C{response_format} as the Messages API's structured output
+    (C{output_config.format}): a C{json_schema} as it is, C{json_object} as
+    the schema of any object; L{None} for text.
+    """
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return {"type": "json_schema", "schema": {"type": "object"}}
+    shape = response_format.get("json_schema") if kind == "json_schema" else None
+    if not isinstance(shape, dict) or not isinstance(shape.get("schema"), dict):
+        raise Untranslatable(f"response_format {response_format!r} has no Anthropic equivalent")
+    return {"type": "json_schema", "schema": shape["schema"]}
 
 
 def _thinking(body: dict, max_tokens: int, choice: Any) -> dict | None:
@@ -537,6 +554,9 @@ def chat_request_to_messages(body: dict, model: str | None, default_max_tokens: 
     thinking = _thinking(body, request["max_tokens"], choice)
     if thinking is not None:
         request["thinking"] = thinking
+    shape = _output_format(body.get("response_format"))
+    if shape is not None:
+        request["output_config"] = {"format": shape}
     serial = body.get("parallel_tool_calls") is False
     if choice is not None or (serial and "tools" in request):
         request["tool_choice"] = _messages_tool_choice(choice if choice is not None else "auto", serial)
