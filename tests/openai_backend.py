@@ -30,6 +30,14 @@ pieces), and one whose last message is a result with "The tool said:
 <result>".  A C{stop} that is one of the words ends the answer before it
 (C{finish_reason} C{stop}, and vLLM's C{stop_reason} naming it).
 
+C{POST .../responses} speaks the Responses API natively (its documented
+event sequence): a reasoning item first when asked for C{reasoning} (its
+C{encrypted_content} when C{include} asks), a C{function_call} of the
+first tool given C{tools} (or "The tool said: <output>" once a
+C{function_call_output} comes), a structured output for a C{json_schema}
+C{text.format}; model C{cut} breaks after its first delta, C{resp-error}
+sends an C{error} event before any output.
+
 The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
 last message is the assistant's (a prefill) is continued from there, and
 any mode but noprefill/status/context/filter then answers normally.
@@ -260,7 +268,32 @@ class Completions(Resource):
                     "status": "in_progress", "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
         message = {"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
-        done = {**response, "status": "completed", "output": [message], "usage": usage}
+        output = [message]
+        reasoning = None
+        if body.get("reasoning"):
+            # A reasoning item first, its encrypted content only when asked for (as the API does).
+            reasoning = {"type": "reasoning", "id": "rs_fake", "summary": [{"type": "summary_text", "text": "Thinking."}]}
+            if "reasoning.encrypted_content" in (body.get("include") or []):
+                reasoning["encrypted_content"] = "gAAAAB-openai-opaque"
+            output = [reasoning, message]
+        call = None
+        if body.get("tools") and not any(isinstance(i, dict) and i.get("type") == "function_call_output" for i in body.get("input") or []):
+            tool = body["tools"][0]
+            call = {"type": "function_call", "id": "fc_fake", "call_id": "call_native1", "name": tool.get("name"),
+                    "arguments": '{"city": "Paris"}', "status": "completed"}
+            output = [item for item in output if item is not message] + [call]
+        elif body.get("tools"):
+            said = [i for i in body["input"] if isinstance(i, dict) and i.get("type") == "function_call_output"][-1]["output"]
+            text = f"The tool said: {said}"
+            words = [text]
+            message = {**message, "content": [{"type": "output_text", "text": text, "annotations": []}]}
+            output = [item for item in output if item.get("type") != "message"] + [message]
+        if model == "resp-error" and body.get("stream"):
+            request.setHeader(b"content-type", b"text/event-stream")
+            failed = {"type": "error", "code": "server_error", "message": "The model failed", "sequence_number": 0}
+            self._send(request, [f"event: error\ndata: {json.dumps(failed)}\n\n".encode(), "end"])
+            return server.NOT_DONE_YET
+        done = {**response, "status": "completed", "output": output, "usage": usage}
         if not body.get("stream"):
             return _json(request, done)
         sequence = iter(range(1000))
@@ -268,22 +301,42 @@ class Completions(Resource):
         def event(kind, **data):
             return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **data})}\n\n".encode()
 
+        events = [event("response.created", response=response), event("response.in_progress", response=response)]
+        if reasoning is not None:
+            events += [
+                event("response.output_item.added", output_index=0, item={**reasoning, "summary": []}),
+                event("response.reasoning_summary_text.delta", item_id="rs_fake", output_index=0, summary_index=0, delta="Thinking."),
+                event("response.output_item.done", output_index=0, item=reasoning),
+            ]
+        if call is not None:
+            index = len(output) - 1
+            events += [
+                event("response.output_item.added", output_index=index, item={**call, "arguments": "", "status": "in_progress"}),
+                event("response.function_call_arguments.delta", item_id="fc_fake", output_index=index, delta='{"city": '),
+                event("response.function_call_arguments.delta", item_id="fc_fake", output_index=index, delta='"Paris"}'),
+                event("response.function_call_arguments.done", item_id="fc_fake", output_index=index, arguments=call["arguments"]),
+                event("response.output_item.done", output_index=index, item=call),
+                event("response.completed", response=done), "end",
+            ]
+            request.setHeader(b"content-type", b"text/event-stream")
+            self._send(request, events)
+            return server.NOT_DONE_YET
         opened = {**message, "status": "in_progress", "content": []}
-        events = [
-            event("response.created", response=response), event("response.in_progress", response=response),
-            event("response.output_item.added", output_index=0, item=opened),
-            event("response.content_part.added", item_id="msg_fake", output_index=0, content_index=0,
+        last = len(output) - 1  # the message comes after any reasoning
+        events += [
+            event("response.output_item.added", output_index=last, item=opened),
+            event("response.content_part.added", item_id="msg_fake", output_index=last, content_index=0,
                   part={"type": "output_text", "text": "", "annotations": []}),
         ]
         for number, word in enumerate(words):
-            events.append(event("response.output_text.delta", item_id="msg_fake", output_index=0, content_index=0, delta=word))
+            events.append(event("response.output_text.delta", item_id="msg_fake", output_index=last, content_index=0, delta=word))
             if model == "cut" and number == 0:
                 events.append("cut")
         events += [
-            event("response.output_text.done", item_id="msg_fake", output_index=0, content_index=0, text=text),
-            event("response.content_part.done", item_id="msg_fake", output_index=0, content_index=0,
+            event("response.output_text.done", item_id="msg_fake", output_index=last, content_index=0, text=text),
+            event("response.content_part.done", item_id="msg_fake", output_index=last, content_index=0,
                   part={"type": "output_text", "text": text, "annotations": []}),
-            event("response.output_item.done", output_index=0, item=message),
+            event("response.output_item.done", output_index=last, item=message),
             event("response.completed", response=done), "end",
         ]
         request.setHeader(b"content-type", b"text/event-stream")

@@ -48,6 +48,8 @@ idle_timeout = 2
 targets = native:resp-model
 [model:cut]
 targets = native:cut
+[model:native-error]
+targets = native:resp-error
 [service:chatonly]
 url = {backend.url}
 api = openai
@@ -273,3 +275,35 @@ def test_structured_output_comes_back_parsed_by_the_sdk(client, backend, model):
     assert final.output_parsed == parsed
     if model == "selfhosted":
         assert backend.calls()["plain-model"]["response_format"]["json_schema"]["name"] == "Weather"
+
+
+def test_a_native_targets_function_call_and_reasoning_come_through_as_they_are(client, backend):
+    include = ["reasoning.encrypted_content"]
+    first = client.responses.create(model="agent", input="Weather in Paris?", tools=[WEATHER], reasoning={"effort": "low"},
+                                    include=include, store=False)
+    reasoning, call = first.output
+    assert (reasoning.type, reasoning.encrypted_content) == ("reasoning", "gAAAAB-openai-opaque")
+    assert (call.type, call.name, call.arguments) == ("function_call", "get_weather", '{"city": "Paris"}')
+    with client.responses.stream(model="agent", input="Weather in Paris?", tools=[WEATHER], reasoning={"effort": "low"},
+                                 include=include, store=False) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds and [item.type for item in final.output] == ["reasoning", "function_call"]
+    # Sent back (the reasoning item too: it is the same provider's), the tool's output is quoted.
+    follow_up = client.responses.create(
+        model="agent", tools=[WEATHER], reasoning={"effort": "low"}, include=include, store=False,
+        input=[{"role": "user", "content": "Weather in Paris?"}, *[item.model_dump(exclude_none=True) for item in first.output],
+               {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}],
+    )
+    assert follow_up.output_text == "The tool said: Sunny"
+    sent = backend.calls()["responses:resp-model"]["last_body"]["input"]
+    assert [item.get("type") for item in sent][1] == "reasoning"
+
+
+def test_a_native_error_event_before_any_output_is_a_failed_attempt_in_the_apis_shape(client, gateway):
+    with pytest.raises(openai.InternalServerError) as caught:
+        with client.responses.stream(model="native-error", input="hi") as stream:
+            list(stream)
+    assert caught.value.status_code == 502 and caught.value.body["type"] == "upstream_unavailable"
+    line = gateway.logged("request_completed", requested_model="native-error")[-1]
+    assert line["status"] == 502
