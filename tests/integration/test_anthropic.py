@@ -243,10 +243,10 @@ def test_an_image_block_is_sent_to_an_openai_backend_as_a_data_url(claude_client
 def test_a_field_with_no_openai_equivalent_is_refused_with_a_clear_400(claude_client, backends):
     before = backends[1].calls().get("gpt-plain", {}).get("count", 0)
     with pytest.raises(anthropic.BadRequestError) as raised:
-        claude_client.messages.create(model="gpt", max_tokens=100, messages=HELLO, extra_body={"top_k": 5})
+        claude_client.messages.create(model="gpt", max_tokens=100, messages=HELLO, extra_body={"container": "c1"})
     body = raised.value.body
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
-    assert "'top_k' has no OpenAI equivalent" in body["error"]["message"] and body["request_id"]
+    assert "'container' has no OpenAI equivalent" in body["error"]["message"] and body["request_id"]
     assert backends[1].calls().get("gpt-plain", {}).get("count", 0) == before
 
 
@@ -411,9 +411,16 @@ def test_a_message_answer_is_kept_in_the_response_cache(claude_client, backends)
 
 
 def test_the_other_messages_endpoints_are_refused_in_anthropics_shape(gateway):
-    answer = gateway.request("POST", "/v1/messages/count_tokens", body=b"{}", headers={"x-api-key": "gateway-key"})
+    answer = gateway.request("POST", "/v1/messages/batches", body=b"{}", headers={"x-api-key": "gateway-key"})
     assert answer.status == 404
-    assert answer.json()["error"]["type"] == "not_found_error" and "count_tokens" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["type"] == "not_found_error" and "batches" in answer.json()["error"]["message"]
+
+
+def test_count_tokens_is_claudes_own_or_the_gateways_estimate_said_in_a_header(claude_client):
+    counted = claude_client.messages.with_raw_response.count_tokens(model="claude", messages=HELLO)
+    assert counted.parse().input_tokens == 5 and counted.headers.get("x-gateway-token-count") is None  # the fake's: words + 3
+    estimated = claude_client.messages.with_raw_response.count_tokens(model="gpt", messages=HELLO)
+    assert estimated.parse().input_tokens > 0 and estimated.headers["x-gateway-token-count"] == "estimated"
 
 
 def test_the_anthropic_sdk_lists_the_models_in_its_own_shape(claude_client, openai_client):
