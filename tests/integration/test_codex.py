@@ -69,7 +69,12 @@ def test_codex_runs_a_tool_round_trip_on_a_translated_target(codex, gateway, tmp
     assert {line["status"] for line in completed()} == {200}
 
 
-def test_codex_is_answered_by_a_native_responses_target(codex, gateway, tmp_path):
+def test_codex_runs_a_tool_round_trip_on_a_native_responses_target(codex, gateway, tmp_path, chat_and_claude):
     done = codex_exec(codex, gateway, tmp_path, "openai")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Hello from the test backend." in done.stdout
+    assert "The tool said:" in done.stdout
+    # Its reasoning item (encrypted, as Codex asks) went back to the same provider with the tool's output.
+    sent = chat_and_claude[0].calls()["responses:resp-model"]["last_body"]["input"]
+    reasoning = [item for item in sent if item.get("type") == "reasoning"]
+    assert reasoning and reasoning[0].get("encrypted_content") == "gAAAAB-openai-opaque"
+    assert sent[-1]["type"] == "function_call_output"
