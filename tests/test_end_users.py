@@ -63,3 +63,22 @@ def test_codexs_session_header_names_the_session():
     assert result_of(d).code == 200
     [line] = h.access.lines
     assert (line["end_user"], line["session"]) == ("carol", "codex-session-1")
+
+
+def test_a_services_end_user_header_wins_over_the_body():
+    h = Harness(INI.replace("[service:claude]\n", "[service:claude]\nend_user_header = X-End-User\n", 1))
+    body = {"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}], "metadata": {"user_id": "from-body"}}
+    d = h.request("POST", "/v1/messages", data=json.dumps(body).encode(),
+                  headers={"Content-Type": "application/json", "X-End-User": "erin@example.com"})
+    h.agents["claude"].last.respond(FakeResponse(200, JSON, claude_answer()))
+    h.flush()
+    assert result_of(d).code == 200
+    [line] = h.access.lines
+    assert line["end_user"] == "erin@example.com"
+
+
+def test_an_end_user_header_that_is_no_header_name_fails_at_start_naming_it():
+    from txgateway.config.gateway import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"\[service:ai\] end_user_header: expected an HTTP header's name"):
+        parse_config("[service:ai]\nurl = http://x:1\nend_user_header = X End User\n", "g.ini", {})

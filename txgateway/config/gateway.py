@@ -240,6 +240,14 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _header_name(raw: str) -> str:
+    """An HTTP header's name (a token), in lower case; empty for none."""
+    value = raw.strip().lower()
+    if value and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", value):
+        raise ValueError(f"expected an HTTP header's name, got {raw!r}")
+    return value
+
+
 def _listen(raw: str) -> str:
     value = raw.strip()
     if not value or ":" not in value:
@@ -563,6 +571,9 @@ class ServiceConfig:
     #: A Messages call's C{top_k} for this C{api = openai} service: C{drop} (OpenAI refuses it) or
     #: C{pass} (vLLM, llama.cpp and SGLang take it).
     top_k: str = _key(_choice("drop", "pass"), "drop")
+    #: A request header naming the end user a call is for (an application's own), which wins
+    #: over what the call's body says; empty: none.
+    end_user_header: str = _key(_header_name, "")
     #: The backend's own key, sent as C{Authorization: Bearer}; never logged or shown.
     api_key: str = attrs.field(default="", repr=False, metadata={"parse": _bearer_key})
     #: The environment variable C{api_key} is read from.

@@ -86,6 +86,10 @@ class Call:
         transcript = None
         if model_call is not None:
             end_user, session = model_call.end_user()
+            header = targets[0].route.config.end_user_header if targets else ""
+            if header:
+                # The application's own header wins over the body.
+                end_user = bounded_id((request.header(header.encode("ascii")) or b"").decode("latin-1")) or end_user
             ctx.completion = CompletionFacts(
                 requested_model=model_call.model, operation=model_call.operation(path), max_tokens=model_call.max_tokens,
                 stream=model_call.stream, end_user=end_user,
