@@ -44,6 +44,8 @@ from twisted.internet import reactor
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from fake_values import example_of
+
 WORDS = [f"w{i} " for i in range(1, 61)]
 FULL = "".join(WORDS)
 CALLS: dict[str, dict] = {}
@@ -96,23 +98,13 @@ def _text_of(content) -> str:
     return "".join(block.get("text", "") for block in content if block.get("type") == "text")
 
 
-def _example_of(schema: dict):
-    """A value of a JSON schema (the object, string, number, integer and boolean kinds)."""
-    kind = schema.get("type")
-    if kind == "object":
-        return {name: _example_of(inner) for name, inner in (schema.get("properties") or {}).items()}
-    if kind == "array":
-        return [_example_of(schema.get("items") or {})]
-    return {"string": "Paris", "number": 21.5, "integer": 21, "boolean": True}.get(kind)
-
-
 def _answer(body: dict) -> tuple[list[dict], str, str | None, list[str]]:
     """The content blocks, stop reason, stop sequence, and the text pieces a stream sends of its text."""
     messages = body.get("messages", [])
     shape = (body.get("output_config") or {}).get("format") or {}
     if shape.get("type") == "json_schema":
         # Structured output: an object of the schema.
-        text = json.dumps(_example_of(shape.get("schema") or {}))
+        text = json.dumps(example_of(shape.get("schema") or {}))
         return [{"type": "text", "text": text}], "end_turn", None, [text[:5], text[5:]]
     last = messages[-1] if messages else {}
     if body.get("tools"):

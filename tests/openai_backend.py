@@ -56,6 +56,8 @@ from twisted.internet import reactor
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from fake_values import example_of
+
 WORDS = [f"w{i} " for i in range(1, 61)]
 FULL = "".join(WORDS)
 CALLS: dict[str, dict] = {}
@@ -83,16 +85,6 @@ def _chunk(model: str, delta: dict, finish=None, usage=None, choices=True) -> by
     if usage is not None:
         body["usage"] = usage
     return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-
-def _example_of(schema: dict):
-    """A value of a JSON schema (the object, string, number, integer and boolean kinds)."""
-    kind = schema.get("type")
-    if kind == "object":
-        return {name: _example_of(inner) for name, inner in (schema.get("properties") or {}).items()}
-    if kind == "array":
-        return [_example_of(schema.get("items") or {})]
-    return {"string": "Paris", "number": 21.5, "integer": 21, "boolean": True}.get(kind)
 
 
 class Completions(Resource):
@@ -199,7 +191,7 @@ class Completions(Resource):
 
     def _structured(self, request, model, schema, stream):
         """An answer that is a JSON object of C{schema}'s properties (strings "Paris", numbers 21, booleans true)."""
-        text = json.dumps(_example_of(schema))
+        text = json.dumps(example_of(schema))
         usage = {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}
         if not stream:
             return _json(request, {
@@ -259,7 +251,7 @@ class Completions(Resource):
         words = ["Hello", " from", " the", " test", " backend."]
         shape = (body.get("text") or {}).get("format") or {}
         if shape.get("type") == "json_schema":
-            answer = json.dumps(_example_of(shape.get("schema") or {}))
+            answer = json.dumps(example_of(shape.get("schema") or {}))
             words = [answer[:5], answer[5:]]
         text = "".join(words)
         usage = {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": len(words),
