@@ -306,3 +306,14 @@ def test_the_messages_apis_other_endpoints_are_still_not_served():
     h = Harness(INI)
     response = result_of(h.request("POST", "/v1/messages/batches", data=b"{}", headers={"Content-Type": "application/json"}))
     assert response.code == 404
+
+
+def test_a_count_is_never_sent_to_a_fallback_of_another_api_where_it_would_generate():
+    h = Harness(GOVERNED.replace("models = claude\n", "models = claude, claude-then-gpt\n")
+                + "[model:claude-then-gpt]\ntargets = claude:claude-x, gpt:gpt-x\n")
+    d = count_tokens(h, "claude-then-gpt", key="alice-key")
+    h.agents["claude"].last.respond(FakeResponse(503, JSON, b'{"type": "error", "error": {"type": "api_error", "message": "down"}}'))
+    h.flush()
+    code, _ = body_of(d)
+    assert code == 503
+    assert not h.agents["gpt"].requests  # a translated chat completion: generated, and uncharged

@@ -473,3 +473,27 @@ def test_a_hostile_chat_answer_is_translated_or_passed_as_it_is_never_a_crash():
         event = b"data: " + data + b"\n\n"
         writer(event, read_chunk(event))
     writer(b"data: [DONE]\n\n", read_chunk(b"data: [DONE]\n\n"))
+
+
+@pytest.mark.parametrize("field", [{"background": True}, {"previous_response_id": "resp_0"}, {"conversation": "conv_1"},
+                                   {"prompt": {"id": "pmpt_1"}}])
+def test_a_governed_keys_responses_call_the_gateway_cannot_bound_is_refused_on_api_paths(field):
+    h = Harness(test_governance.INI.format(alice="").replace("services = files", "services = files, primary").replace(
+        "[service:primary]\nurl = http://primary.test/v1\n", "[service:primary]\nurl = http://primary.test/v1\nresponses = native\n"))
+    body = {"model": "gpt-4o", "input": "hi", **field}
+    response = result_of(h.request("POST", "/api/primary/responses", data=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json", "Authorization": "Bearer alice-secret"}))
+    assert response.code == 403 and error_of(response)["type"] == "not_governable"
+    assert next(iter(field)) in error_of(response)["message"]
+    assert not h.agents["primary"].requests  # never sent: it would run (or read input) where nothing is reserved for it
+
+
+def test_an_ungoverned_callers_background_call_on_an_api_path_goes_as_it_is():
+    h = native()
+    body = {"model": "gpt-4o", "input": "hi", "background": True}
+    d = h.request("POST", "/api/primary/responses", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    sent = h.agents["primary"].last
+    assert json.loads(sent.body)["background"] is True
+    sent.respond(FakeResponse(200, JSON, json.dumps({**RESPONSE, "status": "queued"}).encode()))
+    h.flush()
+    assert result_of(d).code == 200

@@ -54,6 +54,7 @@ class FakeCall:
     generates = True
     client_wants_usage = False
     cacheable = True
+    unbounded = None
 
     @property
     def resumable_kind(self) -> bool:

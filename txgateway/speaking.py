@@ -114,6 +114,10 @@ class IModelCall(Interface):
     resumable_kind = Attribute("A broken stream of it can be asked for again with its text as a prefill.")
     client_wants_usage = Attribute("The client asked for its stream's usage event itself.")
     cacheable = Attribute("Its answer may be kept by the response cache (one with an id of its own may not).")
+    unbounded = Attribute(
+        "Why the gateway cannot bound what the call costs (work the target does past the answer, or on a"
+        " conversation it holds and the gateway does not read), or L{None}: a governed key's such call is refused."
+    )
 
     def operation(path: bytes) -> str:
         """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""

@@ -64,6 +64,7 @@ class MessagesCall(ModelNamed):
     stream: bool
     api = ANTHROPIC
     cacheable = True
+    unbounded = None
     kind = MESSAGES
     generates = True
     #: A Messages stream always reports its usage (in C{message_delta}).

@@ -279,8 +279,11 @@ class ProxiedRequests:
             return
         rest = path[len(b"/v1"):]
         if counting:
-            # A count is no model call: its key and model were checked, and it costs nothing.
-            proxied = self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading, uncharged=True)
+            # A count is no model call: its key and model were checked, and it costs nothing.  Only
+            # the targets that count in the client's API are asked: a fallback of another API would
+            # be sent a translated model call, one that generates.
+            counters = [target for target in targets if target.route.config.speaks(call.api) == call.api]
+            proxied = self.gateway.broker.proxy_model(request, ctx, call, counters, rest, request.query, reading, uncharged=True)
             await self._brokered(request, ctx, proxied)
             return
         if path == b"/v1/responses":

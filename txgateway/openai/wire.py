@@ -142,6 +142,8 @@ class OpenAICall(ModelNamed):
     api = "openai"
     #: Its answer may be kept by the response cache (a service with C{cache}).
     cacheable = True
+    #: Everything it costs is in its body: it is bounded.
+    unbounded = None
 
     @property
     def max_tokens(self) -> int | None:

@@ -60,6 +60,21 @@ class ResponsesCall(ModelNamed):
     resumable_kind = True
 
     @property
+    def unbounded(self) -> str | None:
+        """
+        Why what it costs is not in its body: a background run (it goes on
+        past the answer, unread), or a conversation the target holds
+        (C{previous_response_id}, C{conversation}, a stored C{prompt}: input
+        the gateway never sees, so it cannot reserve it).
+        """
+        if self.body.get("background") is True:
+            return "'background' runs past its answer, where the gateway cannot read what it spends"
+        for field in ("previous_response_id", "conversation", "prompt"):
+            if self.body.get(field) is not None:
+                return f"{field!r} has the target add input the gateway never reads (send the conversation as input)"
+        return None
+
+    @property
     def max_tokens(self) -> int | None:
         """The most the client lets it write: C{max_output_tokens} (reasoning included)."""
         value = self.body.get("max_output_tokens")

@@ -119,6 +119,7 @@ class ServiceBroker:
                 if model_call.model is None:
                     raise GatewayError(errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
                 governor.check_model(ctx, model_call.model)
+                _refuse_unbounded(model_call)
             else:
                 price = _unread_price(request, rest, config)
         call = Call.of(request, ctx, path, self._chains[config.name], self.speakers, model_call, as_sent=True)
@@ -152,6 +153,8 @@ class ServiceBroker:
         """
         path = _checked(rest, query)
         price = None
+        if reading.strict and not uncharged:
+            _refuse_unbounded(model_call)
         if reading.strict and not uncharged and not self.speakers.api(model_call.api).model_call_path(rest):
             price = _unread_price(request, rest, targets[0].route.config)
         call = Call.of(request, ctx, path, targets, self.speakers, model_call)
@@ -286,6 +289,13 @@ def refuse_unless_json(request: IncomingRequest) -> None:
         f"a governed key's model call must be a JSON body (Content-Type: application/json), got "
         f"{declared.decode('latin-1')[:60]!r}",
     )
+
+
+def _refuse_unbounded(model_call: IModelCall) -> None:
+    """A governed key's call whose cost the gateway cannot bound is refused: 403 C{not_governable}, saying why."""
+    reason = model_call.unbounded
+    if reason is not None:
+        raise GatewayError(errors.NOT_GOVERNABLE, f"a governed key's call cannot be bounded: {reason}")
 
 
 def _model_call(request: IncomingRequest, rest: bytes, service_api: str, speakers: Speakers, reading: BodyReading) -> IModelCall | None:
