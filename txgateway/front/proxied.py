@@ -82,38 +82,22 @@ def _decoded(request: IncomingRequest, limit: int) -> None:
     request.replace_body(body, b"content-encoding")
 
 
-def _estimated_input_tokens(request: IncomingRequest, ctx: RequestContext, body: dict, now: float) -> None:
+def _estimated_tokens(request: IncomingRequest, ctx: RequestContext, path: bytes, body: dict, now: float) -> None:
     """
-    C{POST /v1/responses/input_tokens} for a model whose first target does
-    not speak the Responses API: the gateway's estimate (the one its keys
-    reserve by), said in C{X-Gateway-Token-Count: estimated}.
+    A token count (C{POST /v1/responses/input_tokens},
+    C{/v1/messages/count_tokens}) for a model whose first target does not
+    speak the client's API: the gateway's estimate (the one its keys
+    reserve by), in the API's shape, said in C{X-Gateway-Token-Count: estimated}.
     """
-    counted = {"messages": [{"role": "system", "content": body.get("instructions")}, {"role": "user", "content": body.get("input")}]}
-    if body.get("tools"):
-        counted["tools"] = body["tools"]
     ctx.stamp(request, now)
     request.set_header(b"X-Gateway-Token-Count", b"estimated")
-    _answer_json(request, {"object": "response.input_tokens", "input_tokens": estimate_prompt_tokens(counted)})
+    _answer_json(request, {**_TOKEN_COUNTS[path], "input_tokens": estimate_prompt_tokens(body)})
 
 
-def _estimated_message_tokens(request: IncomingRequest, ctx: RequestContext, body: dict, now: float) -> None:
-    """
-    C{POST /v1/messages/count_tokens} for a model whose first target does
-    not speak the Messages API: the gateway's estimate, said in
-    C{X-Gateway-Token-Count: estimated}, in the API's shape.
-    """
-    counted = {"messages": [{"role": "system", "content": body.get("system")}, *(body.get("messages") or [])]}
-    if body.get("tools"):
-        counted["tools"] = body["tools"]
-    ctx.stamp(request, now)
-    request.set_header(b"X-Gateway-Token-Count", b"estimated")
-    _answer_json(request, {"input_tokens": estimate_prompt_tokens(counted)})
-
-
-#: The APIs' token counts, each with what answers it when the model's first target speaks another API.
+#: The APIs' token counts, each with the fields its answer has beside C{input_tokens}.
 _TOKEN_COUNTS = {
-    b"/v1/responses/input_tokens": _estimated_input_tokens,
-    b"/v1/messages/count_tokens": _estimated_message_tokens,
+    b"/v1/responses/input_tokens": {"object": "response.input_tokens"},
+    b"/v1/messages/count_tokens": {},
 }
 
 
@@ -275,7 +259,7 @@ class ProxiedRequests:
         ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
         if counting and targets[0].route.config.speaks(call.api) != call.api:
             # Only a target that speaks the client's API counts its tokens: the others get the gateway's estimate.
-            _TOKEN_COUNTS[path](request, ctx, call.body, self.gateway.clock.seconds())
+            _estimated_tokens(request, ctx, path, call.body, self.gateway.clock.seconds())
             return
         rest = path[len(b"/v1"):]
         if counting:
@@ -368,7 +352,7 @@ class ProxiedRequests:
                 _answer_json(request, await conversations.input_items(response_id, owner, query))
             elif tail == [b"cancel"] and method == b"POST":
                 raise GatewayError(errors.BAD_REQUEST, "only a background response can be cancelled, and this gateway runs none")
-            elif len(tail) > 1 or tail not in ([], [b"input_items"], [b"cancel"]):
+            elif tail not in ([], [b"input_items"], [b"cancel"]):
                 raise GatewayError(errors.NOT_FOUND, f"{path.decode('latin-1')[:200]} is not served by this gateway")
             else:
                 allowed = b"GET, HEAD, DELETE" if not tail else (b"POST" if tail == [b"cancel"] else b"GET, HEAD")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import Interface, implementer
 
 from txgateway.errors import describe_failure
 from txgateway.resilience.guarded import GuardedRedis
@@ -83,8 +83,6 @@ class StoredResponse:
 class IResponseStore(Interface):
     """Keeps L{StoredResponse}s by id until they expire."""
 
-    description = Attribute("C{{backend}}: what the store is, for logs and /status.")
-
     def put(record: StoredResponse, encoded: bytes) -> Deferred:
         """
         Keep C{record} (C{encoded}: its L{StoredResponse.encode}) under its
@@ -112,8 +110,6 @@ class MemoryResponseStore:
     own), C{max_entries} at most: the oldest go first, expired ones when
     read.
     """
-
-    description = {"backend": "memory"}
 
     def __init__(self, clock: IReactorTime, max_entries: int) -> None:
         self._clock = clock
@@ -237,7 +233,6 @@ class SqliteResponseStore:
 
     def __init__(self, path: str, clock: IReactorTime, run_in_thread: Callable[..., Deferred], max_entries: int) -> None:
         self.path = path
-        self.description = {"backend": "sqlite"}
         self._clock = clock
         self._run = run_in_thread
         self._max_entries = max_entries
@@ -318,8 +313,6 @@ class RedisResponseStore:
     client), and Redis is left alone for a while after one
     (C{responses_unavailable}, C{responses_recovered} logged).
     """
-
-    description = {"backend": "redis"}
 
     def __init__(self, redis: Any, clock: IReactorTime, timeout: float, log: Any, disconnect: Any = None) -> None:
         self._clock = clock
