@@ -311,3 +311,27 @@ def test_input_items_are_the_earlier_turns_and_the_responses_own_input():
 def test_conversations_need_a_response_store():
     with pytest.raises(TypeError):
         Conversations(object(), Clock(), DAY, 1, Log())
+
+
+def _open_store(path: str, ready, results) -> None:
+    ready.wait()
+    try:
+        SqliteResponseStore(path, Clock(), maybeDeferred, 10).close()
+        results.put("opened")
+    except Exception as error:  # noqa: BLE001 - what a worker would die of
+        results.put(repr(error))
+
+
+def test_workers_starting_together_all_open_a_new_response_file(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(40):  # before the mend, some rounds in every run of 40 failed "database is locked"
+        path = str(tmp_path / f"round{round_}" / "responses.db")
+        ready, results = context.Barrier(3), context.Queue()
+        workers = [context.Process(target=_open_store, args=(path, ready, results)) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        assert [results.get(timeout=5) for _ in workers] == ["opened"] * 3

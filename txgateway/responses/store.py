@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -168,6 +169,9 @@ ON CONFLICT (id) DO UPDATE SET stored_at = excluded.stored_at, expires_at = excl
 WHERE responses.owner = excluded.owner
 """
 
+#: How many times a file's setup is tried when workers starting together find it locked (about 2 s in all).
+_SETUP_ATTEMPTS = 14
+
 #: How many puts between two rounds of upkeep (a WAL checkpoint, the expired and those past C{max_entries} swept).
 _UPKEEP_EVERY = 500
 
@@ -179,6 +183,19 @@ class _ResponseFile:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Every worker of the machine opens the file: WAL lets them read while one writes.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
+        for attempt in range(_SETUP_ATTEMPTS):
+            try:
+                self._set_up()
+                break
+            except sqlite3.OperationalError as error:
+                # Workers starting together race to make a new file WAL and its table: SQLite answers
+                # "locked" at once there (its busy wait does not cover it).  Only at start, before the
+                # reactor runs: a short wait and another try.
+                if "locked" not in str(error) or attempt == _SETUP_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+
+    def _set_up(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # No sync on commit (only at a checkpoint), and no checkpoint on commit: the upkeep does it, off the reactor.
         self._db.execute("PRAGMA synchronous=NORMAL")
