@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from txgateway.config.keys import NANO_PER_USD
+from txgateway.config.keys import NANO_PER_USD, ApiKey
 from txgateway.governance.governor import Governor
 from txgateway.governance.interface import ScopeSpend, SpendReport
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.model import ServiceRoute
 
-__all__ = ["circuit_of", "health_document", "spend_document", "status_document"]
+__all__ = ["TOP_SPENDERS_SHOWN", "circuit_of", "end_user_document", "health_document", "spend_document", "status_document"]
+
+#: The end users C{/status.json} names among the last hour's spenders.
+TOP_SPENDERS_SHOWN = 20
 
 
 def circuit_of(states: Iterable[str]) -> str:
@@ -119,6 +122,10 @@ def status_document(
         body["governance"] = {
             "refusals_last_minute": refusals,
             "tokens_per_second": {model: metrics.recent_tokens.series(model) for model in metrics.recent_tokens.names()},
+            "top_end_users_last_hour": [
+                {"key": key, "end_user": end_user, "cost_usd": _usd(cost), "tokens": tokens, "requests": requests}
+                for key, end_user, cost, tokens, requests in metrics.recent_spenders.top(TOP_SPENDERS_SHOWN)
+            ],
         }
     body["stores"] = stores
     body["events"] = metrics.events.recent()
@@ -140,7 +147,8 @@ def _quota(quota: Any) -> dict | None:
 def spend_document(report: SpendReport, governor: Governor) -> dict:
     """
     What C{GET /spend.json} answers: each key's and team's spend and
-    remaining budget in its current period, and spend per model per day.
+    remaining budget in its current period, spend per model per day, and
+    the end users who spent the most over those days.
     """
     scopes = {spend.scope: spend for spend in report.scopes}
     keys, teams = {}, {}
@@ -148,6 +156,12 @@ def spend_document(report: SpendReport, governor: Governor) -> dict:
         keys[key.name] = _scope_document(scopes.get("key:" + key.name), key.budget_usd, key.budget_period)
         keys[key.name]["team"] = key.team
         keys[key.name]["max_parallel"] = key.max_parallel
+        if key.limits_users:
+            keys[key.name]["per_end_user"] = {
+                "budget_usd": key.user_budget_usd,
+                "tokens_per_minute": key.user_tokens_per_minute,
+                "requests_per_minute": key.user_requests_per_minute,
+            }
     for team in governor.teams.values():
         teams[team.name] = _scope_document(scopes.get("team:" + team.name), team.budget_usd, team.budget_period)
     models: dict[tuple[str, str], list[int]] = {}
@@ -167,7 +181,22 @@ def spend_document(report: SpendReport, governor: Governor) -> dict:
              "completion_tokens": row[5], "cost_usd": _usd(row[6]), "requests": row[7]}
             for row in report.days
         ],
+        "end_users": [
+            {"key": key, "end_user": end_user, "prompt_tokens": prompt, "completion_tokens": completion,
+             "cost_usd": _usd(cost), "requests": requests}
+            for key, end_user, prompt, completion, cost, requests in report.end_users
+        ],
     }
+
+
+def end_user_document(report: SpendReport, key: ApiKey, end_user: str) -> dict:
+    """
+    What C{GET /spend.json?key=NAME&end_user=ID} adds: C{end_user}'s own
+    allowance within C{key} (its spend, what is left, its quotas now).
+    """
+    found = report.scopes[-1] if report.scopes else None
+    document = _scope_document(found, key.user_budget_usd, key.budget_period)
+    return {"key": key.name, "end_user": end_user, "limited": key.limits_users, **document}
 
 
 def _scope_document(spend: ScopeSpend | None, budget_usd: float | None, period: str) -> dict:

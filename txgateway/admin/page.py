@@ -5,7 +5,8 @@ service's and each model's last 60 s as small charts drawn by its own
 script (requests per second, error rate, p99; an open circuit as a red
 band on its service's), and, when keys
 are governed, from C{/spend.json}: each key's and team's budget as a bar,
-the refusals of the last minute, and tokens per second per model as a chart.
+the refusals of the last minute, tokens per second per model as a chart,
+and the end users who spent the most in the last hour.
 """
 
 __all__ = ["STATUS_PAGE"]
@@ -103,6 +104,10 @@ function renderSpend(g,sp){
   var models=Object.keys(g.tokens_per_second);
   html+="<h2>Tokens per model, last 60 s</h2>"+(models.length?table(["model","tokens/s","last 60 s"],models.map(function(m){var s=g.tokens_per_second[m];
     return '<tr data-model="'+esc(m)+'"><td>'+esc(m)+'</td><td class="num">'+esc((s.reduce(function(a,b){return a+b;},0)/60).toFixed(1))+"</td><td>"+chart(s)+"</td></tr>";})):"<p>none yet</p>");
+  var top=g.top_end_users_last_hour||[];
+  html+="<h2>Top spenders, last hour</h2>"+(top.length?table(["end user","key","spent","tokens","requests"],top.map(function(u){
+    return '<tr data-end-user="'+esc(u.end_user)+'"><td>'+esc(u.end_user)+"</td><td>"+esc(u.key)+'</td><td class="num">'+esc(money(u.cost_usd))+
+      '</td><td class="num">'+esc(u.tokens)+'</td><td class="num">'+esc(u.requests)+"</td></tr>";})):"<p>none yet: no call named its end user</p>");
   document.getElementById("governance").innerHTML=html;
 }
 function refreshSpend(g){

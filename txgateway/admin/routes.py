@@ -21,7 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import __version__, errors
 from txgateway.admin.page import STATUS_PAGE
-from txgateway.errors import ErrorKind, describe_failure, error_answer
+from txgateway.errors import ErrorKind, GatewayError, describe_failure, error_answer
 from txgateway.ids import request_id_for
 from txgateway.observability.context import IRequestContext
 from txgateway.observability.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
@@ -51,8 +51,12 @@ class OperatorView(Protocol):
         the peer that said it forwarded the request for another client.
         """
 
-    def spend(self) -> Any:
-        """A L{Deferred} of the C{/spend.json} document, or L{None} when no key is governed."""
+    def spend(self, end_user: tuple[str, str] | None = None) -> Any:
+        """
+        A L{Deferred} of the C{/spend.json} document, or L{None} when no key
+        is governed; with C{end_user} (a key's name and an end user's id),
+        that end user's own allowance too (a L{GatewayError} for no such key).
+        """
 
 
 def _context(request: IRequest) -> Any:
@@ -168,14 +172,24 @@ class AdminRoutes:
 
     @app.route("/spend.json", methods=["GET", "HEAD"])
     async def spend(self, request: IRequest) -> bytes:
-        """Each governed key's and team's spend and remaining budget, and spend per model per day."""
+        """
+        Each governed key's and team's spend and remaining budget, spend per
+        model per day, the end users who spent the most; with
+        C{?key=NAME&end_user=ID}, that end user's own allowance.
+        """
         if not self._may_see_status(request):
             return _error(request, errors.NOT_FOUND, "nothing is served at this path")
-        spending = self.view.spend()
+        key, end_user = (request.args.get(name, [None])[0] for name in (b"key", b"end_user"))
+        if (key is None) != (end_user is None):
+            return _error(request, errors.BAD_REQUEST, "give key and end_user together: ?key=NAME&end_user=ID")
+        asked = None if key is None else (key.decode("utf-8", "replace"), end_user.decode("utf-8", "replace"))
+        spending = self.view.spend(asked)
         if spending is None:
             return _error(request, errors.NOT_FOUND, "no key is governed: no [key:NAME] limit, team or price is set")
         try:
             document = await spending
+        except GatewayError as error:
+            return _error(request, error.kind, error.message)
         except Exception as error:
             self.view.log.warning("spend_unavailable", reason=describe_failure(error))
             return _error(request, errors.BUDGETS_UNAVAILABLE, "the budgets store did not answer; try again")

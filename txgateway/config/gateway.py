@@ -429,6 +429,9 @@ class _KeySection:
     max_parallel: int | None = _key(_integer(1), None)
     budget_usd: float | None = _key(_optional_usd, None)
     budget_period: str = _key(_choice(*BUDGET_PERIODS), "month")
+    user_budget_usd: float | None = _key(_optional_usd, None)
+    user_tokens_per_minute: int | None = _key(_integer(1), None)
+    user_requests_per_minute: int | None = _key(_integer(1), None)
 
 
 @attrs.frozen
@@ -678,6 +681,11 @@ class GatewayConfig:
         return bool(self.prices) or any(key.governed for key in self.auth.keys) or any(
             team.governed for team in self.teams.values()
         )
+
+    @property
+    def end_user_budget_periods(self) -> dict[str, str]:
+        """The budget period of each key whose end users have budgets of their own, by the key's name."""
+        return {key.name: key.budget_period for key in self.auth.keys if key.user_budget_usd is not None}
 
     def reserve_completion_tokens(self, model: str) -> int:
         """The completion tokens reserved for C{model} when a request names no maximum."""
@@ -971,6 +979,7 @@ def _key_sections(sections: dict[str, dict[str, _Raw]], teams: Mapping[str, Team
             ApiKey(
                 name, digest, written.team or None, written.models, written.services, written.requests_per_minute,
                 written.tokens_per_minute, written.max_parallel, written.budget_usd, written.budget_period,
+                written.user_budget_usd, written.user_tokens_per_minute, written.user_requests_per_minute,
             )
         )
     return tuple(keys)

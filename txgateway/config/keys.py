@@ -55,6 +55,10 @@ class ApiKey:
 
     @ivar models: shell-style patterns of the models it may call (empty: all).
     @ivar services: the services it may call under C{/api/} (empty: all).
+    @ivar user_budget_usd: what each end user of the key may spend in the
+        key's C{budget_period} (L{None}: no such limit); with
+        C{user_tokens_per_minute} and C{user_requests_per_minute}, the
+        allowance every end user the key's calls name gets of their own.
     """
 
     name: str
@@ -67,12 +71,20 @@ class ApiKey:
     max_parallel: int | None = None
     budget_usd: float | None = None
     budget_period: str = "month"
+    user_budget_usd: float | None = None
+    user_tokens_per_minute: int | None = None
+    user_requests_per_minute: int | None = None
 
     @property
     def governed(self) -> bool:
         """Whether any limit, or a list of the models or services it may call, is set on the key itself."""
         limits = (self.requests_per_minute, self.tokens_per_minute, self.max_parallel, self.budget_usd)
-        return any(v is not None for v in limits) or bool(self.models) or bool(self.services)
+        return any(v is not None for v in limits) or self.limits_users or bool(self.models) or bool(self.services)
+
+    @property
+    def limits_users(self) -> bool:
+        """Whether each end user of the key has limits of their own."""
+        return any(v is not None for v in (self.user_budget_usd, self.user_tokens_per_minute, self.user_requests_per_minute))
 
     def may_call_model(self, model: str) -> bool:
         """Whether C{model} matches one of the key's C{models} (or the key names none)."""

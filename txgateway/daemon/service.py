@@ -411,7 +411,7 @@ class GatewayService(MultiService):
             self._threads.start()
         threads = self._threads
         run = functools.partial(deferToThreadPool, self._reactor, threads)
-        return LocalLedgerStore(self._clock, spend_file, run, self.log)
+        return LocalLedgerStore(self._clock, spend_file, run, self.log, config.end_user_budget_periods)
 
     def _response_store_for(self, config: GatewayConfig) -> IResponseStore | None:
         """

@@ -137,7 +137,9 @@ def _supervisor(config: Any, reactor: Any, config_path: str | None, destination:
         threads = ledger_thread()
         reactor.callWhenRunning(threads.start)
         reactor.addSystemEventTrigger("after", "shutdown", threads.stop)
-        ledger = LocalLedgerStore(reactor, spend_file, functools.partial(deferToThreadPool, reactor, threads), log)
+        ledger = LocalLedgerStore(
+            reactor, spend_file, functools.partial(deferToThreadPool, reactor, threads), log, config.end_user_budget_periods,
+        )
     state = SharedState(MemoryRateLimitStore(reactor), ledger)
 
     def hold_address() -> Any:

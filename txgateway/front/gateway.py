@@ -9,18 +9,22 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.admin.documents import health_document, spend_document, status_document
+from txgateway.admin.documents import end_user_document, health_document, spend_document, status_document
 from txgateway.admin.routes import may_see_status
 from txgateway.config.gateway import GatewayConfig
+from txgateway import errors
+from txgateway.errors import GatewayError
 from txgateway.front.auth import Authenticator
+from txgateway.governance.governor import user_limits
 from txgateway.observability.context import is_trusted_proxy
 from txgateway.observability.logs import AccessLog
 from txgateway.observability.metrics import GatewayMetrics
 from txgateway.ratelimit.interface import IRateLimitStore
 from txgateway.routing.broker import ServiceBroker
+from txgateway.speaking import bounded_id
 
 __all__ = ["Gateway", "SPEND_DAYS"]
 
@@ -122,13 +126,32 @@ class Gateway:
             return self.peers.exposition(own)
         return own
 
-    def spend(self) -> Any:
-        """A L{Deferred} of what C{/spend.json} answers, or L{None} when no key is governed."""
+    def spend(self, end_user: tuple[str, str] | None = None) -> Any:
+        """
+        A L{Deferred} of what C{/spend.json} answers, or L{None} when no key
+        is governed; with C{end_user} (a key's name, an end user's id), that
+        end user's own allowance under C{end_user} (L{GatewayError}
+        C{not_found}: no such key).
+        """
         governor = self.broker.governor
         if governor is None:
             return None
-        spending = governor.store.spend(governor.scopes(), SPEND_DAYS)
-        return spending.addCallback(spend_document, governor)
+        scopes = governor.scopes()
+        key = None
+        if end_user is not None:
+            key = governor.keys.get(end_user[0])
+            if key is None:
+                return fail(GatewayError(errors.NOT_FOUND, f"no key is named {end_user[0]!r}"))
+            scopes.append(user_limits(key, bounded_id(end_user[1]) or ""))
+        spending = governor.store.spend(scopes, SPEND_DAYS)
+
+        def document(report: Any) -> dict:
+            body = spend_document(report, governor)
+            if key is not None:
+                body["end_user"] = end_user_document(report, key, bounded_id(end_user[1]) or "")
+            return body
+
+        return spending.addCallback(document)
 
     def may_see_status(self, client: str, forwarded_by: str | None = None) -> bool:
         """

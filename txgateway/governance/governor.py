@@ -39,7 +39,7 @@ from txgateway.governance.ledger import (
 )
 from txgateway.observability.context import RequestContext, SpendFacts
 
-__all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text"]
+__all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "USER_SCOPE", "duration_text", "end_user_of_scope", "user_limits"]
 
 #: Seconds past a call's deadline its reservation lapses when never settled (C{[budgets] reservation_margin}).
 EXPIRY_MARGIN = 5.0
@@ -111,6 +111,29 @@ def scope_limits(key: ApiKey, team: TeamLimits | None, counts_tokens: bool) -> t
     return tuple(scopes)
 
 
+#: The prefix of an end user's scope: C{user:KEY:END_USER} (key names hold no C{:}).
+USER_SCOPE = "user:"
+
+
+def user_limits(key: ApiKey, end_user: str) -> ScopeLimits:
+    """The scope of C{end_user}'s own allowance within C{key} (its budget renews with the key's)."""
+    return ScopeLimits(
+        f"{USER_SCOPE}{key.name}:{end_user}",
+        key.user_tokens_per_minute,
+        key.user_requests_per_minute,
+        usd_to_nano(key.user_budget_usd) if key.user_budget_usd is not None else None,
+        key.budget_period,
+    )
+
+
+def end_user_of_scope(scope: str) -> tuple[str, str] | None:
+    """The key and the end user of an end user's scope, or L{None} for a key's or team's."""
+    if not scope.startswith(USER_SCOPE):
+        return None
+    key, _, end_user = scope[len(USER_SCOPE):].partition(":")
+    return key, end_user
+
+
 @attrs.define(eq=False)
 class Reservation:
     """
@@ -133,6 +156,8 @@ class Reservation:
     request_price: tuple[str, int] | None = None
     #: Until when the store holds it (its ask's expiry, moved on by each renewal).
     held_until: float = 0.0
+    #: The end user the call is for (its spend is counted under them too), or L{None}.
+    end_user: str | None = None
     settled: bool = False
 
     def settle(self, ctx: RequestContext, answered: int, relayed: Any, fallback_model: str | None) -> None:
@@ -351,10 +376,14 @@ class Governor:
             completion = completion_cap(body, model_call.generates, max(default_completion, completion_floor))
             cost = self.prices.dearest(models or [model], prompt, completion)
         now = self._clock.seconds()
-        ask = Ask(
-            next(self._ids), self._scopes[key.name, model_call is not None or price is not None], prompt + completion, cost,
-            now + deadline + self._expiry_margin,
-        )
+        counted = model_call is not None or price is not None
+        scopes = self._scopes[key.name, counted]
+        completion_facts = ctx.completion
+        end_user = completion_facts.end_user if completion_facts is not None else None
+        if end_user is not None and key.limits_users:
+            # The end user's own allowance, taken together with the key's and the team's (all or none).
+            scopes = (scopes[0], user_limits(key, end_user), *scopes[1:])
+        ask = Ask(next(self._ids), scopes, prompt + completion, cost, now + deadline + self._expiry_margin)
         verdict = await self.store.reserve(ask)
         headers = quota_headers(verdict)
         if not verdict.allowed:
@@ -362,7 +391,7 @@ class Governor:
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
-        reservation = Reservation(self, ask, key, model_call, prompt, completion, price, ask.expires_at)
+        reservation = Reservation(self, ask, key, model_call, prompt, completion, price, ask.expires_at, end_user)
         self._live[ask.reservation_id] = reservation
         if self._renewal is None:
             self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
@@ -414,7 +443,11 @@ class Governor:
         if retry_after is not None:
             headers.insert(0, (b"Retry-After", b"%d" % retry_after))
         scope = verdict.scope or ""
-        whose = f"the team {scope[5:]!r}" if scope.startswith("team:") else f"the key {key.name!r}"
+        user = end_user_of_scope(scope)
+        if user is not None:
+            whose = f"the end user {user[1]!r} of the key {key.name!r}"
+        else:
+            whose = f"the team {scope[5:]!r}" if scope.startswith("team:") else f"the key {key.name!r}"
         if reason == BUDGET_EXCEEDED:
             # The official OpenAI SDKs honour it: an exhausted budget is not retried.
             headers.append((b"x-should-retry", b"false"))
@@ -470,7 +503,11 @@ class Governor:
         team = key.team or ""
         for use in uses:
             self._metrics.count_spend(key.name, team, use.model, use.cost_nano / NANO_PER_USD, use.prompt_tokens, use.completion_tokens)
-        settling = self.store.settle(reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses)))
+        if reservation.end_user is not None and uses:
+            self._metrics.count_end_user_spend(key.name, reservation.end_user, cost, tokens)
+        settling = self.store.settle(
+            reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses), reservation.end_user),
+        )
         if not settling.called:  # a store in this process has settled already
             settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
 

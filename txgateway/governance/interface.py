@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
+from typing import Any
+
 import attrs
 from zope.interface import Attribute, Interface
 
-__all__ = ["IGovernanceStore", "ModelUse", "Settled"]
+__all__ = ["IGovernanceStore", "ModelUse", "Settled", "SpendReport", "TOP_END_USERS", "top_end_users"]
 
 
 @attrs.define
@@ -30,6 +33,8 @@ class Settled:
     tokens: int
     cost_nano: int
     models: tuple[ModelUse, ...] = ()
+    #: The end user the request was for (its spend is kept under them too), or L{None}.
+    end_user: str | None = None
 
 
 class IGovernanceStore(Interface):
@@ -65,9 +70,10 @@ class IGovernanceStore(Interface):
         """
         What C{/spend.json} shows: for each L{ScopeLimits} of C{scopes}
         its spend and reservations in the current period, and spend per
-        (day, key, team, model) over the last C{days} days.
+        (day, key, team, model) and the top end users over the last
+        C{days} days.
 
-        @return: a L{Deferred} firing with a L{txgateway.governance.report.SpendReport}.
+        @return: a L{Deferred} firing with a L{SpendReport}.
         """
 
     def close():
@@ -94,7 +100,33 @@ class SpendReport:
 
     @ivar days: C{(day, key, team, model, prompt_tokens, completion_tokens,
         cost_nano, requests)} rows, oldest day first.
+    @ivar end_users: C{(key, end_user, prompt_tokens, completion_tokens,
+        cost_nano, requests)} over the same days: the L{TOP_END_USERS}
+        end users who spent the most, dearest first.
     """
 
     scopes: tuple[ScopeSpend, ...]
     days: tuple[tuple, ...]
+    end_users: tuple[tuple, ...] = ()
+
+
+#: The end users a spend report names (those who spent the most).
+TOP_END_USERS = 100
+
+
+def top_end_users(rows: Any) -> tuple[tuple, ...]:
+    """
+    The L{TOP_END_USERS} dearest C{(key, end_user, prompt_tokens,
+    completion_tokens, cost_nano, requests)} of C{rows} of
+    C{(day, key, end_user, ...)} summed over their days.
+    """
+    sums: dict[tuple[str, str], list[int]] = {}
+    for _day, key, end_user, *counts in rows:
+        held = sums.get((key, end_user))
+        if held is None:
+            sums[(key, end_user)] = list(counts)
+        else:
+            for index, amount in enumerate(counts):
+                held[index] += amount
+    dearest = heapq.nlargest(TOP_END_USERS, sums.items(), key=lambda item: (item[1][2], item[1][3]))
+    return tuple((key, end_user, *counts) for (key, end_user), counts in dearest)

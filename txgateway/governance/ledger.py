@@ -31,12 +31,18 @@ from collections import OrderedDict
 
 import attrs
 
-from txgateway.governance.periods import period_end, period_key
+from txgateway.governance.periods import is_current, period_end, period_key
 
 __all__ = ["Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded"]
 
 #: Seconds a per-minute window spans.
 WINDOW = 60.0
+
+#: The prefix of the scopes that come and go with their callers (an end
+#: user's, C{user:KEY:ID}): forgotten when idle (L{Ledger.forget_idle}).
+PASSING_SCOPE = "user:"
+#: Seconds between two sweeps of the idle passing scopes.
+FORGET_INTERVAL = 60.0
 
 #: The most tokens one call reserves or settles, and the most nano-dollars
 #: (US$1,000,000): what any count of the ledgers (memory, SQLite, Redis's
@@ -229,6 +235,7 @@ class Ledger:
         self._earliest = math.inf
         self.committed: dict[tuple[str, str], int] = {}
         self.reserved: dict[tuple[str, str], int] = {}
+        self._next_forget = -math.inf
 
     def _scope(self, name: str) -> _Scope:
         scope = self._scopes.get(name)
@@ -255,6 +262,8 @@ class Ledger:
         """Take C{ask} from every scope it falls under, or from none (the verdict says why)."""
         if now >= self._earliest:
             self.lapse(now)
+        if now >= self._next_forget:
+            self.forget_idle(now)
         states = []
         refusal = None
         for limits in ask.scopes:
@@ -340,8 +349,8 @@ class Ledger:
                 scope.tokens.settle(ask.reservation_id, tokens, ask.tokens, now)
             scope.parallel -= 1
             key = (limits.scope, budget_key)
-            self.committed[key] += cost_nano - ask.cost_nano
-            self.reserved[key] -= ask.cost_nano
+            self.committed[key] = self.committed.get(key, 0) + cost_nano - ask.cost_nano
+            self.reserved[key] = self.reserved.get(key, 0) - ask.cost_nano
         return True
 
     def renew(self, reservation_ids: list[str], expires_at: float) -> int:
@@ -378,10 +387,38 @@ class Ledger:
                 scope.requests.remove(reservation_id)
                 scope.parallel -= 1
                 key = (limits.scope, budget_key)
-                self.committed[key] -= held.ask.cost_nano
-                self.reserved[key] -= held.ask.cost_nano
+                self.committed[key] = self.committed.get(key, 0) - held.ask.cost_nano
+                self.reserved[key] = self.reserved.get(key, 0) - held.ask.cost_nano
         self._earliest = earliest
         return lapsed
+
+    def forget_idle(self, now: float) -> int:
+        """
+        Forget what the passing scopes (end users') no longer need: the
+        windows of one with nothing in flight and nothing in its last
+        minute, and the budgets of periods that have ended with nothing
+        reserved in them.  A ledger whose callers are many stays the size
+        of those calling now (and of this period's spenders).  Runs at
+        most every L{FORGET_INTERVAL} seconds (from L{reserve}).
+
+        @return: how many entries were forgotten.
+        """
+        self._next_forget = now + FORGET_INTERVAL
+        forgotten = 0
+        for name in [name for name in self._scopes if name.startswith(PASSING_SCOPE)]:
+            scope = self._scopes[name]
+            scope.tokens.trim(now)
+            scope.requests.trim(now)
+            if scope.parallel == 0 and not scope.tokens.entries and not scope.requests.entries:
+                del self._scopes[name]
+                forgotten += 1
+        reserved = self.reserved
+        for key in [key for key in self.committed if key[0].startswith(PASSING_SCOPE)]:
+            if not reserved.get(key) and not is_current(key[1], now):
+                del self.committed[key]
+                reserved.pop(key, None)
+                forgotten += 1
+        return forgotten
 
     def quotas(self, limits: ScopeLimits, now: float) -> tuple[Quota | None, Quota | None]:
         """C{limits}' tokens and requests quotas now (for the operator's view)."""

@@ -8,7 +8,8 @@ written off the reactor thread, batched every L{FLUSH_INTERVAL} seconds,
 and flushed at stop; a gateway killed outright loses at most the spend
 settled in its last L{FLUSH_INTERVAL} seconds (and a write in progress).
 At start the file's rows are read back into every budget period they
-fall in.
+fall in; an end user's, into the current period of their key's budget
+(only for the keys whose end users have budgets of their own).
 """
 
 from __future__ import annotations
@@ -22,15 +23,23 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
-from txgateway.governance.ledger import Ask, Ledger, ScopeLimits, Verdict
+from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport, top_end_users
+from txgateway.governance.ledger import PASSING_SCOPE, Ask, Ledger, ScopeLimits, Verdict
 from txgateway.governance.periods import day_of, period_key
-from txgateway.governance.spendfile import SpendFile, SpendRow
+from txgateway.governance.spendfile import EndUserRow, SpendFile, SpendRow
 
-__all__ = ["FLUSH_INTERVAL", "LocalLedgerStore"]
+__all__ = ["END_USER_DAYS", "FLUSH_INTERVAL", "LocalLedgerStore", "MOST_END_USER_ROWS"]
 
 #: Seconds settled spend may wait before it is written to the file.
 FLUSH_INTERVAL = 0.2
+#: Days of end users' spend kept in memory for the spend report.
+END_USER_DAYS = 40
+#: The most (day, key, end user) rows kept in memory for the spend report:
+#: past it, a day's new end users are reported together as L{OTHER_END_USERS}
+#: (their budgets are still each their own; the file keeps every row).
+MOST_END_USER_ROWS = 200_000
+#: The end user the report counts past L{MOST_END_USER_ROWS} under.
+OTHER_END_USERS = "(others)"
 
 _PERIODS = ("day", "week", "month", "total")
 
@@ -47,10 +56,17 @@ class LocalLedgerStore:
     @param spend_file: where settled spend is kept, or L{None} (memory only).
     @param run_in_thread: calls a blocking function off the reactor thread
         and returns a L{Deferred} of its result.
+    @param end_user_budget_periods: the budget period of each key whose end
+        users have budgets, by key name: their spend is read back at start.
     """
 
     def __init__(
-        self, clock: IReactorTime, spend_file: SpendFile | None, run_in_thread: Callable[..., Deferred], log: Any
+        self,
+        clock: IReactorTime,
+        spend_file: SpendFile | None,
+        run_in_thread: Callable[..., Deferred],
+        log: Any,
+        end_user_budget_periods: dict[str, str] | None = None,
     ) -> None:
         self._clock = clock
         self._file = spend_file
@@ -59,6 +75,10 @@ class LocalLedgerStore:
         self.ledger = Ledger()
         self._days: dict[tuple, list[int]] = {}
         self._pending: dict[tuple, list[int]] = {}
+        #: (day, key, end user) -> [prompt, completion, cost, requests], the last L{END_USER_DAYS} days.
+        self._end_user_days: dict[tuple, list[int]] = {}
+        self._pending_end_users: dict[tuple, list[int]] = {}
+        self._end_users_capped = False
         self._writing: Deferred | None = None
         #: Why the last write of the spend file failed (L{None}: it did not): the store is unhealthy meanwhile.
         self.write_failure: str | None = None
@@ -66,6 +86,7 @@ class LocalLedgerStore:
         if spend_file is not None:
             for row in spend_file.rows():
                 self._restore(row)
+            self._restore_end_users(spend_file, end_user_budget_periods or {})
             self._flusher = LoopingCall(self._flush)
             self._flusher.clock = clock
             self._flusher.start(FLUSH_INTERVAL, now=False)
@@ -77,6 +98,34 @@ class LocalLedgerStore:
         for scope in (f"key:{key}", f"team:{team}") if team else (f"key:{key}",):
             for period in _PERIODS:
                 self.ledger.restore(scope, period_key(period, start), cost)
+
+    def _restore_end_users(self, spend_file: SpendFile, budget_periods: dict[str, str]) -> None:
+        """The end users' rows of the last days (the report's) and their spend in their key's current budget period."""
+        now = self._clock.seconds()
+        for row in spend_file.end_user_rows(day_of(now - (END_USER_DAYS - 1) * 86400)):
+            self._add_end_user_day(row[:3], row[3:])
+            day, key, end_user, _, _, cost, _ = row
+            period = budget_periods.get(key)
+            if period is not None and period != "total":
+                budget_key = period_key(period, _day_start(day))
+                if budget_key == period_key(period, now):
+                    self.ledger.restore(f"{PASSING_SCOPE}{key}:{end_user}", budget_key, cost)
+        if "total" in budget_periods.values():
+            for key, end_user, cost in spend_file.end_user_totals():
+                if budget_periods.get(key) == "total":
+                    self.ledger.restore(f"{PASSING_SCOPE}{key}:{end_user}", "total", cost)
+
+    def _add_end_user_day(self, where: tuple, amounts: tuple) -> None:
+        """Count C{amounts} for the report, within L{MOST_END_USER_ROWS}."""
+        if where not in self._end_user_days and len(self._end_user_days) >= MOST_END_USER_ROWS:
+            if not self._end_users_capped:
+                self._end_users_capped = True
+                self._log.warning(
+                    "end_user_report_capped", rows=MOST_END_USER_ROWS,
+                    reason=f"more end users than the spend report keeps: the others are reported as {OTHER_END_USERS!r}",
+                )
+            where = (where[0], where[1], OTHER_END_USERS)
+        self._add_day(where, amounts, self._end_user_days)
 
     @staticmethod
     def _add_day(where: tuple, amounts: tuple, into: dict) -> None:
@@ -95,7 +144,7 @@ class LocalLedgerStore:
             **({"write_failure": self.write_failure} if self.write_failure is not None else {}),
             "state_file": self._file.path if self._file is not None else None,
             "reserved": self.ledger.holding,
-            "unwritten_rows": len(self._pending),
+            "unwritten_rows": len(self._pending) + len(self._pending_end_users),
         }
 
     def reserve(self, ask: Ask) -> Deferred[Verdict]:
@@ -112,6 +161,15 @@ class LocalLedgerStore:
                 self._add_day(where, amounts, self._days)
                 if self._file is not None:
                     self._add_day(where, amounts, self._pending)
+            if settled.end_user is not None:
+                where = (day, settled.key, settled.end_user)
+                amounts = (
+                    sum(use.prompt_tokens for use in settled.models), sum(use.completion_tokens for use in settled.models),
+                    settled.cost_nano, 1,
+                )
+                self._add_end_user_day(where, amounts)
+                if self._file is not None:
+                    self._add_day(where, amounts, self._pending_end_users)
         return succeed(None)
 
     def renew(self, reservation_ids: list[str], expires_at: float) -> Deferred[None]:
@@ -134,15 +192,27 @@ class LocalLedgerStore:
             )
         first_day = day_of(now - (days - 1) * 86400)
         rows = tuple(sorted(where + tuple(counts) for where, counts in self._days.items() if where[0] >= first_day))
-        return succeed(SpendReport(tuple(report), rows))
+        self._forget_old_end_users(now)
+        end_users = top_end_users(where + tuple(counts) for where, counts in self._end_user_days.items() if where[0] >= first_day)
+        return succeed(SpendReport(tuple(report), rows, end_users))
+
+    def _forget_old_end_users(self, now: float) -> None:
+        first_kept = day_of(now - (END_USER_DAYS - 1) * 86400)
+        old = [where for where in self._end_user_days if where[0] < first_kept]
+        for where in old:
+            del self._end_user_days[where]
+        if old:
+            self._end_users_capped = False
 
     def _flush(self) -> Deferred[None] | None:
         """Write what was settled since the last write (one write at a time)."""
-        if self._writing is not None or not self._pending or self._file is None:
+        if self._writing is not None or not (self._pending or self._pending_end_users) or self._file is None:
             return self._writing
         batch, self._pending = self._pending, {}
+        end_user_batch, self._pending_end_users = self._pending_end_users, {}
         rows = [where + tuple(counts) for where, counts in batch.items()]
-        writing = self._writing = self._run_in_thread(self._file.add, rows)
+        end_user_rows: list[EndUserRow] = [where + tuple(counts) for where, counts in end_user_batch.items()]
+        writing = self._writing = self._run_in_thread(self._file.add, rows, end_user_rows)
 
         def written(result: object) -> None:
             self._writing = None
@@ -156,6 +226,8 @@ class LocalLedgerStore:
             # Kept for the next write: spend is never dropped for a full disk.
             for where, counts in batch.items():
                 self._add_day(where, tuple(counts), self._pending)
+            for where, counts in end_user_batch.items():
+                self._add_day(where, tuple(counts), self._pending_end_users)
             if self.write_failure is None:
                 # Said once when writes start failing (and once when they work again), not every flush.
                 self._log.error("budgets_write_failed", state_file=self._file.path, reason=failure.getErrorMessage(),
@@ -175,7 +247,7 @@ class LocalLedgerStore:
             return
         if self._writing is not None:
             await self._writing
-        if self._pending:
+        if self._pending or self._pending_end_users:
             await self._flush()
         spend_file, self._file = self._file, None
         await self._run_in_thread(spend_file.close)

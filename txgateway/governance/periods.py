@@ -8,7 +8,7 @@ from __future__ import annotations
 import calendar
 import time
 
-__all__ = ["day_of", "period_end", "period_key"]
+__all__ = ["day_of", "is_current", "period_end", "period_key"]
 
 #: The last key computed for each period, and the span of time it holds
 #: for: a request's periods cost a comparison, not a calendar computation.
@@ -33,6 +33,17 @@ def period_key(period: str, now: float) -> str:
     end = _period_end(period, now)
     _LAST[period] = (_period_start(period, now), float("inf") if end is None else end, key)
     return key
+
+
+_KINDS = {"d": "day", "w": "week", "m": "month"}
+
+
+def is_current(key: str, now: float) -> bool:
+    """Whether the period of C{key} (as L{period_key} makes it) is the one C{now} falls in."""
+    if key == "total":
+        return True
+    kind = _KINDS.get(key[:1])
+    return kind is not None and period_key(kind, now) == key
 
 
 def _period_start(period: str, now: float) -> float:

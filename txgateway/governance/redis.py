@@ -28,8 +28,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport
-from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
+from txgateway.governance.interface import TOP_END_USERS, IGovernanceStore, ScopeSpend, Settled, SpendReport
+from txgateway.governance.ledger import NANO_BOUND, PASSING_SCOPE, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
 from txgateway.governance.periods import day_of, period_end
 from txgateway.resilience.guarded import GuardedRedis
 
@@ -207,7 +207,7 @@ return cjson.encode(verdicts)
 
 #: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of settles: {id,
 #: ask (as reserved), tokens, cost, day, key, team, bk: {scope: budget key
-#: now}, models: [[model, prompt, completion, cost]]}.  Each is applied
+#: now}, models: [[model, prompt, completion, cost]], user (absent: none)}.  Each is applied
 #: once per id; one whose reservation is not held here (lapsed, or made
 #: by a gateway deciding alone while Redis was away) is charged as new
 #: spend.  Returns how many were applied.
@@ -262,6 +262,22 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
       if position == 1 then redis.call('HINCRBY', day, field .. 'r', 1) end
     end
     redis.call('EXPIRE', day, 40 * 86400)
+    if settle.user then
+      -- The end user's spend of the day: ordered by cost, with its counts beside.
+      local member = settle.key .. '|' .. settle.user
+      local cost, counts = P .. 'eu:' .. settle.day, P .. 'euc:' .. settle.day
+      redis.call('ZINCRBY', cost, int(settle.cost), member)
+      local prompt, completion = 0, 0
+      for _, use in ipairs(settle.models) do
+        prompt = prompt + num(use[2])
+        completion = completion + num(use[3])
+      end
+      redis.call('HINCRBY', counts, member .. '|p', int(prompt))
+      redis.call('HINCRBY', counts, member .. '|c', int(completion))
+      redis.call('HINCRBY', counts, member .. '|r', 1)
+      redis.call('EXPIRE', cost, 40 * 86400)
+      redis.call('EXPIRE', counts, 40 * 86400)
+    end
   end
 end
 return applied
@@ -285,9 +301,11 @@ return renewed
 """
 
 #: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of [scope, budget
-#: key, tpm, rpm], ARGV[3] a JSON list of days.  Returns {scopes:
-#: [[committed, reserved, parallel, tokens in window, requests in
-#: window, tokens reset, requests reset]], days: [[day, field, value, ...]]}.
+#: key, tpm, rpm], ARGV[3] a JSON list of days, ARGV[4] how many end users
+#: to name.  Returns {scopes: [[committed, reserved, parallel, tokens in
+#: window, requests in window, tokens reset, requests reset]], days:
+#: [[day, field, value, ...]], users: [[key|end user, prompt, completion,
+#: cost, requests]]} (the users dearest first).
 SPEND_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
 lapse(now)
@@ -300,12 +318,34 @@ for n, s in ipairs(cjson.decode(ARGV[2])) do
                newest(P .. 'tok:' .. s[1], now), newest(P .. 'req:' .. s[1], now)}
 end
 local days = {}
-for n, day in ipairs(cjson.decode(ARGV[3])) do
+local day_names = cjson.decode(ARGV[3])
+for n, day in ipairs(day_names) do
   local fields = redis.call('HGETALL', P .. 'day:' .. day)
   table.insert(fields, 1, day)
   days[n] = fields
 end
-return cjson.encode({scopes = scopes, days = days})
+-- The end users who spent the most over those days: [member, prompt, completion, cost, requests].
+local users = {}
+local sets = {}
+for _, day in ipairs(day_names) do table.insert(sets, P .. 'eu:' .. day) end
+if #sets > 0 then
+  local summed = P .. 'eu:top'
+  redis.call('ZUNIONSTORE', summed, #sets, unpack(sets))
+  local top = redis.call('ZREVRANGE', summed, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+  redis.call('DEL', summed)
+  for i = 1, #top, 2 do
+    local member = top[i]
+    local prompt, completion, requests = 0, 0, 0
+    for _, day in ipairs(day_names) do
+      local counts = redis.call('HMGET', P .. 'euc:' .. day, member .. '|p', member .. '|c', member .. '|r')
+      prompt = prompt + num(counts[1])
+      completion = completion + num(counts[2])
+      requests = requests + num(counts[3])
+    end
+    users[#users + 1] = {member, int(prompt), int(completion), int(top[i + 1]), int(requests)}
+  end
+end
+return cjson.encode({scopes = scopes, days = days, users = users})
 """
 
 
@@ -315,6 +355,8 @@ RETRY_INTERVAL = 1.0
 RESERVES_IN_FLIGHT = 4
 #: Settles replayed from the journal in one call.
 REPLAY_BATCH = 200
+#: The most budget totals remembered from Redis's answers (beyond: the end users' are forgotten).
+MOST_LAST_KNOWN = 100_000
 
 
 _FRAGMENTS: dict[tuple[ScopeLimits, str], str] = {}
@@ -350,7 +392,8 @@ def ask_json(ask: Ask, now: float) -> str:
 
 def settle_json(ask: Ask, settled: Settled, now: float) -> str:
     """A settle as the settle script reads it, as JSON text (made when settled: a replay keeps its day and periods)."""
-    periods = ",".join(f'"{limits.scope}":"{limits.budget_key(now)}"' for limits in ask.scopes)
+    # An end user's scope holds their id, which may hold anything: written as JSON.
+    periods = ",".join(f'{json.dumps(limits.scope)}:"{limits.budget_key(now)}"' for limits in ask.scopes)
     models = json.dumps([
         [use.model, bounded(use.prompt_tokens, TOKENS_BOUND), bounded(use.completion_tokens, TOKENS_BOUND), bounded(use.cost_nano, NANO_BOUND)]
         for use in settled.models
@@ -358,7 +401,8 @@ def settle_json(ask: Ask, settled: Settled, now: float) -> str:
     tokens, cost = bounded(settled.tokens, TOKENS_BOUND), bounded(settled.cost_nano, NANO_BOUND)
     return (
         f'{{"id":"{ask.reservation_id}","ask":{ask_json(ask, now)},"tokens":{tokens},"cost":{cost},'
-        f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","bk":{{{periods}}},"models":{models}}}'
+        f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","bk":{{{periods}}},"models":{models}'
+        + ("}" if settled.end_user is None else f',"user":{json.dumps(settled.end_user)}}}')
     )
 
 
@@ -470,6 +514,9 @@ class RedisLedgerStore:
             self._decide_locally(batch)
         else:
             self._succeeded(admission)
+            if len(self._last_known) > MOST_LAST_KNOWN:
+                # End users come and go: what Redis said of theirs is forgotten (a key's or team's is kept).
+                self._last_known = {key: value for key, value in self._last_known.items() if not key[0].startswith(PASSING_SCOPE)}
             for waiting, raw in zip(batch, json.loads(result)):
                 for scope, committed in (raw.get("spent") or {}).items():
                     limits = next(limits for limits in waiting.ask.scopes if limits.scope == scope)
@@ -586,7 +633,7 @@ class RedisLedgerStore:
         now = self._clock.seconds()
         wanted = [[limits.scope, limits.budget_key(now), limits.tokens_per_minute or 0, limits.requests_per_minute or 0] for limits in scopes]
         day_names = [day_of(now - back * 86400) for back in range(days - 1, -1, -1)]
-        raw = json.loads(await self._run(SPEND_LUA, [repr(now), json.dumps(wanted), json.dumps(day_names)]))
+        raw = json.loads(await self._run(SPEND_LUA, [repr(now), json.dumps(wanted), json.dumps(day_names), str(TOP_END_USERS)]))
         report = []
         for limits, key, row in zip(scopes, wanted, raw["scopes"] or []):
             committed, reserved, parallel, tokens, requests, tokens_reset, requests_reset = row
@@ -604,7 +651,11 @@ class RedisLedgerStore:
                 slot = counts.setdefault((day, key_name, team, model), [0, 0, 0, 0])
                 slot["pcnr".index(kind)] += int(value)
             rows += [where + tuple(amounts) for where, amounts in sorted(counts.items())]
-        return SpendReport(tuple(report), tuple(rows))
+        end_users = []
+        for member, prompt, completion, cost, requests in raw.get("users") or []:
+            key_name, _, end_user = member.partition("|")
+            end_users.append((key_name, end_user, int(prompt), int(completion), int(cost), int(requests)))
+        return SpendReport(tuple(report), tuple(rows), tuple(end_users))
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet.interfaces import IReactorTime
 
-from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentWindow, SecondCounts
+from txgateway.observability.window import LATENCY_BUCKETS, EventRing, RecentSpenders, RecentWindow, SecondCounts
 
 #: The classic text format, which every Prometheus scrapes (the names here
 #: need none of the newer format's escaping).
@@ -186,6 +186,8 @@ class RecentWindows:
         #: Tokens settled per model, and governance refusals per reason, over the last 60 s (the status page's charts).
         self.recent_tokens = SecondCounts(clock)
         self.recent_refusals = SecondCounts(clock)
+        #: What each end user spent over the last hour (the status page's top spenders).
+        self.recent_spenders = RecentSpenders(clock)
         self.events = EventRing(clock)
 
     def window_state(self) -> dict:
@@ -195,6 +197,7 @@ class RecentWindows:
             "recent_models": self.recent_models.state(),
             "recent_tokens": self.recent_tokens.state(),
             "recent_refusals": self.recent_refusals.state(),
+            "recent_spenders": self.recent_spenders.state(),
             "events": self.events.recent(),
         }
 
@@ -204,6 +207,7 @@ class RecentWindows:
         self.recent_models.absorb(state["recent_models"])
         self.recent_tokens.absorb(state["recent_tokens"])
         self.recent_refusals.absorb(state["recent_refusals"])
+        self.recent_spenders.absorb(state["recent_spenders"])
         self.events.absorb(state["events"])
 
 
@@ -352,6 +356,13 @@ class GatewayMetrics(RecentWindows):
         tokens[prompt] = tokens.get(prompt, 0) + prompt_tokens
         tokens[completion] = tokens.get(completion, 0) + completion_tokens
         self.recent_tokens.add(model, prompt_tokens + completion_tokens)
+
+    def count_end_user_spend(self, key: str, end_user: str, cost_nano: int, tokens: int) -> None:
+        """
+        A settled call that named its end user: for the status page's top
+        spenders only (an end user is no metric label: they are unbounded).
+        """
+        self.recent_spenders.add(key, end_user, cost_nano, tokens)
 
     def count_refusal(self, key: str, reason: str) -> None:
         """A governed key's request refused by its limits (before any backend was called)."""

@@ -2,18 +2,20 @@
 What the operator's status page shows, kept cheaply: the last 60 seconds
 of each endpoint's attempts in per-second buckets on the injected clock
 (fixed arrays, reused: nothing grows per request), the last circuit
-transitions and fallbacks, and the self-contained page itself.
+transitions and fallbacks, and the end users who spent the most in the
+last hour.
 """
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left
 from collections import deque
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentWindow", "SecondCounts", "percentile_of"]
+__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentSpenders", "RecentWindow", "SecondCounts", "percentile_of"]
 
 #: The latency buckets of /metrics' histograms and of this window (one tuple, so both agree).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -293,3 +295,83 @@ class SecondCounts:
     def names(self) -> list[str]:
         """Every name counted in the last 60 seconds."""
         return sorted(name for name in self._slots if any(self.series(name)))
+
+
+#: Minutes the top spenders are kept over.
+SPENDER_MINUTES = 60
+#: The most (key, end user) pairs one minute keeps: past it, a minute's new
+#: end users are counted together as L{OTHER_SPENDERS} of their key.
+MOST_SPENDERS_PER_MINUTE = 2_000
+#: Where the end users past L{MOST_SPENDERS_PER_MINUTE} are counted.
+OTHER_SPENDERS = "(others)"
+#: The spenders one process hands another to merge (L{RecentSpenders.state}).
+SHARED_SPENDERS = 200
+
+
+class RecentSpenders:
+    """
+    What each end user (of each key) spent over the last hour, in
+    per-minute slots on the injected clock, bounded however many end
+    users call: the status page's top spenders.  Merged over several
+    processes (L{absorb}), each hands its L{SHARED_SPENDERS} dearest: an
+    end user below that in every process may be left out of the top.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        #: (minute, {(key, end user): [cost_nano, tokens, requests]}) per slot.
+        self._slots: list[tuple[int, dict]] = [(-1, {})] * SPENDER_MINUTES
+        self._absorbed: dict[tuple[str, str], list[int]] = {}
+
+    def add(self, key: str, end_user: str, cost_nano: int, tokens: int) -> None:
+        """Count one settled call of C{end_user} under C{key}."""
+        minute = int(self._clock.seconds() // 60)
+        index = minute % SPENDER_MINUTES
+        slot_minute, counts = self._slots[index]
+        if slot_minute != minute:
+            counts = {}
+            self._slots[index] = (minute, counts)
+        who = (key, end_user)
+        held = counts.get(who)
+        if held is None:
+            if len(counts) >= MOST_SPENDERS_PER_MINUTE:
+                who = (key, OTHER_SPENDERS)
+                held = counts.get(who)
+            if held is None:
+                held = counts[who] = [0, 0, 0]
+        held[0] += cost_nano
+        held[1] += tokens
+        held[2] += 1
+
+    def _sums(self) -> dict[tuple[str, str], list[int]]:
+        now = int(self._clock.seconds() // 60)
+        sums: dict[tuple[str, str], list[int]] = {who: list(counts) for who, counts in self._absorbed.items()}
+        for minute, counts in self._slots:
+            if now - SPENDER_MINUTES < minute <= now:
+                for who, amounts in counts.items():
+                    held = sums.get(who)
+                    if held is None:
+                        sums[who] = list(amounts)
+                    else:
+                        for index, amount in enumerate(amounts):
+                            held[index] += amount
+        return sums
+
+    def top(self, count: int) -> list[tuple[str, str, int, int, int]]:
+        """The C{count} dearest C{(key, end_user, cost_nano, tokens, requests)} of the last hour, dearest first."""
+        dearest = heapq.nlargest(count, self._sums().items(), key=lambda item: (item[1][0], item[1][1]))
+        return [(key, end_user, *amounts) for (key, end_user), amounts in dearest]
+
+    def state(self) -> list:
+        """The L{SHARED_SPENDERS} dearest of the last hour, JSON-able, for another process to L{absorb}."""
+        return [list(row) for row in self.top(SHARED_SPENDERS)]
+
+    def absorb(self, state: list) -> None:
+        """Add another process's L{state}."""
+        for key, end_user, *amounts in state:
+            held = self._absorbed.get((key, end_user))
+            if held is None:
+                self._absorbed[(key, end_user)] = list(amounts)
+            else:
+                for index, amount in enumerate(amounts):
+                    held[index] += amount

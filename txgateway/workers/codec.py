@@ -79,13 +79,13 @@ def verdict_from(value: list) -> Verdict:
 def settled_to(settled: Settled) -> list:
     """What a request used, per model too."""
     models = [[use.model, use.prompt_tokens, use.completion_tokens, use.cost_nano] for use in settled.models]
-    return [settled.key, settled.team, settled.tokens, settled.cost_nano, models]
+    return [settled.key, settled.team, settled.tokens, settled.cost_nano, models, settled.end_user]
 
 
 def settled_from(value: list) -> Settled:
     """The inverse of L{settled_to}."""
-    key, team, tokens, cost_nano, models = value
-    return Settled(key, team, tokens, cost_nano, tuple(ModelUse(*use) for use in models))
+    key, team, tokens, cost_nano, models, end_user = value
+    return Settled(key, team, tokens, cost_nano, tuple(ModelUse(*use) for use in models), end_user)
 
 
 def report_to(report: SpendReport) -> list:
@@ -95,18 +95,19 @@ def report_to(report: SpendReport) -> list:
          _quota_to(spend.tokens), _quota_to(spend.requests)]
         for spend in report.scopes
     ]
-    return [scopes, [list(row) for row in report.days]]
+    return [scopes, [list(row) for row in report.days], [list(row) for row in report.end_users]]
 
 
 def report_from(value: list) -> SpendReport:
     """The inverse of L{report_to}."""
-    scopes, days = value
+    scopes, days, end_users = value
     return SpendReport(
         tuple(
             ScopeSpend(scope, period, spent, reserved, parallel, _quota_from(tokens), _quota_from(requests))
             for scope, period, spent, reserved, parallel, tokens, requests in scopes
         ),
         tuple(tuple(row) for row in days),
+        tuple(tuple(row) for row in end_users),
     )
 
 
