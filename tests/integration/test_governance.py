@@ -123,6 +123,43 @@ def test_a_dollar_budget_through_two_gateways_sharing_redis_admits_exactly_25(st
     assert outcomes.count((429, "budget_exceeded")) == 175
 
 
+def user_call(port: int, user: str) -> tuple[str, int, str | None]:
+    """One slow stream for end user C{user}: who, its status and, when refused, the error type."""
+    body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+                       "stream": True, "user": user}).encode()
+    answer = request(port, "POST", "/v1/chat/completions", body=body, headers=HEADERS, timeout=30)
+    return user, answer.status, answer.error["type"] if answer.status >= 400 else None
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("limit, each, refusal", [
+    (f"user_tokens_per_minute = {2 * RESERVED}", 2, "tokens_exceeded"),
+    # At $1 a million tokens a reservation of 106 tokens costs $0.000106.
+    (f"user_budget_usd = {3 * RESERVED / 1e6}\nbudget_period = day", 3, "budget_exceeded"),
+])
+def test_200_parallel_calls_of_10_end_users_on_one_key_admit_exactly_each_ones_allowance(
+    start_gateway, backend, redis, store, limit, each, refusal,
+):
+    budgets = redis_budgets(redis.url) if store == "redis" else ""
+    ini = governed(backend.url, f"tokens_per_minute = 1000000\n{limit}", budgets)
+    # Redis: two gateways sharing it; SQLite: one daemon, its workers sharing the supervisor's ledger.
+    gateways = [start_gateway(ini), start_gateway(ini)] if store == "redis" else [start_gateway(ini)]
+    users = [f"user-{number}" for number in range(10)]
+    with ThreadPoolExecutor(200) as pool:
+        outcomes = list(pool.map(lambda n: user_call(gateways[n % len(gateways)].port, users[n % 10]), range(200)))
+    for user in users:
+        mine = [(status, error) for who, status, error in outcomes if who == user]
+        assert mine.count((200, None)) == each, (user, mine)
+        assert mine.count((429, refusal)) == 20 - each, (user, mine)
+    # Each end user's spend is kept apart, on whichever gateway settled it.
+    wait_until(lambda: len(spend(gateways[0])["end_users"]) == 10)
+    report = spend(gateways[-1])
+    assert sorted((row["end_user"], row["requests"]) for row in report["end_users"]) == [(user, each) for user in users]
+    assert report["keys"]["team"]["per_end_user"]["tokens_per_minute" if each == 2 else "budget_usd"] is not None
+    one = gateways[0].request("GET", "/spend.json?key=team&end_user=user-3").json()["end_user"]
+    assert one["end_user"] == "user-3" and one["reserved_usd"] == 0 and one["in_flight"] == 0
+
+
 def test_an_exhausted_budget_reaches_the_gateway_once_through_the_official_sdk(start_gateway, backend):
     gateway = start_gateway(governed(backend.url, "budget_usd = 0.00001\nbudget_period = month"))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key=KEY, timeout=10)  # retries left on

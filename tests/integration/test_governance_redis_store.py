@@ -173,3 +173,24 @@ async def test_a_renewed_reservation_is_held_in_redis_until_its_new_expiry(redis
         assert (await store.reserve(Ask("past", (limits,), 0, 100, NOON + 60))).reason == "budget_exceeded"
         clock.advance(11)
         assert (await store.reserve(Ask("later", (limits,), 0, 100, NOON + 90))).allowed  # its holder stopped renewing
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_end_users_scope_and_spend_hold_any_id_and_decide_like_the_pure_ledger(redis_server):
+    async with store_at_noon(redis_server) as (clock, store):
+        reference = Ledger()
+        odd = 'a"b|c:\\d é'
+        user = ScopeLimits(f"user:alice:{odd}", tokens_per_minute=300, budget_nano=2000, budget_period="day")
+        for step in range(6):
+            ask = Ask(f"u{step}", (KEY, user, TEAM), 120, 500, NOON + 60)
+            expected = reference.reserve(ask, NOON)
+            got = await store.reserve(ask)
+            assert comparable(got) == comparable(expected), step
+            if got.allowed:
+                reference.settle(ask, 100, 400, NOON)
+                await store.settle(ask, Settled("alice", "ml", 100, 400, (ModelUse("m", 60, 40, 400),), odd))
+                await store._settling if store._settling is not None else None
+        report = await store.spend([user], 31)
+        [scope] = report.scopes
+        assert scope.spent_nano == reference.committed[(user.scope, "d2026-12-03")] == 800
+        assert report.end_users == (("alice", odd, 120, 80, 800, 2),)

@@ -6,6 +6,7 @@ page is read back.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import shutil
@@ -106,6 +107,32 @@ def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gate
         assert sum(window["requests_per_s"]) == 3 and not any(window["error_rate"]) and any(window["p99_ms"])
         charts = page.split('data-model-charts="plain"', 1)[1].split("</div>", 1)[0]
         assert charts.count("<polyline") == 3 and 'data-points="60"' in charts
+    finally:
+        backend.process.stop()
+
+
+def test_the_page_shows_the_top_spenders_of_the_last_hour_across_workers(start_gateway, tmp_path):
+    from tests.integration.test_governance import HEADERS, governed
+    from tests.integration.test_openai_sdk import OpenAIBackend
+    from tests.integration.conftest import request
+
+    backend = OpenAIBackend(tmp_path)
+    try:
+        gateway = start_gateway(governed(backend.url, "budget_usd = 1").replace("[gateway]", "[gateway]\nworkers = 2"))
+        calls = {"ada": 3, "<b>bob</b>": 2, "cy": 1}
+        for user, count in calls.items():
+            body = json.dumps({"model": "plain", "messages": [{"role": "user", "content": "hi"}], "user": user}).encode()
+            for _ in range(count):
+                # A new connection each: the workers share them, so both count some.
+                assert request(gateway.port, "POST", "/v1/chat/completions", body=body, headers=HEADERS).status == 200
+        wait_until(lambda: len(gateway.request("GET", "/status.json").json()["governance"]["top_end_users_last_hour"]) == 3)
+        top = gateway.request("GET", "/status.json").json()["governance"]["top_end_users_last_hour"]
+        assert [(row["end_user"], row["requests"]) for row in top] == [("ada", 3), ("<b>bob</b>", 2), ("cy", 1)]
+        page = render(f"http://127.0.0.1:{gateway.port}/status", tmp_path)
+        table = page.split("Top spenders, last hour", 1)[1].split("</table>", 1)[0]
+        rows = [row.split('"', 1)[0] for row in table.split('data-end-user="')[1:]]
+        assert rows == ["ada", "&lt;b&gt;bob&lt;/b&gt;", "cy"]  # dearest first, the id shown as text
+        assert "<b>bob</b>" not in page
     finally:
         backend.process.stop()
 
