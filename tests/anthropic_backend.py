@@ -44,7 +44,7 @@ from twisted.internet import reactor
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from fake_values import example_of
+from fake_values import example_of, tool_call
 
 WORDS = [f"w{i} " for i in range(1, 61)]
 FULL = "".join(WORDS)
@@ -112,16 +112,16 @@ def _answer(body: dict) -> tuple[list[dict], str, str | None, list[str]]:
         results = [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"] if isinstance(content, list) else []
         if results:
             said = results[0].get("content")
+            images = 0 if isinstance(said, str) else sum(1 for b in said or [] if b.get("type") == "image")
             said = said if isinstance(said, str) else _text_of(said or [])
+            said += f" (and {images} image{'s' if images > 1 else ''})" if images else ""
             text = f"The tool said: {said}"
             return [{"type": "text", "text": text}], "end_turn", None, [text]
-        tool = body["tools"][0]
-        # A tool of one string "input" (what a custom tool becomes) gets a patch; any other, a city.
-        properties = (tool.get("input_schema") or {}).get("properties") or {}
-        given = {"input": "*** Begin Patch\n*** End Patch"} if "input" in properties else {"city": "Paris"}
+        tools = [(tool["name"], (tool.get("input_schema") or {}).get("properties") or {}) for tool in body["tools"]]
+        name, given = tool_call(tools, body)
         blocks = [
             {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": "toolu_fake1", "name": tool["name"], "input": given},
+            {"type": "tool_use", "id": "toolu_fake1", "name": name, "input": given},
         ]
         return blocks, "tool_use", None, ["Let me check."]
     prefill = _text_of(last.get("content", "")) if last.get("role") == "assistant" else ""

@@ -56,7 +56,7 @@ from twisted.internet import reactor
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from fake_values import example_of
+from fake_values import example_of, tool_call
 
 WORDS = [f"w{i} " for i in range(1, 61)]
 FULL = "".join(WORDS)
@@ -208,15 +208,19 @@ class Completions(Resource):
     def _tools(self, request, body, model):
         messages = body["messages"]
         usage = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
-        if messages[-1].get("role") == "tool":
-            message = {"role": "assistant", "content": f"The tool said: {messages[-1]['content']}"}
+        # The turn since the assistant last spoke: tool results, and what follows them (the images they returned).
+        since = len(messages) - next((n for n, m in enumerate(reversed(messages)) if m.get("role") == "assistant"), len(messages))
+        results = [m for m in messages[since:] if m.get("role") == "tool"]
+        if results:
+            images = sum(1 for m in messages[since:] if m.get("role") == "user" and isinstance(m.get("content"), list)
+                         for part in m["content"] if part.get("type") == "image_url")
+            said = results[-1]["content"] + (f" (and {images} image{'s' if images > 1 else ''})" if images else "")
+            message = {"role": "assistant", "content": f"The tool said: {said}"}
             finish = "stop"
         else:
-            function = body["tools"][0]["function"]
-            # A function of one string "input" (what a custom tool becomes) gets a patch; any other, a city.
-            properties = (function.get("parameters") or {}).get("properties") or {}
-            arguments = '{"input": "*** Begin Patch\\n*** End Patch"}' if "input" in properties else '{"city": "Paris"}'
-            call = {"id": "call_fake1", "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+            tools = [(t["function"]["name"], (t["function"].get("parameters") or {}).get("properties") or {}) for t in body["tools"]]
+            name, given = tool_call(tools, body)
+            call = {"id": "call_fake1", "type": "function", "function": {"name": name, "arguments": json.dumps(given)}}
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
             finish = "tool_calls"
         if not body.get("stream"):

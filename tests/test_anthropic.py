@@ -182,6 +182,35 @@ def test_a_messages_request_becomes_a_chat_request():
     assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
 
 
+def test_the_images_a_tool_result_holds_follow_the_tool_messages_in_a_user_message():
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    body = {"model": "claude", "max_tokens": 64, "messages": [
+        {"role": "user", "content": "Look at these"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "a.png"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "notes.txt"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [png]},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "notes"}]},
+            {"type": "text", "text": "Compare them."}]},
+    ]}
+    messages = messages_request_to_chat(body, None)["messages"]
+    assert messages[2]["role"] == "tool" and messages[2]["tool_call_id"] == "toolu_1" and "follows" in messages[2]["content"]
+    assert messages[3] == {"role": "tool", "tool_call_id": "toolu_2", "content": "notes"}
+    assert messages[4] == {"role": "user", "content": [
+        {"type": "text", "text": "What the tool call toolu_1 returned:"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "Compare them."},
+    ]}
+
+
+def test_a_tool_result_block_with_no_chat_equivalent_is_refused_by_name():
+    body = {"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "search_result", "source": "x"}]}]}]}
+    with pytest.raises(Untranslatable, match="'search_result' block has no OpenAI equivalent in a tool result"):
+        messages_request_to_chat(body, None)
+
+
 def test_a_pdf_document_becomes_a_file_part():
     body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}}]}]}

@@ -4,7 +4,9 @@ daemon to the fake Claude backend; their 24 tools cut to 3): a tool
 round trip's second turn for a model it knows (thinking enabled with a
 31,999-token budget) and for one it does not (adaptive thinking with an
 effort, a system turn among the messages), each translated for an OpenAI
-backend and its answer back, field by field.
+backend and its answer back, field by field; and a turn with an image
+(its C{Read} tool's result: a PNG, for a model it does not know), whose
+first turn is its first message as it was sent.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from txgateway.anthropic.translate import chat_answer_to_message, messages_request_to_chat
+from txgateway.anthropic.translate import chat_answer_to_message, chat_request_to_messages, messages_request_to_chat
 from txgateway.anthropic.wire import MessagesCall
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -63,3 +65,36 @@ def test_the_backends_answer_to_it_goes_back_as_claude_code_reads_it():
     message = json.loads(chat_answer_to_message(json.dumps(answer).encode()))
     assert [block["type"] for block in message["content"]] == ["thinking", "text"]
     assert message["usage"] == {"input_tokens": 100, "output_tokens": 12, "cache_read_input_tokens": 800, "cache_creation_input_tokens": 0}
+
+
+def test_a_recorded_image_from_a_tool_follows_its_tool_message_for_an_openai_backend():
+    body = recorded("claude_code_image_turn.json")
+    [result] = body["messages"][-1]["content"]
+    [image] = result["content"]
+    assert image["type"] == "image" and image["source"]["media_type"] == "image/png"  # what Claude Code sent
+    chat = messages_request_to_chat(body, "qwen")
+    assert chat["reasoning_effort"] == "high"  # its adaptive thinking at output_config.effort high
+    tool, after = chat["messages"][-2:]
+    assert tool == {"role": "tool", "tool_call_id": result["tool_use_id"], "content": tool["content"]} and tool["content"]
+    assert after["role"] == "user"
+    assert after["content"][0] == {"type": "text", "text": f"What the tool call {result['tool_use_id']} returned:"}
+    assert after["content"][1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image["source"]["data"]}}
+
+
+def test_a_recorded_image_turn_goes_to_claude_and_back_with_its_image():
+    body = recorded("claude_code_image_turn.json")
+    again = chat_request_to_messages(messages_request_to_chat(body, "qwen"), "claude-x", 4096)
+    last = again["messages"][-1]
+    kinds = [block["type"] for block in last["content"]]
+    assert kinds[0] == "tool_result" and "image" in kinds
+    image = next(block for block in last["content"] if block["type"] == "image")
+    assert image["source"]["data"] == body["messages"][-1]["content"][0]["content"][0]["source"]["data"]
+
+
+def test_a_recorded_first_turn_is_translated_for_an_openai_backend():
+    body = recorded("claude_code_image_turn.json")
+    first = {**body, "messages": body["messages"][:1]}
+    chat = messages_request_to_chat(first, "qwen")
+    assert [message["role"] for message in chat["messages"]] == ["system", "user"]
+    assert "READ_FILE:" in chat["messages"][-1]["content"]
+    assert chat["stream"] is True and chat["max_tokens"] == body["max_tokens"]

@@ -43,7 +43,7 @@ def gateway(tmp_path_factory, chat_and_claude):
     daemon.stop()
 
 
-def claude_print(binary: Path, gateway: Gateway, tmp_path: Path, model: str) -> subprocess.CompletedProcess:
+def claude_print(binary: Path, gateway: Gateway, tmp_path: Path, model: str, prompt: str = "Say hello") -> subprocess.CompletedProcess:
     home = tmp_path / "home"
     home.mkdir()
     env = {
@@ -52,7 +52,7 @@ def claude_print(binary: Path, gateway: Gateway, tmp_path: Path, model: str) -> 
         "DISABLE_AUTOUPDATER": "1",
     }
     return subprocess.run(
-        [str(binary), "-p", "Say hello", "--model", model], env=env, cwd=tmp_path,
+        [str(binary), "-p", prompt, "--model", model], env=env, cwd=tmp_path,
         capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
     )
 
@@ -79,3 +79,31 @@ def test_claude_code_is_answered_by_a_native_anthropic_backend(claude_code, gate
     done = claude_print(claude_code, gateway, tmp_path, "claude")
     assert done.returncode == 0, (done.stdout[-1000:], done.stderr[-2000:])
     assert "The tool said:" in done.stdout
+
+
+def png(path: Path, width: int = 16, height: int = 16) -> Path:
+    """A small red PNG at C{path}."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("model", ["selfhosted", "claude"])
+def test_claude_code_reads_an_image_and_its_backend_sees_it(claude_code, gateway, tmp_path, model, chat_and_claude):
+    picture = png(tmp_path / "pixel.png")
+    done = claude_print(claude_code, gateway, tmp_path, model, f"Describe the picture READ_FILE:{picture}")
+    assert done.returncode == 0, (done.stdout[-1000:], done.stderr[-2000:])
+    # Its Read tool returned the image; translated, it follows the tool's message as a user's image part.
+    assert "(and 1 image)" in done.stdout, done.stdout[-1000:]
+    if model == "selfhosted":
+        sent = chat_and_claude[0].calls()["plain-model"]["last_messages"]
+        tool = next(n for n, message in enumerate(sent) if message["role"] == "tool")
+        parts = sent[tool + 1]["content"]
+        assert sent[tool + 1]["role"] == "user" and parts[1]["image_url"]["url"].startswith("data:image/png;base64,")

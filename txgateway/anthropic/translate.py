@@ -159,6 +159,36 @@ def _text_of_blocks(blocks: Any, where: str) -> str:
     return "\n".join(parts)
 
 
+def _tool_result_of(block: dict, where: str) -> tuple[str, list[dict]]:
+    """
+    A C{tool_result}'s text, and its images and documents as chat parts:
+    a chat C{tool} message holds only text, so what else a tool returned
+    (Claude Code's C{Read} of a screenshot) follows the tool messages in
+    a user message.
+    """
+    content = block.get("content", "")
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise Untranslatable(f"{where}.content: expected a string or a list of blocks")
+    texts, attached = [], []
+    for number, item in enumerate(content):
+        at = f"{where}.content[{number}]"
+        kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+        if kind == "text" and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif kind == "image":
+            attached.append(_image_part(item.get("source"), at))
+        elif kind == "document":
+            attached.append(_document_part(item.get("source"), at))
+        else:
+            raise Untranslatable(f"{at}: a {kind!r} block has no OpenAI equivalent in a tool result")
+    text = "\n".join(texts)
+    if attached and not text:
+        text = "(what the tool returned follows in the next message)"
+    return text, attached
+
+
 def _image_part(source: Any, where: str) -> dict:
     if isinstance(source, dict) and source.get("type") == "base64":
         return {"type": "image_url", "image_url": {"url": f"data:{source.get('media_type')};base64,{source.get('data')}"}}
@@ -183,6 +213,7 @@ def _user_turn(content: Any, where: str) -> list[dict]:
     if not isinstance(content, list):
         raise Untranslatable(f"{where}.content: expected a string or a list of blocks")
     tool_messages: list[dict] = []
+    returned: list[dict] = []  # the images and documents tool results hold, which a chat tool message cannot
     parts: list[dict] = []
     for number, block in enumerate(content):
         at = f"{where}.content[{number}]"
@@ -194,13 +225,17 @@ def _user_turn(content: Any, where: str) -> list[dict]:
         elif kind == "document":
             parts.append(_document_part(block.get("source"), at))
         elif kind == "tool_result":
-            text = _text_of_blocks(block.get("content", ""), f"{at}.content")
+            text, attached = _tool_result_of(block, at)
             if block.get("is_error") is True:
                 text = f"[tool error] {text}"
             tool_messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+            if attached:
+                returned.append({"type": "text", "text": f"What the tool call {block.get('tool_use_id')} returned:"})
+                returned += attached
         else:
             raise Untranslatable(f"{at}: a {kind!r} block has no OpenAI equivalent")
     messages = tool_messages
+    parts = returned + parts
     if parts:
         if all(part["type"] == "text" for part in parts):
             messages.append({"role": "user", "content": "\n".join(part["text"] for part in parts)})
