@@ -139,14 +139,97 @@ def test_a_call_that_does_not_fit_is_refused_before_any_backend_is_called():
     assert 'txgateway_governance_refusals_total{key="alice",reason="tokens_exceeded"} 1.0' in h.gateway.metrics.exposition().decode()
 
 
-def test_a_spent_budget_is_refused_with_retry_after_the_period_and_no_retry():
+def test_a_request_dearer_than_the_whole_budget_says_so_and_no_wait():
     h = harness("budget_usd = 0.0001\nbudget_period = day")
     d = chat(h)  # reserves 9 x 2.5 + 100 x 10 = 1022.5 micro-dollars: over 100
     response = result_of(d)
-    assert response.code == 429 and error_of(response)["type"] == "budget_exceeded"
+    assert response.code == 429
+    error = error_of(response)
+    assert error["type"] == "budget_exceeded"
+    assert error["message"] == (
+        "the request may cost up to $0.0010225 (9 prompt tokens and up to 100 completion tokens, at the dearest price"
+        " of its models), more than the whole budget of the key 'alice' ($0.0001 a day); or set max_tokens to at most 7,"
+        " which it can pay for now"
+    )
     assert response.headers.getRawHeaders("x-should-retry") == ["false"]
-    assert response.headers.getRawHeaders("retry-after") == ["86400"]  # the Clock is at midnight, 1970-01-01
+    assert response.headers.getRawHeaders("retry-after") is None  # waiting helps nothing
     assert h.agents["primary"].requests == []
+
+
+def test_spend_json_says_a_key_is_short_when_what_is_left_does_not_pay_for_its_last_request():
+    h = harness("budget_usd = 0.0015\nbudget_period = day")
+    answer_whole(h, chat(h), done=3)  # 52.5 micro-dollars spent, 1,447.5 left
+    alice = body_of(result_of(h.request("GET", "/spend.json")))["keys"]["alice"]
+    assert alice["next_request_usd"] == pytest.approx(0.0010225) and alice["short"] is False
+    answer_whole(h, chat(h), done=50)  # 522.5 more: 925 left, less than the next 1,022.5
+    alice = body_of(result_of(h.request("GET", "/spend.json")))["keys"]["alice"]
+    assert alice["short"] is True and alice["remaining_usd"] == pytest.approx(0.000925)
+
+
+def answer_whole(h, d, done: int = 100):
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=9, done=done)))
+    h.flush()
+    result_of(treq.content(result_of(d)))
+
+
+def test_a_budget_spent_too_far_for_the_request_says_when_it_renews_and_the_max_tokens_that_fits():
+    h = harness("budget_usd = 0.002\nbudget_period = day")
+    answer_whole(h, chat(h))  # 1,022.5 micro-dollars spent
+    response = result_of(chat(h))
+    message = error_of(response)["message"]
+    assert "more than the key 'alice' has left of its budget ($0.0009775); it renews in 86400 s" in message
+    assert message.endswith("set max_tokens to at most 95, which it can pay for now")  # (977.5 - 22.5) / 10
+    assert response.headers.getRawHeaders("retry-after") == ["86400"]
+    assert response.headers.getRawHeaders("x-should-retry") == ["false"]
+
+
+def test_a_budget_held_by_a_request_in_flight_says_retry_in_a_second():
+    h = harness("budget_usd = 0.0015\nbudget_period = day")
+    first = chat(h)  # in flight, 1,022.5 reserved
+    response = result_of(chat(h))
+    assert error_of(response)["type"] == "budget_exceeded"
+    assert "its requests in flight hold the rest until they settle; retry in 1 s" in error_of(response)["message"]
+    assert response.headers.getRawHeaders("retry-after") == ["1"]
+    assert response.headers.getRawHeaders("x-should-retry") is None  # the SDK's own retry helps
+    answer_whole(h, first, done=3)
+    chat(h)  # settled at 52.5: it fits, and goes to the backend
+    assert len(h.agents["primary"].requests) == 2
+
+
+def test_tokens_held_by_a_request_in_flight_say_retry_in_a_second():
+    h = Harness(INI.format(alice="").replace("tokens_per_minute = 2000", "tokens_per_minute = 200"))
+    first = chat(h)
+    response = result_of(chat(h))
+    assert error_of(response)["type"] == "tokens_exceeded" and "requests in flight hold the rest" in error_of(response)["message"]
+    assert response.headers.getRawHeaders("retry-after") == ["1"]
+    answer_whole(h, first, done=3)
+    chat(h)
+    assert len(h.agents["primary"].requests) == 2
+
+
+def test_when_short_cap_lowers_max_tokens_to_what_the_budget_pays_for_and_says_so():
+    h = harness("budget_usd = 0.0005\nbudget_period = day").__class__(
+        INI.format(alice="budget_usd = 0.0005\nbudget_period = day") + "[budgets]\nwhen_short = cap\n")
+    d = chat(h)
+    sent = json.loads(h.agents["primary"].last.body)
+    assert sent["max_tokens"] == 47  # (500 - 22.5) / 10 micro-dollars
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", prompt=9, done=47)))
+    h.flush()
+    response = result_of(d)
+    assert response.code == 200 and response.headers.getRawHeaders("x-gateway-capped-max-tokens") == ["47"]
+    result_of(treq.content(response))
+    # What is left now pays for fewer than 16 tokens: refused as before.
+    refused = result_of(chat(h))
+    assert refused.code == 429 and error_of(refused)["type"] == "budget_exceeded"
+
+
+def test_when_short_cap_sets_the_field_a_translated_call_is_sent_in():
+    h = Harness(INI.format(alice="budget_usd = 0.0005\nbudget_period = day").replace(
+        "url = http://primary.test/v1\nretries = 0", "url = http://primary.test/v1\napi = anthropic\nretries = 0")
+        + "[budgets]\nwhen_short = cap\n")
+    chat(h)
+    sent = json.loads(h.agents["primary"].last.body)
+    assert sent["max_tokens"] == 47 and "messages" in sent
 
 
 def test_max_parallel_refuses_the_second_call_in_flight():

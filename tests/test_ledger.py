@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from txgateway.config.keys import ModelPrice
 from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens
 from txgateway.governance.governor import duration_text
-from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND, Ask, Ledger, ScopeLimits
+from txgateway.governance.ledger import IN_FLIGHT_RETRY, NANO_BOUND, TOKENS_BOUND, Ask, Ledger, ScopeLimits
 from txgateway.governance.periods import period_end, period_key
 
 NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
@@ -34,8 +34,29 @@ def test_exactly_the_reservations_that_fit_a_tokens_per_minute_limit_are_admitte
     assert sum(v.allowed for v in verdicts) == 25
     refused = verdicts[25]
     assert refused.reason == "tokens_exceeded" and refused.scope == "key:alice"
-    assert refused.retry_after == 60.0  # the first entry leaves the window a minute after it came
+    # The 25 are in flight: they settle (and give back) long before they leave the window.
+    assert refused.retry_after == IN_FLIGHT_RETRY and refused.in_flight
     assert refused.tokens.remaining == 0 and refused.tokens.limit == 2500
+
+
+def test_once_what_fills_the_window_is_settled_the_wait_is_until_it_leaves_the_window():
+    ledger = Ledger()
+    for n in range(25):
+        taken = ask(n, 100, 0, KEY)
+        assert ledger.reserve(taken, NOON).allowed
+        ledger.settle(taken, 100, 0, NOON + 5)
+    refused = ledger.reserve(ask(99, 100, 0, KEY), NOON + 5)
+    assert refused.retry_after == pytest.approx(55.0) and not refused.in_flight
+
+
+def test_in_flight_reservations_and_settled_use_together_wait_for_the_window():
+    ledger = Ledger()
+    settled = ask(1, 2000, 0, KEY)
+    ledger.reserve(settled, NOON)
+    ledger.settle(settled, 2000, 0, NOON + 1)
+    assert ledger.reserve(ask(2, 400, 0, KEY), NOON + 10).allowed  # in flight
+    refused = ledger.reserve(ask(3, 600, 0, KEY), NOON + 20)  # 2,000 settled + 600 > 2,500 whatever the 400 give back
+    assert refused.retry_after == pytest.approx(40.0) and not refused.in_flight
 
 
 def test_a_request_larger_than_the_whole_limit_can_never_fit():
@@ -45,8 +66,10 @@ def test_a_request_larger_than_the_whole_limit_can_never_fit():
 
 def test_the_window_slides_entries_leave_it_a_minute_after_they_came():
     ledger = Ledger()
-    assert ledger.reserve(ask(1, 2000, 0, KEY), NOON).allowed
-    assert ledger.reserve(ask(2, 500, 0, KEY), NOON + 30).allowed
+    for n, tokens, at in ((1, 2000, NOON), (2, 500, NOON + 30)):
+        taken = ask(n, tokens, 0, KEY)
+        assert ledger.reserve(taken, at).allowed
+        ledger.settle(taken, tokens, 0, at)
     late = ledger.reserve(ask(3, 600, 0, KEY), NOON + 40)
     assert late.reason == "tokens_exceeded" and late.retry_after == pytest.approx(20.0)
     assert ledger.reserve(ask(4, 600, 0, KEY), NOON + 60).allowed
@@ -86,12 +109,29 @@ def test_a_request_must_fit_its_key_and_its_team_and_takes_from_neither_when_one
 def test_a_budget_refuses_what_would_go_over_it_until_the_period_ends():
     budget = ScopeLimits("key:alice", budget_nano=1000, budget_period="day")
     ledger = Ledger()
-    assert ledger.reserve(ask(1, 0, 600, budget), NOON).allowed
+    first = ask(1, 0, 600, budget)
+    assert ledger.reserve(first, NOON).allowed
+    ledger.settle(first, 0, 600, NOON)
     refused = ledger.reserve(ask(2, 0, 500, budget), NOON)
     assert refused.reason == "budget_exceeded" and refused.retry_after == 12 * 3600
+    assert refused.left_nano == 400 and not refused.in_flight
     assert ledger.reserve(ask(3, 0, 400, budget), NOON).allowed
     tomorrow = NOON + 12 * 3600
     assert ledger.reserve(ask(4, 0, 1000, budget), tomorrow).allowed
+
+
+def test_a_budget_held_by_requests_in_flight_says_a_short_wait():
+    budget = ScopeLimits("key:alice", budget_nano=1000, budget_period="day")
+    ledger = Ledger()
+    assert ledger.reserve(ask(1, 0, 600, budget), NOON).allowed
+    refused = ledger.reserve(ask(2, 0, 500, budget), NOON)
+    assert refused.retry_after == IN_FLIGHT_RETRY and refused.in_flight and refused.left_nano == 400
+
+
+def test_a_request_dearer_than_the_whole_budget_is_told_no_wait():
+    budget = ScopeLimits("key:alice", budget_nano=1000, budget_period="day")
+    refused = Ledger().reserve(ask(1, 0, 1001, budget), NOON)
+    assert refused.reason == "budget_exceeded" and refused.retry_after is None and refused.left_nano == 1000
 
 
 def test_a_budget_is_refused_first_so_that_clients_do_not_retry_it():

@@ -125,6 +125,12 @@ class IModelCall(Interface):
     def end_user() -> tuple:
         """Who the call is for, as its body says: (the end user, their session), each a string or L{None}."""
 
+    def capped(tokens: int) -> "IModelCall":
+        """
+        The same call, let complete at most C{tokens} in all (its choices
+        together): its API's maximum field set to that, the body made anew.
+        """
+
 
 #: The longest end user or session id kept (a longer one is cut): they go on every access line.
 MOST_ID_CHARACTERS = 128

@@ -172,6 +172,48 @@ def test_an_exhausted_budget_reaches_the_gateway_once_through_the_official_sdk(s
     assert len(refused) == 1 and backend.calls() == {}
 
 
+@pytest.mark.parametrize("limit, refusal", [
+    ("budget_usd = 0.00015\nbudget_period = day", "budget_exceeded"),  # 106 reserved each, at $1 a million tokens
+    ("tokens_per_minute = 150", "tokens_exceeded"),
+])
+def test_a_limit_held_by_a_request_in_flight_is_retried_by_the_official_sdk_within_2_s(start_gateway, backend, limit, refusal):
+    gateway = start_gateway(governed(backend.url, limit))
+    # A stream in flight holds 106 of the 150: a second call's 106 does not fit until it settles.
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", body=chat_body("drip"), headers=HEADERS)
+    response = connection.getresponse()
+    response.fp.readline()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key=KEY, max_retries=2)
+    leaving = threading.Timer(0.3, lambda: (connection.sock.shutdown(socket.SHUT_RDWR), connection.close()))
+    leaving.start()  # the stream's client leaves: it settles the few tokens it relayed
+    started = time.monotonic()
+    answer = client.chat.completions.with_raw_response.create(
+        model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
+    )
+    took = time.monotonic() - started
+    assert answer.http_response.status_code == 200 and took < 2.0, took
+
+    def outcomes() -> list:
+        return [line.get("outcome") for line in gateway.log_lines()
+                if line.get("event") == "request_completed" and line.get("requested_model") == "plain"]
+
+    wait_until(lambda: len(outcomes()) == 2)  # refused once, then answered: the SDK's one retry
+    assert outcomes()[0] == refusal and outcomes()[1] != refusal, outcomes()
+
+
+def test_a_request_dearer_than_the_whole_budget_is_not_retried_and_says_what_fits(start_gateway, backend):
+    gateway = start_gateway(governed(backend.url, "budget_usd = 0.00005\nbudget_period = day"))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key=KEY, max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    assert time.monotonic() - started < 1.0
+    assert "retry-after" not in raised.value.response.headers
+    message = raised.value.body["message"]
+    assert "more than the whole budget of the key 'team' ($0.00005 a day)" in message
+    assert message.endswith("set max_tokens to at most 44, which it can pay for now")  # 50 - 6 for the prompt
+
+
 def test_a_stream_whose_client_leaves_after_3_chunks_settles_what_was_relayed(start_gateway, backend):
     gateway = start_gateway(governed(backend.url, "tokens_per_minute = 100000"))
     connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)

@@ -55,7 +55,7 @@ async def store_at_noon(redis_server):
 def comparable(verdict):
     retry = None if verdict.retry_after is None else round(verdict.retry_after, 3)
     quotas = [(q.limit, q.remaining, round(q.reset, 3), q.used) if q else None for q in (verdict.tokens, verdict.requests)]
-    return (verdict.allowed, verdict.reason, verdict.scope, retry, quotas)
+    return (verdict.allowed, verdict.reason, verdict.scope, retry, quotas, verdict.left_nano, verdict.in_flight)
 
 
 @pytest_twisted.ensureDeferred

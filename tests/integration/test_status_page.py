@@ -100,6 +100,8 @@ def test_the_page_shows_budgets_as_bars_refusals_and_tokens_per_model(start_gate
         page = render(f"http://127.0.0.1:{gateway.port}/status", tmp_path)
         row = page.split('data-key="team"', 1)[1].split("</tr>", 1)[0]
         assert 'class="bar"' in row and 'style="width:61.0%"' in row and "$0.0001" in row
+        # 61 % spent, yet what is left does not pay for its next request: red, and it says why.
+        assert 'class="full"' in row and "short: its next request may cost $0.0001" in row
         assert '<b id="refusals">1</b>' in page
         assert 'data-model="plain-model"' in page and "<polyline" in page.split('data-model="plain-model"', 1)[1]
         # The model's own minute: three requests (the refused one too), none a 5xx.

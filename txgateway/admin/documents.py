@@ -152,8 +152,9 @@ def spend_document(report: SpendReport, governor: Governor) -> dict:
     """
     scopes = {spend.scope: spend for spend in report.scopes}
     keys, teams = {}, {}
+    worst = governor.worst_cases
     for key in governor.keys.values():
-        keys[key.name] = _scope_document(scopes.get("key:" + key.name), key.budget_usd, key.budget_period)
+        keys[key.name] = _scope_document(scopes.get("key:" + key.name), key.budget_usd, key.budget_period, worst.get("key:" + key.name))
         keys[key.name]["team"] = key.team
         keys[key.name]["max_parallel"] = key.max_parallel
         if key.limits_users:
@@ -163,7 +164,9 @@ def spend_document(report: SpendReport, governor: Governor) -> dict:
                 "requests_per_minute": key.user_requests_per_minute,
             }
     for team in governor.teams.values():
-        teams[team.name] = _scope_document(scopes.get("team:" + team.name), team.budget_usd, team.budget_period)
+        teams[team.name] = _scope_document(
+            scopes.get("team:" + team.name), team.budget_usd, team.budget_period, worst.get("team:" + team.name),
+        )
     models: dict[tuple[str, str], list[int]] = {}
     for day, _key, _team, model, prompt, completion, cost, requests in report.days:
         counts = models.setdefault((day, model), [0, 0, 0, 0])
@@ -199,13 +202,21 @@ def end_user_document(report: SpendReport, key: ApiKey, end_user: str) -> dict:
     return {"key": key.name, "end_user": end_user, "limited": key.limits_users, **document}
 
 
-def _scope_document(spend: ScopeSpend | None, budget_usd: float | None, period: str) -> dict:
+def _scope_document(spend: ScopeSpend | None, budget_usd: float | None, period: str, worst_case: int | None = None) -> dict:
+    """
+    One scope's spend and limits; with C{worst_case} (the last request's,
+    in nano-dollars), C{next_request_usd} and C{short}: whether what is
+    left pays for another such request.
+    """
     spent = spend.spent_nano if spend is not None else 0
     reserved = spend.reserved_nano if spend is not None else 0
     remaining = None
+    extra = {}
     if budget_usd is not None:
         remaining = max(0.0, round(budget_usd - (spent + reserved) / NANO_PER_USD, 9))
-    return {
+        if worst_case is not None:
+            extra = {"next_request_usd": _usd(worst_case), "short": remaining < _usd(worst_case)}
+    return {**extra, 
         "budget_usd": budget_usd,
         "budget_period": period,
         "period": spend.period if spend is not None else None,

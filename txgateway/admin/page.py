@@ -84,10 +84,11 @@ function spark(kind,label,values,open,unit){
   return '<figure class="spark"><svg class="chart" data-chart="'+kind+'" data-points="'+points.length+'" width="'+w+'" height="'+h+'" viewBox="0 0 '+w+" "+h+'">'+
     bands+'<polyline points="'+points.join(" ")+'"/></svg><figcaption>'+esc(label)+", last 60 s: now "+esc(last===null?null:last+unit)+"</figcaption></figure>";
 }
-function bar(used,budget){
+function bar(used,budget,short,next){
   if(budget===null||budget===undefined)return "no budget";
-  var share=budget>0?Math.min(1,used/budget):1; var look=share>=1?"full":(share>=0.8?"high":"");
-  return '<span class="bar" title="'+esc((share*100).toFixed(1)+" %")+'"><span class="'+look+'" style="width:'+(share*100).toFixed(1)+'%"></span></span> '+esc((share*100).toFixed(1)+" %");
+  var share=budget>0?Math.min(1,used/budget):1; var look=(share>=1||short)?"full":(share>=0.8?"high":"");
+  var said=(share*100).toFixed(1)+" %"+(short?" \u00b7 short: its next request may cost "+money(next):"");
+  return '<span class="bar" title="'+esc(said)+'"><span class="'+look+'" style="width:'+(share*100).toFixed(1)+'%"></span></span> '+esc(said);
 }
 function chart(series){
   var top=Math.max.apply(null,series.concat([1])); var points=series.map(function(v,i){return (i*2)+","+(30-Math.round(v/top*28));}).join(" ");
@@ -97,7 +98,7 @@ function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
 function renderSpend(g,sp){
   var html='<h2>Keys and budgets</h2><p class="meta">refusals in the last minute: <b id="refusals">'+esc(g.refusals_last_minute)+"</b></p>";
   function rows(kind,scopes){return Object.keys(scopes).map(function(name){var k=scopes[name];var used=k.spent_usd+k.reserved_usd;
-    return '<tr data-'+kind+'="'+esc(name)+'"><td>'+esc(kind)+" "+esc(name)+"</td><td>"+bar(used,k.budget_usd)+'</td><td class="num">'+esc(money(k.spent_usd))+
+    return '<tr data-'+kind+'="'+esc(name)+'"><td>'+esc(kind)+" "+esc(name)+"</td><td>"+bar(used,k.budget_usd,k.short,k.next_request_usd)+'</td><td class="num">'+esc(money(k.spent_usd))+
       '</td><td class="num">'+esc(money(k.budget_usd))+"</td><td>"+esc(k.budget_period)+'</td><td class="num">'+esc(k.tokens_per_minute?k.tokens_per_minute.remaining+" / "+k.tokens_per_minute.limit:null)+
       '</td><td class="num">'+esc(k.in_flight)+"</td></tr>";});}
   html+=table(["caller","budget used","spent","budget","period","tokens/min left","in flight"],rows("key",sp.keys).concat(rows("team",sp.teams)));

@@ -76,6 +76,11 @@ class MessagesCall(ModelNamed):
         """C{max_tokens}, which the API requires."""
         return _integer(self.body.get("max_tokens"))
 
+    def capped(self, tokens: int) -> "MessagesCall":
+        """The call let complete at most C{tokens}: its C{max_tokens}."""
+        body = {**self.body, "max_tokens": tokens}
+        return attrs.evolve(self, body=body, raw=_dumps(body))
+
     def end_user(self) -> tuple[str | None, str | None]:
         """
         C{metadata.user_id}; Claude Code's is a JSON string, whose

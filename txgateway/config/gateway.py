@@ -501,6 +501,8 @@ class BudgetsConfig:
     redis_timeout: float = _key(_seconds, 0.5)
     #: Seconds past a call's deadline its reservation lapses when never settled.
     reservation_margin: float = _key(_non_negative_seconds, 5.0)
+    #: A call whose worst case is more than its budget has left: C{refuse}, or C{cap} its completion.
+    when_short: str = _key(_choice("refuse", "cap"), "refuse")
 
 
 @attrs.frozen

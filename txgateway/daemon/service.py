@@ -218,7 +218,7 @@ def build_gateway(
         governor = Governor(
             clock, governance_store, config.auth.keys, config.teams, Prices(config.prices),
             config.reserve_completion_tokens, metrics, log, config.budgets.reservation_margin,
-            image_tokens=config.image_tokens,
+            image_tokens=config.image_tokens, when_short=config.budgets.when_short,
         )
     broker = ServiceBroker(clock, routes, limiter, metrics, rng, models, cache, every_speaker(), governor)
     started_at = previous.started_at if previous is not None else None

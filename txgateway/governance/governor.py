@@ -45,6 +45,18 @@ __all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "USER_SCOPE", "duration_t
 EXPIRY_MARGIN = 5.0
 #: The most (key, model) plans kept before they are made anew.
 _MAX_PLANS = 10_000
+#: The fewest completion tokens C{[budgets] when_short = cap} lets a call
+#: have; a budget that pays for fewer refuses it.
+MIN_CAPPED_COMPLETION = 16
+
+_PER = {"day": "a day", "week": "a week", "month": "a month", "total": "in all"}
+
+
+def _usd(nano: int) -> str:
+    """Nano-dollars as dollars (C{$0.0010225}, C{$5.00}): to the nano-dollar, trailing zeros cut but two."""
+    text = f"{nano / NANO_PER_USD:.9f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"${whole}.{cents.ljust(2, '0')}"
 
 _REFUSALS = {
     BUDGET_EXCEEDED: errors.BUDGET_EXCEEDED,
@@ -250,6 +262,8 @@ class Governor:
     @param reserve_completion_tokens: the completion tokens reserved for
         a model when a request names no maximum.
     @param expiry_margin: seconds past the call's deadline a reservation lapses.
+    @param when_short: C{refuse} a call whose worst case is more than its
+        budget has left, or C{cap} its completion to what is left.
     """
 
     def __init__(
@@ -264,6 +278,7 @@ class Governor:
         log: Any,
         expiry_margin: float = EXPIRY_MARGIN,
         image_tokens: Callable[[str], int] = lambda model: IMAGE_TOKENS,
+        when_short: str = "refuse",
     ) -> None:
         if not IGovernanceStore.providedBy(store):
             raise TypeError(f"the governance store must provide IGovernanceStore, got {store!r}")
@@ -277,6 +292,8 @@ class Governor:
         self._metrics = metrics
         self._log = log
         self._expiry_margin = expiry_margin
+        #: C{[budgets] when_short}: C{refuse} a call whose worst case its budget cannot pay for, or C{cap} its completion.
+        self._when_short = when_short
         #: How close to lapsing a running call's reservation is renewed, and for how long.
         self._renew_window = max(expiry_margin, 1.0)
         #: The reservations of calls still running, by id (renewed while they run).
@@ -288,6 +305,9 @@ class Governor:
             key.name for key in keys if key.governed or (key.team is not None and key.team in self.teams and self.teams[key.team].governed)
         }
         self._unpriced: set[str] = set()
+        #: The worst case of the last request asked of each key's and team's budget (the status page's
+        #: bar says when what is left does not pay for another such request), in nano-dollars.
+        self.worst_cases: dict[str, int] = {}
         #: (key, model, models sent) -> the completion reserved by default: see L{_plan}.
         self._plans: dict[tuple, int] = {}
         #: Reservation ids: this gateway's random prefix and a count (unique across gateways, cheap).
@@ -384,10 +404,21 @@ class Governor:
             # The end user's own allowance, taken together with the key's and the team's (all or none).
             scopes = (scopes[0], user_limits(key, end_user), *scopes[1:])
         ask = Ask(next(self._ids), scopes, prompt + completion, cost, now + deadline + self._expiry_margin)
+        if cost:
+            worst_cases = self.worst_cases
+            for limits in scopes:
+                if limits.budget_nano is not None and not limits.scope.startswith(USER_SCOPE):
+                    worst_cases[limits.scope] = cost
         verdict = await self.store.reserve(ask)
+        priced = models or [model_call.model if model_call is not None else None]
+        if not verdict.allowed and verdict.reason == BUDGET_EXCEEDED and self._when_short == "cap" and price is None:
+            capped = await self._capped(ask, verdict, model_call, priced, prompt, completion)
+            if capped is not None:
+                ask, verdict, model_call, completion = capped
+                request.set_header(b"X-Gateway-Capped-Max-Tokens", b"%d" % completion)
         headers = quota_headers(verdict)
         if not verdict.allowed:
-            raise self._refusal(key, verdict, ask, headers)
+            raise self._refusal(key, verdict, ask, headers, priced, prompt, completion)
         for name, value in headers:
             request.set_header(name, value)
         ctx.spend = SpendFacts(key.name, key.team, ask.tokens)
@@ -396,6 +427,39 @@ class Governor:
         if self._renewal is None:
             self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
         return reservation
+
+    async def _capped(
+        self, ask: Ask, verdict: Verdict, model_call: Any, priced: list, prompt: int, completion: int,
+    ) -> tuple[Ask, Verdict, Any, int] | None:
+        """
+        C{[budgets] when_short = cap}: the call let complete what its budget
+        still pays for (at least L{MIN_CAPPED_COMPLETION} tokens), reserved
+        anew; L{None} when that is too little, or does not fit either.
+        """
+        if model_call is None or not model_call.generates or verdict.left_nano is None:
+            return None
+        fits = self.affordable_completion(priced, prompt, completion, verdict.left_nano)
+        if fits < MIN_CAPPED_COMPLETION or fits >= completion:
+            return None
+        capped = Ask(next(self._ids), ask.scopes, prompt + fits, self.prices.dearest(priced, prompt, fits), ask.expires_at)
+        again = await self.store.reserve(capped)
+        if not again.allowed:
+            return None
+        return capped, again, model_call.capped(fits), fits
+
+    def affordable_completion(self, priced: list, prompt: int, completion: int, left_nano: int) -> int:
+        """The most completion tokens (up to C{completion}) that, with the prompt, cost at most C{left_nano} at the dearest of C{priced}."""
+        dearest = self.prices.dearest
+        if dearest(priced, prompt, 0) > left_nano:
+            return 0
+        low, high = 0, completion
+        while low < high:
+            middle = (low + high + 1) // 2
+            if dearest(priced, prompt, middle) <= left_nano:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def _renew(self) -> None:
         """
@@ -436,7 +500,16 @@ class Governor:
         )
         return plan
 
-    def _refusal(self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]]) -> GatewayError:
+    def _refusal(
+        self, key: ApiKey, verdict: Verdict, ask: Ask, headers: list[tuple[bytes, bytes]],
+        priced: list, prompt: int, completion: int,
+    ) -> GatewayError:
+        """
+        The refusal of C{ask} as C{verdict} says, telling the truth: what
+        the request may cost or use, what is left, and what helps (a wait
+        only where waiting does: a short one while requests in flight hold
+        what it needs; a lower C{max_tokens} where that fits now).
+        """
         reason = verdict.reason
         self._refused(key, reason)
         retry_after = whole_seconds(verdict.retry_after)
@@ -449,19 +522,46 @@ class Governor:
         else:
             whose = f"the team {scope[5:]!r}" if scope.startswith("team:") else f"the key {key.name!r}"
         if reason == BUDGET_EXCEEDED:
-            # The official OpenAI SDKs honour it: an exhausted budget is not retried.
-            headers.append((b"x-should-retry", b"false"))
-            when = "" if retry_after is None else f"; it renews in {retry_after} s"
-            message = f"{whose} has spent its budget{when}"
+            message = self._budget_refusal(verdict, ask, whose, retry_after, priced, prompt, completion)
+            if not verdict.in_flight:
+                # The official OpenAI SDKs honour it: a budget that only a renewal (or nothing) helps is not retried.
+                headers.append((b"x-should-retry", b"false"))
         elif reason == TOO_MANY_PARALLEL:
             message = f"{whose} has as many requests in flight as it may"
         elif reason == RATE_LIMITED:
             message = f"{whose} has made as many requests this minute as it may; retry in {retry_after} s"
         elif retry_after is None:
-            message = f"the request may use {ask.tokens} tokens, more than {whose} may use in a minute"
+            message = f"the request may use {ask.tokens} tokens, more than {whose} may use in a minute; lower max_tokens"
+        elif verdict.in_flight:
+            message = (f"the request may use {ask.tokens} tokens, more than {whose} has left this minute while its"
+                       f" requests in flight hold the rest; retry in {retry_after} s, when they have settled")
         else:
             message = f"the request may use {ask.tokens} tokens, more than {whose} has left this minute; retry in {retry_after} s"
         return GatewayError(_REFUSALS[reason], message, headers=tuple(headers))
+
+    def _budget_refusal(
+        self, verdict: Verdict, ask: Ask, whose: str, retry_after: int | None, priced: list, prompt: int, completion: int,
+    ) -> str:
+        limits = next((limits for limits in ask.scopes if limits.scope == verdict.scope), None)
+        budget = limits.budget_nano if limits is not None else None
+        left = verdict.left_nano if verdict.left_nano is not None else 0
+        worst = f"the request may cost up to {_usd(ask.cost_nano)}"
+        if completion:
+            worst += f" ({prompt} prompt tokens and up to {completion} completion tokens, at the dearest price of its models)"
+        if budget is not None and ask.cost_nano > budget:
+            said = f"{worst}, more than the whole budget of {whose} ({_usd(budget)} {_PER[limits.budget_period]})"
+        elif verdict.in_flight:
+            said = (f"{worst}, more than {whose} has left of its budget now ({_usd(left)}): its requests in flight"
+                    f" hold the rest until they settle; retry in {retry_after} s")
+        else:
+            renews = f"; it renews in {retry_after} s" if retry_after is not None else ""
+            said = f"{worst}, more than {whose} has left of its budget ({_usd(left)}){renews}"
+        if completion:
+            fits = self.affordable_completion(priced, prompt, completion, left)
+            if fits > 0:
+                return f"{said}; or set max_tokens to at most {fits}, which it can pay for now"
+            return f"{said}; even its prompt costs more than is left"
+        return said
 
     def _refused(self, key: ApiKey, reason: str) -> None:
         self._metrics.count_refusal(key.name, reason)

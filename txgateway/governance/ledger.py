@@ -33,7 +33,7 @@ import attrs
 
 from txgateway.governance.periods import is_current, period_end, period_key
 
-__all__ = ["Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded"]
+__all__ = ["IN_FLIGHT_RETRY", "Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded"]
 
 #: Seconds a per-minute window spans.
 WINDOW = 60.0
@@ -62,6 +62,11 @@ def bounded(value: object, bound: int) -> int:
             return 0
         value = bound if value > bound else math.ceil(value) if value > 0 else 0
     return 0 if value < 0 else bound if value > bound else value
+
+#: Seconds a refused client is told to wait when what blocks it is the
+#: reservations of requests still in flight: they settle, and give back
+#: what they did not use, without waiting for the window or the period.
+IN_FLIGHT_RETRY = 1.0
 
 #: Refusal reasons, in the order they are reported when several apply: the
 #: one a client must not retry first.
@@ -134,6 +139,10 @@ class Verdict:
     @ivar retry_after: seconds until it could fit (L{None}: not by waiting).
     @ivar tokens: the tightest tokens-per-minute quota after the verdict.
     @ivar requests: the tightest requests-per-minute quota.
+    @ivar left_nano: of a budget refusal, what the scope's budget had left
+        (spend and reservations taken from it, at least 0).
+    @ivar in_flight: what refused it is held by requests still in flight (it
+        would fit were they settled at nothing): a short wait helps.
     """
 
     allowed: bool
@@ -142,6 +151,8 @@ class Verdict:
     retry_after: float | None = None
     tokens: Quota | None = None
     requests: Quota | None = None
+    left_nano: int | None = None
+    in_flight: bool = False
 
 
 class _Window:
@@ -297,22 +308,43 @@ class Ledger:
 
     def _refusal(
         self, limits: ScopeLimits, scope: _Scope, budget_key: tuple[str, str], ask: Ask, now: float
-    ) -> tuple[str, str, float | None] | None:
-        if limits.budget_nano is not None:
-            if self.committed.get(budget_key, 0) + ask.cost_nano > limits.budget_nano:
+    ) -> tuple | None:
+        """
+        Why C{ask} does not fit C{limits}: C{(reason, scope, retry_after,
+        left_nano, in_flight)}, or L{None}.  A wait is said only where
+        waiting helps: a short one when reservations in flight are what
+        block it, else until the window or the period makes room; none for
+        an ask larger than the whole limit.
+        """
+        budget = limits.budget_nano
+        if budget is not None:
+            committed = self.committed.get(budget_key, 0)
+            if committed + ask.cost_nano > budget:
+                left = max(0, budget - committed)
+                if ask.cost_nano > budget:
+                    return BUDGET_EXCEEDED, limits.scope, None, left, False
+                if committed - self.reserved.get(budget_key, 0) + ask.cost_nano <= budget:
+                    return BUDGET_EXCEEDED, limits.scope, IN_FLIGHT_RETRY, left, True
                 end = period_end(limits.budget_period, now)
-                return BUDGET_EXCEEDED, limits.scope, None if end is None else end - now
+                return BUDGET_EXCEEDED, limits.scope, None if end is None else end - now, left, False
         if limits.max_parallel is not None and scope.parallel + 1 > limits.max_parallel:
-            return TOO_MANY_PARALLEL, limits.scope, None
+            return TOO_MANY_PARALLEL, limits.scope, None, None, False
         if limits.requests_per_minute is not None and scope.requests.total + 1 > limits.requests_per_minute:
-            return RATE_LIMITED, limits.scope, scope.requests.seconds_until_fits(1, limits.requests_per_minute, now)
-        if limits.tokens_per_minute is not None and scope.tokens.total + ask.tokens > limits.tokens_per_minute:
-            return TOKENS_EXCEEDED, limits.scope, scope.tokens.seconds_until_fits(ask.tokens, limits.tokens_per_minute, now)
+            return RATE_LIMITED, limits.scope, scope.requests.seconds_until_fits(1, limits.requests_per_minute, now), None, False
+        tokens_per_minute = limits.tokens_per_minute
+        if tokens_per_minute is not None and scope.tokens.total + ask.tokens > tokens_per_minute:
+            if ask.tokens <= tokens_per_minute:
+                held = self._held
+                in_flight = sum(amount for entry_id, (_, amount) in scope.tokens.entries.items() if entry_id in held)
+                if scope.tokens.total - in_flight + ask.tokens <= tokens_per_minute:
+                    return TOKENS_EXCEEDED, limits.scope, IN_FLIGHT_RETRY, None, True
+            return TOKENS_EXCEEDED, limits.scope, scope.tokens.seconds_until_fits(ask.tokens, tokens_per_minute, now), None, False
         return None
 
     @staticmethod
     def _verdict(
-        states: list, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None
+        states: list, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None,
+        left_nano: int | None = None, in_flight: bool = False,
     ) -> Verdict:
         tokens = requests = None
         for limits, state, _ in states:
@@ -320,7 +352,7 @@ class Ledger:
                 tokens = _tighter(tokens, state.tokens.quota(limits.tokens_per_minute, now))
             if limits.requests_per_minute is not None:
                 requests = _tighter(requests, state.requests.quota(limits.requests_per_minute, now))
-        return Verdict(reason is None, reason, scope, retry_after, tokens, requests)
+        return Verdict(reason is None, reason, scope, retry_after, tokens, requests, left_nano, in_flight)
 
     def settle(self, ask: Ask, tokens: int, cost_nano: int, now: float) -> bool:
         """

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.governance.interface import TOP_END_USERS, IGovernanceStore, ScopeSpend, Settled, SpendReport
-from txgateway.governance.ledger import NANO_BOUND, PASSING_SCOPE, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
+from txgateway.governance.ledger import IN_FLIGHT_RETRY, NANO_BOUND, PASSING_SCOPE, TOKENS_BOUND, Ask, Ledger, Quota, ScopeLimits, Verdict, bounded
 from txgateway.governance.periods import day_of, period_end
 from txgateway.resilience.guarded import GuardedRedis
 
@@ -125,15 +125,16 @@ local function newest(key, now)
 end
 """
 
-#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of asks: {id,
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[3] the wait said when requests in flight block; ARGV[2] a JSON list of asks: {id,
 #: tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
 #: 0: none; bk the budget period's key; end the time it ends, -1: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
-#: rq, spent: {scope: committed}} (tq/rq: [limit, remaining, reset, used]).
+#: rq, spent: {scope: committed}, left, flight} (tq/rq: [limit, remaining, reset, used]; left: a budget's, or false).
 RESERVE_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
 lapse(now)
 local verdicts = {}
 local ORDER = {budget_exceeded = 1, too_many_parallel = 2, rate_limited = 3, tokens_exceeded = 4}
+local IN_FLIGHT = tonumber(ARGV[3])
 for n, ask in ipairs(cjson.decode(ARGV[2])) do
   ask.tokens = math.max(0, bound(ask.tokens))
   ask.cost = math.max(0, bound(ask.cost))
@@ -141,13 +142,20 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
   local spent = {}
   for _, s in ipairs(ask.scopes) do
     trim(s.s, now)
-    local why, after = nil, -1
-    local bud = budget_keys(s.s, s.bk)
+    local why, after, left, flight = nil, -1, false, false
+    local bud, resv = budget_keys(s.s, s.bk)
     local committed = num(redis.call('GET', bud))
     spent[s.s] = committed
     if s.bud > 0 and committed + ask.cost > s.bud then
       why = 'budget_exceeded'
-      if s['end'] >= 0 then after = s['end'] - now end
+      left = math.max(0, s.bud - committed)
+      if ask.cost > s.bud then
+        after = -1
+      elseif committed - num(redis.call('GET', resv)) + ask.cost <= s.bud then
+        after, flight = IN_FLIGHT, true
+      elseif s['end'] >= 0 then
+        after = s['end'] - now
+      end
     elseif s.par > 0 and redis.call('ZCARD', P .. 'par:' .. s.s) + 1 > s.par then
       why = 'too_many_parallel'
     elseif s.rpm > 0 and redis.call('ZCARD', P .. 'req:' .. s.s) + 1 > s.rpm then
@@ -158,19 +166,30 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
     elseif s.tpm > 0 and num(redis.call('GET', P .. 'toksum:' .. s.s)) + ask.tokens > s.tpm then
       why = 'tokens_exceeded'
       if ask.tokens <= s.tpm then
-        local excess = num(redis.call('GET', P .. 'toksum:' .. s.s)) + ask.tokens - s.tpm
+        local total = num(redis.call('GET', P .. 'toksum:' .. s.s))
         local entries = redis.call('ZRANGE', P .. 'tok:' .. s.s, 0, -1, 'WITHSCORES')
+        local held = 0
         for i = 1, #entries, 2 do
-          excess = excess - num(redis.call('HGET', P .. 'tokamt:' .. s.s, entries[i]))
-          if excess <= 0 then
-            after = math.max(0, tonumber(entries[i + 1]) + WINDOW - now)
-            break
+          if redis.call('ZSCORE', P .. 'held', entries[i]) then
+            held = held + num(redis.call('HGET', P .. 'tokamt:' .. s.s, entries[i]))
+          end
+        end
+        if total - held + ask.tokens <= s.tpm then
+          after, flight = IN_FLIGHT, true
+        else
+          local excess = total + ask.tokens - s.tpm
+          for i = 1, #entries, 2 do
+            excess = excess - num(redis.call('HGET', P .. 'tokamt:' .. s.s, entries[i]))
+            if excess <= 0 then
+              after = math.max(0, tonumber(entries[i + 1]) + WINDOW - now)
+              break
+            end
           end
         end
       end
     end
     if why and (refusal == nil or ORDER[why] < ORDER[refusal.why]) then
-      refusal = {why = why, scope = s.s, after = after}
+      refusal = {why = why, scope = s.s, after = after, left = left, flight = flight}
     end
   end
   if refusal == nil then
@@ -200,7 +219,8 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
     end
   end
   verdicts[n] = {ok = refusal == nil, why = refusal and refusal.why or false, scope = refusal and refusal.scope or false,
-                 after = refusal and refusal.after or -1, tq = tq or false, rq = rq or false, spent = spent}
+                 after = refusal and refusal.after or -1, tq = tq or false, rq = rq or false, spent = spent,
+                 left = refusal and refusal.left or false, flight = refusal and refusal.flight or false}
 end
 return cjson.encode(verdicts)
 """
@@ -416,9 +436,10 @@ def _quota(raw: Any) -> Quota | None:
 def verdict_of(raw: dict) -> Verdict:
     """A verdict of the reserve script."""
     after = raw["after"]
+    left = raw.get("left")
     return Verdict(
         bool(raw["ok"]), raw["why"] or None, raw["scope"] or None, None if after is None or after < 0 else float(after),
-        _quota(raw["tq"]), _quota(raw["rq"]),
+        _quota(raw["tq"]), _quota(raw["rq"]), None if left is None or left is False else int(left), bool(raw.get("flight")),
     )
 
 
@@ -502,7 +523,7 @@ class RedisLedgerStore:
                 self._decide_locally(batch)
                 continue
             now = self._clock.seconds()
-            args = [repr(now), "[" + ",".join([ask_json(waiting.ask, now) for waiting in batch]) + "]"]
+            args = [repr(now), "[" + ",".join([ask_json(waiting.ask, now) for waiting in batch]) + "]", repr(IN_FLIGHT_RETRY)]
             self._reserving += 1
             asking = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
             asking.addBoth(self._answered, batch, admission)

@@ -154,6 +154,20 @@ class OpenAICall(ModelNamed):
                 return value
         return None
 
+    def capped(self, tokens: int) -> "OpenAICall":
+        """
+        The call let complete at most C{tokens} (split among its C{n}
+        choices): in the field the client used, else C{max_completion_tokens}
+        (C{max_tokens} for a text completion).
+        """
+        choices = self.body.get("n")
+        per_choice = tokens // choices if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1 else tokens
+        field = next((name for name in ("max_completion_tokens", "max_tokens") if name in self.body), None)
+        if field is None:
+            field = "max_tokens" if self.kind == COMPLETIONS else "max_completion_tokens"
+        body = {**self.body, field: per_choice}
+        return attrs.evolve(self, body=body, raw=encode_json(body))
+
     def end_user(self) -> tuple[str | None, None]:
         """OpenAI's C{user}, else its C{safety_identifier}; no session."""
         return bounded_id(self.body.get("user")) or bounded_id(self.body.get("safety_identifier")), None

@@ -80,6 +80,11 @@ class ResponsesCall(ModelNamed):
         value = self.body.get("max_output_tokens")
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    def capped(self, tokens: int) -> "ResponsesCall":
+        """The call let write at most C{tokens}: its C{max_output_tokens}."""
+        body = {**self.body, "max_output_tokens": tokens}
+        return attrs.evolve(self, body=body, raw=_dumps(body))
+
     def end_user(self) -> tuple[str | None, None]:
         """The Responses API's C{safety_identifier}, else its C{user}; no session (Codex names it in a header)."""
         return bounded_id(self.body.get("safety_identifier")) or bounded_id(self.body.get("user")), None

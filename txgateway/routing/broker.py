@@ -193,6 +193,10 @@ class ServiceBroker:
         if reservation is None:
             await self._serve_call(call, cached_as)
             return
+        if reservation.model_call is not model_call:
+            # Its key's budget pays for less than it asked ([budgets] when_short = cap): the capped call goes.
+            model_call = reservation.model_call
+            call.capped(model_call)
         if model_call is not None and model_call.stream and reservation.completion_cap:
             call.completion_reserved = reservation.completion_cap
         if model_call is not None and model_call.generates and not model_call.stream:

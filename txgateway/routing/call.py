@@ -100,6 +100,19 @@ class Call:
                 transcript = Transcript(model_call.resumable_kind)
         return cls(request, ctx, path, targets, speakers, model_call, transcript, as_sent=as_sent)
 
+    def capped(self, model_call: IModelCall) -> None:
+        """
+        Send C{model_call} (this call with a lower completion maximum, what
+        its key's budget still pays for) instead: every body and speaker is
+        made anew from it.
+        """
+        self.model_call = model_call
+        self._translated = self._speaker = self._speaker_target = self._other_speakers = None
+        if self.ctx.completion is not None:
+            self.ctx.completion.max_tokens = model_call.max_tokens
+        if any(self.translates_for(target) for target in self.targets):
+            self.untranslatable()  # made once more from the capped call (each target was translated before)
+
     @property
     def client_gone(self) -> bool:
         """

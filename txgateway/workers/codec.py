@@ -67,13 +67,13 @@ def _quota_from(value: list | None) -> Quota | None:
 def verdict_to(verdict: Verdict) -> list:
     """A reservation's verdict, with its quotas."""
     return [verdict.allowed, verdict.reason, verdict.scope, verdict.retry_after,
-            _quota_to(verdict.tokens), _quota_to(verdict.requests)]
+            _quota_to(verdict.tokens), _quota_to(verdict.requests), verdict.left_nano, verdict.in_flight]
 
 
 def verdict_from(value: list) -> Verdict:
     """The inverse of L{verdict_to}."""
-    allowed, reason, scope, retry_after, tokens, requests = value
-    return Verdict(allowed, reason, scope, retry_after, _quota_from(tokens), _quota_from(requests))
+    allowed, reason, scope, retry_after, tokens, requests, left_nano, in_flight = value
+    return Verdict(allowed, reason, scope, retry_after, _quota_from(tokens), _quota_from(requests), left_nano, in_flight)
 
 
 def settled_to(settled: Settled) -> list:
