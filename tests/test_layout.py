@@ -30,7 +30,7 @@ ROOMS = {
     "txgateway.routing": {
         "answer", "attempt", "balance", "broker", "call", "chain", "deployments", "lease", "model", "paths", "resume",
     },
-    "txgateway.admin": {"documents", "page", "render", "routes"},
+    "txgateway.admin": {"api", "console", "control", "documents", "page", "registry", "render", "routes", "store"},
     "txgateway.front": {"answers", "auth", "door", "gateway", "proxied"},
     "txgateway.workers": {"channel", "codec", "link", "listen", "merge", "shared", "state", "supervisor"},
     "txgateway.daemon": {"service", "tap"},
@@ -64,7 +64,8 @@ MAY_IMPORT = {
         "txgateway.resilience",
     },
     "txgateway.admin": {
-        "txgateway.config", "txgateway.dataplane", "txgateway.governance", "txgateway.observability", "txgateway.routing",
+        "txgateway.config", "txgateway.dataplane", "txgateway.governance", "txgateway.observability", "txgateway.resilience",
+        "txgateway.routing",
     },
     "txgateway.front": {
         "txgateway.admin",
@@ -105,6 +106,7 @@ PURE_CORES = {
     "txgateway.governance.estimate",
     "txgateway.observability.otlp",
     "txgateway.observability.tracing",
+    "txgateway.admin.registry",
 }
 IO_MODULES = (
     "socket",

@@ -53,6 +53,14 @@ NOT_GOVERNABLE = ErrorKind("not_governable", 403)
 UNSUPPORTED_MEDIA_TYPE = ErrorKind("unsupported_media_type", 415)
 #: Two different credentials of the gateway in one request.
 AMBIGUOUS_CREDENTIALS = ErrorKind("ambiguous_credentials", 401)
+#: A key the admin API turned off.
+KEY_DISABLED = ErrorKind("key_disabled", 403)
+#: An admin route asked with a caller's key, not an admin key.
+FORBIDDEN = ErrorKind("forbidden", 403)
+#: An admin change that contradicts what is there (a name taken, a team still used, a key of gateway.ini).
+CONFLICT = ErrorKind("conflict", 409)
+#: The admin store cannot be asked.
+ADMIN_UNAVAILABLE = ErrorKind("admin_unavailable", 503)
 INTERNAL_ERROR = ErrorKind("internal_error", 500)
 NOT_IMPLEMENTED = ErrorKind("not_implemented", 501)
 UPSTREAM_UNAVAILABLE = ErrorKind("upstream_unavailable", 502)
@@ -85,6 +93,10 @@ KINDS = {
         NOT_GOVERNABLE,
         UNSUPPORTED_MEDIA_TYPE,
         AMBIGUOUS_CREDENTIALS,
+        KEY_DISABLED,
+        FORBIDDEN,
+        CONFLICT,
+        ADMIN_UNAVAILABLE,
         RATE_LIMITED,
         TOKENS_EXCEEDED,
         BUDGET_EXCEEDED,

@@ -51,6 +51,9 @@ class OperatorView(Protocol):
         the peer that said it forwarded the request for another client.
         """
 
+    def admin_resource(self) -> Any:
+        """The admin API's resource when it is served on this address, else L{None}."""
+
     def spend(self, end_user: tuple[str, str] | None = None) -> Any:
         """
         A L{Deferred} of the C{/spend.json} document, or L{None} when no key
@@ -122,6 +125,21 @@ class AdminRoutes:
     def root(self, request: IRequest) -> bytes:
         """What is served here, for the clients that probe a base URL (Claude Code sends C{HEAD /} first)."""
         return _json(request, _ROOT)
+
+    @app.route("/admin")
+    def admin_page(self, request: IRequest) -> bytes:
+        """C{/admin/}, where the admin page and API are (its calls are relative to it): a 308, for any method."""
+        request.setResponseCode(308)
+        request.setHeader(b"Location", b"/admin/")
+        return _sized(request, b"")
+
+    @app.route("/admin/", branch=True)
+    def admin(self, request: IRequest) -> Any:
+        """The admin API and page (C{[admin] keys}), unless it listens on C{[admin] listen}."""
+        resource = self.view.admin_resource()
+        if resource is None:
+            return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+        return resource
 
     @app.route("/health/live", methods=["GET", "HEAD"])
     def live(self, request: IRequest) -> bytes:

@@ -505,6 +505,27 @@ class BudgetsConfig:
     when_short: str = _key(_choice("refuse", "cap"), "refuse")
 
 
+def _optional_listen(raw: str) -> str:
+    return _listen(raw) if raw.strip() else ""
+
+
+@attrs.frozen
+class AdminConfig:
+    """
+    The C{[admin]} section: the admin API's keys (written like C{[auth]
+    keys}; none: no admin API), and where it listens (empty: on the
+    gateway's own address, under C{/admin/}).
+    """
+
+    keys: tuple = _key(_api_keys, ())
+    listen: str = _key(_optional_listen, "")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the admin API is served (some admin key is set)."""
+        return bool(self.keys)
+
+
 @attrs.frozen
 class ResponsesConfig:
     """
@@ -675,12 +696,16 @@ class GatewayConfig:
     budgets: BudgetsConfig = BudgetsConfig()
     tracing: TracingConfig = TracingConfig()
     responses: ResponsesConfig = ResponsesConfig()
+    admin: AdminConfig = AdminConfig()
     source: str = "<embedded defaults>"
 
     @property
     def governed(self) -> bool:
-        """Whether any key or team has a limit, or any model a price: spend is counted."""
-        return bool(self.prices) or any(key.governed for key in self.auth.keys) or any(
+        """
+        Whether any key or team has a limit, or any model a price, or the
+        admin API may give them some at any time: spend is counted.
+        """
+        return bool(self.prices) or self.admin.enabled or any(key.governed for key in self.auth.keys) or any(
             team.governed for team in self.teams.values()
         )
 
@@ -817,6 +842,10 @@ def parse_config(
     if ratelimit.key == "api_key" and not auth.enabled:
         raise ConfigError(f"{origin}: [ratelimit] key: api_key needs API keys in [auth] keys or keys_file")
     responses = _build(ResponsesConfig, origin, "responses", sections.get("responses", {}))
+    admin = _build(AdminConfig, origin, "admin", sections.get("admin", {}))
+    for admin_key in admin.keys:
+        if any(key.digest == admin_key.digest for key in auth.keys):
+            raise ConfigError(f"{origin}: [admin] keys: the admin key {admin_key.name!r} has the same secret as a caller key")
     if responses.store == "memory" and gateway.workers > 1:
         raise ConfigError(
             f"{origin}: [responses] store: memory keeps each worker's own responses, and a conversation moves "
@@ -836,6 +865,7 @@ def parse_config(
         budgets=_build(BudgetsConfig, origin, "budgets", sections.get("budgets", {})),
         tracing=_build(TracingConfig, origin, "tracing", sections.get("tracing", {})),
         responses=responses,
+        admin=admin,
         source=origin,
     )
 
@@ -857,7 +887,7 @@ def _sections(text: str, origin: str) -> dict[str, dict[str, _Raw]]:
         raise ConfigError(f"{origin}: {message}") from None
     sections: dict[str, dict[str, _Raw]] = {}
     for section in parser.sections():
-        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets", "tracing", "responses")
+        known = section in ("gateway", "logging", "ratelimit", "auth", "cache", "status", "budgets", "tracing", "responses", "admin")
         if not known and not section.startswith(("service:", "model:", "key:", "team:", "price:")):
             raise ConfigError(
                 f"{origin}: [{section}]: unknown section (known: gateway, logging, ratelimit, auth, cache, "

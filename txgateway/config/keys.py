@@ -74,6 +74,10 @@ class ApiKey:
     user_budget_usd: float | None = None
     user_tokens_per_minute: int | None = None
     user_requests_per_minute: int | None = None
+    #: Digests of the key's earlier secrets still valid (a rotation's grace period), by the admin API.
+    retired_digests: tuple[bytes, ...] = attrs.field(default=(), repr=False)
+    #: Turned off by the admin API: its requests are refused (403 C{key_disabled}).
+    disabled: bool = False
 
     @property
     def governed(self) -> bool:

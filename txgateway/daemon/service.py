@@ -28,6 +28,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Site
+
+from txgateway.admin.api import AdminListener
+from txgateway.admin.control import AdminControl
+from txgateway.admin.registry import Registry, overlaid
+from txgateway.admin.store import IAdminStore, SqliteAdminStore, connect_admin_store
 
 from txgateway.anthropic import speakers as anthropic_speakers
 from txgateway.cache.responses import ResponseCache
@@ -178,6 +184,7 @@ def build_gateway(
     spans: Any = None,
     peers: Any = None,
     response_store: IResponseStore | None = None,
+    admin: Any = None,
 ) -> Gateway:
     """
     Assemble a gateway from its parts: the routes, the broker, the rate
@@ -188,6 +195,7 @@ def build_gateway(
     With C{peers} (a worker's L{txgateway.workers.link.SupervisorLink}),
     circuits open across workers and the operator's documents are the daemon's.
     With C{response_store}, the gateway holds Responses conversations in it.
+    With C{admin} (an L{AdminControl}), it serves the admin API.
     """
     circuits = peers.circuits if peers is not None else None
     routes = build_routes(
@@ -226,6 +234,7 @@ def build_gateway(
         config, clock, broker, store, log, metrics, access_log, started_at, spans, config.tracing.sample_ratio, rng,
     )
     gateway.peers = peers
+    gateway.admin = admin
     if response_store is not None:
         settings = config.responses
         gateway.conversations = Conversations(response_store, clock, settings.ttl, settings.max_response_bytes, log)
@@ -335,10 +344,13 @@ class GatewayService(MultiService):
         self._response_threads: ThreadPool | None = None
         self._response_store = self._response_store_for(config)
         self._spans = self._span_export_for(config)
+        #: The configuration as gateway.ini says it; what is served adds the admin API's keys and teams.
+        self._configured = config
+        self._admin = self._admin_control_for(config)
         self.gateway = build_gateway(
             config, self._clock, self._upstream_for, store, self.log, self.metrics, self._access_log(config),
             cache_stores=self._cache_stores, governance_store=self._governance_store, spans=self._spans,
-            peers=worker, response_store=self._response_store,
+            peers=worker, response_store=self._response_store, admin=self._admin,
         )
         self.front = GatewayFront(self.gateway)
         self.server_factory = build_server_factory(self.front, reactor)
@@ -350,6 +362,13 @@ class GatewayService(MultiService):
             worker.on_lost = self._supervisor_lost
             address = listen_address(reactor, config.gateway.listen)
             ReusePortListener(reactor, address, self.server_factory).setServiceParent(self)
+        if self._admin is not None and config.admin.listen:
+            site = Site(AdminListener(lambda: self.gateway).app.resource())
+            site.log = lambda request: None  # the admin API logs its changes itself
+            if worker is None:
+                strports.service(config.admin.listen, site, reactor=reactor).setServiceParent(self)
+            else:
+                ReusePortListener(reactor, listen_address(reactor, config.admin.listen), site).setServiceParent(self)
 
     def _logger(self) -> Any:
         log = structlog.get_logger("txgateway")
@@ -413,6 +432,33 @@ class GatewayService(MultiService):
         run = functools.partial(deferToThreadPool, self._reactor, threads)
         return LocalLedgerStore(self._clock, spend_file, run, self.log, config.end_user_budget_periods)
 
+    def _admin_control_for(self, config: GatewayConfig) -> AdminControl | None:
+        """
+        The admin API's work and its store (where the budgets are: their
+        SQLite file, or their Redis), when C{[admin] keys} are set.
+
+        @raise ConfigError: the SQLite file cannot be opened.
+        """
+        if not config.admin.enabled:
+            return None
+        settings = config.budgets
+        if settings.store == "redis":
+            url = settings.redis_url or config.ratelimit.redis_url
+            store: IAdminStore = connect_admin_store(url, self._clock, settings.redis_timeout, self.log)
+        else:
+            path = state_file_of(config)
+            try:
+                store = SqliteAdminStore(path)
+            except Exception as error:
+                raise ConfigError(f"{config.source}: [budgets] state_file: cannot open {path} for the admin API: {error}") from None
+        return AdminControl(store, self._clock, lambda: self._configured, self._serve_registry, self.log)
+
+    def _serve_registry(self, registry: Registry) -> None:
+        """Serve gateway.ini's configuration with the admin API's keys and teams of C{registry}."""
+        if self._stopping or not hasattr(self, "gateway"):
+            return
+        self.apply(overlaid(self._configured, registry, self._clock.seconds()), admin_version=registry.version)
+
     def _response_store_for(self, config: GatewayConfig) -> IResponseStore | None:
         """
         The store of C{[responses]} (L{None} when it is C{off}); it lives as
@@ -473,6 +519,11 @@ class GatewayService(MultiService):
     def startService(self) -> None:
         if self._worker is not None:
             self._worker.connect()
+        if self._admin is not None:
+            # The admin API's keys and teams are served before the first request is taken.
+            self._admin.start().addErrback(
+                lambda failure: self.log.error("admin_store_unavailable", reason=failure.getErrorMessage(), serving="gateway.ini alone")
+            )
         with _one_line_when_the_port_is_taken(self.gateway.config):
             super().startService()
         if self._spans is not None:
@@ -511,10 +562,13 @@ class GatewayService(MultiService):
             self.log.error("config_reload_rejected", reason=str(error), config=self._config_path)
             self.gateway.last_reload = {"time": self._clock.seconds(), "outcome": f"rejected: {error}"}
             return False
+        self._configured = config
+        if self._admin is not None:
+            config = overlaid(config, self._admin.registry, self._clock.seconds())
         return self.apply(config)
 
-    def apply(self, config: GatewayConfig) -> bool:
-        """Swap in C{config} (see L{reload})."""
+    def apply(self, config: GatewayConfig, admin_version: int | None = None) -> bool:
+        """Swap in C{config} (see L{reload}); C{admin_version}: the admin API's registry changed, not gateway.ini."""
         old = self.gateway
         if config.gateway.listen != old.config.gateway.listen:
             self.log.warning(
@@ -573,6 +627,7 @@ class GatewayService(MultiService):
             spans=self._spans,
             peers=self._worker,
             response_store=self._response_store,
+            admin=self._admin,
         )
         if retired_ledger is not None:
             # Reservations in flight settle on the old store (their governor holds it): close it after the drain.
@@ -591,6 +646,10 @@ class GatewayService(MultiService):
             for name in set(config.services) | set(old.config.services)
             if config.services.get(name) != old.config.services.get(name)
         )
+        if admin_version is not None:
+            self.log.info("admin_registry_served", version=admin_version, keys=len(config.auth.keys), teams=len(config.teams))
+            gateway.last_reload = old.last_reload
+            return True
         self.log.info("config_reloaded", config=config.source, services_changed=changed)
         gateway.last_reload = {"time": self._clock.seconds(), "outcome": "applied"}
         return True
@@ -613,6 +672,8 @@ class GatewayService(MultiService):
 
     def stopService(self) -> Deferred:
         self._stopping = True
+        if self._admin is not None:
+            self._admin.stop()
         if self._worker is not None:
             self._worker.stopping = True
         self.gateway.accepting = False
@@ -643,6 +704,10 @@ class GatewayService(MultiService):
                 threads.stop()  # what was queued on them is done first
         if self._response_store is not None:
             closing = self._response_store.close()
+            if closing is not None:
+                await closing
+        if self._admin is not None:
+            closing = self._admin.close()
             if closing is not None:
                 await closing
         for spans in self._retired_spans + ([self._spans] if self._spans is not None else []):

@@ -19,11 +19,15 @@ import attrs
 from txgateway.config.keys import ApiKey
 from txgateway.observability.context import Caller
 
-__all__ = ["AmbiguousCredentials", "Authenticator"]
+__all__ = ["AmbiguousCredentials", "Authenticator", "KeyDisabled"]
 
 
 class AmbiguousCredentials(ValueError):
     """Two headers carry two different keys of the gateway: which one pays cannot be told."""
+
+
+class KeyDisabled(ValueError):
+    """The request carries a key the admin API turned off."""
 
 @attrs.frozen
 class Authenticator:
@@ -31,9 +35,13 @@ class Authenticator:
 
     keys: tuple[ApiKey, ...]
     _by_digest: dict = attrs.field(init=False, repr=False)
+    _disabled: frozenset = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_by_digest", {key.digest: key.name for key in self.keys})
+        # A key's earlier secrets still in their grace period are the key too.
+        by_digest = {digest: key.name for key in self.keys for digest in (key.digest, *key.retired_digests)}
+        object.__setattr__(self, "_by_digest", by_digest)
+        object.__setattr__(self, "_disabled", frozenset(key.name for key in self.keys if key.disabled))
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +51,10 @@ class Authenticator:
     def _match(self, presented: bytes) -> str | None:
         return self._by_digest.get(hashlib.sha256(presented).digest())
 
+    def name_of(self, presented: bytes) -> str | None:
+        """The name of the key C{presented} (a secret) is, or L{None}."""
+        return self._match(presented)
+
     def caller(self, request: Any) -> Caller | None:
         """
         The caller whose key the request (an L{IncomingRequest}) carries, or
@@ -50,6 +62,7 @@ class Authenticator:
         on the caller, to be withheld from backends.
 
         @raise AmbiguousCredentials: two headers carry two different keys.
+        @raise KeyDisabled: the key was turned off.
         """
         candidates = []
         for value in request.header_values(b"x-api-key")[:1]:
@@ -65,4 +78,6 @@ class Authenticator:
         if len(names) > 1:
             raise AmbiguousCredentials(f"the request carries two different API keys of this gateway ({' and '.join(h.decode() for _, h in found)})")
         name, header = found[0]
+        if name in self._disabled:
+            raise KeyDisabled(f"the key {name!r} is disabled")
         return Caller(name, header, tuple(header for _, header in found))

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 
+from txgateway.admin.api import AdminApi
 from txgateway.admin.documents import end_user_document, health_document, spend_document, status_document
 from txgateway.admin.routes import may_see_status
 from txgateway.config.gateway import GatewayConfig
@@ -79,6 +80,23 @@ class Gateway:
         #: L{txgateway.workers.link.SupervisorLink}), whose views the
         #: operator's documents merge; L{None} for a single process.
         self.peers: Any = None
+        #: The admin API's work (a L{txgateway.admin.control.AdminControl}), or L{None}: no C{[admin] keys}.
+        self.admin: Any = None
+        self._admin_resource: Any = None
+
+    def admin_resource(self, own_listener: bool = False) -> Any:
+        """
+        The admin API's Klein resource, served under C{/admin/} on the
+        gateway's address (C{own_listener} false) or on C{[admin] listen}
+        (true); L{None} where it is not served.
+        """
+        if self.admin is None or bool(self.config.admin.listen) != own_listener:
+            return None
+        if self._admin_resource is None:
+            admins = {key.digest: key.name for key in self.config.admin.keys}
+            api = AdminApi(self.admin, admins, self.authenticator.name_of, self.spend, self.log)
+            self._admin_resource = api.app.resource()
+        return self._admin_resource
 
     def sample(self) -> bool:
         """Whether a new trace is sampled (C{[tracing] sample_ratio}; a client's sampled flag wins over this)."""

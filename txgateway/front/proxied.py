@@ -19,7 +19,7 @@ from txgateway.config.gateway import ANY_MODEL
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.front.answers import answer_error
-from txgateway.front.auth import AmbiguousCredentials
+from txgateway.front.auth import AmbiguousCredentials, KeyDisabled
 from txgateway.front.gateway import Gateway
 from txgateway.governance.estimate import estimate_prompt_tokens
 from txgateway.anthropic.wire import ANTHROPIC, MessagesCall
@@ -129,6 +129,9 @@ class ProxiedRequests:
             caller = authenticator.caller(request)
         except AmbiguousCredentials as error:
             answer_error(request, errors.AMBIGUOUS_CREDENTIALS, f"{error}: send one")
+            return False
+        except KeyDisabled as error:
+            answer_error(request, errors.KEY_DISABLED, f"{error}: its owner or an administrator can turn it on again")
             return False
         if caller is None:
             answer_error(

@@ -1,0 +1,233 @@
+"""
+Where the admin API keeps the keys and teams it makes, and the audit trail
+of every change: where the budgets are (the SQLite state file, or Redis).
+Each change writes its record, its audit entry and a new version in one
+step; every process (each worker, each gateway sharing the store) watches
+the version and loads the whole registry again when it moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from zope.interface import Attribute, Interface, implementer
+
+from txgateway.admin.registry import Registry
+from txgateway.resilience.guarded import GuardedRedis
+
+__all__ = ["AUDIT_ENTRIES", "AdminStoreFailed", "IAdminStore", "RedisAdminStore", "SqliteAdminStore", "connect_admin_store"]
+
+#: The audit entries kept (the oldest leave first).
+AUDIT_ENTRIES = 10_000
+
+
+class AdminStoreFailed(Exception):
+    """The admin store could not be asked (nothing was changed)."""
+
+
+class IAdminStore(Interface):
+    """Keys, teams and the audit trail of the admin API."""
+
+    backend = Attribute("C{sqlite} or C{redis}.")
+
+    def version():
+        """A L{Deferred} of the registry's version (moved on by every change)."""
+
+    def registry():
+        """A L{Deferred} of the whole L{Registry}, at one version."""
+
+    def commit(kind, name, record, entry):
+        """
+        Write C{record} (a dict; L{None}: delete) as the C{kind} (C{key} or
+        C{team}) named C{name}, and the audit C{entry}, in one step.
+
+        @return: a L{Deferred} of the new version (L{AdminStoreFailed} when it could not).
+        """
+
+    def audit(limit):
+        """A L{Deferred} of the last C{limit} audit entries, newest first."""
+
+    def close():
+        """Release the file or the connections (a L{Deferred} or L{None})."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS admin_records (kind TEXT NOT NULL, name TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, name));
+CREATE TABLE IF NOT EXISTS admin_audit (id INTEGER PRIMARY KEY AUTOINCREMENT, entry TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS admin_version (one INTEGER PRIMARY KEY CHECK (one = 1), version INTEGER NOT NULL);
+INSERT OR IGNORE INTO admin_version (one, version) VALUES (1, 0);
+"""
+
+_SETUP_ATTEMPTS = 14
+
+
+@implementer(IAdminStore)
+class SqliteAdminStore:
+    """
+    The admin registry in the budgets' SQLite file (tables of its own),
+    which every worker of the machine opens: a change is seen by the
+    others at their next look at the version.  Its calls are short
+    (a row or two) and run on the reactor's thread; a writer waits at most
+    2 s for another.
+    """
+
+    backend = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=2.0)
+        for attempt in range(_SETUP_ATTEMPTS):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as error:
+                # Workers starting together: one makes the file WAL, the others see it locked at once.
+                if "locked" not in str(error) or attempt == _SETUP_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+
+    def _asked(self, function: Any, *args: Any) -> Deferred:
+        try:
+            return succeed(function(*args))
+        except sqlite3.Error as error:
+            return fail(AdminStoreFailed(f"the admin store ({self.path}) failed: {error}"))
+
+    def version(self) -> Deferred[int]:
+        return self._asked(lambda: self._db.execute("SELECT version FROM admin_version").fetchone()[0])
+
+    def registry(self) -> Deferred[Registry]:
+        def read() -> Registry:
+            self._db.execute("BEGIN")
+            try:
+                version = self._db.execute("SELECT version FROM admin_version").fetchone()[0]
+                rows = self._db.execute("SELECT kind, name, body FROM admin_records").fetchall()
+            finally:
+                self._db.execute("COMMIT")
+            keys = {name: json.loads(body) for kind, name, body in rows if kind == "key"}
+            teams = {name: json.loads(body) for kind, name, body in rows if kind == "team"}
+            return Registry(version, keys, teams)
+
+        return self._asked(read)
+
+    def commit(self, kind: str, name: str, record: dict | None, entry: dict) -> Deferred[int]:
+        def write() -> int:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if record is None:
+                    self._db.execute("DELETE FROM admin_records WHERE kind = ? AND name = ?", (kind, name))
+                else:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO admin_records (kind, name, body) VALUES (?, ?, ?)", (kind, name, json.dumps(record)),
+                    )
+                self._db.execute("INSERT INTO admin_audit (entry) VALUES (?)", (json.dumps(entry),))
+                self._db.execute("DELETE FROM admin_audit WHERE id <= (SELECT MAX(id) FROM admin_audit) - ?", (AUDIT_ENTRIES,))
+                self._db.execute("UPDATE admin_version SET version = version + 1")
+                version = self._db.execute("SELECT version FROM admin_version").fetchone()[0]
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return version
+
+        return self._asked(write)
+
+    def audit(self, limit: int) -> Deferred[list]:
+        return self._asked(lambda: [
+            json.loads(entry) for (entry,) in self._db.execute("SELECT entry FROM admin_audit ORDER BY id DESC LIMIT ?", (limit,))
+        ])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+_PREFIX = "txgateway:admin:"
+
+#: KEYS: the records' hash of the kind, the audit list, the version; ARGV: the name, the record (""
+#: to delete), the audit entry, the entries kept.  Returns the new version.
+_COMMIT = """
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('LPUSH', KEYS[2], ARGV[3])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+return redis.call('INCR', KEYS[3])
+"""
+
+#: KEYS: the version, the keys' hash, the teams' hash.  Returns [version, keys..., '', teams...] at one version.
+_REGISTRY = """
+local version = redis.call('GET', KEYS[1]) or '0'
+return {version, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
+"""
+
+
+@implementer(IAdminStore)
+class RedisAdminStore:
+    """
+    The admin registry in Redis, shared by every gateway using it: each
+    change is one script (record, audit entry, version); every call is
+    bounded by C{timeout}, and a failure is L{AdminStoreFailed}.
+    """
+
+    backend = "redis"
+
+    def __init__(self, redis: Any, clock: IReactorTime, timeout: float, log: Any, disconnect: Any = None) -> None:
+        self._redis = GuardedRedis(redis, clock, timeout, 1.0, log, "admin_redis", {"backend": "redis"}, disconnect)
+
+    async def _asked(self, what: str, asking: Any) -> Any:
+        guarded = self._redis
+        admission = guarded.admit(what)
+        if not admission.allowed:
+            raise AdminStoreFailed("the admin store (Redis) failed a moment ago and is left alone for now")
+        try:
+            result = await asking(guarded)
+        except Exception as error:
+            guarded.failed(admission, error)
+            raise AdminStoreFailed(f"the admin store (Redis) failed: {error}") from None
+        guarded.succeeded(admission, backend="redis")
+        return result
+
+    def version(self) -> Deferred[int]:
+        asking = lambda guarded: guarded.call(guarded.redis.get(_PREFIX + "version"))  # noqa: E731
+        return Deferred.fromCoroutine(self._asked("version", asking)).addCallback(lambda value: int(value or 0))
+
+    def registry(self) -> Deferred[Registry]:
+        keys = [_PREFIX + "version", _PREFIX + "keys", _PREFIX + "teams"]
+        asking = lambda guarded: Deferred.fromCoroutine(guarded.script(_REGISTRY, keys, []))  # noqa: E731
+
+        def made(raw: list) -> Registry:
+            version, key_fields, team_fields = raw
+            return Registry(int(version), _records(key_fields), _records(team_fields))
+
+        return Deferred.fromCoroutine(self._asked("registry", asking)).addCallback(made)
+
+    def commit(self, kind: str, name: str, record: dict | None, entry: dict) -> Deferred[int]:
+        keys = [_PREFIX + ("keys" if kind == "key" else "teams"), _PREFIX + "audit", _PREFIX + "version"]
+        args = [name, "" if record is None else json.dumps(record), json.dumps(entry), AUDIT_ENTRIES]
+        asking = lambda guarded: Deferred.fromCoroutine(guarded.script(_COMMIT, keys, args))  # noqa: E731
+        return Deferred.fromCoroutine(self._asked("commit", asking)).addCallback(int)
+
+    def audit(self, limit: int) -> Deferred[list]:
+        asking = lambda guarded: guarded.call(guarded.redis.lrange(_PREFIX + "audit", 0, limit - 1))  # noqa: E731
+        return Deferred.fromCoroutine(self._asked("audit", asking)).addCallback(lambda entries: [json.loads(e) for e in entries])
+
+    def close(self) -> Deferred[None] | None:
+        return self._redis.close()
+
+
+def _records(fields: list) -> dict[str, dict]:
+    """A Redis hash's [name, JSON, name, JSON...] as records by name."""
+    return {name: json.loads(body) for name, body in zip(fields[0::2], fields[1::2])}
+
+
+def connect_admin_store(url: str, clock: IReactorTime, timeout: float, log: Any) -> RedisAdminStore:
+    """A Redis admin store on a lazy txredisapi pool (strings in and out)."""
+    from txgateway.redispool import redis_pool
+
+    pool = redis_pool(url, timeout, as_bytes=False)
+    return RedisAdminStore(pool.calls, clock, timeout, log, disconnect=pool.disconnect)
