@@ -58,6 +58,14 @@ function api(method,path,body){
   if(body!==undefined){init.headers["Content-Type"]="application/json";init.body=JSON.stringify(body);}
   return fetch(path,init).then(function(r){return r.json().then(function(j){if(!r.ok)throw new Error(j.error?j.error.type+": "+j.error.message:r.status);return j;});});
 }
+var QUIET={created_at:1,updated_at:1,source:1,read_only:1,name:1};
+function shown_value(v){return v===null||v===undefined?"none":(Array.isArray(v)?(v.length?v.join(", "):"all"):String(v));}
+function changes(before,after){var out=[];var keys=Object.keys(after||before||{});
+  keys.forEach(function(k){if(QUIET[k])return;var b=before?before[k]:undefined,a=after?after[k]:undefined;
+    if(JSON.stringify(b)===JSON.stringify(a))return;
+    if(!before){if(a!==null&&!(Array.isArray(a)&&!a.length)&&a!==false)out.push(k+" "+shown_value(a));}
+    else if(!after){}else out.push(k+" "+shown_value(b)+" \u2192 "+shown_value(a));});
+  if(!after)return "deleted"; if(!before)return out.length?"made: "+out.join("; "):"made"; return out.join("; ")||"(a new secret)";}
 function fail(e){document.getElementById("error").textContent=e.message;}
 function number(v){return v===""?null:Number(v);}
 function fields(form,names){var out={};names.forEach(function(n){var v=form.elements[n].value.trim();
@@ -81,9 +89,9 @@ function load(){
       var s=(spend.teams||{})[t.name]||{};
       return '<tr data-team="'+esc(t.name)+'"><td>'+esc(t.name)+"</td><td>"+esc(t.source)+'</td><td class="num">'+esc(money(s.spent_usd))+'</td><td class="num">'+
         esc(money(t.budget_usd))+"</td><td>"+esc(t.budget_period)+'</td><td class="num">'+esc(t.tokens_per_minute)+"</td></tr>";}));
-    document.getElementById("audit").innerHTML=audit.length?table(["time","admin","action","kind","name","before","after"],audit.map(function(a){
+    document.getElementById("audit").innerHTML=audit.length?table(["time","admin","action","kind","name","what changed"],audit.map(function(a){
       return '<tr data-audit="'+esc(a.action)+'"><td>'+esc(new Date(a.time*1000).toISOString())+"</td><td>"+esc(a.actor)+"</td><td>"+esc(a.action)+"</td><td>"+esc(a.kind)+
-        "</td><td>"+esc(a.name)+'</td><td class="wrap">'+esc(a.before?JSON.stringify(a.before):null)+'</td><td class="wrap">'+esc(a.after?JSON.stringify(a.after):null)+"</td></tr>";})):"<p>no change yet</p>";
+        "</td><td>"+esc(a.name)+'</td><td class="wrap">'+esc(changes(a.before,a.after))+"</td></tr>";})):"<p>no change yet</p>";
     document.getElementById("error").textContent="";
     document.body.setAttribute("data-loaded",String(Number(document.body.getAttribute("data-loaded"))+1));
   }).catch(fail);
