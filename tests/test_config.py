@@ -1,6 +1,7 @@
 """gateway.ini and environment parsing: values, defaults and one-line errors."""
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -202,3 +203,15 @@ def test_ai_service_url_moves_the_openai_api_with_it_on_the_embedded_defaults():
     assert config.services["ai-openai"].url == "http://10.0.0.5:9000/v1"
     own = load_config(None, environ={"AI_SERVICE_URL": "http://a:1", "AI_OPENAI_SERVICE_URL": "http://b:2/v1"})
     assert own.services["ai-openai"].url == "http://b:2/v1"
+
+
+def test_the_shipped_governed_example_loads_with_every_key_team_and_budget():
+    path = Path(__file__).resolve().parents[1] / "contrib" / "governed.ini"
+    config = parse_config(path.read_text(), str(path), {"OPENAI_API_KEY": "sk-test"})
+    keys = {key.name: key for key in config.auth.keys}
+    assert set(keys) == {"search-prod", "chat-app", "notebooks"} and all(key.governed for key in keys.values())
+    assert keys["search-prod"].team == "search" and keys["search-prod"].budget_usd == 300
+    assert keys["chat-app"].limits_users and keys["chat-app"].user_budget_usd == 2
+    assert config.teams["search"].budget_usd == 500 and config.admin.enabled
+    assert config.models["qwen"].reserve_completion_tokens == 512 and config.prices["gpt-4o-mini"].completion == 0.6
+    assert config.gateway.listen == "tcp:3000:interface=127.0.0.1"

@@ -13,6 +13,8 @@ from email.utils import formatdate
 
 import pytest
 import treq
+
+from txgateway.admin.page import STATUS_PAGE, status_page_with
 from structlog.testing import capture_logs
 from twisted.internet.testing import MemoryReactorClock
 
@@ -57,7 +59,18 @@ def test_the_status_page_is_one_self_contained_html_page():
     page = result_of(treq.content(response)).decode()
     assert response.headers.getRawHeaders("content-type") == ["text/html; charset=utf-8"]
     assert "status.json" in page and "setInterval(refresh,2000)" in page
-    assert "http://" not in page and "https://" not in page  # no external asset: works offline
+    assert "http://" not in STATUS_PAGE and "https://" not in STATUS_PAGE  # no external asset: works offline
+    assert 'src="http' not in page and "<link" not in page
+    # It holds its first data: painted before any fetch (no "loading" in a first screenshot).
+    initial = page.split('<script id="initial" type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(initial)["status"]["services"]["ai"]["url"] == "http://ai.backend:8000/v1"
+    assert page.index('id="initial"') < page.index('"use strict"')
+
+
+def test_the_first_data_cannot_end_its_script_element():
+    page = status_page_with(json.dumps({"status": {"config": "</script><script>alert(1)</script>"}, "spend": None}))
+    initial = page.split('<script id="initial" type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(initial)["status"]["config"] == "</script><script>alert(1)</script>"
 
 
 def test_only_allowed_networks_see_the_status_page():

@@ -290,5 +290,15 @@ def test_a_port_in_use_fails_at_start_with_one_line_naming_the_endpoint(tmp_path
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "Traceback" not in output
-    [line] = [line for line in output.splitlines() if "cannot listen" in line]
-    assert f"[gateway] listen = tcp:{port}:interface=127.0.0.1: Address already in use" in line
+    # One line, as a configuration error is: nothing of twistd's before it.
+    [line] = output.splitlines()
+    assert line == f"txgateway: cannot listen: {config}: [gateway] listen = tcp:{port}:interface=127.0.0.1: Address already in use"
+
+
+def test_a_service_url_whose_host_has_a_space_is_refused_at_start(tmp_path):
+    config = tmp_path / "gateway.ini"
+    config.write_text("[gateway]\nlisten = tcp:0\n[logging]\nfile =\n[service:ai]\nurl = http://local host:8000/v1\n")
+    result = start_and_fail(config)
+    assert result.returncode == 1
+    [line] = (result.stdout + result.stderr).splitlines()
+    assert line.startswith(f"txgateway: configuration error: {config}: [service:ai] url: expected a host name")

@@ -9,7 +9,7 @@ the refusals of the last minute, tokens per second per model as a chart,
 and the end users who spent the most in the last hour.
 """
 
-__all__ = ["STATUS_PAGE"]
+__all__ = ["STATUS_PAGE", "status_page_with"]
 
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
@@ -27,6 +27,8 @@ th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:b
 .bar{display:inline-block;width:12em;height:.8em;background:#e3e6eb;border-radius:.4em;overflow:hidden;vertical-align:middle}
 .bar span{display:block;height:100%;background:#1f8a4c} .bar span.high{background:#d98200} .bar span.full{background:#c62828}
 svg.chart{background:#fff;border:1px solid #e3e6eb;vertical-align:middle} svg.chart polyline{fill:none;stroke:#3557c9;stroke-width:1.5}
+svg.chart circle{fill:#3557c9} svg.chart text.scale{font-size:9px;fill:#5b6372} svg.chart line.axis{stroke:#c9ced8;stroke-width:1}
+html,body{overflow-x:hidden} table{table-layout:auto} td{overflow:hidden;text-overflow:ellipsis;max-width:28em}
 svg.chart rect.band{fill:#c62828;opacity:.2} .charts{margin:.2em 0 .5em} figure.spark{display:inline-block;margin:0 1em .3em 0}
 figure.spark figcaption{font-size:.85em;color:#5b6372}
 </style></head>
@@ -36,7 +38,7 @@ figure.spark figcaption{font-size:.85em;color:#5b6372}
 <div id="services"></div><div id="models"></div><div id="governance"></div>
 <h2>Stores</h2><div id="stores"></div>
 <h2>Last circuit transitions and fallbacks</h2><div id="events"></div>
-<script>
+<!--INITIAL--><script>
 "use strict";
 function esc(v){return String(v===null||v===undefined?"\\u2014":v).replace(/[&<>"']/g,function(c){return "&#"+c.charCodeAt(0)+";";});}
 function badge(state){return '<span class="circuit '+esc(state)+'">'+esc(state)+'</span>';}
@@ -75,14 +77,18 @@ function render(s){
       "</td><td>"+esc(ev.to)+'</td><td class="reason">'+esc(ev.reason)+"</td><td>"+esc(ev.request_id)+"</td></tr>";})):"<p>none yet</p>";
 }
 function spark(kind,label,values,open,unit){
-  var w=180,h=40,top=0,step=w/(values.length-1||1),points=[],bands="";
-  values.forEach(function(v){if(v!==null&&v>top)top=v;}); if(top<=0)top=1;
+  var w=180,h=40,top=0,step=w/(values.length-1||1),points=[],bands="",dots="";
+  values.forEach(function(v){if(v!==null&&v>top)top=v;}); var peak=top; if(top<=0)top=1;
   values.forEach(function(v,i){
     if(open[i])bands+='<rect class="band" x="'+(i*step-step/2).toFixed(1)+'" y="0" width="'+step.toFixed(1)+'" height="'+h+'"/>';
-    if(v!==null)points.push((i*step).toFixed(1)+","+(h-2-(v/top)*(h-4)).toFixed(1));});
+    if(v===null)return;
+    var x=(i*step).toFixed(1),y=(h-2-(v/top)*(h-12)).toFixed(1); points.push(x+","+y);
+    // A point with no neighbour draws no line: a dot shows it.
+    if((i===0||values[i-1]===null)&&(i===values.length-1||values[i+1]===null))dots+='<circle cx="'+x+'" cy="'+y+'" r="2.5"/>';});
   var last=values[values.length-1];
+  var scale='<text class="scale" x="3" y="9">'+(points.length?"peak "+esc(Math.round(peak*1000)/1000+unit):"no data yet")+'</text><line class="axis" x1="0" y1="'+(h-2)+'" x2="'+w+'" y2="'+(h-2)+'"/>';
   return '<figure class="spark"><svg class="chart" data-chart="'+kind+'" data-points="'+points.length+'" width="'+w+'" height="'+h+'" viewBox="0 0 '+w+" "+h+'">'+
-    bands+'<polyline points="'+points.join(" ")+'"/></svg><figcaption>'+esc(label)+", last 60 s: now "+esc(last===null?null:last+unit)+"</figcaption></figure>";
+    bands+scale+'<polyline points="'+points.join(" ")+'"/>'+dots+'</svg><figcaption>'+esc(label)+", last 60 s: now "+esc(last===null?null:last+unit)+"</figcaption></figure>";
 }
 function bar(used,budget,short,next){
   if(budget===null||budget===undefined)return "no budget";
@@ -122,6 +128,15 @@ function refresh(){
     document.body.setAttribute("data-refreshes",String(Number(document.body.getAttribute("data-refreshes"))+1));
   }).catch(function(e){document.getElementById("error").textContent="cannot reach the gateway: "+e.message;});
 }
-refresh(); setInterval(refresh,2000);
+// The page came with its first data: painted at once, then refreshed every 2 s.
+var first=document.getElementById("initial");
+if(first){var given=JSON.parse(first.textContent);render(given.status);if(given.status.governance&&given.spend)renderSpend(given.status.governance,given.spend);}
+if(!first)refresh(); setInterval(refresh,2000);
 </script></body></html>
 """
+
+
+def status_page_with(initial: str) -> str:
+    """The page holding its first data (C{initial}: the JSON of C{{"status", "spend"}}), painted before any fetch."""
+    safe = initial.replace("</", "<\\/")  # no "</script>" inside the script element
+    return STATUS_PAGE.replace("<!--INITIAL-->", '<script id="initial" type="application/json">' + safe + "</script>", 1)

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from txgateway import __version__, errors
-from txgateway.admin.page import STATUS_PAGE
+from txgateway.admin.page import STATUS_PAGE, status_page_with
 from txgateway.errors import ErrorKind, GatewayError, describe_failure, error_answer
 from txgateway.ids import request_id_for
 from txgateway.observability.context import IRequestContext
@@ -173,13 +173,23 @@ class AdminRoutes:
         return self.view.may_see_status(ctx.client if ctx is not None else peer, peer if forwarded else None)
 
     @app.route("/status", methods=["GET", "HEAD"])
-    def status_page(self, request: IRequest) -> bytes:
-        """The status page (to allowed addresses only; others see a 404)."""
+    async def status_page(self, request: IRequest) -> bytes:
+        """The status page (to allowed addresses only; others see a 404), holding its first data."""
         if not self._may_see_status(request):
             return _error(request, errors.NOT_FOUND, "nothing is served at this path")
+        page = STATUS_PAGE
+        try:
+            status = await maybeDeferred(self.view.status)
+            spending = self.view.spend()
+            spend = await spending if spending is not None else None
+        except Exception as error:
+            # The page still comes, and fetches its data itself.
+            self.view.log.warning("status_page_first_data_failed", reason=describe_failure(error))
+        else:
+            page = status_page_with(json.dumps({"status": status, "spend": spend}))
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
-        return _sized(request, STATUS_PAGE.encode("utf-8"))
+        return _sized(request, page.encode("utf-8"))
 
     @app.route("/status.json", methods=["GET", "HEAD"])
     async def status_document(self, request: IRequest) -> bytes:

@@ -167,7 +167,13 @@ def _http_url(raw: str) -> str:
         raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"expected a URL without query, fragment or credentials, got {raw!r}")
+    if any(c.isspace() or c in "<>\"{}|\\^`" for c in value) or not _HOST.match(parts.hostname):
+        raise ValueError(f"expected a host name or address without spaces or symbols, got {parts.hostname!r} in {raw!r}")
     return value.rstrip("/")
+
+
+#: A host name (letters, digits, '-', '.', '_'), an IPv4 address, or an IPv6 address (urlsplit takes its brackets off).
+_HOST = re.compile(r"^(?:[A-Za-z0-9_.-]+|[0-9A-Fa-f:.%]+)$")
 
 
 def _http_urls(raw: str) -> str:

@@ -65,12 +65,39 @@ def makeService(options: Options):
         worker = _supervisor_link(reactor, options["worker"])
     elif config.gateway.workers > 1:
         return _supervisor(config, reactor, options["config"], destination)
+    if worker is None:
+        _check_free(reactor, config, "gateway", config.gateway.listen)
+        if config.admin.enabled and config.admin.listen:
+            _check_free(reactor, config, "admin", config.admin.listen)
     try:
         return GatewayService(config, reactor, config_path=options["config"], log_destination=destination, worker=worker)
     except OSError as error:
         raise SystemExit(_log_file_error(config, error)) from None
     except ConfigError as error:  # a file it could not open (the spend file): one line, no traceback
         raise SystemExit(f"txgateway: configuration error: {error}") from None
+
+
+def _check_free(reactor: Any, config: Any, section: str, listen: str) -> None:
+    """
+    End twistd with one line, before it logs anything, when the TCP
+    address C{listen} is taken (the listener binds it later, at start).
+    """
+    import socket
+
+    from txgateway.workers.listen import listen_address
+
+    try:
+        address = listen_address(reactor, listen)
+    except ValueError:
+        return  # not a TCP port (a UNIX socket...): its listener says what goes wrong
+    probe = socket.socket(address.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((address.interface, address.port))
+    except OSError as error:
+        raise SystemExit(f"txgateway: cannot listen: {config.source}: [{section}] listen = {listen}: {error.strerror or error}") from None
+    finally:
+        probe.close()
 
 
 def _log_file_error(config: Any, error: OSError) -> str:
