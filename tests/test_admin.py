@@ -132,3 +132,16 @@ def test_a_change_made_by_one_process_is_served_by_another_at_its_next_look(tmp_
     entries = result_of(second.audit(10))
     assert [(entry["action"], entry["actor"], entry["name"]) for entry in entries] == [("create", "root", "dana")]
     assert "secret_sha256" not in str(entries)
+
+
+def test_a_store_that_stops_answering_is_said_once_and_the_last_registry_is_served(tmp_path):
+    made, served, clock = control(tmp_path)
+    done(made.create_key({"name": "eve"}, "root"))
+    made._store.close()  # the file is gone from under it: every look fails
+    log = made._log
+    for _ in range(5):
+        clock.advance(WATCH_INTERVAL)
+    assert log.events.count("admin_store_unavailable") == 1 and "eve" in made.registry.keys
+    with pytest.raises(GatewayError) as raised:
+        done(made.create_key({"name": "fay"}, "root"))
+    assert raised.value.kind == errors.ADMIN_UNAVAILABLE

@@ -72,6 +72,8 @@ class AdminControl:
         self._looking: Deferred | None = None
         #: When a retired secret's grace ends next (the registry is served again then, without it).
         self._next_expiry: float | None = None
+        #: The last look at the store failed (said once, and once when it answers again).
+        self._failing = False
 
     # -- serving what the store holds
 
@@ -101,12 +103,17 @@ class AdminControl:
         looking = self._looking = self._store.version()
 
         def seen(version: int) -> Deferred | None:
+            if self._failing:
+                self._failing = False
+                self._log.warning("admin_store_recovered")
             if version != self.registry.version:
                 return self._reload()
             return None
 
         def failed(failure: Any) -> None:
-            self._log.warning("admin_store_unavailable", reason=failure.getErrorMessage(), serving="the last registry loaded")
+            if not self._failing:  # said once when it starts failing, not every look
+                self._failing = True
+                self._log.warning("admin_store_unavailable", reason=failure.getErrorMessage(), serving="the last registry loaded")
 
         def done(result: Any) -> None:
             self._looking = None
