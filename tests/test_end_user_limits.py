@@ -53,20 +53,6 @@ def harness(extra: str = "user_tokens_per_minute = 250") -> Harness:
     return Harness(INI.format(extra=extra))
 
 
-def chat(h: Harness, user: str | None = None, answer: bytes | None = None):
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 100}
-    if user is not None:
-        body["user"] = user
-    d = h.request(
-        "POST", "/v1/chat/completions", data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": "Bearer app-secret"},
-    )
-    if answer is not None and h.agents["primary"].requests:
-        h.agents["primary"].last.respond(FakeResponse(200, JSON, answer))
-        h.flush()
-    return result_of(d)
-
-
 def answered(h: Harness, user: str | None, prompt: int = 9, done: int = 3):
     """One call of C{user} answered with C{prompt} and C{done} tokens; its response (read whole)."""
     before = len(h.agents["primary"].requests)

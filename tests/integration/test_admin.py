@@ -14,26 +14,13 @@ import time
 import pytest
 
 from tests.integration.conftest import DAEMON_HEAD, request, wait_until
-from tests.integration.test_openai_sdk import OpenAIBackend
-from tests.integration.test_redis import RedisServer
+from tests.integration.test_governance import backend, redis  # noqa: F401 - the fixtures
 
 pytestmark = pytest.mark.integration
 
 ADMIN = {"Authorization": "Bearer root-secret", "Content-Type": "application/json"}
 
 
-@pytest.fixture
-def backend(tmp_path):
-    server = OpenAIBackend(tmp_path)
-    yield server
-    server.process.stop()
-
-
-@pytest.fixture
-def redis(tmp_path):
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def admin_ini(url: str, more: str = "", workers: int = 2) -> str:

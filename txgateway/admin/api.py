@@ -20,7 +20,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from txgateway import errors
 from txgateway.admin.console import ADMIN_PAGE
 from txgateway.admin.control import AdminControl
-from txgateway.admin.routes import _context, _error, _json, _sized
+from txgateway.admin.routes import _context, _error, _json, _sized, method_not_allowed, unexpected
 from txgateway.errors import GatewayError
 
 __all__ = ["AdminApi", "AdminListener"]
@@ -201,19 +201,12 @@ class AdminApi:
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         """A method the route does not take."""
-        allowed = failure.value.valid_methods or []
-        return _error(
-            request, errors.METHOD_NOT_ALLOWED, f"{request.method.decode('ascii', 'replace')} is not allowed here",
-            [(b"Allow", ", ".join(allowed).encode("ascii"))],
-        )
+        return method_not_allowed(request, failure)
 
     @app.handle_errors
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         """A route that failed: logged with its traceback, answered without it."""
-        ctx = _context(request)
-        log = ctx.log if ctx is not None else self._log
-        log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
-        return _error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
+        return unexpected(request, failure, self._log)
 
 
 class AdminListener:

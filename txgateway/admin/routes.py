@@ -240,18 +240,29 @@ class AdminRoutes:
     @app.handle_errors(MethodNotAllowed)
     def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         """A method a route does not take."""
-        allowed = failure.value.valid_methods or []
-        return _error(
-            request,
-            errors.METHOD_NOT_ALLOWED,
-            f"{request.method.decode('ascii', 'replace')} is not allowed here",
-            [(b"Allow", ", ".join(allowed).encode("ascii"))],
-        )
+        return method_not_allowed(request, failure)
 
     @app.handle_errors
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         """A route that failed: logged with its traceback, answered without it."""
-        ctx = _context(request)
-        log = ctx.log if ctx is not None else self.view.log
-        log.error("unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()))
-        return _error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
+        return unexpected(request, failure, self.view.log)
+
+
+def method_not_allowed(request: IRequest, failure: Failure) -> bytes:
+    """The answer to a method a Klein route does not take (its C{Allow} header said)."""
+    allowed = failure.value.valid_methods or []
+    return _error(
+        request,
+        errors.METHOD_NOT_ALLOWED,
+        f"{request.method.decode('ascii', 'replace')} is not allowed here",
+        [(b"Allow", ", ".join(allowed).encode("ascii"))],
+    )
+
+
+def unexpected(request: IRequest, failure: Failure, log: Any) -> bytes:
+    """The answer to a Klein route that failed: logged with its traceback (on C{log} without a context), answered without it."""
+    ctx = _context(request)
+    (ctx.log if ctx is not None else log).error(
+        "unhandled_error", exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+    )
+    return _error(request, errors.INTERNAL_ERROR, "the gateway failed to handle this request")
