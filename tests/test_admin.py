@@ -145,3 +145,12 @@ def test_a_store_that_stops_answering_is_said_once_and_the_last_registry_is_serv
     with pytest.raises(GatewayError) as raised:
         done(made.create_key({"name": "fay"}, "root"))
     assert raised.value.kind == errors.ADMIN_UNAVAILABLE
+
+
+def test_keys_of_gateway_ini_and_of_its_keys_file_are_listed_read_only_with_where_they_come_from(tmp_path):
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("filed:filed-secret\n")
+    config = parse_config(INI.replace("keys = caller:caller-secret", f"keys = caller:caller-secret\nkeys_file = {keys_file}"), "test.ini", {})
+    made = AdminControl(SqliteAdminStore(str(tmp_path / "state.db")), Clock(), lambda: config, lambda registry: None, Log())
+    listed = {key["name"]: (key["source"], key["read_only"]) for key in made.keys()}
+    assert listed == {"caller": ("gateway.ini", True), "filed": (f"keys_file {keys_file}", True)}

@@ -135,9 +135,9 @@ class AdminControl:
     # -- reading
 
     def keys(self) -> list[dict]:
-        """Every key: gateway.ini's (read-only, with where they come from), then the admin API's."""
+        """Every key: gateway.ini's and its keys file's (read-only, with where they come from), then the admin API's."""
         config = self._configured()
-        listed = [configured_key(key, "gateway.ini") for key in config.auth.keys]
+        listed = [configured_key(key, key.origin) for key in config.auth.keys]
         return listed + [public_key(record) for _, record in sorted(self.registry.keys.items())]
 
     def key(self, name: str) -> dict:
@@ -149,7 +149,7 @@ class AdminControl:
             return public_key(record)
         for key in self._configured().auth.keys:
             if key.name == name:
-                return configured_key(key, "gateway.ini")
+                return configured_key(key, key.origin)
         raise GatewayError(errors.NOT_FOUND, f"no key is named {name!r}")
 
     def teams(self) -> list[dict]:

@@ -225,7 +225,7 @@ def public_team(record: Mapping[str, Any]) -> dict:
 
 
 def configured_key(key: ApiKey, source: str) -> dict:
-    """What the admin API says of a key of gateway.ini or its keys file (read-only)."""
+    """What the admin API says of a key of gateway.ini or its keys file (read-only; C{source}: which)."""
     return {
         "name": key.name, "team": key.team, "models": list(key.models), "services": list(key.services),
         "requests_per_minute": key.requests_per_minute, "tokens_per_minute": key.tokens_per_minute,

@@ -984,7 +984,7 @@ def _auth(sections: dict[str, dict[str, _Raw]], origin: str, teams: dict[str, Te
     auth = _build(AuthConfig, origin, "auth", sections.get("auth", {}))
     keys = auth.keys + _key_sections(sections, teams, origin)
     if auth.keys_file:
-        keys += _read_keys_file(auth.keys_file, origin, teams)
+        keys += tuple(attrs.evolve(key, origin=f"keys_file {auth.keys_file}") for key in _read_keys_file(auth.keys_file, origin, teams))
     names = [key.name for key in keys]
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:

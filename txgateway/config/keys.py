@@ -78,6 +78,8 @@ class ApiKey:
     retired_digests: tuple[bytes, ...] = attrs.field(default=(), repr=False)
     #: Turned off by the admin API: its requests are refused (403 C{key_disabled}).
     disabled: bool = False
+    #: Where it was written: C{gateway.ini}, or C{keys_file PATH}.
+    origin: str = "gateway.ini"
 
     @property
     def governed(self) -> bool:
