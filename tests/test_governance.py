@@ -223,6 +223,21 @@ def test_when_short_cap_lowers_max_tokens_to_what_the_budget_pays_for_and_says_s
     assert refused.code == 429 and error_of(refused)["type"] == "budget_exceeded"
 
 
+def test_a_call_capped_by_its_budget_is_never_kept_by_the_response_cache():
+    ini = INI.format(alice="budget_usd = 0.0005\nbudget_period = day").replace(
+        "url = http://primary.test/v1\nretries = 0", "url = http://primary.test/v1\nretries = 0\ncache = memory\ncache_methods = POST")
+    h = Harness(ini + "[budgets]\nwhen_short = cap\n")
+    d = chat(h)
+    h.agents["primary"].last.respond(FakeResponse(200, {**JSON, b"cache-control": b"max-age=60"}, completion("gpt-4o", prompt=9, done=3)))
+    h.flush()
+    response = result_of(d)
+    result_of(treq.content(response))
+    assert response.headers.getRawHeaders("x-gateway-capped-max-tokens") == ["47"]
+    # The same request again goes to the backend (capped anew to what is left): the capped answer was not kept.
+    chat(h)
+    assert len(h.agents["primary"].requests) == 2
+
+
 def test_when_short_cap_sets_the_field_a_translated_call_is_sent_in():
     h = Harness(INI.format(alice="budget_usd = 0.0005\nbudget_period = day").replace(
         "url = http://primary.test/v1\nretries = 0", "url = http://primary.test/v1\napi = anthropic\nretries = 0")

@@ -252,7 +252,10 @@ class ServiceBroker:
         per request.
         """
         config = call.targets[0].route.config
-        if self.cache is None or config.cache == "off" or (call.model_call is not None and not call.model_call.cacheable):
+        if (
+            self.cache is None or config.cache == "off" or call.capped_by_budget
+            or (call.model_call is not None and not call.model_call.cacheable)
+        ):
             return self._chain.serve(call)
         return self.cache.serve(call.request, call.ctx, config, cached_as, functools.partial(self._chain.serve, call))
 

@@ -67,6 +67,9 @@ class Call:
     answering: Target | None = None
     #: The times its stream was resumed (at most L{txgateway.routing.resume.MAX_RESUMES}).
     resumes: int = 0
+    #: Its completion was lowered to what its key's budget pays for: its answer is not the
+    #: client's request's (the response cache neither keeps it nor answers it).
+    capped_by_budget: bool = False
 
     @classmethod
     def of(
@@ -107,6 +110,7 @@ class Call:
         made anew from it.
         """
         self.model_call = model_call
+        self.capped_by_budget = True
         self._translated = self._speaker = self._speaker_target = self._other_speakers = None
         if self.ctx.completion is not None:
             self.ctx.completion.max_tokens = model_call.max_tokens
