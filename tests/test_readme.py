@@ -38,5 +38,6 @@ def test_the_readme_renders_without_warnings():
 
 
 def test_the_readme_shows_how_to_run_the_daemon_and_the_tests():
-    assert "twistd -n --pidfile= txgateway" in README
+    assert "twistd -n txgateway --config gateway.ini" in README
+    assert ".venv/bin/pip install . && .venv/bin/twistd -n txgateway" in README
     assert "python3 -m venv .venv && .venv/bin/pip install '.[test]' && .venv/bin/python -m pytest" in README
