@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from tests.fakes import GATEWAY_HEAD, result_of
@@ -53,7 +53,7 @@ def control(tmp_path, clock: Clock | None = None) -> tuple[AdminControl, list, C
     clock = clock or Clock()
     served: list[Registry] = []
     config = parse_config(INI, "test.ini", {})
-    made = AdminControl(SqliteAdminStore(str(tmp_path / "state.db")), clock, lambda: config, served.append, Log())
+    made = AdminControl(SqliteAdminStore(str(tmp_path / "state.db"), maybeDeferred), clock, lambda: config, served.append, Log())
     result_of(made.start())
     return made, served, clock
 
@@ -151,6 +151,16 @@ def test_keys_of_gateway_ini_and_of_its_keys_file_are_listed_read_only_with_wher
     keys_file = tmp_path / "keys.txt"
     keys_file.write_text("filed:filed-secret\n")
     config = parse_config(INI.replace("keys = caller:caller-secret", f"keys = caller:caller-secret\nkeys_file = {keys_file}"), "test.ini", {})
-    made = AdminControl(SqliteAdminStore(str(tmp_path / "state.db")), Clock(), lambda: config, lambda registry: None, Log())
+    made = AdminControl(SqliteAdminStore(str(tmp_path / "state.db"), maybeDeferred), Clock(), lambda: config, lambda registry: None, Log())
     listed = {key["name"]: (key["source"], key["read_only"]) for key in made.keys()}
     assert listed == {"caller": ("gateway.ini", True), "filed": (f"keys_file {keys_file}", True)}
+
+
+def test_the_registry_read_at_start_is_served_before_any_look(tmp_path):
+    store = SqliteAdminStore(str(tmp_path / "state.db"), maybeDeferred)
+    first = AdminControl(store, Clock(), lambda: parse_config(INI, "test.ini", {}), lambda registry: None, Log())
+    done(first.create_key({"name": "gus"}, "root"))
+    served: list[Registry] = []
+    again = AdminControl(store, Clock(), lambda: parse_config(INI, "test.ini", {}), served.append, Log(), store.read_registry())
+    again.start()
+    assert "gus" in served[0].keys  # at once: no Deferred, no clock moved

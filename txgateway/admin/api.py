@@ -13,6 +13,7 @@ import json
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -84,9 +85,7 @@ class AdminApi:
         """Run C{work} for the request's admin, answering its JSON (or its error)."""
         try:
             actor = self._actor(request)
-            result = work(actor)
-            if hasattr(result, "__await__") or hasattr(result, "addCallback"):
-                result = await result
+            result = await maybeDeferred(work, actor)  # a value, a Deferred or a coroutine alike
         except GatewayError as error:
             return _error(request, error.kind, error.message, error.headers)
         ctx = _context(request)

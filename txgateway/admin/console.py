@@ -8,22 +8,20 @@ secret shown once), a budget or model list changed, a key disabled or
 rotated, and the audit trail.
 """
 
+from txgateway.admin.page import PAGE_HELPERS, PAGE_STYLE
+
 __all__ = ["ADMIN_PAGE"]
 
 ADMIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>txgateway admin</title>
 <style>
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
-h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:.6em}
-th,td{padding:.35em .6em;border-bottom:1px solid #e3e6eb;text-align:left;white-space:nowrap}
-th{background:#eef0f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+""" + PAGE_STYLE + """
 td.wrap{white-space:normal;word-break:break-word;font-size:.9em}
 input,select{font:inherit;padding:.2em .4em} button{font:inherit;padding:.2em .7em;cursor:pointer}
 .ro{color:#5b6372} .off{color:#c62828;font-weight:700} .on{color:#1f8a4c;font-weight:700}
 #secret{background:#fff7d6;border:1px solid #d98200;padding:.6em;margin:.6em 0;display:none;word-break:break-all}
-#error{color:#c62828} form.inline{display:inline} .meta{color:#5b6372}
+#error{color:#c62828} form.inline{display:inline}
 </style></head>
 <body data-loaded="0">
 <h1>txgateway admin</h1>
@@ -45,10 +43,7 @@ input,select{font:inherit;padding:.2em .4em} button{font:inherit;padding:.2em .7
 </div>
 <script>
 "use strict";
-function esc(v){return String(v===null||v===undefined?"\\u2014":v).replace(/[&<>"']/g,function(c){return "&#"+c.charCodeAt(0)+";";});}
-function table(head,rows){return "<table><tr>"+head.map(function(h){return "<th>"+h+"</th>";}).join("")+"</tr>"+rows.join("")+"</table>";}
-function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
-var token=sessionStorage.getItem("txgateway-admin")||"";
+""" + PAGE_HELPERS + """var token=sessionStorage.getItem("txgateway-admin")||"";
 var fragment=/(?:^|&)key=([^&]+)/.exec(location.hash.slice(1));
 if(fragment){token=decodeURIComponent(fragment[1]);sessionStorage.setItem("txgateway-admin",token);history.replaceState(null,"",location.pathname);}
 var base=location.pathname.replace(/\\/?$/,"/");

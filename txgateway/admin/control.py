@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
@@ -59,6 +59,7 @@ class AdminControl:
 
     def __init__(
         self, store: IAdminStore, clock: IReactorTime, configured: Callable[[], Any], serve: Callable[[Registry], None], log: Any,
+        initial: Registry | None = None,
     ) -> None:
         if not IAdminStore.providedBy(store):
             raise TypeError(f"the admin store must provide IAdminStore, got {store!r}")
@@ -67,6 +68,8 @@ class AdminControl:
         self._configured = configured
         self._serve = serve
         self._log = log
+        #: The registry read at start, served by L{start} at once (L{None}: loaded then, asynchronously).
+        self._initial = initial
         self.registry = Registry()
         self._watch: LoopingCall | None = None
         self._looking: Deferred | None = None
@@ -78,10 +81,14 @@ class AdminControl:
     # -- serving what the store holds
 
     def start(self) -> Deferred[None]:
-        """Load the registry, serve it, and watch the store's version."""
+        """Serve the registry (the one read at start, else loaded now), and watch the store's version."""
         self._watch = LoopingCall(self._look)
         self._watch.clock = self._clock
         self._watch.start(WATCH_INTERVAL, now=False)
+        if self._initial is not None:
+            initial, self._initial = self._initial, None
+            self._use(initial)
+            return succeed(None)
         return self._reload()
 
     def stop(self) -> None:

@@ -9,17 +9,27 @@ the refusals of the last minute, tokens per second per model as a chart,
 and the end users who spent the most in the last hour.
 """
 
-__all__ = ["STATUS_PAGE", "status_page_with"]
+__all__ = ["PAGE_HELPERS", "PAGE_STYLE", "STATUS_PAGE", "status_page_with"]
+
+#: The look the operator's pages share (this one and the admin page).
+PAGE_STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
+h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
+.meta{color:#5b6372} table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:.6em}
+th,td{padding:.35em .6em;border-bottom:1px solid #e3e6eb;text-align:left;white-space:nowrap}
+th{background:#eef0f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}"""
+
+#: The script helpers the operator's pages share: a value as HTML text, a table, dollars.
+PAGE_HELPERS = """function esc(v){return String(v===null||v===undefined?"\\u2014":v).replace(/[&<>"']/g,function(c){return "&#"+c.charCodeAt(0)+";";});}
+function table(head,rows){return "<table><tr>"+head.map(function(h){return "<th>"+h+"</th>";}).join("")+"</tr>"+rows.join("")+"</table>";}
+function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
+"""
 
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>txgateway status</title>
 <style>
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
-h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
-.meta{color:#5b6372} table{border-collapse:collapse;width:100%;background:#fff;margin-bottom:.6em}
-th,td{padding:.35em .6em;border-bottom:1px solid #e3e6eb;text-align:left;white-space:nowrap}
-th{background:#eef0f4;font-weight:600} td.reason{white-space:normal;word-break:break-word} td.num{text-align:right;font-variant-numeric:tabular-nums}
+""" + PAGE_STYLE + """
+td.reason{white-space:normal;word-break:break-word}
 .circuit{display:inline-block;padding:.1em .6em;border-radius:1em;font-weight:700;color:#fff}
 .closed{background:#1f8a4c} .open{background:#c62828} .half_open{background:#d98200}
 .healthy{color:#1f8a4c;font-weight:700} .unhealthy{color:#c62828;font-weight:700}
@@ -40,9 +50,7 @@ figure.spark figcaption{font-size:.85em;color:#5b6372}
 <h2>Last circuit transitions and fallbacks</h2><div id="events"></div>
 <!--INITIAL--><script>
 "use strict";
-function esc(v){return String(v===null||v===undefined?"\\u2014":v).replace(/[&<>"']/g,function(c){return "&#"+c.charCodeAt(0)+";";});}
-function badge(state){return '<span class="circuit '+esc(state)+'">'+esc(state)+'</span>';}
-function table(head,rows){return "<table><tr>"+head.map(function(h){return "<th>"+h+"</th>";}).join("")+"</tr>"+rows.join("")+"</table>";}
+""" + PAGE_HELPERS + """function badge(state){return '<span class="circuit '+esc(state)+'">'+esc(state)+'</span>';}
 function render(s){
   var look={ok:"closed",degraded:"open",shutting_down:"half_open"}[s.status]||"half_open";
   document.getElementById("overall").innerHTML='<span class="circuit '+look+'">'+esc(s.status)+"</span>";
@@ -100,7 +108,6 @@ function chart(series){
   var top=Math.max.apply(null,series.concat([1])); var points=series.map(function(v,i){return (i*2)+","+(30-Math.round(v/top*28));}).join(" ");
   return '<svg class="chart" width="120" height="32" viewBox="0 0 120 32"><polyline points="'+points+'"/></svg>';
 }
-function money(v){return v===null||v===undefined?null:"$"+Number(v).toFixed(4);}
 function renderSpend(g,sp){
   var html='<h2>Keys and budgets</h2><p class="meta">refusals in the last minute: <b id="refusals">'+esc(g.refusals_last_minute)+"</b></p>";
   function rows(kind,scopes){return Object.keys(scopes).map(function(name){var k=scopes[name];var used=k.spent_usd+k.reserved_usd;

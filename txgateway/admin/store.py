@@ -12,10 +12,11 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from txgateway.admin.registry import Registry
@@ -72,15 +73,20 @@ class SqliteAdminStore:
     """
     The admin registry in the budgets' SQLite file (tables of its own),
     which every worker of the machine opens: a change is seen by the
-    others at their next look at the version.  Its calls are short
-    (a row or two) and run on the reactor's thread; a writer waits at most
-    2 s for another.
+    others at their next look at the version.  Its calls run off the
+    reactor's thread (C{run_in_thread}): a writer may wait up to 2 s for
+    another.  L{read_registry} blocks: for the start only, before the
+    gateway takes its first request.
+
+    @param run_in_thread: calls a blocking function off the reactor thread
+        and returns a L{Deferred} of its result.
     """
 
     backend = "sqlite"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, run_in_thread: Callable[..., Deferred]) -> None:
         self.path = path
+        self._run_in_thread = run_in_thread
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=2.0)
         for attempt in range(_SETUP_ATTEMPTS):
@@ -95,27 +101,30 @@ class SqliteAdminStore:
                 time.sleep(0.02 * (attempt + 1))
 
     def _asked(self, function: Any, *args: Any) -> Deferred:
-        try:
-            return succeed(function(*args))
-        except sqlite3.Error as error:
-            return fail(AdminStoreFailed(f"the admin store ({self.path}) failed: {error}"))
+        def failed(failure: Failure) -> Failure:
+            if failure.check(sqlite3.Error):
+                raise AdminStoreFailed(f"the admin store ({self.path}) failed: {failure.getErrorMessage()}")
+            return failure
+
+        return self._run_in_thread(function, *args).addErrback(failed)
 
     def version(self) -> Deferred[int]:
         return self._asked(lambda: self._db.execute("SELECT version FROM admin_version").fetchone()[0])
 
-    def registry(self) -> Deferred[Registry]:
-        def read() -> Registry:
-            self._db.execute("BEGIN")
-            try:
-                version = self._db.execute("SELECT version FROM admin_version").fetchone()[0]
-                rows = self._db.execute("SELECT kind, name, body FROM admin_records").fetchall()
-            finally:
-                self._db.execute("COMMIT")
-            keys = {name: json.loads(body) for kind, name, body in rows if kind == "key"}
-            teams = {name: json.loads(body) for kind, name, body in rows if kind == "team"}
-            return Registry(version, keys, teams)
+    def read_registry(self) -> Registry:
+        """The whole registry, at one version (blocking)."""
+        self._db.execute("BEGIN")
+        try:
+            version = self._db.execute("SELECT version FROM admin_version").fetchone()[0]
+            rows = self._db.execute("SELECT kind, name, body FROM admin_records").fetchall()
+        finally:
+            self._db.execute("COMMIT")
+        keys = {name: json.loads(body) for kind, name, body in rows if kind == "key"}
+        teams = {name: json.loads(body) for kind, name, body in rows if kind == "team"}
+        return Registry(version, keys, teams)
 
-        return self._asked(read)
+    def registry(self) -> Deferred[Registry]:
+        return self._asked(self.read_registry)
 
     def commit(self, kind: str, name: str, record: dict | None, entry: dict) -> Deferred[int]:
         def write() -> int:
@@ -144,8 +153,8 @@ class SqliteAdminStore:
             json.loads(entry) for (entry,) in self._db.execute("SELECT entry FROM admin_audit ORDER BY id DESC LIMIT ?", (limit,))
         ])
 
-    def close(self) -> None:
-        self._db.close()
+    def close(self) -> Deferred[None]:
+        return self._run_in_thread(self._db.close)
 
 
 _PREFIX = "txgateway:admin:"
