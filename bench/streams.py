@@ -17,6 +17,8 @@ the difference), then through the gateway:
     messages     /v1/messages to the chat backend: translated
     responses    /v1/responses to the chat backend: translated
     workers2     v1 with [gateway] workers = 2
+    pipe         not the gateway: a bare Python TCP pipe on epoll (bench/streams/pipe.py),
+                 the floor of any Python relay (one recv and one send a chunk)
 
 For each: the gateway's CPU per relayed chunk (user + system, its
 workers' too), its RSS per open stream (at the middle of the run, over
@@ -24,6 +26,11 @@ its RSS before), and the chunk delay and first-chunk time, p50 and p99.
 Everything binds 127.0.0.1; every run is bounded in time.
 
     .venv/bin/python bench/streams.py --streams 500,1000 --seconds 20 --rows api,v1
+
+With ``--baseline-python PATH`` (a venv's python with another txgateway
+installed), each gateway row is measured again right after on that
+txgateway (rows marked ``(baseline)``), so the machine's drift touches
+both alike; ``--repeat N`` runs every row N times (the table's medians).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ sys.path.insert(0, str(HERE))
 from run import Processes, cpu_seconds, free_port, redis_server, rss_mb, start_gateway  # noqa: E402
 
 KEY = "bench-streams-key"
-ROWS = ("api", "v1", "governed", "redis", "messages", "responses", "workers2")
+ROWS = ("api", "v1", "governed", "redis", "messages", "responses", "workers2", "pipe")
 PATHS = {
     "direct": ("/v1/chat/completions", "chat"),
     "api": ("/api/bytes/v1/chat/completions", "chat"),
@@ -54,6 +61,7 @@ PATHS = {
     "messages": ("/v1/messages", "messages"),
     "responses": ("/v1/responses", "responses"),
     "workers2": ("/v1/chat/completions", "chat"),
+    "pipe": ("/v1/chat/completions", "chat"),
 }
 
 
@@ -125,15 +133,20 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=100, help="chunks per stream")
     parser.add_argument("--interval", type=int, default=50, help="milliseconds between two chunks of a stream")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows among {', '.join(ROWS)}")
+    parser.add_argument("--baseline-python", help="measure each gateway row again on this python's txgateway")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each row (the table shows medians)")
     args = parser.parse_args()
     if shutil.which("node") is None:
         raise SystemExit("bench: no node: apt-get install nodejs")
     twistd = str(Path(sys.executable).with_name("twistd"))
+    twistds = [("", twistd)]
+    if args.baseline_python:
+        twistds.append((" (baseline)", str(Path(args.baseline_python).with_name("twistd"))))
     rows = [row for row in args.rows.split(",") if row]
     counts = [int(count) for count in args.streams.split(",")]
     work = Path(tempfile.mkdtemp(prefix="txgateway-streams-"))
     processes = Processes(work)
-    table = []
+    results: dict[tuple[str, int], list[dict]] = {}
     try:
         backend_port = free_port()
         backend = processes.start(
@@ -142,38 +155,65 @@ def main() -> None:
         redis_port = redis_server(processes, work) if "redis" in rows else None
         client = HERE / "streams" / "client.js"
         for count in counts:
-            direct = measure(client, f"http://127.0.0.1:{backend_port}/v1/chat/completions", "chat", count, args.seconds,
-                             args.ramp, backend.pid, None)
-            direct["row"], direct["streams"] = "direct (backend's own CPU)", count
-            table.append(direct)
-            print(json.dumps(direct), flush=True)
-            for row in rows:
-                port = free_port()
-                ini = gateway_ini(work / str(count), row, port, backend_port, redis_port)
-                gateway = start_gateway(processes, twistd, ini, port)
-                time.sleep(1.0 if row != "workers2" else 2.5)
-                path, api = PATHS[row]
-                result = measure(client, f"http://127.0.0.1:{port}{path}", api, count, args.seconds, args.ramp, gateway.pid,
-                                 KEY if row in ("governed", "redis") else None)
-                result["row"], result["streams"] = row, count
-                for field in ("delay_p99_ms", "first_p99_ms"):
-                    if result.get(field) is not None and direct.get(field) is not None:
-                        result[field.replace("_ms", "_added_ms")] = round(result[field] - direct[field], 3)
-                table.append(result)
-                print(json.dumps(result), flush=True)
-                gateway.terminate()
-                gateway.wait(30)
+            for _ in range(args.repeat):
+                direct = measure(client, f"http://127.0.0.1:{backend_port}/v1/chat/completions", "chat", count, args.seconds,
+                                 args.ramp, backend.pid, None)
+                direct["row"], direct["streams"] = "direct (backend's own CPU)", count
+                results.setdefault((direct["row"], count), []).append(direct)
+                print(json.dumps(direct), flush=True)
+                for row in rows:
+                    for suffix, which in twistds if row != "pipe" else [("", None)]:
+                        result = measure_row(processes, work, row, count, args, which, backend_port, redis_port, client)
+                        result["row"], result["streams"] = row + suffix, count
+                        for field in ("delay_p99_ms", "first_p99_ms"):
+                            if result.get(field) is not None and direct.get(field) is not None:
+                                result[field.replace("_ms", "_added_ms")] = round(result[field] - direct[field], 3)
+                        results.setdefault((result["row"], count), []).append(result)
+                        print(json.dumps(result), flush=True)
     finally:
         processes.stop_all()
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(f"{'row':<28} {'streams':>7} {'chunks':>8} {'fail':>4} {'CPU us/chunk':>12} {'KB/stream':>9} "
-          f"{'delay p50':>9} {'delay p99':>9} {'+p99':>7} {'first p99':>9} {'+first':>7}")
-    for result in table:
-        print(f"{result['row']:<28} {result['streams']:>7} {result['chunks']:>8} {result['failures']:>4} "
-              f"{result.get('cpu_us_per_chunk', ''):>12} {result.get('kb_per_stream', ''):>9} "
-              f"{result['delay_p50_ms']:>9} {result['delay_p99_ms']:>9} {result.get('delay_p99_added_ms', ''):>7} "
-              f"{result['first_p99_ms']:>9} {result.get('first_p99_added_ms', ''):>7}")
+          f"{'delay p50':>9} {'delay p99':>9} {'+p99':>7} {'first p99':>9} {'+first':>7}   CPU range")
+    for (row, count), runs in results.items():
+        result = {field: _median([run.get(field) for run in runs]) for field in runs[0]}
+        cpu = [run["cpu_us_per_chunk"] for run in runs]
+        spread = f"{min(cpu)}-{max(cpu)}" if len(runs) > 1 else ""
+        print(f"{row:<28} {count:>7} {result['chunks']:>8} {result['failures']:>4} "
+              f"{_shown(result.get('cpu_us_per_chunk')):>12} {_shown(result.get('kb_per_stream')):>9} "
+              f"{_shown(result['delay_p50_ms']):>9} {_shown(result['delay_p99_ms']):>9} {_shown(result.get('delay_p99_added_ms')):>7} "
+              f"{_shown(result['first_p99_ms']):>9} {_shown(result.get('first_p99_added_ms')):>7}   {spread}")
+
+
+def measure_row(processes: Processes, work: Path, row: str, count: int, args: argparse.Namespace, twistd: str | None,
+                backend_port: int, redis_port: int | None, client: Path) -> dict:
+    """One row's run: its gateway (or the bare pipe) started, measured, stopped."""
+    port = free_port()
+    if row == "pipe":
+        server = processes.start([sys.executable, str(HERE / "streams" / "pipe.py"), str(port), str(backend_port)], port)
+    else:
+        ini = gateway_ini(work / str(count) / str(port), row, port, backend_port, redis_port)
+        server = start_gateway(processes, twistd, ini, port)
+    time.sleep(1.0 if row != "workers2" else 2.5)
+    path, api = PATHS[row]
+    try:
+        return measure(client, f"http://127.0.0.1:{port}{path}", api, count, args.seconds, args.ramp, server.pid,
+                       KEY if row in ("governed", "redis") else None)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _median(values: list) -> object:
+    numbers = sorted(value for value in values if isinstance(value, (int, float)))
+    if not numbers:
+        return values[0]
+    return numbers[len(numbers) // 2] if len(numbers) % 2 else round((numbers[len(numbers) // 2 - 1] + numbers[len(numbers) // 2]) / 2, 3)
+
+
+def _shown(value: object) -> str:
+    return "" if value is None else str(value)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,34 @@ def test_each_chunk_rearms_the_idle_timer():
     assert not transport.stopped
 
 
+def test_the_idle_timeout_counts_from_the_last_chunk_exactly():
+    """The timer is not moved per chunk: when it fires early it waits what is left, to the instant."""
+    clock, request, transport, relay = connected(idle_timeout=5)
+    clock.advance(3)
+    relay.body_received(b"a")
+    clock.advance(1.5)
+    relay.body_received(b"b")  # the last chunk, at 4.5 s
+    clock.advance(4.75)
+    assert not transport.stopped
+    clock.advance(0.25)
+    assert transport.stopped
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_chunk_before_a_pause_does_not_shorten_the_wait_after_the_resume():
+    clock, request, transport, relay = connected(idle_timeout=5)
+    clock.advance(2)
+    relay.body_received(b"a")
+    request.producer.pauseProducing()
+    clock.advance(30)
+    request.producer.resumeProducing()
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(4.999)
+    assert not transport.stopped
+    clock.advance(0.001)
+    assert transport.stopped
+
+
 def test_an_idle_body_fails_done_with_stream_idle():
     clock, _, transport, relay = connected(idle_timeout=5)
     clock.advance(5)

@@ -41,6 +41,7 @@ def makeService(options: Options):
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
+    from txgateway.daemon.dispatch import lean_dispatch
     from txgateway.daemon.service import GatewayService
 
     try:
@@ -60,6 +61,7 @@ def makeService(options: Options):
 
     destination = LogDestination()
     configure_logging(destination)
+    lean_dispatch(reactor)
     worker = None
     if options["worker"]:
         worker = _supervisor_link(reactor, options["worker"])

@@ -91,6 +91,7 @@ class BodyRelay:
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
+        self._last_data = 0.0  # when the relay last wrote to the client while watching
         self._control: BodyControl | None = None
         self._watching = False
         self._idled = False
@@ -156,7 +157,10 @@ class BodyRelay:
         self.bytes_relayed += len(data)
         self._request.write(data)
         if self._watching:
-            self._arm_idle_timer()
+            # The idle timer is not moved on every chunk: it looks at this
+            # time when it fires (a stream's chunk costs a clock read, not
+            # a timer's reset).
+            self._last_data = self._clock.seconds()
 
     def held_body(self, limit: int) -> Deferred[bytes | None]:
         """
@@ -220,9 +224,9 @@ class BodyRelay:
         self._control.stopProducing()
 
     def _arm_idle_timer(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.reset(self._idle_timeout)
-        else:
+        """The idle timeout counts from now."""
+        self._last_data = self._clock.seconds()
+        if self._idle_call is None or not self._idle_call.active():
             self._idle_call = self._clock.callLater(self._idle_timeout, self._went_idle)
 
     def _disarm_idle_timer(self) -> None:
@@ -231,6 +235,11 @@ class BodyRelay:
         self._idle_call = None
 
     def _went_idle(self) -> None:
+        left = self._last_data + self._idle_timeout - self._clock.seconds()
+        if left > 0:
+            # Data came since the timer was set: it waits what is left.
+            self._idle_call = self._clock.callLater(left, self._went_idle)
+            return
         self._idle_call = None
         self._idled = True
         self._control.stopProducing()
