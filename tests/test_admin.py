@@ -134,6 +134,70 @@ def test_a_change_made_by_one_process_is_served_by_another_at_its_next_look(tmp_
     assert "secret_sha256" not in str(entries)
 
 
+def test_a_process_a_moment_behind_never_brings_back_a_deleted_key(tmp_path):
+    """Before the compare-and-set, the second process's change wrote its stale record back: the key lived again."""
+    clock = Clock()
+    first, _, _ = control(tmp_path, clock)
+    second, served, _ = control(tmp_path, clock)
+    done(first.create_key({"name": "dana"}, "root"))
+    clock.advance(WATCH_INTERVAL)
+    assert "dana" in second.registry.keys
+    done(first.delete_key("dana", "root"))
+    assert "dana" in second.registry.keys  # its next look has not come yet
+    with pytest.raises(GatewayError) as raised:
+        done(second.change_key("dana", {"budget_usd": 5}, "root"))
+    assert raised.value.kind == errors.NOT_FOUND  # checked again on the store's registry
+    assert "dana" not in served[-1].keys
+    assert "dana" not in second._store.read_registry().keys
+
+
+def test_a_process_a_moment_behind_keeps_a_rotation_it_had_not_seen(tmp_path):
+    clock = Clock()
+    first, _, _ = control(tmp_path, clock)
+    second, _, _ = control(tmp_path, clock)
+    done(first.create_key({"name": "erin"}, "root"))
+    clock.advance(WATCH_INTERVAL)
+    rotated = done(first.rotate_key("erin", {"grace_seconds": 0}, "root"))["secret"]
+    done(second.change_key("erin", {"budget_usd": 7}, "root"))
+    stored = second._store.read_registry().keys["erin"]
+    assert stored["secret_sha256"] == digest_hex(rotated)  # the rotation stands
+    assert stored["fields"]["budget_usd"] == 7  # and the change was made on top of it
+    actions = [entry["action"] for entry in result_of(second.audit(10))]
+    assert actions == ["change", "rotate", "create"]
+
+
+def test_the_same_name_made_by_two_processes_at_once_is_made_once(tmp_path):
+    clock = Clock()
+    first, _, _ = control(tmp_path, clock)
+    second, _, _ = control(tmp_path, clock)
+    kept = done(first.create_key({"name": "fay"}, "root"))["secret"]
+    with pytest.raises(GatewayError) as raised:
+        done(second.create_key({"name": "fay"}, "root"))
+    assert raised.value.kind == errors.CONFLICT
+    assert second._store.read_registry().keys["fay"]["secret_sha256"] == digest_hex(kept)
+
+
+def test_a_record_that_keeps_moving_is_a_conflict_and_nothing_is_written(tmp_path):
+    from twisted.internet.defer import fail
+
+    from txgateway.admin.store import AdminRecordMoved
+
+    made, _, _ = control(tmp_path)
+    done(made.create_key({"name": "gus"}, "root"))
+    tries = []
+
+    def moving(kind, name, before, record, entry):
+        tries.append(name)
+        return fail(AdminRecordMoved(f"the {kind} {name!r} was changed meanwhile"))
+
+    made._store.commit = moving
+    with pytest.raises(GatewayError) as raised:
+        done(made.change_key("gus", {"budget_usd": 1}, "root"))
+    assert raised.value.kind == errors.CONFLICT and "try again" in raised.value.message
+    assert tries == ["gus", "gus"]  # once, then once more from the store's registry
+    assert "budget_usd" not in made._store.read_registry().keys["gus"]["fields"]
+
+
 def test_a_store_that_stops_answering_is_said_once_and_the_last_registry_is_served(tmp_path):
     made, served, clock = control(tmp_path)
     done(made.create_key({"name": "eve"}, "root"))

@@ -194,3 +194,32 @@ async def test_an_end_users_scope_and_spend_hold_any_id_and_decide_like_the_pure
         [scope] = report.scopes
         assert scope.spent_nano == reference.committed[(user.scope, "d2026-12-03")] == 800
         assert report.end_users == (("alice", odd, 120, 80, 800, 2),)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_store_writes_a_record_only_over_the_one_its_change_was_made_from(redis_server):
+    """Two gateways on one Redis: the one a moment behind cannot write back a key the other deleted or rotated."""
+    from txgateway.admin.store import AdminRecordMoved, RedisAdminStore
+
+    connection = await connected(redis_server)
+    try:
+        store = RedisAdminStore(connection, Clock(), 5.0, structlog.get_logger())
+        entry = {"action": "test"}
+        first = {"name": "dana", "secret_sha256": "aa", "fields": {"budget_usd": 1.5}, "disabled": False}
+        assert await store.commit("key", "dana", None, first, entry) == 1
+        with pytest.raises(AdminRecordMoved):
+            await store.commit("key", "dana", None, {**first, "secret_sha256": "bb"}, entry)  # made twice
+        registry = await store.registry()
+        seen = registry.keys["dana"]  # as every process reads it back
+        rotated = {**seen, "secret_sha256": "cc"}
+        assert await store.commit("key", "dana", seen, rotated, entry) == 2
+        with pytest.raises(AdminRecordMoved):
+            await store.commit("key", "dana", seen, {**seen, "fields": {"budget_usd": 9}}, entry)  # made from before the rotation
+        assert await store.commit("key", "dana", rotated, None, entry) == 3  # deleted
+        with pytest.raises(AdminRecordMoved):
+            await store.commit("key", "dana", rotated, {**rotated, "disabled": True}, entry)  # would bring it back
+        registry = await store.registry()
+        assert "dana" not in registry.keys and registry.version == 3
+        assert len(await store.audit(10)) == 3  # a refused change leaves no audit entry
+    finally:
+        await connection.disconnect()

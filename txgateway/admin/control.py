@@ -9,7 +9,8 @@ loads the registry again when it moves).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +31,7 @@ from txgateway.admin.registry import (
     public_key,
     public_team,
 )
-from txgateway.admin.store import AdminStoreFailed, IAdminStore
+from txgateway.admin.store import AdminRecordMoved, AdminStoreFailed, IAdminStore
 from txgateway.errors import GatewayError
 
 __all__ = ["AdminControl", "DEFAULT_GRACE", "MOST_GRACE", "WATCH_INTERVAL"]
@@ -45,6 +46,34 @@ MOST_GRACE = 30 * 86400.0
 
 def _bad(error: AdminInputError) -> GatewayError:
     return GatewayError(errors.BAD_REQUEST, str(error))
+
+
+_Change = TypeVar("_Change", bound=Callable[..., Awaitable[dict]])
+
+
+def _once_more_if_moved(change: _Change) -> _Change:
+    """
+    A change made from a registry a moment old (another process changed the
+    record since this one last looked) is made again once from the store's
+    registry, checked anew; moved again, it is 409 C{conflict}.  Nothing is
+    ever written over a change this process has not seen.
+    """
+
+    @functools.wraps(change)
+    async def made(self: "AdminControl", *args: Any) -> dict:
+        try:
+            return await change(self, *args)
+        except AdminRecordMoved:
+            try:
+                await self._reload()
+            except AdminStoreFailed as error:
+                raise GatewayError(errors.ADMIN_UNAVAILABLE, f"{error}; nothing was changed") from None
+        try:
+            return await change(self, *args)
+        except AdminRecordMoved as moved:
+            raise GatewayError(errors.CONFLICT, f"{moved} by another admin: nothing was changed; read it and try again") from None
+
+    return made  # type: ignore[return-value]
 
 
 class AdminControl:
@@ -183,8 +212,13 @@ class AdminControl:
 
     # -- changing
 
+    def _in_gateway_ini(self, kind: str, name: str) -> bool:
+        """gateway.ini (or its keys file) has the C{kind} (C{key} or C{team}) named C{name}: it is read-only here."""
+        config = self._configured()
+        return any(key.name == name for key in config.auth.keys) if kind == "key" else name in config.teams
+
     def _taken(self, name: str) -> bool:
-        return name in self.registry.keys or any(key.name == name for key in self._configured().auth.keys)
+        return name in self.registry.keys or self._in_gateway_ini("key", name)
 
     def _team_exists(self, name: str | None) -> bool:
         return name is None or name in self.registry.teams or name in self._configured().teams
@@ -192,6 +226,7 @@ class AdminControl:
     def _read_only(self, kind: str, name: str) -> GatewayError:
         return GatewayError(errors.CONFLICT, f"the {kind} {name!r} is gateway.ini's: change it there (and send SIGHUP)")
 
+    @_once_more_if_moved
     async def create_key(self, body: Any, actor: str) -> dict:
         """
         A new key from C{body} (C{name} and fields); its secret, made here, is
@@ -220,6 +255,7 @@ class AdminControl:
         if not self._team_exists(team):
             raise GatewayError(errors.BAD_REQUEST, f"team: no team is named {team!r}")
 
+    @_once_more_if_moved
     async def change_key(self, name: str, body: Any, actor: str) -> dict:
         """
         C{body}'s fields (and C{disabled}) set on the key named C{name}.
@@ -237,6 +273,7 @@ class AdminControl:
         await self._commit("key", name, before, record, "change", actor)
         return public_key(record)
 
+    @_once_more_if_moved
     async def rotate_key(self, name: str, body: Any, actor: str) -> dict:
         """
         A new secret for the key named C{name} (in the answer once); the old
@@ -263,6 +300,7 @@ class AdminControl:
         return {**public_key(record), "secret": secret, "grace_seconds": grace,
                 "previous_secret_valid_until": now + grace if grace > 0 else None}
 
+    @_once_more_if_moved
     async def delete_key(self, name: str, actor: str) -> dict:
         """
         @raise GatewayError: C{not_found}, C{conflict} (a key of gateway.ini).
@@ -271,6 +309,7 @@ class AdminControl:
         await self._commit("key", name, before, None, "delete", actor)
         return {"name": name, "deleted": True}
 
+    @_once_more_if_moved
     async def create_team(self, body: Any, actor: str) -> dict:
         """
         A new team from C{body} (C{name} and fields).
@@ -282,13 +321,14 @@ class AdminControl:
             fields = checked_fields(body, TEAM_FIELDS, allowed_extra=("name",))
         except AdminInputError as error:
             raise _bad(error) from None
-        if name in self.registry.teams or name in self._configured().teams:
+        if name in self.registry.teams or self._in_gateway_ini("team", name):
             raise GatewayError(errors.CONFLICT, f"a team named {name!r} exists already")
         now = self._clock.seconds()
         record = {"name": name, "fields": fields, "created_at": now, "updated_at": now}
         await self._commit("team", name, None, record, "create", actor)
         return public_team(record)
 
+    @_once_more_if_moved
     async def change_team(self, name: str, body: Any, actor: str) -> dict:
         """
         @raise GatewayError: C{not_found}, C{conflict}, C{bad_request}.
@@ -302,6 +342,7 @@ class AdminControl:
         await self._commit("team", name, before, record, "change", actor)
         return public_team(record)
 
+    @_once_more_if_moved
     async def delete_team(self, name: str, actor: str) -> dict:
         """
         @raise GatewayError: C{not_found}, C{conflict} (gateway.ini's, or a key still names it).
@@ -319,8 +360,7 @@ class AdminControl:
         record = records.get(name)
         if record is not None:
             return record
-        config = self._configured()
-        if (kind == "key" and any(key.name == name for key in config.auth.keys)) or (kind == "team" and name in config.teams):
+        if self._in_gateway_ini(kind, name):
             raise self._read_only(kind, name)
         raise GatewayError(errors.NOT_FOUND, f"no {kind} is named {name!r}")
 
@@ -331,7 +371,7 @@ class AdminControl:
             "before": public(before) if before is not None else None, "after": public(after) if after is not None else None,
         }
         try:
-            version = await self._store.commit(kind, name, after, entry)
+            version = await self._store.commit(kind, name, before, after, entry)
         except AdminStoreFailed as error:
             raise GatewayError(errors.ADMIN_UNAVAILABLE, f"{error}; nothing was changed") from None
         self._log.info("admin_changed", actor=actor, action=action, kind=kind, name=name, version=version)

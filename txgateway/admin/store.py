@@ -22,7 +22,10 @@ from zope.interface import Attribute, Interface, implementer
 from txgateway.admin.registry import Registry
 from txgateway.resilience.guarded import GuardedRedis
 
-__all__ = ["AUDIT_ENTRIES", "AdminStoreFailed", "IAdminStore", "RedisAdminStore", "SqliteAdminStore", "connect_admin_store"]
+__all__ = [
+    "AUDIT_ENTRIES", "AdminRecordMoved", "AdminStoreFailed", "IAdminStore", "RedisAdminStore", "SqliteAdminStore",
+    "connect_admin_store",
+]
 
 #: The audit entries kept (the oldest leave first).
 AUDIT_ENTRIES = 10_000
@@ -30,6 +33,14 @@ AUDIT_ENTRIES = 10_000
 
 class AdminStoreFailed(Exception):
     """The admin store could not be asked (nothing was changed)."""
+
+
+class AdminRecordMoved(Exception):
+    """
+    The record a change was made from is no longer the stored one (another
+    process or admin changed, made or deleted it meanwhile): nothing was
+    changed.
+    """
 
 
 class IAdminStore(Interface):
@@ -43,12 +54,17 @@ class IAdminStore(Interface):
     def registry():
         """A L{Deferred} of the whole L{Registry}, at one version."""
 
-    def commit(kind, name, record, entry):
+    def commit(kind, name, before, record, entry):
         """
         Write C{record} (a dict; L{None}: delete) as the C{kind} (C{key} or
-        C{team}) named C{name}, and the audit C{entry}, in one step.
+        C{team}) named C{name}, and the audit C{entry}, in one step, only
+        if the stored record is still C{before} (L{None}: there is none):
+        a process whose registry is a moment old never overwrites a change
+        it has not seen (a rotated secret, a deleted key).
 
-        @return: a L{Deferred} of the new version (L{AdminStoreFailed} when it could not).
+        @return: a L{Deferred} of the new version (L{AdminRecordMoved} when
+            the record is no longer C{before}, L{AdminStoreFailed} when the
+            store could not be asked).
         """
 
     def audit(limit):
@@ -126,10 +142,13 @@ class SqliteAdminStore:
     def registry(self) -> Deferred[Registry]:
         return self._asked(self.read_registry)
 
-    def commit(self, kind: str, name: str, record: dict | None, entry: dict) -> Deferred[int]:
+    def commit(self, kind: str, name: str, before: dict | None, record: dict | None, entry: dict) -> Deferred[int]:
         def write() -> int:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                row = self._db.execute("SELECT body FROM admin_records WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+                if (json.loads(row[0]) if row is not None else None) != before:
+                    raise AdminRecordMoved(f"the {kind} {name!r} was changed meanwhile")
                 if record is None:
                     self._db.execute("DELETE FROM admin_records WHERE kind = ? AND name = ?", (kind, name))
                 else:
@@ -160,8 +179,10 @@ class SqliteAdminStore:
 _PREFIX = "txgateway:admin:"
 
 #: KEYS: the records' hash of the kind, the audit list, the version; ARGV: the name, the record (""
-#: to delete), the audit entry, the entries kept.  Returns the new version.
+#: to delete), the audit entry, the entries kept, the record the change was made from ("": none).
+#: Returns the new version, or -1 when the stored record is not that one (nothing written).
 _COMMIT = """
+if (redis.call('HGET', KEYS[1], ARGV[1]) or '') ~= ARGV[5] then return -1 end
 if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 redis.call('LPUSH', KEYS[2], ARGV[3])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
@@ -215,11 +236,20 @@ class RedisAdminStore:
 
         return Deferred.fromCoroutine(self._asked("registry", asking)).addCallback(made)
 
-    def commit(self, kind: str, name: str, record: dict | None, entry: dict) -> Deferred[int]:
+    def commit(self, kind: str, name: str, before: dict | None, record: dict | None, entry: dict) -> Deferred[int]:
         keys = [_PREFIX + ("keys" if kind == "key" else "teams"), _PREFIX + "audit", _PREFIX + "version"]
-        args = [name, "" if record is None else json.dumps(record), json.dumps(entry), AUDIT_ENTRIES]
+        # Records are written by json.dumps and read by json.loads, which give back the same text:
+        # the script compares the stored text with this one's.
+        args = [name, "" if record is None else json.dumps(record), json.dumps(entry), AUDIT_ENTRIES,
+                "" if before is None else json.dumps(before)]
         asking = lambda guarded: Deferred.fromCoroutine(guarded.script(_COMMIT, keys, args))  # noqa: E731
-        return Deferred.fromCoroutine(self._asked("commit", asking)).addCallback(int)
+
+        def written(version: Any) -> int:
+            if int(version) < 0:
+                raise AdminRecordMoved(f"the {kind} {name!r} was changed meanwhile")
+            return int(version)
+
+        return Deferred.fromCoroutine(self._asked("commit", asking)).addCallback(written)
 
     def audit(self, limit: int) -> Deferred[list]:
         asking = lambda guarded: guarded.call(guarded.redis.lrange(_PREFIX + "audit", 0, limit - 1))  # noqa: E731
