@@ -302,6 +302,20 @@ def test_a_governed_keys_count_is_checked_against_its_models_and_never_charged()
     assert "gpt" in body["error"]["message"]
 
 
+def test_a_governed_keys_counts_are_held_to_its_requests_a_minute():
+    """A count costs nothing, but it is a request to a backend: the key's requests_per_minute holds it (before: unlimited)."""
+    h = Harness(GOVERNED.replace("budget_period = day\n", "budget_period = day\nrequests_per_minute = 2\n"))
+    for _ in range(2):
+        d = count_tokens(h, "claude", key="alice-key")
+        h.agents["claude"].last.respond(FakeResponse(200, JSON, b'{"input_tokens": 42}'))
+        h.flush()
+        assert body_of(d) == (200, {"input_tokens": 42})
+    asked = len(h.agents["claude"].requests)
+    code, body = body_of(count_tokens(h, "claude", key="alice-key"))
+    assert code == 429 and body["error"]["type"] == "rate_limit_error"
+    assert len(h.agents["claude"].requests) == asked
+
+
 def test_the_messages_apis_other_endpoints_are_still_not_served():
     h = Harness(INI)
     response = result_of(h.request("POST", "/v1/messages/batches", data=b"{}", headers={"Content-Type": "application/json"}))

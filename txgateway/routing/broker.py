@@ -149,7 +149,9 @@ class ServiceBroker:
         (C{reading} strict) to an endpoint that is no model call the
         gateway reads (images, speech, moderations...) is priced or refused
         as under C{/api/} (see L{_unread_price}), unless C{uncharged} (a
-        count of tokens: its key and model were checked, and it costs nothing).
+        count of tokens: its key and model were checked, and it costs
+        nothing: it is held to its key's requests a minute and in flight
+        only, as a request that is no model call).
         """
         path = _checked(rest, query)
         price = None
@@ -162,10 +164,10 @@ class ServiceBroker:
         if refused:
             call.targets = self._translatable(call, refused)
         await self._admit(request, ctx, call.targets[0].route)
-        if self.governor is None or uncharged:
+        if self.governor is None:
             await self._serve_call(call, b"/v1" + path)
         else:
-            await self._governed(call, b"/v1" + path, price)
+            await self._governed(call, b"/v1" + path, price, charged=not uncharged)
 
     def _translatable(self, call: Call, refused: list[tuple[Target, str]]) -> list[Target]:
         """C{call}'s targets less those it cannot be translated for; L{GatewayError} when none is left."""
@@ -179,12 +181,16 @@ class ServiceBroker:
             call.ctx.log.warning("target_skipped", target=target.label, reason=f"untranslatable: {reason}")
         return kept
 
-    async def _governed(self, call: Call, cached_as: bytes, request_price: tuple[str, float] | None = None) -> None:
+    async def _governed(
+        self, call: Call, cached_as: bytes, request_price: tuple[str, float] | None = None, charged: bool = True,
+    ) -> None:
         """
         Serve C{call} within its caller's reservation, settled however the
-        call ends (answered, refused, broken, the client gone).
+        call ends (answered, refused, broken, the client gone).  A call not
+        C{charged} (a count of tokens) is reserved as a request that is no
+        model call: its requests counted, no tokens, no cost.
         """
-        model_call = call.model_call
+        model_call = call.model_call if charged else None
         models = [target.model or (model_call.model if model_call is not None else None) for target in call.targets]
         deadline = call.targets[0].route.config.deadline
         reservation = await self.governor.reserve(
