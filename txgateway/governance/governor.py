@@ -25,6 +25,7 @@ from txgateway.governance.estimate import IMAGE_TOKENS, Prices, completion_cap, 
 from txgateway.governance.interface import IGovernanceStore, ModelUse, Settled
 from txgateway.governance.ledger import (
     NANO_BOUND,
+    PASSING_SCOPE,
     TOKENS_BOUND,
     BUDGET_EXCEEDED,
     RATE_LIMITED,
@@ -35,11 +36,12 @@ from txgateway.governance.ledger import (
     ScopeLimits,
     Verdict,
     bounded,
+    end_user_scope,
     whole_seconds,
 )
 from txgateway.observability.context import RequestContext, SpendFacts
 
-__all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "USER_SCOPE", "duration_text", "end_user_of_scope", "user_limits"]
+__all__ = ["EXPIRY_MARGIN", "Governor", "Reservation", "duration_text", "end_user_of_scope", "user_limits"]
 
 #: Seconds past a call's deadline its reservation lapses when never settled (C{[budgets] reservation_margin}).
 EXPIRY_MARGIN = 5.0
@@ -123,14 +125,10 @@ def scope_limits(key: ApiKey, team: TeamLimits | None, counts_tokens: bool) -> t
     return tuple(scopes)
 
 
-#: The prefix of an end user's scope: C{user:KEY:END_USER} (key names hold no C{:}).
-USER_SCOPE = "user:"
-
-
 def user_limits(key: ApiKey, end_user: str) -> ScopeLimits:
     """The scope of C{end_user}'s own allowance within C{key} (its budget renews with the key's)."""
     return ScopeLimits(
-        f"{USER_SCOPE}{key.name}:{end_user}",
+        end_user_scope(key.name, end_user),
         key.user_tokens_per_minute,
         key.user_requests_per_minute,
         usd_to_nano(key.user_budget_usd) if key.user_budget_usd is not None else None,
@@ -140,9 +138,9 @@ def user_limits(key: ApiKey, end_user: str) -> ScopeLimits:
 
 def end_user_of_scope(scope: str) -> tuple[str, str] | None:
     """The key and the end user of an end user's scope, or L{None} for a key's or team's."""
-    if not scope.startswith(USER_SCOPE):
+    if not scope.startswith(PASSING_SCOPE):
         return None
-    key, _, end_user = scope[len(USER_SCOPE):].partition(":")
+    key, _, end_user = scope[len(PASSING_SCOPE):].partition(":")
     return key, end_user
 
 
@@ -407,7 +405,7 @@ class Governor:
         if cost:
             worst_cases = self.worst_cases
             for limits in scopes:
-                if limits.budget_nano is not None and not limits.scope.startswith(USER_SCOPE):
+                if limits.budget_nano is not None and not limits.scope.startswith(PASSING_SCOPE):
                     worst_cases[limits.scope] = cost
         verdict = await self.store.reserve(ask)
         priced = models or [model_call.model if model_call is not None else None]

@@ -33,7 +33,7 @@ import attrs
 
 from txgateway.governance.periods import is_current, period_end, period_key
 
-__all__ = ["IN_FLIGHT_RETRY", "Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded"]
+__all__ = ["IN_FLIGHT_RETRY", "PASSING_SCOPE", "Ask", "Ledger", "NANO_BOUND", "Quota", "ScopeLimits", "TOKENS_BOUND", "Verdict", "WINDOW", "REFUSAL_ORDER", "bounded", "end_user_scope"]
 
 #: Seconds a per-minute window spans.
 WINDOW = 60.0
@@ -41,6 +41,13 @@ WINDOW = 60.0
 #: The prefix of the scopes that come and go with their callers (an end
 #: user's, C{user:KEY:ID}): forgotten when idle (L{Ledger.forget_idle}).
 PASSING_SCOPE = "user:"
+
+
+def end_user_scope(key: str, end_user: str) -> str:
+    """The passing scope of C{end_user}'s own allowance within the key named C{key} (key names hold no C{:})."""
+    return f"{PASSING_SCOPE}{key}:{end_user}"
+
+
 #: Seconds between two sweeps of the idle passing scopes.
 FORGET_INTERVAL = 60.0
 

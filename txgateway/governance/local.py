@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled, SpendReport, top_end_users
-from txgateway.governance.ledger import PASSING_SCOPE, Ask, Ledger, ScopeLimits, Verdict
+from txgateway.governance.ledger import Ask, Ledger, ScopeLimits, Verdict, end_user_scope
 from txgateway.governance.periods import day_of, period_key
 from txgateway.governance.spendfile import EndUserRow, SpendFile, SpendRow
 
@@ -109,11 +109,11 @@ class LocalLedgerStore:
             if period is not None and period != "total":
                 budget_key = period_key(period, _day_start(day))
                 if budget_key == period_key(period, now):
-                    self.ledger.restore(f"{PASSING_SCOPE}{key}:{end_user}", budget_key, cost)
+                    self.ledger.restore(end_user_scope(key, end_user), budget_key, cost)
         if "total" in budget_periods.values():
             for key, end_user, cost in spend_file.end_user_totals():
                 if budget_periods.get(key) == "total":
-                    self.ledger.restore(f"{PASSING_SCOPE}{key}:{end_user}", "total", cost)
+                    self.ledger.restore(end_user_scope(key, end_user), "total", cost)
 
     def _add_end_user_day(self, where: tuple, amounts: tuple) -> None:
         """Count C{amounts} for the report, within L{MOST_END_USER_ROWS}."""
