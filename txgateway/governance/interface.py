@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface
 
+from txgateway.observability.window import add_counts
+
 __all__ = ["IGovernanceStore", "ModelUse", "Settled", "SpendReport", "TOP_END_USERS", "top_end_users"]
 
 
@@ -122,11 +124,6 @@ def top_end_users(rows: Any) -> tuple[tuple, ...]:
     """
     sums: dict[tuple[str, str], list[int]] = {}
     for _day, key, end_user, *counts in rows:
-        held = sums.get((key, end_user))
-        if held is None:
-            sums[(key, end_user)] = list(counts)
-        else:
-            for index, amount in enumerate(counts):
-                held[index] += amount
+        add_counts(sums, (key, end_user), counts)
     dearest = heapq.nlargest(TOP_END_USERS, sums.items(), key=lambda item: (item[1][2], item[1][3]))
     return tuple((key, end_user, *counts) for (key, end_user), counts in dearest)

@@ -27,6 +27,7 @@ from txgateway.governance.interface import IGovernanceStore, ScopeSpend, Settled
 from txgateway.governance.ledger import Ask, Ledger, ScopeLimits, Verdict, end_user_scope
 from txgateway.governance.periods import day_of, period_key
 from txgateway.governance.spendfile import EndUserRow, SpendFile, SpendRow
+from txgateway.observability.window import add_counts
 
 __all__ = ["END_USER_DAYS", "FLUSH_INTERVAL", "LocalLedgerStore", "MOST_END_USER_ROWS"]
 
@@ -93,7 +94,7 @@ class LocalLedgerStore:
 
     def _restore(self, row: SpendRow) -> None:
         day, key, team, model, prompt, completion, cost, requests = row
-        self._add_day((day, key, team, model), (prompt, completion, cost, requests), self._days)
+        add_counts(self._days, (day, key, team, model), (prompt, completion, cost, requests))
         start = _day_start(day)
         for scope in (f"key:{key}", f"team:{team}") if team else (f"key:{key}",):
             for period in _PERIODS:
@@ -125,16 +126,7 @@ class LocalLedgerStore:
                     reason=f"more end users than the spend report keeps: the others are reported as {OTHER_END_USERS!r}",
                 )
             where = (where[0], where[1], OTHER_END_USERS)
-        self._add_day(where, amounts, self._end_user_days)
-
-    @staticmethod
-    def _add_day(where: tuple, amounts: tuple, into: dict) -> None:
-        counts = into.get(where)
-        if counts is None:
-            into[where] = list(amounts)
-        else:
-            for index, amount in enumerate(amounts):
-                counts[index] += amount
+        add_counts(self._end_user_days, where, amounts)
 
     @property
     def description(self) -> dict:
@@ -158,9 +150,9 @@ class LocalLedgerStore:
             for position, use in enumerate(settled.models):
                 where = (day, settled.key, settled.team or "", use.model)
                 amounts = (use.prompt_tokens, use.completion_tokens, use.cost_nano, 0 if position else 1)
-                self._add_day(where, amounts, self._days)
+                add_counts(self._days, where, amounts)
                 if self._file is not None:
-                    self._add_day(where, amounts, self._pending)
+                    add_counts(self._pending, where, amounts)
             if settled.end_user is not None:
                 where = (day, settled.key, settled.end_user)
                 amounts = (
@@ -169,7 +161,7 @@ class LocalLedgerStore:
                 )
                 self._add_end_user_day(where, amounts)
                 if self._file is not None:
-                    self._add_day(where, amounts, self._pending_end_users)
+                    add_counts(self._pending_end_users, where, amounts)
         return succeed(None)
 
     def renew(self, reservation_ids: list[str], expires_at: float) -> Deferred[None]:
@@ -225,9 +217,9 @@ class LocalLedgerStore:
         def failed(failure: Any) -> None:
             # Kept for the next write: spend is never dropped for a full disk.
             for where, counts in batch.items():
-                self._add_day(where, tuple(counts), self._pending)
+                add_counts(self._pending, where, tuple(counts))
             for where, counts in end_user_batch.items():
-                self._add_day(where, tuple(counts), self._pending_end_users)
+                add_counts(self._pending_end_users, where, tuple(counts))
             if self.write_failure is None:
                 # Said once when writes start failing (and once when they work again), not every flush.
                 self._log.error("budgets_write_failed", state_file=self._file.path, reason=failure.getErrorMessage(),

@@ -15,7 +15,17 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentSpenders", "RecentWindow", "SecondCounts", "percentile_of"]
+__all__ = ["EventRing", "LATENCY_BUCKETS", "RecentSpenders", "RecentWindow", "SecondCounts", "add_counts", "percentile_of"]
+
+
+def add_counts(into: dict, where: Any, amounts: Any) -> None:
+    """Add C{amounts} (numbers) to C{into[where]}, a list of as many counts (made at the first)."""
+    counts = into.get(where)
+    if counts is None:
+        into[where] = list(amounts)
+    else:
+        for index, amount in enumerate(amounts):
+            counts[index] += amount
 
 #: The latency buckets of /metrics' histograms and of this window (one tuple, so both agree).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -349,12 +359,7 @@ class RecentSpenders:
         for minute, counts in self._slots:
             if now - SPENDER_MINUTES < minute <= now:
                 for who, amounts in counts.items():
-                    held = sums.get(who)
-                    if held is None:
-                        sums[who] = list(amounts)
-                    else:
-                        for index, amount in enumerate(amounts):
-                            held[index] += amount
+                    add_counts(sums, who, amounts)
         return sums
 
     def top(self, count: int) -> list[tuple[str, str, int, int, int]]:
