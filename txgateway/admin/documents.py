@@ -12,6 +12,7 @@ from txgateway.config.keys import NANO_PER_USD, ApiKey
 from txgateway.governance.governor import Governor
 from txgateway.governance.interface import ScopeSpend, SpendReport
 from txgateway.observability.metrics import GatewayMetrics
+from txgateway.observability.window import add_counts
 from txgateway.routing.broker import ServiceBroker
 from txgateway.routing.model import ServiceRoute
 
@@ -169,9 +170,7 @@ def spend_document(report: SpendReport, governor: Governor) -> dict:
         )
     models: dict[tuple[str, str], list[int]] = {}
     for day, _key, _team, model, prompt, completion, cost, requests in report.days:
-        counts = models.setdefault((day, model), [0, 0, 0, 0])
-        for index, amount in enumerate((prompt, completion, cost, requests)):
-            counts[index] += amount
+        add_counts(models, (day, model), (prompt, completion, cost, requests))
     return {
         "keys": keys,
         "teams": teams,

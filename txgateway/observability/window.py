@@ -374,9 +374,4 @@ class RecentSpenders:
     def absorb(self, state: list) -> None:
         """Add another process's L{state}."""
         for key, end_user, *amounts in state:
-            held = self._absorbed.get((key, end_user))
-            if held is None:
-                self._absorbed[(key, end_user)] = list(amounts)
-            else:
-                for index, amount in enumerate(amounts):
-                    held[index] += amount
+            add_counts(self._absorbed, (key, end_user), amounts)
