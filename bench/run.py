@@ -367,15 +367,18 @@ def own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time so far of the process and its children (nginx's worker)."""
-    total = own_cpu_seconds(pid)
+def children_of(pid: int) -> list[int]:
+    """The processes C{pid} started (none once it is gone)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as children:
-            total += sum(cpu_seconds(int(child)) for child in children.read().split())
+            return [int(child) for child in children.read().split()]
     except OSError:
-        pass
-    return total
+        return []
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of the process and its children (nginx's worker)."""
+    return own_cpu_seconds(pid) + sum(cpu_seconds(child) for child in children_of(pid))
 
 
 def rss_mb(pid: int) -> float:

@@ -48,7 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import Processes, cpu_seconds, free_port, redis_server, rss_mb, start_gateway  # noqa: E402
+from run import Processes, children_of, cpu_seconds, free_port, redis_server, rss_mb, start_gateway  # noqa: E402
 
 KEY = "bench-streams-key"
 ROWS = ("api", "v1", "governed", "redis", "messages", "responses", "workers2", "pipe")
@@ -116,13 +116,7 @@ def measure(client: Path, url: str, api: str, streams: int, seconds: float, ramp
 
 def rss_with_children(pid: int) -> float:
     """The RSS of C{pid} and its children (a supervisor's workers), in MB."""
-    total = rss_mb(pid)
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as children:
-            total += sum(rss_with_children(int(child)) for child in children.read().split())
-    except OSError:
-        pass
-    return total
+    return rss_mb(pid) + sum(rss_with_children(child) for child in children_of(pid))
 
 
 def main() -> None:
