@@ -478,3 +478,25 @@ def test_an_exchange_leaves_no_reference_cycle_behind():
         assert result_of(relay.done) is None
 
     assert cyclic_garbage_of(one) == []
+
+
+def test_an_answered_request_is_not_held_while_its_answer_streams():
+    # A stream lasts minutes and its request (a prompt of tens of KB) can never be
+    # sent again once its answer began: the exchange lets go of its bytes.
+    import tracemalloc
+
+    backend = Backend()
+    body = b"x" * 1_000_000
+    tracemalloc.start()
+    try:
+        answered = get(backend, b"POST", body=body)
+        backend.accept()
+        backend.transports[0].clear()  # the bytes the "backend" read
+        holding = tracemalloc.get_traced_memory()[0]
+        backend.answer(0, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        let_go = holding - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    response = result_of(answered)
+    assert response.code == 200
+    assert let_go > 900_000

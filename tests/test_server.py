@@ -562,3 +562,52 @@ def test_whatever_a_connection_did_its_bytes_all_come_back_when_it_goes(requests
         upstream.last.respond(FakeResponse(200, {b"content-type": b"text/plain"}, b"ok"))
     connection.channel.connectionLost(Failure(ConnectionDone()))
     assert factory.bodies_held == 0
+
+
+class _WrittenTo:
+    """What an L{IncomingRequest} needs of its connection: somewhere to write, and the date."""
+
+    class date:
+        @staticmethod
+        def value() -> bytes:
+            return b"Sat, 05 Dec 2026 00:00:00 GMT"
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def a_stream_started(body: bytes = b'{"prompt": "' + b"context " * 2000 + b'"}'):
+    from txgateway.dataplane.server import IncomingRequest
+
+    channel = _WrittenTo()
+    request = IncomingRequest(channel, b"POST", b"/api/ai/v1/completions", [(b"Host", b"gateway"), (b"User-Agent", b"agent")], body)
+    assert request.header(b"user-agent") == b"agent"
+    request.set_header(b"X-Request-ID", b"req-1")
+    request.start(200, None, [(b"Content-Type", b"text/event-stream"), (b"X-Request-ID", b"backend's")])
+    request.send_head()
+    return request, channel
+
+
+def test_a_started_answer_lets_go_of_the_request_body():
+    # A stream lasts minutes: its prompt (tens of KB) is not held that long,
+    # as nothing sends the request again once its answer started.
+    request, _ = a_stream_started()
+    assert request.body == b""
+
+
+def test_the_gateways_own_headers_win_in_the_head_and_are_not_kept_past_it():
+    request, channel = a_stream_started()
+    head = channel.written.decode()
+    assert "X-Request-ID: req-1\r\n" in head and "backend's" not in head
+    request.set_header(b"X-Gateway-Late", b"1")  # too late for the head: no error, and not written
+    request.write(b"data: 1\n\n")
+    assert b"X-Gateway-Late" not in channel.written
+
+
+def test_a_streams_request_headers_are_still_read_after_its_head_went():
+    request, _ = a_stream_started()
+    assert request.header(b"user-agent") == b"agent"
+    assert request.header_values(b"host") == [b"gateway"]

@@ -385,6 +385,9 @@ class _UpstreamConnection(Protocol):
         if code in (204, 304):
             length = 0
         response = UpstreamResponse(code, self._reason, self._headers, length, exchange)
+        # Answered: nothing sends the request again, so its bytes (a prompt of
+        # tens of KB) are not held for as long as a stream lasts.
+        exchange.request_bytes = b""
         if bodiless and exchange.head_only:
             # llhttp cannot be told the answer was to HEAD: it would wait for
             # a body of Content-Length bytes.  The answer is complete now, and

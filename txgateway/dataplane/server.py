@@ -67,6 +67,7 @@ LINGER_IDLE = 2.0
 _PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _NO_BODY_STATUSES = frozenset({204, 304})
 _ABSOLUTE_FORM = (b"http://", b"https://")
+_NO_HEADERS: dict = {}
 # A request line whose only fault is a method llhttp does not know.
 _TOKEN_METHOD_LINE = re.compile(rb"(?:^|\n)[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/\d\.\d\r?\n")
 
@@ -231,7 +232,8 @@ class IncomingRequest:
         self.bytes_sent = 0
         self.gone = False
         self.finished = False
-        self._own: dict[bytes, tuple[bytes, bytes]] = {}
+        #: The gateway's own answer headers, until the answer starts (L{None}: none yet, or started).
+        self._own: dict[bytes, tuple[bytes, bytes]] | None = None
         self._head: bytes | None = None
         self._chunked = False
         self._bodiless = False
@@ -279,7 +281,10 @@ class IncomingRequest:
         C{X-Gateway-*}, C{RateLimit-*}); it replaces one of the same name,
         the backend's included.
         """
-        self._own[name.lower()] = (name, value)
+        own = self._own
+        if own is None:
+            own = self._own = {}
+        own[name.lower()] = (name, value)
 
     def start(
         self,
@@ -303,7 +308,12 @@ class IncomingRequest:
             self.recorder.started(code, reason, headers)
         channel = self._channel
         self.code = code
-        own = self._own
+        # What only the head needed is let go as it is made: a stream lasts
+        # minutes, and a thousand of them hold it a thousand times.  Nothing
+        # sends the request again once its answer starts (a resumed stream is
+        # sent from its parsed call), so its body goes too.
+        own, self._own = self._own or _NO_HEADERS, None
+        self.body = b""
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason or reason_phrase(code))]
         has_date = False
         for name, value in headers:
@@ -341,6 +351,9 @@ class IncomingRequest:
         if self._head is not None and not self.gone:
             head, self._head = self._head, None
             self._channel.write(head)
+            # A stream's headers are rarely read again (a resumed stream's
+            # attempt reads them anew): the lookup is made again if they are.
+            self._lookup = None
 
     def write(self, data: bytes) -> None:
         """Write body bytes (dropped once the client is gone)."""
