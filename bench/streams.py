@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,7 +91,9 @@ def gateway_ini(work: Path, row: str, port: int, backend: int, redis_port: int |
     return path
 
 
-def measure(client: Path, url: str, api: str, streams: int, seconds: float, ramp: float, pid: int, key: str | None) -> dict:
+def measure(
+    client: Path, url: str, api: str, streams: int, seconds: float, ramp: float, pid: int, key: str | None, prompt_kb: float,
+) -> dict:
     """One client run against C{url}, with the CPU and RSS of C{pid} (the gateway, or the backend) around it."""
     before_cpu = cpu_seconds(pid)
     before_rss = rss_with_children(pid)
@@ -103,7 +106,8 @@ def measure(client: Path, url: str, api: str, streams: int, seconds: float, ramp
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     argv = ["node", str(client), url, str(streams), str(seconds), str(ramp), api] + ([key] if key else [])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    environment = {**os.environ, "PROMPT_BYTES": str(int(prompt_kb * 1024))}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, env=environment)
     if done.returncode != 0:
         raise SystemExit(f"bench: the client failed: {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +133,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"rows among {', '.join(ROWS)}")
     parser.add_argument("--baseline-python", help="measure each gateway row again on this python's txgateway")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each row (the table shows medians)")
+    parser.add_argument("--prompt-kb", type=float, default=0.0,
+                        help="each request's prompt, in KB (0: one short sentence; a real agent's are tens of KB)")
     args = parser.parse_args()
     if shutil.which("node") is None:
         raise SystemExit("bench: no node: apt-get install nodejs")
@@ -151,7 +157,7 @@ def main() -> None:
         for count in counts:
             for _ in range(args.repeat):
                 direct = measure(client, f"http://127.0.0.1:{backend_port}/v1/chat/completions", "chat", count, args.seconds,
-                                 args.ramp, backend.pid, None)
+                                 args.ramp, backend.pid, None, args.prompt_kb)
                 direct["row"], direct["streams"] = "direct (backend's own CPU)", count
                 results.setdefault((direct["row"], count), []).append(direct)
                 print(json.dumps(direct), flush=True)
@@ -193,7 +199,7 @@ def measure_row(processes: Processes, work: Path, row: str, count: int, args: ar
     path, api = PATHS[row]
     try:
         return measure(client, f"http://127.0.0.1:{port}{path}", api, count, args.seconds, args.ramp, server.pid,
-                       KEY if row in ("governed", "redis") else None)
+                       KEY if row in ("governed", "redis") else None, args.prompt_kb)
     finally:
         server.terminate()
         server.wait(30)

@@ -5,6 +5,7 @@
 // JSON line: chunks, delays and first-chunk times (percentiles, in ms).
 // Usage: node client.js URL STREAMS SECONDS RAMP API [KEY]
 //   API: chat (OpenAI chat completions), messages (Anthropic), responses
+//   PROMPT_BYTES (environment): the prompt's size (a real agent sends tens of KB)
 "use strict";
 const http = require("http");
 const { performance } = require("perf_hooks");
@@ -18,6 +19,13 @@ const bodies = {
   messages: { model: "bench", stream: true, max_tokens: 4096, messages: [{ role: "user", content: "Tell me a long story" }] },
   responses: { model: "bench", stream: true, store: false, input: "Tell me a long story", max_output_tokens: 4096 },
 };
+const promptBytes = Number(process.env.PROMPT_BYTES || 0);
+if (promptBytes > 0) {
+  const prompt = "Tell me a long story. " + "Context ".repeat(Math.max(0, Math.ceil((promptBytes - 22) / 8)));
+  for (const body of Object.values(bodies)) {
+    if (body.messages) body.messages[0].content = prompt; else body.input = prompt;
+  }
+}
 const payload = JSON.stringify(bodies[api]);
 const headers = { "content-type": "application/json", "content-length": Buffer.byteLength(payload) };
 if (key) { headers.authorization = "Bearer " + key; headers["x-api-key"] = key; }
