@@ -152,7 +152,8 @@ class IncomingRequest:
         it is never contacted).
     @ivar query: what follows C{?}, without it.
     @ivar headers: the header lines as sent, in order: (name, value) pairs.
-    @ivar body: the whole body (bounded by C{max_body_size}).
+    @ivar body: the whole body (bounded by C{max_body_size}), until the
+        answer starts: then C{b""} (nothing sends the request again).
     @ivar client_host: the socket peer's address.
     @ivar secure: it came over TLS.
     @ivar context: the gateway's L{RequestContext}, set by the handler.
