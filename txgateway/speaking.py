@@ -63,7 +63,11 @@ class Transcript:
     """
 
     def __init__(self, resumable: bool) -> None:
-        self._parts: list[str] = []
+        # The text as UTF-8 in one growing buffer: a stream of minutes has
+        # thousands of pieces of a few characters, each of which would
+        # otherwise be a string of its own (about 60 bytes for 4 characters).
+        # Lone surrogates (JSON allows them) are kept as they came.
+        self._text = bytearray()
         self.finished = False
         self.resumable = resumable
         self.chunk_id: str | None = None
@@ -76,12 +80,12 @@ class Transcript:
     @property
     def text(self) -> str:
         """The assistant text sent so far."""
-        return "".join(self._parts)
+        return self._text.decode("utf-8", "surrogatepass")
 
     @property
     def text_bytes(self) -> int:
-        """The UTF-8 bytes of the assistant text sent so far."""
-        return len(self.text.encode("utf-8", "replace"))
+        """The UTF-8 bytes of the assistant text sent so far (a lone surrogate counts its three)."""
+        return len(self._text)
 
     def sent(self, facts: Any, first_stream: bool) -> None:
         """
@@ -89,7 +93,7 @@ class Transcript:
         C{tool_call}, C{finished}, C{finish_reasons}, C{message_id}, C{data}).
         """
         if facts.text:
-            self._parts.append(facts.text)
+            self._text += facts.text.encode("utf-8", "surrogatepass")
         if facts.text or facts.tool_call:
             self.content_chunks += 1
         if facts.finished:

@@ -1,0 +1,68 @@
+"""
+What every API package shares (C{txgateway.speaking}): here, the
+L{Transcript} of a streamed answer, which a resume is sent from and a
+governed stream is settled by.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import attrs
+
+from txgateway.speaking import Transcript
+
+
+@attrs.frozen
+class Sent:
+    """A chunk's facts, as a relay hands them to the transcript."""
+
+    text: str = ""
+    tool_call: bool = False
+    finished: bool = False
+    finish_reasons: tuple = ()
+    message_id: str | None = None
+    data: dict | None = None
+
+
+def test_the_text_sent_is_kept_whole_in_any_script():
+    transcript = Transcript(resumable=True)
+    for piece in ("Hello", ", ", "wörld ", "日本", " 🎉", ""):
+        transcript.sent(Sent(text=piece), first_stream=True)
+    assert transcript.text == "Hello, wörld 日本 🎉"
+    assert transcript.text_bytes == len("Hello, wörld 日本 🎉".encode("utf-8"))
+    assert transcript.content_chunks == 5  # an empty piece is no content
+
+
+def test_a_lone_surrogate_from_json_comes_back_as_it_came():
+    transcript = Transcript(resumable=True)
+    transcript.sent(Sent(text="a\ud800"), first_stream=True)  # json.loads('"a\\ud800"') gives such text
+    transcript.sent(Sent(text="b"), first_stream=True)
+    assert transcript.text == "a\ud800b"
+    assert transcript.text_bytes == 5  # counted as its three bytes: never fewer tokens settled than sent
+
+
+def test_a_long_streams_transcript_costs_about_its_texts_bytes():
+    # A stream of minutes sends thousands of pieces of a few characters; each
+    # kept as a string of its own would be about 60 bytes.
+    pieces = [f"w{n % 10}rd" for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        transcript = Transcript(resumable=True)
+        for piece in pieces:
+            transcript.sent(Sent(text=piece), first_stream=True)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert transcript.text_bytes == 80_000
+    assert held < 2 * 80_000
+
+
+def test_the_first_streams_chunk_id_is_kept_and_a_tool_call_ends_resumability():
+    transcript = Transcript(resumable=True)
+    transcript.sent(Sent(text="a", data={"id": "chatcmpl-1"}), first_stream=True)
+    transcript.sent(Sent(text="b", data={"id": "chatcmpl-2"}), first_stream=True)
+    transcript.sent(Sent(tool_call=True, finished=True, finish_reasons=("tool_calls",), data={"id": "x"}), first_stream=False)
+    assert transcript.chunk_id == "chatcmpl-1"
+    assert not transcript.resumable and transcript.finished
+    assert transcript.finish_reasons == ("tool_calls",)
