@@ -352,9 +352,9 @@ class IncomingRequest:
         if self._head is not None and not self.gone:
             head, self._head = self._head, None
             self._channel.write(head)
-            # A stream's headers are rarely read again (a resumed stream's
-            # attempt reads them anew): the lookup is made again if they are.
-            self._lookup = None
+        # A stream's headers are rarely read again (a resumed stream's
+        # attempt reads them anew): the lookup is made again if they are.
+        self._lookup = None
 
     def write(self, data: bytes) -> None:
         """Write body bytes (dropped once the client is gone)."""
