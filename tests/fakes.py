@@ -18,7 +18,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.client import Agent
@@ -299,3 +299,40 @@ idle_timeout = 5
 [service:data]
 url = http://data.backend:8001
 """
+
+
+class FakeDate:
+    def value(self) -> bytes:
+        return b"Fri, 04 Dec 2026 12:00:00 GMT"
+
+
+class FakeChannel:
+    """The client's connection, as an L{IncomingRequest} writes to it."""
+
+    date = FakeDate()
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.written: list[bytes] = []
+        self.finished = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def answer_done(self, request) -> None:
+        self.finished = True
+
+    def abort_answer(self, request) -> None:
+        self.aborted = True
+
+    def body_released(self, length: int) -> None:
+        pass
+
+    def streaming(self, request) -> None:
+        pass
+
+    @property
+    def body(self) -> bytes:
+        head, _, body = b"".join(self.written).partition(b"\r\n\r\n")
+        return body

@@ -16,11 +16,10 @@ import pytest
 import structlog
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeResponse, FakeUpstream
+from tests.fakes import FakeChannel, FakeResponse, FakeUpstream
 from txgateway import errors
 from txgateway.config.gateway import parse_config
 from txgateway.daemon.service import build_routes
@@ -147,40 +146,6 @@ retry_jitter = 0
 breaker_threshold = 100
 resume = prefill
 """
-
-
-class FakeDate:
-    def value(self) -> bytes:
-        return b"Fri, 04 Dec 2026 12:00:00 GMT"
-
-
-class FakeChannel:
-    """The client's connection, as an L{IncomingRequest} writes to it."""
-
-    date = FakeDate()
-
-    def __init__(self) -> None:
-        self.transport = StringTransport()
-        self.written: list[bytes] = []
-        self.finished = False
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def answer_done(self, request) -> None:
-        self.finished = True
-
-    def abort_answer(self, request) -> None:
-        self.aborted = True
-
-    def body_released(self, length: int) -> None:
-        pass
-
-    @property
-    def body(self) -> bytes:
-        head, _, body = b"".join(self.written).partition(b"\r\n\r\n")
-        return body
 
 
 class Routing:

@@ -16,7 +16,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from tests.fakes import SERVICE_INI, FakeResponse, Harness
+from tests.fakes import SERVICE_INI, FakeChannel, FakeResponse, Harness
 
 
 class HalfClosableTransport(StringTransport):
@@ -564,25 +564,10 @@ def test_whatever_a_connection_did_its_bytes_all_come_back_when_it_goes(requests
     assert factory.bodies_held == 0
 
 
-class _WrittenTo:
-    """What an L{IncomingRequest} needs of its connection: somewhere to write, and the date."""
-
-    class date:
-        @staticmethod
-        def value() -> bytes:
-            return b"Sat, 05 Dec 2026 00:00:00 GMT"
-
-    def __init__(self) -> None:
-        self.written = b""
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-
 def a_stream_started(body: bytes = b'{"prompt": "' + b"context " * 2000 + b'"}'):
     from txgateway.dataplane.server import IncomingRequest
 
-    channel = _WrittenTo()
+    channel = FakeChannel()
     request = IncomingRequest(channel, b"POST", b"/api/ai/v1/completions", [(b"Host", b"gateway"), (b"User-Agent", b"agent")], body)
     assert request.header(b"user-agent") == b"agent"
     request.set_header(b"X-Request-ID", b"req-1")
@@ -600,14 +585,36 @@ def test_a_started_answer_lets_go_of_the_request_body():
 
 def test_the_gateways_own_headers_win_in_the_head_and_are_not_kept_past_it():
     request, channel = a_stream_started()
-    head = channel.written.decode()
+    head = b"".join(channel.written).decode()
     assert "X-Request-ID: req-1\r\n" in head and "backend's" not in head
     request.set_header(b"X-Gateway-Late", b"1")  # too late for the head: no error, and not written
     request.write(b"data: 1\n\n")
-    assert b"X-Gateway-Late" not in channel.written
+    assert b"X-Gateway-Late" not in b"".join(channel.written)
 
 
 def test_a_streams_request_headers_are_still_read_after_its_head_went():
     request, _ = a_stream_started()
     assert request.header(b"user-agent") == b"agent"
     assert request.header_values(b"host") == [b"gateway"]
+
+
+def test_a_streams_connection_holds_no_idle_timer_while_it_lasts_and_one_again_after():
+    connection = Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nclient_idle_timeout = 30\n"))
+    connection.send(b"GET /api/ai/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = connection.harness.agents["ai"].last.respond(FakeResponse(200, {b"content-type": b"text/event-stream"}))
+    response.send(b"data: 1\n\n")
+
+    def idle_timers() -> int:
+        return sum(call.func == connection.channel._idle_timer_fired for call in connection.clock.getDelayedCalls())
+
+    assert idle_timers() == 0  # a thousand streams would hold a thousand
+    for _ in range(10):
+        connection.clock.advance(9)  # a stream of minutes, longer than the idle timeout
+        response.send(b"data: 2\n\n")
+    assert not connection.closing
+    response.finish()
+    assert idle_timers() == 1
+    connection.clock.advance(29.9)
+    assert not connection.closing
+    connection.clock.advance(0.2)
+    assert connection.closing

@@ -352,6 +352,7 @@ class IncomingRequest:
         if self._head is not None and not self.gone:
             head, self._head = self._head, None
             self._channel.write(head)
+        self._channel.streaming(self)
         # A stream's headers are rarely read again (a resumed stream's
         # attempt reads them anew): the lookup is made again if they are.
         self._lookup = None
@@ -644,6 +645,17 @@ class HTTPServerProtocol(Protocol):
         self._current = request
         self.factory.handler.handle(request)
 
+    def streaming(self, request: IncomingRequest) -> None:
+        """
+        C{request}'s answer is a stream (its head went before its body):
+        while it lasts the connection holds no idle timer (answering is not
+        idleness, and a thousand streams would hold a thousand timers);
+        L{answer_done} arms it again.
+        """
+        if request is self._current and self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
     def answer_done(self, request: IncomingRequest) -> None:
         """Called by L{IncomingRequest.finish}: the next request, or close."""
         if request is not self._current:
@@ -658,6 +670,8 @@ class HTTPServerProtocol(Protocol):
             self.transport.loseConnection()
             return
         self._last_read = self.clock.seconds()
+        if self._idle_timer is None:
+            self._arm_idle_timer()  # a stream's connection had none while it lasted
         if self._queue:
             self._dispatch(self._queue.pop(0))
         elif self._pending_refusal is not None:
