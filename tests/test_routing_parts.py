@@ -339,3 +339,34 @@ def test_a_call_whose_client_left_tries_nothing_more():
     assert len(routing.upstreams["first"].requests) == 1
     assert routing.upstreams["second"].requests == []
     assert served.called
+
+
+def test_the_bodies_made_for_translated_targets_go_when_the_answer_starts():
+    # A Claude target is sent the chat call translated, made once for every attempt
+    # before the answer; once the answer started no attempt needs it (a resume makes
+    # its own, with its prefill), and a stream of minutes would hold its prompt.
+    import tracemalloc
+
+    from txgateway.daemon.service import every_speaker
+    from txgateway.openai.wire import OpenAICall
+
+    clock = Clock()
+    config = parse_config("[service:claude]\nurl = http://claude.test\napi = anthropic\nmax_tokens = 100\n", "test.ini", {})
+    routes = build_routes(config, clock, lambda service, url: FakeUpstream(url), structlog.get_logger("test"), GatewayMetrics(clock))
+    prompt = "context " * 125_000
+    raw = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]}).encode()
+    request = IncomingRequest(FakeChannel(), b"POST", b"/v1/chat/completions", [], raw)
+    ctx = RequestContext("req-1", "127.0.0.1", 0.0, structlog.get_logger("test"))
+    target = Target(routes["claude"], "claude-model")
+    call = Call.of(request, ctx, b"/chat/completions", [target], every_speaker(), OpenAICall.parse(raw, b"/chat/completions"))
+    tracemalloc.start()
+    try:
+        assert call.untranslatable() == []
+        made = tracemalloc.get_traced_memory()[0]
+        call.answer_started()
+        let_go = made - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert let_go > 900_000
+    resumed = json.loads(call.body_for(target, prefill="Once upon"))
+    assert resumed["messages"][0]["content"][0]["text"] == prompt and resumed["messages"][-1]["role"] == "assistant"

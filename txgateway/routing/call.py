@@ -117,6 +117,15 @@ class Call:
         if any(self.translates_for(target) for target in self.targets):
             self.untranslatable()  # made once more from the capped call (each target was translated before)
 
+    def answer_started(self) -> None:
+        """
+        The client's answer started: no target is tried again for it (a
+        resumed stream is sent a body made anew, with its prefill), so the
+        bodies made for translated targets are let go (a prompt of tens of
+        KB, held for as long as a stream lasts).
+        """
+        self._translated = None
+
     @property
     def client_gone(self) -> bool:
         """
