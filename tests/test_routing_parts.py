@@ -65,6 +65,9 @@ class FakeCall:
     def end_user(self) -> tuple:
         return "fake-user", None
 
+    def answer_started(self) -> None:
+        pass
+
 
 def read_fake_event(event: bytes) -> ChunkFacts:
     """The fake API's stream: C{data: WORD} per event, C{data: END} last."""

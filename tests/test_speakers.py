@@ -15,6 +15,7 @@ from txgateway.config.gateway import parse_config
 from txgateway.daemon.service import every_speaker
 from txgateway.dataplane.server import IncomingRequest
 from txgateway.openai.wire import OpenAICall
+from txgateway.responses.wire import ResponsesCall
 from txgateway.speaking import IApi, ISpeaker, Untranslatable
 
 SPEAKERS = every_speaker()
@@ -89,3 +90,22 @@ def test_a_refusal_moves_on_by_openai_s_rules_and_a_broken_stream_is_said_in_the
     from txgateway import errors
     assert b'"type": "stream_broken"' in openai.broken_event(errors.STREAM_BROKEN, "cut", "r-1")
     assert b'"txgateway_type":"stream_broken"' in messages.broken_event(errors.STREAM_BROKEN, "cut", "r-1").replace(b" ", b"")
+
+
+@pytest.mark.parametrize(
+    ("parse", "raw"),
+    [
+        (lambda raw: OpenAICall.parse(raw, b"/chat/completions"),
+         b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]}'),
+        (MessagesCall.parse, b'{"model": "c", "max_tokens": 50, "stream": true, "messages": [{"role": "user", "content": "hi"}]}'),
+        (ResponsesCall.parse, b'{"model": "r", "stream": true, "input": "hi"}'),
+    ],
+)
+def test_a_call_lets_go_of_its_bytes_when_its_answer_starts_and_still_says_its_body(parse, raw):
+    # A stream lasts minutes and its prompt is tens of KB: once its answer
+    # started, nothing needs the bytes as sent (a resume's body is made anew).
+    call = parse(raw)
+    assert call.body_for(None) is raw  # sent unchanged while attempts may be made
+    call.answer_started()
+    assert call.raw == b""
+    assert json.loads(call.body_for(None)) == json.loads(raw)

@@ -126,6 +126,12 @@ class IModelCall(Interface):
     def operation(path: bytes) -> str:
         """The GenAI operation (C{chat}, C{text_completion}, C{embeddings}...) of the call to C{path}."""
 
+    def answer_started() -> None:
+        """
+        The client's answer started: what only an attempt sent unchanged
+        needed (the body's bytes as sent) may be let go.
+        """
+
     def end_user() -> tuple:
         """Who the call is for, as its body says: (the end user, their session), each a string or L{None}."""
 

@@ -130,7 +130,7 @@ class MessagesCall(ModelNamed):
         if prefill is not None:
             changes["messages"] = with_prefill(self.body.get("messages"), prefill)
         if not changes:
-            return self.raw
+            return self._unchanged()
         return _dumps({**self.body, **changes})
 
 

@@ -109,12 +109,26 @@ class ModelNamed:
 
     __slots__ = ()
     body: dict
+    raw: bytes
 
     @property
     def model(self) -> str | None:
         """The C{model} the client asked for (a string, or L{None})."""
         model = self.body.get("model")
         return model if isinstance(model, str) else None
+
+    def answer_started(self) -> None:
+        """
+        The client's answer started: the body's bytes as sent are let go
+        (a stream lasts minutes, its prompt tens of KB).  Nothing sends the
+        request unchanged again: a resume's body is made from the parsed
+        call (and would be, unchanged, from it too).
+        """
+        object.__setattr__(self, "raw", b"")  # the one field of the frozen call that changes
+
+    def _unchanged(self) -> bytes:
+        """The body as the client sent it, or as made again from the parsed call once let go."""
+        return self.raw or _dumps(self.body)
 
 
 @implementer(IModelCall)
@@ -220,7 +234,7 @@ class OpenAICall(ModelNamed):
             elif self.kind == COMPLETIONS and isinstance(self.body.get("prompt"), str):
                 changes["prompt"] = self.body["prompt"] + prefill
         if not changes:
-            return self.raw
+            return self._unchanged()
         return _dumps({**self.body, **changes})
 
     @property

@@ -85,7 +85,7 @@ class ResponsesToResponses(Speaker):
 
     def body(self, config: ServiceConfig, model: str | None, prefill: str | None) -> bytes:
         """The client's body, the model renamed; Claude's thinking (reasoning items of the gateway's making) left out."""
-        if _CLAUDE_THINKING not in self.call.raw:
+        if self.call.raw and _CLAUDE_THINKING not in self.call.raw:
             return self.call.body_for(model)
         body = dict(self.call.body)
         if model is not None:

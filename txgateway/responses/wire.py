@@ -106,7 +106,7 @@ class ResponsesCall(ModelNamed):
     def body_for(self, model: str | None) -> bytes:
         """The body sent to a Responses target: C{model} rewritten (unless L{None})."""
         if model is None or model == self.body.get("model"):
-            return self.raw
+            return self._unchanged()
         return _dumps({**self.body, "model": model})
 
 

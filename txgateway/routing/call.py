@@ -122,9 +122,12 @@ class Call:
         The client's answer started: no target is tried again for it (a
         resumed stream is sent a body made anew, with its prefill), so the
         bodies made for translated targets are let go (a prompt of tens of
-        KB, held for as long as a stream lasts).
+        KB, held for as long as a stream lasts), and so is what the model
+        call kept to be sent unchanged.
         """
         self._translated = None
+        if self.model_call is not None:
+            self.model_call.answer_started()
 
     @property
     def client_gone(self) -> bool:
