@@ -373,3 +373,11 @@ def test_the_bodies_made_for_translated_targets_go_when_the_answer_starts():
     assert let_go > 900_000
     resumed = json.loads(call.body_for(target, prefill="Once upon"))
     assert resumed["messages"][0]["content"][0]["text"] == prompt and resumed["messages"][-1]["role"] == "assistant"
+
+
+def test_a_stream_is_resumable_only_where_one_of_its_targets_resumes():
+    routing = Routing(resume_second=False)
+    assert not routing.call(FakeCall(stream=True), targets=("first", "second")).transcript.resumable
+    routing = Routing()
+    assert routing.call(FakeCall(stream=True), targets=("first", "second")).transcript.resumable
+    assert not routing.call(FakeCall(stream=True), targets=("first",)).transcript.resumable

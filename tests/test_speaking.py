@@ -66,3 +66,21 @@ def test_the_first_streams_chunk_id_is_kept_and_a_tool_call_ends_resumability():
     assert transcript.chunk_id == "chatcmpl-1"
     assert not transcript.resumable and transcript.finished
     assert transcript.finish_reasons == ("tool_calls",)
+
+
+def test_a_stream_no_target_resumes_keeps_only_the_size_of_its_text():
+    # Most services do not resume: a stream of minutes would hold its whole text for nothing.
+    transcript = Transcript(resumable=False)
+    for piece in ("Hello", ", wörld"):
+        transcript.sent(Sent(text=piece), first_stream=True)
+    assert transcript.text == ""
+    assert (transcript.text_bytes, transcript.text_chars, transcript.content_chunks) == (13, 12, 2)
+
+
+def test_a_tool_call_lets_go_of_the_text_nothing_will_continue():
+    transcript = Transcript(resumable=True)
+    transcript.sent(Sent(text="Let me look"), first_stream=True)
+    transcript.sent(Sent(tool_call=True), first_stream=True)
+    transcript.sent(Sent(text=" more"), first_stream=True)
+    assert not transcript.resumable and transcript.text == ""
+    assert (transcript.text_bytes, transcript.text_chars) == (16, 16)

@@ -57,9 +57,11 @@ class Untranslatable(ValueError):
 class Transcript:
     """
     What the client has been sent of one streamed answer, across every
-    attempt that made it: choice 0's text, whether it finished (and why
-    each choice did), the first stream's chunk id (resumed chunks carry it
-    too), and whether its text alone could be continued (no tool call).
+    attempt that made it: choice 0's text (kept only while the stream may
+    be resumed: a resume is sent it), its size, whether it finished (and
+    why each choice did), the first stream's chunk id (resumed chunks carry
+    it too), and whether it could be continued (a kind of call a prefill
+    continues, a target that resumes, no tool call so far).
     """
 
     def __init__(self, resumable: bool) -> None:
@@ -68,6 +70,9 @@ class Transcript:
         # otherwise be a string of its own (about 60 bytes for 4 characters).
         # Lone surrogates (JSON allows them) are kept as they came.
         self._text = bytearray()
+        self._bytes = 0
+        #: The characters of the assistant text sent so far (the logs' C{text_chars}).
+        self.text_chars = 0
         self.finished = False
         self.resumable = resumable
         self.chunk_id: str | None = None
@@ -79,29 +84,35 @@ class Transcript:
 
     @property
     def text(self) -> str:
-        """The assistant text sent so far."""
+        """The assistant text sent so far, while the stream may be resumed (else C{""}: it is not kept)."""
         return self._text.decode("utf-8", "surrogatepass")
 
     @property
     def text_bytes(self) -> int:
         """The UTF-8 bytes of the assistant text sent so far (a lone surrogate counts its three)."""
-        return len(self._text)
+        return self._bytes
 
     def sent(self, facts: Any, first_stream: bool) -> None:
         """
         C{facts}' event reached the client (a chunk's facts: its C{text},
         C{tool_call}, C{finished}, C{finish_reasons}, C{message_id}, C{data}).
         """
-        if facts.text:
-            self._text += facts.text.encode("utf-8", "surrogatepass")
-        if facts.text or facts.tool_call:
+        text = facts.text
+        if text:
+            encoded = text.encode("utf-8", "surrogatepass")
+            self._bytes += len(encoded)
+            self.text_chars += len(text)
+            if self.resumable:
+                self._text += encoded
+        if text or facts.tool_call:
             self.content_chunks += 1
         if facts.finished:
             self.finished = True
         if facts.finish_reasons:
             self.finish_reasons += facts.finish_reasons
-        if facts.tool_call:
+        if facts.tool_call and self.resumable:
             self.resumable = False
+            self._text = bytearray()  # nothing continues it now
         if first_stream and self.chunk_id is None and facts.data is not None:
             chunk_id = facts.message_id or facts.data.get("id")
             self.chunk_id = chunk_id if isinstance(chunk_id, str) else None

@@ -130,7 +130,7 @@ class AnswerRelay:
                         call.ctx.span_notes.broke(self._clock.seconds(), str(error))
                     call.ctx.log.warning(
                         "stream_broke", service=target.route.config.name, model=target.model, reason=str(error),
-                        text_chars=len(call.transcript.text),
+                        text_chars=call.transcript.text_chars,
                     )
                     resumed = await self._resume.resumed(call, target, answer.endpoint)
                     if resumed is None:

@@ -100,7 +100,9 @@ class Call:
                 session=session or bounded_id((request.header(b"session-id") or b"").decode("latin-1")),
             )
             if model_call.stream:
-                transcript = Transcript(model_call.resumable_kind)
+                # Its text is kept for a resume only where one may come.
+                resumable = model_call.resumable_kind and any(target.route.config.resume == "prefill" for target in targets)
+                transcript = Transcript(resumable)
         return cls(request, ctx, path, targets, speakers, model_call, transcript, as_sent=as_sent)
 
     def capped(self, model_call: IModelCall) -> None:

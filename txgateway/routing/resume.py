@@ -97,7 +97,7 @@ class StreamResume:
             self._note(ctx, "resume_failed", **{"txgateway.service": config.name, "txgateway.reason": refused})
             return None
         ctx.log.info("stream_resumed", service=config.name, model=target.model, endpoint=admitted.endpoint.url)
-        self._note(ctx, "stream_resumed", **{"txgateway.service": config.name, "txgateway.text_chars": len(call.transcript.text)})
+        self._note(ctx, "stream_resumed", **{"txgateway.service": config.name, "txgateway.text_chars": call.transcript.text_chars})
         return outcome.answer
 
     def _note(self, ctx: RequestContext, name: str, **attributes: object) -> None:
