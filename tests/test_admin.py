@@ -134,14 +134,20 @@ def test_a_change_made_by_one_process_is_served_by_another_at_its_next_look(tmp_
     assert "secret_sha256" not in str(entries)
 
 
-def test_a_process_a_moment_behind_never_brings_back_a_deleted_key(tmp_path):
-    """Before the compare-and-set, the second process's change wrote its stale record back: the key lived again."""
+def two_processes_that_both_saw(tmp_path, name: str) -> tuple[AdminControl, AdminControl, list]:
+    """Two processes on one admin store, the key C{name} made by the first and seen by the second at its look."""
     clock = Clock()
     first, _, _ = control(tmp_path, clock)
     second, served, _ = control(tmp_path, clock)
-    done(first.create_key({"name": "dana"}, "root"))
+    done(first.create_key({"name": name}, "root"))
     clock.advance(WATCH_INTERVAL)
-    assert "dana" in second.registry.keys
+    assert name in second.registry.keys
+    return first, second, served
+
+
+def test_a_process_a_moment_behind_never_brings_back_a_deleted_key(tmp_path):
+    """Before the compare-and-set, the second process's change wrote its stale record back: the key lived again."""
+    first, second, served = two_processes_that_both_saw(tmp_path, "dana")
     done(first.delete_key("dana", "root"))
     assert "dana" in second.registry.keys  # its next look has not come yet
     with pytest.raises(GatewayError) as raised:
@@ -152,11 +158,7 @@ def test_a_process_a_moment_behind_never_brings_back_a_deleted_key(tmp_path):
 
 
 def test_a_process_a_moment_behind_keeps_a_rotation_it_had_not_seen(tmp_path):
-    clock = Clock()
-    first, _, _ = control(tmp_path, clock)
-    second, _, _ = control(tmp_path, clock)
-    done(first.create_key({"name": "erin"}, "root"))
-    clock.advance(WATCH_INTERVAL)
+    first, second, _ = two_processes_that_both_saw(tmp_path, "erin")
     rotated = done(first.rotate_key("erin", {"grace_seconds": 0}, "root"))["secret"]
     done(second.change_key("erin", {"budget_usd": 7}, "root"))
     stored = second._store.read_registry().keys["erin"]

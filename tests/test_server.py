@@ -583,7 +583,7 @@ def test_a_started_answer_lets_go_of_the_request_body():
     assert request.body == b""
 
 
-def test_the_gateways_own_headers_win_in_the_head_and_are_not_kept_past_it():
+def test_the_gateways_own_headers_win_in_the_head_and_one_set_too_late_is_not_written():
     request, channel = a_stream_started()
     head = b"".join(channel.written).decode()
     assert "X-Request-ID: req-1\r\n" in head and "backend's" not in head
