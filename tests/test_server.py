@@ -605,7 +605,7 @@ def test_a_streams_connection_holds_no_idle_timer_while_it_lasts_and_one_again_a
     response.send(b"data: 1\n\n")
 
     def idle_timers() -> int:
-        return sum(call.func == connection.channel._idle_timer_fired for call in connection.clock.getDelayedCalls())
+        return int(connection.channel.idle_timer.running)
 
     assert idle_timers() == 0  # a thousand streams would hold a thousand
     for _ in range(10):

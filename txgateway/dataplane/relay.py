@@ -10,10 +10,11 @@ import functools
 import weakref
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from txgateway.dataplane.client import BodyControl, IBodyConsumer
+from txgateway.dataplane.idle import IdleTimer
 from txgateway.dataplane.server import IncomingRequest
 
 __all__ = ["BodyRelay", "IAnswerRelay", "StreamBroken", "StreamIdle"]
@@ -90,8 +91,8 @@ class BodyRelay:
         self._whole_limit = 0
         self._clock = clock
         self._idle_timeout = idle_timeout
-        self._idle_call: IDelayedCall | None = None
-        self._last_data = 0.0  # when the relay last wrote to the client while watching
+        #: Made when the relay starts watching, dropped when it stops (no reference cycle left).
+        self._idle: IdleTimer | None = None
         self._control: BodyControl | None = None
         self._watching = False
         self._idled = False
@@ -156,11 +157,8 @@ class BodyRelay:
         """Relay C{data} to the client."""
         self.bytes_relayed += len(data)
         self._request.write(data)
-        if self._watching:
-            # The idle timer is not moved on every chunk: it looks at this
-            # time when it fires (a stream's chunk costs a clock read, not
-            # a timer's reset).
-            self._last_data = self._clock.seconds()
+        if self._watching and self._idle is not None:
+            self._idle.seen()
 
     def held_body(self, limit: int) -> Deferred[bytes | None]:
         """
@@ -225,22 +223,17 @@ class BodyRelay:
 
     def _arm_idle_timer(self) -> None:
         """The idle timeout counts from now."""
-        self._last_data = self._clock.seconds()
-        if self._idle_call is None or not self._idle_call.active():
-            self._idle_call = self._clock.callLater(self._idle_timeout, self._went_idle)
+        if self._idle is None:
+            self._idle = IdleTimer(self._clock, self._idle_timeout, self._went_idle)
+        self._idle.start()
 
     def _disarm_idle_timer(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        idle, self._idle = self._idle, None
+        if idle is not None:
+            idle.stop()
 
     def _went_idle(self) -> None:
-        left = self._last_data + self._idle_timeout - self._clock.seconds()
-        if left > 0:
-            # Data came since the timer was set: it waits what is left.
-            self._idle_call = self._clock.callLater(left, self._went_idle)
-            return
-        self._idle_call = None
+        self._idle = None
         self._idled = True
         self._control.stopProducing()
 

@@ -34,6 +34,7 @@ from twisted.internet.protocol import Factory, Protocol
 from txgateway import errors
 from txgateway.dataplane.eager import no_delay, writer_for
 from txgateway.dataplane.flow import ReadingControl
+from txgateway.dataplane.idle import IdleTimer
 from txgateway.errors import ErrorKind, error_answer
 from txgateway.ids import request_id_for
 
@@ -463,8 +464,8 @@ class HTTPServerProtocol(Protocol):
         self._current: IncomingRequest | None = None
         self._flow: ReadingControl | None = None
         self._closing = False
-        self._last_read = 0.0
-        self._idle_timer: IDelayedCall | None = None
+        #: Closes the connection after C{idle_timeout} without a read, unless it is answering.
+        self.idle_timer = IdleTimer(self.clock, self.factory.idle_timeout, self._went_idle)
         self._header_timer: IDelayedCall | None = None
         self._linger_ends: IDelayedCall | None = None
         self._linger_idle: IDelayedCall | None = None
@@ -485,8 +486,7 @@ class HTTPServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", None) or "unknown"
         self._secure = self.factory.secure
-        self._last_read = self.clock.seconds()
-        self._arm_idle_timer()
+        self.idle_timer.start()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.connection_closed(self)
@@ -494,9 +494,10 @@ class HTTPServerProtocol(Protocol):
         # Everything it held goes back at once (its requests' ends then find nothing to give).
         self.factory.bodies_held -= self._body_bytes
         self._body_bytes = 0
-        for call in (self._idle_timer, self._header_timer, self._linger_ends, self._linger_idle):
+        self.idle_timer.close()
+        for call in (self._header_timer, self._linger_ends, self._linger_idle):
             _cancel(call)
-        self._idle_timer = self._header_timer = self._linger_ends = self._linger_idle = None
+        self._header_timer = self._linger_ends = self._linger_idle = None
         self._queue.clear()
         current, self._current = self._current, None
         if current is not None:
@@ -512,7 +513,7 @@ class HTTPServerProtocol(Protocol):
             return
         if self._closing:
             return
-        self._last_read = self.clock.seconds()
+        self.idle_timer.seen()
         before = self._reading
         in_headers_before = before is not None and before.in_headers
         try:
@@ -652,9 +653,8 @@ class HTTPServerProtocol(Protocol):
         idleness, and a thousand streams would hold a thousand timers);
         L{answer_done} arms it again.
         """
-        if request is self._current and self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if request is self._current:
+            self.idle_timer.stop()
 
     def answer_done(self, request: IncomingRequest) -> None:
         """Called by L{IncomingRequest.finish}: the next request, or close."""
@@ -669,9 +669,7 @@ class HTTPServerProtocol(Protocol):
             self._closing = True
             self.transport.loseConnection()
             return
-        self._last_read = self.clock.seconds()
-        if self._idle_timer is None:
-            self._arm_idle_timer()  # a stream's connection had none while it lasted
+        self.idle_timer.start()  # from now (a stream's connection had none while it lasted)
         if self._queue:
             self._dispatch(self._queue.pop(0))
         elif self._pending_refusal is not None:
@@ -713,23 +711,12 @@ class HTTPServerProtocol(Protocol):
 
     # -- timers
 
-    def _arm_idle_timer(self) -> None:
-        self._idle_timer = self.clock.callLater(self.factory.idle_timeout, self._idle_timer_fired)
-
-    def _idle_timer_fired(self) -> None:
-        # One timer per connection, re-armed for what is left: a read costs
-        # no timer operation, only a clock reading.
-        self._idle_timer = None
+    def _went_idle(self) -> None:
+        """No read for C{idle_timeout}: the connection closes, unless it is answering."""
         if self._closing or self.refused:
             return
         if self._current is not None:
-            # Answering is not idleness; look again later.
-            self._arm_idle_timer()
-            return
-        quiet_for = self.clock.seconds() - self._last_read
-        left = self.factory.idle_timeout - quiet_for
-        if left > 0:
-            self._idle_timer = self.clock.callLater(left, self._idle_timer_fired)
+            self.idle_timer.start()  # answering is not idleness; look again later
             return
         self._closing = True
         self.transport.loseConnection()
@@ -752,8 +739,8 @@ class HTTPServerProtocol(Protocol):
             return
         self.refused = True
         _cancel(self._header_timer)
-        _cancel(self._idle_timer)
-        self._header_timer = self._idle_timer = None
+        self._header_timer = None
+        self.idle_timer.stop()
         reading = self._reading
         sent_id = None
         method = None
