@@ -135,6 +135,10 @@ def _finite(text: str) -> float:
     return value
 
 
+#: The strict decoder, made once (C{json.loads} with hooks makes one per call).
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_finite)
+
+
 def _depth(value: Any) -> int:
     """The nesting depth of C{value}, walked without recursion, stopping past L{MAX_DEPTH}."""
     deepest = 0
@@ -165,7 +169,7 @@ def read_strict(raw: bytes) -> dict:
     except UnicodeDecodeError:
         raise BadBody("the body is not UTF-8") from None
     try:
-        body = json.loads(text, object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_finite)
+        body = _STRICT_DECODER.decode(text)
     except RecursionError:
         raise BadBody(f"the body nests deeper than {MAX_DEPTH} levels") from None
     except BadBody:
