@@ -7,6 +7,8 @@ slots, lapsed reservations; and the estimates and prices it is fed.
 from __future__ import annotations
 
 import calendar
+import tracemalloc
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from txgateway.config.keys import ModelPrice
 from txgateway.governance.estimate import Prices, completion_cap, estimate_prompt_tokens
 from txgateway.governance.governor import duration_text
-from txgateway.governance.ledger import IN_FLIGHT_RETRY, NANO_BOUND, TOKENS_BOUND, Ask, Ledger, ScopeLimits
+from txgateway.governance.ledger import IN_FLIGHT_RETRY, NANO_BOUND, TOKENS_BOUND, WINDOW, Ask, Ledger, ScopeLimits, _Window
 from txgateway.governance.periods import period_end, period_key
 
 NOON = float(calendar.timegm((2026, 12, 3, 12, 0, 0)))
@@ -294,3 +296,103 @@ def test_the_estimate_walks_any_depth_without_recursion():
     for _ in range(5_000):
         deep = [deep]
     assert estimate_prompt_tokens({"input": deep}) == 1
+
+
+class _EntriesById:
+    """The window as it was first kept, one (time, amount) per id: the reference the compact one must agree with."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[float, int]] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(amount for _, amount in self.entries.values())
+
+    def trim(self, now: float) -> None:
+        self.entries = {key: entry for key, entry in self.entries.items() if entry[0] > now - WINDOW}
+
+    def settle(self, key: str, used: int, reserved: int, now: float) -> None:
+        if key in self.entries:
+            self.entries[key] = (self.entries[key][0], used)
+        elif used > reserved:
+            self.entries[key + "+"] = (now, used - reserved)
+
+    def seconds_until_fits(self, need: int, limit: int, now: float) -> float | None:
+        if need > limit:
+            return None
+        excess = self.total + need - limit
+        for taken_at, amount in self.entries.values():
+            if excess <= 0:
+                break
+            excess -= amount
+            if excess <= 0:
+                return max(0.0, taken_at + WINDOW - now)
+        return 0.0
+
+    def reset(self, now: float) -> float:
+        return max(0.0, list(self.entries.values())[-1][0] + WINDOW - now) if self.entries else 0.0
+
+
+_WINDOW_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 50)),
+        st.tuples(st.just("settle"), st.integers(0, 40), st.integers(0, 80)),
+        st.tuples(st.just("remove"), st.integers(0, 40)),
+        st.tuples(st.just("wait"), st.floats(0.0, 45.0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_WINDOW_STEPS, st.integers(0, 200), st.sampled_from([0, 1024]))
+def test_the_compact_window_agrees_with_one_entry_per_id_whatever_is_added_settled_removed_and_waited(steps, need, compact_from):
+    with mock.patch("txgateway.governance.ledger._COMPACT_FROM", compact_from):  # 0: its arrays cut at every trim
+        _agree(steps, need)
+
+
+def _agree(steps: list, need: int) -> None:
+    compact, reference = _Window(), _EntriesById()
+    positions: dict[str, int] = {}
+    ended: set[str] = set()
+    now = NOON
+    for step in steps:
+        compact.trim(now)
+        reference.trim(now)
+        if step[0] == "add":
+            key = f"r{len(positions)}"
+            positions[key] = compact.add(step[1], now)
+            reference.entries[key] = (now, step[1])
+        elif step[0] == "wait":
+            now += step[1]
+        elif positions and f"r{step[1] % len(positions)}" not in ended:
+            # As the ledger does: each reservation's entry is settled or removed (lapsed), once.
+            key = f"r{step[1] % len(positions)}"
+            ended.add(key)
+            if step[0] == "settle":
+                compact.settle(positions[key], step[2], 25, now)
+                reference.settle(key, step[2], 25, now)
+            else:
+                compact.remove(positions[key])
+                reference.entries.pop(key, None)
+        assert compact.total == reference.total
+        assert compact.seconds_until_fits(need, 100, now) == reference.seconds_until_fits(need, 100, now)
+        assert compact.quota(100, now).reset == reference.reset(now)
+        assert compact.empty == (not reference.entries)
+
+
+def test_a_minute_of_a_busy_keys_requests_holds_no_object_per_request():
+    limits = ScopeLimits("key:busy", tokens_per_minute=10**9, requests_per_minute=10**9, budget_nano=10**15)
+    ledger = Ledger()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(20_000):
+            taken = ask(n, 100, 10, limits, now=NOON + n * 0.003)
+            assert ledger.reserve(taken, NOON + n * 0.003).allowed
+            ledger.settle(taken, 80, 8, NOON + n * 0.003)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # Two windows of 20,000 entries each: a time and an amount, 16 bytes (the arrays grow by about an eighth).
+    assert held < 20_000 * 2 * 16 * 1.3

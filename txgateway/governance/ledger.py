@@ -27,7 +27,7 @@ The rules:
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from array import array
 
 import attrs
 
@@ -69,6 +69,9 @@ def bounded(value: object, bound: int) -> int:
             return 0
         value = bound if value > bound else math.ceil(value) if value > 0 else 0
     return 0 if value < 0 else bound if value > bound else value
+
+#: Entries that left a window are cut from its arrays once they are this many and half of them.
+_COMPACT_FROM = 1024
 
 #: Seconds a refused client is told to wait when what blocks it is the
 #: reservations of requests still in flight: they settle, and give back
@@ -163,60 +166,106 @@ class Verdict:
 
 
 class _Window:
-    """Entries taken in the last L{WINDOW} seconds, oldest first, and their sum."""
+    """
+    Entries taken in the last L{WINDOW} seconds, oldest first, and their
+    sum.  An entry is a time and an amount in two arrays, not an object: a
+    busy key's window holds a minute of its requests, and objects that
+    live a minute each scatter the heap every request allocates in.  An
+    entry is found again by the position L{add} gave it (a reservation
+    keeps its own); a removed one stays as a tombstone (amount C{-1})
+    until it leaves the window.
+    """
 
-    __slots__ = ("entries", "total")
+    __slots__ = ("_times", "_amounts", "_base", "_head", "total")
 
     def __init__(self) -> None:
-        #: Each entry's (time taken, amount): tuples, which the collector stops tracking.
-        self.entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._times = array("d")
+        self._amounts = array("q")
+        #: The position of the arrays' first element; entries before C{_head} have left the window.
+        self._base = 0
+        self._head = 0
         self.total = 0
 
     def trim(self, now: float) -> None:
-        entries = self.entries
-        while entries:
-            first = next(iter(entries.values()))
-            if first[0] > now - WINDOW:
-                return
-            entries.popitem(last=False)
-            self.total -= first[1]
+        times, amounts, head = self._times, self._amounts, self._head
+        end = len(times)
+        oldest_kept = now - WINDOW
+        while head < end and times[head] <= oldest_kept:
+            amount = amounts[head]
+            if amount > 0:
+                self.total -= amount
+            head += 1
+        if head > _COMPACT_FROM and 2 * head > end:
+            del times[:head]
+            del amounts[:head]
+            self._base += head
+            head = 0
+        self._head = head
 
-    def add(self, entry_id: str, amount: int, now: float) -> None:
-        self.entries[entry_id] = (now, amount)
+    def add(self, amount: int, now: float) -> int:
+        """Take C{amount} at C{now}; the entry's position."""
+        self._times.append(now)
+        self._amounts.append(amount)
         self.total += amount
+        return self._base + len(self._times) - 1
 
-    def remove(self, entry_id: str) -> None:
-        entry = self.entries.pop(entry_id, None)
-        if entry is not None:
-            self.total -= entry[1]
+    def _index(self, position: int | None) -> int | None:
+        """The index of the entry at C{position} while it is in the window (and not removed), else L{None}."""
+        if position is None:
+            return None
+        index = position - self._base
+        return index if index >= self._head and self._amounts[index] >= 0 else None
 
-    def settle(self, entry_id: str, used: int, reserved: int, now: float) -> None:
+    def amount_at(self, position: int | None) -> int:
+        """What the entry at C{position} holds, 0 once it left the window."""
+        index = self._index(position)
+        return 0 if index is None else self._amounts[index]
+
+    def remove(self, position: int | None) -> None:
+        index = self._index(position)
+        if index is not None:
+            self.total -= self._amounts[index]
+            self._amounts[index] = -1
+
+    def settle(self, position: int | None, used: int, reserved: int, now: float) -> None:
         """The entry becomes what was used; when it already left the window, only an excess counts, from now."""
-        entry = self.entries.get(entry_id)
-        if entry is not None:
-            self.total += used - entry[1]
-            self.entries[entry_id] = (entry[0], used)
+        index = self._index(position)
+        if index is not None:
+            self.total += used - self._amounts[index]
+            self._amounts[index] = used
         elif used > reserved:
-            self.add(entry_id + "+", used - reserved, now)
+            self.add(used - reserved, now)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing is in the window."""
+        return all(amount < 0 for amount in self._amounts[self._head:])
 
     def seconds_until_fits(self, need: int, limit: int, now: float) -> float | None:
         """Seconds until C{need} more fits under C{limit} (L{None}: never, it is more than the limit)."""
         if need > limit:
             return None
         excess = self.total + need - limit
-        for taken_at, amount in self.entries.values():
+        times, amounts = self._times, self._amounts
+        for index in range(self._head, len(times)):
             if excess <= 0:
                 break
+            amount = amounts[index]
+            if amount < 0:
+                continue
             excess -= amount
             if excess <= 0:
-                return max(0.0, taken_at + WINDOW - now)
+                return max(0.0, times[index] + WINDOW - now)
         return 0.0
 
     def quota(self, limit: int, now: float) -> Quota:
         reset = 0.0
-        if self.entries:
-            newest = next(reversed(self.entries.values()))
-            reset = max(0.0, newest[0] + WINDOW - now)
+        amounts = self._amounts
+        index = len(amounts) - 1
+        while index >= self._head and amounts[index] < 0:
+            index -= 1
+        if index >= self._head:
+            reset = max(0.0, self._times[index] + WINDOW - now)
         return Quota(limit, max(0, limit - self.total), reset, self.total)
 
 
@@ -231,8 +280,12 @@ class _Scope:
 
 @attrs.define
 class _Held:
+    """A reservation held: its ask, and per scope its budget's period and its entries' positions in the windows."""
+
     ask: Ask
     budget_keys: tuple[str, ...]
+    #: Per scope, the positions of its tokens and requests entries (L{None}: that scope has no such window).
+    positions: tuple[tuple[int | None, int | None], ...]
 
 
 class Ledger:
@@ -300,15 +353,16 @@ class Ledger:
         if refusal is not None:
             return self._verdict(states, now, *refusal)
         committed, reserved, cost = self.committed, self.reserved, ask.cost_nano
+        positions = []
         for limits, scope, budget_key in states:
-            if limits.tokens_per_minute is not None:
-                scope.tokens.add(ask.reservation_id, ask.tokens, now)
-            if limits.requests_per_minute is not None:
-                scope.requests.add(ask.reservation_id, 1, now)
+            positions.append((
+                scope.tokens.add(ask.tokens, now) if limits.tokens_per_minute is not None else None,
+                scope.requests.add(1, now) if limits.requests_per_minute is not None else None,
+            ))
             scope.parallel += 1
             committed[budget_key] = committed.get(budget_key, 0) + cost
             reserved[budget_key] = reserved.get(budget_key, 0) + cost
-        self._held[ask.reservation_id] = _Held(ask, tuple(state[2][1] for state in states))
+        self._held[ask.reservation_id] = _Held(ask, tuple(state[2][1] for state in states), tuple(positions))
         if ask.expires_at < self._earliest:
             self._earliest = ask.expires_at
         return self._verdict(states, now)
@@ -341,25 +395,46 @@ class Ledger:
         tokens_per_minute = limits.tokens_per_minute
         if tokens_per_minute is not None and scope.tokens.total + ask.tokens > tokens_per_minute:
             if ask.tokens <= tokens_per_minute:
-                held = self._held
-                in_flight = sum(amount for entry_id, (_, amount) in scope.tokens.entries.items() if entry_id in held)
+                in_flight = self._tokens_in_flight(limits.scope, scope.tokens)
                 if scope.tokens.total - in_flight + ask.tokens <= tokens_per_minute:
                     return TOKENS_EXCEEDED, limits.scope, IN_FLIGHT_RETRY, None, True
             return TOKENS_EXCEEDED, limits.scope, scope.tokens.seconds_until_fits(ask.tokens, tokens_per_minute, now), None, False
         return None
+
+    def _tokens_in_flight(self, name: str, window: _Window) -> int:
+        """The tokens the reservations still held take in the scope C{name}'s window (C{window})."""
+        in_flight = 0
+        for held in self._held.values():
+            for limits, (tokens_at, _) in zip(held.ask.scopes, held.positions):
+                if limits.scope == name:
+                    in_flight += window.amount_at(tokens_at)
+        return in_flight
 
     @staticmethod
     def _verdict(
         states: list, now: float, reason: str | None = None, scope: str | None = None, retry_after: float | None = None,
         left_nano: int | None = None, in_flight: bool = False,
     ) -> Verdict:
-        tokens = requests = None
+        # The tightest window of each kind (the first of equals), and only its quota made.
+        tokens_window = requests_window = None
+        tokens_left = requests_left = 0
         for limits, state, _ in states:
-            if limits.tokens_per_minute is not None:
-                tokens = _tighter(tokens, state.tokens.quota(limits.tokens_per_minute, now))
-            if limits.requests_per_minute is not None:
-                requests = _tighter(requests, state.requests.quota(limits.requests_per_minute, now))
-        return Verdict(reason is None, reason, scope, retry_after, tokens, requests, left_nano, in_flight)
+            limit = limits.tokens_per_minute
+            if limit is not None:
+                left = max(0, limit - state.tokens.total)
+                if tokens_window is None or left < tokens_left:
+                    tokens_window, tokens_limit, tokens_left = state.tokens, limit, left
+            limit = limits.requests_per_minute
+            if limit is not None:
+                left = max(0, limit - state.requests.total)
+                if requests_window is None or left < requests_left:
+                    requests_window, requests_limit, requests_left = state.requests, limit, left
+        return Verdict(
+            reason is None, reason, scope, retry_after,
+            tokens_window.quota(tokens_limit, now) if tokens_window is not None else None,
+            requests_window.quota(requests_limit, now) if requests_window is not None else None,
+            left_nano, in_flight,
+        )
 
     def settle(self, ask: Ask, tokens: int, cost_nano: int, now: float) -> bool:
         """
@@ -378,14 +453,14 @@ class Ledger:
             for limits in ask.scopes:
                 scope = self._scope(limits.scope)
                 if limits.tokens_per_minute is not None and tokens > 0:
-                    scope.tokens.add(ask.reservation_id + "+", tokens, now)
+                    scope.tokens.add(tokens, now)
                 key = (limits.scope, limits.budget_key(now))
                 self.committed[key] = self.committed.get(key, 0) + cost_nano
             return False
-        for limits, budget_key in zip(ask.scopes, held.budget_keys):
+        for limits, budget_key, (tokens_at, _) in zip(ask.scopes, held.budget_keys, held.positions):
             scope = self._scope(limits.scope)
             if limits.tokens_per_minute is not None:
-                scope.tokens.settle(ask.reservation_id, tokens, ask.tokens, now)
+                scope.tokens.settle(tokens_at, tokens, ask.tokens, now)
             scope.parallel -= 1
             key = (limits.scope, budget_key)
             self.committed[key] = self.committed.get(key, 0) + cost_nano - ask.cost_nano
@@ -420,10 +495,10 @@ class Ledger:
                 continue
             del self._held[reservation_id]
             lapsed.append(reservation_id)
-            for limits, budget_key in zip(held.ask.scopes, held.budget_keys):
+            for limits, budget_key, (tokens_at, requests_at) in zip(held.ask.scopes, held.budget_keys, held.positions):
                 scope = self._scope(limits.scope)
-                scope.tokens.remove(reservation_id)
-                scope.requests.remove(reservation_id)
+                scope.tokens.remove(tokens_at)
+                scope.requests.remove(requests_at)
                 scope.parallel -= 1
                 key = (limits.scope, budget_key)
                 self.committed[key] = self.committed.get(key, 0) - held.ask.cost_nano
@@ -448,7 +523,7 @@ class Ledger:
             scope = self._scopes[name]
             scope.tokens.trim(now)
             scope.requests.trim(now)
-            if scope.parallel == 0 and not scope.tokens.entries and not scope.requests.entries:
+            if scope.parallel == 0 and scope.tokens.empty and scope.requests.empty:
                 del self._scopes[name]
                 forgotten += 1
         reserved = self.reserved
@@ -467,13 +542,6 @@ class Ledger:
         tokens = scope.tokens.quota(limits.tokens_per_minute, now) if limits.tokens_per_minute is not None else None
         requests = scope.requests.quota(limits.requests_per_minute, now) if limits.requests_per_minute is not None else None
         return tokens, requests
-
-
-def _tighter(current: Quota | None, other: Quota) -> Quota:
-    """The quota with the fewer remaining (the one a client must pace itself on)."""
-    if current is None or other.remaining < current.remaining:
-        return other
-    return current
 
 
 def whole_seconds(seconds: float | None) -> int | None:
