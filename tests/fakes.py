@@ -73,6 +73,10 @@ class FakeResponse:
                 return value
         return None
 
+    def head_relayed(self) -> None:
+        content_type = self.header(b"content-type")
+        self.headers = [] if content_type is None else [(b"content-type", content_type)]
+
     def deliver_body(self, consumer) -> None:
         self.consumer = consumer
         consumer.body_started(self.transport)

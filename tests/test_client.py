@@ -500,3 +500,26 @@ def test_an_answered_request_is_not_held_while_its_answer_streams():
     response = result_of(answered)
     assert response.code == 200
     assert let_go > 900_000
+
+
+def test_an_answers_headers_once_relayed_are_let_go_but_its_content_type():
+    # How an answer cut short is ended depends on its content type; the rest of
+    # its headers are not held, by the answer or by its connection, while it streams.
+    import tracemalloc
+
+    backend = Backend()
+    answered = get(backend)
+    backend.accept()
+    many = b"".join(b"X-Backend-%d: %s\r\n" % (n, b"v" * 2000) for n in range(20))
+    tracemalloc.start()
+    try:
+        backend.answer(0, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + many + b"Transfer-Encoding: chunked\r\n\r\n")
+        response = result_of(answered)
+        holding = tracemalloc.get_traced_memory()[0]
+        response.head_relayed()
+        let_go = holding - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert response.headers == [(b"content-type", b"text/event-stream")]
+    assert response.header(b"content-type") == b"text/event-stream"
+    assert let_go > 38_000

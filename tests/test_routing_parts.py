@@ -332,6 +332,17 @@ def test_a_stream_broken_for_good_ends_with_the_speakers_error_event_and_no_end(
     assert call.ctx.outcome == "stream_broken"
 
 
+def test_a_streams_backend_headers_are_let_go_once_relayed_but_its_content_type():
+    routing = Routing(resume_second=False)
+    call = routing.call(FakeCall(stream=True), targets=("second",))
+    routing.serve(call)
+    headers = {b"content-type": b"text/event-stream", b"x-backend-trace": b"t" * 500, b"openai-processing-ms": b"12"}
+    response = routing.upstreams["second"].last.respond(FakeResponse(200, headers))
+    response.send(b"data: Hello\n\n")
+    assert b"x-backend-trace: " + b"t" * 500 in b"".join(routing.channel.written).lower()
+    assert response.headers == [(b"content-type", b"text/event-stream")]
+
+
 def test_a_call_whose_client_left_tries_nothing_more():
     routing = Routing(first_retries=3)
     call = routing.call(targets=("first", "second"))

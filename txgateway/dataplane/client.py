@@ -149,6 +149,15 @@ class UpstreamResponse:
                 return value
         return None
 
+    def head_relayed(self) -> None:
+        """
+        The status and headers went on to the client: of the headers only
+        C{Content-Type} is kept (how an answer cut short is ended depends on
+        it), not the rest for as long as a stream lasts.
+        """
+        content_type = self.header(b"content-type")
+        self.headers = [] if content_type is None else [(b"content-type", content_type)]
+
     def deliver_body(self, consumer: Any) -> None:
         """Deliver the body to an L{IBodyConsumer}, with what already arrived first."""
         self._exchange.deliver(consumer)
@@ -385,6 +394,7 @@ class _UpstreamConnection(Protocol):
         if code in (204, 304):
             length = 0
         response = UpstreamResponse(code, self._reason, self._headers, length, exchange)
+        self._headers = []  # the answer's now: the connection holds them no longer
         # Answered: nothing sends the request again, so its bytes (a prompt of
         # tens of KB) are not held for as long as a stream lasts.
         exchange.request_bytes = b""

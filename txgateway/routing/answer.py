@@ -72,6 +72,7 @@ class AnswerRelay:
                 headers = [(name, value) for name, value in headers if name.lower() != b"content-type"]
                 headers.append((b"Content-Type", relay.content_type))
         call.request.start(response.code, response.reason, headers, length)
+        response.head_relayed()
         call.answer_started()
 
     async def _relay(self, call: Call, target: Target, answer: Answer, held: IAnswerRelay | None) -> None:
