@@ -397,3 +397,14 @@ def test_a_minute_of_a_busy_keys_requests_holds_no_object_per_request():
     # Two windows of 20,000 entries each: a time and an amount, 16 bytes, and the arrays' slack
     # (one entry per id held about 330 bytes a request: 6.5 MB).
     assert held < 20_000 * 2 * 24
+
+
+def test_a_settle_after_its_entry_left_the_window_counts_only_its_excess_from_then_trimmed_or_not():
+    # No reserve came in between to trim the window: the entry has left it all the same
+    # (as Redis's script, which trims before it settles, decides).
+    ledger = Ledger()
+    taken = ask(1, 100, 0, KEY)
+    assert ledger.reserve(taken, NOON).allowed
+    ledger.settle(taken, 300, 0, NOON + 61)
+    tokens, _ = ledger.quotas(KEY, NOON + 61)
+    assert tokens.used == 200 and tokens.reset == pytest.approx(60.0)

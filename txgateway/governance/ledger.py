@@ -460,6 +460,7 @@ class Ledger:
         for limits, budget_key, (tokens_at, _) in zip(ask.scopes, held.budget_keys, held.positions):
             scope = self._scope(limits.scope)
             if limits.tokens_per_minute is not None:
+                scope.tokens.trim(now)  # an entry older than the window has left it, trimmed yet or not
                 scope.tokens.settle(tokens_at, tokens, ask.tokens, now)
             scope.parallel -= 1
             key = (limits.scope, budget_key)
