@@ -223,3 +223,39 @@ async def test_the_admin_store_writes_a_record_only_over_the_one_its_change_was_
         assert len(await store.audit(10)) == 3  # a refused change leaves no audit entry
     finally:
         await connection.disconnect()
+
+
+async def all_settled(store: RedisLedgerStore) -> None:
+    """Every settle handed to C{store} has been applied in Redis (they go in batches, one at a time)."""
+    while store._settling is not None:
+        await store._settling
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_key_the_scripts_write_expires_but_a_total_budget_and_the_held_set(redis_server):
+    # Reserve, settle (within its reservation, past it, and beyond the window), lapse,
+    # and a settle replayed from a gateway that decided alone: nothing is kept forever
+    # that was not meant to be.
+    async with store_at_noon(redis_server) as (clock, store):
+        total = ScopeLimits("key:dan", tokens_per_minute=1000, requests_per_minute=50, budget_nano=10**9, budget_period="total")
+        asks = [Ask(f"t{n}", (total, TEAM), 100, 100, NOON + 300) for n in range(4)]
+        for ask in asks:
+            assert (await store.reserve(ask)).allowed
+        await store.settle(asks[0], Settled("dan", "ml", 50, 50, (ModelUse("m", 50, 0, 50),)))
+        await store.settle(asks[1], Settled("dan", "ml", 400, 400, (ModelUse("m", 400, 0, 400),)))
+        await all_settled(store)
+        clock.advance(70)  # past the window: asks[2]'s excess counts from now, in window keys made anew
+        await store.settle(asks[2], Settled("dan", "ml", 300, 300, (ModelUse("m", 300, 0, 300),), "user-1"))
+        alone = ScopeLimits("key:erin", tokens_per_minute=1000, budget_nano=10**9, budget_period="day")
+        await store.settle(Ask("alone", (alone,), 10, 10, NOON + 400), Settled("erin", None, 20, 20, (ModelUse("m", 20, 0, 20),)))
+        await all_settled(store)
+        clock.advance(300)  # asks[3] lapses at the next call
+        assert (await store.reserve(Ask("late", (KEY,), 10, 10, clock.seconds() + 60))).allowed
+        connection = await connected(redis_server)
+        try:
+            keys = await connection.keys("txgateway:gov:*")
+            forever = sorted([key for key in keys if (await connection.ttl(key)) == -1])
+        finally:
+            await connection.disconnect()
+    assert "txgateway:gov:tok:key:erin" in keys and "txgateway:gov:tok:key:dan" in keys
+    assert forever == ["txgateway:gov:bud:key:dan:total", "txgateway:gov:held", "txgateway:gov:resv:key:dan:total"]

@@ -56,10 +56,15 @@ local function bound(value)
   return value
 end
 local function int(value) return string.format('%d', bound(value)) end
-local function refresh(scope)
-  for _, kind in ipairs({'tok:', 'tokamt:', 'toksum:', 'req:'}) do
-    redis.call('PEXPIRE', P .. kind .. scope, 120000)
+-- The windows a scope uses expire two minutes after they were last added to
+-- (every write that can make one of their keys calls this).
+local function refresh(s)
+  if s.tpm > 0 then
+    for _, kind in ipairs({'tok:', 'tokamt:', 'toksum:'}) do
+      redis.call('PEXPIRE', P .. kind .. s.s, 120000)
+    end
   end
+  if s.rpm > 0 then redis.call('PEXPIRE', P .. 'req:' .. s.s, 120000) end
 end
 local function trim(scope, now)
   local z = P .. 'tok:' .. scope
@@ -91,11 +96,13 @@ end
 local function budget_keys(scope, period)
   return P .. 'bud:' .. scope .. ':' .. period, P .. 'resv:' .. scope .. ':' .. period
 end
-local function count_budget(scope, period, committed, reserved)
+-- renewing: the keys' 40 days start again (a reserve, or a write that may make
+-- them); a settle or a lapse of a reservation made here finds them made.
+local function count_budget(scope, period, committed, reserved, renewing)
   local bud, resv = budget_keys(scope, period)
   redis.call('INCRBY', bud, int(committed))
   if reserved ~= 0 then redis.call('INCRBY', resv, int(reserved)) end
-  if period ~= 'total' then
+  if renewing and period ~= 'total' then
     redis.call('EXPIRE', bud, 40 * 86400)
     redis.call('EXPIRE', resv, 40 * 86400)
   end
@@ -111,7 +118,7 @@ local function lapse(now)
         remove_entry(s.s, id)
         redis.call('ZREM', P .. 'req:' .. s.s, id)
         redis.call('ZREM', P .. 'par:' .. s.s, id)
-        count_budget(s.s, s.bk, -ask.cost, -ask.cost)
+        count_budget(s.s, s.bk, -ask.cost, -ask.cost, false)
       end
       redis.call('DEL', P .. 'r:' .. id)
     end
@@ -198,9 +205,9 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
       if s.rpm > 0 then redis.call('ZADD', P .. 'req:' .. s.s, now, ask.id) end
       redis.call('ZADD', P .. 'par:' .. s.s, ask.exp, ask.id)
       redis.call('EXPIRE', P .. 'par:' .. s.s, 86400)
-      count_budget(s.s, s.bk, ask.cost, ask.cost)
+      count_budget(s.s, s.bk, ask.cost, ask.cost, true)
       spent[s.s] = spent[s.s] + ask.cost
-      refresh(s.s)
+      refresh(s)
     end
     redis.call('SET', P .. 'r:' .. ask.id, cjson.encode(ask), 'EX', math.max(1, math.ceil(ask.exp - now)) + 86400)
     redis.call('ZADD', P .. 'held', ask.exp, ask.id)
@@ -255,11 +262,11 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
             redis.call('INCRBY', P .. 'toksum:' .. s.s, int(settle.tokens - old))
           elseif settle.tokens > ask.tokens then
             add_entry(s.s, id .. '+', settle.tokens - ask.tokens, now)
+            refresh(s)
           end
-          refresh(s.s)
         end
         redis.call('ZREM', P .. 'par:' .. s.s, id)
-        count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost)
+        count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost, false)
       end
       redis.call('DEL', P .. 'r:' .. id)
       redis.call('ZREM', P .. 'held', id)
@@ -268,9 +275,9 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
         trim(s.s, now)
         if s.tpm > 0 and settle.tokens > 0 then
           add_entry(s.s, id .. '+', settle.tokens, now)
-          refresh(s.s)
+          refresh(s)
         end
-        count_budget(s.s, settle.bk[s.s], settle.cost, 0)
+        count_budget(s.s, settle.bk[s.s], settle.cost, 0, true)
       end
     end
     local day = P .. 'day:' .. settle.day
