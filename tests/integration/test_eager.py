@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
@@ -44,8 +46,15 @@ async def test_an_empty_buffer_sends_at_once_and_a_busy_one_keeps_the_order():
     port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory())
     try:
         client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol())
-        write = writer_for(client.transport)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            write = writer_for(client.transport)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
         assert write is not client.transport.write  # the eager path is there on this Twisted
+        assert held < 160  # a connection holds it as long as it lasts (a closure was 350 bytes)
         write(b"first")
         assert client.transport.dataBuffer == b"" and not client.transport._tempDataBuffer  # sent, not buffered
         client.transport.write(b"-queued-")  # Twisted's buffer now holds bytes...
