@@ -11,6 +11,7 @@ memory, bypass the cache).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any, Callable
 
@@ -24,8 +25,9 @@ from txgateway.resilience.breaker import Admission, CircuitBreaker
 __all__ = ["GuardedRedis", "script_sha"]
 
 
+@functools.lru_cache(maxsize=16)
 def script_sha(script: str) -> str:
-    """The SHA-1 Redis names a Lua script by."""
+    """The SHA-1 Redis names a Lua script by (a script is a few KB: hashed once, not each call)."""
     return hashlib.sha1(script.encode("utf-8")).hexdigest()
 
 
