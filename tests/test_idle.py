@@ -25,17 +25,23 @@ def test_nothing_seen_for_the_timeout_is_idle_once():
     assert idled == [10.0]
 
 
+def idle_once_a_timeout_from_now(clock: Clock, idled: list) -> None:
+    """One timer is armed, and it says idle exactly a timeout (10 s) from now, not before."""
+    assert len(clock.getDelayedCalls()) == 1
+    now = clock.seconds()
+    clock.advance(9.99)
+    assert idled == []
+    clock.advance(0.01)
+    assert idled == [pytest.approx(now + 10.0)]
+
+
 def test_a_sighting_moves_the_timeout_exactly_without_a_second_timer():
     idle, clock, idled = timer()
     idle.start()
     for _ in range(5):
         clock.advance(3)
         idle.seen()
-    assert len(clock.getDelayedCalls()) == 1
-    clock.advance(9.99)
-    assert idled == []
-    clock.advance(0.01)
-    assert idled == [pytest.approx(25.0)]
+    idle_once_a_timeout_from_now(clock, idled)  # at 25 s
 
 
 def test_starting_again_counts_from_then_on_the_same_timer():
@@ -43,11 +49,7 @@ def test_starting_again_counts_from_then_on_the_same_timer():
     idle.start()
     clock.advance(6)
     idle.start()
-    assert len(clock.getDelayedCalls()) == 1
-    clock.advance(9.99)
-    assert idled == []
-    clock.advance(0.01)
-    assert idled == [pytest.approx(16.0)]
+    idle_once_a_timeout_from_now(clock, idled)  # at 16 s
 
 
 def test_a_stopped_timer_says_nothing_until_started_again():
