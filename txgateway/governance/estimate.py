@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from txgateway.config.keys import FREE, ModelPrice
 
-__all__ = ["BYTES_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS", "Prices", "completion_cap", "estimate_prompt_tokens", "relayed_tokens"]
+__all__ = ["BYTES_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS", "Prices", "completion_cap", "estimate_prompt_tokens", "relayed_tokens", "worst_cost"]
 
 #: Bytes of text counted as one token by the estimate.
 BYTES_PER_TOKEN = 3
@@ -136,7 +136,7 @@ class Prices:
 
     def __init__(self, prices: Mapping[str, ModelPrice]) -> None:
         self._prices = dict(prices)
-        self._dearest: dict[tuple, list[ModelPrice]] = {}
+        self._dearest: dict[tuple, tuple[ModelPrice, ...]] = {}
 
     def priced(self, model: str) -> bool:
         """Whether C{model} has a price (its own, or C{[price:*]})."""
@@ -148,18 +148,26 @@ class Prices:
             return self._prices[model]
         return self._prices.get("*", FREE)
 
+    def distinct(self, models: list[str | None]) -> tuple[ModelPrice, ...]:
+        """The distinct prices of C{models}, free ones left out (they cost 0): what prices their worst case."""
+        distinct = {(price.prompt, price.completion, price.cached_prompt): price for price in map(self.of, models)}
+        return tuple(price for price in distinct.values() if price.prompt or price.completion)
+
     def dearest(self, models: list[str | None], prompt_tokens: int, completion_tokens: int) -> int:
         """What C{prompt_tokens} and C{completion_tokens} cost at the dearest of C{models}, in nano-dollars."""
         key = tuple(models)
         prices = self._dearest.get(key)
         if prices is None:
-            # The distinct prices of these models, once (free ones left out: they cost 0).
             if len(self._dearest) >= 10_000:
                 self._dearest.clear()  # client-chosen model names ([model:*]) must not grow it without bound
-            distinct = {(price.prompt, price.completion, price.cached_prompt): price for price in map(self.of, models)}
-            prices = self._dearest[key] = [price for price in distinct.values() if price.prompt or price.completion]
-        if not prices:
-            return 0
-        if len(prices) == 1:
-            return prices[0].cost_nano(prompt_tokens, completion_tokens)
-        return max(price.cost_nano(prompt_tokens, completion_tokens) for price in prices)
+            prices = self._dearest[key] = self.distinct(models)
+        return worst_cost(prices, prompt_tokens, completion_tokens)
+
+
+def worst_cost(prices: tuple[ModelPrice, ...], prompt_tokens: int, completion_tokens: int) -> int:
+    """What C{prompt_tokens} and C{completion_tokens} cost at the dearest of C{prices} (0: none), in nano-dollars."""
+    if not prices:
+        return 0
+    if len(prices) == 1:
+        return prices[0].cost_nano(prompt_tokens, completion_tokens)
+    return max(price.cost_nano(prompt_tokens, completion_tokens) for price in prices)

@@ -19,9 +19,9 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
-from txgateway.config.keys import NANO_PER_USD, ApiKey, TeamLimits, usd_to_nano
+from txgateway.config.keys import NANO_PER_USD, ApiKey, ModelPrice, TeamLimits, usd_to_nano
 from txgateway.errors import GatewayError
-from txgateway.governance.estimate import IMAGE_TOKENS, Prices, completion_cap, estimate_prompt_tokens, relayed_tokens
+from txgateway.governance.estimate import IMAGE_TOKENS, Prices, completion_cap, estimate_prompt_tokens, relayed_tokens, worst_cost
 from txgateway.governance.interface import IGovernanceStore, ModelUse, Settled
 from txgateway.governance.ledger import (
     NANO_BOUND,
@@ -142,6 +142,25 @@ def end_user_of_scope(scope: str) -> tuple[str, str] | None:
         return None
     key, _, end_user = scope[len(PASSING_SCOPE):].partition(":")
     return key, end_user
+
+
+@attrs.frozen
+class _Plan:
+    """
+    What every call of one key to one model (sent as the same models)
+    reserves alike, made once: what its completion reserves when the
+    request names no maximum, what each image counts, and the prices that
+    price its worst case (the dearest of them).
+    """
+
+    default_completion: int
+    image_tokens: int
+    #: The distinct prices of the models sent (free ones left out).
+    prices: tuple[ModelPrice, ...]
+
+    def worst_cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """What C{prompt_tokens} and C{completion_tokens} cost at the dearest of the models, in nano-dollars."""
+        return worst_cost(self.prices, prompt_tokens, completion_tokens)
 
 
 @attrs.define(eq=False)
@@ -306,15 +325,16 @@ class Governor:
         #: The worst case of the last request asked of each key's and team's budget (the status page's
         #: bar says when what is left does not pay for another such request), in nano-dollars.
         self.worst_cases: dict[str, int] = {}
-        #: (key, model, models sent) -> the completion reserved by default: see L{_plan}.
-        self._plans: dict[tuple, int] = {}
+        #: (key, model, models sent) -> what such a call reserves alike: see L{_plan}.
+        self._plans: dict[tuple, _Plan] = {}
         #: Reservation ids: this gateway's random prefix and a count (unique across gateways, cheap).
         self._ids = map(f"{secrets.token_hex(8)}-%d".__mod__, itertools.count())
-        #: Each key's scopes, with tokens counted and without (made once, not per request).
-        self._scopes = {
-            (key.name, counts): scope_limits(key, self.teams.get(key.team) if key.team else None, counts)
-            for key in keys for counts in (True, False)
-        }
+        #: Each key's scopes, with tokens counted and without, and the names of those with a budget (made once, not per request).
+        self._scopes = {}
+        for key in keys:
+            for counts in (True, False):
+                scopes = scope_limits(key, self.teams.get(key.team) if key.team else None, counts)
+                self._scopes[key.name, counts] = (scopes, tuple(limits.scope for limits in scopes if limits.budget_nano is not None))
 
     def key_of(self, ctx: RequestContext) -> ApiKey | None:
         """The key the request's caller presented, or L{None}."""
@@ -388,14 +408,13 @@ class Governor:
             plan = self._plans.get((key.name, model, *models))
             if plan is None:
                 plan = self._plan(ctx, key, model, models)
-            default_completion, image_tokens = plan
             body = model_call.body
-            prompt = estimate_prompt_tokens(body, image_tokens)
-            completion = completion_cap(body, model_call.generates, max(default_completion, completion_floor))
-            cost = self.prices.dearest(models or [model], prompt, completion)
+            prompt = estimate_prompt_tokens(body, plan.image_tokens)
+            completion = completion_cap(body, model_call.generates, max(plan.default_completion, completion_floor))
+            cost = plan.worst_cost(prompt, completion)
         now = self._clock.seconds()
         counted = model_call is not None or price is not None
-        scopes = self._scopes[key.name, counted]
+        scopes, budget_scopes = self._scopes[key.name, counted]
         completion_facts = ctx.completion
         end_user = completion_facts.end_user if completion_facts is not None else None
         if end_user is not None and key.limits_users:
@@ -404,9 +423,8 @@ class Governor:
         ask = Ask(next(self._ids), scopes, prompt + completion, cost, now + deadline + self._expiry_margin)
         if cost:
             worst_cases = self.worst_cases
-            for limits in scopes:
-                if limits.budget_nano is not None and not limits.scope.startswith(PASSING_SCOPE):
-                    worst_cases[limits.scope] = cost
+            for scope in budget_scopes:
+                worst_cases[scope] = cost
         verdict = await self.store.reserve(ask)
         priced = models or [model_call.model if model_call is not None else None]
         if not verdict.allowed and verdict.reason == BUDGET_EXCEEDED and self._when_short == "cap" and price is None:
@@ -481,20 +499,20 @@ class Governor:
                 renewing.addErrback(lambda failure: self._log.error("budgets_renew_failed", reason=failure.getErrorMessage()))
         self._renewal = self._clock.callLater(self._renew_window / 2, self._renew)
 
-    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> tuple[int, int]:
+    def _plan(self, ctx: RequestContext, key: ApiKey, model: str | None, models: list[str | None]) -> _Plan:
         """
-        What a call of C{key} to C{model} (sent as C{models}) reserves for
-        its completion when the request names no maximum, and for each
-        image, once the key was found allowed to call it (said once per key
-        and model; a model it may not call is refused each time).
+        What a call of C{key} to C{model} (sent as C{models}) reserves alike
+        (L{_Plan}), once the key was found allowed to call it (made once per
+        key and models; a model it may not call is refused each time).
         """
         if model is not None:
             self.check_model(ctx, model)
         self._say_unpriced(models or [model])
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()  # client-chosen model names ([model:*]) must not grow it without bound
-        plan = self._plans[(key.name, model, *models)] = (
+        plan = self._plans[(key.name, model, *models)] = _Plan(
             self._reserve_completion_tokens(model or ""), self._image_tokens(model or ""),
+            self.prices.distinct(models or [model]),
         )
         return plan
 

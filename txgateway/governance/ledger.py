@@ -228,7 +228,17 @@ class _Window:
             self._amounts[index] = -1
 
     def settle(self, position: int | None, used: int, reserved: int, now: float) -> None:
-        """The entry becomes what was used; when it already left the window, only an excess counts, from now."""
+        """
+        The entry becomes what was used; once it has left the window (trimmed
+        yet or not), only an excess counts, from now.
+        """
+        if position is not None:
+            index = position - self._base
+            if index >= self._head and self._times[index] > now - WINDOW and self._amounts[index] >= 0:
+                self.total += used - self._amounts[index]
+                self._amounts[index] = used
+                return
+        self.trim(now)
         index = self._index(position)
         if index is not None:
             self.total += used - self._amounts[index]
@@ -335,34 +345,51 @@ class Ledger:
             self.lapse(now)
         if now >= self._next_forget:
             self.forget_idle(now)
+        scopes, committed = self._scopes, self.committed
+        tokens, cost = ask.tokens, ask.cost_nano
         states = []
-        refusal = None
+        fits = True
         for limits in ask.scopes:
-            scope = self._scopes.get(limits.scope)
+            name = limits.scope
+            scope = scopes.get(name)
             if scope is None:
-                scope = self._scopes[limits.scope] = _Scope()
-            if limits.tokens_per_minute is not None:
-                scope.tokens.trim(now)
-            if limits.requests_per_minute is not None:
-                scope.requests.trim(now)
-            budget_key = (limits.scope, limits.budget_key(now))
+                scope = scopes[name] = _Scope()
+            budget_key = (name, period_key(limits.budget_period, now))
             states.append((limits, scope, budget_key))
-            found = self._refusal(limits, scope, budget_key, ask, now)
-            if found is not None and (refusal is None or REFUSAL_ORDER.index(found[0]) < REFUSAL_ORDER.index(refusal[0])):
-                refusal = found
-        if refusal is not None:
+            # Whether it fits at a glance (L{_refusal} says why not, and which refusal comes first).
+            tokens_per_minute = limits.tokens_per_minute
+            if tokens_per_minute is not None:
+                scope.tokens.trim(now)
+                if scope.tokens.total + tokens > tokens_per_minute:
+                    fits = False
+            requests_per_minute = limits.requests_per_minute
+            if requests_per_minute is not None:
+                scope.requests.trim(now)
+                if scope.requests.total >= requests_per_minute:
+                    fits = False
+            budget = limits.budget_nano
+            if budget is not None and committed.get(budget_key, 0) + cost > budget:
+                fits = False
+            if limits.max_parallel is not None and scope.parallel >= limits.max_parallel:
+                fits = False
+        if not fits:
+            refusal = None
+            for limits, scope, budget_key in states:
+                found = self._refusal(limits, scope, budget_key, ask, now)
+                if found is not None and (refusal is None or REFUSAL_ORDER.index(found[0]) < REFUSAL_ORDER.index(refusal[0])):
+                    refusal = found
             return self._verdict(states, now, *refusal)
-        committed, reserved, cost = self.committed, self.reserved, ask.cost_nano
+        reserved = self.reserved
         positions = []
         for limits, scope, budget_key in states:
             positions.append((
-                scope.tokens.add(ask.tokens, now) if limits.tokens_per_minute is not None else None,
+                scope.tokens.add(tokens, now) if limits.tokens_per_minute is not None else None,
                 scope.requests.add(1, now) if limits.requests_per_minute is not None else None,
             ))
             scope.parallel += 1
             committed[budget_key] = committed.get(budget_key, 0) + cost
             reserved[budget_key] = reserved.get(budget_key, 0) + cost
-        self._held[ask.reservation_id] = _Held(ask, tuple(state[2][1] for state in states), tuple(positions))
+        self._held[ask.reservation_id] = _Held(ask, tuple([state[2][1] for state in states]), tuple(positions))
         if ask.expires_at < self._earliest:
             self._earliest = ask.expires_at
         return self._verdict(states, now)
@@ -457,15 +484,17 @@ class Ledger:
                 key = (limits.scope, limits.budget_key(now))
                 self.committed[key] = self.committed.get(key, 0) + cost_nano
             return False
+        scopes, committed, reserved = self._scopes, self.committed, self.reserved
+        reserved_cost = ask.cost_nano
         for limits, budget_key, (tokens_at, _) in zip(ask.scopes, held.budget_keys, held.positions):
-            scope = self._scope(limits.scope)
+            name = limits.scope
+            scope = scopes[name]  # a scope holding a reservation is never forgotten
             if limits.tokens_per_minute is not None:
-                scope.tokens.trim(now)  # an entry older than the window has left it, trimmed yet or not
                 scope.tokens.settle(tokens_at, tokens, ask.tokens, now)
             scope.parallel -= 1
-            key = (limits.scope, budget_key)
-            self.committed[key] = self.committed.get(key, 0) + cost_nano - ask.cost_nano
-            self.reserved[key] = self.reserved.get(key, 0) - ask.cost_nano
+            key = (name, budget_key)
+            committed[key] = committed.get(key, 0) + cost_nano - reserved_cost
+            reserved[key] = reserved.get(key, 0) - reserved_cost
         return True
 
     def renew(self, reservation_ids: list[str], expires_at: float) -> int:
