@@ -143,6 +143,32 @@ async def test_hostile_numbers_never_poison_the_scripts_and_are_counted_like_the
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_settle_after_its_entry_left_the_window_counts_only_its_excess_from_then_like_the_pure_ledger(redis_server):
+    # No reserve came in between to trim the window: the script settles an entry it has not
+    # trimmed yet as one that has left the window (within it, it settles in place).
+    async with store_at_noon(redis_server) as (clock, store):
+        reference = Ledger()
+        limits = ScopeLimits("key:late", tokens_per_minute=1000, budget_nano=10**9, budget_period="day")
+        kept, late = Ask("kept", (limits,), 100, 10, NOON + 300), Ask("late", (limits,), 100, 10, NOON + 300)
+        for ask in (kept, late):
+            reference.reserve(ask, NOON)
+            assert (await store.reserve(ask)).allowed
+        clock.advance(30)
+        reference.settle(kept, 250, 10, NOON + 30)
+        await store.settle(kept, Settled("late", None, 250, 10, (ModelUse("m", 250, 0, 10),)))
+        await all_settled(store)
+        clock.advance(31)  # 'late' was taken 61 s ago, 'kept' 61 s ago too: both have left the window
+        reference.settle(late, 400, 10, NOON + 61)
+        await store.settle(late, Settled("late", None, 400, 10, (ModelUse("m", 400, 0, 10),)))
+        await all_settled(store)
+        clock.advance(1)
+        probe = Ask("probe", (limits,), 1, 0, NOON + 400)
+        expected = reference.reserve(probe, NOON + 62)
+        assert expected.tokens.used == 300 + 1  # the excess of 'late' alone, from when it settled
+        assert comparable(await store.reserve(probe)) == comparable(expected)
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded(redis_server):
     from txgateway.governance.redis import KEY_PREFIX, RESERVE_LUA
 

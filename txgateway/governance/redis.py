@@ -56,17 +56,19 @@ local function bound(value)
   return value
 end
 local function int(value) return string.format('%d', bound(value)) end
--- The windows a scope uses expire two minutes after they were last added to
--- (every write that can make one of their keys calls this).
+-- The windows a scope uses expire one to two minutes after they were last
+-- added to (every write that can make one of their keys calls this): the
+-- tokens window's three keys get two minutes again once less than one is
+-- left (made anew, the entries' set has none), in one call most times.
 local function refresh(s)
-  if s.tpm > 0 then
+  if s.tpm > 0 and redis.call('PTTL', P .. 'tok:' .. s.s) < 60000 then
     for _, kind in ipairs({'tok:', 'tokamt:', 'toksum:'}) do
       redis.call('PEXPIRE', P .. kind .. s.s, 120000)
     end
   end
   if s.rpm > 0 then redis.call('PEXPIRE', P .. 'req:' .. s.s, 120000) end
 end
-local function trim(scope, now)
+local function trim_tokens(scope, now)
   local z = P .. 'tok:' .. scope
   while true do
     local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - WINDOW, 'LIMIT', 0, 500)
@@ -78,7 +80,15 @@ local function trim(scope, now)
     redis.call('HDEL', P .. 'tokamt:' .. scope, unpack(old))
     redis.call('ZREM', z, unpack(old))
   end
+end
+local function trim(scope, now)
+  trim_tokens(scope, now)
   redis.call('ZREMRANGEBYSCORE', P .. 'req:' .. scope, '-inf', now - WINDOW)
+end
+-- Only the windows the scope s has (a window it no longer has expires).
+local function trim_windows(s, now)
+  if s.tpm > 0 then trim_tokens(s.s, now) end
+  if s.rpm > 0 then redis.call('ZREMRANGEBYSCORE', P .. 'req:' .. s.s, '-inf', now - WINDOW) end
 end
 local function remove_entry(scope, id)
   local amount = redis.call('HGET', P .. 'tokamt:' .. scope, id)
@@ -88,24 +98,27 @@ local function remove_entry(scope, id)
     redis.call('ZREM', P .. 'tok:' .. scope, id)
   end
 end
+-- Returns the window's sum after it.
 local function add_entry(scope, id, amount, now)
   redis.call('ZADD', P .. 'tok:' .. scope, now, id)
   redis.call('HSET', P .. 'tokamt:' .. scope, id, int(amount))
-  redis.call('INCRBY', P .. 'toksum:' .. scope, int(amount))
+  return redis.call('INCRBY', P .. 'toksum:' .. scope, int(amount))
 end
 local function budget_keys(scope, period)
   return P .. 'bud:' .. scope .. ':' .. period, P .. 'resv:' .. scope .. ':' .. period
 end
--- renewing: the keys' 40 days start again (a reserve, or a write that may make
--- them); a settle or a lapse of a reservation made here finds them made.
-local function count_budget(scope, period, committed, reserved, renewing)
-  local bud, resv = budget_keys(scope, period)
-  redis.call('INCRBY', bud, int(committed))
-  if reserved ~= 0 then redis.call('INCRBY', resv, int(reserved)) end
-  if renewing and period ~= 'total' then
-    redis.call('EXPIRE', bud, 40 * 86400)
-    redis.call('EXPIRE', resv, 40 * 86400)
+-- A period's counter expires 40 days after it was made (no period is longer
+-- than 31): an INCRBY that answers what it added made it (or found 0).
+local function count(key, amount, period)
+  amount = int(amount)
+  if redis.call('INCRBY', key, amount) == tonumber(amount) and period ~= 'total' then
+    redis.call('EXPIRE', key, 40 * 86400)
   end
+end
+local function count_budget(scope, period, committed, reserved)
+  local bud, resv = budget_keys(scope, period)
+  count(bud, committed, period)
+  if reserved ~= 0 then count(resv, reserved, period) end
 end
 local function lapse(now)
   local held = P .. 'held'
@@ -118,7 +131,7 @@ local function lapse(now)
         remove_entry(s.s, id)
         redis.call('ZREM', P .. 'req:' .. s.s, id)
         redis.call('ZREM', P .. 'par:' .. s.s, id)
-        count_budget(s.s, s.bk, -ask.cost, -ask.cost, false)
+        count_budget(s.s, s.bk, -ask.cost, -ask.cost)
       end
       redis.call('DEL', P .. 'r:' .. id)
     end
@@ -147,8 +160,9 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
   ask.cost = math.max(0, bound(ask.cost))
   local refusal = nil
   local spent = {}
+  local sums = {}
   for _, s in ipairs(ask.scopes) do
-    trim(s.s, now)
+    trim_windows(s, now)
     local why, after, left, flight = nil, -1, false, false
     local bud, resv = budget_keys(s.s, s.bk)
     local committed = num(redis.call('GET', bud))
@@ -201,11 +215,11 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
   end
   if refusal == nil then
     for _, s in ipairs(ask.scopes) do
-      if s.tpm > 0 then add_entry(s.s, ask.id, ask.tokens, now) end
+      if s.tpm > 0 then sums[s.s] = add_entry(s.s, ask.id, ask.tokens, now) end
       if s.rpm > 0 then redis.call('ZADD', P .. 'req:' .. s.s, now, ask.id) end
       redis.call('ZADD', P .. 'par:' .. s.s, ask.exp, ask.id)
       redis.call('EXPIRE', P .. 'par:' .. s.s, 86400)
-      count_budget(s.s, s.bk, ask.cost, ask.cost, true)
+      count_budget(s.s, s.bk, ask.cost, ask.cost)
       spent[s.s] = spent[s.s] + ask.cost
       refresh(s)
     end
@@ -215,7 +229,7 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
   local tq, rq = nil, nil
   for _, s in ipairs(ask.scopes) do
     if s.tpm > 0 then
-      local used = num(redis.call('GET', P .. 'toksum:' .. s.s))
+      local used = sums[s.s] or num(redis.call('GET', P .. 'toksum:' .. s.s))
       local q = {s.tpm, math.max(0, s.tpm - used), newest(P .. 'tok:' .. s.s, now), used}
       if tq == nil or q[2] < tq[2] then tq = q end
     end
@@ -254,30 +268,32 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
       ask.tokens = math.max(0, bound(ask.tokens))
       ask.cost = math.max(0, bound(ask.cost))
       for _, s in ipairs(ask.scopes) do
-        trim(s.s, now)
         if s.tpm > 0 then
-          if redis.call('HEXISTS', P .. 'tokamt:' .. s.s, id) == 1 then
-            local old = num(redis.call('HGET', P .. 'tokamt:' .. s.s, id))
+          -- An entry older than the window has left it, trimmed yet or not.
+          local at = redis.call('ZSCORE', P .. 'tok:' .. s.s, id)
+          if not at or tonumber(at) <= now - WINDOW then trim_tokens(s.s, now) end
+          local old = redis.call('HGET', P .. 'tokamt:' .. s.s, id)
+          if old then
             redis.call('HSET', P .. 'tokamt:' .. s.s, id, int(settle.tokens))
-            redis.call('INCRBY', P .. 'toksum:' .. s.s, int(settle.tokens - old))
+            redis.call('INCRBY', P .. 'toksum:' .. s.s, int(settle.tokens - num(old)))
           elseif settle.tokens > ask.tokens then
             add_entry(s.s, id .. '+', settle.tokens - ask.tokens, now)
             refresh(s)
           end
         end
         redis.call('ZREM', P .. 'par:' .. s.s, id)
-        count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost, false)
+        count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost)
       end
       redis.call('DEL', P .. 'r:' .. id)
       redis.call('ZREM', P .. 'held', id)
     else
       for _, s in ipairs(settle.ask.scopes) do
-        trim(s.s, now)
+        trim_windows(s, now)
         if s.tpm > 0 and settle.tokens > 0 then
           add_entry(s.s, id .. '+', settle.tokens, now)
           refresh(s)
         end
-        count_budget(s.s, settle.bk[s.s], settle.cost, 0, true)
+        count_budget(s.s, settle.bk[s.s], settle.cost, 0)
       end
     end
     local day = P .. 'day:' .. settle.day
@@ -286,9 +302,9 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
       redis.call('HINCRBY', day, field .. 'p', int(use[2]))
       redis.call('HINCRBY', day, field .. 'c', int(use[3]))
       redis.call('HINCRBY', day, field .. 'n', int(use[4]))
-      if position == 1 then redis.call('HINCRBY', day, field .. 'r', 1) end
+      -- A day's first request of a key, team and model (its first, or the one that made the day) sets its 40 days.
+      if position == 1 and redis.call('HINCRBY', day, field .. 'r', 1) == 1 then redis.call('EXPIRE', day, 40 * 86400) end
     end
-    redis.call('EXPIRE', day, 40 * 86400)
     if settle.user then
       -- The end user's spend of the day: ordered by cost, with its counts beside.
       local member = settle.key .. '|' .. settle.user
@@ -301,9 +317,10 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
       end
       redis.call('HINCRBY', counts, member .. '|p', int(prompt))
       redis.call('HINCRBY', counts, member .. '|c', int(completion))
-      redis.call('HINCRBY', counts, member .. '|r', 1)
-      redis.call('EXPIRE', cost, 40 * 86400)
-      redis.call('EXPIRE', counts, 40 * 86400)
+      if redis.call('HINCRBY', counts, member .. '|r', 1) == 1 then  -- the end user's first of the day
+        redis.call('EXPIRE', cost, 40 * 86400)
+        redis.call('EXPIRE', counts, 40 * 86400)
+      end
     end
   end
 end
