@@ -222,3 +222,24 @@ def test_may_admit_is_asked_of_the_machine_in_every_state():
     assert breaker.may_admit() and breaker.status().state == "half_open"
     breaker.succeeded(breaker.admit("r2"))
     assert breaker.may_admit() and breaker.status().state == "closed"
+
+
+def test_the_indexed_table_finds_for_every_state_and_input_what_automats_own_scan_finds():
+    from automat._core import Automaton
+
+    from txgateway.resilience.breaker import _BreakerMachine
+
+    automaton = _BreakerMachine.__automat_automaton__
+    transitions = automaton.allTransitions()
+    states = {in_state for in_state, _, _, _ in transitions} | {out_state for _, _, out_state, _ in transitions}
+    symbols = {symbol for _, symbol, _, _ in transitions} | {"no_such_input"}
+    assert len(states) == 3 and len(transitions) > 30
+    for state in states:
+        for symbol in symbols:
+            try:
+                scanned = Automaton.outputForInput(automaton, state, symbol)
+            except NoTransition:
+                with pytest.raises(NoTransition):
+                    automaton.outputForInput(state, symbol)
+            else:
+                assert automaton.outputForInput(state, symbol) == scanned
