@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import zlib
-from typing import Awaitable
+from typing import Any, Awaitable, Callable, Coroutine
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from txgateway import errors
@@ -144,42 +144,63 @@ class ProxiedRequests:
         ctx.identify(caller)
         return True
 
-    async def api_request(self, request: IncomingRequest) -> None:
+    def api_request(self, request: IncomingRequest) -> Coroutine[Any, Any, None]:
         """Answer a C{/api/<service>/...} request: its API key, its service, then the broker."""
+        return self._served(request, self._api_answer)
+
+    def _api_answer(self, request: IncomingRequest) -> Awaitable[None] | None:
+        """What answers an C{/api/} request (the broker's call), or L{None}: it was refused here."""
         ctx: RequestContext = request.context
         # Before the service lookup: a caller without a key learns nothing.
         if not self._authenticated(request, ctx):
-            return
+            return None
         try:
             service, rest = split_api_path(request.path)
         except UnsafePath as error:
             answer_error(request, errors.NOT_FOUND, str(error))
-            return
+            return None
         route = self.gateway.broker.routes.get(service)
         if route is None:
             answer_error(request, errors.UNKNOWN_SERVICE, f"no service is named {service!r}")
-            return
+            return None
         ctx.service = service
         reading = self._reading_for(ctx)
-        await self._brokered(request, ctx, self.gateway.broker.proxy(request, ctx, route, rest, request.query, reading))
+        return self.gateway.broker.proxy(request, ctx, route, rest, request.query, reading)
 
-    async def _brokered(self, request: IncomingRequest, ctx: RequestContext, answering: Awaitable[None]) -> None:
-        """Await the broker's answer; a L{GatewayError} becomes the error shape."""
+    async def _served(self, request: IncomingRequest, answer: Callable[[IncomingRequest], Awaitable[None] | None]) -> None:
+        """
+        Serve C{request} as C{answer} decides: it answers at once (a
+        refusal; L{None}), or gives what answers it, awaited here (a
+        L{GatewayError} becomes the error shape).  The only frame a
+        request's answer keeps waiting above the broker's, for as long
+        as a stream lasts: what decides is done with before it waits.
+        """
+        answering = answer(request)
+        if answering is None:
+            return
         try:
             await answering
         except GatewayError as error:
-            ctx.stamp(request, self.gateway.clock.seconds())
-            answer_error(request, error.kind, error.message, error.headers)
+            self._refused(request, error)
         except AnswerCutShort:
             pass
 
-    async def openai_request(self, request: IncomingRequest) -> None:
+    def _refused(self, request: IncomingRequest, error: GatewayError) -> None:
+        """The broker's refusal (nothing of an answer was written), in the error shape."""
+        request.context.stamp(request, self.gateway.clock.seconds())
+        answer_error(request, error.kind, error.message, error.headers)
+
+    def openai_request(self, request: IncomingRequest) -> Coroutine[Any, Any, None]:
         """
         Answer C{/v1/...}, OpenAI's API: C{GET /v1/models} (and one model)
         from the configuration, and every C{POST} routed by its body's
         C{model} to that model's targets; C{POST /v1/messages} is
         Anthropic's Messages API, answered in its shapes (errors too).
         """
+        return self._served(request, self._openai_answer)
+
+    def _openai_answer(self, request: IncomingRequest) -> Awaitable[None] | None:
+        """What answers a C{/v1/} request (the broker's call, a held response, a conversation's turn), or L{None}: it was answered here."""
         ctx: RequestContext = request.context
         path = request.path
         counting = path in _TOKEN_COUNTS
@@ -187,23 +208,22 @@ class ProxiedRequests:
         if messages or path.startswith(b"/v1/messages/"):
             ctx.client_api = ANTHROPIC
         if not self._authenticated(request, ctx):
-            return
+            return None
         if path.startswith(b"/v1/messages/") and not counting:
             # Batches: the Messages API's other endpoints are not served.
             answer_error(request, errors.NOT_FOUND, f"{path.decode('latin-1')} is not served by this gateway")
-            return
+            return None
         if path == b"/v1/models" or path.startswith(b"/v1/models/"):
             self._models(request, ctx, path)
-            return
+            return None
         if path.startswith(b"/v1/responses/") and path != b"/v1/responses/input_tokens":
-            await self._held_response(request, ctx, path)
-            return
+            return self._held_response(request, ctx, path)
         if path == b"/v1/conversations" or path.startswith(b"/v1/conversations/"):
             answer_error(
                 request, errors.NOT_FOUND,
                 "the Conversations API is not served by this gateway: go on from a response with previous_response_id",
             )
-            return
+            return None
         if request.method != b"POST":
             if (request.header(b"upgrade") or b"").strip().lower() == b"websocket":
                 # Codex asks for its WebSocket transport first (a GET); a 426 sends it to HTTP.
@@ -211,17 +231,17 @@ class ProxiedRequests:
                     request, errors.UPGRADE_REQUIRED,
                     "this gateway serves the API over HTTP only, not over a WebSocket: send the request over HTTP",
                 )
-                return
+                return None
             answer_error(
                 request, errors.METHOD_NOT_ALLOWED,
                 f"{request.method.decode('ascii', 'replace')} is not allowed here", [(b"Allow", b"POST")],
             )
-            return
+            return None
         try:
             _decoded(request, self.gateway.config.gateway.max_body_size)
         except GatewayError as error:
             answer_error(request, error.kind, error.message)
-            return
+            return None
         governor = self.gateway.broker.governor
         reading = self._reading_for(ctx)
         if reading.strict:
@@ -229,7 +249,7 @@ class ProxiedRequests:
                 refuse_unless_json(request)
             except GatewayError as error:
                 answer_error(request, error.kind, error.message)
-                return
+                return None
         try:
             if messages:
                 call = MessagesCall.parse(request.body, reading)
@@ -240,16 +260,16 @@ class ProxiedRequests:
         except BadCall as error:
             api = "a Messages" if messages else ("a Responses" if path == b"/v1/responses" else "an OpenAI")
             answer_error(request, errors.BAD_REQUEST, f"{error}: {api} request is a JSON object with a model")
-            return
+            return None
         if call.model is None:
             answer_error(request, errors.BAD_REQUEST, "the body has no model: a string naming the model is needed")
-            return
+            return None
         if governor is not None:
             try:
                 governor.check_model(ctx, call.model)
             except GatewayError as error:
                 answer_error(request, error.kind, error.message)
-                return
+                return None
         targets = self.gateway.broker.models.targets_for(call.model)
         if targets is None:
             if not self.gateway.broker.models.models:
@@ -257,26 +277,23 @@ class ProxiedRequests:
             else:
                 message = f"no model is named {call.model!r}"
             answer_error(request, errors.MODEL_NOT_FOUND, message)
-            return
+            return None
         ctx.service = targets[0].route.config.name
         ctx.model_section = call.model if call.model in self.gateway.broker.models.models else ANY_MODEL
         if counting and targets[0].route.config.speaks(call.api) != call.api:
             # Only a target that speaks the client's API counts its tokens: the others get the gateway's estimate.
             _estimated_tokens(request, ctx, path, call.body, self.gateway.clock.seconds())
-            return
+            return None
         rest = path[len(b"/v1"):]
         if counting:
             # A count is no model call: its key and model were checked, and it costs nothing.  Only
             # the targets that count in the client's API are asked: a fallback of another API would
             # be sent a translated model call, one that generates.
             counters = [target for target in targets if target.route.config.speaks(call.api) == call.api]
-            proxied = self.gateway.broker.proxy_model(request, ctx, call, counters, rest, request.query, reading, uncharged=True)
-            await self._brokered(request, ctx, proxied)
-            return
+            return self.gateway.broker.proxy_model(request, ctx, call, counters, rest, request.query, reading, uncharged=True)
         if path == b"/v1/responses":
-            await self._conversation_turn(request, ctx, call, targets, rest, reading)
-            return
-        await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+            return self._conversation_turn(request, ctx, call, targets, rest, reading)
+        return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
 
     async def _conversation_turn(
         self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
@@ -301,7 +318,7 @@ class ProxiedRequests:
                     "send the whole conversation as input",
                 )
                 return
-            await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+            await self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
             return
         owner = ctx.caller.name if ctx.caller is not None else ""
         try:
@@ -318,7 +335,11 @@ class ProxiedRequests:
         if body.get("store") is not False:
             recorder = request.recorder = conversations.recorder()
         try:
-            await self._brokered(request, ctx, self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading))
+            await self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+        except GatewayError as error:
+            self._refused(request, error)
+        except AnswerCutShort:
+            pass
         finally:
             request.recorder = None
         # The answer is all written (a stream's last chunk goes when this returns): keep it before its client has its end.
