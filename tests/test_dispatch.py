@@ -151,3 +151,48 @@ def test_a_changed_twisted_keeps_its_own_dispatch(reactor, monkeypatch):
     before = reactor.doIteration
     assert dispatch.lean_dispatch(reactor) is False
     assert reactor.doIteration == before
+
+
+def test_the_timers_bookkeeping_is_the_installed_twisted_one():
+    """A Twisted release that changes how its timers' heap is kept fails here: read it again, then update TIMERS_DIGEST."""
+    assert dispatch._timers_digest(epollreactor.EPollReactor) == dispatch.TIMERS_DIGEST
+
+
+def test_cancelled_timers_leave_the_heap_once_an_eighth_of_it_and_the_others_fire_in_order(reactor):
+    assert dispatch.lean_dispatch(reactor) is True
+    now = [1000.0]
+    reactor.seconds = lambda: now[0]
+    fired = []
+    live = [reactor.callLater(10 + n, fired.append, n) for n in range(400)]
+    cancelled = [reactor.callLater(5 + n, fired.append, -n) for n in range(49)]
+    reactor.runUntilCurrent()  # into the heap
+    for call in cancelled:
+        call.cancel()
+    reactor.doPoll(0)
+    assert len(reactor._pendingTimedCalls) == 449  # 49: not yet worth a copy of the heap
+    late = [reactor.callLater(7, fired.append, -1000 - n) for n in range(10)]
+    reactor.runUntilCurrent()
+    for call in late:
+        call.cancel()
+    made_now = reactor.callLater(8, fired.append, "new")
+    made_now.cancel()  # made in this iteration: not in the heap yet
+    reactor.doPoll(0)
+    assert len(reactor._pendingTimedCalls) == 400 and all(call.active() for call in reactor._pendingTimedCalls)
+    assert reactor._cancellations == 1
+    reactor.runUntilCurrent()
+    assert reactor._cancellations == 0
+    now[0] += 500
+    reactor.runUntilCurrent()
+    assert fired == list(range(400)) and not any(call.active() for call in live)
+
+
+def test_a_twisted_whose_timers_are_kept_otherwise_keeps_its_cancelled_ones(reactor, monkeypatch):
+    monkeypatch.setattr(dispatch, "TIMERS_DIGEST", "0" * 64)
+    assert dispatch.lean_dispatch(reactor) is True
+    reactor.seconds = lambda: 1000.0
+    calls = [reactor.callLater(10 + n, lambda: None) for n in range(100)]
+    reactor.runUntilCurrent()
+    for call in calls[:60]:
+        call.cancel()
+    reactor.doPoll(0)
+    assert len(reactor._pendingTimedCalls) == 100
