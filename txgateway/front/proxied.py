@@ -175,10 +175,10 @@ class ProxiedRequests:
         request's answer keeps waiting above the broker's, for as long
         as a stream lasts: what decides is done with before it waits.
         """
-        answering = answer(request)
-        if answering is None:
-            return
         try:
+            answering = answer(request)  # the broker refuses what it decides against at once
+            if answering is None:
+                return
             await answering
         except GatewayError as error:
             self._refused(request, error)

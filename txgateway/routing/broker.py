@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import TYPE_CHECKING, Any, Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -90,7 +90,7 @@ class ServiceBroker:
         attempts = Attempts(clock, metrics, rng or random.Random())
         self._chain = FallbackChain(clock, attempts, AnswerRelay(clock, StreamResume(clock, attempts, metrics)), metrics)
 
-    async def proxy(
+    def proxy(
         self,
         request: IncomingRequest,
         ctx: RequestContext,
@@ -98,7 +98,7 @@ class ServiceBroker:
         rest: bytes,
         query: bytes,
         reading: BodyReading = FAST,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """
         Answer C{request} from C{route}'s backends (or its fallbacks'):
         write the status, headers and streamed body, or raise
@@ -106,6 +106,10 @@ class ServiceBroker:
         answer broke midway).  A model call of the service's API is read
         as C{reading} says: strictly for a governed key, whose requests the
         gateway cannot read are refused or priced (see L{_unread_price}).
+
+        What decides is done at once (a refusal is raised from this call),
+        and the rest is the coroutine returned: the one frame of the
+        broker's a stream keeps waiting (see L{_admitted}, L{_governed}).
         """
         path = _checked(rest, query)
         config = route.config
@@ -123,13 +127,11 @@ class ServiceBroker:
             else:
                 price = _unread_price(request, rest, config)
         call = Call.of(request, ctx, path, self._chains[config.name], self.speakers, model_call, as_sent=True)
-        await self._admit(request, ctx, route)
         if governor is None:
-            await self._serve_call(call, path)
-        else:
-            await self._governed(call, path, price)
+            return self._admitted(call, path)
+        return self._governed(call, path, price)
 
-    async def proxy_model(
+    def proxy_model(
         self,
         request: IncomingRequest,
         ctx: RequestContext,
@@ -139,7 +141,7 @@ class ServiceBroker:
         query: bytes,
         reading: BodyReading = FAST,
         uncharged: bool = False,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """
         Answer an OpenAI or Messages request from its model's targets in
         order (the first is the primary), each sent the body with its own
@@ -151,7 +153,8 @@ class ServiceBroker:
         as under C{/api/} (see L{_unread_price}), unless C{uncharged} (a
         count of tokens: its key and model were checked, and it costs
         nothing: it is held to its key's requests a minute and in flight
-        only, as a request that is no model call).
+        only, as a request that is no model call).  As L{proxy}: what
+        decides is done at once, the rest is the coroutine returned.
         """
         path = _checked(rest, query)
         price = None
@@ -163,11 +166,14 @@ class ServiceBroker:
         refused = call.untranslatable()
         if refused:
             call.targets = self._translatable(call, refused)
-        await self._admit(request, ctx, call.targets[0].route)
         if self.governor is None:
-            await self._serve_call(call, b"/v1" + path)
-        else:
-            await self._governed(call, b"/v1" + path, price, charged=not uncharged)
+            return self._admitted(call, b"/v1" + path)
+        return self._governed(call, b"/v1" + path, price, charged=not uncharged)
+
+    async def _admitted(self, call: Call, cached_as: bytes) -> None:
+        """C{call} through the rate limit of its first target, then served."""
+        await self._admit(call.request, call.ctx, call.targets[0].route)
+        await self._serve_call(call, cached_as)
 
     def _translatable(self, call: Call, refused: list[tuple[Target, str]]) -> list[Target]:
         """C{call}'s targets less those it cannot be translated for; L{GatewayError} when none is left."""
@@ -185,11 +191,13 @@ class ServiceBroker:
         self, call: Call, cached_as: bytes, request_price: tuple[str, float] | None = None, charged: bool = True,
     ) -> None:
         """
-        Serve C{call} within its caller's reservation, settled however the
-        call ends (answered, refused, broken, the client gone).  A call not
+        C{call} through the rate limit of its first target, then served
+        within its caller's reservation, settled however the call ends
+        (answered, refused, broken, the client gone).  A call not
         C{charged} (a count of tokens) is reserved as a request that is no
         model call: its requests counted, no tokens, no cost.
         """
+        await self._admit(call.request, call.ctx, call.targets[0].route)
         model_call = call.model_call if charged else None
         models = [target.model or (model_call.model if model_call is not None else None) for target in call.targets]
         deadline = call.targets[0].route.config.deadline
