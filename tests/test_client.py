@@ -523,3 +523,20 @@ def test_an_answers_headers_once_relayed_are_let_go_but_its_content_type():
     assert response.headers == [(b"content-type", b"text/event-stream")]
     assert response.header(b"content-type") == b"text/event-stream"
     assert let_go > 38_000
+
+
+def test_a_streams_exchange_lets_go_of_the_deferred_that_told_its_answer():
+    # A stream lasts minutes: what waited for its head is not held by its exchange after.
+    import gc
+    import weakref
+
+    backend = Backend()
+    answered = get(backend)
+    told = weakref.ref(answered)
+    backend.accept()
+    backend.answer(0, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    response = result_of(answered)
+    del answered
+    gc.collect()
+    assert told() is None
+    assert response.code == 200

@@ -162,3 +162,40 @@ def test_trailer_and_the_headers_connection_names_are_hop_by_hop_both_ways():
     request = IncomingRequest(None, b"GET", b"/x", list(hops.items()))
     sent = dict(request_headers_for_upstream(request, "r1", "10.0.0.1"))
     assert b"X-Kept" in sent and not {b"Trailer", b"Connection", b"X-Hop", b"TE"} & set(sent)
+
+
+def _held_relay():
+    """A relay before its commit point (no client request yet), its backend started."""
+    relay = BodyRelay(None, Clock(), 5.0)
+    relay.body_started(FakeBodyTransport())
+    return relay
+
+
+def test_the_commit_points_wait_is_let_go_once_the_first_data_came_and_a_later_ask_is_answered_at_once():
+    import gc
+    import weakref
+
+    relay = _held_relay()
+    waiting = relay.first_data
+    seen = weakref.ref(waiting)
+    relay.body_received(b"data: {}\n\n")
+    assert result_of(waiting) is None and relay.has_first_data
+    del waiting
+    gc.collect()
+    assert seen() is None  # a stream lasts minutes: its relay keeps no fired Deferred
+    assert result_of(relay.first_data) is None
+
+
+def test_first_data_asked_only_after_the_first_bytes_came_has_fired():
+    relay = _held_relay()
+    relay.body_received(b"x")
+    assert relay.first_data.called and result_of(relay.first_data) is None
+
+
+def test_a_body_that_breaks_before_its_first_data_fails_it_for_whoever_asks_then():
+    relay = _held_relay()
+    relay.body_ended(StreamEnded("the connection was lost"))
+    failed = relay.first_data
+    assert failed.called and not relay.has_first_data
+    assert relay.first_data is failed  # the same failure, once
+    failed.addErrback(lambda failure: failure.trap(StreamBroken))

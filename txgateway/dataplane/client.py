@@ -191,8 +191,9 @@ class _Exchange:
         self.request_bytes = request_bytes
         self.head_only = head_only
         # The canceller holds the exchange weakly: no reference cycle for the
-        # garbage collector to find on every request.
-        self.answered: Deferred = Deferred(functools.partial(_cancel_exchange, weakref.ref(self)))
+        # garbage collector to find on every request.  Let go once it fired
+        # (L{answer}, L{fail}): a stream's exchange lasts minutes.
+        self.answered: Deferred | None = Deferred(functools.partial(_cancel_exchange, weakref.ref(self)))
         self.connection: _UpstreamConnection | None = None
         self.retried = False
         self.cancelled = False
@@ -204,6 +205,21 @@ class _Exchange:
         self._pending_connect: Deferred | None = None
 
     # -- from the connection
+
+    @property
+    def unanswered(self) -> bool:
+        """Nothing told whoever waits for the answer yet (neither its head, nor a failure, nor their cancel)."""
+        return self.answered is not None and not self.answered.called
+
+    def answer(self, response: Any) -> None:
+        """The answer's head came: whoever waits gets it."""
+        answered, self.answered = self.answered, None
+        answered.callback(response)
+
+    def fail(self, error: Any) -> None:
+        """No answer: whoever waits gets C{error} (an exception, or a L{Failure})."""
+        answered, self.answered = self.answered, None
+        answered.errback(error)
 
     def body_data(self, data: bytes) -> None:
         if self._discarding:
@@ -335,13 +351,13 @@ class _UpstreamConnection(Protocol):
             self.abandon()
             message = f"the backend's answer is malformed: {error}"
             response, self._response = self._response, None
-            if response is None and not exchange.answered.called:
+            if response is None and exchange.unanswered:
                 self._fail(exchange, UpstreamProtocolError(message))
             else:
                 self._exchange = None
                 exchange.body_end(StreamEnded(message))
                 if response is not None:
-                    exchange.answered.callback(response)
+                    exchange.answer(response)
             return
         self.feeding = False
         # The answer is told once the whole read is parsed: a body that came
@@ -355,7 +371,7 @@ class _UpstreamConnection(Protocol):
             self._pool.release(self)
             exchange.body_end(None)
         if response is not None:
-            exchange.answered.callback(response)
+            exchange.answer(response)
         if exchange._discarding and not self._complete and self._exchange is exchange:
             self.abandon()
 
@@ -425,7 +441,7 @@ class _UpstreamConnection(Protocol):
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             return
-        if self._in_headers or not exchange.answered.called:
+        if self._in_headers or exchange.unanswered:
             if exchange.cancelled:
                 return
             if self._reused and not self._received and not exchange.retried:
@@ -442,8 +458,8 @@ class _UpstreamConnection(Protocol):
 
     def _fail(self, exchange: _Exchange, error: Exception) -> None:
         self._exchange = None
-        if not exchange.answered.called:
-            exchange.answered.errback(error)
+        if exchange.unanswered:
+            exchange.fail(error)
 
 
 def _why(reason: Any) -> str:
@@ -621,9 +637,9 @@ class UpstreamPool:
 
         def failed(failure: Any) -> None:
             exchange._pending_connect = None
-            if exchange.cancelled or exchange.answered.called:
+            if exchange.cancelled or not exchange.unanswered:
                 return
-            exchange.answered.errback(failure)
+            exchange.fail(failure)
 
         connecting.addCallbacks(connected, failed)
 

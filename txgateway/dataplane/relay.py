@@ -82,7 +82,7 @@ class BodyRelay:
     # instance with a dictionary, as CPython makes one past 29 attributes or
     # in another order than the first instance's, was 1.6 to 2.4 KB).
     __slots__ = (
-        "_request", "first_data", "has_first_data", "_held", "_held_end", "_held_size", "_whole", "_whole_limit",
+        "_request", "_first_data", "has_first_data", "_held", "_held_end", "_held_size", "_whole", "_whole_limit",
         "_clock", "_idle_timeout", "_idle", "_control", "_watching", "_idled", "_client_left", "complete",
         "bytes_relayed", "done", "__weakref__",
     )
@@ -92,7 +92,9 @@ class BodyRelay:
 
     def __init__(self, request: IncomingRequest | None, clock: IReactorTime, idle_timeout: float) -> None:
         self._request = request
-        self.first_data: Deferred[None] = Deferred()
+        #: Made when the commit point asks before the first data came, let go once it fired with
+        #: success (a stream lasts minutes); kept once failed, for whoever asks.
+        self._first_data: Deferred[None] | None = None
         self.has_first_data = False  # first_data fired with success
         self._held: list[bytes] = []
         self._held_end: tuple[Exception | None] | None = None
@@ -111,6 +113,27 @@ class BodyRelay:
         self.bytes_relayed = 0
         # Held weakly by the canceller: no reference cycle per request.
         self.done: Deferred[None] = Deferred(functools.partial(_cancel_relay, weakref.ref(self)))
+
+    @property
+    def first_data(self) -> Deferred[None]:
+        """A L{Deferred} firing once the first bytes (or the end) came, or failing with L{StreamBroken}."""
+        if self.has_first_data:
+            return succeed(None)
+        if self._first_data is None:
+            self._first_data = Deferred()
+        return self._first_data
+
+    def _first_came(self, error: Exception | None) -> None:
+        """The first bytes (or the end, or a break: C{error}) came: C{first_data} fires, once."""
+        if self.has_first_data or (self._first_data is not None and self._first_data.called):
+            return
+        if error is None:
+            self.has_first_data = True
+            waiting, self._first_data = self._first_data, None
+            if waiting is not None:
+                waiting.callback(None)
+            return
+        self.first_data.errback(StreamBroken(str(error)))
 
     #: The C{Content-Type} the client is sent in place of the backend's (L{None}: the backend's).
     content_type: bytes | None = None
@@ -156,9 +179,8 @@ class BodyRelay:
         """Keep C{data} until the commit; C{first}: it is the first data the commit point waits for."""
         self._held.append(data)
         self._held_size += len(data)
-        if first and not self.first_data.called:
-            self.has_first_data = True
-            self.first_data.callback(None)
+        if first:
+            self._first_came(None)
         if self._whole is not None and self._held_size > self._whole_limit:
             whole, self._whole = self._whole, None
             whole.callback(None)
@@ -187,12 +209,7 @@ class BodyRelay:
     def body_ended(self, error: Exception | None) -> None:
         if self._request is None:
             self._held_end = (error,)
-            if not self.first_data.called:
-                if error is None:
-                    self.has_first_data = True
-                    self.first_data.callback(None)
-                else:
-                    self.first_data.errback(StreamBroken(str(error)))
+            self._first_came(error)
             if self._whole is not None:
                 whole, self._whole = self._whole, None
                 whole.callback(b"".join(self._held) if error is None else None)

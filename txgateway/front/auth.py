@@ -36,6 +36,9 @@ class Authenticator:
     keys: tuple[ApiKey, ...]
     _by_digest: dict = attrs.field(init=False, repr=False)
     _disabled: frozenset = attrs.field(init=False, repr=False)
+    #: Each caller as made once (a caller is a value: a stream holds it for minutes, and a thousand
+    #: streams of one key one caller); a key's name with the headers that carried it, a few per key.
+    _callers: dict = attrs.field(init=False, repr=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         # A key's earlier secrets still in their grace period are the key too.
@@ -80,4 +83,8 @@ class Authenticator:
         name, header = found[0]
         if name in self._disabled:
             raise KeyDisabled(f"the key {name!r} is disabled")
-        return Caller(name, header, tuple(header for _, header in found))
+        headers = tuple(header for _, header in found)
+        caller = self._callers.get((name, headers))
+        if caller is None:
+            caller = self._callers[(name, headers)] = Caller(name, header, headers)
+        return caller

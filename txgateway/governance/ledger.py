@@ -293,9 +293,11 @@ class _Held:
     """A reservation held: its ask, and per scope its budget's period and its entries' positions in the windows."""
 
     ask: Ask
+    #: Per scope, its budget's period (one tuple shared by the reservations of a period: see L{Ledger._shared}).
     budget_keys: tuple[str, ...]
-    #: Per scope, the positions of its tokens and requests entries (L{None}: that scope has no such window).
-    positions: tuple[tuple[int | None, int | None], ...]
+    #: Per scope, the positions of its tokens and of its requests entries (L{None}: that scope has no such window).
+    tokens_at: tuple[int | None, ...]
+    requests_at: tuple[int | None, ...]
 
 
 class Ledger:
@@ -312,6 +314,8 @@ class Ledger:
     def __init__(self) -> None:
         self._scopes: dict[str, _Scope] = {}
         self._held: dict[str, _Held] = {}
+        #: The budget periods' tuples the reservations held share (equal ones made once, a few a period).
+        self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
         #: The earliest expiry among the reservations held (or earlier: one that settled since).
         self._earliest = math.inf
         self.committed: dict[tuple[str, str], int] = {}
@@ -380,16 +384,20 @@ class Ledger:
                     refusal = found
             return self._verdict(states, now, *refusal)
         reserved = self.reserved
-        positions = []
+        tokens_at = []
+        requests_at = []
         for limits, scope, budget_key in states:
-            positions.append((
-                scope.tokens.add(tokens, now) if limits.tokens_per_minute is not None else None,
-                scope.requests.add(1, now) if limits.requests_per_minute is not None else None,
-            ))
+            tokens_at.append(scope.tokens.add(tokens, now) if limits.tokens_per_minute is not None else None)
+            requests_at.append(scope.requests.add(1, now) if limits.requests_per_minute is not None else None)
             scope.parallel += 1
             committed[budget_key] = committed.get(budget_key, 0) + cost
             reserved[budget_key] = reserved.get(budget_key, 0) + cost
-        self._held[ask.reservation_id] = _Held(ask, tuple([state[2][1] for state in states]), tuple(positions))
+        budget_keys = tuple([state[2][1] for state in states])
+        shared = self._shared
+        if len(shared) > 1000:
+            shared.clear()  # periods pass: those of earlier ones are shared no more
+        budget_keys = shared.setdefault(budget_keys, budget_keys)
+        self._held[ask.reservation_id] = _Held(ask, budget_keys, tuple(tokens_at), tuple(requests_at))
         if ask.expires_at < self._earliest:
             self._earliest = ask.expires_at
         return self._verdict(states, now)
@@ -432,7 +440,7 @@ class Ledger:
         """The tokens the reservations still held take in the scope C{name}'s window (C{window})."""
         in_flight = 0
         for held in self._held.values():
-            for limits, (tokens_at, _) in zip(held.ask.scopes, held.positions):
+            for limits, tokens_at in zip(held.ask.scopes, held.tokens_at):
                 if limits.scope == name:
                     in_flight += window.amount_at(tokens_at)
         return in_flight
@@ -486,7 +494,7 @@ class Ledger:
             return False
         scopes, committed, reserved = self._scopes, self.committed, self.reserved
         reserved_cost = ask.cost_nano
-        for limits, budget_key, (tokens_at, _) in zip(ask.scopes, held.budget_keys, held.positions):
+        for limits, budget_key, tokens_at in zip(ask.scopes, held.budget_keys, held.tokens_at):
             name = limits.scope
             scope = scopes[name]  # a scope holding a reservation is never forgotten
             if limits.tokens_per_minute is not None:
@@ -525,7 +533,7 @@ class Ledger:
                 continue
             del self._held[reservation_id]
             lapsed.append(reservation_id)
-            for limits, budget_key, (tokens_at, requests_at) in zip(held.ask.scopes, held.budget_keys, held.positions):
+            for limits, budget_key, tokens_at, requests_at in zip(held.ask.scopes, held.budget_keys, held.tokens_at, held.requests_at):
                 scope = self._scope(limits.scope)
                 scope.tokens.remove(tokens_at)
                 scope.requests.remove(requests_at)
