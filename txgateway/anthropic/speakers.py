@@ -132,9 +132,12 @@ class ChatToMessages(Speaker):
     def __init__(self, call: OpenAICall, path: bytes, started_at: float) -> None:
         super().__init__(call, path, started_at)
         self._operation = call.operation(path)
-        created = int(started_at)
+        created = self._created = int(started_at)
         self.write_events = MessagesToChatStream(created, call.client_wants_usage) if call.stream else None
-        self.translate_answer = lambda body: message_answer_to_chat(body, created)
+
+    def translate_answer(self, body: bytes) -> bytes:
+        """A whole Messages answer as a chat completion (a method, not a closure: a stream holds its speaker)."""
+        return message_answer_to_chat(body, self._created)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The Messages endpoint (the client's query is its own API's)."""
@@ -165,8 +168,12 @@ class MessagesToChat(_MessagesClient):
         super().__init__(call, path, started_at)
         stops = call.body.get("stop_sequences")
         stops = tuple(stop for stop in stops if isinstance(stop, str)) if isinstance(stops, list) else ()
+        self._stops = stops
         self.write_events = ChatToMessagesStream(stops) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_message(body, stops)
+
+    def translate_answer(self, body: bytes) -> bytes:
+        """A whole chat completion as a Messages answer (a method, not a closure: a stream holds its speaker)."""
+        return chat_answer_to_message(body, self._stops)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The chat completions endpoint (the client's query, Anthropic's C{?beta=true}, is its own API's)."""

@@ -116,11 +116,14 @@ class ResponsesToChat(Speaker):
 
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         super().__init__(call, path, started_at)
-        created = int(started_at)
-        names = tool_names(call.body.get("tools"))
-        response_id = new_response_id()
+        created = self._created = int(started_at)
+        names = self._names = tool_names(call.body.get("tools"))
+        response_id = self._response_id = new_response_id()
         self.write_events = ChatToResponsesStream(created, names, response_id) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(body, created, names, response_id)
+
+    def translate_answer(self, body: bytes) -> bytes:
+        """A whole chat completion as a Response (a method, not a closure: a stream holds its speaker)."""
+        return chat_answer_to_response(body, self._created, self._names, self._response_id)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The chat completions endpoint."""
@@ -204,11 +207,14 @@ class ResponsesToMessages(Speaker):
 
     def __init__(self, call: ResponsesCall, path: bytes, started_at: float) -> None:
         super().__init__(call, path, started_at)
-        created = int(started_at)
-        names = tool_names(call.body.get("tools"))
-        response_id = new_response_id()
+        created = self._created = int(started_at)
+        names = self._names = tool_names(call.body.get("tools"))
+        response_id = self._response_id = new_response_id()
         self.write_events = _ThroughChat(created, names, response_id) if call.stream else None
-        self.translate_answer = lambda body: chat_answer_to_response(message_answer_to_chat(body, created), created, names, response_id)
+
+    def translate_answer(self, body: bytes) -> bytes:
+        """A whole Messages answer as a Response, through chat (a method, not a closure: a stream holds its speaker)."""
+        return chat_answer_to_response(message_answer_to_chat(body, self._created), self._created, self._names, self._response_id)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The Messages endpoint (with C{/v1} when the endpoint's base lacks it)."""
