@@ -181,14 +181,11 @@ class ProxiedRequests:
                 return
             await answering
         except GatewayError as error:
-            self._refused(request, error)
+            # The broker's refusal (nothing of an answer was written), in the error shape.
+            request.context.stamp(request, self.gateway.clock.seconds())
+            answer_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
             pass
-
-    def _refused(self, request: IncomingRequest, error: GatewayError) -> None:
-        """The broker's refusal (nothing of an answer was written), in the error shape."""
-        request.context.stamp(request, self.gateway.clock.seconds())
-        answer_error(request, error.kind, error.message, error.headers)
 
     def openai_request(self, request: IncomingRequest) -> Coroutine[Any, Any, None]:
         """
@@ -335,11 +332,9 @@ class ProxiedRequests:
         if body.get("store") is not False:
             recorder = request.recorder = conversations.recorder()
         try:
+            # A refusal or a broken answer goes on to the one place that answers it (L{_served}):
+            # neither is a Response to keep.
             await self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
-        except GatewayError as error:
-            self._refused(request, error)
-        except AnswerCutShort:
-            pass
         finally:
             request.recorder = None
         # The answer is all written (a stream's last chunk goes when this returns): keep it before its client has its end.

@@ -232,14 +232,10 @@ class _Window:
         The entry becomes what was used; once it has left the window (trimmed
         yet or not), only an excess counts, from now.
         """
-        if position is not None:
-            index = position - self._base
-            if index >= self._head and self._times[index] > now - WINDOW and self._amounts[index] >= 0:
-                self.total += used - self._amounts[index]
-                self._amounts[index] = used
-                return
-        self.trim(now)
         index = self._index(position)
+        if index is not None and self._times[index] <= now - WINDOW:
+            self.trim(now)  # it has left the window: it goes, with whatever came before it
+            index = self._index(position)
         if index is not None:
             self.total += used - self._amounts[index]
             self._amounts[index] = used
@@ -352,36 +348,22 @@ class Ledger:
         scopes, committed = self._scopes, self.committed
         tokens, cost = ask.tokens, ask.cost_nano
         states = []
-        fits = True
+        refusal = None
         for limits in ask.scopes:
             name = limits.scope
             scope = scopes.get(name)
             if scope is None:
                 scope = scopes[name] = _Scope()
+            if limits.tokens_per_minute is not None:
+                scope.tokens.trim(now)
+            if limits.requests_per_minute is not None:
+                scope.requests.trim(now)
             budget_key = (name, period_key(limits.budget_period, now))
             states.append((limits, scope, budget_key))
-            # Whether it fits at a glance (L{_refusal} says why not, and which refusal comes first).
-            tokens_per_minute = limits.tokens_per_minute
-            if tokens_per_minute is not None:
-                scope.tokens.trim(now)
-                if scope.tokens.total + tokens > tokens_per_minute:
-                    fits = False
-            requests_per_minute = limits.requests_per_minute
-            if requests_per_minute is not None:
-                scope.requests.trim(now)
-                if scope.requests.total >= requests_per_minute:
-                    fits = False
-            budget = limits.budget_nano
-            if budget is not None and committed.get(budget_key, 0) + cost > budget:
-                fits = False
-            if limits.max_parallel is not None and scope.parallel >= limits.max_parallel:
-                fits = False
-        if not fits:
-            refusal = None
-            for limits, scope, budget_key in states:
-                found = self._refusal(limits, scope, budget_key, ask, now)
-                if found is not None and (refusal is None or REFUSAL_ORDER.index(found[0]) < REFUSAL_ORDER.index(refusal[0])):
-                    refusal = found
+            found = self._refusal(limits, scope, budget_key, ask, now)
+            if found is not None and (refusal is None or REFUSAL_ORDER.index(found[0]) < REFUSAL_ORDER.index(refusal[0])):
+                refusal = found
+        if refusal is not None:
             return self._verdict(states, now, *refusal)
         reserved = self.reserved
         tokens_at = []

@@ -325,7 +325,6 @@ _half_open.upon(_BreakerInputs.failed_elsewhere, nodata=True).loop().returns(Non
 _half_open.upon(_BreakerInputs.succeeded_elsewhere, nodata=True).loop().returns(None)
 
 
-
 def _indexed(machine: Any) -> Any:
     """
     C{machine} (a built Automat machine) finding each transition in a
