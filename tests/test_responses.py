@@ -331,6 +331,30 @@ def test_a_tool_call_stream_becomes_a_function_call_item():
     assert (item["type"], item["call_id"], item["name"], item["arguments"]) == ("function_call", "call_9", "add", "{\"a\": 1}")
 
 
+def test_a_long_translated_stream_holds_about_its_texts_bytes_and_answers_it_whole():
+    import tracemalloc
+
+    from txgateway.openai.wire import read_chunk
+    from txgateway.responses.translate import ChatToResponsesStream
+
+    # A chat stream of minutes: thousands of deltas of a few characters, said whole at its end.
+    events = [b"data: " + json.dumps({"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"content": f"w{n % 10}rd"}}]}).encode()
+              + b"\n\n" for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        writer = ChatToResponsesStream(1)
+        for event in events:
+            writer(event, read_chunk(event))  # each delta's text a string of its own, as a relay reads it
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * 80_000  # each delta kept as a string of its own: about 1.1 MB
+    end = events_of(writer(b"data: [DONE]\n\n", read_chunk(b"data: [DONE]\n\n")))
+    assert end[0]["type"] == "response.output_text.done" and end[0]["text"] == "".join(f"w{n % 10}rd" for n in range(20_000))
+    assert end[-1]["response"]["output"][0]["content"][0]["text"] == end[0]["text"]
+    assert end[-1]["response"]["id"] == "resp_c1" and end[-1]["response"]["model"] == "m"
+
+
 # -- Codex's transports
 
 

@@ -10,7 +10,7 @@ import tracemalloc
 
 import attrs
 
-from txgateway.speaking import Transcript
+from txgateway.speaking import TextBuffer, Transcript
 
 
 @attrs.frozen
@@ -56,6 +56,27 @@ def test_a_long_streams_transcript_costs_about_its_texts_bytes():
         tracemalloc.stop()
     assert transcript.text_bytes == 80_000
     assert held < 2 * 80_000
+
+
+def test_a_text_buffer_gives_back_its_pieces_in_order_and_counts_their_bytes():
+    buffer = TextBuffer()
+    assert not buffer and str(buffer) == ""
+    taken = [buffer.append(piece) for piece in ("Hé", "", "日本", "a\ud800")]
+    assert taken == [3, 0, 6, 4]
+    assert buffer and str(buffer) == "Hé日本a\ud800"
+
+
+def test_a_text_buffer_of_many_small_pieces_costs_about_their_bytes():
+    tracemalloc.start()
+    try:
+        buffer = TextBuffer()
+        for n in range(20_000):
+            buffer.append(f"w{n % 10}rd")
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(str(buffer)) == 80_000
+    assert held < 2 * 80_000  # 20,000 strings of their own would be about 1.1 MB
 
 
 def test_the_first_streams_chunk_id_is_kept_and_a_tool_call_ends_resumability():

@@ -33,6 +33,7 @@ __all__ = [
     "ISpeaker",
     "PlainHttp",
     "Speakers",
+    "TextBuffer",
     "Transcript",
     "Untranslatable",
 ]
@@ -54,6 +55,34 @@ class Untranslatable(ValueError):
     """
 
 
+class TextBuffer:
+    """
+    Text that arrives in pieces (a stream's deltas), kept as its UTF-8
+    bytes in one growing buffer: a stream of minutes has thousands of
+    pieces of a few characters, each of which would otherwise be a string
+    of its own (about 55 bytes for 4 characters).  Lone surrogates (JSON
+    allows them) are kept as they came.
+    """
+
+    __slots__ = ("_utf8",)
+
+    def __init__(self) -> None:
+        self._utf8 = bytearray()
+
+    def append(self, text: str) -> int:
+        """Add C{text}; the UTF-8 bytes it took (a lone surrogate counts its three)."""
+        encoded = text.encode("utf-8", "surrogatepass")
+        self._utf8 += encoded
+        return len(encoded)
+
+    def __bool__(self) -> bool:
+        return bool(self._utf8)
+
+    def __str__(self) -> str:
+        """All the text added, in order."""
+        return self._utf8.decode("utf-8", "surrogatepass")
+
+
 class Transcript:
     """
     What the client has been sent of one streamed answer, across every
@@ -65,11 +94,7 @@ class Transcript:
     """
 
     def __init__(self, resumable: bool) -> None:
-        # The text as UTF-8 in one growing buffer: a stream of minutes has
-        # thousands of pieces of a few characters, each of which would
-        # otherwise be a string of its own (about 60 bytes for 4 characters).
-        # Lone surrogates (JSON allows them) are kept as they came.
-        self._text = bytearray()
+        self._text = TextBuffer()
         self._bytes = 0
         #: The characters of the assistant text sent so far (the logs' C{text_chars}).
         self.text_chars = 0
@@ -85,7 +110,7 @@ class Transcript:
     @property
     def text(self) -> str:
         """The assistant text sent so far, while the stream may be resumed (else C{""}: it is not kept)."""
-        return self._text.decode("utf-8", "surrogatepass")
+        return str(self._text)
 
     @property
     def text_bytes(self) -> int:
@@ -99,11 +124,8 @@ class Transcript:
         """
         text = facts.text
         if text:
-            encoded = text.encode("utf-8", "surrogatepass")
-            self._bytes += len(encoded)
+            self._bytes += self._text.append(text) if self.resumable else len(text.encode("utf-8", "surrogatepass"))
             self.text_chars += len(text)
-            if self.resumable:
-                self._text += encoded
         if text or facts.tool_call:
             self.content_chunks += 1
         if facts.finished:
@@ -112,7 +134,7 @@ class Transcript:
             self.finish_reasons += facts.finish_reasons
         if facts.tool_call and self.resumable:
             self.resumable = False
-            self._text = bytearray()  # nothing continues it now
+            self._text = TextBuffer()  # nothing continues it now
         if first_stream and self.chunk_id is None and facts.data is not None:
             chunk_id = facts.message_id or facts.data.get("id")
             self.chunk_id = chunk_id if isinstance(chunk_id, str) else None

@@ -21,7 +21,7 @@ from txgateway.openai.wire import ChunkFacts
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
 from txgateway.responses.wire import sse_event
-from txgateway.speaking import Untranslatable
+from txgateway.speaking import TextBuffer, Untranslatable
 
 __all__ = ["ChatToResponsesStream", "chat_answer_to_response", "responses_request_to_chat", "tool_names"]
 
@@ -454,10 +454,11 @@ class ChatToResponsesStream:
         #: The chat names of namespace and custom tools, as the client named them (L{tool_names}).
         self._names = names
         self._sequence = 0
-        self._response: dict | None = None
+        #: The Response's id and model, once the stream started (its first events carry the Response).
+        self._started: tuple[str, Any] | None = None
         self._output: list[dict] = []
-        #: The item open now: ["message", index, text parts, item id], ["call", index, id, name, arguments
-        #: parts] or ["reasoning", index, text parts, item id, thinking blocks].
+        #: The item open now: ["message", index, text, item id], ["call", index, id, name, arguments]
+        #: or ["reasoning", index, text, item id, thinking blocks]; text and arguments are L{TextBuffer}s.
         self._open: list | None = None
         self._calls: dict[int, list] = {}
         self._usage: dict | None = None
@@ -471,11 +472,12 @@ class ChatToResponsesStream:
 
     def _start(self, chunk: dict) -> bytes:
         base = self._response_id[len("resp_"):] if self._response_id else str(chunk.get("id") or "chat")
-        self._response = _response("resp_" + base, chunk.get("model"), self._created, [], None, None)
-        self._response["status"] = "in_progress"
+        started = _response("resp_" + base, chunk.get("model"), self._created, [], None, None)
+        started["status"] = "in_progress"
+        self._started = (started["id"], started["model"])
         self._base = base
         # The two first events carry the same Response: encoded once.
-        response = _dumps(self._response)
+        response = _dumps(started)
         sequence = self._sequence
         self._sequence = sequence + 2
         return b"".join((
@@ -491,13 +493,13 @@ class ChatToResponsesStream:
         opened, self._open = self._open, None
         index = opened[1]
         if opened[0] == "message":
-            text = "".join(opened[2])
+            text = str(opened[2])
             item = _message_item(opened[3], text)
             part = item["content"][0]
             out = self._event("response.output_text.done", item_id=opened[3], output_index=index, content_index=0, text=text)
             out += self._event("response.content_part.done", item_id=opened[3], output_index=index, content_index=0, part=part)
         elif opened[0] == "reasoning":
-            text = "".join(opened[2])
+            text = str(opened[2])
             item = _reasoning_item(opened[3], text, opened[4])
             out = b""
             if opened[2]:
@@ -505,7 +507,7 @@ class ChatToResponsesStream:
                 out += self._event("response.reasoning_summary_text.done", item_id=opened[3], output_index=index, summary_index=0, text=text)
                 out += self._event("response.reasoning_summary_part.done", item_id=opened[3], output_index=index, summary_index=0, part=part)
         else:
-            arguments = "".join(opened[4])
+            arguments = str(opened[4])
             item = _call_item(opened[2], opened[3], arguments, names=self._names)
             if item["type"] == "custom_tool_call":
                 # Its input is known whole only now (it came inside the function's JSON arguments).
@@ -528,7 +530,7 @@ class ChatToResponsesStream:
         if self._open is None or self._open[0] != "message":
             out += self._close()
             item_id = f"msg_{self._base}_{len(self._output)}"
-            self._open = ["message", len(self._output), [], item_id]
+            self._open = ["message", len(self._output), TextBuffer(), item_id]
             opened = {**_message_item(item_id, "", "in_progress"), "content": []}
             out += self._event("response.output_item.added", output_index=self._open[1], item=opened)
             out += self._event("response.content_part.added", item_id=item_id, output_index=self._open[1], content_index=0,
@@ -543,7 +545,7 @@ class ChatToResponsesStream:
         if self._open is None or self._open[0] != "reasoning":
             out += self._close()
             item_id = f"rs_{self._base}_{len(self._output)}"
-            self._open = ["reasoning", len(self._output), [], item_id, []]
+            self._open = ["reasoning", len(self._output), TextBuffer(), item_id, []]
             out += self._event("response.output_item.added", output_index=self._open[1], item=_reasoning_item(item_id, "", []))
         opened = self._open
         if text:
@@ -561,7 +563,7 @@ class ChatToResponsesStream:
         if call.get("id") is not None or self._open is None or self._open[0] != "call":
             out += self._close()
             call_id = str(call.get("id") or f"call_{len(self._output)}")
-            self._open = ["call", len(self._output), call_id, str(function.get("name") or ""), []]
+            self._open = ["call", len(self._output), call_id, str(function.get("name") or ""), TextBuffer()]
             out += self._event("response.output_item.added", output_index=self._open[1],
                                item=_call_item(call_id, self._open[3], "", "in_progress", self._names))
         arguments = function.get("arguments")
@@ -574,11 +576,11 @@ class ChatToResponsesStream:
         return out
 
     def _end(self) -> bytes:
-        if self._ended or self._response is None:
+        if self._ended or self._started is None:
             return b""
         self._ended = True
         out = self._close()
-        response = _response(self._response["id"], self._response["model"], self._created, self._output, self._usage, self._finish)
+        response = _response(*self._started, self._created, self._output, self._usage, self._finish)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return out + self._event(kind, response=response)
 
@@ -603,7 +605,7 @@ class ChatToResponsesStream:
         chunk = facts.data
         if chunk is None:
             return b""  # a comment
-        out = self._start(chunk) if self._response is None else b""
+        out = self._start(chunk) if self._started is None else b""
         if chunk.get("usage") is not None:
             self._usage = _usage(chunk["usage"])
         choices = chunk.get("choices")
