@@ -16,6 +16,7 @@ the difference), then through the gateway:
     redis        v1 with a governed key (Redis ledger)
     messages     /v1/messages to the chat backend: translated
     responses    /v1/responses to the chat backend: translated
+    stored       responses with store: the gateway keeps each Response (SQLite)
     workers2     v1 with [gateway] workers = 2
     pipe         not the gateway: a bare Python TCP pipe on epoll (bench/streams/pipe.py),
                  the floor of any Python relay (one recv and one send a chunk)
@@ -52,7 +53,7 @@ sys.path.insert(0, str(HERE))
 from run import Processes, children_of, cpu_seconds, free_port, redis_server, rss_mb, start_gateway  # noqa: E402
 
 KEY = "bench-streams-key"
-ROWS = ("api", "v1", "governed", "redis", "messages", "responses", "workers2", "pipe")
+ROWS = ("api", "v1", "governed", "redis", "messages", "responses", "stored", "workers2", "pipe")
 PATHS = {
     "direct": ("/v1/chat/completions", "chat"),
     "api": ("/api/bytes/v1/chat/completions", "chat"),
@@ -61,6 +62,7 @@ PATHS = {
     "redis": ("/v1/chat/completions", "chat"),
     "messages": ("/v1/messages", "messages"),
     "responses": ("/v1/responses", "responses"),
+    "stored": ("/v1/responses", "stored"),
     "workers2": ("/v1/chat/completions", "chat"),
     "pipe": ("/v1/chat/completions", "chat"),
 }
@@ -72,7 +74,7 @@ def gateway_ini(work: Path, row: str, port: int, backend: int, redis_port: int |
         "[gateway]", f"listen = tcp:{port}:interface=127.0.0.1", f"workers = {2 if row == 'workers2' else 1}",
         "[logging]", "file = logs/combined.log", "level = info",
         "[ratelimit]", "requests = 1000000",
-        "[responses]", "store = off",
+        "[responses]", "store = sqlite" if row == "stored" else "store = off", f"state_file = {work / row / 'responses.db'}",
         "[service:bytes]", f"url = http://127.0.0.1:{backend}", "timeout = 600", "idle_timeout = 60",
         "[service:chat]", f"url = http://127.0.0.1:{backend}/v1", "api = openai", "timeout = 600", "idle_timeout = 60",
         "deadline = 600",

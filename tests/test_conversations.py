@@ -18,7 +18,7 @@ from txgateway import errors
 from txgateway.errors import GatewayError
 from txgateway.dataplane.server import AnswerRecorder
 from txgateway.responses.conversations import (
-    Conversations, answered_response, conversation_items, input_item_page, listed_items, turn_input,
+    TRIM_FROM, Conversations, StreamEndRecorder, answered_response, conversation_items, input_item_page, listed_items, turn_input,
 )
 from txgateway.responses.store import MemoryResponseStore, SqliteResponseStore, StoredResponse, StoreFailed
 
@@ -154,6 +154,73 @@ def test_the_response_is_read_from_a_json_answer_or_from_a_streams_end_event():
     broken = stream + b'event: error\ndata: {"type":"error","code":"stream_broken"}\n\n'
     assert answered_response(broken, True) is None
     assert answered_response(stream[: stream.index(b"event: response.completed")], True) is None
+
+
+def _long_stream(deltas: int, end: bytes) -> bytes:
+    response = {"id": "resp_1", "object": "response", "output": [{"type": "message", "content": [{"text": "w" * deltas}]}]}
+    events = [b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1"}}\n\n']
+    events += [b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"w"}\n\n'] * deltas
+    if end == b"completed":
+        events.append(b"event: response.completed\ndata: " + json.dumps({"type": "response.completed", "response": response}).encode() + b"\n\n")
+    elif end:
+        events.append(end)
+    return b"".join(events)
+
+
+@pytest.mark.parametrize("end", [
+    b"completed",
+    b"",  # broken: no end event
+    b": keep-alive\n\n",  # a comment after the deltas: the last JSON event still decides
+    b'event: error\ndata: {"type":"error"}\n\n',
+    b"data: not json\n\n",
+    b'data: {"type":"response.completed","response":{"id":"resp_1","object":"response"}}',  # cut before its end
+])
+@pytest.mark.parametrize("write_size", [1, 7, 100, 5000])
+def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_would(end, write_size):
+    stream = _long_stream(2000, end)
+    recorder = Conversations(MemoryResponseStore(Clock(), 1), Clock(), DAY, 10**8, Log()).recorder(True)
+    recorder.started(200, None, [])
+    most = 0
+    for count, at in enumerate(range(0, len(stream), write_size)):
+        recorder.wrote(stream[at:at + write_size])
+        if count % 50 == 0:
+            most = max(most, sum(len(part) for part in recorder.parts))
+    assert answered_response(b"".join(recorder.parts), True) == answered_response(stream, True)
+    assert recorder.size == len(stream) and not recorder.overflowed
+    assert most < TRIM_FROM + 10_000 < len(stream)  # never the whole stream (a long one is hundreds of KB)
+
+
+def test_a_streams_recorder_over_its_limit_keeps_nothing():
+    recorder = StreamEndRecorder(50_000)
+    stream = _long_stream(2000, b"completed")
+    for at in range(0, len(stream), 100):
+        recorder.wrote(stream[at:at + 100])
+    assert recorder.overflowed and recorder.parts == []
+    assert answered_response(b"".join(recorder.parts), True) is None
+
+
+def test_a_streams_recorder_never_keeps_from_an_event_that_has_not_ended():
+    # That event reads as JSON when the recorder lets go; its next line makes it something else.
+    completed = _long_stream(0, b"completed")
+    deltas = _long_stream(TRIM_FROM // 200, b"")
+    unended = b'data: {"pad":"' + b"x" * (TRIM_FROM - len(deltas) - len(completed)) + b'"}'  # its write lets go
+    recorder = StreamEndRecorder(10**8)
+    for part in (deltas, completed, unended, b"\ndata: more\n\n"):
+        recorder.wrote(part)
+    whole = deltas + completed + unended + b"\ndata: more\n\n"
+    assert answered_response(whole, True) is not None
+    assert answered_response(b"".join(recorder.parts), True) == answered_response(whole, True)
+
+
+def test_a_stream_ending_in_one_large_event_is_kept_whole():
+    text = "x" * 200_000
+    response = {"id": "resp_1", "object": "response", "output": [{"type": "message", "content": [{"text": text}]}]}
+    stream = _long_stream(300, b"") + b"event: response.completed\ndata: " + json.dumps(
+        {"type": "response.completed", "response": response}).encode() + b"\n\n"
+    recorder = Conversations(MemoryResponseStore(Clock(), 1), Clock(), DAY, 10**8, Log()).recorder(True)
+    for at in range(0, len(stream), 1000):
+        recorder.wrote(stream[at:at + 1000])
+    assert answered_response(b"".join(recorder.parts), True) == response
 
 
 def test_listed_input_items_have_ids_the_same_on_every_listing_and_text_as_parts():

@@ -4,7 +4,7 @@
 // ("t=..."), and each stream's time to its first such chunk.  Prints one
 // JSON line: chunks, delays and first-chunk times (percentiles, in ms).
 // Usage: node client.js URL STREAMS SECONDS RAMP API [KEY]
-//   API: chat (OpenAI chat completions), messages (Anthropic), responses
+//   API: chat (OpenAI chat completions), messages (Anthropic), responses, stored (responses, kept by the gateway)
 //   PROMPT_BYTES (environment): the prompt's size (a real agent sends tens of KB)
 "use strict";
 const http = require("http");
@@ -18,6 +18,7 @@ const bodies = {
   chat: { model: "bench", stream: true, messages: [{ role: "user", content: "Tell me a long story" }], max_tokens: 4096 },
   messages: { model: "bench", stream: true, max_tokens: 4096, messages: [{ role: "user", content: "Tell me a long story" }] },
   responses: { model: "bench", stream: true, store: false, input: "Tell me a long story", max_output_tokens: 4096 },
+  stored: { model: "bench", stream: true, store: true, input: "Tell me a long story", max_output_tokens: 4096 },
 };
 const promptBytes = Number(process.env.PROMPT_BYTES || 0);
 if (promptBytes > 0) {

@@ -292,31 +292,42 @@ class ProxiedRequests:
             return self._conversation_turn(request, ctx, call, targets, rest, reading)
         return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
 
-    async def _conversation_turn(
+    def _conversation_turn(
         self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """
-        A Responses call, its conversation held by the gateway: sent on
-        with the earlier turns when it goes on from one
-        (C{previous_response_id}), and its Response kept unless the
-        client says C{store: false}.
+        What answers a Responses call (L{None}: it was refused here), its
+        conversation held by the gateway: sent on with the earlier turns
+        when it goes on from one (C{previous_response_id}), and its
+        Response kept unless the client says C{store: false}.  A turn with
+        nothing to send on or keep is the broker's call itself: its stream
+        waits in no frame of this.
         """
         body = call.body
         for field, why in _NOT_SERVED.items():
             if body.get(field) not in (None, False):
                 answer_error(request, errors.BAD_REQUEST, f"{field!r} is not served by this gateway: {why}")
-                return
+                return None
         conversations = self.gateway.conversations
-        if conversations is None:
-            if body.get("previous_response_id") is not None:
-                answer_error(
-                    request, errors.BAD_REQUEST,
-                    "'previous_response_id' needs the responses the gateway holds, and it holds none ([responses] store = off): "
-                    "send the whole conversation as input",
-                )
-                return
-            await self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
-            return
+        goes_on = body.get("previous_response_id") is not None
+        if conversations is None and goes_on:
+            answer_error(
+                request, errors.BAD_REQUEST,
+                "'previous_response_id' needs the responses the gateway holds, and it holds none ([responses] store = off): "
+                "send the whole conversation as input",
+            )
+            return None
+        if not goes_on and (conversations is None or body.get("store") is False):
+            # No earlier turn to send, no Response to keep: the broker's call alone.
+            return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+        return self._held_turn(request, ctx, call, targets, rest, reading, conversations)
+
+    async def _held_turn(
+        self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
+        conversations: Any,
+    ) -> None:
+        """L{_conversation_turn} with the gateway's store of responses (C{conversations})."""
+        body = call.body
         owner = ctx.caller.name if ctx.caller is not None else ""
         try:
             expanded, chain = await conversations.continued(body, owner)
@@ -330,7 +341,7 @@ class ProxiedRequests:
             return
         recorder = None
         if body.get("store") is not False:
-            recorder = request.recorder = conversations.recorder()
+            recorder = request.recorder = conversations.recorder(call.stream)
         try:
             # A refusal or a broken answer goes on to the one place that answers it (L{_served}):
             # neither is a Response to keep.

@@ -28,7 +28,7 @@ from txgateway.openai.wire import decode_json
 from txgateway.responses.store import IResponseStore, StoredResponse, StoreFailed
 
 __all__ = [
-    "Conversations", "answered_response", "conversation_items", "input_item_page", "listed_items", "turn_input",
+    "Conversations", "StreamEndRecorder", "answered_response", "conversation_items", "input_item_page", "listed_items", "turn_input",
 ]
 
 #: The most turns a conversation is followed back (each is one look in the store).
@@ -75,6 +75,53 @@ def answered_response(body: bytes, stream: bool) -> dict | None:
             return response if type(response) is dict else None
         return None  # the last event is no end: a broken stream
     return None
+
+
+#: The bytes a stream's recorder takes in before it lets go of the events it no longer needs.
+TRIM_FROM = 4096
+
+
+class StreamEndRecorder(AnswerRecorder):
+    """
+    The recorder of a stream whose Response is to be kept.  That Response
+    is read from the stream's last event that carries JSON
+    (L{answered_response}): once it has taken in L{TRIM_FROM} bytes (or
+    as many as it kept the last time), it lets go of every event before
+    the last whole one that does, and keeps that one and what came after.
+    A stream of minutes is thousands of events: kept whole until its end,
+    a thousand of them would hold hundreds of MB.  Every byte written
+    still counts against its limit.
+    """
+
+    __slots__ = ("_taken", "_trim_at")
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self._taken = 0
+        self._trim_at = TRIM_FROM
+
+    def wrote(self, data: bytes) -> None:
+        """Body bytes were written."""
+        AnswerRecorder.wrote(self, data)
+        if self.overflowed:
+            return
+        self._taken += len(data)
+        if self._taken >= self._trim_at:
+            self._keep_from_last_event()
+
+    def _keep_from_last_event(self) -> None:
+        held = b"".join(self.parts)
+        segments = held.split(b"\n\n")
+        # The last segment has not ended yet (it may still change): the one kept from is a whole one before it.
+        start = len(held) - len(segments[-1])
+        for segment in reversed(segments[:-1]):
+            start -= len(segment) + 2
+            if type(event_json(segment + b"\n\n")) is dict:
+                held = held[start:]
+                break
+        self.parts = [held]
+        self._taken = 0
+        self._trim_at = max(TRIM_FROM, len(held))  # a large last event is not joined again at every write
 
 
 _PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
@@ -221,9 +268,9 @@ class Conversations:
         expanded["input"] = conversation_items(chain) + turn_input(body)
         return expanded, chain
 
-    def recorder(self) -> AnswerRecorder:
-        """What copies an answer to keep (no more than a record may hold)."""
-        return AnswerRecorder(self._max_bytes)
+    def recorder(self, stream: bool = False) -> AnswerRecorder:
+        """What copies an answer to keep (no more than a record may hold): of a C{stream}, only its end."""
+        return StreamEndRecorder(self._max_bytes) if stream else AnswerRecorder(self._max_bytes)
 
     def keep(self, body: dict, owner: str, chain: list[StoredResponse], recorder: AnswerRecorder, stream: bool) -> Deferred[None] | None:
         """

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from txgateway.openai.wire import ChunkFacts
 from txgateway.openai.wire import decode_json as _loads
@@ -214,7 +215,11 @@ def _function(tool: dict, where: str, namespace: str | None = None) -> dict:
     return {"type": "function", "function": function}
 
 
-def tool_names(tools: Any) -> dict[str, tuple[str | None, str]]:
+#: The tool names of a request with none to name back (one mapping, read only, for every such stream).
+_NO_NAMES: Mapping[str, tuple[str | None, str]] = MappingProxyType({})
+
+
+def tool_names(tools: Any) -> Mapping[str, tuple[str | None, str]]:
     """
     The chat names of a request's tools that are not plain functions to
     the client: each C{namespace} tool's with its namespace and its own
@@ -229,7 +234,7 @@ def tool_names(tools: Any) -> dict[str, tuple[str | None, str]]:
                     names[tool["name"] + _NAMESPACE_JOIN + inner["name"]] = (tool["name"], inner["name"])
         elif isinstance(tool, dict) and tool.get("type") == "custom" and isinstance(tool.get("name"), str):
             names[tool["name"]] = (None, tool["name"])
-    return names
+    return names or _NO_NAMES
 
 
 def _tools(tools: Any) -> tuple[list[dict], list[str]]:
@@ -444,10 +449,14 @@ class ChatToResponsesStream:
     finish) with the usage last.  Every event has its C{sequence_number}.
     """
 
-    _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
-    _delta_middle = b""
+    __slots__ = (
+        "_created", "_response_id", "_names", "_sequence", "_started", "_base", "_output", "_open", "_usage", "_finish",
+        "_ended", "_delta_middle",
+    )
 
-    def __init__(self, created: int, names: dict | None = None, response_id: str | None = None) -> None:
+    _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+
+    def __init__(self, created: int, names: Mapping | None = None, response_id: str | None = None) -> None:
         self._created = created  # the request's start on the gateway's clock, as every translated answer's
         #: The Response's id: the gateway's own (L{None}: one made from the chat stream's id).
         self._response_id = response_id
@@ -456,14 +465,16 @@ class ChatToResponsesStream:
         self._sequence = 0
         #: The Response's id and model, once the stream started (its first events carry the Response).
         self._started: tuple[str, Any] | None = None
+        self._base = ""
         self._output: list[dict] = []
         #: The item open now: ["message", index, text, item id], ["call", index, id, name, arguments]
         #: or ["reasoning", index, text, item id, thinking blocks]; text and arguments are L{TextBuffer}s.
         self._open: list | None = None
-        self._calls: dict[int, list] = {}
         self._usage: dict | None = None
         self._finish: Any = None
         self._ended = False
+        #: The open message's delta events' bytes between their sequence number and their text.
+        self._delta_middle = b""
 
     def _event(self, kind: str, **data: Any) -> bytes:
         event = sse_event(kind, {"type": kind, "sequence_number": self._sequence, **data})
