@@ -422,6 +422,18 @@ def test_an_openai_stream_past_its_max_tokens_is_cut_at_the_bound_and_ends_for_l
     assert b'txgateway_completion_over_bound_total{how="stream_cut",key="alice"} 1.0' in h.gateway.metrics.exposition()
 
 
+def test_a_stream_of_two_choices_each_in_chunks_of_its_own_is_cut_at_the_bound_of_both():
+    # OpenAI sends each choice of an n = 2 stream in chunks of its own: the second's count as much as the first's.
+    second = lambda n: (b"data: " + json.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [
+        {"index": 1, "delta": {"content": f"v{n} "}, "finish_reason": None}]}).encode() + b"\n\n")
+    events = b"".join(chunk(f"w{n} ") + second(n) for n in range(60))
+    h = Harness(INI)
+    upstream, body = streamed(h, "/v1/chat/completions", json.loads(chat_body(stream=True, max_tokens=10, n=2)), "ai", events)
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks_of(body) if isinstance(c, dict) and c["choices"]]
+    assert len([text for text in contents if text]) == 2 * 10 + CUT_SLACK
+    assert upstream.transport.stopped
+
+
 def test_a_stream_that_keeps_to_its_max_tokens_is_never_cut():
     h = Harness(INI)
     events = b"".join(chunk(f"w{n} ") for n in range(10)) + chunk(finish="length") + usage_chunk(9, 10) + b"data: [DONE]\n\n"

@@ -293,6 +293,8 @@ def _other_choices_content(data: dict | None) -> int:
     choices = data.get("choices") if data is not None else None
     if type(choices) is not list:
         return 0
+    if len(choices) == 1 and type(choices[0]) is dict and choices[0].get("index", 0) == 0:
+        return 0  # most chunks: the first choice alone
     return sum(
         1 for choice in choices
         if type(choice) is dict and choice.get("index", 0) != 0 and type(choice.get("delta")) is dict
