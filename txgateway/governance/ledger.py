@@ -310,7 +310,8 @@ class Ledger:
     def __init__(self) -> None:
         self._scopes: dict[str, _Scope] = {}
         self._held: dict[str, _Held] = {}
-        #: The budget periods' tuples the reservations held share (equal ones made once, a few a period).
+        #: The tuples the reservations held share (equal ones made once): the budget periods' (a few a
+        #: period) and the request windows' positions of scopes that count no requests.
         self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
         #: The earliest expiry among the reservations held (or earlier: one that settled since).
         self._earliest = math.inf
@@ -379,7 +380,10 @@ class Ledger:
         if len(shared) > 1000:
             shared.clear()  # periods pass: those of earlier ones are shared no more
         budget_keys = shared.setdefault(budget_keys, budget_keys)
-        self._held[ask.reservation_id] = _Held(ask, budget_keys, tuple(tokens_at), tuple(requests_at))
+        positions = tuple(requests_at)
+        if positions.count(None) == len(positions):
+            positions = shared.setdefault(positions, positions)  # most scopes count no requests: one tuple for all
+        self._held[ask.reservation_id] = _Held(ask, budget_keys, tuple(tokens_at), positions)
         if ask.expires_at < self._earliest:
             self._earliest = ask.expires_at
         return self._verdict(states, now)
