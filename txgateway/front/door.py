@@ -129,7 +129,7 @@ class GatewayFront:
             ctx.client_gone = True
             if ctx.outcome is None:
                 ctx.outcome = "client_disconnected"
-            if ctx.handling is not None and not ctx.handling.called:
+            if ctx.handling is not None and not ctx.handling.called and not ctx.outlives_client:
                 ctx.handling.cancel()
         ctx.handling = None  # what it holds goes now, whoever keeps the context (the span export)
         seconds = gateway.clock.seconds() - ctx.started_at

@@ -194,6 +194,9 @@ class RequestContext:
     model_section: str | None = None
     #: When the answer's status and headers started (the clock's time), once they did.
     answered_at: float | None = None
+    #: Its handling goes on when its client leaves (a governed JSON call: its backend makes the
+    #: answer anyway, and it is paid from what the answer reports): the door does not cancel it.
+    outlives_client: bool = False
     _bound_log: Any = None
 
     @property

@@ -13,9 +13,8 @@ import functools
 import random
 from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Mapping
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from txgateway import errors
 from txgateway.bodies import FAST, BodyReading
@@ -213,50 +212,34 @@ class ServiceBroker:
             call.capped(model_call)
         if model_call is not None and model_call.stream and reservation.completion_cap:
             call.completion_reserved = reservation.completion_cap
-        if model_call is not None and model_call.generates and not model_call.stream:
-            await self._served_even_if_left(call, cached_as, reservation)
-            return
+        ctx = call.ctx
+        # A JSON call is not stopped by its client leaving: the backend goes on making the answer (and
+        # its provider bills it), so the gateway goes on reading it, the bytes dropped, within the call's
+        # own timeouts, and settles what the answer reports.  No retry and no other target is tried
+        # for a client that left.  (Its handler is not cancelled: no second coroutine runs it.)
+        outlives = ctx.outlives_client = model_call is not None and model_call.generates and not model_call.stream
+        answered, ended = 0, "answered"
         try:
             await self._serve_call(call, cached_as)
+        except Exception as error:  # a CancelledError too
+            if not outlives:
+                raise
+            if isinstance(error, GatewayError):
+                ended = error.kind.type
+                if error.kind in _NOTHING_MADE:
+                    answered = error.kind.status  # no backend made anything: nothing to pay
+            else:
+                ended = "stopped" if isinstance(error, CancelledError) else type(error).__name__
+            if not ctx.client_gone:
+                raise
         finally:
-            reservation.settle(call.ctx, call.request.code, call.transcript, call.served_model)
-
-    def _served_even_if_left(self, call: Call, cached_as: bytes, reservation: Any) -> Deferred[None]:
-        """
-        Serve a governed JSON call so that its client leaving does not stop
-        it: the backend goes on making the answer (and its provider bills
-        it), so the gateway goes on reading it, the bytes dropped, within
-        the call's own timeouts, and settles what the answer reports.  No
-        retry and no other target is tried for a client that left.  The
-        L{Deferred} returned is the client's: cancelling it leaves the
-        call running.
-        """
-        ctx = call.ctx
-        serving = ensureDeferred(self._serve_call(call, cached_as))
-        client: Deferred[None] = Deferred()
-
-        def settled(result: Any) -> None:
-            answered = call.request.code
-            if isinstance(result, Failure) and result.check(GatewayError) and result.value.kind in _NOTHING_MADE:
-                answered = result.value.kind.status  # no backend made anything: nothing to pay
-            reservation.settle(ctx, answered, call.transcript, call.served_model)
-            if not client.called:
-                if isinstance(result, Failure):
-                    client.errback(result)
-                else:
-                    client.callback(None)
-                return
-            # The client left: how the call ended is said on the log, not raised to anyone.
-            ended = "answered" if not isinstance(result, Failure) else (
-                "stopped" if result.check(CancelledError) else getattr(getattr(result.value, "kind", None), "type", result.type.__name__)
-            )
+            reservation.settle(ctx, answered or call.request.code, call.transcript, call.served_model)
+        if outlives and ctx.client_gone:
+            # How the call ended is said on the log, not raised to anyone: its client left.
             ctx.log.info(
                 "settled_after_client_left", ended=ended, cost_usd=ctx.spend.cost_usd if ctx.spend is not None else None,
                 completion_tokens=ctx.completion.completion_tokens if ctx.completion is not None else None,
             )
-
-        serving.addBoth(settled)
-        return client
 
     def _serve_call(self, call: Call, cached_as: bytes) -> Awaitable[None]:
         """
