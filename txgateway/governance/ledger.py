@@ -312,7 +312,7 @@ class Ledger:
         self._held: dict[str, _Held] = {}
         #: The tuples the reservations held share (equal ones made once): the budget periods' (a few a
         #: period) and the request windows' positions of scopes that count no requests.
-        self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._shared: dict[tuple, tuple] = {}
         #: The earliest expiry among the reservations held (or earlier: one that settled since).
         self._earliest = math.inf
         self.committed: dict[tuple[str, str], int] = {}
@@ -380,10 +380,11 @@ class Ledger:
         if len(shared) > 1000:
             shared.clear()  # periods pass: those of earlier ones are shared no more
         budget_keys = shared.setdefault(budget_keys, budget_keys)
-        positions = tuple(requests_at)
-        if positions.count(None) == len(positions):
-            positions = shared.setdefault(positions, positions)  # most scopes count no requests: one tuple for all
-        self._held[ask.reservation_id] = _Held(ask, budget_keys, tuple(tokens_at), positions)
+        requests_positions = tuple(requests_at)
+        if requests_positions.count(None) == len(requests_positions):
+            # Most scopes count no requests: one tuple for all.
+            requests_positions = shared.setdefault(requests_positions, requests_positions)
+        self._held[ask.reservation_id] = _Held(ask, budget_keys, tuple(tokens_at), requests_positions)
         if ask.expires_at < self._earliest:
             self._earliest = ask.expires_at
         return self._verdict(states, now)

@@ -227,9 +227,9 @@ class ServiceBroker:
         it), so the gateway goes on reading it, the bytes dropped, within
         the call's own timeouts, and settles what the answer reports.  No
         retry and no other target is tried for a client that left.  Its
-        request's context says so, and the door does not cancel it (a
-        second coroutine driver did, until it cost 10 to 17 us a call).  A
-        stream's own frame, L{_governed}'s, stays small: this is apart.
+        request's context says so, and the door does not cancel its
+        handler.  Apart from L{_governed}, whose frame a stream keeps for
+        minutes: these locals are not in it.
         """
         ctx = call.ctx
         ctx.outlives_client = True
