@@ -17,7 +17,8 @@ With --baseline-python (the python of a venv where another version of
 txgateway is installed, e.g. the commit before a change), a second gateway
 runs that version with the same configuration, and each txgateway row gets
 a "[baseline]" twin driven in the same rounds: before and after, measured
-side by side.
+side by side (the governed rows on gateways of that version of their own,
+so that what governance costs is compared too).
 
 It also drives bench/bare_agent_proxy.py, a pooled Agent proxy with no
 features, to show what Twisted's HTTP client and server cost on their own.
@@ -622,23 +623,38 @@ def add_traced_rows(setup: Setup) -> None:
 
 def add_governed_rows(setup: Setup) -> None:
     """The same JSON completion from a governed key, reserved then settled, in memory over SQLite and in Redis."""
+    for name, url, pid, script in governed_gateways(setup):
+        setup.rows.add(name, url, pid, script)
+
+
+def governed_gateways(setup: Setup, twistd: str | None = None, label: str = "", **options) -> list[tuple[str, str, int, Path]]:
+    """
+    The governed rows' gateways (run by C{twistd}, the bench's own by
+    default; C{label} names their files apart; C{options} for
+    L{gateway_ini}), each as its row's name, URL, pid and script.
+    """
     governed = {
         # The same key with no limits and no prices: authentication without governance, the fair baseline.
         "txgateway JSON completion (/v1/ key: no limits)": None,
-        "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {setup.tmp}/spend.db",
+        "txgateway JSON completion (/v1/ governed: SQLite)": f"store = sqlite\nstate_file = {setup.tmp}/spend{label}.db",
     }
     if setup.redis_port is not None:
+        # A baseline's ledger is a database of its own: the two never share a key's window.
+        database = 1 if label else 0
         governed["txgateway JSON completion (/v1/ governed: Redis)"] = (
-            f"store = redis\nredis_url = redis://127.0.0.1:{setup.redis_port}/0")
+            f"store = redis\nredis_url = redis://127.0.0.1:{setup.redis_port}/{database}")
     script = setup.script(
         "governed.lua", {"model": "bench-json", "max_tokens": 64, "messages": [{"role": "user", "content": "Count to sixty"}]},
         {"Authorization": f"Bearer {GOVERNED_KEY}"},
     )
+    gateways = []
     for number, (name, budgets) in enumerate(governed.items()):
         port = free_port()
         sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
-        pid = setup.start_gateway(setup.gateway_ini(port, name=f"gw-governed{number}", extra_sections=sections), port).pid
-        setup.rows.add(name, f"http://127.0.0.1:{port}/v1/chat/completions", pid, script)
+        ini = setup.gateway_ini(port, name=f"gw-governed{number}{label}", extra_sections=sections, **options)
+        pid = setup.start_gateway(ini, port, twistd=twistd).pid
+        gateways.append((name, f"http://127.0.0.1:{port}/v1/chat/completions", pid, script))
+    return gateways
 
 
 def add_baseline_twins(setup: Setup, baseline_python: str, anthropic: bool = False) -> None:
@@ -654,6 +670,14 @@ def add_baseline_twins(setup: Setup, baseline_python: str, anthropic: bool = Fal
         setup.gateway_ini(baseline_port, name="gw-baseline", second=setup.second_upstream, anthropic=anthropic, responses=False),
         baseline_port, twistd=str(Path(baseline_python).with_name("twistd")),
     )
+    # The governed rows' gateways on the baseline too: what governance costs, before and after.
+    governed_twins = {
+        name: (url, pid, script)
+        for name, url, pid, script in governed_gateways(
+            setup, twistd=str(Path(baseline_python).with_name("twistd")), label="-baseline", anthropic=anthropic, responses=False,
+        )
+        if name in rows.targets
+    }
     paired = Rows()
     for name, url in rows.targets.items():
         paired.add(name, url, rows.pids[name], rows.scripts.get(name))
@@ -661,6 +685,8 @@ def add_baseline_twins(setup: Setup, baseline_python: str, anthropic: bool = Fal
         if rows.pids[name] == setup.gateway.pid and (anthropic or not translated) and "Responses" not in name:
             twin_url = url.replace(f":{setup.gateway_port}/", f":{baseline_port}/")
             paired.add(f"{name} [baseline]", twin_url, baseline.pid, rows.scripts.get(name))
+        elif name in governed_twins:
+            paired.add(f"{name} [baseline]", *governed_twins[name])
     setup.rows = paired
 
 
@@ -749,11 +775,12 @@ def print_comparisons(medians: dict[str, dict]) -> None:
                   f"added p50 {(now['p50'] - m['p50']) * 1e6:+.0f} us against it")
     for plain in ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ key: no limits)"):
         for store in ("SQLite", "Redis"):
-            governed_row = f"txgateway JSON completion (/v1/ governed: {store})"
-            if governed_row in medians and plain in medians:
-                print(f"governed key ({store}) against {plain[len('txgateway JSON completion '):]}: "
-                      f"{medians[governed_row]['rps'] / medians[plain]['rps'] * 100:.0f}% of its throughput, "
-                      f"{medians[governed_row]['cpu_us'] - medians[plain]['cpu_us']:+.0f} us CPU a request")
+            for twin in ("", " [baseline]"):  # the baseline's governance against its own rows
+                governed_row = f"txgateway JSON completion (/v1/ governed: {store}){twin}"
+                if governed_row in medians and plain + twin in medians:
+                    print(f"governed key ({store}){twin} against {plain[len('txgateway JSON completion '):]}: "
+                          f"{medians[governed_row]['rps'] / medians[plain + twin]['rps'] * 100:.0f}% of its throughput, "
+                          f"{medians[governed_row]['cpu_us'] - medians[plain + twin]['cpu_us']:+.0f} us CPU a request")
     for plain, traced in (("txgateway", "txgateway (traced)"),
                           ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ traced)")):
         if plain in medians and traced in medians:
