@@ -337,9 +337,10 @@ def test_the_end_user_crosses_between_worker_and_supervisor():
 def test_a_settle_for_redis_writes_any_end_user_id_as_json():
     scope = ScopeLimits('user:app:a"b\\c', budget_nano=10, budget_period="total")
     ask = Ask("r1", (ScopeLimits("key:app"), scope), 1, 1, 100.0)
-    decoded = json.loads(settle_json(ask, user_settled('a"b\\c', 1), 50.0))
-    assert decoded["user"] == 'a"b\\c' and decoded["bk"]['user:app:a"b\\c'] == "total"
-    assert "user" not in json.loads(settle_json(ask, Settled("app", None, 1, 1), 50.0))
+    decoded = json.loads(settle_json(ask, user_settled('a"b\\c', 1), 50.0, 7))
+    assert decoded["user"] == 'a"b\\c' and decoded["seq"] == 7
+    assert decoded["scopes"][1] == {"s": 'user:app:a"b\\c', "tpm": 0, "rpm": 0, "bk": "total"}
+    assert "user" not in json.loads(settle_json(ask, Settled("app", None, 1, 1), 50.0, 8))
 
 
 def test_the_report_names_the_dearest_end_users_over_its_days():

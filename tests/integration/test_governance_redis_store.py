@@ -89,16 +89,57 @@ async def test_the_scripts_decide_like_the_pure_ledger(redis_server):
 async def test_a_settle_replayed_is_counted_once_and_spend_per_day_is_kept(redis_server):
     async with store_at_noon(redis_server) as (clock, store):
         limits = ScopeLimits("key:bob", budget_nano=10_000, budget_period="month")
-        ask = Ask("once", (limits,), 10, 900, NOON + 60)
-        assert (await store.reserve(ask)).allowed
+        asks = [Ask(f"once{n}", (limits,), 10, 900, NOON + 60) for n in range(3)]
+        for ask in asks:
+            assert (await store.reserve(ask)).allowed
         settled = Settled("bob", None, 8, 700, (ModelUse("gpt-4o", 5, 3, 700),))
-        await store.settle(ask, settled)
-        await store.settle(ask, settled)  # a replay of the same settle
-        await store._settling if store._settling is not None else None
+        await store.settle(asks[0], settled)
+        await all_settled(store)
+        for ask in asks[1:]:
+            await store.settle(ask, settled)
+        sent = list(store.journal)
+        await all_settled(store)
+        # Redis applied the batch but its answer was lost: the journal sends it again, with one settle more.
+        await store.settle(Ask("after", (limits,), 10, 900, NOON + 60), settled)  # reserved nowhere: new spend
+        store.journal[:0] = sent
+        store._send_settles()
+        await all_settled(store)
         report = await store.spend([limits], 31)
         [scope] = report.scopes
-        assert (scope.spent_nano, scope.reserved_nano, scope.parallel) == (700, 0, 0)
-        assert report.days == (("2026-12-03", "bob", "", "gpt-4o", 5, 3, 700, 1),)
+        assert (scope.spent_nano, scope.reserved_nano, scope.parallel) == (4 * 700, 0, 0)
+        assert report.days == (("2026-12-03", "bob", "", "gpt-4o", 4 * 5, 4 * 3, 4 * 700, 4),)
+        connection = await connected(redis_server)
+        try:
+            # What Redis keeps to apply each settle once: one key per gateway, not one per settle.
+            assert await connection.keys("txgateway:gov:seq:*") == [f"txgateway:gov:seq:{store._journal_name}"]
+            assert await connection.keys("txgateway:gov:done:*") == []
+        finally:
+            await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_settles_sent_together_count_each_request_of_the_day(redis_server):
+    async with store_at_noon(redis_server) as (clock, store):
+        limits = ScopeLimits("key:cy", budget_nano=10**9, budget_period="month")
+        asks = [Ask(f"together{n}", (limits,), 10, 900, NOON + 60) for n in range(5)]
+        for ask in asks:
+            assert (await store.reserve(ask)).allowed
+        assert (await store.spend([limits], 1)).scopes[0].parallel == 5  # counted, though the key has no limit of it
+        for n, ask in enumerate(asks):  # the first goes alone; the others wait for it, and go in one batch
+            models = (ModelUse("gpt-4o", 5, 3, 700),) if n % 2 else (ModelUse("gpt-4o", 5, 3, 700), ModelUse("o3", 1, 1, 50))
+            await store.settle(ask, Settled("cy", None, 8, 750, models))
+        await all_settled(store)
+        report = await store.spend([limits], 31)
+        assert report.days == (
+            ("2026-12-03", "cy", "", "gpt-4o", 25, 15, 3500, 5),
+            ("2026-12-03", "cy", "", "o3", 3, 3, 150, 0),  # a fallback's use: no request of its own
+        )
+        assert (report.scopes[0].spent_nano, report.scopes[0].parallel) == (5 * 750, 0)
+        connection = await connected(redis_server)
+        try:
+            assert 0 < await connection.ttl("txgateway:gov:day:2026-12-03") <= 40 * 86400
+        finally:
+            await connection.disconnect()
 
 
 @pytest_twisted.ensureDeferred
@@ -176,8 +217,8 @@ async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded
     try:
         scope = '{"s":"key:eve","tpm":0,"rpm":0,"bud":0,"bk":"total","par":0,"end":-1}'
         for n, number in enumerate(["9223372036854775807", "1e308", "-1e308", "18446744073709551616"]):
-            ask = f'[{{"id":"raw{n}","tokens":{number},"cost":{number},"exp":{NOON + 60},"scopes":[{scope}]}}]'
-            await connection.eval(RESERVE_LUA, [KEY_PREFIX], [str(NOON), ask])
+            ask = f'{{"id":"raw{n}","tokens":{number},"cost":{number},"exp":{NOON + 60},"scopes":[{scope}]}}'
+            await connection.eval(RESERVE_LUA, [KEY_PREFIX], [str(NOON), "1.0", ask])
         clock = Clock()
         clock.advance(NOON)
         store = RedisLedgerStore(connection, clock, 5.0, structlog.get_logger())

@@ -11,15 +11,16 @@ C{timeout} on the injected clock, and a failure opens a breaker of the
 store's own.  While it is open the gateway decides from a ledger in its
 memory, seeded with the last budget totals Redis told it, and keeps a
 journal of every settle it made; when Redis answers again the journal is
-replayed into it.  A settle is applied once per reservation id (Redis
-remembers the ids it applied for two days), so a replay never counts
-anything twice, and spend incurred during an outage is never lost (unless
+replayed into it.  A settle is applied once (Redis remembers, for two
+days, how far into each gateway's journal it applied), so a replay never
+counts anything twice, and spend incurred during an outage is never lost (unless
 the gateway itself dies before Redis is back: the journal is in memory).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any, Callable, Coroutine
 
 import attrs
@@ -72,13 +73,14 @@ local function trim_tokens(scope, now)
   local z = P .. 'tok:' .. scope
   while true do
     local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - WINDOW, 'LIMIT', 0, 500)
-    if #old == 0 then break end
+    if #old == 0 then return end
     local amounts = redis.call('HMGET', P .. 'tokamt:' .. scope, unpack(old))
     local sum = 0
     for i = 1, #amounts do sum = sum + num(amounts[i]) end
     redis.call('DECRBY', P .. 'toksum:' .. scope, int(sum))
     redis.call('HDEL', P .. 'tokamt:' .. scope, unpack(old))
     redis.call('ZREM', z, unpack(old))
+    if #old < 500 then return end
   end
 end
 local function trim(scope, now)
@@ -120,6 +122,24 @@ local function count_budget(scope, period, committed, reserved)
   count(bud, committed, period)
   if reserved ~= 0 then count(resv, reserved, period) end
 end
+-- A request in flight takes a slot in each of its scopes: a member of the
+-- scope's parallel set where it has a limit (ZCARD decides; the score is
+-- not read, and 0 is cheap to keep in order), else a count (the operator's view).
+local function take_slot(s, id)
+  if s.par > 0 then
+    redis.call('ZADD', P .. 'par:' .. s.s, 0, id)
+    redis.call('EXPIRE', P .. 'par:' .. s.s, 86400)
+  elseif redis.call('INCR', P .. 'parn:' .. s.s) == 1 then
+    redis.call('EXPIRE', P .. 'parn:' .. s.s, 86400)
+  end
+end
+local function free_slot(s, id)
+  if s.par > 0 then
+    redis.call('ZREM', P .. 'par:' .. s.s, id)
+  elseif redis.call('DECR', P .. 'parn:' .. s.s) <= 0 then
+    redis.call('DEL', P .. 'parn:' .. s.s)
+  end
+end
 local function lapse(now)
   local held = P .. 'held'
   local ids = redis.call('ZRANGEBYSCORE', held, '-inf', now, 'LIMIT', 0, 200)
@@ -127,10 +147,11 @@ local function lapse(now)
     local raw = redis.call('GET', P .. 'r:' .. id)
     if raw then
       local ask = cjson.decode(raw)
+      ask.cost = math.max(0, bound(ask.cost))
       for _, s in ipairs(ask.scopes) do
         remove_entry(s.s, id)
         redis.call('ZREM', P .. 'req:' .. s.s, id)
-        redis.call('ZREM', P .. 'par:' .. s.s, id)
+        free_slot(s, id)
         count_budget(s.s, s.bk, -ask.cost, -ask.cost)
       end
       redis.call('DEL', P .. 'r:' .. id)
@@ -145,17 +166,20 @@ local function newest(key, now)
 end
 """
 
-#: KEYS[1] the prefix; ARGV[1] now, ARGV[3] the wait said when requests in flight block; ARGV[2] a JSON list of asks: {id,
-#: tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
-#: 0: none; bk the budget period's key; end the time it ends, -1: never).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] the wait said when requests in flight block; ARGV[3...] the
+#: asks, one JSON object each: {id, tokens, cost, exp, scopes: [{s, tpm, rpm, bud, bk, par, end}]} (a limit
+#: 0: none; bk the budget period's key; end the time it ends, -1: never).  An ask taken is kept as it
+#: came (its record: the settle and the lapse read it).  Returns a JSON list of verdicts: {ok, why, scope, after, tq,
 #: rq, spent: {scope: committed}, left, flight} (tq/rq: [limit, remaining, reset, used]; left: a budget's, or false).
 RESERVE_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
 lapse(now)
 local verdicts = {}
 local ORDER = {budget_exceeded = 1, too_many_parallel = 2, rate_limited = 3, tokens_exceeded = 4}
-local IN_FLIGHT = tonumber(ARGV[3])
-for n, ask in ipairs(cjson.decode(ARGV[2])) do
+local IN_FLIGHT = tonumber(ARGV[2])
+for n = 1, #ARGV - 2 do
+  local raw = ARGV[n + 2]
+  local ask = cjson.decode(raw)
   ask.tokens = math.max(0, bound(ask.tokens))
   ask.cost = math.max(0, bound(ask.cost))
   local refusal = nil
@@ -217,13 +241,12 @@ for n, ask in ipairs(cjson.decode(ARGV[2])) do
     for _, s in ipairs(ask.scopes) do
       if s.tpm > 0 then sums[s.s] = add_entry(s.s, ask.id, ask.tokens, now) end
       if s.rpm > 0 then redis.call('ZADD', P .. 'req:' .. s.s, now, ask.id) end
-      redis.call('ZADD', P .. 'par:' .. s.s, ask.exp, ask.id)
-      redis.call('EXPIRE', P .. 'par:' .. s.s, 86400)
+      take_slot(s, ask.id)
       count_budget(s.s, s.bk, ask.cost, ask.cost)
       spent[s.s] = spent[s.s] + ask.cost
       refresh(s)
     end
-    redis.call('SET', P .. 'r:' .. ask.id, cjson.encode(ask), 'EX', math.max(1, math.ceil(ask.exp - now)) + 86400)
+    redis.call('SET', P .. 'r:' .. ask.id, raw, 'EX', math.max(1, math.ceil(ask.exp - now)) + 86400)
     redis.call('ZADD', P .. 'held', ask.exp, ask.id)
   end
   local tq, rq = nil, nil
@@ -246,21 +269,30 @@ end
 return cjson.encode(verdicts)
 """
 
-#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] a JSON list of settles: {id,
-#: ask (as reserved), tokens, cost, day, key, team, bk: {scope: budget key
-#: now}, models: [[model, prompt, completion, cost]], user (absent: none)}.  Each is applied
-#: once per id; one whose reservation is not held here (lapsed, or made
-#: by a gateway deciding alone while Redis was away) is charged as new
-#: spend.  Returns how many were applied.
+#: KEYS[1] the prefix; ARGV[1] now, ARGV[2] the journal the settles come
+#: from (one per gateway process), ARGV[3] a JSON list of its settles, in
+#: the order it made them: {seq (its place in the journal), id, tokens,
+#: cost, day, key, team, scopes: [{s, tpm, rpm, bk (the budget period
+#: now)}], models: [[model, prompt, completion, cost]], user (absent:
+#: none)}.  Each is applied once: Redis keeps the last place it applied
+#: of each journal (two days), and a replayed batch (its answer lost)
+#: is skipped.  One whose reservation is not held here (lapsed, or made by
+#: a gateway deciding alone while Redis was away) is charged as new spend.
+#: Returns how many were applied.
 SETTLE_LUA = _COMMON_LUA + """
 local now = tonumber(ARGV[1])
 lapse(now)
 local applied = 0
-for _, settle in ipairs(cjson.decode(ARGV[2])) do
+local placed = P .. 'seq:' .. ARGV[2]
+local last = num(redis.call('GET', placed))
+-- The day's counts of the batch, summed by field (one HINCRBY a field and batch).
+local fields, counts, first = {}, {}, {}
+for _, settle in ipairs(cjson.decode(ARGV[3])) do
   local id = settle.id
   settle.tokens = math.max(0, bound(settle.tokens))
   settle.cost = math.max(0, bound(settle.cost))
-  if redis.call('SET', P .. 'done:' .. id, '1', 'NX', 'EX', 2 * 86400) then
+  if num(settle.seq) > last then
+    last = num(settle.seq)
     applied = applied + 1
     local raw = redis.call('GET', P .. 'r:' .. id)
     if raw then
@@ -281,49 +313,63 @@ for _, settle in ipairs(cjson.decode(ARGV[2])) do
             refresh(s)
           end
         end
-        redis.call('ZREM', P .. 'par:' .. s.s, id)
+        free_slot(s, id)
         count_budget(s.s, s.bk, settle.cost - ask.cost, -ask.cost)
       end
       redis.call('DEL', P .. 'r:' .. id)
       redis.call('ZREM', P .. 'held', id)
     else
-      for _, s in ipairs(settle.ask.scopes) do
+      for _, s in ipairs(settle.scopes) do
         trim_windows(s, now)
         if s.tpm > 0 and settle.tokens > 0 then
           add_entry(s.s, id .. '+', settle.tokens, now)
           refresh(s)
         end
-        count_budget(s.s, settle.bk[s.s], settle.cost, 0)
+        count_budget(s.s, s.bk, settle.cost, 0)
       end
     end
     local day = P .. 'day:' .. settle.day
     for position, use in ipairs(settle.models) do
       local field = settle.key .. '|' .. settle.team .. '|' .. use[1] .. '|'
-      redis.call('HINCRBY', day, field .. 'p', int(use[2]))
-      redis.call('HINCRBY', day, field .. 'c', int(use[3]))
-      redis.call('HINCRBY', day, field .. 'n', int(use[4]))
-      -- A day's first request of a key, team and model (its first, or the one that made the day) sets its 40 days.
-      if position == 1 and redis.call('HINCRBY', day, field .. 'r', 1) == 1 then redis.call('EXPIRE', day, 40 * 86400) end
+      local summed = fields[day .. ' ' .. field]
+      if summed == nil then
+        summed = {day, field, 0, 0, 0, 0}
+        fields[day .. ' ' .. field] = summed
+        counts[#counts + 1] = summed
+      end
+      summed[3] = summed[3] + bound(use[2])
+      summed[4] = summed[4] + bound(use[3])
+      summed[5] = summed[5] + bound(use[4])
+      if position == 1 then summed[6] = summed[6] + 1 end
     end
     if settle.user then
       -- The end user's spend of the day: ordered by cost, with its counts beside.
       local member = settle.key .. '|' .. settle.user
-      local cost, counts = P .. 'eu:' .. settle.day, P .. 'euc:' .. settle.day
-      redis.call('ZINCRBY', cost, int(settle.cost), member)
+      local by_cost, user_counts = P .. 'eu:' .. settle.day, P .. 'euc:' .. settle.day
+      redis.call('ZINCRBY', by_cost, int(settle.cost), member)
       local prompt, completion = 0, 0
       for _, use in ipairs(settle.models) do
         prompt = prompt + num(use[2])
         completion = completion + num(use[3])
       end
-      redis.call('HINCRBY', counts, member .. '|p', int(prompt))
-      redis.call('HINCRBY', counts, member .. '|c', int(completion))
-      if redis.call('HINCRBY', counts, member .. '|r', 1) == 1 then  -- the end user's first of the day
-        redis.call('EXPIRE', cost, 40 * 86400)
-        redis.call('EXPIRE', counts, 40 * 86400)
+      redis.call('HINCRBY', user_counts, member .. '|p', int(prompt))
+      redis.call('HINCRBY', user_counts, member .. '|c', int(completion))
+      if redis.call('HINCRBY', user_counts, member .. '|r', 1) == 1 then  -- the end user's first of the day
+        redis.call('EXPIRE', by_cost, 40 * 86400)
+        redis.call('EXPIRE', user_counts, 40 * 86400)
       end
     end
   end
 end
+for _, summed in ipairs(counts) do
+  local day, field = summed[1], summed[2]
+  redis.call('HINCRBY', day, field .. 'p', int(summed[3]))
+  redis.call('HINCRBY', day, field .. 'c', int(summed[4]))
+  redis.call('HINCRBY', day, field .. 'n', int(summed[5]))
+  -- The day's first requests of a key, team and model (the ones that made the day) set its 40 days.
+  if summed[6] > 0 and redis.call('HINCRBY', day, field .. 'r', summed[6]) == summed[6] then redis.call('EXPIRE', day, 40 * 86400) end
+end
+if applied > 0 then redis.call('SET', placed, string.format('%d', last), 'EX', 2 * 86400) end
 return applied
 """
 
@@ -357,7 +403,8 @@ local scopes = {}
 for n, s in ipairs(cjson.decode(ARGV[2])) do
   trim(s[1], now)
   local bud, resv = budget_keys(s[1], s[2])
-  scopes[n] = {num(redis.call('GET', bud)), num(redis.call('GET', resv)), redis.call('ZCARD', P .. 'par:' .. s[1]),
+  local parallel = redis.call('ZCARD', P .. 'par:' .. s[1]) + math.max(0, num(redis.call('GET', P .. 'parn:' .. s[1])))
+  scopes[n] = {num(redis.call('GET', bud)), num(redis.call('GET', resv)), parallel,
                num(redis.call('GET', P .. 'toksum:' .. s[1])), redis.call('ZCARD', P .. 'req:' .. s[1]),
                newest(P .. 'tok:' .. s[1], now), newest(P .. 'req:' .. s[1], now)}
 end
@@ -403,49 +450,55 @@ REPLAY_BATCH = 200
 MOST_LAST_KNOWN = 100_000
 
 
-_FRAGMENTS: dict[tuple[ScopeLimits, str], str] = {}
+#: Per scope and budget period: the scope as the reserve script reads it, and as the settle script does.
+_FRAGMENTS: dict[tuple[ScopeLimits, str], tuple[str, str]] = {}
 
 
-def _scope_json(limits: ScopeLimits, now: float) -> str:
-    """A scope as the scripts read it, as JSON text (made once per scope and budget period)."""
+def _scope_json(limits: ScopeLimits, now: float) -> tuple[str, str]:
+    """A scope as the reserve script reads it and as the settle script does, as JSON text (made once per scope and budget period)."""
     budget_key = limits.budget_key(now)
-    fragment = _FRAGMENTS.get((limits, budget_key))
-    if fragment is None:
+    fragments = _FRAGMENTS.get((limits, budget_key))
+    if fragments is None:
         end = period_end(limits.budget_period, now)
-        fragment = json.dumps({
-            "s": limits.scope,
-            "tpm": limits.tokens_per_minute or 0,
-            "rpm": limits.requests_per_minute or 0,
-            "bud": limits.budget_nano if limits.budget_nano is not None else 0,
-            "bk": budget_key,
-            "par": limits.max_parallel or 0,
-            "end": -1 if end is None else end,
-        })
+        windows = {"s": limits.scope, "tpm": limits.tokens_per_minute or 0, "rpm": limits.requests_per_minute or 0}
+        fragments = (
+            json.dumps({
+                **windows,
+                "bud": limits.budget_nano if limits.budget_nano is not None else 0,
+                "bk": budget_key,
+                "par": limits.max_parallel or 0,
+                "end": -1 if end is None else end,
+            }),
+            json.dumps({**windows, "bk": budget_key}),
+        )
         if len(_FRAGMENTS) > 10_000:
             _FRAGMENTS.clear()
-        _FRAGMENTS[(limits, budget_key)] = fragment
-    return fragment
+        _FRAGMENTS[(limits, budget_key)] = fragments
+    return fragments
 
 
 def ask_json(ask: Ask, now: float) -> str:
     """An ask as the reserve script reads it, as JSON text (ids, numbers and checked names need no escaping)."""
-    scopes = ",".join([_scope_json(limits, now) for limits in ask.scopes])
+    scopes = ",".join([_scope_json(limits, now)[0] for limits in ask.scopes])
     # An Ask's numbers are bounded when it is made (and the script bounds them again).
     return f'{{"id":"{ask.reservation_id}","tokens":{ask.tokens},"cost":{ask.cost_nano},"exp":{ask.expires_at!r},"scopes":[{scopes}]}}'
 
 
-def settle_json(ask: Ask, settled: Settled, now: float) -> str:
-    """A settle as the settle script reads it, as JSON text (made when settled: a replay keeps its day and periods)."""
-    # An end user's scope holds their id, which may hold anything: written as JSON.
-    periods = ",".join(f'{json.dumps(limits.scope)}:"{limits.budget_key(now)}"' for limits in ask.scopes)
+def settle_json(ask: Ask, settled: Settled, now: float, seq: int) -> str:
+    """
+    A settle as the settle script reads it, as JSON text (made when
+    settled: a replay keeps its day and periods), C{seq}: its place in its
+    journal.
+    """
+    scopes = ",".join([_scope_json(limits, now)[1] for limits in ask.scopes])
     models = json.dumps([
         [use.model, bounded(use.prompt_tokens, TOKENS_BOUND), bounded(use.completion_tokens, TOKENS_BOUND), bounded(use.cost_nano, NANO_BOUND)]
         for use in settled.models
     ])
     tokens, cost = bounded(settled.tokens, TOKENS_BOUND), bounded(settled.cost_nano, NANO_BOUND)
     return (
-        f'{{"id":"{ask.reservation_id}","ask":{ask_json(ask, now)},"tokens":{tokens},"cost":{cost},'
-        f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","bk":{{{periods}}},"models":{models}'
+        f'{{"seq":{seq},"id":"{ask.reservation_id}","tokens":{tokens},"cost":{cost},'
+        f'"day":"{day_of(now)}","key":"{settled.key}","team":"{settled.team or ""}","scopes":[{scopes}],"models":{models}'
         + ("}" if settled.end_user is None else f',"user":{json.dumps(settled.end_user)}}}')
     )
 
@@ -511,6 +564,10 @@ class RedisLedgerStore:
         self._reserving = 0
         #: Settles not yet in Redis, as the script's JSON, oldest first (the journal while Redis is away).
         self.journal: list[str] = []
+        #: The journal's name in Redis, and how many settles it was handed: Redis keeps the
+        #: last one it applied, so a batch sent again (its answer lost) is applied once.
+        self._journal_name = secrets.token_hex(8)
+        self._settles_made = 0
         self._settling: Deferred | None = None
 
     @property
@@ -547,7 +604,7 @@ class RedisLedgerStore:
                 self._decide_locally(batch)
                 continue
             now = self._clock.seconds()
-            args = [repr(now), "[" + ",".join([ask_json(waiting.ask, now) for waiting in batch]) + "]", repr(IN_FLIGHT_RETRY)]
+            args = [repr(now), repr(IN_FLIGHT_RETRY), *[ask_json(waiting.ask, now) for waiting in batch]]
             self._reserving += 1
             asking = Deferred.fromCoroutine(self._run(RESERVE_LUA, args))
             asking.addBoth(self._answered, batch, admission)
@@ -598,7 +655,8 @@ class RedisLedgerStore:
         now = self._clock.seconds()
         if self.serving_locally:
             self._local.settle(ask, settled.tokens, settled.cost_nano, now)
-        self.journal.append(settle_json(ask, settled, now))
+        self._settles_made += 1
+        self.journal.append(settle_json(ask, settled, now, self._settles_made))
         if self._settling is None:
             self._send_settles()
         return succeed(None)
@@ -611,7 +669,7 @@ class RedisLedgerStore:
             self._replay_later()  # kept in the journal: replayed when Redis answers again
             return
         batch = self.journal[:REPLAY_BATCH]
-        args = [repr(self._clock.seconds()), "[" + ",".join(batch) + "]"]
+        args = [repr(self._clock.seconds()), self._journal_name, "[" + ",".join(batch) + "]"]
         settling = self._settling = Deferred.fromCoroutine(self._run(SETTLE_LUA, args))
         settling.addBoth(self._settled, len(batch), admission)
 
