@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from txgateway.redispool import RedisAddress, parse_redis_url
+from txgateway.redispool import RedisAddress, command_bytes, parse_redis_url
 
 
 def test_one_server():
@@ -40,3 +40,12 @@ def test_what_is_not_a_redis_url_says_what_is_expected(url, says):
     with pytest.raises(ValueError, match=None) as raised:
         parse_redis_url(url)
     assert says in str(raised.value)
+
+
+@pytest.mark.parametrize("charset", ["utf-8", None])
+def test_a_command_is_written_as_txredisapi_writes_it_in_one_pass(charset):
+    import txredisapi
+
+    protocol = txredisapi.RedisProtocol(charset=charset)
+    args = ("EVALSHA", "ab12", 1, "txgateway:gov:", "1780000000.25", '{"s":"é \\u2603"}', b"\x00raw\r\n", 0, -7, 2.5, bytearray(b"ba"), 10**20, "")
+    assert command_bytes(args, charset, "strict", protocol._encode_value) == protocol._build_command(*args)

@@ -163,3 +163,20 @@ async def test_one_script_run_over_many_buckets_decides_each_in_turn(redis_serve
         assert [w == "1" for w in words[0::2]] == [True, True, True, False, True, False]
     finally:
         await connection.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_pools_connections_write_every_kind_of_argument_redis_reads_back(redis_server):
+    from txgateway.redispool import redis_pool
+
+    for as_bytes in (False, True):
+        pool = redis_pool(redis_server.url, 5.0, as_bytes=as_bytes)
+        try:
+            values = ["plain", "é \u2603", b"\x00raw\r\n", 7, -2.5, ""]
+            echoed = await pool.calls.eval("return ARGV", [], values)
+            # (txredisapi reads numbers back as numbers: -2.500000 comes back -2.5.)
+            expected = [b"plain", "é \u2603".encode(), b"\x00raw\r\n", b"7", b"-2.5", b""]
+            assert [value if isinstance(value, bytes) else str(value).encode() for value in echoed] == expected
+            assert type(pool.calls._factory.pool[0]).__name__.startswith("OnePass")
+        finally:
+            await pool.disconnect()

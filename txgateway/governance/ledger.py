@@ -87,11 +87,12 @@ TOKENS_EXCEEDED = "tokens_exceeded"
 REFUSAL_ORDER = (BUDGET_EXCEEDED, TOO_MANY_PARALLEL, RATE_LIMITED, TOKENS_EXCEEDED)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class ScopeLimits:
     """
     The limits of one scope: a key (C{key:NAME}) or a team (C{team:NAME});
-    L{None} is no such limit.
+    L{None} is no such limit.  (Its hash is kept: the Redis store looks its
+    scopes up on every call.)
     """
 
     scope: str

@@ -619,10 +619,14 @@ class RedisLedgerStore:
             if len(self._last_known) > MOST_LAST_KNOWN:
                 # End users come and go: what Redis said of theirs is forgotten (a key's or team's is kept).
                 self._last_known = {key: value for key, value in self._last_known.items() if not key[0].startswith(PASSING_SCOPE)}
+            now = self._clock.seconds()
+            last_known = self._last_known
             for waiting, raw in zip(batch, json.loads(result)):
-                for scope, committed in (raw.get("spent") or {}).items():
-                    limits = next(limits for limits in waiting.ask.scopes if limits.scope == scope)
-                    self._last_known[(scope, limits.budget_key(self._clock.seconds()))] = int(committed)
+                spent = raw.get("spent") or {}
+                for limits in waiting.ask.scopes:
+                    committed = spent.get(limits.scope)
+                    if committed is not None:
+                        last_known[(limits.scope, limits.budget_key(now))] = int(committed)
                 self._decided(waiting, verdict_of(raw))
         if self._reserves:
             self._ask()
