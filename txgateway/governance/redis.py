@@ -286,7 +286,7 @@ local applied = 0
 local placed = P .. 'seq:' .. ARGV[2]
 local last = num(redis.call('GET', placed))
 -- The day's counts of the batch, summed by field (one HINCRBY a field and batch).
-local fields, counts, first = {}, {}, {}
+local fields, counts = {}, {}
 for _, settle in ipairs(cjson.decode(ARGV[3])) do
   local id = settle.id
   settle.tokens = math.max(0, bound(settle.tokens))
