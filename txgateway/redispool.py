@@ -104,10 +104,9 @@ def command_bytes(args: tuple, charset: str | None, errors: str, encode_value: C
     """
     A command as Redis reads it (RESP), in one pass: text is encoded with
     C{charset}, bytes go as they are, anything else as C{encode_value}
-    (txredisapi's own) says.  txredisapi writes the same bytes, but calls its
-    encoder twice an argument (the value, then its length, through four
-    type checks and a format): a governed request's scripts paid about 20
-    such calls.
+    (txredisapi's own) says.  txredisapi writes the same bytes, but runs
+    its encoder twice an argument (the value, then its length), through
+    its type checks each time: every ledger and limiter call pays it.
     """
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
