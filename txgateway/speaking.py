@@ -69,9 +69,14 @@ class TextBuffer:
     def __init__(self) -> None:
         self._utf8 = bytearray()
 
+    @staticmethod
+    def encoded(text: str) -> bytes:
+        """C{text} as the buffer keeps it: UTF-8, a lone surrogate as its three bytes."""
+        return text.encode("utf-8", "surrogatepass")
+
     def append(self, text: str) -> int:
-        """Add C{text}; the UTF-8 bytes it took (a lone surrogate counts its three)."""
-        encoded = text.encode("utf-8", "surrogatepass")
+        """Add C{text}; the UTF-8 bytes it took (L{encoded})."""
+        encoded = self.encoded(text)
         self._utf8 += encoded
         return len(encoded)
 
@@ -124,7 +129,7 @@ class Transcript:
         """
         text = facts.text
         if text:
-            self._bytes += self._text.append(text) if self.resumable else len(text.encode("utf-8", "surrogatepass"))
+            self._bytes += self._text.append(text) if self.resumable else len(TextBuffer.encoded(text))
             self.text_chars += len(text)
         if text or facts.tool_call:
             self.content_chunks += 1

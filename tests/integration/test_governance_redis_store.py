@@ -210,6 +210,17 @@ async def test_a_settle_after_its_entry_left_the_window_counts_only_its_excess_f
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_window_of_more_entries_than_one_trim_takes_is_trimmed_whole(redis_server):
+    async with store_at_noon(redis_server) as (clock, store):
+        limits = ScopeLimits("key:busy", tokens_per_minute=10**9)
+        for n in range(1201):  # more than two trims' worth (500 a call), all left the window at once
+            assert (await store.reserve(Ask(f"b{n}", (limits,), 3, 0, NOON + 600))).allowed
+        clock.advance(61)
+        verdict = await store.reserve(Ask("probe", (limits,), 7, 0, NOON + 600))
+        assert verdict.tokens.used == 7
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_scripts_bound_numbers_even_when_a_caller_sends_them_unbounded(redis_server):
     from txgateway.governance.redis import KEY_PREFIX, RESERVE_LUA
 

@@ -69,10 +69,12 @@ local function refresh(s)
   end
   if s.rpm > 0 then redis.call('PEXPIRE', P .. 'req:' .. s.s, 120000) end
 end
+-- Entries trimmed a call at most (a call that finds fewer has found them all).
+local TRIM_BATCH = 500
 local function trim_tokens(scope, now)
   local z = P .. 'tok:' .. scope
   while true do
-    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - WINDOW, 'LIMIT', 0, 500)
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - WINDOW, 'LIMIT', 0, TRIM_BATCH)
     if #old == 0 then return end
     local amounts = redis.call('HMGET', P .. 'tokamt:' .. scope, unpack(old))
     local sum = 0
@@ -80,7 +82,7 @@ local function trim_tokens(scope, now)
     redis.call('DECRBY', P .. 'toksum:' .. scope, int(sum))
     redis.call('HDEL', P .. 'tokamt:' .. scope, unpack(old))
     redis.call('ZREM', z, unpack(old))
-    if #old < 500 then return end
+    if #old < TRIM_BATCH then return end
   end
 end
 local function trim(scope, now)
