@@ -540,3 +540,44 @@ def test_a_streams_exchange_lets_go_of_the_deferred_that_told_its_answer():
     gc.collect()
     assert told() is None
     assert response.code == 200
+
+
+def test_connections_parsers_share_their_callbacks():
+    # A thousand open streams would otherwise hold six bound methods each, twice.
+    import gc
+    import inspect
+
+    backend = Backend()
+    get(backend), get(backend)
+    backend.accept(), backend.accept()
+    connections = [protocol._wrappedProtocol for protocol in backend.protocols]
+    held = [[r for r in gc.get_referents(connection._parser) if inspect.ismethod(r)] for connection in connections]
+    assert len(held[0]) == 6
+    assert [id(method) for method in held[0]] == [id(method) for method in held[1]]
+
+
+
+def test_an_answer_relayed_while_another_connection_parses_leaves_each_connection_its_own():
+    # Every connection's parser calls one shared object, told whose bytes it parses: a
+    # chunk relayed from inside one connection's parse may set another one parsing.
+    backend = Backend()
+    first_answer, second_answer = get(backend), get(backend)
+    backend.accept()
+    backend.accept()
+    backend.answer(1, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+    second = Body()
+    result_of(second_answer).deliver_body(second)
+
+    class ParsesAnotherOnItsFirstChunk(Body):
+        def body_received(self, data: bytes) -> None:
+            super().body_received(data)
+            if len(self.chunks) == 1:
+                backend.answer(1, b"3\r\ntwo\r\n0\r\n\r\n")
+
+    first = ParsesAnotherOnItsFirstChunk()
+    backend.answer(0, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+    response = result_of(first_answer)
+    response.deliver_body(first)
+    backend.answer(0, b"3\r\none\r\n5\r\nthree\r\n0\r\n\r\n")
+    assert (first.data, first.ended, first.error) == (b"onethree", True, None)
+    assert (second.data, second.ended, second.error) == (b"two", True, None)

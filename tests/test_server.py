@@ -618,3 +618,54 @@ def test_a_streams_connection_holds_no_idle_timer_while_it_lasts_and_one_again_a
     assert not connection.closing
     connection.clock.advance(0.2)
     assert connection.closing
+
+
+def test_connections_parsers_share_their_callbacks():
+    # A thousand open streams would otherwise hold six bound methods each, twice.
+    import gc
+    import inspect
+
+    channels = [Connection().channel for _ in range(2)]
+    held = [[r for r in gc.get_referents(channel._parser) if inspect.ismethod(r)] for channel in channels]
+    assert len(held[0]) == 6
+    assert [id(method) for method in held[0]] == [id(method) for method in held[1]]
+
+
+
+def test_a_request_dispatched_while_another_connection_parses_leaves_each_connection_its_own():
+    # Every connection's parser calls one shared object, told whose bytes it parses: a
+    # request handled from inside one connection's parse may set another one parsing.
+    first = Connection()
+    second = first.harness.server_factory.buildProtocol(IPv4Address("TCP", "192.0.2.2", 5556))
+    second_transport = HalfClosableTransport(peerAddress=IPv4Address("TCP", "192.0.2.2", 5556))
+    second.makeConnection(second_transport)
+    factory = first.harness.server_factory
+    handler = factory.handler
+
+    class ParsesAnotherWhileHandling:
+        fed = False
+
+        def __getattr__(self, name):
+            return getattr(handler, name)
+
+        def handle(self, request):
+            handler.handle(request)
+            if not self.fed:
+                self.fed = True
+                second.dataReceived(b"GET /api/ai/second HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+
+    factory.handler = ParsesAnotherWhileHandling()
+    first.send(
+        b"GET /api/ai/first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /api/ai/third HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nthird"
+    )
+    upstream = first.harness.agents["ai"]
+    assert [r.uri.rsplit(b"/", 1)[1] for r in upstream.requests] == [b"first", b"second"]
+    upstream.requests[1].respond(FakeResponse(200, {}, b"two"))
+    assert [body for _, _, body in answers(second_transport.value())] == [b"two"]
+    assert first.transport.value() == b""
+    upstream.requests[0].respond(FakeResponse(200, {}, b"one"))
+    third = upstream.requests[2]
+    assert (third.uri.rsplit(b"/", 1)[1], third.body) == (b"third", b"third")
+    third.respond(FakeResponse(201, {}, b"three"))
+    assert [(status, body) for status, _, body in answers(first.transport.value())] == [(200, b"one"), (201, b"three")]

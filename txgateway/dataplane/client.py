@@ -284,12 +284,97 @@ def _cancel_exchange(exchange: "weakref.ref[_Exchange]", answered: Deferred) -> 
         alive.cancel(answered)
 
 
+class _ResponseParsing:
+    """
+    What every backend connection's response parser calls: one object for
+    all of them, told whose bytes are parsed (L{_UpstreamConnection.dataReceived}
+    sets L{connection} around C{feed_data}, and puts back the one before).
+    httptools keeps the callbacks it finds on the object it parses for: a
+    connection's bound methods would be six objects of 64 bytes each, held
+    for as long as the connection lives.  They record.
+    """
+
+    def __init__(self) -> None:
+        self.connection: _UpstreamConnection = None  # type: ignore[assignment]
+        # Bound once here: httptools takes them with getattr, which would
+        # otherwise make a new bound method for every parser.
+        for callback in ("on_message_begin", "on_status", "on_header", "on_headers_complete", "on_body", "on_message_complete"):
+            setattr(self, callback, getattr(self, callback))
+
+    def on_message_begin(self) -> None:
+        connection = self.connection
+        connection._headers = []
+        connection._reason = b""
+        connection._in_headers = True
+
+    def on_status(self, reason: bytes) -> None:
+        connection = self.connection
+        connection._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        connection = self.connection
+        if connection._in_headers:
+            connection._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        connection = self.connection
+        connection._in_headers = False
+        code = connection._parser.get_status_code()
+        if code < 200 and code != 101:
+            connection._interim = True  # 100 Continue and the like: the answer follows
+            return
+        exchange = connection._exchange
+        connection.keep_alive = connection._parser.should_keep_alive()
+        length = None
+        chunked = False
+        for name, value in connection._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                chunked = True
+        bodiless = exchange.head_only or code in (204, 304)
+        connection._framing_by_close = not bodiless and length is None and not chunked
+        if code in (204, 304):
+            length = 0
+        response = UpstreamResponse(code, connection._reason, connection._headers, length, exchange)
+        connection._headers = []  # the answer's now: the connection holds them no longer
+        # Answered: nothing sends the request again, so its bytes (a prompt of
+        # tens of KB) are not held for as long as a stream lasts.
+        exchange.request_bytes = b""
+        if bodiless and exchange.head_only:
+            # llhttp cannot be told the answer was to HEAD: it would wait for
+            # a body of Content-Length bytes.  The answer is complete now, and
+            # the next exchange gets a new parser.
+            connection._complete = True
+            connection._fresh_parser_needed = True
+        connection._response = response
+
+    def on_body(self, data: bytes) -> None:
+        connection = self.connection
+        exchange = connection._exchange
+        if exchange is None or connection._complete:
+            connection.drop_after_exchange = True  # bytes past the end of the answer
+            return
+        exchange.body_data(data)
+
+    def on_message_complete(self) -> None:
+        connection = self.connection
+        if connection._interim:
+            connection._interim = False
+            return
+        connection._complete = True
+
+
+_RESPONSE_PARSING = _ResponseParsing()
+
+
 class _UpstreamConnection(Protocol):
     """One keep-alive connection to a backend; one exchange at a time."""
 
     def __init__(self, pool: "UpstreamPool") -> None:
         self._pool = pool
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser = httptools.HttpResponseParser(_RESPONSE_PARSING)
         self._exchange: _Exchange | None = None
         self._response: UpstreamResponse | None = None
         self._reused = False
@@ -331,7 +416,7 @@ class _UpstreamConnection(Protocol):
         self._headers = []
         self._reason = b""
         if self._fresh_parser_needed:
-            self._parser = httptools.HttpResponseParser(self)
+            self._parser = httptools.HttpResponseParser(_RESPONSE_PARSING)
             self._fresh_parser_needed = False
         self._write(exchange.request_bytes)
 
@@ -344,6 +429,8 @@ class _UpstreamConnection(Protocol):
             return
         self._received = True
         self.feeding = True
+        parsing = _RESPONSE_PARSING
+        outer, parsing.connection = parsing.connection, self
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -359,6 +446,8 @@ class _UpstreamConnection(Protocol):
                 if response is not None:
                     exchange.answer(response)
             return
+        finally:
+            parsing.connection = outer
         self.feeding = False
         # The answer is told once the whole read is parsed: a body that came
         # with its headers is then delivered whole, with its end.
@@ -374,66 +463,6 @@ class _UpstreamConnection(Protocol):
             exchange.answer(response)
         if exchange._discarding and not self._complete and self._exchange is exchange:
             self.abandon()
-
-    # parser callbacks: they record
-
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-        self._in_headers = True
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_headers:
-            self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self._in_headers = False
-        code = self._parser.get_status_code()
-        if code < 200 and code != 101:
-            self._interim = True  # 100 Continue and the like: the answer follows
-            return
-        exchange = self._exchange
-        self.keep_alive = self._parser.should_keep_alive()
-        length = None
-        chunked = False
-        for name, value in self._headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                chunked = True
-        bodiless = exchange.head_only or code in (204, 304)
-        self._framing_by_close = not bodiless and length is None and not chunked
-        if code in (204, 304):
-            length = 0
-        response = UpstreamResponse(code, self._reason, self._headers, length, exchange)
-        self._headers = []  # the answer's now: the connection holds them no longer
-        # Answered: nothing sends the request again, so its bytes (a prompt of
-        # tens of KB) are not held for as long as a stream lasts.
-        exchange.request_bytes = b""
-        if bodiless and exchange.head_only:
-            # llhttp cannot be told the answer was to HEAD: it would wait for
-            # a body of Content-Length bytes.  The answer is complete now, and
-            # the next exchange gets a new parser.
-            self._complete = True
-            self._fresh_parser_needed = True
-        self._response = response
-
-    def on_body(self, data: bytes) -> None:
-        exchange = self._exchange
-        if exchange is None or self._complete:
-            self.drop_after_exchange = True  # bytes past the end of the answer
-            return
-        exchange.body_data(data)
-
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self._complete = True
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True

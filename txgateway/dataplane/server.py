@@ -440,6 +440,111 @@ class _Reading:
         self.body_size = 0
 
 
+class _RequestParsing:
+    """
+    What every connection's request parser calls: one object for all of
+    them, told whose bytes are parsed (L{HTTPServerProtocol.dataReceived}
+    sets L{connection} around C{feed_data}, and puts back the one before:
+    a request dispatched from a callback may parse another's).  httptools
+    keeps the callbacks it finds on the object it parses for: a
+    connection's bound methods would be six objects of 64 bytes each,
+    held for as long as the connection lives.  They record, and stop the
+    parser on a refusal.
+    """
+
+    def __init__(self) -> None:
+        self.connection: HTTPServerProtocol = None  # type: ignore[assignment]
+        # Bound once here: httptools takes them with getattr, which would
+        # otherwise make a new bound method for every parser.
+        for callback in ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete"):
+            setattr(self, callback, getattr(self, callback))
+
+    def on_message_begin(self) -> None:
+        connection = self.connection
+        connection._reading = _Reading()
+
+    def on_url(self, part: bytes) -> None:
+        connection = self.connection
+        reading = connection._reading
+        reading.url += part
+        if len(reading.url) > MAX_LINE:
+            connection._stop_parsing(errors.HEADER_TOO_LARGE, "a request line or header is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        connection = self.connection
+        reading = connection._reading
+        if not reading.in_headers:
+            return  # a trailer of a chunked body: the body is relayed whole, without it
+        size = len(name) + len(value) + 4
+        if size > MAX_LINE:
+            connection._stop_parsing(errors.HEADER_TOO_LARGE, "a request line or header is too long")
+        reading.header_bytes += size
+        if reading.header_bytes > MAX_HEADER_BYTES or len(reading.headers) >= MAX_HEADER_COUNT:
+            connection._stop_parsing(errors.BAD_REQUEST, "the request headers are too many or too large in all")
+        reading.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        connection = self.connection
+        reading = connection._reading
+        reading.in_headers = False
+        _cancel(connection._header_timer)
+        connection._header_timer = None
+        factory = connection.factory
+        limit = factory.max_body_size
+        for name, value in reading.headers:
+            if len(name) == 14 and name.lower() == b"content-length":
+                # Refused before the body arrives: it is never read.
+                declared = int(value)
+                if declared > limit:
+                    connection._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
+                if factory.bodies_held + declared > factory.max_bodies_held:
+                    connection._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
+        if connection._current is None and not connection._queue:
+            for name, value in reading.headers:
+                if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+                    if connection._parser.get_http_version() == "1.1":
+                        connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, data: bytes) -> None:
+        connection = self.connection
+        reading = connection._reading
+        size = len(data)
+        reading.body_size += size
+        factory = connection.factory
+        if reading.body_size > factory.max_body_size:
+            connection._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {factory.max_body_size} bytes")
+        connection._body_bytes += size
+        factory.bodies_held += size
+        if factory.bodies_held > factory.max_bodies_held:
+            connection._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
+        reading.body.append(data)
+
+    def on_message_complete(self) -> None:
+        connection = self.connection
+        reading, connection._reading = connection._reading, None
+        parser = connection._parser
+        request = IncomingRequest(
+            connection,
+            parser.get_method(),
+            reading.url,
+            reading.headers,
+            b"".join(reading.body),
+            connection._peer,
+            http10=parser.get_http_version() == "1.0",
+            keep_alive=parser.should_keep_alive(),
+            secure=connection._secure,
+        )
+        if connection._current is None:
+            connection._dispatch(request)
+        else:
+            connection._queue.append(request)
+            if len(connection._queue) >= MAX_QUEUED:
+                connection._flow.pause_reading()
+
+
+_REQUEST_PARSING = _RequestParsing()
+
+
 class HTTPServerProtocol(Protocol):
     """
     One client connection.  See the module docstring.
@@ -454,7 +559,7 @@ class HTTPServerProtocol(Protocol):
         self.factory = factory
         self.clock = factory.clock
         self.date = factory.date
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = httptools.HttpRequestParser(_REQUEST_PARSING)
         self._reading: _Reading | None = None
         self._phase_bytes = 0  # bytes received since the current request began, while in its headers
         # A list, not a deque: an empty deque holds a 64-slot block (760 bytes
@@ -516,6 +621,8 @@ class HTTPServerProtocol(Protocol):
         self.idle_timer.seen()
         before = self._reading
         in_headers_before = before is not None and before.in_headers
+        parsing = _REQUEST_PARSING
+        outer, parsing.connection = parsing.connection, self
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -525,6 +632,8 @@ class HTTPServerProtocol(Protocol):
         except httptools.HttpParserError as error:
             self._parser_failed(error, data)
             return
+        finally:
+            parsing.connection = outer
         reading = self._reading
         if reading is not None and reading.in_headers and not self.refused:
             if reading is before and in_headers_before:
@@ -552,89 +661,11 @@ class HTTPServerProtocol(Protocol):
             reason = str(error) or type(error).__name__
             self.refuse(errors.BAD_REQUEST, f"the request is malformed (request line, headers or framing): {reason}")
 
-    # -- parser callbacks: they record, and stop the parser on a refusal
-
-    def on_message_begin(self) -> None:
-        self._reading = _Reading()
-
-    def on_url(self, part: bytes) -> None:
-        reading = self._reading
-        reading.url += part
-        if len(reading.url) > MAX_LINE:
-            self._stop_parsing(errors.HEADER_TOO_LARGE, "a request line or header is too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        reading = self._reading
-        if not reading.in_headers:
-            return  # a trailer of a chunked body: the body is relayed whole, without it
-        size = len(name) + len(value) + 4
-        if size > MAX_LINE:
-            self._stop_parsing(errors.HEADER_TOO_LARGE, "a request line or header is too long")
-        reading.header_bytes += size
-        if reading.header_bytes > MAX_HEADER_BYTES or len(reading.headers) >= MAX_HEADER_COUNT:
-            self._stop_parsing(errors.BAD_REQUEST, "the request headers are too many or too large in all")
-        reading.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        reading = self._reading
-        reading.in_headers = False
-        _cancel(self._header_timer)
-        self._header_timer = None
-        limit = self.factory.max_body_size
-        factory = self.factory
-        for name, value in reading.headers:
-            if len(name) == 14 and name.lower() == b"content-length":
-                # Refused before the body arrives: it is never read.
-                declared = int(value)
-                if declared > limit:
-                    self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {limit} bytes")
-                if factory.bodies_held + declared > factory.max_bodies_held:
-                    self._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
-        if self._current is None and not self._queue:
-            for name, value in reading.headers:
-                if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                    if self._parser.get_http_version() == "1.1":
-                        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, data: bytes) -> None:
-        reading = self._reading
-        size = len(data)
-        reading.body_size += size
-        if reading.body_size > self.factory.max_body_size:
-            self._stop_parsing(errors.BODY_TOO_LARGE, f"the request body is larger than {self.factory.max_body_size} bytes")
-        factory = self.factory
-        self._body_bytes += size
-        factory.bodies_held += size
-        if factory.bodies_held > factory.max_bodies_held:
-            self._stop_parsing(errors.GATEWAY_BUSY, _BUSY_MESSAGE % factory.max_bodies_held)
-        reading.body.append(data)
-
     def body_released(self, size: int) -> None:
         """A request of this connection ended: its body's C{size} bytes go back (unless the connection gave all back)."""
         if self._body_bytes >= size:
             self._body_bytes -= size
             self.factory.bodies_held -= size
-
-    def on_message_complete(self) -> None:
-        reading, self._reading = self._reading, None
-        parser = self._parser
-        request = IncomingRequest(
-            self,
-            parser.get_method(),
-            reading.url,
-            reading.headers,
-            b"".join(reading.body),
-            self._peer,
-            http10=parser.get_http_version() == "1.0",
-            keep_alive=parser.should_keep_alive(),
-            secure=self._secure,
-        )
-        if self._current is None:
-            self._dispatch(request)
-        else:
-            self._queue.append(request)
-            if len(self._queue) >= MAX_QUEUED:
-                self._flow.pause_reading()
 
     def _stop_parsing(self, kind: ErrorKind, message: str) -> None:
         self._refusal = (kind, message)
