@@ -9,7 +9,6 @@ clock, the retry budget, and the endpoints a silent one rules out.
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from typing import Any
@@ -334,13 +333,13 @@ class Attempts:
         config, call = state.config, state.call
         if call.model_call is not None:
             sent_as = state.target.model or call.model_call.model
-            ctx = call.ctx
             transcript = call.transcript
+            counted = _AnswerCount(self._metrics, call.ctx, config.name, sent_as)
             reading = AnswerReading(
                 self._clock, config.idle_timeout, transcript, state.resumed, call.completion_reserved,
                 # A stream reports usage as it goes (one answer's reports merged); a JSON answer once, read whole.
-                functools.partial(self._count_usage, ctx, config.name, sent_as, _AnswerUsage()) if transcript is not None else _no_usage,
-                functools.partial(self._read_answer, ctx, config.name, sent_as),
+                counted.reported if transcript is not None else _no_usage,
+                counted.answered,
             )
             event_stream = transcript is not None and is_event_stream(response)  # only a streamed call's answer streams
             made = call.speaker(state.target).answer_relay(response.code, event_stream, reading)
@@ -438,56 +437,65 @@ class Attempts:
             ctx.span_notes.event(self._clock.seconds(), "circuit_open", **{"txgateway.service": service})
         return circuit_open(service, retry_after)
 
-    def _read_answer(self, ctx: RequestContext, service: str, sent_as: str | None, facts: Any) -> None:
-        """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
-        if facts.usage is not None:
-            self._count_usage(ctx, service, sent_as, _AnswerUsage(), facts.usage)
-        completion = ctx.completion
-        completion.response_id = facts.response_id
-        completion.finish_reasons = facts.finish_reasons
 
-    def _count_usage(self, ctx: RequestContext, service: str, sent_as: str | None, answer: "_AnswerUsage", usage: Any) -> None:
+class _AnswerCount:
+    """
+    One backend answer's usage (of the model sent as C{sent_as}), counted
+    as the answer tells it: on the access line, in the token counts,
+    billed.  One object per answer, whose two bound methods its relay
+    holds (not two partials of the attempts' methods: a stream holds them
+    as long as it lasts).
+    """
+
+    __slots__ = ("_metrics", "_ctx", "_service", "_sent_as", "_place", "_usage")
+
+    def __init__(self, metrics: GatewayMetrics, ctx: RequestContext, service: str, sent_as: str | None) -> None:
+        self._metrics = metrics
+        self._ctx = ctx
+        self._service = service
+        self._sent_as = sent_as
+        #: Its place on the call's bill, and its usage so far (L{None}: none reported yet).
+        self._place = 0
+        self._usage: Any = None
+
+    def reported(self, usage: Any) -> None:
         """
-        A usage report of one backend answer (of the model sent as
-        C{sent_as}): on the access line, in the token counts, billed.  A
-        later report of the same C{answer} replaces its earlier one, each
-        count the most either says, so that an answer reporting its running
-        total on every chunk is counted once.
+        A usage report of the answer.  A later report replaces an earlier
+        one, each count the most either says, so that an answer reporting
+        its running total on every chunk is counted once.
         """
-        facts = ctx.completion  # made with the call: usage is read of model calls only
-        before = answer.usage
+        facts = self._ctx.completion  # made with the call: usage is read of model calls only
+        before = self._usage
         if before is None:
-            answer.place = len(facts.billed)
-            facts.billed.append((sent_as, usage))
+            self._place = len(facts.billed)
+            facts.billed.append((self._sent_as, usage))
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         else:
             usage = before.merged(usage)
-            facts.billed[answer.place] = (sent_as, usage)
+            facts.billed[self._place] = (self._sent_as, usage)
             prompt = usage.prompt_tokens - before.prompt_tokens
             completion = usage.completion_tokens - before.completion_tokens
-        answer.usage = usage
+        self._usage = usage
         model = usage.model or facts.model or facts.requested_model or "unknown"
         facts.model = model
         facts.prompt_tokens = (facts.prompt_tokens or 0) + prompt
         facts.completion_tokens = (facts.completion_tokens or 0) + completion
         if prompt:
-            self._metrics.count_tokens(service, model, "prompt", prompt)
+            self._metrics.count_tokens(self._service, model, "prompt", prompt)
         if completion:
-            self._metrics.count_tokens(service, model, "completion", completion)
+            self._metrics.count_tokens(self._service, model, "completion", completion)
 
-
-class _AnswerUsage:
-    """One backend answer's usage so far, and its place on the call's bill (L{None}: none reported yet)."""
-
-    __slots__ = ("place", "usage")
-
-    def __init__(self) -> None:
-        self.place: int | None = None
-        self.usage: Any = None
+    def answered(self, facts: Any) -> None:
+        """What a JSON answer said of itself: its usage counted, its id and finish reasons kept."""
+        if facts.usage is not None:
+            self.reported(facts.usage)
+        completion = self._ctx.completion
+        completion.response_id = facts.response_id
+        completion.finish_reasons = facts.finish_reasons
 
 
 def _no_usage(usage: Any) -> None:
-    """A JSON answer's usage is read with its other facts (L{Attempts._read_answer}), not reported alone."""
+    """A JSON answer's usage is read with its other facts (L{_AnswerCount.answered}), not reported alone."""
 
 
 def circuit_open(service: str, retry_after: int) -> GatewayError:
