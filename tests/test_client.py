@@ -550,7 +550,7 @@ def test_connections_parsers_share_their_callbacks():
     backend = Backend()
     get(backend), get(backend)
     backend.accept(), backend.accept()
-    connections = [protocol._wrappedProtocol for protocol in backend.protocols]
+    connections = backend.protocols
     held = [[r for r in gc.get_referents(connection._parser) if inspect.ismethod(r)] for connection in connections]
     assert len(held[0]) == 6
     assert [id(method) for method in held[0]] == [id(method) for method in held[1]]
@@ -581,3 +581,16 @@ def test_an_answer_relayed_while_another_connection_parses_leaves_each_connectio
     backend.answer(0, b"3\r\none\r\n5\r\nthree\r\n0\r\n\r\n")
     assert (first.data, first.ended, first.error) == (b"onethree", True, None)
     assert (second.data, second.ended, second.error) == (b"two", True, None)
+
+
+def test_a_plain_connections_reads_reach_it_with_no_protocol_between():
+    # Twisted's endpoint would wrap each connection in a protocol that forwards every read.
+    from txgateway.dataplane.client import _UpstreamConnection
+
+    backend = Backend()
+    answered = get(backend)
+    transport = backend.accept()
+    assert type(backend.protocols[0]) is _UpstreamConnection
+    assert transport.value().startswith(b"GET /v1/x HTTP/1.1\r\n")  # told it was made: the request went
+    backend.answer(0, OK)
+    assert result_of(answered).code == 200

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 import httptools
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IResolutionReceiver
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from zope.interface import Attribute, Interface, implementer
 
 from txgateway.dataplane.eager import no_delay, writer_for
@@ -51,6 +51,8 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 ATTEMPT_DELAY = 0.3
 #: Seconds a resolved name is kept.
 RESOLUTION_TTL = 30.0
+#: Seconds a TCP connection attempt may take (Twisted's client endpoints' default).
+CONNECT_TIMEOUT = 30
 
 
 class UpstreamConnectionLost(ConnectError):
@@ -372,8 +374,10 @@ _RESPONSE_PARSING = _ResponseParsing()
 class _UpstreamConnection(Protocol):
     """One keep-alive connection to a backend; one exchange at a time."""
 
-    def __init__(self, pool: "UpstreamPool") -> None:
+    def __init__(self, pool: "UpstreamPool", dialing: "_Dialing | None" = None) -> None:
         self._pool = pool
+        #: The attempt told when the connection is made (L{None}: made through a TLS endpoint, which tells its own).
+        self._dialing = dialing
         self._parser = httptools.HttpResponseParser(_RESPONSE_PARSING)
         self._exchange: _Exchange | None = None
         self._response: UpstreamResponse | None = None
@@ -398,6 +402,9 @@ class _UpstreamConnection(Protocol):
         self._write = writer_for(self.transport)
         self.reading = ReadingControl(self.transport)
         no_delay(self.transport)
+        dialing, self._dialing = self._dialing, None
+        if dialing is not None:
+            dialing.made(self)
 
     def abandon(self) -> None:
         """This connection cannot be reused: drop it now."""
@@ -526,6 +533,42 @@ class _ConnectionFactory(Factory):
         return _UpstreamConnection(self._pool)
 
 
+class _Dialing(ClientFactory):
+    """
+    One plain TCP connection attempt: L{connected} fires with the
+    connection once it is made, or fails with why it could not be
+    (cancelling it stops the attempt).  Twisted's client endpoint does the
+    same with a protocol wrapped around the connection, which would stand
+    between every read of a stream and its connection (a call a chunk, and
+    about 0.2 KB a connection for as long as it lives).
+    """
+
+    noisy = False
+
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self._pool = pool
+        self._connector: Any = None
+        self.connected: Deferred[_UpstreamConnection] = Deferred(self._cancel)
+
+    def startedConnecting(self, connector: Any) -> None:
+        self._connector = connector
+
+    def buildProtocol(self, addr: Any) -> _UpstreamConnection:
+        return _UpstreamConnection(self._pool, self)
+
+    def made(self, connection: _UpstreamConnection) -> None:
+        """C{connection} is made (its C{connectionMade})."""
+        self.connected.callback(connection)
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+    def _cancel(self, connected: Deferred) -> None:
+        connected.errback(ConnectingCancelledError(self._connector.getDestination()))
+        self._connector.stopConnecting()
+
+
 @implementer(IUpstream)
 class UpstreamPool:
     """
@@ -570,7 +613,8 @@ class UpstreamPool:
         self.idle_seconds = idle_seconds
         self._idle: list[_UpstreamConnection] = []
         self._factory = _ConnectionFactory(self)
-        self._addresses: list | None = None
+        #: The backend's addresses as text (made once, not a string a connection).
+        self._addresses: list[str] | None = None
         self._resolved_at = 0.0
         self._closed = False
         try:
@@ -578,7 +622,7 @@ class UpstreamPool:
         except ValueError:
             literal = None
         if literal is not None:
-            self._addresses = [literal]
+            self._addresses = [str(literal)]
             self._resolved_at = float("inf")
 
     # -- IUpstream
@@ -681,18 +725,20 @@ class UpstreamPool:
         def resolved(addresses: list) -> Deferred:
             if not addresses:
                 raise DNSLookupError(f"no address for {self.host}")
-            self._addresses = [ipaddress.ip_address(address.host) for address in addresses]
+            self._addresses = [str(ipaddress.ip_address(address.host)) for address in addresses]
             self._resolved_at = self._reactor.seconds()
             return self._connect_any(self._addresses)
 
         return receiver.done.addCallback(resolved)
 
-    def _twisted_endpoint_for(self, address: Any) -> Any:
-        kind = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-        endpoint = kind(self._reactor, str(address), self.port)
+    def _dial(self, address: str) -> Deferred:
+        """A connection to C{address} (an IP address as text): a L{Deferred} of its L{_UpstreamConnection}."""
         if self._tls_creator is not None:
-            endpoint = wrapClientTLS(self._tls_creator, endpoint)
-        return endpoint
+            kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+            return wrapClientTLS(self._tls_creator, kind(self._reactor, address, self.port)).connect(self._factory)
+        dialing = _Dialing(self)
+        self._reactor.connectTCP(address, self.port, dialing, timeout=CONNECT_TIMEOUT)
+        return dialing.connected
 
     def _connect_any(self, addresses: list) -> Deferred:
         """
@@ -701,7 +747,7 @@ class UpstreamPool:
         connecting (an address that drops packets must not stall the rest).
         """
         if len(addresses) == 1:
-            return self._twisted_endpoint_for(addresses[0]).connect(self._factory)
+            return self._dial(addresses[0])
         def cancel(_: Deferred) -> None:
             remaining.clear()
             for attempt in list(pending):
@@ -721,7 +767,7 @@ class UpstreamPool:
                 if not pending and not won.called:
                     won.errback(failures[-1])
                 return
-            attempt = self._twisted_endpoint_for(remaining.pop(0)).connect(self._factory)
+            attempt = self._dial(remaining.pop(0))
             pending.append(attempt)
             attempt.addCallbacks(succeeded, failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
             if remaining and not won.called and attempt in pending:
