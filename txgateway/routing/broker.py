@@ -198,10 +198,11 @@ class ServiceBroker:
         """
         await self._admit(call.request, call.ctx, call.targets[0].route)
         model_call = call.model_call if charged else None
-        models = [target.model or (model_call.model if model_call is not None else None) for target in call.targets]
-        deadline = call.targets[0].route.config.deadline
+        # The models and the deadline are arguments, not locals: a stream keeps this frame for minutes.
         reservation = await self.governor.reserve(
-            call.request, call.ctx, model_call, models, deadline, call.completion_floor(), request_price,
+            call.request, call.ctx, model_call,
+            [target.model or (model_call.model if model_call is not None else None) for target in call.targets],
+            call.targets[0].route.config.deadline, call.completion_floor(), request_price,
         )
         if reservation is None:
             await self._serve_call(call, cached_as)
