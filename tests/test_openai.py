@@ -662,3 +662,18 @@ def test_a_stream_relay_holds_about_a_kilobyte_whatever_it_relays():
     assert held["plain"] < 1500, held  # about 1.1 KB; a relay of its own dictionary, 2.4
     # A governed relay's bound is one small object more; nothing else differs.
     assert all(size - held["plain"] < 150 for size in held.values()), held
+
+
+def test_a_configured_models_targets_are_made_once_and_a_wildcards_for_each_name(tmp_path):
+    # A stream holds its call's targets for minutes: a configured model's are one tuple for all its calls.
+    from tests.test_operations import RELOADABLE, make_service
+
+    service, reactor, path = make_service(tmp_path, RELOADABLE + "[model:m1]\ntargets = ai, data:small\n[model:*]\ntargets = ai\n")
+    models = service.gateway.broker.models
+    first = models.targets_for("m1")
+    assert models.targets_for("m1") is first
+    assert [(t.route.config.name, t.model) for t in first] == [("ai", "m1"), ("data", "small")]
+    assert first[0].route is models.targets_for("m1")[0].route
+    other = models.targets_for("some-model")
+    assert [(t.route.config.name, t.model) for t in other] == [("ai", "some-model")]
+    assert other[0].route is not first[0].route  # a deployment of its own: breakers of its own

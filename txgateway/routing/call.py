@@ -10,6 +10,7 @@ is said to each target, and its answer read back, is its speaker's
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import attrs
 
@@ -44,7 +45,8 @@ class Call:
     request: IncomingRequest
     ctx: RequestContext
     path: bytes
-    targets: list[Target]
+    #: Primary first (a model's configured targets are one tuple shared by its calls).
+    targets: Sequence[Target]
     speakers: Speakers
     model_call: IModelCall | None = None
     transcript: Transcript | None = None
@@ -77,7 +79,7 @@ class Call:
         request: IncomingRequest,
         ctx: RequestContext,
         path: bytes,
-        targets: list[Target],
+        targets: Sequence[Target],
         speakers: Speakers,
         model_call: IModelCall | None = None,
         as_sent: bool = False,

@@ -7,7 +7,7 @@ for another model on the same backend.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from txgateway.config.gateway import ANY_MODEL, MODEL_NAME, ModelConfig, ServiceConfig
 from txgateway.resilience.breaker import CircuitBreaker
@@ -47,16 +47,26 @@ class ModelTable:
             for target in model.targets:
                 if target.model is not None:
                     self._deployment(target.service, target.model, before.get((target.service, target.model)))
+        #: The targets of each model whose every target names the model it is sent (their deployments are
+        #: never forgotten): made once, not a list and its targets a request.
+        self._fixed_targets: dict[str, tuple[Target, ...]] = {
+            name: tuple(Target(self._deployments[target.service, target.model], target.model) for target in model.targets)
+            for name, model in self.models.items()
+            if name != ANY_MODEL and all(target.model is not None for target in model.targets)
+        }
 
     def names(self) -> list[str]:
         """The models clients may name, in configuration order (without C{*})."""
         return [name for name in self.models if name != ANY_MODEL]
 
-    def targets_for(self, asked: str) -> list[Target] | None:
+    def targets_for(self, asked: str) -> Sequence[Target] | None:
         """
         The targets of the model C{asked}, primary first, or L{None} when
         no section (not even C{[model:*]}) routes it.
         """
+        fixed = self._fixed_targets.get(asked)
+        if fixed is not None:
+            return fixed
         model = self.models.get(asked)
         if model is None:
             model = self.models.get(ANY_MODEL)
