@@ -249,3 +249,17 @@ def test_a_stopped_timer_holds_its_owner_no_longer_while_its_entry_waits():
     del stream
     gc.collect()
     assert gone() is None
+
+
+def test_a_clocks_idle_schedule_goes_with_the_clock():
+    # One schedule per clock, kept by nothing but the clock's timers: a test's clock (and all
+    # that its timers' owners hold) must not live on.
+    import gc
+    import weakref
+
+    clock = Clock()
+    IdleTimer(clock, 10.0, lambda: None).start()
+    gone = weakref.ref(clock)
+    del clock
+    gc.collect()
+    assert gone() is None

@@ -93,14 +93,16 @@ class _IdleSchedule:
 
     __slots__ = ("_clock", "_heap", "_order", "_stopped", "_call", "_call_at", "__weakref__")
 
-    _of: "weakref.WeakKeyDictionary[IReactorTime, _IdleSchedule]" = weakref.WeakKeyDictionary()
+    #: Each clock's schedule by the clock's id, held weakly: a schedule lives as long as its
+    #: timers or its reactor timer do (and keeps its clock, so no other clock takes that id).
+    _of: "weakref.WeakValueDictionary[int, _IdleSchedule]" = weakref.WeakValueDictionary()
 
     @classmethod
     def of(cls, clock: IReactorTime) -> "_IdleSchedule":
-        """The schedule of C{clock}'s idle timers (made with its first one, gone with the clock)."""
-        schedule = cls._of.get(clock)
+        """The schedule of C{clock}'s idle timers (made with its first one, gone with the last)."""
+        schedule = cls._of.get(id(clock))
         if schedule is None:
-            schedule = cls._of[clock] = cls(clock)
+            schedule = cls._of[id(clock)] = cls(clock)
         return schedule
 
     def __init__(self, clock: IReactorTime) -> None:
