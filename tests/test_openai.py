@@ -523,11 +523,21 @@ def test_a_malformed_chunk_breaks_the_attempt_and_is_never_relayed():
     assert b"not json" not in body and text_of(events_of(body)) == "Fine words"
 
 
+def cut_short(done) -> bool:
+    """The client's read of a stream ended with the connection, before the stream's end."""
+    from twisted.web.client import ResponseFailed
+
+    failures: list = []
+    done.addErrback(failures.append)
+    return len(failures) == 1 and failures[0].check(ResponseFailed) is not None
+
+
 def test_no_resume_for_several_choices_or_without_resume_configured():
     h = harness(primary_resume="off", local_resume="off")
     response, received, done = broken_stream(h, ["One "])
     assert len(h.agents["primary"].requests) == 1 and h.agents["local"].requests == []
     assert events_of(b"".join(received))[-1][0] == "error"
+    assert cut_short(done)
     h = harness()
     d = chat(h, stream=True, n=2)
     upstream = h.agents["primary"].last.respond(FakeResponse(200, SSE))
@@ -537,6 +547,7 @@ def test_no_resume_for_several_choices_or_without_resume_configured():
     upstream.fail("reset")
     h.flush()
     assert len(h.agents["primary"].requests) == 1
+    assert cut_short(done)
 
 
 # -- reload
