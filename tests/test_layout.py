@@ -20,7 +20,7 @@ ROOMS = {
     "txgateway.config": {"gateway", "keys"},
     "txgateway.resilience": {"breaker", "guarded", "retry"},
     "txgateway.observability": {"context", "export", "logs", "metrics", "otlp", "tracing", "window"},
-    "txgateway.dataplane": {"client", "eager", "flow", "headers", "idle", "relay", "server"},
+    "txgateway.dataplane": {"client", "eager", "flow", "headers", "idle", "parsing", "relay", "server"},
     "txgateway.openai": {"relays", "speaker", "wire"},
     "txgateway.anthropic": {"speakers", "translate", "wire"},
     "txgateway.responses": {"conversations", "speakers", "store", "translate", "wire"},

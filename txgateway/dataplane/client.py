@@ -35,6 +35,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from txgateway.dataplane.eager import no_delay, writer_for
 from txgateway.dataplane.flow import ReadingControl
+from txgateway.dataplane.parsing import SharedCallbacks
 
 __all__ = [
     "IBodyConsumer",
@@ -286,22 +287,15 @@ def _cancel_exchange(exchange: "weakref.ref[_Exchange]", answered: Deferred) -> 
         alive.cancel(answered)
 
 
-class _ResponseParsing:
+class _ResponseParsing(SharedCallbacks):
     """
-    What every backend connection's response parser calls: one object for
-    all of them, told whose bytes are parsed (L{_UpstreamConnection.dataReceived}
-    sets L{connection} around C{feed_data}, and puts back the one before).
-    httptools keeps the callbacks it finds on the object it parses for: a
-    connection's bound methods would be six objects of 64 bytes each, held
-    for as long as the connection lives.  They record.
+    What every backend connection's response parser calls
+    (L{SharedCallbacks}: the connection is L{_UpstreamConnection}).  They
+    record.
     """
 
-    def __init__(self) -> None:
-        self.connection: _UpstreamConnection = None  # type: ignore[assignment]
-        # Bound once here: httptools takes them with getattr, which would
-        # otherwise make a new bound method for every parser.
-        for callback in ("on_message_begin", "on_status", "on_header", "on_headers_complete", "on_body", "on_message_complete"):
-            setattr(self, callback, getattr(self, callback))
+    CALLBACKS = ("on_message_begin", "on_status", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+    connection: _UpstreamConnection
 
     def on_message_begin(self) -> None:
         connection = self.connection

@@ -28,10 +28,10 @@ __all__ = ["IdleTimer"]
 #: cancelled C{DelayedCall} in Twisted's heap.
 _SWEEP_FROM = 50
 
-#: A heap entry: C{[due, order, timer]}, compared by when it is due (then
+#: A heap entry is C{[due, order, timer]}, compared by when it is due (then
 #: by the order it went in: never by timer); C{timer} is L{None} once the
 #: timer stopped, so that the entry holds neither it nor its owner.
-_DUE, _ORDER, _TIMER = 0, 1, 2
+_DUE, _TIMER = 0, 2
 
 
 class IdleTimer:
@@ -46,7 +46,7 @@ class IdleTimer:
     __slots__ = ("_clock", "_schedule", "_timeout", "_went_idle", "_last_seen", "_entry")
 
     def __init__(self, clock: IReactorTime, timeout: float, went_idle: Callable[[], None]) -> None:
-        self._clock = clock
+        self._clock = clock  # its schedule's too: kept here, a sighting reads it without a hop
         self._schedule = _IdleSchedule.of(clock)
         self._timeout = timeout
         self._went_idle: Callable[[], None] | None = went_idle

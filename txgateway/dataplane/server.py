@@ -35,6 +35,7 @@ from txgateway import errors
 from txgateway.dataplane.eager import no_delay, writer_for
 from txgateway.dataplane.flow import ReadingControl
 from txgateway.dataplane.idle import IdleTimer
+from txgateway.dataplane.parsing import SharedCallbacks
 from txgateway.errors import ErrorKind, error_answer
 from txgateway.ids import request_id_for
 
@@ -440,24 +441,15 @@ class _Reading:
         self.body_size = 0
 
 
-class _RequestParsing:
+class _RequestParsing(SharedCallbacks):
     """
-    What every connection's request parser calls: one object for all of
-    them, told whose bytes are parsed (L{HTTPServerProtocol.dataReceived}
-    sets L{connection} around C{feed_data}, and puts back the one before:
-    a request dispatched from a callback may parse another's).  httptools
-    keeps the callbacks it finds on the object it parses for: a
-    connection's bound methods would be six objects of 64 bytes each,
-    held for as long as the connection lives.  They record, and stop the
-    parser on a refusal.
+    What every connection's request parser calls (L{SharedCallbacks}: the
+    connection is L{HTTPServerProtocol}).  They record, and stop the parser
+    on a refusal.
     """
 
-    def __init__(self) -> None:
-        self.connection: HTTPServerProtocol = None  # type: ignore[assignment]
-        # Bound once here: httptools takes them with getattr, which would
-        # otherwise make a new bound method for every parser.
-        for callback in ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete"):
-            setattr(self, callback, getattr(self, callback))
+    CALLBACKS = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+    connection: HTTPServerProtocol
 
     def on_message_begin(self) -> None:
         connection = self.connection
