@@ -18,7 +18,7 @@ from txgateway import errors
 from txgateway.errors import GatewayError
 from txgateway.dataplane.server import AnswerRecorder
 from txgateway.responses.conversations import (
-    TRIM_FROM, Conversations, StreamEndRecorder, answered_response, conversation_items, input_item_page, listed_items, turn_input,
+    Conversations, StreamEndRecorder, answered_response, conversation_items, input_item_page, listed_items, turn_input,
 )
 from txgateway.responses.store import MemoryResponseStore, SqliteResponseStore, StoredResponse, StoreFailed
 
@@ -167,6 +167,9 @@ def _long_stream(deltas: int, end: bytes) -> bytes:
     return b"".join(events)
 
 
+_DELTA_NAMING_THE_END = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"response.completed"}\n\n'
+
+
 @pytest.mark.parametrize("end", [
     b"completed",
     b"",  # broken: no end event
@@ -174,20 +177,37 @@ def _long_stream(deltas: int, end: bytes) -> bytes:
     b'event: error\ndata: {"type":"error"}\n\n',
     b"data: not json\n\n",
     b'data: {"type":"response.completed","response":{"id":"resp_1","object":"response"}}',  # cut before its end
+    b"completed, then a delta",  # the stream went on past its end: not a Response
+    b"completed, then a delta naming the end",
+    b"completed, then a comment",
 ])
 @pytest.mark.parametrize("write_size", [1, 7, 100, 5000])
 def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_would(end, write_size):
-    stream = _long_stream(2000, end)
+    after = {
+        b"completed, then a delta": _long_stream(1, b"").split(b"\n\n", 1)[1],
+        b"completed, then a delta naming the end": _DELTA_NAMING_THE_END,
+        b"completed, then a comment": b": done\n\n",
+    }
+    stream = _long_stream(2000, b"completed" if end in after else end) + after.get(end, b"")
     recorder = Conversations(MemoryResponseStore(Clock(), 1), Clock(), DAY, 10**8, Log()).recorder(True)
     recorder.started(200, None, [])
-    most = 0
-    for count, at in enumerate(range(0, len(stream), write_size)):
+    # Never more than the end and the event not ended yet (a long stream is hundreds of KB).
+    most = 2 * (max(len(event) for event in stream.split(b"\n\n")) + 2) + write_size
+    assert most < len(stream)
+    for at in range(0, len(stream), write_size):
         recorder.wrote(stream[at:at + write_size])
-        if count % 50 == 0:
-            most = max(most, sum(len(part) for part in recorder.parts))
+        assert sum(len(part) for part in recorder.parts) <= most
     assert answered_response(b"".join(recorder.parts), True) == answered_response(stream, True)
     assert recorder.size == len(stream) and not recorder.overflowed
-    assert most < TRIM_FROM + 10_000 < len(stream)  # never the whole stream (a long one is hundreds of KB)
+
+
+def test_a_streams_recorder_holds_no_delta_before_the_end_nor_any_header():
+    recorder = StreamEndRecorder(10**8)
+    recorder.started(200, b"OK", [(b"content-type", b"text/event-stream"), (b"x-request-id", b"r1")])
+    assert (recorder.code, recorder.headers) == (200, [])
+    for event in _long_stream(100, b"").split(b"\n\n")[:-1] + [_DELTA_NAMING_THE_END[:-2]]:
+        recorder.wrote(event + b"\n\n")
+        assert recorder.parts == []
 
 
 def test_a_streams_recorder_over_its_limit_keeps_nothing():
@@ -202,8 +222,8 @@ def test_a_streams_recorder_over_its_limit_keeps_nothing():
 def test_a_streams_recorder_never_keeps_from_an_event_that_has_not_ended():
     # That event reads as JSON when the recorder lets go; its next line makes it something else.
     completed = _long_stream(0, b"completed")
-    deltas = _long_stream(TRIM_FROM // 200, b"")
-    unended = b'data: {"pad":"' + b"x" * (TRIM_FROM - len(deltas) - len(completed)) + b'"}'  # its write lets go
+    deltas = _long_stream(20, b"")
+    unended = b'data: {"pad":"' + b"x" * 4096 + b'"}'
     recorder = StreamEndRecorder(10**8)
     for part in (deltas, completed, unended, b"\ndata: more\n\n"):
         recorder.wrote(part)

@@ -77,51 +77,72 @@ def answered_response(body: bytes, stream: bool) -> dict | None:
     return None
 
 
-#: The bytes a stream's recorder takes in before it lets go of the events it no longer needs.
-TRIM_FROM = 4096
+#: The types of the events a kept stream's Response is read from (see L{answered_response}).
+_END_TYPES = ("response.completed", "response.incomplete")
 
 
 class StreamEndRecorder(AnswerRecorder):
     """
     The recorder of a stream whose Response is to be kept.  That Response
     is read from the stream's last event that carries JSON
-    (L{answered_response}): once it has taken in L{TRIM_FROM} bytes (or
-    as many as it kept the last time), it lets go of every event before
-    the last whole one that does, and keeps that one and what came after.
-    A stream of minutes is thousands of events: kept whole until its end,
-    a thousand of them would hold hundreds of MB.  Every byte written
-    still counts against its limit.
+    (L{answered_response}), so this holds no more than what decides it:
+    the last whole event that ended the Response (until a later JSON
+    event says the stream went on), and the event not ended yet.  An
+    event is read as JSON only when its bytes name an end type, or when
+    it follows one that did; the deltas before are let go as they pass,
+    unread.  Every byte written still counts against its limit.
     """
 
-    __slots__ = ("_taken", "_trim_at")
+    __slots__ = ("_end", "_unended")
 
     def __init__(self, limit: int) -> None:
+        self._end: bytes | None = None
+        self._unended: list[bytes] = []
         super().__init__(limit)
-        self._taken = 0
-        self._trim_at = TRIM_FROM
+
+    @property  # type: ignore[override]
+    def parts(self) -> list[bytes]:
+        """What is held, in the order it was written: the end event (if any), then what has not ended."""
+        if self._end is None:
+            return list(self._unended)
+        return [self._end, b"\n\n", *self._unended]
+
+    @parts.setter
+    def parts(self, parts: list[bytes]) -> None:
+        self._end = None
+        self._unended = list(parts)
+
+    def started(self, code: int, reason: bytes | None, headers: list) -> None:
+        """The answer's status line was decided (its headers are not held: a kept Response is read from its body)."""
+        AnswerRecorder.started(self, code, reason, [])
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
-        AnswerRecorder.wrote(self, data)
         if self.overflowed:
             return
-        self._taken += len(data)
-        if self._taken >= self._trim_at:
-            self._keep_from_last_event()
+        self.size += len(data)
+        if self.size > self.limit:
+            self.overflowed = True
+            self.parts = []
+            return
+        unended = self._unended
+        unended.append(data)
+        # An event ends at a blank line, whose two newlines may come in two writes.
+        if b"\n\n" not in data and not (len(unended) > 1 and data[:1] == b"\n" and unended[-2][-1:] == b"\n"):
+            return
+        events = b"".join(unended).split(b"\n\n")
+        last = events.pop()
+        self._unended = [last] if last else []
+        for event in events:
+            self._ended(event)
 
-    def _keep_from_last_event(self) -> None:
-        held = b"".join(self.parts)
-        segments = held.split(b"\n\n")
-        # The last segment has not ended yet (it may still change): the one kept from is a whole one before it.
-        start = len(held) - len(segments[-1])
-        for segment in reversed(segments[:-1]):
-            start -= len(segment) + 2
-            if type(event_json(segment + b"\n\n")) is dict:
-                held = held[start:]
-                break
-        self.parts = [held]
-        self._taken = 0
-        self._trim_at = max(TRIM_FROM, len(held))  # a large last event is not joined again at every write
+    def _ended(self, event: bytes) -> None:
+        """One whole event was written (without its blank line)."""
+        if self._end is None and b"response.completed" not in event and b"response.incomplete" not in event:
+            return  # no end yet: a delta decides nothing
+        data = event_json(event + b"\n\n")
+        if type(data) is dict:
+            self._end = event if data.get("type") in _END_TYPES else None
 
 
 _PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
