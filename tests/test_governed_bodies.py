@@ -375,7 +375,24 @@ def test_a_stream_longer_than_its_deadline_keeps_its_reservation_while_it_runs()
     upstream.finish()
     h.flush()
     assert h.gateway.broker.governor.store.ledger.holding == 0
+    # Nothing runs: the renewal stops within its next half window (not rearmed).
+    h.advance(1.0)
     assert not h.clock.getDelayedCalls() or all(call.func.__name__ != "_renew" for call in h.clock.getDelayedCalls())
+
+
+def test_calls_one_after_another_share_one_renewal_timer():
+    h = Harness(LONG)
+    renewals = []
+    for _ in range(3):
+        first = post(h, "/v1/chat/completions", chat_body())
+        h.agents["ai"].last.respond(FakeResponse(200, JSON, completion("gpt-4o"))).finish()
+        h.flush()
+        assert result_of(first).code == 200
+        renewals += [call for call in h.clock.getDelayedCalls() if call.func.__name__ == "_renew"]
+    # Settled each time with nothing else live, yet not cancelled and made again: one timer.
+    assert len({id(call) for call in renewals}) == 1 and renewals[0].active()
+    h.advance(1.0)
+    assert all(call.func.__name__ != "_renew" for call in h.clock.getDelayedCalls())
 
 
 def test_a_reservation_nobody_renews_lapses_within_two_windows():

@@ -590,10 +590,9 @@ class Governor:
 
     def settle(self, reservation: Reservation, ctx: RequestContext, uses: list[ModelUse]) -> None:
         """Hand C{reservation}'s settlement to the store; count it on the access line and in the metrics."""
+        # The renewal's timer is left to run out when nothing is live (it then stops by itself):
+        # cancelled here and made again by the next reserve, it cost a timer a request or so.
         self._live.pop(reservation.ask.reservation_id, None)
-        if not self._live and self._renewal is not None and self._renewal.active():
-            self._renewal.cancel()
-            self._renewal = None
         key = reservation.key
         uses = [
             ModelUse(
