@@ -247,11 +247,12 @@ class Reservation:
             # Whole: the last answer said its usage and the client had all of it, in one
             # attempt (a resumed call's broken attempts said nothing of what they made).
             whole = billed[-1][1].final and (relayed is None or relayed.finished) and not ctx.completion.resumed
-            missing = streamed - sum(use.completion_tokens for use in uses)
-            if not whole and missing > 0:
-                # The stream was cut before its usage said all: what the client had counts.
-                model = billed[-1][0] or "unknown"
-                uses.append(ModelUse(model, 0, missing, prices.of(model).cost_nano(0, missing)))
+            if not whole:
+                missing = streamed - sum(use.completion_tokens for use in uses)
+                if missing > 0:
+                    # The stream was cut before its usage said all: what the client had counts.
+                    model = billed[-1][0] or "unknown"
+                    uses.append(ModelUse(model, 0, missing, prices.of(model).cost_nano(0, missing)))
             return uses
         model = fallback_model or self.model_call.model or "unknown"
         if relayed is not None and relayed.cut:
@@ -594,34 +595,39 @@ class Governor:
         # cancelled here and made again by the next reserve, it cost a timer a request or so.
         self._live.pop(reservation.ask.reservation_id, None)
         key = reservation.key
-        uses = [
-            ModelUse(
-                use.model, bounded(use.prompt_tokens, TOKENS_BOUND), bounded(use.completion_tokens, TOKENS_BOUND),
-                bounded(use.cost_nano, NANO_BOUND),
-            )
-            for use in uses
-        ]
-        completion = ctx.completion
+        team = key.team or ""
+        count_spend = self._metrics.count_spend
+        counted = []
+        tokens = cost = 0
+        for use in uses:
+            # Whatever a backend reported, what is counted is within the ledgers' bounds.
+            prompt = bounded(use.prompt_tokens, TOKENS_BOUND)
+            completion = bounded(use.completion_tokens, TOKENS_BOUND)
+            nano = bounded(use.cost_nano, NANO_BOUND)
+            if prompt != use.prompt_tokens or completion != use.completion_tokens or nano != use.cost_nano:
+                use = ModelUse(use.model, prompt, completion, nano)
+            counted.append(use)
+            tokens += prompt + completion
+            cost += nano
+            count_spend(key.name, team, use.model, nano / NANO_PER_USD, prompt, completion)
         if reservation.request_price is None and reservation.model_call is not None and reservation.model_call.generates:
             over = self._over_bound(reservation, ctx)
             if over is not None:
                 self._metrics.count_over_bound(key.name, over)
                 self._log.warning("completion_over_bound", key=key.name, how=over, reserved=reservation.completion_cap)
-        if completion is not None and any(usage.clamped for _, usage in completion.billed):
-            reported = [(model, usage.prompt_tokens, usage.completion_tokens) for model, usage in completion.billed]
-            self._log.warning("usage_clamped", key=key.name, reason="a backend reported a token count out of bounds", used=reported)
-            self._metrics.count_clamped_usage(key.name)
-        tokens = sum(use.prompt_tokens + use.completion_tokens for use in uses)
-        cost = sum(use.cost_nano for use in uses)
+        billed = ctx.completion.billed if ctx.completion is not None else ()
+        for _, usage in billed:
+            if usage.clamped:
+                reported = [(model, usage.prompt_tokens, usage.completion_tokens) for model, usage in billed]
+                self._log.warning("usage_clamped", key=key.name, reason="a backend reported a token count out of bounds", used=reported)
+                self._metrics.count_clamped_usage(key.name)
+                break
         if ctx.spend is not None:
             ctx.spend.cost_usd = cost / NANO_PER_USD
-        team = key.team or ""
-        for use in uses:
-            self._metrics.count_spend(key.name, team, use.model, use.cost_nano / NANO_PER_USD, use.prompt_tokens, use.completion_tokens)
-        if reservation.end_user is not None and uses:
+        if reservation.end_user is not None and counted:
             self._metrics.count_end_user_spend(key.name, reservation.end_user, cost, tokens)
         settling = self.store.settle(
-            reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(uses), reservation.end_user),
+            reservation.ask, Settled(key.name, key.team, tokens, cost, tuple(counted), reservation.end_user),
         )
         if not settling.called:  # a store in this process has settled already
             settling.addErrback(lambda failure: self._log.error("budgets_settle_failed", key=key.name, reason=failure.getErrorMessage()))
