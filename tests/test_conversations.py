@@ -210,6 +210,15 @@ def test_a_streams_recorder_holds_no_delta_before_the_end_nor_any_header():
         assert recorder.parts == []
 
 
+def test_a_streams_recorder_finds_an_events_end_across_an_empty_write():
+    completed = _long_stream(0, b"completed").split(b"\n\n")[1]
+    recorder = StreamEndRecorder(10**8)
+    for part in (completed + b"\n", b"", b"\n"):
+        recorder.wrote(part)
+    assert recorder.parts == [completed, b"\n\n"]  # read as ended, nothing left waiting
+    assert answered_response(b"".join(recorder.parts), True)["id"] == "resp_1"
+
+
 def test_a_streams_recorder_over_its_limit_keeps_nothing():
     recorder = StreamEndRecorder(50_000)
     stream = _long_stream(2000, b"completed")

@@ -118,7 +118,7 @@ class StreamEndRecorder(AnswerRecorder):
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
-        if self.overflowed:
+        if self.overflowed or not data:
             return
         self.size += len(data)
         if self.size > self.limit:
