@@ -36,7 +36,8 @@ C{encrypted_content} when C{include} asks), a C{function_call} of the
 first tool given C{tools} (or "The tool said: <output>" once a
 C{function_call_output} comes), a structured output for a C{json_schema}
 C{text.format}; model C{cut} breaks after its first delta, C{resp-error}
-sends an C{error} event before any output.
+sends an C{error} event before any output, C{resp-crlf} ends its events'
+lines with CRLF.
 
 The answer is always the same 60 words, "w1 w2 ... w60 ".  A request whose
 last message is the assistant's (a prefill) is continued from there, and
@@ -294,8 +295,12 @@ class Completions(Resource):
             return _json(request, done)
         sequence = iter(range(1000))
 
+        # Model resp-crlf frames its events with CRLF line ends (SSE allows them).
+        line_end = "\r\n" if model == "resp-crlf" else "\n"
+
         def event(kind, **data):
-            return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **data})}\n\n".encode()
+            text = f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': next(sequence), **data})}\n\n"
+            return text.replace("\n", line_end).encode()
 
         events = [event("response.created", response=response), event("response.in_progress", response=response)]
         if reasoning is not None:

@@ -182,17 +182,18 @@ _DELTA_NAMING_THE_END = b'event: response.output_text.delta\ndata: {"type":"resp
     b"completed, then a comment",
 ])
 @pytest.mark.parametrize("write_size", [1, 7, 100, 5000])
-def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_would(end, write_size):
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n"])
+def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_would(end, write_size, line_end):
     after = {
         b"completed, then a delta": _long_stream(1, b"").split(b"\n\n", 1)[1],
         b"completed, then a delta naming the end": _DELTA_NAMING_THE_END,
         b"completed, then a comment": b": done\n\n",
     }
-    stream = _long_stream(2000, b"completed" if end in after else end) + after.get(end, b"")
+    stream = (_long_stream(2000, b"completed" if end in after else end) + after.get(end, b"")).replace(b"\n", line_end)
     recorder = Conversations(MemoryResponseStore(Clock(), 1), Clock(), DAY, 10**8, Log()).recorder(True)
     recorder.started(200, None, [])
     # Never more than the end and the event not ended yet (a long stream is hundreds of KB).
-    most = 2 * (max(len(event) for event in stream.split(b"\n\n")) + 2) + write_size
+    most = 2 * (max(len(event) for event in stream.split(2 * line_end)) + 4) + write_size
     assert most < len(stream)
     for at in range(0, len(stream), write_size):
         recorder.wrote(stream[at:at + write_size])
@@ -215,8 +216,13 @@ def test_a_streams_recorder_finds_an_events_end_across_an_empty_write():
     recorder = StreamEndRecorder(10**8)
     for part in (completed + b"\n", b"", b"\n"):
         recorder.wrote(part)
-    assert recorder.parts == [completed, b"\n\n"]  # read as ended, nothing left waiting
+    assert recorder.parts == [completed + b"\n\n"]  # read as ended, nothing left waiting
     assert answered_response(b"".join(recorder.parts), True)["id"] == "resp_1"
+
+
+def test_a_stream_framed_with_crlf_ends_with_its_response():
+    stream = _long_stream(3, b"completed").replace(b"\n", b"\r\n")
+    assert answered_response(stream, True)["id"] == "resp_1"
 
 
 def test_a_streams_recorder_over_its_limit_keeps_nothing():

@@ -62,6 +62,8 @@ responses = native
 retries = 0
 [model:failover]
 targets = down:resp-model, chatonly:plain-model
+[model:crlf-agent]
+targets = native:resp-crlf
 """
 
 
@@ -97,7 +99,7 @@ def test_a_kept_response_is_retrieved_listed_and_deleted_on_every_kind_of_target
         client.responses.retrieve(made.id)
 
 
-@pytest.mark.parametrize("model", ["agent", "selfhosted", "claude"])
+@pytest.mark.parametrize("model", ["agent", "selfhosted", "claude", "crlf-agent"])
 def test_a_streamed_response_is_kept_too(gateway, model):
     client = client_of(gateway)
     with client.responses.stream(model=model, input="Count") as stream:

@@ -440,6 +440,11 @@ class EventSplitter:
         self._tail = buffer[start:]
         return events
 
+    @property
+    def waiting(self) -> bytes:
+        """What came after the last whole event, kept until its end comes (L{rest} takes it)."""
+        return self._tail
+
     def rest(self) -> bytes:
         """What came after the last whole event (a last event without its blank line)."""
         tail, self._tail = self._tail, b""

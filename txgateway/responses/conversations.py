@@ -24,7 +24,7 @@ from txgateway import errors
 from txgateway.anthropic.wire import event_json
 from txgateway.dataplane.server import AnswerRecorder
 from txgateway.errors import GatewayError
-from txgateway.openai.wire import decode_json
+from txgateway.openai.wire import EventSplitter, decode_json
 from txgateway.responses.store import IResponseStore, StoredResponse, StoreFailed
 
 __all__ = [
@@ -65,9 +65,12 @@ def answered_response(body: bytes, stream: bool) -> dict | None:
         except (ValueError, UnicodeDecodeError):
             return None
         return response if type(response) is dict and response.get("object") == "response" else None
-    # The end event is the last: read the stream from its end.
-    for event in reversed(body.split(b"\n\n")):
-        data = event_json(event + b"\n\n")
+    # The end event is the last: read the stream from its end (a last event may lack its blank line).
+    splitter = EventSplitter()
+    events = splitter.feed(body)
+    events.append(splitter.rest())
+    for event in reversed(events):
+        data = event_json(event)
         if type(data) is not dict:
             continue
         if data.get("type") in ("response.completed", "response.incomplete"):
@@ -93,24 +96,25 @@ class StreamEndRecorder(AnswerRecorder):
     unread.  Every byte written still counts against its limit.
     """
 
-    __slots__ = ("_end", "_unended")
+    __slots__ = ("_end", "_splitter")
 
     def __init__(self, limit: int) -> None:
         self._end: bytes | None = None
-        self._unended: list[bytes] = []
+        self._splitter = EventSplitter()
         super().__init__(limit)
 
     @property  # type: ignore[override]
     def parts(self) -> list[bytes]:
         """What is held, in the order it was written: the end event (if any), then what has not ended."""
-        if self._end is None:
-            return list(self._unended)
-        return [self._end, b"\n\n", *self._unended]
+        waiting = self._splitter.waiting
+        held = [waiting] if waiting else []
+        return held if self._end is None else [self._end, *held]
 
     @parts.setter
     def parts(self, parts: list[bytes]) -> None:
         self._end = None
-        self._unended = list(parts)
+        self._splitter = EventSplitter()
+        self._take(b"".join(parts))
 
     def started(self, code: int, reason: bytes | None, headers: list) -> None:
         """The answer's status line was decided (its headers are not held: a kept Response is read from its body)."""
@@ -118,29 +122,25 @@ class StreamEndRecorder(AnswerRecorder):
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
-        if self.overflowed or not data:
+        if self.overflowed:
             return
         self.size += len(data)
         if self.size > self.limit:
             self.overflowed = True
             self.parts = []
             return
-        unended = self._unended
-        unended.append(data)
-        # An event ends at a blank line, whose two newlines may come in two writes.
-        if b"\n\n" not in data and not (len(unended) > 1 and data[:1] == b"\n" and unended[-2][-1:] == b"\n"):
-            return
-        events = b"".join(unended).split(b"\n\n")
-        last = events.pop()
-        self._unended = [last] if last else []
-        for event in events:
+        self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        # Whole events as they end (at a blank line, LF or CRLF, whose bytes may come in two writes).
+        for event in self._splitter.feed(data):
             self._ended(event)
 
     def _ended(self, event: bytes) -> None:
-        """One whole event was written (without its blank line)."""
+        """One whole event was written (with its blank line)."""
         if self._end is None and b"response.completed" not in event and b"response.incomplete" not in event:
             return  # no end yet: a delta decides nothing
-        data = event_json(event + b"\n\n")
+        data = event_json(event)
         if type(data) is dict:
             self._end = event if data.get("type") in _END_TYPES else None
 
