@@ -53,6 +53,10 @@ def conversation_items(chain: list[StoredResponse]) -> list:
     return items
 
 
+#: The types of the events a stream's Response is read from.
+_END_TYPES = ("response.completed", "response.incomplete")
+
+
 def answered_response(body: bytes, stream: bool) -> dict | None:
     """
     The Response an answer's bytes carry: the JSON Response itself, or the
@@ -73,15 +77,11 @@ def answered_response(body: bytes, stream: bool) -> dict | None:
         data = event_json(event)
         if type(data) is not dict:
             continue
-        if data.get("type") in ("response.completed", "response.incomplete"):
+        if data.get("type") in _END_TYPES:
             response = data.get("response")
             return response if type(response) is dict else None
         return None  # the last event is no end: a broken stream
     return None
-
-
-#: The types of the events a kept stream's Response is read from (see L{answered_response}).
-_END_TYPES = ("response.completed", "response.incomplete")
 
 
 class StreamEndRecorder(AnswerRecorder):
