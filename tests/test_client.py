@@ -556,7 +556,6 @@ def test_connections_parsers_share_their_callbacks():
     assert [id(method) for method in held[0]] == [id(method) for method in held[1]]
 
 
-
 def test_an_answer_relayed_while_another_connection_parses_leaves_each_connection_its_own():
     # Every connection's parser calls one shared object, told whose bytes it parses: a
     # chunk relayed from inside one connection's parse may set another one parsing.

@@ -189,7 +189,7 @@ def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_wou
         b"completed, then a delta naming the end": _DELTA_NAMING_THE_END,
         b"completed, then a comment": b": done\n\n",
     }
-    stream = (_long_stream(2000, b"completed" if end in after else end) + after.get(end, b"")).replace(b"\n", line_end)
+    stream = (_long_stream(500, b"completed" if end in after else end) + after.get(end, b"")).replace(b"\n", line_end)
     recorder = Conversations(MemoryResponseStore(Clock(), 1), Clock(), DAY, 10**8, Log()).recorder(True)
     recorder.started(200, None, [])
     # Never more than the end and the event not ended yet (a long stream is hundreds of KB).

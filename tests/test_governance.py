@@ -546,3 +546,38 @@ def test_a_spend_file_that_stays_unwritable_is_said_once_and_makes_the_store_unh
     assert log.lines == ["budgets_write_failed", "budgets_write_recovered"]
     assert store.description["healthy"] is True and [row[6] for row in SpendFile(path).rows()] == [15]
     result_of(store.close())
+
+
+def test_a_settle_counts_only_whole_numbers_within_the_ledgers_bounds():
+    # Whatever the uses a settle is handed say (a float, a negative, more than any ledger holds),
+    # the store is given whole numbers within bounds; uses already so are passed on as they are.
+    import hashlib
+
+    import structlog
+
+    from txgateway.config.keys import ApiKey
+    from txgateway.governance.estimate import Prices
+    from txgateway.governance.governor import Governor, Reservation
+    from txgateway.governance.ledger import NANO_BOUND, TOKENS_BOUND
+    from txgateway.observability.context import CompletionFacts, RequestContext
+    from txgateway.observability.metrics import GatewayMetrics
+
+    clock = Clock()
+    store = LocalLedgerStore(clock, None, maybeDeferred, structlog.get_logger("test"))
+    settled = []
+    store.settle = lambda ask, what: settled.append(what) or maybeDeferred(lambda: None)
+    key = ApiKey("k", hashlib.sha256(b"k").digest(), budget_usd=10.0)
+    governor = Governor(clock, store, [key], {}, Prices({}), lambda model: 100, GatewayMetrics(clock), structlog.get_logger("test"))
+    ask = Ask("r1", (ScopeLimits("key:k"),), 10, 10, 60.0)
+    reservation = Reservation(governor, ask, key, None, 0, 0)
+    ctx = RequestContext("r1", "127.0.0.1", 0.0, structlog.get_logger("test"), completion=CompletionFacts())
+    honest = ModelUse("a", 3, 4, 5)
+    uses = [honest, ModelUse("b", 12.0, 4, 5.0), ModelUse("c", 2**70, -5, 10**20), ModelUse("d", 1, 7.5, -1)]
+    governor.settle(reservation, ctx, uses)
+    (what,) = settled
+    assert what.models[0] is honest
+    assert [(use.prompt_tokens, use.completion_tokens, use.cost_nano) for use in what.models[1:]] == [
+        (12, 4, 5), (TOKENS_BOUND, 0, NANO_BOUND), (1, 8, 0),
+    ]
+    assert all(type(n) is int for use in what.models for n in (use.prompt_tokens, use.completion_tokens, use.cost_nano))
+    assert (what.tokens, what.cost_nano) == (3 + 4 + 12 + 4 + TOKENS_BOUND + 1 + 8, 5 + 5 + NANO_BOUND)

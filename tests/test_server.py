@@ -631,7 +631,6 @@ def test_connections_parsers_share_their_callbacks():
     assert [id(method) for method in held[0]] == [id(method) for method in held[1]]
 
 
-
 def test_a_request_dispatched_while_another_connection_parses_leaves_each_connection_its_own():
     # Every connection's parser calls one shared object, told whose bytes it parses: a
     # request handled from inside one connection's parse may set another one parsing.

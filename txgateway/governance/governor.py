@@ -604,7 +604,8 @@ class Governor:
             prompt = bounded(use.prompt_tokens, TOKENS_BOUND)
             completion = bounded(use.completion_tokens, TOKENS_BOUND)
             nano = bounded(use.cost_nano, NANO_BOUND)
-            if prompt != use.prompt_tokens or completion != use.completion_tokens or nano != use.cost_nano:
+            # bounded() gives back an int within bounds itself: any other value (a float, one out of bounds) is made anew.
+            if prompt is not use.prompt_tokens or completion is not use.completion_tokens or nano is not use.cost_nano:
                 use = ModelUse(use.model, prompt, completion, nano)
             counted.append(use)
             tokens += prompt + completion

@@ -53,8 +53,9 @@ def conversation_items(chain: list[StoredResponse]) -> list:
     return items
 
 
-#: The types of the events a stream's Response is read from.
+#: The types of the events a stream's Response is read from, and the same as bytes (searched for in an event).
 _END_TYPES = ("response.completed", "response.incomplete")
+_COMPLETED, _INCOMPLETE = (kind.encode("ascii") for kind in _END_TYPES)
 
 
 def answered_response(body: bytes, stream: bool) -> dict | None:
@@ -138,7 +139,7 @@ class StreamEndRecorder(AnswerRecorder):
 
     def _ended(self, event: bytes) -> None:
         """One whole event was written (with its blank line)."""
-        if self._end is None and b"response.completed" not in event and b"response.incomplete" not in event:
+        if self._end is None and _COMPLETED not in event and _INCOMPLETE not in event:
             return  # no end yet: a delta decides nothing
         data = event_json(event)
         if type(data) is dict:
