@@ -333,6 +333,7 @@ def test_redis_away_under_traffic_costs_no_client_an_error_and_loses_no_spend(st
             "backend": "redis", "healthy": True, "serving_from": "redis", "journal": 0})
         # Every request settled 1 + 60 tokens at $1 a million: Redis has every one of them, once.
         assert spent_of(gateway) == pytest.approx(len(answered) * 61e-6)
+        gateway.logged("budgets_redis_recovered")  # the log writer may not have written it yet
         events = [e["event"] for e in gateway.log_lines() if e.get("event", "").startswith("budgets_redis")]
         assert events == ["budgets_redis_unavailable", "budgets_redis_recovered"]
     finally:
