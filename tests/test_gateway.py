@@ -175,6 +175,23 @@ def test_after_the_last_failed_attempt_the_client_gets_502():
     assert response.headers.getRawHeaders("x-gateway-response-time") == ["7000"]
 
 
+def test_a_backend_connection_the_gateway_has_no_file_for_is_503_at_once_and_no_failure_of_the_backend():
+    from twisted.internet.error import ConnectBindError
+
+    h = Harness(ini(breaker_threshold=1))
+    d = h.request("GET", "/api/data/x")
+    h.agents["data"].last.answer.errback(ConnectBindError(24, "Too many open files"))  # as Twisted reports EMFILE
+    h.flush()
+    response = result_of(d)
+    assert response.code == 503
+    assert error_of(response)["type"] == "gateway_busy"
+    assert response.headers.getRawHeaders("retry-after") == ["1"]
+    assert len(h.agents["data"].requests) == 1  # not retried: no other backend would mend it
+    # One failure would have opened this breaker: it is still closed, and the next request goes.
+    h.request("GET", "/api/data/x")
+    assert len(h.agents["data"].requests) == 2
+
+
 def test_a_retried_500_then_success_answers_200_after_two_attempts():
     h = Harness(SERVICE_INI)
     d = h.request("POST", "/api/ai/x", data=b"same body", headers={"X-Request-ID": "same-id"})

@@ -19,6 +19,7 @@ connection when no byte of the answer had arrived.
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import weakref
@@ -44,6 +45,7 @@ __all__ = [
     "UpstreamPool",
     "UpstreamProtocolError",
     "UpstreamResponse",
+    "out_of_files",
 ]
 
 #: Methods whose request carries a body (an empty one is sent as Content-Length: 0).
@@ -62,6 +64,21 @@ class UpstreamConnectionLost(ConnectError):
 
 class UpstreamProtocolError(ConnectError):
     """The backend's bytes are not an HTTP/1.1 answer."""
+
+
+#: What a socket the process cannot open says: its own open files, or the system's, are all taken.
+_NO_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def out_of_files(error: BaseException) -> bool:
+    """
+    Whether a connection failed because this process could not open a
+    socket (C{EMFILE}, C{ENFILE}): the gateway's own shortage, no failure
+    of the backend.  Twisted reports it as a L{ConnectError} holding the
+    errno (C{osError}); an L{OSError} holds it as C{errno}.
+    """
+    number = error.osError if isinstance(error, ConnectError) else getattr(error, "errno", None)
+    return number in _NO_FILES
 
 
 class StreamEnded(Exception):

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 
 from txgateway import errors
 from txgateway.config.gateway import ServiceConfig
-from txgateway.dataplane.client import UpstreamResponse
+from txgateway.dataplane.client import UpstreamResponse, out_of_files
 from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, IAnswerRelay, StreamBroken
 from txgateway.errors import GatewayError, describe_failure
@@ -317,6 +317,17 @@ class Attempts:
             # cancellation, it is no failure of the backend and nothing to retry.
             endpoint.breaker.abandoned(admission)
             raise CancelledError() from None
+        if out_of_files(error):
+            # The gateway's own open files are all taken: no failure of the backend (its breaker
+            # does not count it), and nothing a retry on another backend would mend.
+            endpoint.breaker.abandoned(admission)
+            self._count_attempt(config.name, endpoint, "abandoned")
+            self._log_attempt(ctx, config.name, "no file descriptor left for a backend connection", final=True)
+            raise GatewayError(
+                errors.GATEWAY_BUSY,
+                "the gateway has no file descriptor left for a backend connection; retry shortly",
+                ((b"Retry-After", b"1"),),
+            ) from None
         if isinstance(error, TimeoutError) and timeout < config.timeout:
             endpoint.breaker.failed(admission, "the deadline passed")
             self._count_attempt(config.name, endpoint, "timeout")
