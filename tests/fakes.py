@@ -230,7 +230,7 @@ class Harness:
             spans=spans,
         )
         self.front = GatewayFront(self.gateway)
-        self.server_factory = build_server_factory(self.front, self.clock)
+        self.server_factory = build_server_factory(self.front, self.clock, self.config.gateway.max_connections)
         self.agent = DataPlaneAgent(self.server_factory)
         self.client = HTTPClient(self.agent, data_to_body_producer=_SynchronousProducer)
 

@@ -69,6 +69,8 @@ def test_embedded_defaults_match_the_sample_gateway_ini():
         ("[service:ai]\ntimeout = 3\n", "test.ini: [service:ai] url: missing"),
         ("[service:ai]\nurl = ftp://x\n", "test.ini: [service:ai] url: expected an http:// or https:// URL"),
         ("[gateway]\nmax_body_size = -1\n" + MINIMAL, "test.ini: [gateway] max_body_size: expected a whole number of at least 1"),
+        ("[gateway]\nmax_connections = 0\n" + MINIMAL, "test.ini: [gateway] max_connections: expected auto or a whole number of connections of at least 1, got '0'"),
+        ("[gateway]\nmax_connections = many\n" + MINIMAL, "test.ini: [gateway] max_connections: expected auto or a whole number"),
         ("[logging]\nlevel = loud\n" + MINIMAL, "test.ini: [logging] level: expected one of debug, info"),
         ("[ratelimit]\nbackend = etcd\n" + MINIMAL, "test.ini: [ratelimit] backend: expected one of memory, redis"),
         ("[ratelimit]\nkey = cookie\n" + MINIMAL, "test.ini: [ratelimit] key: expected ip, api_key or header:<Name>"),
@@ -90,6 +92,12 @@ def test_a_bad_file_fails_with_one_line_naming_file_section_and_key(text, expect
     message = str(raised.value)
     assert message.startswith(expected)
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), (" AUTO ", None), ("1", 1), ("20000", 20000)])
+def test_max_connections_is_auto_or_a_count(value, expected):
+    assert parse_config(f"[gateway]\nmax_connections = {value}\n" + MINIMAL, environ={}).gateway.max_connections == expected
+    assert parse_config(MINIMAL, environ={}).gateway.max_connections is None  # auto by default
 
 
 def test_a_missing_file_is_named():

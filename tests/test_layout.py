@@ -33,7 +33,7 @@ ROOMS = {
     "txgateway.admin": {"api", "console", "control", "documents", "page", "registry", "render", "routes", "store"},
     "txgateway.front": {"answers", "auth", "door", "gateway", "proxied"},
     "txgateway.workers": {"channel", "codec", "link", "listen", "merge", "shared", "state", "supervisor"},
-    "txgateway.daemon": {"dispatch", "service", "tap"},
+    "txgateway.daemon": {"dispatch", "openfiles", "service", "tap"},
 }
 
 #: Which rooms each room may import (besides itself and the shared

@@ -536,6 +536,92 @@ def test_the_bytes_a_connection_held_come_back_when_it_goes_and_when_its_request
     assert third.transport.value() == b""  # no refusal: everything came back
 
 
+FULL_INI = SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_connections = 2\n")
+HELD = b"GET /api/ai/x HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_connection_past_max_connections_is_answered_503_with_its_own_request_id_and_closed():
+    first = Connection(FULL_INI)
+    first.send(HELD)
+    second = second_connection(first)
+    second.send(HELD)
+    third = second_connection(first)
+    third.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-1\r\nContent-Length: 2\r\n\r\nhi")
+    error = json_error(third, 503)
+    assert error["type"] == "gateway_busy" and error["request_id"] == "mine-1"
+    assert "max_connections" in error["message"] and "(2," in error["message"]
+    assert third.answer()[1]["retry-after"] == "1" and third.answer()[1]["connection"] == "close"
+    assert third.closing
+    assert len(first.harness.agents["ai"].requests) == 2  # the two served; the third never reached it
+    assert first.harness.server_factory.serving == 2
+
+
+def test_a_bodiless_request_past_the_limit_has_its_connection_closed_at_once_and_one_with_a_body_lingers():
+    first = Connection(FULL_INI)
+    second_connection(first)
+    bodiless = second_connection(first)
+    bodiless.send(HELD)
+    assert json_error(bodiless, 503)["type"] == "gateway_busy"
+    assert bodiless.transport.disconnecting and not bodiless.transport.write_closed  # its descriptor back at once
+    uploading = second_connection(first)
+    uploading.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert json_error(uploading, 503)["type"] == "gateway_busy"
+    # Its body may still be coming: half-closed, read and dropped, so that the client reads its answer.
+    assert uploading.transport.write_closed and not uploading.transport.disconnecting
+
+
+def test_a_connection_past_the_limit_that_sends_nothing_is_refused_within_two_seconds():
+    first = Connection(FULL_INI)
+    second_connection(first)
+    third = second_connection(first)
+    first.clock.advance(1.9)
+    assert third.transport.value() == b""
+    first.clock.advance(0.1)
+    assert json_error(third, 503)["type"] == "gateway_busy" and third.closing
+
+
+def test_a_served_connection_that_closes_makes_room_and_a_refused_one_takes_none():
+    first = Connection(FULL_INI)
+    factory = first.harness.server_factory
+    second_connection(first)
+    refused = second_connection(first)
+    refused.send(HELD)
+    refused.channel.connectionLost(Failure(ConnectionDone()))
+    assert factory.serving == 2  # a refused connection was never counted, nor uncounted
+    first.channel.connectionLost(Failure(ConnectionDone()))
+    assert factory.serving == 1
+    fourth = second_connection(first)
+    fourth.send(HELD)
+    assert fourth.transport.value() == b"" and factory.serving == 2
+    assert len(first.harness.agents["ai"].requests) == 1
+
+
+def test_the_full_limit_is_logged_once_until_the_connections_fall_well_below_it():
+    from structlog.testing import capture_logs
+
+    connections = [Connection(SERVICE_INI.replace("[gateway]\n", "[gateway]\nmax_connections = 10\n"))]
+    with capture_logs() as logs:
+        connections += [second_connection(connections[0]) for _ in range(11)]  # the 11th and 12th are refused
+        for connection in connections[:2]:
+            connection.channel.connectionLost(Failure(ConnectionDone()))  # 9: not below nine tenths yet
+        connections.append(second_connection(connections[0]))  # served
+        connections.append(second_connection(connections[0]))  # refused: not logged again
+        for connection in connections[2:4]:
+            connection.channel.connectionLost(Failure(ConnectionDone()))  # 8: below nine tenths
+        for _ in range(3):
+            connections.append(second_connection(connections[0]))  # 2 served, then full again: logged
+    events = [(line["event"], line.get("serving")) for line in logs if line["event"].startswith("client_connections")]
+    assert events == [("client_connections_full", None), ("client_connections_below_limit", 8), ("client_connections_full", None)]
+
+
+def test_a_gateway_busy_refusal_of_bodies_asks_for_a_retry_after_a_second():
+    first = Connection(BUSY_INI)
+    first.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"x" * 80)
+    second = second_connection(first)
+    second.send(b"POST /api/ai/x HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+    assert second.answer()[1]["retry-after"] == "1"
+
+
 def test_queued_pipelined_bodies_come_back_when_the_connection_goes():
     first = Connection(BUSY_INI)
     factory = first.harness.server_factory

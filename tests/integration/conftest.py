@@ -207,16 +207,28 @@ requests = 100000
 """
 
 
+#: Runs argv[3:] with the soft and hard limits on open files argv[1] and argv[2].
+_WITH_OPEN_FILES = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+    "os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
 class Gateway:
     """The daemon, run as users run it: twistd -n txgateway --config FILE."""
 
-    def __init__(self, workdir: Path, ini: str, env: dict | None = None) -> None:
+    def __init__(self, workdir: Path, ini: str, env: dict | None = None, open_files: tuple[int, int] | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
         self.config = workdir / "gateway.ini"
         self.config.write_text(textwrap.dedent(ini).replace("{port}", str(self.port)))
         self.log_file = workdir / "logs" / "combined.log"
-        self.process = Process([TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(self.config)], workdir, env)
+        argv = [TWISTD, "-n", "--pidfile=", "txgateway", "--config", str(self.config)]
+        if open_files is not None:
+            # Started the way a shell with these limits on open files (soft, hard) would start it.
+            argv = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, open_files), *argv]
+        self.process = Process(argv, workdir, env)
         self.process.wait_for(lambda l: '"gateway_started"' in l)
         if "listen = ssl:" in self.config.read_text():
             wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=1).close() is None)
@@ -263,10 +275,10 @@ def start_gateway(tmp_path):
     """Start gateways with configurations of the test's own; all are stopped after it."""
     started: list[Gateway] = []
 
-    def start(ini: str, env: dict | None = None) -> Gateway:
+    def start(ini: str, env: dict | None = None, open_files: tuple[int, int] | None = None) -> Gateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gateway = Gateway(workdir, ini, env)
+        gateway = Gateway(workdir, ini, env, open_files)
         started.append(gateway)
         return gateway
 

@@ -275,6 +275,16 @@ def _workers(raw: str) -> int:
     return count
 
 
+def _connections(raw: str) -> int | None:
+    """C{auto} (L{None}: what the open files allow, decided at start) or a whole number of at least 1."""
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return _integer(1)(raw)
+    except ValueError:
+        raise ValueError(f"expected auto or a whole number of connections of at least 1, got {raw!r}") from None
+
+
 def _rate_key(raw: str) -> str:
     value = raw.strip()
     if value in ("ip", "api_key"):
@@ -341,6 +351,9 @@ class GatewaySettings:
     max_messages: int = _key(_integer(1), 10_000)
     #: The most request body bytes held at once across every connection (per process).
     max_bodies_in_flight: int = _key(_integer(1), 256 * 1024 * 1024)
+    #: The most client connections open at once (per process); past it one is answered 503 C{gateway_busy}.
+    #: L{None} (C{auto}): what the open files allow, each with its backend connection.
+    max_connections: int | None = _key(_connections, None)
 
 
 @attrs.frozen

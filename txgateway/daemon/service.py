@@ -39,6 +39,7 @@ from txgateway.anthropic import speakers as anthropic_speakers
 from txgateway.cache.responses import ResponseCache
 from txgateway.cache.stores import ICacheStore, MemoryCacheStore, connect_cache
 from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, load_config
+from txgateway.daemon.openfiles import connections_for
 from txgateway.dataplane.client import IUpstream, UpstreamPool
 from txgateway.dataplane.server import HTTPServerFactory
 from txgateway.front.door import GatewayFront
@@ -283,7 +284,7 @@ def memory_cache_store(config: GatewayConfig, clock: IReactorTime, metrics: Gate
     return {"memory": store}
 
 
-def build_server_factory(front: GatewayFront, clock: IReactorTime) -> HTTPServerFactory:
+def build_server_factory(front: GatewayFront, clock: IReactorTime, max_connections: int | None = None) -> HTTPServerFactory:
     """The data plane's listener serving C{front}; its connection timers run on C{clock}."""
     gateway = front.gateway
     settings = gateway.config.gateway
@@ -296,6 +297,7 @@ def build_server_factory(front: GatewayFront, clock: IReactorTime) -> HTTPServer
         idle_timeout=settings.client_idle_timeout,
         secure=settings.listen.startswith("ssl:"),
         max_bodies_held=settings.max_bodies_in_flight,
+        max_connections=max_connections,
     )
 
 
@@ -317,9 +319,12 @@ class GatewayService(MultiService):
         config_path: str | None = None,
         log_destination: LogDestination | None = None,
         worker: Any = None,
+        open_files: int | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
+        #: The open files this process may hold (its soft limit, raised at start); L{None}: not known, no derived limit.
+        self._open_files = open_files
         #: This process's line to its supervisor (a L{SupervisorLink}) when it is a worker.
         self._worker = worker
         # The gateway's own timers (timeouts, backoff, breakers, buckets) run
@@ -354,7 +359,11 @@ class GatewayService(MultiService):
             peers=worker, response_store=self._response_store, admin=self._admin,
         )
         self.front = GatewayFront(self.gateway)
-        self.server_factory = build_server_factory(self.front, reactor)
+        self.server_factory = build_server_factory(self.front, reactor, self._connection_limit(config))
+        factory = self.server_factory
+        self.metrics.client_connections.set_function(lambda: factory.serving)
+        # No limit is reported as -1 (a gauge has no "none").
+        self.metrics.client_connections_limit.set_function(lambda: -1 if factory.max_connections is None else factory.max_connections)
         if worker is None:
             strports.service(config.gateway.listen, self.server_factory, reactor=reactor).setServiceParent(self)
         else:
@@ -370,6 +379,26 @@ class GatewayService(MultiService):
                 strports.service(config.admin.listen, site, reactor=reactor).setServiceParent(self)
             else:
                 ReusePortListener(reactor, listen_address(reactor, config.admin.listen), site).setServiceParent(self)
+
+    def _connection_limit(self, config: GatewayConfig) -> int | None:
+        """
+        C{[gateway] max_connections}, or (C{auto}) what the open files allow
+        beside the backend pools' idle connections; a number set past that
+        is kept, with a warning.
+        """
+        allowed = None
+        if self._open_files is not None:
+            allowed = connections_for(self._open_files, POOL_IDLE_CONNECTIONS * len(self._upstreams))
+        chosen = config.gateway.max_connections
+        if chosen is None:
+            return allowed
+        if allowed is not None and chosen > allowed:
+            self.log.warning(
+                "max_connections_above_open_files", max_connections=chosen, open_files=self._open_files, allowed=allowed,
+                reason="[gateway] max_connections is more than the open files allow: past "
+                       f"{allowed} streams a backend connection may fail for want of a file descriptor",
+            )
+        return chosen
 
     def _logger(self) -> Any:
         log = structlog.get_logger("txgateway")
@@ -551,6 +580,8 @@ class GatewayService(MultiService):
             "gateway_started",
             listen=config.gateway.listen,
             config=config.source,
+            open_files=self._open_files,
+            max_connections=self.server_factory.max_connections,
             services={name: service.url for name, service in config.services.items()},
         )
 
@@ -645,6 +676,7 @@ class GatewayService(MultiService):
         self.server_factory.max_bodies_held = config.gateway.max_bodies_in_flight
         self.server_factory.header_timeout = config.gateway.header_timeout
         self.server_factory.idle_timeout = config.gateway.client_idle_timeout
+        self.server_factory.max_connections = self._connection_limit(config)
         self.server_factory.log = self.log
         self.front.use(gateway)
         self.gateway = gateway

@@ -6,6 +6,7 @@ that touches the global reactor.
 from __future__ import annotations
 
 import os
+import resource
 
 from typing import Any
 
@@ -42,6 +43,7 @@ def makeService(options: Options):
     from twisted.internet.endpoints import serverFromString
 
     from txgateway.daemon.dispatch import lean_dispatch
+    from txgateway.daemon.openfiles import raise_open_files_limit
     from txgateway.daemon.service import GatewayService
 
     try:
@@ -62,6 +64,8 @@ def makeService(options: Options):
     destination = LogDestination()
     configure_logging(destination)
     lean_dispatch(reactor)
+    # Raised before workers are spawned: they inherit it (and raise their own alike).
+    open_files = raise_open_files_limit(resource)
     worker = None
     if options["worker"]:
         worker = _supervisor_link(reactor, options["worker"])
@@ -72,7 +76,9 @@ def makeService(options: Options):
         if config.admin.enabled and config.admin.listen:
             _check_free(reactor, config, "admin", config.admin.listen)
     try:
-        return GatewayService(config, reactor, config_path=options["config"], log_destination=destination, worker=worker)
+        return GatewayService(
+            config, reactor, config_path=options["config"], log_destination=destination, worker=worker, open_files=open_files,
+        )
     except OSError as error:
         raise SystemExit(_log_file_error(config, error)) from None
     except ConfigError as error:  # a file it could not open (the spend file): one line, no traceback

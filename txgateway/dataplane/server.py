@@ -106,6 +106,9 @@ class _DateHeader:
 
 #: The refusal of a body past C{max_bodies_held} (its limit filled in).
 _BUSY_MESSAGE = "the gateway holds as many request body bytes (%d) as it may at once; retry shortly"
+_FULL_MESSAGE = "the gateway holds as many client connections (%s, [gateway] max_connections) as it may at once; retry shortly"
+#: Seconds a client refused C{gateway_busy} is asked to wait (C{Retry-After}).
+BUSY_RETRY_AFTER = 1
 
 
 class AnswerRecorder:
@@ -441,6 +444,15 @@ class _Reading:
         self.body_size = 0
 
 
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request with these C{headers} has a body still to come (a C{Content-Length} above 0, or chunked)."""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding" or (lowered == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
 class _RequestParsing(SharedCallbacks):
     """
     What every connection's request parser calls (L{SharedCallbacks}: the
@@ -482,6 +494,9 @@ class _RequestParsing(SharedCallbacks):
         _cancel(connection._header_timer)
         connection._header_timer = None
         factory = connection.factory
+        if not connection.serving:
+            # Opened past [gateway] max_connections: its request is answered 503 (its own id on it), never served.
+            connection._stop_parsing(errors.GATEWAY_BUSY, _FULL_MESSAGE % factory.max_connections)
         limit = factory.max_body_size
         for name, value in reading.headers:
             if len(name) == 14 and name.lower() == b"content-length":
@@ -546,6 +561,8 @@ class HTTPServerProtocol(Protocol):
     """
 
     refused = False
+    #: Counted among the factory's L{HTTPServerFactory.serving} (not opened past its C{max_connections}).
+    serving = False
 
     def __init__(self, factory: "HTTPServerFactory") -> None:
         self.factory = factory
@@ -580,12 +597,19 @@ class HTTPServerProtocol(Protocol):
         self._flow = ReadingControl(self.transport)
         no_delay(self.transport)
         self.factory.connections.add(self)
+        self.serving = self.factory.admit()
+        if not self.serving:
+            # Its request is refused once its headers are read (its own id on the answer), or now if they are slow.
+            self._header_timer = self.clock.callLater(LINGER_IDLE, self._refuse_past_limit)
         peer = self.transport.getPeer()
         self._peer = getattr(peer, "host", None) or "unknown"
         self._secure = self.factory.secure
         self.idle_timer.start()
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self.serving:
+            self.serving = False
+            self.factory.release()
         self.factory.connection_closed(self)
         self._closing = True
         # Everything it held goes back at once (its requests' ends then find nothing to give).
@@ -744,6 +768,10 @@ class HTTPServerProtocol(Protocol):
         self._closing = True
         self.transport.loseConnection()
 
+    def _refuse_past_limit(self) -> None:
+        self._header_timer = None
+        self.refuse(errors.GATEWAY_BUSY, _FULL_MESSAGE % self.factory.max_connections)
+
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         self.refuse(
@@ -775,7 +803,10 @@ class HTTPServerProtocol(Protocol):
             if not reading.in_headers:
                 method = self._parser.get_method().decode("ascii", "replace")
         request_id = request_id_for(sent_id)
-        answer = error_answer(kind, message, request_id, [(b"X-Request-ID", request_id.encode("ascii"))])
+        headers = [(b"X-Request-ID", request_id.encode("ascii"))]
+        if kind is errors.GATEWAY_BUSY:
+            headers.append((b"Retry-After", b"%d" % BUSY_RETRY_AFTER))
+        answer = error_answer(kind, message, request_id, headers)
         body = answer.body
         lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, reason_phrase(answer.status))]
         lines += [b"%s: %s\r\n" % header for header in answer.headers]
@@ -783,7 +814,12 @@ class HTTPServerProtocol(Protocol):
         head = b"".join(lines)
         if self._current is None and not self._queue:
             self.transport.write(head + body)
-            self._linger()
+            if not self.serving and reading is not None and not reading.in_headers and not _has_body(reading.headers):
+                # Past the limit, its request read whole: closed at once (FIN after the answer), its
+                # descriptor back now; a burst of such clients must not hold the files the served streams need.
+                self.transport.loseConnection()
+            else:
+                self._linger()
         else:
             # Answers in progress or queued own the wire first: the refusal
             # of a later pipelined request follows them, in order.
@@ -835,6 +871,11 @@ class HTTPServerFactory(Factory):
     @ivar idle_timeout: seconds a connection may stay silent while no
         answer is in progress.
     @ivar secure: the listener is TLS (C{X-Forwarded-Proto: https}).
+    @ivar max_connections: the most client connections served at once; one
+        opened past it has its request answered 503 C{gateway_busy} and is
+        closed (L{None}: no limit).
+    @ivar serving: the client connections served now (those answered
+        C{gateway_busy} are not counted).
     """
 
     noisy = False
@@ -849,6 +890,7 @@ class HTTPServerFactory(Factory):
         idle_timeout: float,
         secure: bool = False,
         max_bodies_held: int = 256 * 1024 * 1024,
+        max_connections: int | None = None,
     ) -> None:
         self.handler = handler
         self.clock = clock
@@ -863,6 +905,10 @@ class HTTPServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.secure = secure
         self.date = _DateHeader(clock)
+        self.max_connections = max_connections
+        self.serving = 0
+        #: A refusal for the connections' limit was logged, and the connections have not fallen well below it since.
+        self._full = False
         self.connections: set[HTTPServerProtocol] = set()
         self.draining = False
         self._all_closed: list[Deferred[None]] = []
@@ -885,6 +931,33 @@ class HTTPServerFactory(Factory):
         """Drop every client connection now (a drain that ran out of time)."""
         for connection in list(self.connections):
             connection.transport.abortConnection()
+
+    def admit(self) -> bool:
+        """
+        A client connection opened: whether it is served (counted in
+        L{serving}), or is past L{max_connections}.  The first refused
+        logs C{client_connections_full} (a warning, once until they fall
+        below nine tenths of the limit).
+        """
+        limit = self.max_connections
+        if limit is None or self.serving < limit:
+            self.serving += 1
+            return True
+        if not self._full:
+            self._full = True
+            self.log.warning(
+                "client_connections_full", max_connections=limit,
+                reason="more clients than [gateway] max_connections: the others are answered 503 gateway_busy",
+            )
+        return False
+
+    def release(self) -> None:
+        """A served connection closed."""
+        self.serving -= 1
+        limit = self.max_connections
+        if self._full and (limit is None or self.serving < 0.9 * limit):
+            self._full = False
+            self.log.info("client_connections_below_limit", max_connections=limit, serving=self.serving)
 
     def connection_closed(self, connection: HTTPServerProtocol) -> None:
         """Called by a connection as it ends."""

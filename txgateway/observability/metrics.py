@@ -250,6 +250,15 @@ class GatewayMetrics(RecentWindows):
         )
         self._cache_children: dict[tuple[str, str], Any] = {}
         self.cache_bytes = Gauge("txgateway_cache_bytes", "Bytes the memory cache store holds.", registry=r)
+        self.client_connections = Gauge(
+            "txgateway_client_connections",
+            "Client connections served now (those past max_connections, answered gateway_busy, are not).", registry=r,
+        )
+        self.client_connections_limit = Gauge(
+            "txgateway_client_connections_limit",
+            "The most client connections served at once ([gateway] max_connections, or what the open files allow).",
+            registry=r,
+        )
         self._token_children: dict[tuple[str, str, str], Any] = {}
         self.stream_resumes = Counter(
             "txgateway_stream_resumes",
