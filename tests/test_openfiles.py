@@ -45,11 +45,17 @@ def test_an_unlimited_hard_limit_raises_the_soft_one_to_what_linux_takes():
     assert limits.limits == (MOST_OPEN_FILES, resource.RLIM_INFINITY)
 
 
-@pytest.mark.parametrize("soft, hard", [(4096, 4096), (resource.RLIM_INFINITY, resource.RLIM_INFINITY), (MOST_OPEN_FILES + 1, resource.RLIM_INFINITY)])
+@pytest.mark.parametrize("soft, hard", [(4096, 4096), (MOST_OPEN_FILES + 1, resource.RLIM_INFINITY)])
 def test_a_soft_limit_already_as_high_is_left_as_it_is(soft, hard):
     limits = FakeResource(soft, hard)
     assert raise_open_files_limit(limits) == soft
     assert limits.limits == (soft, hard)
+
+
+def test_an_unlimited_soft_limit_is_left_and_counted_as_what_a_process_can_hold():
+    limits = FakeResource(resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    assert raise_open_files_limit(limits) == MOST_OPEN_FILES  # never a negative count of files
+    assert limits.limits == (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
 
 def test_a_limit_that_cannot_be_raised_is_kept_and_said():

@@ -32,13 +32,16 @@ def raise_open_files_limit(resource: Any) -> int:
     """
     Raise this process's soft limit on open files to its hard limit (or
     L{MOST_OPEN_FILES}, when that is unlimited); a limit that cannot be
-    raised is left as it is.  Returns the soft limit now.
+    raised is left as it is.  Returns the soft limit now (an unlimited
+    one as L{MOST_OPEN_FILES}: the most a process can hold on Linux).
 
     @param resource: the C{resource} module (a test passes its own).
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MOST_OPEN_FILES
     wanted = MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    if soft < wanted:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         except (OSError, ValueError):
