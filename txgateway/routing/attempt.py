@@ -23,6 +23,7 @@ from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse, out_of_files
 from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, IAnswerRelay, StreamBroken
+from txgateway.dataplane.server import BUSY_RETRY_AFTER
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
@@ -326,7 +327,7 @@ class Attempts:
             raise GatewayError(
                 errors.GATEWAY_BUSY,
                 "the gateway has no file descriptor left for a backend connection; retry shortly",
-                ((b"Retry-After", b"1"),),
+                ((b"Retry-After", b"%d" % BUSY_RETRY_AFTER),),
             ) from None
         if isinstance(error, TimeoutError) and timeout < config.timeout:
             endpoint.breaker.failed(admission, "the deadline passed")
