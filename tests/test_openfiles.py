@@ -58,7 +58,7 @@ def test_an_unlimited_soft_limit_is_left_and_counted_as_what_a_process_can_hold(
     assert limits.limits == (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
 
 
-def test_a_limit_that_cannot_be_raised_is_kept_and_said():
+def test_a_limit_that_cannot_be_raised_is_kept():
     limits = FakeResource(1024, 524288, refuses=True)
     assert raise_open_files_limit(limits) == 1024
     assert limits.limits == (1024, 524288)

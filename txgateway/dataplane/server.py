@@ -137,14 +137,22 @@ class AnswerRecorder:
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
+        if self.counted(data):
+            self.parts.append(data)
+
+    def counted(self, data: bytes) -> bool:
+        """
+        Count C{data} against the limit: whether it is to be kept (past the
+        limit, C{overflowed}, and what was kept is let go).
+        """
         if self.overflowed:
-            return
+            return False
         self.size += len(data)
         if self.size > self.limit:
             self.overflowed = True
             self.parts = []
-        else:
-            self.parts.append(data)
+            return False
+        return True
 
 
 class IncomingRequest:

@@ -123,14 +123,8 @@ class StreamEndRecorder(AnswerRecorder):
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
-        if self.overflowed:
-            return
-        self.size += len(data)
-        if self.size > self.limit:
-            self.overflowed = True
-            self.parts = []
-            return
-        self._take(data)
+        if self.counted(data):
+            self._take(data)
 
     def _take(self, data: bytes) -> None:
         # Whole events as they end (at a blank line, LF or CRLF, whose bytes may come in two writes).
