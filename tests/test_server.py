@@ -580,6 +580,42 @@ def test_a_connection_past_the_limit_that_sends_nothing_is_refused_within_two_se
     assert json_error(third, 503)["type"] == "gateway_busy" and third.closing
 
 
+@pytest.mark.parametrize("path", [b"/health", b"/health/live", b"/health/ready", b"/metrics", b"/status.json?x=1"])
+def test_a_probe_past_the_limit_is_answered_all_the_same_and_its_connection_closed(path):
+    first = Connection(FULL_INI)
+    second_connection(first)
+    probe = second_connection(first)
+    probe.send(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = probe.answer()
+    assert status != 503 and b"gateway_busy" not in body  # its route's answer (here 404 where it is off)
+    assert status == 200 or path in (b"/metrics", b"/status.json?x=1")
+    assert headers["connection"] == "close"
+    assert probe.transport.disconnecting  # one request, then its descriptor back
+    assert first.harness.server_factory.serving == 2  # never counted
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",  # not a read
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",  # a body may come
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # not an operator's path
+    b"GET /api/ai/health HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_past_the_limit_only_the_operators_bodiless_reads_are_answered(request_bytes):
+    first = Connection(FULL_INI)
+    second_connection(first)
+    refused = second_connection(first)
+    refused.send(request_bytes)
+    assert json_error(refused, 503)["type"] == "gateway_busy"
+    assert first.harness.agents["ai"].requests == []
+
+
+def test_a_probe_on_a_served_connection_keeps_it_open():
+    first = Connection(FULL_INI)
+    first.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, _ = first.answer()
+    assert status == 200 and "connection" not in headers and not first.closing
+
+
 def test_a_served_connection_that_closes_makes_room_and_a_refused_one_takes_none():
     first = Connection(FULL_INI)
     factory = first.harness.server_factory

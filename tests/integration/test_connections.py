@@ -58,11 +58,10 @@ def held_connection(port: int) -> http.client.HTTPConnection:
     return connection
 
 
-def limit_metric(gateway) -> dict[str, float] | None:
-    """The connection gauges of C{/metrics} (L{None}: the scrape itself was refused, the gateway being full)."""
+def limit_metric(gateway) -> dict[str, float]:
+    """The connection gauges of C{/metrics} (answered even while the gateway is full)."""
     answer = gateway.request("GET", "/metrics")
-    if answer.status != 200:
-        return None
+    assert answer.status == 200
     text = answer.body.decode()
     return {
         line.split()[0]: float(line.split()[1])
@@ -101,11 +100,18 @@ def test_past_max_connections_a_client_gets_503_gateway_busy_and_room_comes_back
     assert "max_connections" in error["message"]
     refused.close()
     assert backend.calls() == {}  # the refused request never reached it
+    # Full, the operator's probes and scrape are answered all the same, each over one connection then closed.
+    probe = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    probe.request("GET", "/health")
+    answer = probe.getresponse()
+    assert answer.status == 200 and json.loads(answer.read())["status"] == "ok"
+    assert answer.getheader("Connection") == "close"
+    probe.close()
+    assert limit_metric(gateway) == {"txgateway_client_connections": 2, "txgateway_client_connections_limit": 2}
     # A served connection that goes makes room: the next client is served, over a connection of its own.
     first.close()
-    scrapes: list = []
-    wait_until(lambda: scrapes.append(limit_metric(gateway)) or scrapes[-1] is not None)  # once the gateway saw it go
-    assert scrapes[-1] == {"txgateway_client_connections": 2, "txgateway_client_connections_limit": 2}  # second, and the scrape
+    wait_until(lambda: gateway.request("GET", "/v1/models").status == 200)  # once the gateway saw it go
+    assert limit_metric(gateway) == {"txgateway_client_connections": 2, "txgateway_client_connections_limit": 2}  # second, and the scrape
     full = gateway.logged("client_connections_full")
     assert len(full) == 1 and full[0]["max_connections"] == 2
     refusal = [line for line in gateway.log_lines() if line.get("request_id") == "past-1"]

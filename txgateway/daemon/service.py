@@ -42,7 +42,7 @@ from txgateway.config.gateway import ConfigError, GatewayConfig, ServiceConfig, 
 from txgateway.daemon.openfiles import connections_for
 from txgateway.dataplane.client import IUpstream, UpstreamPool
 from txgateway.dataplane.server import HTTPServerFactory
-from txgateway.front.door import GatewayFront
+from txgateway.front.door import OPERATOR_READS, GatewayFront
 from txgateway.front.gateway import Gateway
 from txgateway.governance.estimate import Prices
 from txgateway.governance.governor import Governor
@@ -298,6 +298,7 @@ def build_server_factory(front: GatewayFront, clock: IReactorTime, max_connectio
         secure=settings.listen.startswith("ssl:"),
         max_bodies_held=settings.max_bodies_in_flight,
         max_connections=max_connections,
+        answered_when_full=OPERATOR_READS,
     )
 
 

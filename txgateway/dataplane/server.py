@@ -502,7 +502,7 @@ class _RequestParsing(SharedCallbacks):
         _cancel(connection._header_timer)
         connection._header_timer = None
         factory = connection.factory
-        if not connection.serving:
+        if not connection.serving and not connection._answered_when_full(reading):
             # Opened past [gateway] max_connections: its request is answered 503 (its own id on it), never served.
             connection._stop_parsing(errors.GATEWAY_BUSY, _FULL_MESSAGE % factory.max_connections)
         limit = factory.max_body_size
@@ -546,7 +546,8 @@ class _RequestParsing(SharedCallbacks):
             b"".join(reading.body),
             connection._peer,
             http10=parser.get_http_version() == "1.0",
-            keep_alive=parser.should_keep_alive(),
+            # One opened past the limit (a probe answered all the same) closes after its answer.
+            keep_alive=parser.should_keep_alive() and connection.serving,
             secure=connection._secure,
         )
         if connection._current is None:
@@ -776,6 +777,21 @@ class HTTPServerProtocol(Protocol):
         self._closing = True
         self.transport.loseConnection()
 
+    def _answered_when_full(self, reading: _Reading) -> bool:
+        """
+        Whether the request of a connection opened past the limit is served
+        all the same: a C{GET} or C{HEAD} without a body of one of the
+        factory's C{answered_when_full} paths (the probes and the scrape:
+        a full gateway is when its operator looks).
+        """
+        paths = self.factory.answered_when_full
+        return (
+            bool(paths)
+            and reading.url.split(b"?", 1)[0] in paths
+            and self._parser.get_method() in (b"GET", b"HEAD")
+            and not _has_body(reading.headers)
+        )
+
     def _refuse_past_limit(self) -> None:
         self._header_timer = None
         self.refuse(errors.GATEWAY_BUSY, _FULL_MESSAGE % self.factory.max_connections)
@@ -882,6 +898,10 @@ class HTTPServerFactory(Factory):
     @ivar max_connections: the most client connections served at once; one
         opened past it has its request answered 503 C{gateway_busy} and is
         closed (L{None}: no limit).
+    @ivar answered_when_full: the paths whose C{GET} or C{HEAD} (without a
+        body) is answered even on a connection opened past
+        C{max_connections}, which then closes after its answer: the
+        probes and the scrape.
     @ivar serving: the client connections served now (those answered
         C{gateway_busy} are not counted).
     """
@@ -899,6 +919,7 @@ class HTTPServerFactory(Factory):
         secure: bool = False,
         max_bodies_held: int = 256 * 1024 * 1024,
         max_connections: int | None = None,
+        answered_when_full: frozenset[bytes] = frozenset(),
     ) -> None:
         self.handler = handler
         self.clock = clock
@@ -914,6 +935,7 @@ class HTTPServerFactory(Factory):
         self.secure = secure
         self.date = _DateHeader(clock)
         self.max_connections = max_connections
+        self.answered_when_full = answered_when_full
         self.serving = 0
         #: A refusal for the connections' limit was logged, and the connections have not fallen well below it since.
         self._full = False

@@ -26,10 +26,14 @@ from txgateway.ids import request_id_for
 from txgateway.observability.context import RequestContext, client_address
 from txgateway.observability.tracing import SpanNotes, trace_context_for
 
-__all__ = ["GatewayFront"]
+__all__ = ["GatewayFront", "OPERATOR_READS"]
 
 #: The operator's paths: probes, the scrape, the status page.
 _OPERATOR_PATHS = (b"/health", b"/metrics", b"/status")
+#: The operator's reads, answered even on a connection past C{[gateway]
+#: max_connections} (one request, then closed): a full gateway is when its
+#: probes and its scrape matter most.
+OPERATOR_READS = frozenset({b"/health", b"/health/live", b"/health/ready", b"/metrics", b"/status", b"/status.json"})
 
 
 @attrs.frozen
