@@ -609,6 +609,26 @@ def test_past_the_limit_only_the_operators_bodiless_reads_are_answered(request_b
     assert first.harness.agents["ai"].requests == []
 
 
+def test_a_request_pipelined_after_a_probe_past_the_limit_never_reaches_a_backend():
+    first = Connection(FULL_INI)
+    second_connection(first)
+    probe = second_connection(first)
+    probe.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + HELD + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = probe.transport.value()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1  # nothing after Connection: close
+    assert probe.closing
+    assert first.harness.agents["ai"].requests == []
+
+
+def test_what_is_pipelined_after_an_answer_that_closes_the_connection_is_not_served():
+    connection = Connection()
+    connection.send(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + HELD)
+    answer = connection.transport.value()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1
+    assert connection.closing
+    assert connection.harness.agents["ai"].requests == []
+
+
 def test_a_probe_on_a_served_connection_keeps_it_open():
     first = Connection(FULL_INI)
     first.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

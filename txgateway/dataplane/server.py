@@ -675,7 +675,7 @@ class HTTPServerProtocol(Protocol):
                 self._header_timer = self.clock.callLater(self.factory.header_timeout, self._headers_too_slow)
 
     def _parser_failed(self, error: Exception, data: bytes) -> None:
-        if self.refused:
+        if self.refused or self._closing:
             return
         if self._refusal is not None:
             kind, message = self._refusal
