@@ -13,6 +13,8 @@ import json
 
 import pytest
 import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fakes import GATEWAY_HEAD, FakeResponse, Harness, result_of
 from tests.test_anthropic import CLAUDE_STREAM, sse
@@ -547,6 +549,119 @@ def test_the_containers_bound_counts_only_bodies_that_could_exceed_it():
     check_containers(b"x" * (3 * MAX_CONTAINERS) + b"{" * MAX_CONTAINERS)
     with pytest.raises(BadBody):
         check_containers(b"x" * (3 * MAX_CONTAINERS) + b"[" * (MAX_CONTAINERS + 1))
+
+
+def _nested(depth: int) -> object:
+    """C{depth} containers, one in the other (lists and objects in turn)."""
+    value: object = "x"
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("padding", [0, 8000])  # a small body (its brackets counted first) and a large one (walked at once)
+def test_a_governed_body_nests_at_most_64_levels_however_large(padding):
+    from txgateway.bodies import BadBody, read_strict
+
+    filler = "]}" * (padding // 2)  # brackets in a string are no nesting
+    at_bound = json.dumps({"model": "m", "pad": filler, "x": _nested(63)}).encode()  # the body itself is the 64th
+    assert read_strict(at_bound)["pad"] == filler
+    with pytest.raises(BadBody, match="nests deeper than 64"):
+        read_strict(json.dumps({"model": "m", "pad": filler, "x": _nested(64)}).encode())
+
+
+def _reference_depth(value: object) -> int:
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if children is None:
+        return 0
+    return 1 + max([_reference_depth(child) for child in children], default=0)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=2), inner, max_size=4),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_json_values, max_size=3) | st.dictionaries(st.text(max_size=2), _json_values, max_size=3))
+def test_the_depth_walk_measures_what_a_recursive_walk_does(value):
+    from txgateway.bodies import _depth
+
+    assert _depth(value) == _reference_depth(value)
+
+
+_bodies = st.dictionaries(
+    st.text(max_size=4),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80)
+        | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=20,
+    ),
+    max_size=5,
+)
+
+
+def _outcome(read, raw: bytes) -> object:
+    from txgateway.bodies import BadBody
+
+    try:
+        return ("read", read(raw))
+    except BadBody as error:
+        return ("refused", str(error))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_bodies, st.sampled_from(["orjson", "compact", "compact ascii", "spaced", "twice"]))
+def test_a_compact_body_read_at_c_speed_reads_as_the_strict_decoder_reads_it(body, written):
+    import orjson
+
+    from txgateway.bodies import _decode_strictly, read_strict
+
+    if written == "orjson":
+        try:
+            raw = orjson.dumps(body)
+        except TypeError:  # an integer past 64 bits
+            raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    elif written == "twice":  # the first key written twice, compactly
+        raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        if body:
+            first = json.dumps(next(iter(body)), ensure_ascii=False).encode()
+            raw = b"{" + first + b":0," + raw[1:]
+    else:
+        raw = json.dumps(body, separators=(", ", ": ") if written == "spaced" else (",", ":"), ensure_ascii=written != "compact").encode()
+    assert _outcome(read_strict, raw) == _outcome(_decode_strictly, raw)
+
+
+@pytest.mark.parametrize("raw, named", [
+    (b'{"model":"gpt-4o","model":"cheap","messages":[]}', "'model' appears twice"),
+    (b'{"model":"gpt-4o","messages":[],"x":{"a":1,"a":1}}', "'a' appears twice"),
+    (b'{"model":"gpt-4o","messages":[],"temperature":NaN}', "NaN"),
+    (b'{"model":"gpt-4o","messages":[{"role":"user","content":"\\udc00"}]}', "surrogate"),
+])
+def test_a_compact_body_is_refused_as_any_other_naming_why(raw, named):
+    from txgateway.bodies import BadBody, read_strict
+
+    with pytest.raises(BadBody, match=named):
+        read_strict(raw)
+
+
+def test_a_compact_bodys_integer_past_64_bits_is_read_exactly():
+    from txgateway.bodies import read_strict
+
+    assert read_strict(b'{"model":"m","seed":123456789012345678901234567890}\n')["seed"] == 123456789012345678901234567890
+
+
+def test_tools_are_counted_as_their_compact_json_in_utf8_bytes():
+    from txgateway.governance.estimate import estimate_prompt_tokens
+
+    tools = [{"type": "function", "function": {"name": "lire", "description": "é" * 30}}]
+    text = json.dumps(tools, separators=(",", ":"), ensure_ascii=False).encode()
+    assert estimate_prompt_tokens({"tools": tools}) == -(-len(text) // 3)  # 30 two-byte letters, not 30 \\u escapes
+    huge = [{"type": "function", "function": {"name": "n", "seed": 2**70}}]  # past orjson's integers: the same text all the same
+    assert estimate_prompt_tokens({"tools": huge}) == -(-len(json.dumps(huge, separators=(",", ":")).encode()) // 3)
 
 
 def test_client_chosen_model_names_label_at_most_a_thousand_series():

@@ -21,6 +21,11 @@ from typing import Any, Mapping
 
 from txgateway.config.keys import FREE, ModelPrice
 
+try:
+    from orjson import dumps as _json_bytes
+except ImportError:  # PyPy: the standard library's text, alike
+    _json_bytes = None
+
 __all__ = ["BYTES_PER_TOKEN", "IMAGE_TOKENS", "MESSAGE_TOKENS", "Prices", "completion_cap", "estimate_prompt_tokens", "relayed_tokens", "worst_cost"]
 
 #: Bytes of text counted as one token by the estimate.
@@ -58,19 +63,21 @@ def _text_bytes(value: Any, image_tokens: int = IMAGE_TOKENS) -> int:
     """
     total = 0
     pending = [value]
+    pop, extend = pending.pop, pending.extend
     while pending:
-        item = pending.pop()
+        item = pop()
         kind = type(item)
         if kind is str:
-            total += len(item.encode("utf-8", "replace"))
-        elif kind is list:
-            pending.extend(item)
+            # An ASCII string's length is its bytes' (a flag CPython keeps: no copy made to count them).
+            total += len(item) if item.isascii() else len(item.encode("utf-8", "replace"))
         elif kind is dict:
             if item.get("type") in _IMAGE_PARTS:
                 total += _image_tokens(item, image_tokens) * BYTES_PER_TOKEN
                 continue
-            pending.extend(item.values())
-        elif kind in (int, float):
+            extend(item.values())
+        elif kind is list:
+            extend(item)
+        elif kind is int or kind is float:
             total += len(str(item))  # token ids given as numbers count as text too
     return total
 
@@ -84,18 +91,23 @@ def estimate_prompt_tokens(body: Mapping[str, Any], image_tokens: int = IMAGE_TO
     framing = 0
     messages = body.get("messages")
     if isinstance(messages, list):
-        for message in messages:
-            if isinstance(message, dict) and type(message.get("content")) is str and len(message) == 2:
-                # The common message, {"role": ..., "content": "..."}, without the walk.
-                text += len(message["content"].encode("utf-8", "replace")) + len(str(message.get("role", "")).encode("utf-8", "replace"))
-            else:
-                text += _text_bytes(message, image_tokens)
+        text += _text_bytes(messages, image_tokens)  # one walk for them all
         framing += MESSAGE_TOKENS * len(messages)
     for field in ("prompt", "input", "system", "instructions", "tools", "functions", "response_format"):
         if field in body:
             value = body[field]
-            text += _text_bytes(value, image_tokens) if field in ("prompt", "input", "system", "instructions") else len(json.dumps(value))
+            text += _text_bytes(value, image_tokens) if field in ("prompt", "input", "system", "instructions") else _json_length(value)
     return math.ceil(text / BYTES_PER_TOKEN) + framing
+
+
+def _json_length(value: Any) -> int:
+    """C{value} as compact JSON text (tools, a response format), in UTF-8 bytes."""
+    if _json_bytes is not None:
+        try:
+            return len(_json_bytes(value))
+        except TypeError:  # past orjson's own bounds (an integer of more than 64 bits): the standard library's
+            pass
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace"))
 
 
 def completion_cap(body: Mapping[str, Any], generates: bool, default: int) -> int:
