@@ -263,6 +263,38 @@ def start_upstream(processes: Processes, tmp: Path, name: str = "upstream") -> t
 GOVERNED_KEY = "bench-governed-key"
 
 
+def agent_body(turns: int = 30) -> dict:
+    """
+    A coding agent's chat completion body, about 50 KB (the shape Codex
+    and Claude Code send): a long system prompt, C{turns} turns of a
+    question, a tool call and its result, and 15 tools.  Deterministic.
+    """
+    words = "the quick brown fox jumps over the lazy dog while lorem ipsum dolor sit amet reads a file".split()
+
+    def text(count: int, seed: int) -> str:
+        return " ".join(words[(seed * 7 + n * 3) % len(words)] for n in range(count))
+
+    messages: list[dict] = [{"role": "system", "content": text(800, 1)}]
+    for turn in range(turns):
+        call = f"call_{turn}"
+        arguments = json.dumps({"path": f"src/module_{turn}.py", "limit": 200})
+        messages += [
+            {"role": "user", "content": text(60, turn)},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": call, "type": "function", "function": {"name": "read_file", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": call, "content": text(150, turn + 100)},
+        ]
+    tools = [
+        {"type": "function", "function": {
+            "name": f"tool_{number}", "description": text(40, number),
+            "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": text(10, number)},
+                                                            "limit": {"type": "integer"}}, "required": ["path"]},
+        }}
+        for number in range(15)
+    ]
+    return {"model": "bench-json", "max_tokens": 64, "temperature": 0.2, "messages": messages, "tools": tools}
+
+
 def governance_ini(budgets: str) -> str:
     """The sections that govern C{GOVERNED_KEY}: a team, a key with tokens and a budget, prices."""
     return "\n".join([
@@ -501,10 +533,11 @@ class Setup:
     def gateway_ini(self, port: int, **options) -> Path:
         return gateway_ini(self.tmp, port, self.upstream, self.sse_port, **options)
 
-    def script(self, name: str, body: dict, headers: dict | None = None) -> Path:
-        """A wrk script POSTing C{body} as JSON."""
+    def script(self, name: str, body: dict, headers: dict | None = None, compact: bool = False) -> Path:
+        """A wrk script POSTing C{body} as JSON (C{compact}: without spaces, as Node and Rust clients write it)."""
         script = self.tmp / name
-        lines = [f"wrk.method = \"POST\"\nwrk.body = '{json.dumps(body)}'\n", "wrk.headers[\"Content-Type\"] = \"application/json\"\n"]
+        text = json.dumps(body, separators=(",", ":")) if compact else json.dumps(body)
+        lines = [f"wrk.method = \"POST\"\nwrk.body = [==[{text}]==]\n", "wrk.headers[\"Content-Type\"] = \"application/json\"\n"]
         lines += [f"wrk.headers[\"{key}\"] = \"{value}\"\n" for key, value in (headers or {}).items()]
         script.write_text("".join(lines))
         return script
@@ -647,13 +680,17 @@ def governed_gateways(setup: Setup, twistd: str | None = None, label: str = "", 
         "governed.lua", {"model": "bench-json", "max_tokens": 64, "messages": [{"role": "user", "content": "Count to sixty"}]},
         {"Authorization": f"Bearer {GOVERNED_KEY}"},
     )
+    # A coding agent's 50 KB body, written compactly: what governance costs on such traffic (reading it strictly, the estimate).
+    agent_script = setup.script("agent.lua", agent_body(), {"Authorization": f"Bearer {GOVERNED_KEY}"}, compact=True)
     gateways = []
     for number, (name, budgets) in enumerate(governed.items()):
         port = free_port()
         sections = f"[auth]\nkeys = bench:{GOVERNED_KEY}" if budgets is None else governance_ini(budgets)
         ini = setup.gateway_ini(port, name=f"gw-governed{number}{label}", extra_sections=sections, **options)
         pid = setup.start_gateway(ini, port, twistd=twistd).pid
-        gateways.append((name, f"http://127.0.0.1:{port}/v1/chat/completions", pid, script))
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        gateways.append((name, url, pid, script))
+        gateways.append((name.replace("JSON completion", "50 KB agent completion"), url, pid, agent_script))
     return gateways
 
 
@@ -773,14 +810,16 @@ def print_comparisons(medians: dict[str, dict]) -> None:
             print(f"{name[: -len(' [baseline]')]}: {now['rps'] / m['rps'] * 100:.1f}% of the baseline's req/s, "
                   f"{now['cpu_us'] / m['cpu_us'] * 100:.1f}% of its CPU a request, "
                   f"added p50 {(now['p50'] - m['p50']) * 1e6:+.0f} us against it")
-    for plain in ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ key: no limits)"):
-        for store in ("SQLite", "Redis"):
-            for twin in ("", " [baseline]"):  # the baseline's governance against its own rows
-                governed_row = f"txgateway JSON completion (/v1/ governed: {store}){twin}"
-                if governed_row in medians and plain + twin in medians:
-                    print(f"governed key ({store}){twin} against {plain[len('txgateway JSON completion '):]}: "
-                          f"{medians[governed_row]['rps'] / medians[plain + twin]['rps'] * 100:.0f}% of its throughput, "
-                          f"{medians[governed_row]['cpu_us'] - medians[plain + twin]['cpu_us']:+.0f} us CPU a request")
+    for kind, plains in (("JSON completion", ("(/v1/ parsed)", "(/v1/ key: no limits)")),
+                         ("50 KB agent completion", ("(/v1/ key: no limits)",))):
+        for plain in (f"txgateway {kind} {which}" for which in plains):
+            for store in ("SQLite", "Redis"):
+                for twin in ("", " [baseline]"):  # the baseline's governance against its own rows
+                    governed_row = f"txgateway {kind} (/v1/ governed: {store}){twin}"
+                    if governed_row in medians and plain + twin in medians:
+                        print(f"{kind}, governed key ({store}){twin} against {plain[len('txgateway ' + kind) + 1:]}: "
+                              f"{medians[governed_row]['rps'] / medians[plain + twin]['rps'] * 100:.0f}% of its throughput, "
+                              f"{medians[governed_row]['cpu_us'] - medians[plain + twin]['cpu_us']:+.0f} us CPU a request")
     for plain, traced in (("txgateway", "txgateway (traced)"),
                           ("txgateway JSON completion (/v1/ parsed)", "txgateway JSON completion (/v1/ traced)")):
         if plain in medians and traced in medians:
