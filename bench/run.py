@@ -655,7 +655,10 @@ def add_traced_rows(setup: Setup) -> None:
 
 
 def add_governed_rows(setup: Setup) -> None:
-    """The same JSON completion from a governed key, reserved then settled, in memory over SQLite and in Redis."""
+    """
+    The same JSON completion (and a coding agent's 50 KB one) from a
+    governed key, reserved then settled, in memory over SQLite and in Redis.
+    """
     for name, url, pid, script in governed_gateways(setup):
         setup.rows.add(name, url, pid, script)
 

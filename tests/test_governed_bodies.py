@@ -640,6 +640,7 @@ def test_a_compact_body_read_at_c_speed_reads_as_the_strict_decoder_reads_it(bod
     (b'{"model":"gpt-4o","messages":[],"x":{"a":1,"a":1}}', "'a' appears twice"),
     (b'{"model":"gpt-4o","messages":[],"temperature":NaN}', "NaN"),
     (b'{"model":"gpt-4o","messages":[{"role":"user","content":"\\udc00"}]}', "surrogate"),
+    (b'{"model":"gpt-4o","x":' + b"[" * 300 + b"]" * 300 + b"}", "nests deeper than 64"),  # past what orjson writes
 ])
 def test_a_compact_body_is_refused_as_any_other_naming_why(raw, named):
     from txgateway.bodies import BadBody, read_strict
