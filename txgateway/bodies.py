@@ -193,8 +193,7 @@ def _read_compact(raw: bytes) -> dict | None:
     """
     if _write_compact is None:
         return None
-    head = raw[:_HEAD]
-    if b'": ' in head or b'" :' in head:
+    if raw.find(b'": ', 0, _HEAD) >= 0 or raw.find(b'" :', 0, _HEAD) >= 0:
         return None
     try:
         body = _verify(raw)
