@@ -914,3 +914,13 @@ def test_an_event_stream_broken_after_the_commit_point_ends_with_an_error_event(
     failures = []
     done.addErrback(failures.append)
     assert failures, "the chunked body never ends: no client takes it for complete"
+
+
+def test_an_error_kinds_own_retry_after_is_on_every_answer_of_it_unless_one_is_given():
+    from txgateway.errors import BAD_REQUEST, GATEWAY_BUSY, error_answer
+
+    busy = error_answer(GATEWAY_BUSY, "full", "r1")
+    assert busy.status == 503 and (b"Retry-After", b"1") in busy.headers
+    given = error_answer(GATEWAY_BUSY, "full", "r1", [(b"retry-after", b"7")])
+    assert [value for name, value in given.headers if name.lower() == b"retry-after"] == [b"7"]
+    assert not any(name.lower() == b"retry-after" for name, _ in error_answer(BAD_REQUEST, "no", "r1").headers)

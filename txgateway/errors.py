@@ -22,10 +22,15 @@ __all__ = [
 
 @attrs.frozen
 class ErrorKind:
-    """A stable error C{type} with the HTTP status that goes with it."""
+    """
+    A stable error C{type} with the HTTP status that goes with it, and the
+    C{Retry-After} every answer of that kind carries (L{None}: none, or
+    one each answer computes: see L{GatewayError}'s C{headers}).
+    """
 
     type: str
     status: int
+    retry_after: int | None = None
 
 
 BAD_REQUEST = ErrorKind("bad_request", 400)
@@ -68,8 +73,9 @@ CIRCUIT_OPEN = ErrorKind("circuit_open", 503)
 BUDGETS_UNAVAILABLE = ErrorKind("budgets_unavailable", 503)
 #: The store of the Responses the gateway holds cannot be asked.
 RESPONSES_UNAVAILABLE = ErrorKind("responses_unavailable", 503)
-#: The request bodies held across all connections reached C{[gateway] max_bodies_in_flight}.
-GATEWAY_BUSY = ErrorKind("gateway_busy", 503)
+#: The gateway's own room is taken (C{[gateway] max_bodies_in_flight}, C{max_connections}, its open
+#: files): a moment later there is some, whichever backend is asked.
+GATEWAY_BUSY = ErrorKind("gateway_busy", 503, retry_after=1)
 UPSTREAM_TIMEOUT = ErrorKind("upstream_timeout", 504)
 #: Only in the SSE ``event: error`` that ends a stream broken after its
 #: status was sent (the status here is what it would have been before).
@@ -156,9 +162,13 @@ def error_answer(
 ) -> ErrorAnswer:
     """
     The error answer a client sees, from the data plane, the front or the
-    admin routes alike: every one is made here.
+    admin routes alike: every one is made here (with its kind's
+    C{Retry-After}, unless C{headers} say one).
     """
-    return ErrorAnswer(kind.status, [(b"Content-Type", b"application/json"), *headers], error_body(kind, message, request_id))
+    headers = [(b"Content-Type", b"application/json"), *headers]
+    if kind.retry_after is not None and not any(name.lower() == b"retry-after" for name, _ in headers):
+        headers.append((b"Retry-After", b"%d" % kind.retry_after))
+    return ErrorAnswer(kind.status, headers, error_body(kind, message, request_id))
 
 
 def describe_failure(error: Exception) -> str:

@@ -107,8 +107,6 @@ class _DateHeader:
 #: The refusal of a body past C{max_bodies_held} (its limit filled in).
 _BUSY_MESSAGE = "the gateway holds as many request body bytes (%d) as it may at once; retry shortly"
 _FULL_MESSAGE = "the gateway holds as many client connections (%s, [gateway] max_connections) as it may at once; retry shortly"
-#: Seconds a client refused C{gateway_busy} is asked to wait (C{Retry-After}).
-BUSY_RETRY_AFTER = 1
 
 
 class AnswerRecorder:
@@ -504,7 +502,7 @@ class _RequestParsing(SharedCallbacks):
         factory = connection.factory
         if not connection.serving and not connection._answered_when_full(reading):
             # Opened past [gateway] max_connections: its request is answered 503 (its own id on it), never served.
-            connection._stop_parsing(errors.GATEWAY_BUSY, _FULL_MESSAGE % factory.max_connections)
+            connection._stop_parsing(errors.GATEWAY_BUSY, factory.full_message())
         limit = factory.max_body_size
         for name, value in reading.headers:
             if len(name) == 14 and name.lower() == b"content-length":
@@ -794,7 +792,7 @@ class HTTPServerProtocol(Protocol):
 
     def _refuse_past_limit(self) -> None:
         self._header_timer = None
-        self.refuse(errors.GATEWAY_BUSY, _FULL_MESSAGE % self.factory.max_connections)
+        self.refuse(errors.GATEWAY_BUSY, self.factory.full_message())
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
@@ -827,10 +825,7 @@ class HTTPServerProtocol(Protocol):
             if not reading.in_headers:
                 method = self._parser.get_method().decode("ascii", "replace")
         request_id = request_id_for(sent_id)
-        headers = [(b"X-Request-ID", request_id.encode("ascii"))]
-        if kind is errors.GATEWAY_BUSY:
-            headers.append((b"Retry-After", b"%d" % BUSY_RETRY_AFTER))
-        answer = error_answer(kind, message, request_id, headers)
+        answer = error_answer(kind, message, request_id, [(b"X-Request-ID", request_id.encode("ascii"))])
         body = answer.body
         lines = [b"HTTP/1.1 %d %s\r\n" % (answer.status, reason_phrase(answer.status))]
         lines += [b"%s: %s\r\n" % header for header in answer.headers]
@@ -980,6 +975,10 @@ class HTTPServerFactory(Factory):
                 reason="more clients than [gateway] max_connections: the others are answered 503 gateway_busy",
             )
         return False
+
+    def full_message(self) -> str:
+        """What a connection opened past L{max_connections} is answered (503 C{gateway_busy})."""
+        return _FULL_MESSAGE % self.max_connections
 
     def release(self) -> None:
         """A served connection closed."""

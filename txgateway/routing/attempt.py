@@ -23,7 +23,6 @@ from txgateway.config.gateway import ServiceConfig
 from txgateway.dataplane.client import UpstreamResponse, out_of_files
 from txgateway.dataplane.headers import is_event_stream
 from txgateway.dataplane.relay import BodyRelay, IAnswerRelay, StreamBroken
-from txgateway.dataplane.server import BUSY_RETRY_AFTER
 from txgateway.errors import GatewayError, describe_failure
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
@@ -325,9 +324,7 @@ class Attempts:
             self._count_attempt(config.name, endpoint, "abandoned")
             self._log_attempt(ctx, config.name, "no file descriptor left for a backend connection", final=True)
             raise GatewayError(
-                errors.GATEWAY_BUSY,
-                "the gateway has no file descriptor left for a backend connection; retry shortly",
-                ((b"Retry-After", b"%d" % BUSY_RETRY_AFTER),),
+                errors.GATEWAY_BUSY, "the gateway has no file descriptor left for a backend connection; retry shortly",
             ) from None
         if isinstance(error, TimeoutError) and timeout < config.timeout:
             endpoint.breaker.failed(admission, "the deadline passed")
