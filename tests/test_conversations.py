@@ -7,6 +7,7 @@ on a fake clock.
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import pytest
@@ -113,6 +114,31 @@ def test_the_sqlite_file_survives_a_restart_and_sweeps_past_max_entries(tmp_path
     assert result_of(again.get("resp_498")) is not None  # a restart keeps them
     assert result_of(again.get("resp_0")) is None  # the upkeep at the 500th put kept the 3 newest
     again.close()
+
+
+def _sqlite_memory_used() -> int:
+    """The bytes SQLite's library holds in this process (its own count, which the sqlite3 module does not expose)."""
+    import _sqlite3
+
+    used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    return used()
+
+
+def test_the_sqlite_files_page_caches_stay_small_however_many_responses_are_kept(tmp_path):
+    # SQLite's default is a 2 MiB cache a connection, filled by puts of records seldom read again and by the
+    # upkeep's sweeps: memory that looked like each open stream's.  The put connection keeps 512 KiB, the upkeep 64.
+    clock = Clock()
+    before = _sqlite_memory_used()
+    store = SqliteResponseStore(str(tmp_path / "responses.db"), clock, maybeDeferred, 10_000)
+    for n in range(1200):  # two rounds of upkeep, each sweeping every record
+        clock.advance(1)
+        made = record(f"resp_{n}", text="word " * 800, at=clock.seconds())
+        result_of(store.put(made, made.encode()))
+    assert result_of(store.get("resp_3")) is not None
+    held = _sqlite_memory_used() - before
+    store.close()
+    assert held < 1_000_000, f"SQLite holds {held} bytes for the response file"
 
 
 def test_a_sqlite_file_that_fails_is_a_store_failure(tmp_path):

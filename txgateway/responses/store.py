@@ -175,11 +175,21 @@ _SETUP_ATTEMPTS = 14
 #: How many puts between two rounds of upkeep (a WAL checkpoint, the expired and those past C{max_entries} swept).
 _UPKEEP_EVERY = 500
 
+#: The page cache (KiB) of the connection that puts and gets.  SQLite's
+#: default is 2 MiB a connection, filled by the puts with pages of records
+#: appended once and seldom read again (a get finds them in the kernel's
+#: cache just as fast); this is room for the indexes' hot pages.
+_CACHE_KIB = 512
+#: The page cache (KiB) of the upkeep's connection, which only sweeps: each
+#: of its rounds reads the index once, so a cache of it would keep 2 MiB of
+#: pages for the next round's single pass.
+_UPKEEP_CACHE_KIB = 64
+
 
 class _ResponseFile:
-    """One connection to the SQLite file: blocking calls."""
+    """One connection to the SQLite file (a page cache of at most C{cache_kib} KiB): blocking calls."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cache_kib: int) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Every worker of the machine opens the file: WAL lets them read while one writes.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
@@ -194,6 +204,7 @@ class _ResponseFile:
                 if "locked" not in str(error) or attempt == _SETUP_ATTEMPTS - 1:
                     raise
                 time.sleep(0.02 * (attempt + 1))
+        self._db.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
 
     def _set_up(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -253,8 +264,8 @@ class SqliteResponseStore:
         self._clock = clock
         self._run = run_in_thread
         self._max_entries = max_entries
-        self._file = _ResponseFile(path)
-        self._upkeep_file = _ResponseFile(path)
+        self._file = _ResponseFile(path, _CACHE_KIB)
+        self._upkeep_file = _ResponseFile(path, _UPKEEP_CACHE_KIB)
         self._puts = 0
         self._upkeep_running = False
 
