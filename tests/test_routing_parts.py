@@ -232,7 +232,7 @@ def test_each_target_counts_its_own_attempts(first_retries):
     assert len(routing.upstreams["second"].requests) == 4
     assert served.called
     assert call.ctx.attempts == first_retries + 5  # the report counts them all
-    assert call.ctx.fallback_from == ["first:model-first"]
+    assert call.ctx.fallback_from == ("first:model-first",)
 
 
 def test_a_retry_waits_its_backoff_on_the_clock():

@@ -351,7 +351,7 @@ class _ResponseParsing(SharedCallbacks):
         if code in (204, 304):
             length = 0
         response = UpstreamResponse(code, connection._reason, connection._headers, length, exchange)
-        connection._headers = []  # the answer's now: the connection holds them no longer
+        connection._headers = ()  # the answer's now: the connection holds them no longer (the next answer's begin makes a list)
         # Answered: nothing sends the request again, so its bytes (a prompt of
         # tens of KB) are not held for as long as a stream lasts.
         exchange.request_bytes = b""
@@ -395,7 +395,7 @@ class _UpstreamConnection(Protocol):
         self._reused = False
         self._received = False
         self._interim = False
-        self._headers: list = []
+        self._headers: list | tuple = []
         self._reason = b""
         self._in_headers = True
         self._complete = False

@@ -96,7 +96,7 @@ class BodyRelay:
         #: success (a stream lasts minutes); kept once failed, for whoever asks.
         self._first_data: Deferred[None] | None = None
         self.has_first_data = False  # first_data fired with success
-        self._held: list[bytes] = []
+        self._held: list[bytes] | tuple[()] = []
         self._held_end: tuple[Exception | None] | None = None
         self._held_size = 0
         self._whole: Deferred[bytes | None] | None = None
@@ -161,7 +161,7 @@ class BodyRelay:
     def commit(self, request: IncomingRequest) -> None:
         """Start relaying to C{request}: what was held first, then the rest as it comes."""
         self._request = request
-        held, self._held = self._held, []
+        held, self._held = self._held, ()  # nothing is held after the commit (an empty list is 56 bytes a stream)
         for data in held:
             self._pass(data)
         if self._held_end is not None:

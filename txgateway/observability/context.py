@@ -97,13 +97,14 @@ class CompletionFacts:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     resumed: int = 0
-    resumed_on: list[str] = attrs.Factory(list)
+    #: Where its stream was resumed (a tuple, made anew when it grows: most calls hold none for as long as they stream).
+    resumed_on: tuple[str, ...] = ()
     #: What the client asked for: C{chat}, C{text_completion}, C{embeddings}... (the GenAI operation).
     operation: str | None = None
     #: The most the client let it complete (C{max_completion_tokens} or C{max_tokens}).
     max_tokens: int | None = None
     #: Each backend answer's usage, with the model it was sent as (what is billed).
-    billed: list[tuple[str | None, Any]] = attrs.Factory(list)
+    billed: tuple[tuple[str | None, Any], ...] = ()
     #: The client asked for a stream.
     stream: bool = False
     #: The answer's id and why each of its choices ended, as the client got them.
@@ -125,7 +126,7 @@ class CompletionFacts:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "resumed": self.resumed,
-            "resumed_on": self.resumed_on,
+            "resumed_on": list(self.resumed_on),
         }
         if self.stream_cut:
             fields["stream_cut"] = True
@@ -179,7 +180,8 @@ class RequestContext:
     #: The service (and, for a model, the model name sent) of the target serving the request now.
     served_by: str | None = None
     served_model: str | None = None
-    fallback_from: list[str] = attrs.Factory(list)
+    #: The targets that gave up before this one (a tuple, made anew when it grows).
+    fallback_from: tuple[str, ...] = ()
     #: The response cache's verdict (hit, miss, bypass, coalesced), for cached services.
     cache: str | None = None
     #: Set for OpenAI (and Messages) requests only.

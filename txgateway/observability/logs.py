@@ -354,7 +354,7 @@ class AccessLog:
         line.update(fields)
         line["service"] = ctx.service
         line["served_by"] = ctx.served_by
-        line["fallback_from"] = ctx.fallback_from
+        line["fallback_from"] = list(ctx.fallback_from)
         line["client"] = ctx.client
         line["attempts"] = ctx.attempts
         line["outcome"] = ctx.outcome

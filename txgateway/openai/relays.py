@@ -83,7 +83,7 @@ class EventStreamRelay(BodyRelay):
         self._on_usage = on_usage
         self._forward_usage = forward_usage
         self._resumed = resumed
-        self._held_facts: list[ChunkFacts] = []
+        self._held_facts: list[ChunkFacts] | tuple[()] = []
         self.malformed: str | None = None
         self._after_done = False  # the client's answer ended at [DONE]
         self._backend_ended = False
@@ -235,8 +235,8 @@ class EventStreamRelay(BodyRelay):
         return chunk_event({**data, "id": chunk_id})
 
     def commit(self, request: IncomingRequest) -> None:
-        held, self._held = self._held, []
-        held_facts, self._held_facts = self._held_facts, []
+        held, self._held = self._held, ()  # nothing is held after the commit
+        held_facts, self._held_facts = self._held_facts, ()
         self._request = request
         ended = self._relay_events(list(zip(held, held_facts)))
         if not ended and self._held_end is not None:

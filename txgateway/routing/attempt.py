@@ -477,11 +477,12 @@ class _AnswerCount:
         before = self._usage
         if before is None:
             self._place = len(facts.billed)
-            facts.billed.append((self._sent_as, usage))
+            facts.billed += ((self._sent_as, usage),)
             prompt, completion = usage.prompt_tokens, usage.completion_tokens
         else:
             usage = before.merged(usage)
-            facts.billed[self._place] = (self._sent_as, usage)
+            place = self._place
+            facts.billed = (*facts.billed[:place], (self._sent_as, usage), *facts.billed[place + 1:])
             prompt = usage.prompt_tokens - before.prompt_tokens
             completion = usage.completion_tokens - before.completion_tokens
         self._usage = usage

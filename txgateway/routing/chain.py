@@ -126,7 +126,7 @@ class FallbackChain:
     def _fall_over(self, call: Call, gave_up: Target, to: Target, reason: str) -> None:
         """C{gave_up} gave up before any byte reached the client: C{to} is tried next."""
         ctx = call.ctx
-        ctx.fallback_from.append(gave_up.label)
+        ctx.fallback_from += (gave_up.label,)
         service = ctx.service or gave_up.route.config.name
         self._metrics.fallback(service, to.route.config.name, gave_up.label, to.label, reason, ctx.request_id)
         ctx.log.warning("service_fallback", service=gave_up.label, to=to.label, reason=reason)

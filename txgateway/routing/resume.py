@@ -66,7 +66,7 @@ class StreamResume:
             if answer is not None:
                 call.resumes += 1
                 facts.resumed = call.resumes  # the report
-                facts.resumed_on.append(target.label)
+                facts.resumed_on += (target.label,)
                 return Resumed(target, answer)
         return None
 
