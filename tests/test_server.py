@@ -594,6 +594,13 @@ def test_a_probe_past_the_limit_is_answered_all_the_same_and_its_connection_clos
     assert first.harness.server_factory.serving == 2  # never counted
 
 
+def test_the_reads_answered_past_the_limit_are_the_operators_klein_routes_of_probes_scrape_and_status():
+    from txgateway.front.door import OPERATOR_READS
+
+    # Read from the routes themselves: every GET of them without an argument, nothing else (not /spend.json, not /admin).
+    assert OPERATOR_READS == frozenset({b"/health", b"/health/live", b"/health/ready", b"/metrics", b"/status", b"/status.json"})
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",  # not a read
     b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",  # a body may come

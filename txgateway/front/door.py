@@ -32,8 +32,16 @@ __all__ = ["GatewayFront", "OPERATOR_READS"]
 _OPERATOR_PATHS = (b"/health", b"/metrics", b"/status")
 #: The operator's reads, answered even on a connection past C{[gateway]
 #: max_connections} (one request, then closed): a full gateway is when its
-#: probes and its scrape matter most.
-OPERATOR_READS = frozenset({b"/health", b"/health/live", b"/health/ready", b"/metrics", b"/status", b"/status.json"})
+#: probes and its scrape matter most.  Read from the Klein routes under
+#: those paths that answer C{GET} and take no argument, so a route added
+#: there is one of them.
+OPERATOR_READS = frozenset(
+    rule.rule.encode("ascii")
+    for rule in AdminRoutes.app.url_map.iter_rules()
+    if rule.rule.startswith(tuple(path.decode("ascii") for path in _OPERATOR_PATHS))
+    and not rule.arguments
+    and (rule.methods is None or "GET" in rule.methods)
+)
 
 
 @attrs.frozen
