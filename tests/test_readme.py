@@ -1,4 +1,4 @@
-"""README.rst tells the truth: every key and error type is documented, and it renders."""
+"""README.rst tells the truth: every key and error type is documented, it renders, and so do the documents beside it."""
 
 import re
 from pathlib import Path
@@ -10,7 +10,8 @@ import pytest
 from txgateway import errors
 from txgateway.config import gateway as config
 
-README = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.rst").read_text()
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,16 @@ def test_every_error_type_is_documented_with_its_status():
 
 def test_the_readme_renders_without_warnings():
     docutils.core.publish_doctree(README, settings_overrides={"report_level": 2, "halt_level": 2})
+
+
+@pytest.mark.parametrize("document", sorted((ROOT / "docs").glob("*.rst")), ids=lambda path: path.name)
+def test_the_documents_beside_it_render_without_warnings(document):
+    docutils.core.publish_doctree(document.read_text(), settings_overrides={"report_level": 2, "halt_level": 2})
+
+
+def test_the_documents_the_readme_names_exist():
+    named = set(re.findall(r"``(docs/[\w./-]+)``", README))
+    assert named and all((ROOT / path).exists() for path in named), named
 
 
 def test_the_readme_shows_how_to_run_the_daemon_and_the_tests():
