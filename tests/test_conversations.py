@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import sqlite3
+from contextlib import closing
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred
@@ -51,6 +53,13 @@ def record(response_id: str, owner: str = "alice", previous: str | None = None, 
     return StoredResponse(response_id, owner, previous, [{"type": "message", "role": "user", "content": text}], response, at, at + DAY)
 
 
+def put_now(store, clock: Clock, made: StoredResponse, encoded: bytes) -> bool:
+    """Put a record and let the turn end (the SQLite store commits a turn's puts together at its end): whether it was kept."""
+    putting = store.put(made, encoded)
+    clock.advance(0)
+    return result_of(putting)
+
+
 @pytest.fixture(params=["memory", "sqlite"])
 def store_and_clock(request, tmp_path):
     clock = Clock()
@@ -61,7 +70,7 @@ def store_and_clock(request, tmp_path):
 
 def test_a_kept_response_comes_back_whole_until_it_expires(store_and_clock):
     store, clock = store_and_clock
-    assert result_of(store.put(*kept("resp_1"))) is True
+    assert put_now(store, clock, *kept("resp_1")) is True
     assert result_of(store.get("resp_1")) == record("resp_1")
     assert result_of(store.get("resp_other")) is None
     clock.advance(DAY)
@@ -69,16 +78,16 @@ def test_a_kept_response_comes_back_whole_until_it_expires(store_and_clock):
 
 
 def test_another_owner_never_replaces_a_kept_response(store_and_clock):
-    store, _ = store_and_clock
-    result_of(store.put(*kept("resp_1", text="mine")))
-    assert result_of(store.put(*kept("resp_1", owner="mallory", text="theirs"))) is False
+    store, clock = store_and_clock
+    put_now(store, clock, *kept("resp_1", text="mine"))
+    assert put_now(store, clock, *kept("resp_1", owner="mallory", text="theirs")) is False
     assert result_of(store.get("resp_1")).input[0]["content"] == "mine"
-    assert result_of(store.put(*kept("resp_1", text="again"))) is True
+    assert put_now(store, clock, *kept("resp_1", text="again")) is True
 
 
 def test_a_deleted_response_is_gone_and_deleting_it_again_says_so(store_and_clock):
-    store, _ = store_and_clock
-    result_of(store.put(*kept("resp_1")))
+    store, clock = store_and_clock
+    put_now(store, clock, *kept("resp_1"))
     assert result_of(store.delete("resp_1")) is True
     assert result_of(store.get("resp_1")) is None
     assert result_of(store.delete("resp_1")) is False
@@ -86,7 +95,7 @@ def test_a_deleted_response_is_gone_and_deleting_it_again_says_so(store_and_cloc
 
 def test_extending_keeps_earlier_turns_as_long_as_the_newest(store_and_clock):
     store, clock = store_and_clock
-    result_of(store.put(*kept("resp_1")))
+    put_now(store, clock, *kept("resp_1"))
     result_of(store.extend(["resp_1"], 2 * DAY))
     clock.advance(1.5 * DAY)
     assert result_of(store.get("resp_1")) is not None
@@ -108,7 +117,7 @@ def test_the_sqlite_file_survives_a_restart_and_sweeps_past_max_entries(tmp_path
     first = SqliteResponseStore(path, clock, maybeDeferred, 3)
     for n in range(500):
         clock.advance(1)
-        result_of(first.put(*kept(f"resp_{n}", at=clock.seconds())))
+        put_now(first, clock, *kept(f"resp_{n}", at=clock.seconds()))
     first.close()
     again = SqliteResponseStore(path, clock, maybeDeferred, 3)
     assert result_of(again.get("resp_498")) is not None  # a restart keeps them
@@ -134,11 +143,94 @@ def test_the_sqlite_files_page_caches_stay_small_however_many_responses_are_kept
     for n in range(1200):  # two rounds of upkeep, each sweeping every record
         clock.advance(1)
         made = record(f"resp_{n}", text="word " * 800, at=clock.seconds())
-        result_of(store.put(made, made.encode()))
+        put_now(store, clock, made, made.encode())
     assert result_of(store.get("resp_3")) is not None
     held = _sqlite_memory_used() - before
     store.close()
     assert held < 1_000_000, f"SQLite holds {held} bytes for the response file"
+
+
+def _ids_in_the_file(path: str) -> set[str]:
+    """The ids another connection (another worker) finds in the response file."""
+    with closing(sqlite3.connect(path)) as other:
+        return {row[0] for row in other.execute("SELECT id FROM responses")}
+
+
+def test_the_puts_of_one_turn_are_committed_together_when_the_turn_ends(tmp_path):
+    path = str(tmp_path / "responses.db")
+    clock = Clock()
+    store = SqliteResponseStore(path, clock, maybeDeferred, 100)
+    told = []
+    for n in range(3):
+        store.put(*kept(f"resp_{n}")).addCallback(told.append)
+    assert told == [] and _ids_in_the_file(path) == set()  # nothing is said kept before it is
+    clock.advance(0)
+    assert told == [True, True, True]
+    assert _ids_in_the_file(path) == {"resp_0", "resp_1", "resp_2"}
+    store.close()
+
+
+def test_a_get_in_the_same_turn_as_a_put_commits_it_first(tmp_path):
+    clock = Clock()
+    store = SqliteResponseStore(str(tmp_path / "responses.db"), clock, maybeDeferred, 100)
+    putting = store.put(*kept("resp_1"))
+    assert result_of(store.get("resp_1")) == record("resp_1")
+    assert result_of(putting) is True  # told at the get, not at the turn's end
+    clock.advance(0)
+    store.close()
+
+
+def test_a_turn_whose_commit_fails_keeps_none_of_its_puts_and_says_so(tmp_path, monkeypatch):
+    path = str(tmp_path / "responses.db")
+    clock = Clock()
+    store = SqliteResponseStore(path, clock, maybeDeferred, 100)
+    put_now(store, clock, *kept("resp_0"))
+    first, second = store.put(*kept("resp_1")), store.put(*kept("resp_2"))
+
+    def full(self):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(type(store._file), "commit", full)
+    clock.advance(0)
+    for putting in (first, second):
+        failure = []
+        putting.addErrback(failure.append)
+        assert failure and failure[0].check(StoreFailed) and "disk is full" in str(failure[0].value)
+    monkeypatch.undo()
+    assert _ids_in_the_file(path) == {"resp_0"}
+    assert result_of(store.get("resp_1")) is None
+    assert put_now(store, clock, *kept("resp_3")) is True  # the next turn writes again
+    store.close()
+
+
+def test_a_put_that_fails_fails_the_puts_of_its_turn_before_it(tmp_path, monkeypatch):
+    path = str(tmp_path / "responses.db")
+    clock = Clock()
+    store = SqliteResponseStore(path, clock, maybeDeferred, 100)
+    first = store.put(*kept("resp_1"))
+
+    def broken(self, made, encoded):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(type(store._file), "put", broken)
+    second = store.put(*kept("resp_2"))
+    monkeypatch.undo()
+    clock.advance(0)
+    for putting in (first, second):
+        failure = []
+        putting.addErrback(failure.append)
+        assert failure and failure[0].check(StoreFailed)
+    assert _ids_in_the_file(path) == set()
+    assert put_now(store, clock, *kept("resp_1")) is True
+    store.close()
+
+
+def test_closing_commits_the_turns_puts(tmp_path):
+    path = str(tmp_path / "responses.db")
+    store = SqliteResponseStore(path, Clock(), maybeDeferred, 100)
+    putting = store.put(*kept("resp_1"))
+    store.close()
+    assert result_of(putting) is True and _ids_in_the_file(path) == {"resp_1"}
 
 
 def test_a_sqlite_file_that_fails_is_a_store_failure(tmp_path):

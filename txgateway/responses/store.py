@@ -217,6 +217,18 @@ class _ResponseFile:
         cursor = self._db.execute(_PUT, (record.id, record.owner, record.stored_at, record.expires_at, encoded))
         return cursor.rowcount > 0
 
+    def begin(self) -> None:
+        """Start a transaction: the puts until L{commit} are written to the log together."""
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def roll_back(self) -> None:
+        """Forget the transaction's puts (a failed statement may have ended it already: nothing then)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
     def get(self, response_id: str, now: float) -> bytes | None:
         row = self._db.execute("SELECT record FROM responses WHERE id = ? AND expires_at > ?", (response_id, now)).fetchone()
         return None if row is None else bytes(row[0])
@@ -256,6 +268,16 @@ class SqliteResponseStore:
     checkpointed with its sync) runs through C{run_in_thread}, on a
     connection of its own.
 
+    The puts of one turn of the reactor are one transaction, committed at
+    the turn's end (C{clock.callLater(0)}): a commit writes the pages it
+    changed to the log, and puts that share them write them once (a put
+    alone about 38 us, four together about 18 each, measured in a loop).
+    A put's Deferred fires once its transaction is committed, and fails
+    with the whole transaction's puts when it is not: nothing is said kept
+    that was not.  No transaction is held past the turn, so the upkeep and
+    the other workers wait for the file's lock no longer than before; a
+    get, a delete or an extension commits the turn's puts first.
+
     @raise OSError: or L{sqlite3.Error} when the file cannot be opened.
     """
 
@@ -268,12 +290,19 @@ class SqliteResponseStore:
         self._upkeep_file = _ResponseFile(path, _UPKEEP_CACHE_KIB)
         self._puts = 0
         self._upkeep_running = False
+        #: The puts of this turn's transaction, each with whether it kept its record, until it is committed.
+        self._batch: list[tuple[Deferred, bool]] | None = None
+        self._committing: Any = None
+
+    def _failed(self, error: sqlite3.Error) -> StoreFailed:
+        return StoreFailed(f"the response file {self.path}: {error}")
 
     def _call(self, method: Callable, *args: Any) -> Deferred:
+        self._commit()
         try:
             return succeed(method(*args))
         except sqlite3.Error as error:
-            return fail(StoreFailed(f"the response file {self.path}: {error}"))
+            return fail(self._failed(error))
 
     def put(self, record: StoredResponse, encoded: bytes) -> Deferred[bool]:
         self._puts += 1
@@ -284,7 +313,48 @@ class SqliteResponseStore:
                 self._upkeep_running = False
 
             self._run(self._upkeep_file.upkeep, self._clock.seconds(), self._max_entries).addBoth(done)
-        return self._call(self._file.put, record, encoded)
+        try:
+            if self._batch is None:
+                self._file.begin()
+                self._batch = []
+                self._committing = self._clock.callLater(0, self._commit)
+            kept = self._file.put(record, encoded)
+        except sqlite3.Error as error:
+            self._abandon(error)
+            return fail(self._failed(error))
+        said: Deferred[bool] = Deferred()
+        self._batch.append((said, kept))
+        return said
+
+    def _commit(self) -> None:
+        """Commit this turn's puts, and tell each (at once when called before the turn's end)."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        if self._committing is not None and self._committing.active():
+            self._committing.cancel()
+        self._committing = None
+        try:
+            self._file.commit()
+        except sqlite3.Error as error:
+            self._batch = batch
+            self._abandon(error)
+            return
+        for said, kept in batch:
+            said.callback(kept)
+
+    def _abandon(self, error: sqlite3.Error) -> None:
+        """The turn's transaction failed: none of its puts is kept, and each is told so."""
+        batch, self._batch = self._batch, None
+        if self._committing is not None and self._committing.active():
+            self._committing.cancel()
+        self._committing = None
+        try:
+            self._file.roll_back()
+        except sqlite3.Error:
+            pass  # the file is failing: the next call's own error says so
+        for said, _ in batch or ():
+            said.errback(self._failed(error))
 
     def get(self, response_id: str) -> Deferred[StoredResponse | None]:
         return self._call(self._file.get, response_id, self._clock.seconds()).addCallback(_decoded)
@@ -296,7 +366,8 @@ class SqliteResponseStore:
         return self._call(self._file.extend, list(response_ids), expires_at)
 
     def close(self) -> None:
-        """Close the file (after the upkeep's thread has stopped: nothing is queued on it any more)."""
+        """Commit this turn's puts and close the file (after the upkeep's thread has stopped: nothing is queued on it any more)."""
+        self._commit()
         self._file.close()
         self._upkeep_file.close()
 
