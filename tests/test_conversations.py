@@ -203,25 +203,41 @@ def test_a_turn_whose_commit_fails_keeps_none_of_its_puts_and_says_so(tmp_path, 
     store.close()
 
 
-def test_a_put_that_fails_fails_the_puts_of_its_turn_before_it(tmp_path, monkeypatch):
+def test_a_put_that_fails_fails_every_put_of_its_turn(tmp_path, monkeypatch):
     path = str(tmp_path / "responses.db")
     clock = Clock()
     store = SqliteResponseStore(path, clock, maybeDeferred, 100)
-    first = store.put(*kept("resp_1"))
+    first, second = store.put(*kept("resp_1")), store.put(*kept("resp_2"))
+    written = type(store._file).put
 
     def broken(self, made, encoded):
-        raise sqlite3.OperationalError("disk I/O error")
+        if made.id == "resp_2":
+            raise sqlite3.OperationalError("disk I/O error")
+        return written(self, made, encoded)
 
     monkeypatch.setattr(type(store._file), "put", broken)
-    second = store.put(*kept("resp_2"))
-    monkeypatch.undo()
     clock.advance(0)
+    monkeypatch.undo()
     for putting in (first, second):
         failure = []
         putting.addErrback(failure.append)
         assert failure and failure[0].check(StoreFailed)
     assert _ids_in_the_file(path) == set()
     assert put_now(store, clock, *kept("resp_1")) is True
+    store.close()
+
+
+def test_the_file_is_not_locked_while_a_turn_runs(tmp_path):
+    # A turn's puts are written at its end: until then another worker (another connection) may write.
+    path = str(tmp_path / "responses.db")
+    clock = Clock()
+    store = SqliteResponseStore(path, clock, maybeDeferred, 100)
+    putting = store.put(*kept("resp_1"))
+    with closing(sqlite3.connect(path, timeout=0)) as other:
+        other.execute("INSERT INTO responses (id, owner, stored_at, expires_at, record) VALUES ('resp_w', 'w', 0, 1, x'00')")
+        other.commit()
+    clock.advance(0)
+    assert result_of(putting) is True and _ids_in_the_file(path) == {"resp_1", "resp_w"}
     store.close()
 
 

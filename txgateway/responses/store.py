@@ -268,15 +268,16 @@ class SqliteResponseStore:
     checkpointed with its sync) runs through C{run_in_thread}, on a
     connection of its own.
 
-    The puts of one turn of the reactor are one transaction, committed at
-    the turn's end (C{clock.callLater(0)}): a commit writes the pages it
-    changed to the log, and puts that share them write them once (a put
-    alone about 38 us, four together about 18 each, measured in a loop).
-    A put's Deferred fires once its transaction is committed, and fails
-    with the whole transaction's puts when it is not: nothing is said kept
-    that was not.  No transaction is held past the turn, so the upkeep and
-    the other workers wait for the file's lock no longer than before; a
-    get, a delete or an extension commits the turn's puts first.
+    The puts of one turn of the reactor are written together at the
+    turn's end (C{clock.callLater(0)}), in one transaction: a commit writes
+    the pages it changed to the log, and puts that share them write them
+    once (a put alone about 38 us, four together about 18 each, measured
+    in a loop).  A put's Deferred fires once its transaction is committed,
+    and fails with the whole transaction's puts when it is not: nothing is
+    said kept that was not.  The file's lock is held only while the batch
+    is written, not while the turn runs, so the upkeep and the other
+    workers wait for it no longer than before; a get, a delete or an
+    extension writes the turn's puts first.
 
     @raise OSError: or L{sqlite3.Error} when the file cannot be opened.
     """
@@ -290,8 +291,8 @@ class SqliteResponseStore:
         self._upkeep_file = _ResponseFile(path, _UPKEEP_CACHE_KIB)
         self._puts = 0
         self._upkeep_running = False
-        #: The puts of this turn's transaction, each with whether it kept its record, until it is committed.
-        self._batch: list[tuple[Deferred, bool]] | None = None
+        #: The puts of this turn, written together at its end.
+        self._batch: list[tuple[StoredResponse, bytes, Deferred]] | None = None
         self._committing: Any = None
 
     def _failed(self, error: sqlite3.Error) -> StoreFailed:
@@ -313,21 +314,15 @@ class SqliteResponseStore:
                 self._upkeep_running = False
 
             self._run(self._upkeep_file.upkeep, self._clock.seconds(), self._max_entries).addBoth(done)
-        try:
-            if self._batch is None:
-                self._file.begin()
-                self._batch = []
-                self._committing = self._clock.callLater(0, self._commit)
-            kept = self._file.put(record, encoded)
-        except sqlite3.Error as error:
-            self._abandon(error)
-            return fail(self._failed(error))
         said: Deferred[bool] = Deferred()
-        self._batch.append((said, kept))
+        if self._batch is None:
+            self._batch = []
+            self._committing = self._clock.callLater(0, self._commit)
+        self._batch.append((record, encoded, said))
         return said
 
     def _commit(self) -> None:
-        """Commit this turn's puts, and tell each (at once when called before the turn's end)."""
+        """Write this turn's puts in one transaction, and tell each (at once when called before the turn's end)."""
         batch, self._batch = self._batch, None
         if batch is None:
             return
@@ -335,26 +330,19 @@ class SqliteResponseStore:
             self._committing.cancel()
         self._committing = None
         try:
+            self._file.begin()
+            kept = [self._file.put(record, encoded) for record, encoded, _ in batch]
             self._file.commit()
         except sqlite3.Error as error:
-            self._batch = batch
-            self._abandon(error)
+            try:
+                self._file.roll_back()
+            except sqlite3.Error:
+                pass  # the file is failing: the next call's own error says so
+            for _, _, said in batch:
+                said.errback(self._failed(error))
             return
-        for said, kept in batch:
-            said.callback(kept)
-
-    def _abandon(self, error: sqlite3.Error) -> None:
-        """The turn's transaction failed: none of its puts is kept, and each is told so."""
-        batch, self._batch = self._batch, None
-        if self._committing is not None and self._committing.active():
-            self._committing.cancel()
-        self._committing = None
-        try:
-            self._file.roll_back()
-        except sqlite3.Error:
-            pass  # the file is failing: the next call's own error says so
-        for said, _ in batch or ():
-            said.errback(self._failed(error))
+        for (_, _, said), one_kept in zip(batch, kept):
+            said.callback(one_kept)
 
     def get(self, response_id: str) -> Deferred[StoredResponse | None]:
         return self._call(self._file.get, response_id, self._clock.seconds()).addCallback(_decoded)
