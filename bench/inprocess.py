@@ -59,15 +59,17 @@ _JSON_ANSWER = json.dumps({
 }).encode()
 
 
-class _AnsweringBackend(FakeUpstream):
-    """A backend in memory that answers every request at once: a JSON completion, or a stream the bench feeds."""
+#: The streams the backends began and the bench has not fed yet.
+_STREAMS: list[FakeResponse] = []
 
-    streams: list[FakeResponse] = []
+
+class _AnsweringBackend(FakeUpstream):
+    """A backend in memory that answers every request at once: a JSON completion, or a stream the bench feeds (L{_STREAMS})."""
 
     def request(self, method: bytes, target: bytes, headers: list, body: bytes):
         if b'"stream":true' in body.replace(b" ", b""):
             response = FakeResponse(200, {b"content-type": b"text/event-stream"})
-            self.streams.append(response)
+            _STREAMS.append(response)
             return succeed(response)
         return succeed(FakeResponse(200, {b"content-type": b"application/json"}, _JSON_ANSWER))
 
@@ -162,7 +164,7 @@ class _Streams:
 
     def _stream(self, chunks: int) -> None:
         self._protocol.dataReceived(self._bytes)
-        response = _AnsweringBackend.streams.pop()
+        response = _STREAMS.pop()
         for chunk in _CHUNKS[:chunks]:
             response.send(chunk)
         response.send(b"data: [DONE]\n\n")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from zope.interface import Interface, implementer
 
 from txgateway.errors import describe_failure
@@ -222,6 +222,7 @@ class _ResponseFile:
         self._db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
+        """End the transaction L{begin} started: its puts are in the file's log, seen by every connection."""
         self._db.execute("COMMIT")
 
     def roll_back(self) -> None:
@@ -293,7 +294,8 @@ class SqliteResponseStore:
         self._upkeep_running = False
         #: The puts of this turn, written together at its end.
         self._batch: list[tuple[StoredResponse, bytes, Deferred]] | None = None
-        self._committing: Any = None
+        #: The turn's end, when the batch is written (L{None}: no batch waits).
+        self._committing: IDelayedCall | None = None
 
     def _failed(self, error: sqlite3.Error) -> StoreFailed:
         return StoreFailed(f"the response file {self.path}: {error}")
