@@ -339,7 +339,7 @@ def test_a_streams_recorder_keeps_only_its_end_and_reads_as_the_whole_stream_wou
 def test_a_streams_recorder_holds_no_delta_before_the_end_nor_any_header():
     recorder = StreamEndRecorder(10**8)
     recorder.started(200, b"OK", [(b"content-type", b"text/event-stream"), (b"x-request-id", b"r1")])
-    assert (recorder.code, recorder.headers) == (200, [])
+    assert (recorder.code, recorder.headers) == (200, ())
     for event in _long_stream(100, b"").split(b"\n\n")[:-1] + [_DELTA_NAMING_THE_END[:-2]]:
         recorder.wrote(event + b"\n\n")
         assert recorder.parts == []

@@ -121,7 +121,7 @@ class AnswerRecorder:
     def __init__(self, limit: int) -> None:
         self.code = 0
         self.reason = b""
-        self.headers: list = []
+        self.headers: list | tuple = ()
         self.parts: list[bytes] = []
         self.size = 0
         self.limit = limit

@@ -58,6 +58,7 @@ __all__ = [
     "read_body",
     "model_call_path",
     "read_chunk",
+    "split_events",
 ]
 
 #: The endpoints whose streams the gateway follows token by token.
@@ -411,6 +412,29 @@ def _finish_reasons(choices: Any) -> tuple[str, ...]:
     )
 
 
+def split_events(tail: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """
+    The events that C{data} completes after C{tail} (what came after the
+    last whole event before it), each with its blank-line end, and the new
+    tail: what an L{EventSplitter} does, for a holder that keeps its own tail.
+    """
+    buffer = tail + data if tail else data
+    if b"\r" not in buffer:
+        # The usual stream: events end with a blank line of "\n" alone.
+        parts = buffer.split(b"\n\n")
+        tail = parts.pop()
+        return [part + b"\n\n" for part in parts], tail
+    events = []
+    start = 0
+    while True:
+        end, size = _event_end(buffer, start)
+        if end < 0:
+            break
+        events.append(buffer[start : end + size])
+        start = end + size
+    return events, buffer[start:]
+
+
 class EventSplitter:
     """
     Cuts a server-sent-event stream into whole events as bytes arrive: an
@@ -418,26 +442,14 @@ class EventSplitter:
     out together.  Only the unfinished tail is ever kept.
     """
 
+    __slots__ = ("_tail",)
+
     def __init__(self) -> None:
         self._tail = b""
 
     def feed(self, data: bytes) -> list[bytes]:
         """The events completed by C{data}, each with its blank-line end."""
-        buffer = self._tail + data if self._tail else data
-        if b"\r" not in buffer:
-            # The usual stream: events end with a blank line of "\n" alone.
-            parts = buffer.split(b"\n\n")
-            self._tail = parts.pop()
-            return [part + b"\n\n" for part in parts]
-        events = []
-        start = 0
-        while True:
-            end, size = _event_end(buffer, start)
-            if end < 0:
-                break
-            events.append(buffer[start : end + size])
-            start = end + size
-        self._tail = buffer[start:]
+        events, self._tail = split_events(self._tail, data)
         return events
 
     @property

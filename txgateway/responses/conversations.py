@@ -24,7 +24,7 @@ from txgateway import errors
 from txgateway.anthropic.wire import event_json
 from txgateway.dataplane.server import AnswerRecorder
 from txgateway.errors import GatewayError
-from txgateway.openai.wire import EventSplitter, decode_json
+from txgateway.openai.wire import EventSplitter, decode_json, split_events
 from txgateway.responses.store import IResponseStore, StoredResponse, StoreFailed
 
 __all__ = [
@@ -97,29 +97,29 @@ class StreamEndRecorder(AnswerRecorder):
     unread.  Every byte written still counts against its limit.
     """
 
-    __slots__ = ("_end", "_splitter")
+    __slots__ = ("_end", "_tail")
 
     def __init__(self, limit: int) -> None:
         self._end: bytes | None = None
-        self._splitter = EventSplitter()
+        #: What came after the last whole event (L{split_events}): no splitter of its own, a stream holds this.
+        self._tail = b""
         super().__init__(limit)
 
     @property  # type: ignore[override]
     def parts(self) -> list[bytes]:
         """What is held, in the order it was written: the end event (if any), then what has not ended."""
-        waiting = self._splitter.waiting
-        held = [waiting] if waiting else []
+        held = [self._tail] if self._tail else []
         return held if self._end is None else [self._end, *held]
 
     @parts.setter
     def parts(self, parts: list[bytes]) -> None:
         self._end = None
-        self._splitter = EventSplitter()
+        self._tail = b""
         self._take(b"".join(parts))
 
     def started(self, code: int, reason: bytes | None, headers: list) -> None:
         """The answer's status line was decided (its headers are not held: a kept Response is read from its body)."""
-        AnswerRecorder.started(self, code, reason, [])
+        AnswerRecorder.started(self, code, reason, ())
 
     def wrote(self, data: bytes) -> None:
         """Body bytes were written."""
@@ -128,7 +128,8 @@ class StreamEndRecorder(AnswerRecorder):
 
     def _take(self, data: bytes) -> None:
         # Whole events as they end (at a blank line, LF or CRLF, whose bytes may come in two writes).
-        for event in self._splitter.feed(data):
+        events, self._tail = split_events(self._tail, data)
+        for event in events:
             self._ended(event)
 
     def _ended(self, event: bytes) -> None:
