@@ -355,6 +355,50 @@ def test_a_long_translated_stream_holds_about_its_texts_bytes_and_answers_it_who
     assert end[-1]["response"]["id"] == "resp_c1" and end[-1]["response"]["model"] == "m"
 
 
+def _random_chat_stream(rng) -> list[bytes]:
+    """A chat stream's events, each of a kind a backend may send, well-formed or not."""
+    def event(**choice) -> bytes:
+        return b"data: " + json.dumps({"id": "c1", "model": "m", "choices": [{"index": 0, **choice}]}).encode() + b"\n\n"
+
+    def text() -> str:
+        return rng.choice(["a", " ", "Hé", "日本", "\n", "word ", "a\ud800", ""])
+
+    kinds = [
+        lambda: event(delta={"content": text()}),
+        lambda: event(delta={"content": text()}),
+        lambda: event(delta={"content": text()}),
+        lambda: event(delta={"reasoning_content": text()}),
+        lambda: event(delta={"reasoning_content": text(), "content": text()}),
+        lambda: event(delta={"tool_calls": [{"index": 0, "id": f"call_{rng.randrange(3)}", "function": {"name": "f", "arguments": "{}"}}]}),
+        lambda: event(delta={"content": text()}, finish_reason="stop"),
+        lambda: event(text=text()),  # a text completion's chunk: the transcript keeps its text, no message takes it
+        lambda: b"data: " + json.dumps({"id": "c1", "model": "m", "choices": [
+            {"index": 0, "delta": {"content": text()}}, {"index": 0, "delta": {"content": text()}}]}).encode() + b"\n\n",
+    ]
+    return [rng.choice(kinds)() for _ in range(rng.randrange(1, 14))] + [b"data: [DONE]\n\n"]
+
+
+def test_a_translated_stream_whose_text_its_transcript_keeps_writes_every_event_as_one_that_keeps_its_own():
+    import random
+
+    from txgateway.openai.wire import read_chunk
+    from txgateway.responses.translate import ChatToResponsesStream
+    from txgateway.speaking import Transcript
+
+    rng = random.Random(35)
+    for _ in range(400):
+        stream = _random_chat_stream(rng)
+        transcript = Transcript(resumable=True)
+        shared, alone = ChatToResponsesStream(1, response_id="resp_1"), ChatToResponsesStream(1, response_id="resp_1")
+        shared.text_kept_by(transcript)
+        written = [b"", b""]
+        for event in stream:
+            facts = read_chunk(event)
+            transcript.sent(facts, first_stream=True)  # as the relay: the transcript first, then the writer
+            written[0] += shared(event, facts)
+            written[1] += alone(event, read_chunk(event))
+        assert written[0] == written[1], stream
+
 # -- Codex's transports
 
 

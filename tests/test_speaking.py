@@ -10,7 +10,7 @@ import tracemalloc
 
 import attrs
 
-from txgateway.speaking import TextBuffer, Transcript
+from txgateway.speaking import MessageText, TextBuffer, Transcript
 
 
 @attrs.frozen
@@ -105,3 +105,87 @@ def test_a_tool_call_lets_go_of_the_text_nothing_will_continue():
     transcript.sent(Sent(text=" more"), first_stream=True)
     assert not transcript.resumable and transcript.text == ""
     assert (transcript.text_bytes, transcript.text_chars) == (16, 16)
+
+
+def told(transcript: Transcript, message: MessageText, *pieces: str, taken: bool = True) -> None:
+    """Each piece's event told to the transcript, then (C{taken}) written into the message, as a relay and its writer do."""
+    for piece in pieces:
+        transcript.sent(Sent(text=piece), first_stream=True)
+        if taken:
+            message.append(piece)
+
+
+def test_a_messages_text_is_the_transcripts_own_not_kept_again():
+    pieces = [f"w{n % 10}rd" for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        transcript = Transcript(resumable=True)
+        message = MessageText(transcript)
+        told(transcript, message, *pieces)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert str(message) == transcript.text == "".join(pieces)
+    assert held < 1.3 * 80_000  # the text once, not twice
+
+
+def test_a_message_opened_later_says_only_its_own_pieces():
+    transcript = Transcript(resumable=True)
+    before = MessageText(transcript)
+    told(transcript, before, "Thinking ", "done.")
+    message = MessageText(transcript)  # another item came between: a new message
+    told(transcript, message, "Hé ", "日本", "a\ud800")
+    assert str(before) == "Thinking done."
+    assert str(message) == "Hé 日本a\ud800" and message
+    assert transcript.text == "Thinking done.Hé 日本a\ud800"
+
+
+def test_a_piece_the_transcript_kept_and_the_message_did_not_take_parts_them():
+    transcript = Transcript(resumable=True)
+    message = MessageText(transcript)
+    told(transcript, message, "one ", "two ")
+    told(transcript, message, "(not the message's) ", taken=False)
+    told(transcript, message, "three")
+    assert str(message) == "one two three"
+    assert transcript.text == "one two (not the message's) three"
+
+
+def test_a_piece_the_transcript_did_not_keep_parts_them():
+    transcript = Transcript(resumable=True)
+    message = MessageText(transcript)
+    told(transcript, message, "one ")
+    message.append("two ")  # never told to the transcript
+    told(transcript, message, "three")
+    assert str(message) == "one two three" and transcript.text == "one three"
+
+
+def test_a_message_goes_on_with_its_own_text_once_the_transcript_lets_go_of_it():
+    transcript = Transcript(resumable=True)
+    message = MessageText(transcript)
+    told(transcript, message, "Let me ")
+    transcript.sent(Sent(text="look", tool_call=True), first_stream=True)  # its text kept, then let go of
+    message.append("look")
+    told(transcript, message, " again")
+    assert not transcript.resumable and transcript.text == ""
+    assert str(message) == "Let me look again"
+
+
+def test_a_message_opened_after_the_transcript_let_go_of_its_text_keeps_its_own():
+    transcript = Transcript(resumable=True)
+    piece = "look"
+    transcript.sent(Sent(text=piece, tool_call=True), first_stream=True)  # kept last, then let go of
+    message = MessageText(transcript)
+    message.append(piece)  # the very same piece, and the transcript keeps nothing now
+    told(transcript, message, " again")
+    assert str(message) == "look again"
+
+
+def test_a_message_keeps_its_own_text_when_the_transcript_keeps_none():
+    for transcript in (Transcript(resumable=False), None):
+        message = MessageText(transcript)
+        assert not message and str(message) == ""
+        for piece in ("Hello", ", wörld"):
+            if transcript is not None:
+                transcript.sent(Sent(text=piece), first_stream=True)
+            message.append(piece)
+        assert message and str(message) == "Hello, wörld"

@@ -31,6 +31,7 @@ __all__ = [
     "IApi",
     "IModelCall",
     "ISpeaker",
+    "MessageText",
     "PlainHttp",
     "Speakers",
     "TextBuffer",
@@ -83,9 +84,23 @@ class TextBuffer:
     def __bool__(self) -> bool:
         return bool(self._utf8)
 
+    def __len__(self) -> int:
+        """The UTF-8 bytes kept."""
+        return len(self._utf8)
+
     def __str__(self) -> str:
         """All the text added, in order."""
         return self._utf8.decode("utf-8", "surrogatepass")
+
+    def text_between(self, start: int, end: int) -> str:
+        """The text added between two byte offsets, each where an L{append} began or ended."""
+        return self._utf8[start:end].decode("utf-8", "surrogatepass")
+
+    def copy_between(self, start: int, end: int) -> "TextBuffer":
+        """A buffer of its own holding the text added between two such offsets."""
+        copy = TextBuffer()
+        copy._utf8 = self._utf8[start:end]
+        return copy
 
 
 class Transcript:
@@ -111,6 +126,10 @@ class Transcript:
         self.finish_reasons: tuple[str, ...] = ()
         #: The gateway cut the stream at its bound (a backend that went past the completion reserved).
         self.cut = False
+        #: The piece of text kept last and where it began in the buffer: a L{MessageText}
+        #: of the same events reads its text from here instead of keeping it again.
+        self._last_text: str | None = None
+        self._last_at = 0
 
     @property
     def text(self) -> str:
@@ -129,7 +148,13 @@ class Transcript:
         """
         text = facts.text
         if text:
-            self._bytes += self._text.append(text) if self.resumable else len(TextBuffer.encoded(text))
+            if self.resumable:
+                kept = self._text
+                self._last_at = len(kept)
+                self._bytes += kept.append(text)
+                self._last_text = text
+            else:
+                self._bytes += len(TextBuffer.encoded(text))
             self.text_chars += len(text)
         if text or facts.tool_call:
             self.content_chunks += 1
@@ -143,6 +168,56 @@ class Transcript:
         if first_stream and self.chunk_id is None and facts.data is not None:
             chunk_id = facts.message_id or facts.data.get("id")
             self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
+
+
+class MessageText:
+    """
+    The text of one message a stream translator writes (the Responses
+    API's C{output_text.done} and the completed Response say it whole),
+    kept once: a stretch of the L{Transcript}'s own buffer while every
+    piece is the one the transcript kept last, right after the stretch
+    (the relay tells the transcript of each event before its writer);
+    else, from the first piece that is not, a buffer of its own (the
+    stretch so far copied in).  The transcript keeps its text only while
+    the stream may be resumed; without a transcript, always a buffer of its own.
+    """
+
+    __slots__ = ("_transcript", "_buffer", "_start", "_end")
+
+    def __init__(self, transcript: Transcript | None) -> None:
+        self._transcript = transcript
+        self._buffer = TextBuffer() if transcript is None else None
+        self._start = 0
+        #: Where the stretch ends in the transcript's buffer (L{None}: no piece yet).
+        self._end: int | None = None
+
+    def append(self, text: str) -> None:
+        """Add the next piece of the message's text."""
+        transcript = self._transcript
+        if transcript is not None:
+            # Resumable, the transcript keeps one buffer, never another: its pieces are kept there in order.
+            if transcript._last_text is text and transcript.resumable:
+                kept = transcript._text
+                if self._end is None:
+                    self._buffer, self._start = kept, transcript._last_at
+                    self._end = len(kept)
+                    return
+                if transcript._last_at == self._end:
+                    self._end = len(kept)
+                    return
+            # The transcript kept another piece, or none: the message keeps its own from here.
+            self._transcript = None
+            self._buffer = TextBuffer() if self._end is None else self._buffer.copy_between(self._start, self._end)
+        self._buffer.append(text)
+
+    def __bool__(self) -> bool:
+        return self._end is not None if self._transcript is not None else bool(self._buffer)
+
+    def __str__(self) -> str:
+        """The message's text, every piece in order."""
+        if self._transcript is not None:
+            return "" if self._end is None else self._buffer.text_between(self._start, self._end)
+        return str(self._buffer)
 
 
 class IModelCall(Interface):

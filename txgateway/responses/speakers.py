@@ -15,6 +15,7 @@ from txgateway.anthropic.speakers import MESSAGES_API
 from txgateway.anthropic.translate import MessagesToChatStream, chat_request_to_messages, message_answer_to_chat, messages_error_to_chat
 from txgateway.anthropic.wire import ANTHROPIC, MessagesStreamReader, read_message
 from txgateway.config.gateway import ServiceConfig
+from txgateway.dataplane.relay import BodyRelay
 from txgateway.errors import ErrorKind
 from txgateway.ids import random_hex
 from txgateway.openai.speaker import OPENAI, OPENAI_API, OpenAIApi, Speaker
@@ -23,7 +24,7 @@ from txgateway.responses.translate import (
     CLAUDE_THINKING, ChatToResponsesStream, chat_answer_to_response, claude_thinking, tool_names, responses_request_to_chat,
 )
 from txgateway.responses.wire import RESPONSES, ResponsesCall, ResponsesStreamReader, error_event, read_response, responses_path
-from txgateway.speaking import IApi, ISpeaker, Untranslatable
+from txgateway.speaking import AnswerReading, IApi, ISpeaker, Untranslatable
 
 __all__ = ["PAIRS", "RESPONSES_API", "ResponsesApi", "ResponsesToChat", "ResponsesToMessages", "ResponsesToResponses"]
 
@@ -124,6 +125,12 @@ class ResponsesToChat(Speaker):
     def translate_answer(self, body: bytes) -> bytes:
         """A whole chat completion as a Response (a method, not a closure: a stream holds its speaker)."""
         return chat_answer_to_response(body, self._created, self._names, self._response_id)
+
+    def answer_relay(self, code: int, event_stream: bool, reading: AnswerReading) -> tuple[BodyRelay, str] | None:
+        """As every speaker's, and a stream's messages read their text from its transcript: it is kept once."""
+        if self.write_events is not None and reading.transcript is not None:
+            self.write_events.text_kept_by(reading.transcript)
+        return super().answer_relay(code, event_stream, reading)
 
     def path(self, path: bytes, base_path: bytes, as_sent: bool) -> bytes:
         """The chat completions endpoint."""

@@ -22,7 +22,7 @@ from txgateway.openai.wire import ChunkFacts
 from txgateway.openai.wire import decode_json as _loads
 from txgateway.openai.wire import encode_json as _dumps
 from txgateway.responses.wire import sse_event
-from txgateway.speaking import TextBuffer, Untranslatable
+from txgateway.speaking import MessageText, TextBuffer, Transcript, Untranslatable
 
 __all__ = ["ChatToResponsesStream", "chat_answer_to_response", "responses_request_to_chat", "tool_names"]
 
@@ -451,7 +451,7 @@ class ChatToResponsesStream:
 
     __slots__ = (
         "_created", "_response_id", "_names", "_sequence", "_started", "_base", "_output", "_open", "_usage", "_finish",
-        "_ended", "_delta_middle",
+        "_ended", "_delta_middle", "_transcript",
     )
 
     _delta_head = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
@@ -468,13 +468,23 @@ class ChatToResponsesStream:
         self._base = ""
         self._output: list[dict] = []
         #: The item open now: ["message", index, text, item id], ["call", index, id, name, arguments]
-        #: or ["reasoning", index, text, item id, thinking blocks]; text and arguments are L{TextBuffer}s.
+        #: or ["reasoning", index, text, item id, thinking blocks]; a message's text is a L{MessageText},
+        #: the others' text and arguments L{TextBuffer}s.
         self._open: list | None = None
         self._usage: dict | None = None
         self._finish: Any = None
         self._ended = False
         #: The open message's delta events' bytes between their sequence number and their text.
         self._delta_middle = b""
+        #: The call's transcript, which keeps the text a message says (L{text_kept_by}), or L{None}.
+        self._transcript: Transcript | None = None
+
+    def text_kept_by(self, transcript: Transcript) -> None:
+        """
+        Read the events that C{transcript} is told of first (a relay's):
+        each message's text is then the transcript's, not kept again (L{MessageText}).
+        """
+        self._transcript = transcript
 
     def _event(self, kind: str, **data: Any) -> bytes:
         event = sse_event(kind, {"type": kind, "sequence_number": self._sequence, **data})
@@ -541,7 +551,7 @@ class ChatToResponsesStream:
         if self._open is None or self._open[0] != "message":
             out += self._close()
             item_id = f"msg_{self._base}_{len(self._output)}"
-            self._open = ["message", len(self._output), TextBuffer(), item_id]
+            self._open = ["message", len(self._output), MessageText(self._transcript), item_id]
             opened = {**_message_item(item_id, "", "in_progress"), "content": []}
             out += self._event("response.output_item.added", output_index=self._open[1], item=opened)
             out += self._event("response.content_part.added", item_id=item_id, output_index=self._open[1], content_index=0,
