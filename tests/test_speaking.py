@@ -189,3 +189,16 @@ def test_a_message_keeps_its_own_text_when_the_transcript_keeps_none():
                 transcript.sent(Sent(text=piece), first_stream=True)
             message.append(piece)
         assert message and str(message) == "Hello, wörld"
+
+
+def test_a_transcript_that_keeps_no_text_holds_no_buffer_for_it():
+    def held_by_a_thousand(resumable: bool) -> float:
+        tracemalloc.start()
+        try:
+            transcripts = [Transcript(resumable=resumable) for _ in range(1000)]
+            return tracemalloc.get_traced_memory()[0] / len(transcripts)
+        finally:
+            tracemalloc.stop()
+
+    # Most streams are of services that do not resume: a thousand streams, a thousand empty buffers.
+    assert held_by_a_thousand(False) < held_by_a_thousand(True) - 80

@@ -114,7 +114,8 @@ class Transcript:
     """
 
     def __init__(self, resumable: bool) -> None:
-        self._text = TextBuffer()
+        #: The text, only where the stream may be resumed (most services do not resume: no buffer at all).
+        self._text: TextBuffer | None = TextBuffer() if resumable else None
         self._bytes = 0
         #: The characters of the assistant text sent so far (the logs' C{text_chars}).
         self.text_chars = 0
@@ -134,7 +135,7 @@ class Transcript:
     @property
     def text(self) -> str:
         """The assistant text sent so far, while the stream may be resumed (else C{""}: it is not kept)."""
-        return str(self._text)
+        return "" if self._text is None else str(self._text)
 
     @property
     def text_bytes(self) -> int:
@@ -164,7 +165,7 @@ class Transcript:
             self.finish_reasons += facts.finish_reasons
         if facts.tool_call and self.resumable:
             self.resumable = False
-            self._text = TextBuffer()  # nothing continues it now
+            self._text = self._last_text = None  # nothing continues it now
         if first_stream and self.chunk_id is None and facts.data is not None:
             chunk_id = facts.message_id or facts.data.get("id")
             self.chunk_id = chunk_id if isinstance(chunk_id, str) else None
