@@ -3,12 +3,18 @@ The whole gateway in memory: routes, broker, breaker, retries and rate
 limit, driven by a Clock and answered by hand through a FakeAgent.
 """
 
+import gc
 import json
+import types
 
+import attrs
 import pytest
 import treq
 from structlog.testing import capture_logs
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
+from txgateway.ratelimit.interface import IRateLimitStore
 from tests.fakes import SERVICE_INI, FakeResponse, Harness, cyclic_garbage_of, result_of
 
 
@@ -487,6 +493,61 @@ def test_a_client_over_its_limit_gets_429_and_never_reaches_the_backend():
     d = h.request("GET", "/api/ai/x")
     answer_all(h)
     assert result_of(d).code == 200
+
+
+def broker_frames() -> list[str]:
+    """The broker's coroutines waiting now (each a frame a stream would keep for as long as it lasts)."""
+    return [o.__qualname__ for o in gc.get_objects() if isinstance(o, types.CoroutineType) and o.__qualname__.startswith("ServiceBroker.")]
+
+
+def test_a_call_whose_limit_is_decided_at_once_waits_in_no_frame_of_the_limits():
+    h = Harness(LIMITED)
+    d = h.request("GET", "/api/ai/x")  # its backend has not answered: the call waits
+    assert h.agents["ai"].requests and broker_frames() == []
+    answer_all(h)
+    response = result_of(d)
+    assert response.code == 200 and response.headers.getRawHeaders("ratelimit-remaining") == ["2"]
+
+
+@implementer(IRateLimitStore)
+class DecidedLater:
+    """A rate limit store that decides when told to (as one in Redis answers later)."""
+
+    description = {"backend": "later"}
+
+    def __init__(self, store: IRateLimitStore) -> None:
+        self._store = store
+        self.waiting: list[tuple[Deferred, str, object]] = []
+
+    def take(self, key, spec) -> Deferred:
+        self.waiting.append((Deferred(), key, spec))
+        return self.waiting[-1][0]
+
+    def decide(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for taking, key, spec in waiting:
+            self._store.take(key, spec).chainDeferred(taking)
+
+    def close(self) -> Deferred:
+        return self._store.close()
+
+
+def test_a_limit_decided_later_admits_the_call_then_or_refuses_it():
+    h = Harness(LIMITED)
+    later = DecidedLater(h.store)
+    h.gateway.broker.limiter = attrs.evolve(h.gateway.broker.limiter, store=later)
+    answered = []
+    for _ in range(4):
+        answered.append(h.request("GET", "/api/ai/x"))
+    assert h.agents["ai"].requests == []  # nothing goes before its limit says so
+    later.decide()
+    h.flush()
+    assert len(h.agents["ai"].requests) == 3
+    answer_all(h)
+    responses = [result_of(d) for d in answered]
+    assert [response.code for response in responses] == [200, 200, 200, 429]
+    assert responses[0].headers.getRawHeaders("ratelimit-remaining") == ["2"]
+    assert error_of(responses[3])["type"] == "rate_limited"
 
 
 def test_health_is_never_limited():

@@ -13,7 +13,7 @@ import functools
 import random
 from typing import TYPE_CHECKING, Any, Awaitable, Coroutine, Mapping
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from txgateway import errors
@@ -23,6 +23,7 @@ from txgateway.dataplane.server import IncomingRequest
 from txgateway.errors import GatewayError
 from txgateway.observability.context import RequestContext
 from txgateway.observability.metrics import GatewayMetrics
+from txgateway.ratelimit.bucket import Decision
 from txgateway.ratelimit.limiter import RateLimiter
 from txgateway.routing.answer import AnswerCutShort, AnswerRelay
 from txgateway.routing.attempt import Attempts
@@ -169,9 +170,26 @@ class ServiceBroker:
             return self._admitted(call, b"/v1" + path)
         return self._governed(call, b"/v1" + path, price, charged=not uncharged)
 
-    async def _admitted(self, call: Call, cached_as: bytes) -> None:
-        """C{call} through the rate limit of its first target, then served."""
-        await self._admit(call.request, call.ctx, call.targets[0].route)
+    def _admitted(self, call: Call, cached_as: bytes) -> Awaitable[None]:
+        """
+        C{call} through the rate limit of its first target, then served.  A
+        limit decided at once (its store is in this process's memory) is
+        applied here, a refusal raised, and what serves the call returned:
+        no frame of this waits above it for as long as a stream lasts.
+        """
+        if self.limiter is None:
+            return self._serve_call(call, cached_as)
+        taking = self._take(call.request, call.ctx, call.targets[0].route)
+        decided: list = []
+        taking.addCallback(_kept_in, decided)  # at once from a store in this process
+        if decided:
+            self._apply_limit(call.request, call.ctx, call.targets[0].route, decided[0])
+            return self._serve_call(call, cached_as)
+        return self._admitted_later(call, cached_as, taking)
+
+    async def _admitted_later(self, call: Call, cached_as: bytes, taking: Deferred) -> None:
+        """L{_admitted} with a limit its store decides later (Redis, the workers' supervisor)."""
+        self._apply_limit(call.request, call.ctx, call.targets[0].route, await taking)
         await self._serve_call(call, cached_as)
 
     def _translatable(self, call: Call, refused: list[tuple[Target, str]]) -> list[Target]:
@@ -274,9 +292,16 @@ class ServiceBroker:
         """The rate limit: its headers on the answer, or L{GatewayError} when it says no."""
         if self.limiter is None:
             return
-        config = route.config
+        self._apply_limit(request, ctx, route, await self._take(request, ctx, route))
+
+    def _take(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute) -> Deferred[Decision]:
+        """Take a token of the rate limit of C{route} for C{request}'s client."""
         caller = ctx.caller.name if ctx.caller is not None else None
-        decision = await self.limiter.take(request, ctx.client, config, caller)
+        return self.limiter.take(request, ctx.client, route.config, caller)
+
+    def _apply_limit(self, request: IncomingRequest, ctx: RequestContext, route: ServiceRoute, decision: Decision) -> None:
+        """The rate limit's C{decision}: its headers on the answer, or L{GatewayError} when it says no."""
+        config = route.config
         request.set_header(b"RateLimit-Limit", b"%d" % decision.limit)
         request.set_header(b"RateLimit-Remaining", b"%d" % decision.remaining)
         request.set_header(b"RateLimit-Reset", b"%d" % decision.reset)
@@ -288,6 +313,12 @@ class ServiceBroker:
                 f"too many requests; retry in {decision.retry_after} s",
                 headers=((b"Retry-After", b"%d" % decision.retry_after),),
             )
+
+
+def _kept_in(value: Any, kept: list) -> Any:
+    """A callback that keeps what its Deferred fired with in C{kept}, and passes it on."""
+    kept.append(value)
+    return value
 
 
 def refuse_unless_json(request: IncomingRequest) -> None:
