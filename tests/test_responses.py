@@ -8,7 +8,9 @@ translation yet to Claude.
 
 from __future__ import annotations
 
+import gc
 import json
+import types
 
 import pytest
 import treq
@@ -304,6 +306,49 @@ def test_a_chat_stream_comes_back_as_the_responses_event_sequence():
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     final = events[-1]["response"]
     assert final["output"][0]["content"][0]["text"] == "Hello" and final["usage"]["output_tokens"] == 2
+
+
+def front_frames() -> list[str]:
+    """The coroutines of the gateway's front waiting now (each a frame a stream keeps for as long as it lasts)."""
+    return sorted(o.__qualname__ for o in gc.get_objects()
+                  if isinstance(o, types.CoroutineType) and o.__qualname__.startswith("ProxiedRequests."))
+
+
+def test_a_kept_turns_stream_waits_in_no_frame_of_the_turns_own_and_the_next_turn_goes_on_from_its_response():
+    import structlog
+
+    from txgateway.responses.conversations import Conversations
+    from txgateway.responses.store import MemoryResponseStore
+
+    h = harness()
+    h.gateway.conversations = Conversations(MemoryResponseStore(h.clock, 10), h.clock, 3600.0, 100_000, structlog.get_logger("test"))
+    first = responses(h, stream=True)
+    answer = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    answer.send(chunk(role="assistant") + chunk("Hel"))
+    h.flush()
+    _, received, done = stream_of(h, first)
+    assert front_frames() == ["ProxiedRequests._served"]
+    answer.send(chunk("lo") + chunk(finish="stop") + usage_chunk(9, 2) + b"data: [DONE]\n\n")
+    answer.finish()
+    h.flush()
+    result_of(done)
+    response_id = events_of(b"".join(received))[-1]["response"]["id"]
+    # The next turn goes on from it: found, sent on with it, and its own stream waits as the first did.
+    second = responses(h, stream=True, previous_response_id=response_id)
+    sent = json.loads(h.agents["primary"].last.body)
+    assert [message["content"] for message in sent["messages"]] == ["Say hello", "Hello", "Say hello"]
+    answer = h.agents["primary"].last.respond(FakeResponse(200, SSE))
+    answer.send(chunk(role="assistant") + chunk("Again"))
+    h.flush()
+    _, received, done = stream_of(h, second)
+    assert front_frames() == ["ProxiedRequests._served"]
+    answer.send(chunk(finish="stop") + b"data: [DONE]\n\n")
+    answer.finish()
+    h.flush()
+    result_of(done)
+    third = result_of(h.request("GET", f"/v1/responses/{events_of(b''.join(received))[-1]['response']['id']}",
+                                headers={"Authorization": "Bearer client-key"}))
+    assert third.code == 200
 
 
 def test_a_tool_call_stream_becomes_a_function_call_item():

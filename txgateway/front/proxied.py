@@ -29,7 +29,7 @@ from txgateway.responses.wire import ResponsesCall
 from txgateway.routing.broker import AnswerCutShort, refuse_unless_json
 from txgateway.routing.paths import UnsafePath, split_api_path
 
-__all__ = ["ProxiedRequests"]
+__all__ = ["KeptTurn", "ProxiedRequests"]
 
 
 def _model_object(name: str, created: int) -> dict:
@@ -106,6 +106,36 @@ def _answer_json(request: IncomingRequest, body: dict) -> None:
     request.respond(200, encoded, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")])
 
 
+class KeptTurn:
+    """
+    A Responses call whose Response the gateway keeps: awaited, it is the
+    broker's answer itself (no frame of its own waits above it for as
+    long as a stream lasts); once that is written, L{keep} keeps the
+    Response its recorder saw, before the answer's end goes out.
+    """
+
+    __slots__ = ("_answering", "_conversations", "_body", "_owner", "_chain", "_recorder", "_stream")
+
+    def __init__(self, answering: Awaitable[None], conversations: Any, body: dict, owner: str, chain: tuple, recorder: Any, stream: bool) -> None:
+        self._answering = answering
+        self._conversations = conversations
+        self._body = body
+        self._owner = owner
+        self._chain = chain
+        self._recorder = recorder
+        self._stream = stream
+
+    def __await__(self) -> Any:
+        return self._answering.__await__()
+
+    def keep(self, request: IncomingRequest) -> Awaitable[None] | None:
+        """The answer is all written: keep its Response (L{None}: nothing to keep, or its client left)."""
+        request.recorder = None
+        if request.gone:
+            return None
+        return self._conversations.keep(self._body, self._owner, self._chain, self._recorder, self._stream)
+
+
 class ProxiedRequests:
     """The handlers of C{/api/} and C{/v1/} for one gateway."""
 
@@ -167,11 +197,14 @@ class ProxiedRequests:
         reading = self._reading_for(ctx)
         return self.gateway.broker.proxy(request, ctx, route, rest, request.query, reading)
 
-    async def _served(self, request: IncomingRequest, answer: Callable[[IncomingRequest], Awaitable[None] | None]) -> None:
+    async def _served(self, request: IncomingRequest, answer: Callable[[IncomingRequest], Awaitable[Any] | None]) -> None:
         """
         Serve C{request} as C{answer} decides: it answers at once (a
         refusal; L{None}), or gives what answers it, awaited here (a
-        L{GatewayError} becomes the error shape).  The only frame a
+        L{GatewayError} becomes the error shape).  What it gives may end
+        by giving what answers (a conversation's turn, once its earlier
+        turns are found), awaited here in turn; a L{KeptTurn}'s Response
+        is kept before the answer's end goes out.  The only frame a
         request's answer keeps waiting above the broker's, for as long
         as a stream lasts: what decides is done with before it waits.
         """
@@ -179,7 +212,14 @@ class ProxiedRequests:
             answering = answer(request)  # the broker refuses what it decides against at once
             if answering is None:
                 return
-            await answering
+            answered = await answering
+            if answered is not None:
+                answering = answered
+                await answering
+            if type(answering) is KeptTurn:
+                keeping = answering.keep(request)
+                if keeping is not None:
+                    await keeping
         except GatewayError as error:
             # The broker's refusal (nothing of an answer was written), in the error shape.
             request.context.stamp(request, self.gateway.clock.seconds())
@@ -317,16 +357,22 @@ class ProxiedRequests:
                 "send the whole conversation as input",
             )
             return None
-        if not goes_on and (conversations is None or body.get("store") is False):
-            # No earlier turn to send, no Response to keep: the broker's call alone.
-            return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
-        return self._held_turn(request, ctx, call, targets, rest, reading, conversations)
+        if not goes_on:
+            if conversations is None or body.get("store") is False:
+                # No earlier turn to send, no Response to keep: the broker's call alone.
+                return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+            return self._kept_turn(request, ctx, call, targets, rest, reading, conversations, body, ())
+        return self._continued_turn(request, ctx, call, targets, rest, reading, conversations)
 
-    async def _held_turn(
+    async def _continued_turn(
         self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
         conversations: Any,
-    ) -> None:
-        """L{_conversation_turn} with the gateway's store of responses (C{conversations})."""
+    ) -> Awaitable[Any] | None:
+        """
+        A turn that goes on from an earlier one: its conversation found and
+        sent on with it, what answers it given back to L{_served} (which
+        awaits it with no frame of this); L{None}: it was refused here.
+        """
         body = call.body
         owner = ctx.caller.name if ctx.caller is not None else ""
         try:
@@ -335,24 +381,28 @@ class ProxiedRequests:
                 call = ResponsesCall.parse(encode_json(expanded), reading)
         except GatewayError as error:
             answer_error(request, error.kind, error.message)
-            return
+            return None
         except BadCall as error:
             answer_error(request, errors.BAD_REQUEST, f"the conversation with its earlier turns: {error}")
-            return
-        recorder = None
-        if body.get("store") is not False:
-            recorder = request.recorder = conversations.recorder(call.stream)
-        try:
-            # A refusal or a broken answer goes on to the one place that answers it (L{_served}):
-            # neither is a Response to keep.
-            await self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
-        finally:
-            request.recorder = None
-        # The answer is all written (a stream's last chunk goes when this returns): keep it before its client has its end.
-        if recorder is not None and not request.gone:
-            keeping = conversations.keep(body, owner, chain, recorder, call.stream)
-            if keeping is not None:
-                await keeping
+            return None
+        if body.get("store") is False:
+            return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+        return self._kept_turn(request, ctx, call, targets, rest, reading, conversations, body, tuple(chain))
+
+    def _kept_turn(
+        self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
+        conversations: Any, body: dict, chain: tuple,
+    ) -> "KeptTurn":
+        """
+        The broker's call of a turn whose Response is kept (C{body}: the
+        request as its client sent it; C{chain}: the turns it goes on
+        from), its answer copied as it is written.  A refusal or a broken
+        answer goes on to L{_served}, which answers it: neither is a Response to keep.
+        """
+        recorder = request.recorder = conversations.recorder(call.stream)
+        owner = ctx.caller.name if ctx.caller is not None else ""
+        answering = self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+        return KeptTurn(answering, conversations, body, owner, chain, recorder, call.stream)
 
     async def _held_response(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
         """

@@ -15,7 +15,7 @@ an L{IResponseStore}, the clock injected.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -289,7 +289,7 @@ class Conversations:
         """What copies an answer to keep (no more than a record may hold): of a C{stream}, only its end."""
         return StreamEndRecorder(self._max_bytes) if stream else AnswerRecorder(self._max_bytes)
 
-    def keep(self, body: dict, owner: str, chain: list[StoredResponse], recorder: AnswerRecorder, stream: bool) -> Deferred[None] | None:
+    def keep(self, body: dict, owner: str, chain: Sequence[StoredResponse], recorder: AnswerRecorder, stream: bool) -> Deferred[None] | None:
         """
         Keep the Response C{recorder} saw (C{body} its request as the
         client sent it, C{chain} the turns it went on from), when it is
