@@ -495,15 +495,18 @@ def test_a_client_over_its_limit_gets_429_and_never_reaches_the_backend():
     assert result_of(d).code == 200
 
 
-def broker_frames() -> list[str]:
-    """The broker's coroutines waiting now (each a frame a stream would keep for as long as it lasts)."""
-    return [o.__qualname__ for o in gc.get_objects() if isinstance(o, types.CoroutineType) and o.__qualname__.startswith("ServiceBroker.")]
+def broker_frames(broker) -> list[str]:
+    """The coroutines of C{broker} waiting now (each a frame a stream would keep for as long as it lasts)."""
+    return [
+        o.__qualname__ for o in gc.get_objects()
+        if isinstance(o, types.CoroutineType) and o.cr_frame is not None and o.cr_frame.f_locals.get("self") is broker
+    ]
 
 
 def test_a_call_whose_limit_is_decided_at_once_waits_in_no_frame_of_the_limits():
     h = Harness(LIMITED)
     d = h.request("GET", "/api/ai/x")  # its backend has not answered: the call waits
-    assert h.agents["ai"].requests and broker_frames() == []
+    assert h.agents["ai"].requests and broker_frames(h.gateway.broker) == []
     answer_all(h)
     response = result_of(d)
     assert response.code == 200 and response.headers.getRawHeaders("ratelimit-remaining") == ["2"]

@@ -308,10 +308,13 @@ def test_a_chat_stream_comes_back_as_the_responses_event_sequence():
     assert final["output"][0]["content"][0]["text"] == "Hello" and final["usage"]["output_tokens"] == 2
 
 
-def front_frames() -> list[str]:
-    """The coroutines of the gateway's front waiting now (each a frame a stream keeps for as long as it lasts)."""
-    return sorted(o.__qualname__ for o in gc.get_objects()
-                  if isinstance(o, types.CoroutineType) and o.__qualname__.startswith("ProxiedRequests."))
+def front_frames(gateway) -> list[str]:
+    """The coroutines of C{gateway}'s front waiting now (each a frame a stream keeps for as long as it lasts)."""
+    return sorted(
+        o.__qualname__ for o in gc.get_objects()
+        if isinstance(o, types.CoroutineType) and o.__qualname__.startswith("ProxiedRequests.") and o.cr_frame is not None
+        and getattr(o.cr_frame.f_locals.get("self"), "gateway", None) is gateway
+    )
 
 
 def test_a_kept_turns_stream_waits_in_no_frame_of_the_turns_own_and_the_next_turn_goes_on_from_its_response():
@@ -327,7 +330,7 @@ def test_a_kept_turns_stream_waits_in_no_frame_of_the_turns_own_and_the_next_tur
     answer.send(chunk(role="assistant") + chunk("Hel"))
     h.flush()
     _, received, done = stream_of(h, first)
-    assert front_frames() == ["ProxiedRequests._served"]
+    assert front_frames(h.gateway) == ["ProxiedRequests._served"]
     answer.send(chunk("lo") + chunk(finish="stop") + usage_chunk(9, 2) + b"data: [DONE]\n\n")
     answer.finish()
     h.flush()
@@ -341,7 +344,7 @@ def test_a_kept_turns_stream_waits_in_no_frame_of_the_turns_own_and_the_next_tur
     answer.send(chunk(role="assistant") + chunk("Again"))
     h.flush()
     _, received, done = stream_of(h, second)
-    assert front_frames() == ["ProxiedRequests._served"]
+    assert front_frames(h.gateway) == ["ProxiedRequests._served"]
     answer.send(chunk(finish="stop") + b"data: [DONE]\n\n")
     answer.finish()
     h.flush()
