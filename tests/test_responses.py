@@ -434,9 +434,9 @@ def test_a_translated_stream_whose_text_its_transcript_keeps_writes_every_event_
     from txgateway.speaking import Transcript
 
     rng = random.Random(35)
-    for _ in range(400):
+    for run in range(400):
         stream = _random_chat_stream(rng)
-        transcript = Transcript(resumable=True)
+        transcript = Transcript(resumable=run % 4 != 0)  # most keep their text, as where targets resume
         shared, alone = ChatToResponsesStream(1, response_id="resp_1"), ChatToResponsesStream(1, response_id="resp_1")
         shared.text_kept_by(transcript)
         written = [b"", b""]

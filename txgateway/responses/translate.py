@@ -468,8 +468,8 @@ class ChatToResponsesStream:
         self._base = ""
         self._output: list[dict] = []
         #: The item open now: ["message", index, text, item id], ["call", index, id, name, arguments]
-        #: or ["reasoning", index, text, item id, thinking blocks]; a message's text is a L{MessageText},
-        #: the others' text and arguments L{TextBuffer}s.
+        #: or ["reasoning", index, text, item id, thinking blocks]; a message's text is a L{MessageText}
+        #: (a L{TextBuffer} when no transcript keeps it), the others' text and arguments L{TextBuffer}s.
         self._open: list | None = None
         self._usage: dict | None = None
         self._finish: Any = None
@@ -551,7 +551,10 @@ class ChatToResponsesStream:
         if self._open is None or self._open[0] != "message":
             out += self._close()
             item_id = f"msg_{self._base}_{len(self._output)}"
-            self._open = ["message", len(self._output), MessageText(self._transcript), item_id]
+            transcript = self._transcript
+            # A transcript that keeps no text now never will: the message keeps its own, plainly.
+            said = MessageText(transcript) if transcript is not None and transcript.resumable else TextBuffer()
+            self._open = ["message", len(self._output), said, item_id]
             opened = {**_message_item(item_id, "", "in_progress"), "content": []}
             out += self._event("response.output_item.added", output_index=self._open[1], item=opened)
             out += self._event("response.content_part.added", item_id=item_id, output_index=self._open[1], content_index=0,
