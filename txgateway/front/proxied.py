@@ -221,7 +221,9 @@ class ProxiedRequests:
                 if keeping is not None:
                     await keeping
         except GatewayError as error:
-            # The broker's refusal (nothing of an answer was written), in the error shape.
+            # The broker's refusal (nothing of an answer was written), in the error shape,
+            # which nothing records: no Response to keep (a L{KeptTurn}'s recorder is let go).
+            request.recorder = None
             request.context.stamp(request, self.gateway.clock.seconds())
             answer_error(request, error.kind, error.message, error.headers)
         except AnswerCutShort:
