@@ -349,9 +349,18 @@ def test_a_kept_turns_stream_waits_in_no_frame_of_the_turns_own_and_the_next_tur
     answer.finish()
     h.flush()
     result_of(done)
-    third = result_of(h.request("GET", f"/v1/responses/{events_of(b''.join(received))[-1]['response']['id']}",
-                                headers={"Authorization": "Bearer client-key"}))
+    second_id = events_of(b''.join(received))[-1]['response']['id']
+    third = result_of(h.request("GET", f"/v1/responses/{second_id}", headers={"Authorization": "Bearer client-key"}))
     assert third.code == 200
+    # A turn that goes on and asks store: false is answered, its earlier turns sent, and nothing of it kept.
+    fourth = responses(h, previous_response_id=second_id, store=False)
+    assert len(json.loads(h.agents["primary"].last.body)["messages"]) == 5
+    h.agents["primary"].last.respond(FakeResponse(200, JSON, completion("gpt-4o", "Done")))
+    h.flush()
+    answer = json.loads(result_of(treq.content(result_of(fourth))))
+    assert answer["output"][0]["content"][0]["text"] == "Done"
+    unkept = result_of(h.request("GET", f"/v1/responses/{answer['id']}", headers={"Authorization": "Bearer client-key"}))
+    assert unkept.code == 404
 
 
 def test_a_tool_call_stream_becomes_a_function_call_item():

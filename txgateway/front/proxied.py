@@ -29,7 +29,7 @@ from txgateway.responses.wire import ResponsesCall
 from txgateway.routing.broker import AnswerCutShort, refuse_unless_json
 from txgateway.routing.paths import UnsafePath, split_api_path
 
-__all__ = ["KeptTurn", "ProxiedRequests"]
+__all__ = ["HeldTurn", "ProxiedRequests"]
 
 
 def _model_object(name: str, created: int) -> dict:
@@ -106,17 +106,19 @@ def _answer_json(request: IncomingRequest, body: dict) -> None:
     request.respond(200, encoded, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")])
 
 
-class KeptTurn:
+class HeldTurn:
     """
-    A Responses call whose Response the gateway keeps: awaited, it is the
+    A turn of a conversation the gateway holds: awaited, it is the
     broker's answer itself (no frame of its own waits above it for as
     long as a stream lasts); once that is written, L{keep} keeps the
-    Response its recorder saw, before the answer's end goes out.
+    Response its recorder saw (none: C{store: false}), before the answer's end goes out.
     """
 
     __slots__ = ("_answering", "_conversations", "_body", "_owner", "_chain", "_recorder", "_stream")
 
-    def __init__(self, answering: Awaitable[None], conversations: Any, body: dict, owner: str, chain: tuple, recorder: Any, stream: bool) -> None:
+    def __init__(
+        self, answering: Awaitable[None], conversations: Any, body: dict, owner: str, chain: tuple, recorder: Any, stream: bool,
+    ) -> None:
         self._answering = answering
         self._conversations = conversations
         self._body = body
@@ -131,7 +133,7 @@ class KeptTurn:
     def keep(self, request: IncomingRequest) -> Awaitable[None] | None:
         """The answer is all written: keep its Response (L{None}: nothing to keep, or its client left)."""
         request.recorder = None
-        if request.gone:
+        if self._recorder is None or request.gone:
             return None
         return self._conversations.keep(self._body, self._owner, self._chain, self._recorder, self._stream)
 
@@ -202,9 +204,9 @@ class ProxiedRequests:
         Serve C{request} as C{answer} decides: it answers at once (a
         refusal; L{None}), or gives what answers it, awaited here (a
         L{GatewayError} becomes the error shape).  What it gives may end
-        by giving what answers (a conversation's turn, once its earlier
-        turns are found), awaited here in turn; a L{KeptTurn}'s Response
-        is kept before the answer's end goes out.  The only frame a
+        with a L{HeldTurn} (a conversation's turn, once its earlier turns
+        are found), awaited here in turn; a L{HeldTurn}'s Response is kept
+        before the answer's end goes out.  The only frame a
         request's answer keeps waiting above the broker's, for as long
         as a stream lasts: what decides is done with before it waits.
         """
@@ -213,16 +215,17 @@ class ProxiedRequests:
             if answering is None:
                 return
             answered = await answering
-            if answered is not None:
+            if type(answered) is HeldTurn:
+                # A turn that goes on from an earlier one, found: what answers it.
                 answering = answered
                 await answering
-            if type(answering) is KeptTurn:
+            if type(answering) is HeldTurn:
                 keeping = answering.keep(request)
                 if keeping is not None:
                     await keeping
         except GatewayError as error:
             # The broker's refusal (nothing of an answer was written), in the error shape,
-            # which nothing records: no Response to keep (a L{KeptTurn}'s recorder is let go).
+            # which nothing records: no Response to keep (a L{HeldTurn}'s recorder is let go).
             request.recorder = None
             request.context.stamp(request, self.gateway.clock.seconds())
             answer_error(request, error.kind, error.message, error.headers)
@@ -369,7 +372,7 @@ class ProxiedRequests:
     async def _continued_turn(
         self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
         conversations: Any,
-    ) -> Awaitable[Any] | None:
+    ) -> "HeldTurn | None":
         """
         A turn that goes on from an earlier one: its conversation found and
         sent on with it, what answers it given back to L{_served} (which
@@ -388,13 +391,14 @@ class ProxiedRequests:
             answer_error(request, errors.BAD_REQUEST, f"the conversation with its earlier turns: {error}")
             return None
         if body.get("store") is False:
-            return self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+            answering = self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
+            return HeldTurn(answering, conversations, body, owner, (), None, call.stream)  # nothing to keep
         return self._kept_turn(request, ctx, call, targets, rest, reading, conversations, body, tuple(chain))
 
     def _kept_turn(
         self, request: IncomingRequest, ctx: RequestContext, call: ResponsesCall, targets: list, rest: bytes, reading: BodyReading,
         conversations: Any, body: dict, chain: tuple,
-    ) -> "KeptTurn":
+    ) -> HeldTurn:
         """
         The broker's call of a turn whose Response is kept (C{body}: the
         request as its client sent it; C{chain}: the turns it goes on
@@ -404,7 +408,7 @@ class ProxiedRequests:
         recorder = request.recorder = conversations.recorder(call.stream)
         owner = ctx.caller.name if ctx.caller is not None else ""
         answering = self.gateway.broker.proxy_model(request, ctx, call, targets, rest, request.query, reading)
-        return KeptTurn(answering, conversations, body, owner, chain, recorder, call.stream)
+        return HeldTurn(answering, conversations, body, owner, chain, recorder, call.stream)
 
     async def _held_response(self, request: IncomingRequest, ctx: RequestContext, path: bytes) -> None:
         """
